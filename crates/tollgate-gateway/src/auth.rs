@@ -1,0 +1,78 @@
+//! Who is calling: a client key resolved to its billing context, or the operator token.
+
+use std::sync::Arc;
+
+use axum::http::HeaderMap;
+use axum::http::header::AUTHORIZATION;
+use subtle::ConstantTimeEq;
+use time::OffsetDateTime;
+use tollgate_store::model::{AccountStatus, KeyStatus};
+
+use crate::context::BillingContext;
+use crate::error::ApiError;
+use crate::keys::hash_key;
+use crate::state::AppState;
+
+/// The key from `Authorization: Bearer <key>` or `x-api-key: <key>`.
+fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    if let Some(value) = headers.get(AUTHORIZATION).and_then(|value| value.to_str().ok()) {
+        let token = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer "))?;
+        return Some(token.trim());
+    }
+    headers.get("x-api-key").and_then(|value| value.to_str().ok()).map(str::trim)
+}
+
+/// Resolves the caller's key to its billing context, from the cache when warm.
+///
+/// # Errors
+/// 401 for a missing, unknown or revoked key; 403 for an expired key or a suspended account;
+/// 503 if the ledger cannot be read on a cache miss.
+pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Arc<BillingContext>, ApiError> {
+    let key = presented_key(headers)
+        .filter(|key| !key.is_empty())
+        .ok_or(ApiError::InvalidApiKey("missing API key: send Authorization: Bearer <key>"))?;
+    let key_hash = hash_key(key);
+    let context = match state.contexts.get(&key_hash) {
+        Some(context) => context,
+        None => {
+            let generation = state.contexts.generation();
+            let api_key = state.ledger.key_by_hash(&key_hash).await?.ok_or(ApiError::InvalidApiKey("unknown API key"))?;
+            let account = state
+                .ledger
+                .account(&api_key.account_id)
+                .await?
+                .ok_or_else(|| ApiError::Internal(format!("key {} names a missing account", api_key.id)))?;
+            let context = Arc::new(BillingContext { key: api_key, account });
+            state.contexts.insert(key_hash, Arc::clone(&context), generation);
+            context
+        }
+    };
+    if context.key.status == KeyStatus::Revoked {
+        return Err(ApiError::InvalidApiKey("API key revoked"));
+    }
+    if context.key.expires_at.is_some_and(|expires_at| expires_at <= OffsetDateTime::now_utc()) {
+        return Err(ApiError::KeyExpired);
+    }
+    if context.account.status == AccountStatus::Suspended {
+        return Err(ApiError::AccountSuspended);
+    }
+    Ok(context)
+}
+
+/// Checks the operator token in constant time.
+///
+/// # Errors
+/// 401 when it is missing or wrong, or when no operator token is configured.
+pub fn require_operator(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let expected = state.config.admin_token.as_deref().filter(|token| !token.is_empty()).ok_or(ApiError::Unauthorized)?;
+    let presented = headers
+        .get(AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .ok_or(ApiError::Unauthorized)?;
+    if bool::from(presented.as_bytes().ct_eq(expected.as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}

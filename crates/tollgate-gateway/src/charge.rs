@@ -1,0 +1,175 @@
+//! The charge path: authorize → (forward, elsewhere) → settle or void. Each step is one atomic
+//! hot-store operation; this module adds what surrounds them: loading a cold account from the
+//! ledger, applying fund changes in order, and mapping refusals to the contract's errors.
+
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tollgate_core::Money;
+use tollgate_store::hot::{
+    AccountSnapshot, Authorization, AuthorizeRequest, FundApplication, Limits, Refusal, Settlement,
+};
+use tollgate_store::memory::CHARGED_ID_TTL_MS;
+use tollgate_store::model::UsageEvent;
+
+use crate::context::BillingContext;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// What authorize decided for a request id that passed every check.
+pub enum Authorized {
+    /// Funds are held; forward the request, then settle or void.
+    Held,
+    /// This request id was already charged: replay, never forward.
+    AlreadyCharged,
+}
+
+/// The limits of a request, from its billing context.
+pub fn limits(context: &BillingContext) -> Limits {
+    Limits {
+        credit_limit: context.account.credit_limit,
+        daily_request_quota: context.account.daily_request_quota,
+        monthly_request_quota: context.account.monthly_request_quota,
+        key_budget_daily: context.key.budget_daily,
+        key_budget_monthly: context.key.budget_monthly,
+        key_budget_total: context.key.budget_total,
+        key_requests_per_minute: context.key.rpm,
+        key_tokens_per_minute: context.key.tpm,
+    }
+}
+
+/// Step 1: hold funds for the request (loading the account into the hot store first if needed).
+///
+/// # Errors
+/// The contract error of the first limit the request breaks; 503 if the stores fail.
+pub async fn authorize(state: &AppState, request: &AuthorizeRequest) -> Result<Authorized, ApiError> {
+    let started = std::time::Instant::now();
+    let mut outcome = state.hot.authorize(request).await?;
+    if outcome == Authorization::Refused(Refusal::AccountNotLoaded) {
+        load_account(state, &request.account_id).await?;
+        outcome = state.hot.authorize(request).await?;
+    }
+    metrics::histogram!("tollgate_authorize_seconds").record(started.elapsed().as_secs_f64());
+    let refusal = match outcome {
+        Authorization::Held { .. } => return Ok(Authorized::Held),
+        Authorization::Refused(Refusal::AlreadyCharged) => return Ok(Authorized::AlreadyCharged),
+        Authorization::Refused(refusal) => refusal,
+    };
+    metrics::counter!("tollgate_authorize_refused_total", "reason" => refusal_reason(&refusal)).increment(1);
+    Err(match refusal {
+        Refusal::AccountNotLoaded => ApiError::BillingUnavailable("account could not be loaded into the hot store".into()),
+        Refusal::InProgress => ApiError::RequestInProgress(request.request_id.clone()),
+        Refusal::AlreadyCharged => ApiError::DuplicateRequest(request.request_id.clone()),
+        Refusal::InsufficientBalance { available, required } => ApiError::InsufficientBalance { available, required },
+        Refusal::DailyQuotaExceeded { retry_after_secs } => ApiError::DailyQuotaExceeded { retry_after_secs },
+        Refusal::MonthlyQuotaExceeded { retry_after_secs } => ApiError::MonthlyQuotaExceeded { retry_after_secs },
+        Refusal::KeyBudgetExceeded { period, retry_after_secs } => {
+            ApiError::KeyBudgetExceeded { period: period.as_str(), retry_after_secs }
+        }
+        Refusal::RateLimited { retry_after_secs } => ApiError::RateLimited { retry_after_secs },
+    })
+}
+
+fn refusal_reason(refusal: &Refusal) -> &'static str {
+    match refusal {
+        Refusal::AccountNotLoaded => "account_not_loaded",
+        Refusal::InProgress => "in_progress",
+        Refusal::AlreadyCharged => "already_charged",
+        Refusal::InsufficientBalance { .. } => "insufficient_balance",
+        Refusal::DailyQuotaExceeded { .. } => "daily_quota",
+        Refusal::MonthlyQuotaExceeded { .. } => "monthly_quota",
+        Refusal::KeyBudgetExceeded { .. } => "key_budget",
+        Refusal::RateLimited { .. } => "rate_limited",
+    }
+}
+
+/// Step 3: charge the real cost. Returns once the charge is durable.
+///
+/// # Errors
+/// 503 when the charge could not be made durable in time; the response must not be delivered.
+pub async fn settle(state: &AppState, event: UsageEvent) -> Result<Settlement, ApiError> {
+    let started = std::time::Instant::now();
+    let request_id = event.request_id.clone();
+    let source = event.usage_source.as_str();
+    let timeout = Duration::from_millis(state.config.limits.settle_timeout_ms);
+    let settlement = tokio::time::timeout(timeout, state.hot.settle(event))
+        .await
+        .map_err(|_| ApiError::BillingUnavailable(format!("settle of {request_id} timed out")))??;
+    metrics::histogram!("tollgate_settle_seconds").record(started.elapsed().as_secs_f64());
+    metrics::counter!("tollgate_charges_total", "usage_source" => source).increment(1);
+    if settlement.already_settled {
+        tracing::warn!(request_id, "settle found the request already charged; nothing charged again");
+    }
+    debug_assert!(
+        settlement.already_settled || settlement.balance_after <= settlement.balance_before,
+        "a charge never raises a balance"
+    );
+    Ok(settlement)
+}
+
+/// Step 4: nothing billable was produced; release the hold and record the failure.
+pub async fn void(state: &AppState, event: UsageEvent) {
+    let request_id = event.request_id.clone();
+    metrics::counter!("tollgate_voids_total").increment(1);
+    if let Err(error) = state.hot.void(event).await {
+        // The hold expires on its own; log so an operator can see why it lingered.
+        tracing::error!(%error, request_id, "void failed; the hold will expire");
+    }
+}
+
+/// Loads an account into the hot store from the ledger, then applies any fund transaction that
+/// committed after the snapshot (the load races with fund changes; applying by sequence makes
+/// the race harmless).
+///
+/// # Errors
+/// `NotFound` for an unknown account; 503 when a store fails.
+pub async fn load_account(state: &AppState, account_id: &str) -> Result<(), ApiError> {
+    let balance = state
+        .ledger
+        .account_balance(account_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("account {account_id} not found")))?;
+    let since = OffsetDateTime::now_utc() - time::Duration::milliseconds(CHARGED_ID_TTL_MS);
+    let charged_request_ids = state.ledger.charged_request_ids_since(account_id, since).await?;
+    let snapshot = AccountSnapshot {
+        account_id: account_id.to_string(),
+        balance: balance.balance,
+        last_fund_seq: balance.last_fund_seq,
+        charged_request_ids,
+    };
+    if state.hot.load_account(snapshot).await? {
+        metrics::counter!("tollgate_hot_account_loads_total").increment(1);
+    }
+    apply_pending_funds(state, account_id).await
+}
+
+/// Applies, in order, every fund transaction of the account the hot store has not applied yet.
+///
+/// # Errors
+/// 503 when a store fails; the fund change is in the ledger and a later call applies it.
+pub async fn apply_pending_funds(state: &AppState, account_id: &str) -> Result<(), ApiError> {
+    let Some(view) = state.hot.balance(account_id, "").await? else {
+        // Not loaded: the next load reads a balance that includes the change.
+        return Ok(());
+    };
+    for fund in state.ledger.fund_transactions_after(account_id, view.last_fund_seq).await? {
+        match state.hot.apply_fund(account_id, fund.ledger_seq, fund.amount).await? {
+            FundApplication::Applied { balance_after } => {
+                tracing::info!(account_id, fund_seq = fund.seq, amount = %fund.amount, %balance_after, "fund applied to hot balance");
+            }
+            FundApplication::AlreadyApplied | FundApplication::AccountNotLoaded => {}
+        }
+    }
+    Ok(())
+}
+
+/// The cost a settle charges for an event, as the usage row will say. Shared with the quote
+/// endpoint so both price identically.
+///
+/// # Errors
+/// A price that cannot be computed (overflow) is refused, never charged as zero.
+pub fn price_usage(price: &tollgate_core::Price, usage: &tollgate_core::Usage) -> Result<Money, ApiError> {
+    tollgate_core::cost(price, usage)
+        .map(|breakdown| breakdown.total)
+        .map_err(|error| ApiError::Internal(format!("cost computation failed: {error}")))
+}

@@ -1,0 +1,167 @@
+//! The gateway's typed configuration: parsed once (TOML file, then `TOLLGATE_*` variables over
+//! it, in the binary), validated once here, then read-only.
+
+use serde::Deserialize;
+
+/// Every limit of the gateway, with its unit last.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Request bodies above this are refused with 413 before anything is held.
+    pub request_body_bytes_max: usize,
+    /// Connecting to an upstream.
+    pub upstream_connect_timeout_ms: u64,
+    /// A non-streaming upstream response, or a stream's first byte.
+    pub upstream_timeout_ms: u64,
+    /// Longest silence between two chunks of a stream.
+    pub stream_idle_timeout_ms: u64,
+    /// Longest a stream may run; then it is cut and billed for what was generated.
+    pub stream_duration_ms_max: u64,
+    /// An unsettled hold is released after this long; longer than any request may run.
+    pub hold_ttl_ms: u64,
+    /// Output tokens assumed for the hold when a request sets no maximum.
+    pub default_max_output_tokens: u64,
+    /// Billing contexts are re-read after this long even without an invalidation.
+    pub context_cache_ttl_ms: u64,
+    /// Usage events per ledger transaction.
+    pub usage_batch_events_max: usize,
+    /// Embedded usage log capacity; settles wait when the worker is this far behind.
+    pub usage_log_events_max: usize,
+    /// How often the hold sweeper runs.
+    pub hold_sweep_interval_ms: u64,
+    /// Longest a settle waits for its charge to become durable.
+    pub settle_timeout_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            request_body_bytes_max: 4 * 1024 * 1024,
+            upstream_connect_timeout_ms: 10_000,
+            upstream_timeout_ms: 120_000,
+            stream_idle_timeout_ms: 120_000,
+            stream_duration_ms_max: 600_000,
+            hold_ttl_ms: 900_000,
+            default_max_output_tokens: 4_096,
+            context_cache_ttl_ms: 300_000,
+            usage_batch_events_max: 500,
+            usage_log_events_max: 65_536,
+            hold_sweep_interval_ms: 10_000,
+            settle_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// The wire protocol an upstream speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// OpenAI, OpenRouter, vLLM, Ollama, DeepSeek, … (`/chat/completions` under `base_url`).
+    Openai,
+    /// Anthropic (`/messages` under `base_url`).
+    Anthropic,
+    /// The built-in mock upstream (`tollgate mock-upstream`), which speaks both protocols.
+    Mock,
+}
+
+/// An upstream provider.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// The name prices and usage rows use (e.g. `openai`, `mock`).
+    pub name: String,
+    pub kind: ProviderKind,
+    /// Including the version path, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// The environment variable holding the upstream API key (never the key itself).
+    pub api_key_env: Option<String>,
+}
+
+/// A model clients may ask for, and where it goes.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelRoute {
+    /// The name clients use.
+    pub model: String,
+    /// A `ProviderConfig::name`.
+    pub provider: String,
+    /// The name the upstream knows it by; default the same.
+    pub upstream_model: Option<String>,
+}
+
+/// The gateway's configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    pub listen: String,
+    /// Bearer token of the operator API; without it `/internal` answers 401 to everyone.
+    pub admin_token: Option<String>,
+    /// `sqlite://PATH` (default `sqlite://tollgate.db`) or, with the production backends,
+    /// `postgres://…`.
+    pub database_url: String,
+    /// Absent: embedded hot store.
+    pub redis_url: Option<String>,
+    pub limits: LimitsConfig,
+    pub providers: Vec<ProviderConfig>,
+    pub models: Vec<ModelRoute>,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: "127.0.0.1:8080".into(),
+            admin_token: None,
+            database_url: "sqlite://tollgate.db".into(),
+            redis_url: None,
+            limits: LimitsConfig::default(),
+            providers: Vec::new(),
+            models: Vec::new(),
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// Checks what serde cannot: routes name known providers, names are unique, limits positive.
+    ///
+    /// # Errors
+    /// A message naming the offending entry.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut provider_names = std::collections::HashSet::new();
+        for provider in &self.providers {
+            if !provider_names.insert(provider.name.as_str()) {
+                return Err(format!("provider {} is configured twice", provider.name));
+            }
+            if !(provider.base_url.starts_with("http://") || provider.base_url.starts_with("https://")) {
+                return Err(format!("provider {}: base_url must start with http:// or https://", provider.name));
+            }
+        }
+        let mut model_names = std::collections::HashSet::new();
+        for route in &self.models {
+            if !provider_names.contains(route.provider.as_str()) {
+                return Err(format!("model {} routes to unknown provider {}", route.model, route.provider));
+            }
+            if !model_names.insert(route.model.as_str()) {
+                return Err(format!("model {} is routed twice", route.model));
+            }
+        }
+        let limits = &self.limits;
+        let positive = [
+            ("request_body_bytes_max", limits.request_body_bytes_max as u64),
+            ("upstream_timeout_ms", limits.upstream_timeout_ms),
+            ("stream_idle_timeout_ms", limits.stream_idle_timeout_ms),
+            ("stream_duration_ms_max", limits.stream_duration_ms_max),
+            ("hold_ttl_ms", limits.hold_ttl_ms),
+            ("usage_batch_events_max", limits.usage_batch_events_max as u64),
+            ("usage_log_events_max", limits.usage_log_events_max as u64),
+            ("hold_sweep_interval_ms", limits.hold_sweep_interval_ms),
+            ("settle_timeout_ms", limits.settle_timeout_ms),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, value)| *value == 0) {
+            return Err(format!("limits.{name} must be positive"));
+        }
+        if limits.hold_ttl_ms <= limits.stream_duration_ms_max {
+            return Err("limits.hold_ttl_ms must exceed limits.stream_duration_ms_max, or live streams would lose their holds".into());
+        }
+        Ok(())
+    }
+}

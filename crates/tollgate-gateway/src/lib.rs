@@ -1,0 +1,34 @@
+//! The gateway: HTTP in, upstream out, every request billed exactly once.
+//!
+//! - [`app`]: the router. [`state`]: shared state. [`config`]: typed configuration.
+//! - [`routes`]: handlers — `client` (`/v1`), `admin` (`/internal`), `ops` (health, metrics).
+//! - [`proxy`]: the LLM request path — authenticate, price, hold, forward, measure, settle.
+//! - [`charge`]: the charge protocol's steps around the hot store (authorize, settle, void,
+//!   cold account load, fund application).
+//! - [`protocol`]: what the OpenAI and Anthropic protocols mean for billing; [`sse`]: the
+//!   event splitter streams go through.
+//! - [`auth`], [`keys`], [`context`]: who pays, cached; [`upstream`]: providers and routes.
+//! - [`error`]: the one error type and its contract codes; [`request_id`]; [`metrics`].
+//! - [`server`]: start, serve, shut down in order; [`demo`]: the offline demo set-up.
+
+pub mod app;
+pub mod auth;
+pub mod charge;
+pub mod config;
+pub mod context;
+pub mod error;
+pub mod keys;
+pub mod metrics;
+pub mod protocol;
+pub mod proxy;
+pub mod request_id;
+pub mod routes;
+pub mod sse;
+pub mod state;
+pub mod upstream;
+
+pub use app::app;
+pub use config::GatewayConfig;
+pub use state::AppState;
+pub mod server;
+pub mod demo;

@@ -1,0 +1,420 @@
+//! The client-facing protocols: what Tollgate reads from a request (model, stream flag, output
+//! cap, prompt size), what it changes before forwarding (the upstream model name, asking for
+//! stream usage), and how it measures usage from responses and streams. Everything else in a
+//! body passes through untouched.
+
+use serde_json::{Map, Value};
+use tollgate_core::Usage;
+use tollgate_core::tokens::{self, Encoding};
+
+use crate::error::{ApiError, ErrorShape};
+use crate::sse::SseEvent;
+
+/// Upper bound on `n` (choices per request), so a hold cannot be multiplied without limit.
+const CHOICES_MAX: u64 = 128;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// OpenAI `/v1/chat/completions`.
+    OpenAiChat,
+    /// Anthropic `/v1/messages`.
+    AnthropicMessages,
+}
+
+/// What the charge path needs to know about a request body.
+#[derive(Clone, Debug)]
+pub struct ParsedRequest {
+    pub model: String,
+    pub stream: bool,
+    /// The request's own cap on output tokens across all choices, if it set one.
+    pub output_tokens_max: Option<u64>,
+    /// Choices requested (`n`), which multiplies the output.
+    pub choices: u64,
+    /// Counted with the model's tokenizer.
+    pub prompt_tokens: u64,
+    pub encoding: Encoding,
+}
+
+/// What to do with one event of an upstream stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventAction {
+    Forward,
+    /// Not for this client (the usage chunk it did not ask for).
+    Strip,
+    /// The stream's last event: held back until the charge is settled.
+    Terminal,
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::InvalidRequest(message.into())
+}
+
+fn optional_u64(body: &Map<String, Value>, field: &str) -> Result<Option<u64>, ApiError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => value
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| invalid(format!("{field} must be a non-negative integer"))),
+    }
+}
+
+impl Protocol {
+    pub fn error_shape(self) -> ErrorShape {
+        match self {
+            Protocol::OpenAiChat => ErrorShape::OpenAi,
+            Protocol::AnthropicMessages => ErrorShape::Anthropic,
+        }
+    }
+
+    /// The path under the provider's base URL.
+    pub fn upstream_path(self) -> &'static str {
+        match self {
+            Protocol::OpenAiChat => "/chat/completions",
+            Protocol::AnthropicMessages => "/messages",
+        }
+    }
+
+    /// Reads and validates what billing needs; the body is otherwise not interpreted.
+    ///
+    /// # Errors
+    /// `InvalidRequest` naming the field that is missing or malformed.
+    pub fn parse(self, body: &Map<String, Value>) -> Result<ParsedRequest, ApiError> {
+        let model = match body.get("model") {
+            Some(Value::String(model)) if !model.is_empty() => model.clone(),
+            Some(_) => return Err(invalid("model must be a non-empty string")),
+            None => return Err(invalid("model is required")),
+        };
+        let messages = match body.get("messages") {
+            Some(Value::Array(messages)) if !messages.is_empty() => messages,
+            Some(Value::Array(_)) => return Err(invalid("messages must not be empty")),
+            Some(_) => return Err(invalid("messages must be an array")),
+            None => return Err(invalid("messages is required")),
+        };
+        if let Some(bad) = messages.iter().find(|message| !message.is_object()) {
+            return Err(invalid(format!("every message must be an object, got {bad}")));
+        }
+        let stream = match body.get("stream") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(stream)) => *stream,
+            Some(_) => return Err(invalid("stream must be a boolean")),
+        };
+        let encoding = tokens::encoding_for_model(&model);
+        let mut prompt_tokens = tokens::count_chat_prompt(encoding, messages);
+        let (output_tokens_max, choices) = match self {
+            Protocol::OpenAiChat => {
+                let cap = match optional_u64(body, "max_completion_tokens")? {
+                    Some(cap) => Some(cap),
+                    None => optional_u64(body, "max_tokens")?,
+                };
+                let choices = optional_u64(body, "n")?.unwrap_or(1);
+                if choices == 0 || choices > CHOICES_MAX {
+                    return Err(invalid(format!("n must be between 1 and {CHOICES_MAX}")));
+                }
+                (cap, choices)
+            }
+            Protocol::AnthropicMessages => {
+                let cap = optional_u64(body, "max_tokens")?.ok_or_else(|| invalid("max_tokens is required"))?;
+                match body.get("system") {
+                    None | Some(Value::Null) => {}
+                    Some(Value::String(system)) => prompt_tokens += tokens::count_text(encoding, system),
+                    Some(Value::Array(parts)) => {
+                        for part in parts {
+                            if let Some(text) = part.get("text").and_then(Value::as_str) {
+                                prompt_tokens += tokens::count_text(encoding, text);
+                            }
+                        }
+                    }
+                    Some(_) => return Err(invalid("system must be a string or an array of blocks")),
+                }
+                (Some(cap), 1)
+            }
+        };
+        // Tool definitions are part of the prompt the provider bills.
+        if let Some(tools) = body.get("tools") {
+            prompt_tokens += tokens::count_text(encoding, &tools.to_string());
+        }
+        Ok(ParsedRequest { model, stream, output_tokens_max, choices, prompt_tokens, encoding })
+    }
+
+    /// Rewrites the body for the upstream: its model name, and (OpenAI streams) a request for
+    /// the usage chunk. Returns whether the client itself asked for stream usage.
+    pub fn prepare_upstream_body(self, body: &mut Map<String, Value>, upstream_model: &str, stream: bool) -> bool {
+        if body.get("model").and_then(Value::as_str) != Some(upstream_model) {
+            body.insert("model".into(), Value::String(upstream_model.to_string()));
+        }
+        match self {
+            Protocol::OpenAiChat if stream => {
+                let options = body.entry("stream_options").or_insert_with(|| Value::Object(Map::new()));
+                if !options.is_object() {
+                    *options = Value::Object(Map::new());
+                }
+                let client_wants_usage = options.get("include_usage").and_then(Value::as_bool) == Some(true);
+                if let Some(options) = options.as_object_mut() {
+                    options.insert("include_usage".into(), Value::Bool(true));
+                }
+                client_wants_usage
+            }
+            // Anthropic streams always carry usage; nothing to ask for or strip.
+            _ => true,
+        }
+    }
+
+    /// The upstream's own usage from a complete response, if present and sane.
+    pub fn response_usage(self, response: &Value) -> Option<Usage> {
+        let usage = response.get("usage")?;
+        match self {
+            Protocol::OpenAiChat => openai_usage(usage),
+            Protocol::AnthropicMessages => anthropic_usage(usage, None),
+        }
+    }
+
+    /// The generated text of a complete response, for the tokenizer fallback.
+    pub fn response_output_text(self, response: &Value) -> String {
+        let mut text = String::new();
+        match self {
+            Protocol::OpenAiChat => {
+                for choice in response.get("choices").and_then(Value::as_array).into_iter().flatten() {
+                    if let Some(message) = choice.get("message") {
+                        append_openai_output(&mut text, message);
+                    }
+                }
+            }
+            Protocol::AnthropicMessages => {
+                for block in response.get("content").and_then(Value::as_array).into_iter().flatten() {
+                    append_anthropic_block(&mut text, block);
+                }
+            }
+        }
+        text
+    }
+
+    pub fn stream_inspector(self, client_wants_usage: bool) -> StreamInspector {
+        StreamInspector { protocol: self, client_wants_usage, usage: None, anthropic_start: None, output_text: String::new() }
+    }
+}
+
+fn openai_usage(usage: &Value) -> Option<Usage> {
+    let prompt = usage.get("prompt_tokens")?.as_u64()?;
+    let completion = usage.get("completion_tokens")?.as_u64()?;
+    let cached = usage.pointer("/prompt_tokens_details/cached_tokens").and_then(Value::as_u64).unwrap_or(0);
+    let reasoning = usage.pointer("/completion_tokens_details/reasoning_tokens").and_then(Value::as_u64).unwrap_or(0);
+    if cached > prompt || reasoning > completion {
+        tracing::warn!(prompt, cached, completion, reasoning, "inconsistent upstream usage; details capped");
+    }
+    let cached = cached.min(prompt);
+    Some(Usage {
+        input_tokens: prompt - cached,
+        cached_input_tokens: cached,
+        cache_write_tokens: 0,
+        output_tokens: completion,
+        reasoning_tokens: reasoning.min(completion),
+    })
+}
+
+/// Anthropic reports uncached input, cache reads and cache writes separately. In streams the
+/// output count arrives later, in `message_delta`.
+fn anthropic_usage(usage: &Value, output_override: Option<u64>) -> Option<Usage> {
+    let input = usage.get("input_tokens")?.as_u64()?;
+    let output = match output_override {
+        Some(output) => output,
+        None => usage.get("output_tokens")?.as_u64()?,
+    };
+    Some(Usage {
+        input_tokens: input,
+        cached_input_tokens: usage.get("cache_read_input_tokens").and_then(Value::as_u64).unwrap_or(0),
+        cache_write_tokens: usage.get("cache_creation_input_tokens").and_then(Value::as_u64).unwrap_or(0),
+        output_tokens: output,
+        reasoning_tokens: 0,
+    })
+}
+
+fn append_openai_output(text: &mut String, message: &Value) {
+    for field in ["content", "reasoning_content", "refusal"] {
+        if let Some(content) = message.get(field).and_then(Value::as_str) {
+            text.push_str(content);
+        }
+    }
+    for call in message.get("tool_calls").and_then(Value::as_array).into_iter().flatten() {
+        for pointer in ["/function/name", "/function/arguments"] {
+            if let Some(part) = call.pointer(pointer).and_then(Value::as_str) {
+                text.push_str(part);
+            }
+        }
+    }
+}
+
+fn append_anthropic_block(text: &mut String, block: &Value) {
+    for field in ["text", "thinking", "partial_json"] {
+        if let Some(part) = block.get(field).and_then(Value::as_str) {
+            text.push_str(part);
+        }
+    }
+    if let Some(input) = block.get("input").filter(|input| !input.is_null()) {
+        text.push_str(&input.to_string());
+    }
+}
+
+/// Watches a stream go by: collects usage and generated text, decides each event's fate.
+pub struct StreamInspector {
+    protocol: Protocol,
+    client_wants_usage: bool,
+    usage: Option<Usage>,
+    /// Anthropic: the usage of `message_start`, completed by `message_delta`.
+    anthropic_start: Option<Value>,
+    output_text: String,
+}
+
+impl StreamInspector {
+    pub fn inspect(&mut self, event: &SseEvent) -> EventAction {
+        match self.protocol {
+            Protocol::OpenAiChat => self.inspect_openai(event),
+            Protocol::AnthropicMessages => self.inspect_anthropic(event),
+        }
+    }
+
+    fn inspect_openai(&mut self, event: &SseEvent) -> EventAction {
+        if event.data.trim() == "[DONE]" {
+            return EventAction::Terminal;
+        }
+        let Ok(chunk) = serde_json::from_str::<Value>(&event.data) else {
+            return EventAction::Forward;
+        };
+        for choice in chunk.get("choices").and_then(Value::as_array).into_iter().flatten() {
+            if let Some(delta) = choice.get("delta") {
+                append_openai_output(&mut self.output_text, delta);
+            }
+        }
+        let usage = chunk.get("usage").filter(|usage| !usage.is_null());
+        if let Some(usage) = usage {
+            self.usage = openai_usage(usage);
+            let usage_only = chunk.get("choices").and_then(Value::as_array).is_some_and(Vec::is_empty);
+            if usage_only && !self.client_wants_usage {
+                return EventAction::Strip;
+            }
+        }
+        EventAction::Forward
+    }
+
+    fn inspect_anthropic(&mut self, event: &SseEvent) -> EventAction {
+        let Ok(payload) = serde_json::from_str::<Value>(&event.data) else {
+            return EventAction::Forward;
+        };
+        let kind = event.name.as_deref().or_else(|| payload.get("type").and_then(Value::as_str));
+        match kind {
+            Some("message_start") => {
+                self.anthropic_start = payload.pointer("/message/usage").cloned();
+            }
+            Some("content_block_start") => {
+                if let Some(block) = payload.get("content_block") {
+                    append_anthropic_block(&mut self.output_text, block);
+                }
+            }
+            Some("content_block_delta") => {
+                if let Some(delta) = payload.get("delta") {
+                    append_anthropic_block(&mut self.output_text, delta);
+                }
+            }
+            Some("message_delta") => {
+                let output = payload.pointer("/usage/output_tokens").and_then(Value::as_u64);
+                if let (Some(start), Some(output)) = (&self.anthropic_start, output) {
+                    // message_delta may also restate input counts; prefer them when present.
+                    let mut merged = start.clone();
+                    if let (Some(merged), Some(delta_usage)) = (merged.as_object_mut(), payload.get("usage").and_then(Value::as_object)) {
+                        for (field, value) in delta_usage {
+                            if !value.is_null() {
+                                merged.insert(field.clone(), value.clone());
+                            }
+                        }
+                    }
+                    self.usage = anthropic_usage(&merged, Some(output));
+                }
+            }
+            Some("message_stop") => return EventAction::Terminal,
+            _ => {}
+        }
+        EventAction::Forward
+    }
+
+    /// The upstream's usage, once its stream reported it in full.
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+
+    /// Everything generated so far, for the tokenizer fallback.
+    pub fn output_text(&self) -> &str {
+        &self.output_text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use bytes::Bytes;
+    use serde_json::json;
+
+    fn event(name: Option<&str>, data: &str) -> SseEvent {
+        SseEvent { raw: Bytes::from(data.to_string()), name: name.map(str::to_string), data: data.to_string() }
+    }
+
+    #[test]
+    fn openai_usage_splits_cached_tokens_out_of_the_prompt() {
+        let response = json!({"usage": {"prompt_tokens": 100, "completion_tokens": 20,
+            "prompt_tokens_details": {"cached_tokens": 30}, "completion_tokens_details": {"reasoning_tokens": 5}}});
+        let usage = Protocol::OpenAiChat.response_usage(&response).unwrap();
+        assert_eq!(usage, Usage { input_tokens: 70, cached_input_tokens: 30, cache_write_tokens: 0, output_tokens: 20, reasoning_tokens: 5 });
+    }
+
+    #[test]
+    fn garbage_usage_is_no_usage() {
+        for usage in [json!({"prompt_tokens": -1, "completion_tokens": 2}), json!({"prompt_tokens": "5", "completion_tokens": 2}), json!(null), json!({"completion_tokens": 2})] {
+            assert_eq!(Protocol::OpenAiChat.response_usage(&json!({"usage": usage})), None);
+        }
+    }
+
+    #[test]
+    fn include_usage_is_injected_and_the_usage_chunk_stripped_when_not_asked() {
+        let mut body = json!({"model": "a", "stream": true}).as_object().unwrap().clone();
+        let wants = Protocol::OpenAiChat.prepare_upstream_body(&mut body, "b", true);
+        assert!(!wants);
+        assert_eq!(body["stream_options"]["include_usage"], json!(true));
+        assert_eq!(body["model"], json!("b"));
+        let mut inspector = Protocol::OpenAiChat.stream_inspector(wants);
+        assert_eq!(inspector.inspect(&event(None, r#"{"choices":[{"delta":{"content":" hi"}}],"usage":null}"#)), EventAction::Forward);
+        assert_eq!(inspector.inspect(&event(None, r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}"#)), EventAction::Strip);
+        assert_eq!(inspector.inspect(&event(None, "[DONE]")), EventAction::Terminal);
+        assert_eq!(inspector.output_text(), " hi");
+        assert_eq!(inspector.usage().unwrap().output_tokens, 1);
+    }
+
+    #[test]
+    fn anthropic_stream_usage_combines_start_and_delta() {
+        let mut inspector = Protocol::AnthropicMessages.stream_inspector(true);
+        inspector.inspect(&event(Some("message_start"), r#"{"type":"message_start","message":{"usage":{"input_tokens":10,"cache_read_input_tokens":4,"cache_creation_input_tokens":2,"output_tokens":1}}}"#));
+        inspector.inspect(&event(Some("content_block_delta"), r#"{"type":"content_block_delta","delta":{"type":"text_delta","text":" hello"}}"#));
+        assert_eq!(inspector.usage(), None);
+        inspector.inspect(&event(Some("message_delta"), r#"{"type":"message_delta","usage":{"output_tokens":7}}"#));
+        assert_eq!(inspector.inspect(&event(Some("message_stop"), r#"{"type":"message_stop"}"#)), EventAction::Terminal);
+        assert_eq!(inspector.usage(), Some(Usage { input_tokens: 10, cached_input_tokens: 4, cache_write_tokens: 2, output_tokens: 7, reasoning_tokens: 0 }));
+        assert_eq!(inspector.output_text(), " hello");
+    }
+
+    #[test]
+    fn parse_rejects_what_billing_cannot_price() {
+        let cases = [
+            (json!({"messages": [{"role": "user", "content": "x"}]}), "model is required"),
+            (json!({"model": "m"}), "messages is required"),
+            (json!({"model": "m", "messages": []}), "messages must not be empty"),
+            (json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": -5}), "max_tokens must be a non-negative integer"),
+            (json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}), "stream must be a boolean"),
+            (json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 0}), "n must be between 1 and 128"),
+        ];
+        for (body, message) in cases {
+            let error = Protocol::OpenAiChat.parse(body.as_object().unwrap()).unwrap_err();
+            assert_eq!(error.to_string(), message);
+        }
+        let missing_max = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
+        assert_eq!(Protocol::AnthropicMessages.parse(missing_max.as_object().unwrap()).unwrap_err().to_string(), "max_tokens is required");
+    }
+}

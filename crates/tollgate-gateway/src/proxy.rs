@@ -1,0 +1,445 @@
+//! Client LLM requests: authenticate, price, hold, forward, measure, settle — for both the
+//! OpenAI and the Anthropic protocol, streaming or not.
+//!
+//! The forward-and-settle part runs in a tracked task, not in the handler: if the client goes
+//! away, hyper drops the handler, but the upstream call still completes and is settled (the
+//! client pays for what was generated) or voided, so no hold is left behind.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+use tollgate_core::tokens;
+use tollgate_core::{Usage, UsageSource};
+use tollgate_store::hot::AuthorizeRequest;
+use tollgate_store::model::{PriceRow, RequestStatus, StoredResponse, UsageEvent};
+
+use crate::auth::authenticate;
+use crate::charge::{self, Authorized};
+use crate::context::BillingContext;
+use crate::error::ApiError;
+use crate::protocol::{EventAction, ParsedRequest, Protocol, StreamInspector};
+use crate::request_id::REQUEST_ID_HEADER;
+use crate::sse::SseSplitter;
+use crate::state::AppState;
+use crate::upstream::Route;
+
+/// Largest single server-sent event accepted from an upstream.
+const SSE_EVENT_BYTES_MAX: usize = 1024 * 1024;
+/// Events buffered between the upstream reader and a slow client.
+const STREAM_CHANNEL_EVENTS: usize = 64;
+
+/// One request's billing facts, fixed before forwarding.
+struct Billing {
+    context: Arc<BillingContext>,
+    request_id: String,
+    route: Route,
+    price: PriceRow,
+    parsed: ParsedRequest,
+    started: Instant,
+}
+
+impl Billing {
+    fn event(&self, usage: Usage, usage_source: UsageSource, cost: tollgate_core::Money, status: RequestStatus) -> UsageEvent {
+        UsageEvent {
+            request_id: self.request_id.clone(),
+            account_id: self.context.account.id.clone(),
+            api_key_id: self.context.key.id.clone(),
+            provider: self.route.provider.name.clone(),
+            model: self.route.model.clone(),
+            customer_type: self.context.account.customer_type.clone(),
+            price_id: Some(self.price.id),
+            usage,
+            usage_source,
+            cost,
+            status,
+            latency_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            created_at_ms: now_ms(),
+            hot_balance_after: tollgate_core::Money::ZERO,
+            stored_response: None,
+        }
+    }
+
+    fn failed_event(&self) -> UsageEvent {
+        let mut event = self.event(Usage::default(), UsageSource::Estimate, tollgate_core::Money::ZERO, RequestStatus::Failed);
+        event.price_id = None;
+        event
+    }
+
+    /// Usage measured by the tokenizer: the counted prompt plus the generated text.
+    fn counted_usage(&self, output_text: &str) -> Usage {
+        Usage {
+            input_tokens: self.parsed.prompt_tokens,
+            output_tokens: tokens::count_text(self.parsed.encoding, output_text),
+            ..Usage::default()
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+/// Handles one LLM request of the given protocol.
+pub async fn handle(state: AppState, protocol: Protocol, request_id: String, headers: HeaderMap, body: Body) -> Response {
+    match handle_request(&state, protocol, request_id, &headers, body).await {
+        Ok(response) => response,
+        Err(error) => {
+            metrics::counter!("tollgate_requests_total", "outcome" => error.status_and_code().1).increment(1);
+            error.into_response_shaped(protocol.error_shape())
+        }
+    }
+}
+
+async fn handle_request(
+    state: &AppState,
+    protocol: Protocol,
+    request_id: String,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let context = authenticate(state, headers).await?;
+    let limit_bytes = state.config.limits.request_body_bytes_max;
+    let bytes = axum::body::to_bytes(body, limit_bytes)
+        .await
+        .map_err(|_| ApiError::RequestTooLarge { limit_bytes })?;
+    let mut body: Map<String, Value> = serde_json::from_slice(&bytes)
+        .map_err(|error| ApiError::InvalidRequest(format!("request body is not a valid JSON object: {error}")))?;
+    let parsed = protocol.parse(&body)?;
+    let route = state
+        .upstreams
+        .route(&parsed.model)
+        .filter(|route| route.provider.serves(protocol))
+        .cloned()
+        .ok_or_else(|| ApiError::ModelNotFound(parsed.model.clone()))?;
+    if let Some(allowed) = &context.key.allowed_models {
+        if !allowed.iter().any(|model| model == &parsed.model) {
+            return Err(ApiError::ModelNotAllowed(parsed.model.clone()));
+        }
+    }
+    let price = state
+        .prices
+        .get(&route.provider.name, &route.model, &context.account.customer_type)
+        .ok_or_else(|| ApiError::PriceNotConfigured {
+            provider: route.provider.name.clone(),
+            model: route.model.clone(),
+            customer_type: context.account.customer_type.clone(),
+        })?;
+    let output_tokens_max = parsed
+        .output_tokens_max
+        .unwrap_or(state.config.limits.default_max_output_tokens)
+        .saturating_mul(parsed.choices);
+    let hold = tollgate_core::hold_estimate(&price.price, parsed.prompt_tokens, output_tokens_max)
+        .map_err(|error| ApiError::InvalidRequest(format!("the request cannot be priced: {error}")))?;
+    let authorize_request = AuthorizeRequest {
+        account_id: context.account.id.clone(),
+        api_key_id: context.key.id.clone(),
+        request_id: request_id.clone(),
+        hold,
+        hold_tokens: parsed.prompt_tokens.saturating_add(output_tokens_max),
+        limits: charge::limits(&context),
+        hold_ttl_ms: state.config.limits.hold_ttl_ms,
+    };
+    match charge::authorize(state, &authorize_request).await? {
+        Authorized::Held => {}
+        Authorized::AlreadyCharged => return replay(state, &context, &request_id, parsed.stream).await,
+    }
+    let client_wants_usage = protocol.prepare_upstream_body(&mut body, &route.upstream_model, parsed.stream);
+    let stream = parsed.stream;
+    let billing = Billing { context, request_id, route, price, parsed, started: Instant::now() };
+    let upstream_body = match serde_json::to_vec(&body) {
+        Ok(upstream_body) => upstream_body,
+        Err(error) => {
+            charge::void(state, billing.failed_event()).await;
+            return Err(ApiError::Internal(format!("serializing the upstream body: {error}")));
+        }
+    };
+    let task_state = state.clone();
+    let forward_headers = forwarded_headers(protocol, headers);
+    // Runs to completion even if the client leaves (see the module doc).
+    let task = state.tasks.spawn(async move {
+        forward(&task_state, protocol, billing, forward_headers, upstream_body, client_wants_usage).await
+    });
+    let response = task.await.map_err(|error| ApiError::Internal(format!("forward task failed: {error}")))??;
+    metrics::counter!("tollgate_requests_total", "outcome" => if stream { "stream" } else { "success" }).increment(1);
+    Ok(response)
+}
+
+/// Headers a provider's SDK semantics depend on, passed through as sent.
+fn forwarded_headers(protocol: Protocol, headers: &HeaderMap) -> HeaderMap {
+    let mut forwarded = HeaderMap::new();
+    let names: &[&str] = match protocol {
+        Protocol::OpenAiChat => &["openai-organization", "openai-project"],
+        Protocol::AnthropicMessages => &["anthropic-version", "anthropic-beta"],
+    };
+    for name in names {
+        if let Some(value) = headers.get(*name) {
+            forwarded.insert(*name, value.clone());
+        }
+    }
+    if protocol == Protocol::AnthropicMessages && !forwarded.contains_key("anthropic-version") {
+        forwarded.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
+    }
+    forwarded
+}
+
+/// Answers a retry of an already charged request without forwarding or charging it.
+async fn replay(state: &AppState, context: &BillingContext, request_id: &str, stream: bool) -> Result<Response, ApiError> {
+    if stream {
+        return Err(ApiError::DuplicateRequest(request_id.to_string()));
+    }
+    let stored = state
+        .ledger
+        .stored_response(&context.account.id, request_id)
+        .await?
+        .ok_or_else(|| ApiError::DuplicateRequest(request_id.to_string()))?;
+    metrics::counter!("tollgate_idempotent_replays_total").increment(1);
+    let balance = state.hot.balance(&context.account.id, &context.key.id).await?.map(|view| view.balance);
+    let mut response = stored_response(stored);
+    let headers = response.headers_mut();
+    headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    headers.insert("x-tollgate-cost", HeaderValue::from_static("0"));
+    if let Some(balance) = balance.and_then(|balance| HeaderValue::from_str(&balance.to_string()).ok()) {
+        headers.insert("x-tollgate-balance", balance);
+    }
+    Ok(response)
+}
+
+fn stored_response(stored: StoredResponse) -> Response {
+    let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+    let mut response = (status, stored.body).into_response();
+    if let Ok(content_type) = HeaderValue::from_str(&stored.content_type) {
+        response.headers_mut().insert(header::CONTENT_TYPE, content_type);
+    }
+    response
+}
+
+/// Sends the request upstream and settles or voids it. Always ends the hold one way or another.
+async fn forward(
+    state: &AppState,
+    protocol: Protocol,
+    billing: Billing,
+    headers: HeaderMap,
+    body: Vec<u8>,
+    client_wants_usage: bool,
+) -> Result<Response, ApiError> {
+    let provider = &billing.route.provider;
+    let url = format!("{}{}", provider.base_url, protocol.upstream_path());
+    let mut request = state.http.post(url).headers(headers).header(header::CONTENT_TYPE, "application/json").body(body);
+    if let Some(api_key) = provider.api_key() {
+        request = match protocol {
+            Protocol::OpenAiChat => request.bearer_auth(api_key),
+            Protocol::AnthropicMessages => request.header("x-api-key", api_key),
+        };
+    }
+    let timeout_ms = state.config.limits.upstream_timeout_ms;
+    let response = match tokio::time::timeout(Duration::from_millis(timeout_ms), request.send()).await {
+        Err(_) => return void_with(state, &billing, ApiError::UpstreamTimeout(timeout_ms)).await,
+        Ok(Err(error)) => return void_with(state, &billing, ApiError::Upstream(error.without_url().to_string())).await,
+        Ok(Ok(response)) => response,
+    };
+    let status = response.status();
+    if !status.is_success() {
+        let detail = upstream_error_message(response).await;
+        return void_with(state, &billing, ApiError::UpstreamStatus { status: status.as_u16(), message: detail }).await;
+    }
+    let upstream_headers = passthrough_response_headers(response.headers());
+    if billing.parsed.stream {
+        let inspector = protocol.stream_inspector(client_wants_usage);
+        return Ok(start_stream(state, billing, response, inspector, upstream_headers));
+    }
+    let remaining = Duration::from_millis(timeout_ms).saturating_sub(billing.started.elapsed());
+    let bytes = match tokio::time::timeout(remaining, response.bytes()).await {
+        Err(_) => return void_with(state, &billing, ApiError::UpstreamTimeout(timeout_ms)).await,
+        Ok(Err(error)) => return void_with(state, &billing, ApiError::Upstream(error.without_url().to_string())).await,
+        Ok(Ok(bytes)) => bytes,
+    };
+    let Ok(json) = serde_json::from_slice::<Value>(&bytes) else {
+        return void_with(state, &billing, ApiError::Upstream("upstream sent a response that is not JSON".into())).await;
+    };
+    let (usage, source) = match protocol.response_usage(&json) {
+        Some(usage) => (usage, UsageSource::Upstream),
+        None => (billing.counted_usage(&protocol.response_output_text(&json)), UsageSource::Tokenizer),
+    };
+    let cost = match charge::price_usage(&billing.price.price, &usage) {
+        Ok(cost) => cost,
+        Err(error) => return void_with(state, &billing, error).await,
+    };
+    let mut event = billing.event(usage, source, cost, RequestStatus::Success);
+    event.stored_response = Some(StoredResponse { status: 200, content_type: "application/json".into(), body: bytes.to_vec() });
+    let settlement = charge::settle(state, event).await?;
+    tracing::info!(request_id = billing.request_id, account_id = billing.context.account.id, model = billing.route.model, %cost, usage_source = source.as_str(), "charged");
+    let mut response = (StatusCode::OK, bytes).into_response();
+    let headers = response.headers_mut();
+    headers.extend(upstream_headers);
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    insert_money_header(headers, "x-tollgate-cost", cost);
+    insert_money_header(headers, "x-tollgate-balance", settlement.balance_after);
+    Ok(response)
+}
+
+fn insert_money_header(headers: &mut HeaderMap, name: &'static str, amount: tollgate_core::Money) {
+    if let Ok(value) = HeaderValue::from_str(&amount.to_string()) {
+        headers.insert(name, value);
+    }
+}
+
+/// Upstream response headers SDKs read (rate limits, request ids), passed through.
+fn passthrough_response_headers(upstream: &HeaderMap) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, value) in upstream {
+        let name_text = name.as_str();
+        if name_text.starts_with("x-ratelimit-") || name_text.starts_with("anthropic-ratelimit-") || name_text == "openai-processing-ms" {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    headers
+}
+
+async fn upstream_error_message(response: reqwest::Response) -> String {
+    let bytes = tokio::time::timeout(Duration::from_secs(5), response.bytes()).await;
+    let Ok(Ok(bytes)) = bytes else { return "no error body".into() };
+    let message = serde_json::from_slice::<Value>(&bytes).ok().and_then(|json| {
+        json.pointer("/error/message").and_then(Value::as_str).map(str::to_string)
+    });
+    message.unwrap_or_else(|| String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned())
+}
+
+async fn void_with(state: &AppState, billing: &Billing, error: ApiError) -> Result<Response, ApiError> {
+    tracing::warn!(request_id = billing.request_id, %error, "upstream failed; hold voided, nothing charged");
+    charge::void(state, billing.failed_event()).await;
+    Err(error)
+}
+
+/// How a stream ended, which decides what is charged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StreamEnd {
+    /// The terminal event arrived.
+    Completed,
+    ClientGone,
+    UpstreamCut,
+    UpstreamIdle,
+    DurationExceeded,
+}
+
+fn start_stream(
+    state: &AppState,
+    billing: Billing,
+    upstream: reqwest::Response,
+    inspector: StreamInspector,
+    upstream_headers: HeaderMap,
+) -> Response {
+    let (sender, receiver) = mpsc::channel::<Result<Bytes, std::io::Error>>(STREAM_CHANNEL_EVENTS);
+    let task_state = state.clone();
+    state.tasks.spawn(async move { pump(&task_state, billing, upstream, inspector, sender).await });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(receiver));
+    let mut response = (StatusCode::OK, body).into_response();
+    let headers = response.headers_mut();
+    headers.extend(upstream_headers);
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+/// Moves a stream from upstream to client, event by event, holding back the terminal event
+/// until the charge is settled (so the charge is durable before the last byte leaves, I1).
+async fn pump(
+    state: &AppState,
+    billing: Billing,
+    upstream: reqwest::Response,
+    mut inspector: StreamInspector,
+    sender: mpsc::Sender<Result<Bytes, std::io::Error>>,
+) {
+    let limits = &state.config.limits;
+    let idle = Duration::from_millis(limits.stream_idle_timeout_ms);
+    let deadline = tokio::time::Instant::from_std(billing.started) + Duration::from_millis(limits.stream_duration_ms_max);
+    let mut chunks = upstream.bytes_stream();
+    let mut splitter = SseSplitter::new(SSE_EVENT_BYTES_MAX);
+    let mut terminal: Option<Bytes> = None;
+    let mut forwarded_events = 0u64;
+    let end = 'stream: loop {
+        let next = tokio::select! {
+            next = tokio::time::timeout(idle, chunks.next()) => next,
+            () = tokio::time::sleep_until(deadline) => break StreamEnd::DurationExceeded,
+            () = sender.closed() => break StreamEnd::ClientGone,
+        };
+        let chunk = match next {
+            Err(_) => break StreamEnd::UpstreamIdle,
+            Ok(None) | Ok(Some(Err(_))) => break StreamEnd::UpstreamCut,
+            Ok(Some(Ok(chunk))) => chunk,
+        };
+        let Ok(events) = splitter.push(&chunk) else { break StreamEnd::UpstreamCut };
+        for event in events {
+            match inspector.inspect(&event) {
+                EventAction::Strip => {}
+                EventAction::Terminal => {
+                    terminal = Some(event.raw);
+                    break 'stream StreamEnd::Completed;
+                }
+                EventAction::Forward => {
+                    if sender.send(Ok(event.raw)).await.is_err() {
+                        break 'stream StreamEnd::ClientGone;
+                    }
+                    forwarded_events += 1;
+                }
+            }
+        }
+    };
+    metrics::counter!("tollgate_stream_ends_total", "end" => stream_end_label(end)).increment(1);
+    let (usage, source) = match (end, inspector.usage()) {
+        (_, Some(usage)) => (usage, UsageSource::Upstream),
+        (_, None) => (billing.counted_usage(inspector.output_text()), UsageSource::Tokenizer),
+    };
+    if end != StreamEnd::Completed && inspector.output_text().is_empty() && inspector.usage().is_none() {
+        tracing::warn!(request_id = billing.request_id, ?end, forwarded_events, "stream ended before any output; voided");
+        charge::void(state, billing.failed_event()).await;
+        return;
+    }
+    let status = match end {
+        StreamEnd::Completed => RequestStatus::Success,
+        StreamEnd::ClientGone => RequestStatus::ClientDisconnected,
+        StreamEnd::UpstreamCut | StreamEnd::UpstreamIdle | StreamEnd::DurationExceeded => RequestStatus::UpstreamInterrupted,
+    };
+    let settled = match charge::price_usage(&billing.price.price, &usage) {
+        Ok(cost) => {
+            let event = billing.event(usage, source, cost, status);
+            charge::settle(state, event).await.map(|settlement| (cost, settlement))
+        }
+        Err(error) => Err(error),
+    };
+    match settled {
+        Ok((cost, settlement)) => {
+            tracing::info!(request_id = billing.request_id, account_id = billing.context.account.id, model = billing.route.model, %cost, balance_after = %settlement.balance_after, usage_source = source.as_str(), status = status.as_str(), "stream charged");
+            if let Some(terminal) = terminal {
+                let _ = sender.send(Ok(terminal)).await;
+            }
+        }
+        Err(error) => {
+            // The client must not see a complete stream that was not charged durably.
+            tracing::error!(request_id = billing.request_id, %error, "stream settle failed; terminal event withheld");
+            let _ = sender.send(Err(std::io::Error::other("billing unavailable"))).await;
+        }
+    }
+}
+
+fn stream_end_label(end: StreamEnd) -> &'static str {
+    match end {
+        StreamEnd::Completed => "completed",
+        StreamEnd::ClientGone => "client_gone",
+        StreamEnd::UpstreamCut => "upstream_cut",
+        StreamEnd::UpstreamIdle => "upstream_idle",
+        StreamEnd::DurationExceeded => "duration_exceeded",
+    }
+}
+
+/// The request id header value of a response.
+pub fn set_request_id(response: &mut Response, request_id: &str) {
+    if let Ok(value) = HeaderValue::from_str(request_id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+}

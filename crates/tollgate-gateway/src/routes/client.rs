@@ -1,0 +1,128 @@
+//! The client API: LLM calls, and what a key holder may read about its own account.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Extension, Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tollgate_core::Money;
+use tollgate_store::model::UsageQuery;
+
+use crate::auth::authenticate;
+use crate::charge;
+use crate::error::{ApiError, ErrorShape};
+use crate::protocol::Protocol;
+use crate::proxy;
+use crate::request_id::RequestId;
+use crate::routes::time_param;
+use crate::state::AppState;
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    proxy::handle(state, Protocol::OpenAiChat, request_id, headers, body).await
+}
+
+pub async fn messages(
+    State(state): State<AppState>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    proxy::handle(state, Protocol::AnthropicMessages, request_id, headers, body).await
+}
+
+/// The models this key may use, OpenAI-shaped.
+pub async fn models(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    let context = authenticate(&state, &headers).await?;
+    let data: Vec<Value> = state
+        .upstreams
+        .models()
+        .into_iter()
+        .filter(|route| context.key.allowed_models.as_ref().is_none_or(|allowed| allowed.contains(&route.model)))
+        .map(|route| json!({"id": route.model, "object": "model", "created": 0, "owned_by": route.provider.name}))
+        .collect();
+    Ok(Json(json!({"object": "list", "data": data})))
+}
+
+fn remaining(budget: Option<Money>, spent: Money) -> Option<String> {
+    budget.map(|budget| budget.checked_sub(spent).unwrap_or(Money::ZERO).to_string())
+}
+
+/// The caller's live balance and quota use.
+pub async fn balance(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    let context = authenticate(&state, &headers).await?;
+    let account_id = &context.account.id;
+    let view = match state.hot.balance(account_id, &context.key.id).await? {
+        Some(view) => view,
+        None => {
+            charge::load_account(&state, account_id).await?;
+            state.hot.balance(account_id, &context.key.id).await?.unwrap_or_default()
+        }
+    };
+    let available = view
+        .balance
+        .checked_add(context.account.credit_limit)
+        .and_then(|total| total.checked_sub(view.held))
+        .ok_or(ApiError::Internal("available balance overflow".into()))?;
+    Ok(Json(json!({
+        "account_id": account_id,
+        "balance": view.balance,
+        "held": view.held,
+        "available": available,
+        "credit_limit": context.account.credit_limit,
+        "currency": "USD",
+        "daily_requests_used": view.daily_requests_used,
+        "monthly_requests_used": view.monthly_requests_used,
+        "daily_request_quota": context.account.daily_request_quota,
+        "monthly_request_quota": context.account.monthly_request_quota,
+        "key": {
+            "id": context.key.id,
+            "budget_daily_remaining": remaining(context.key.budget_daily, view.key_spent_daily),
+            "budget_monthly_remaining": remaining(context.key.budget_monthly, view.key_spent_monthly),
+            "budget_total_remaining": remaining(context.key.budget_total, view.key_spent_total),
+        },
+    })))
+}
+
+#[derive(Deserialize)]
+pub struct UsageParams {
+    start: Option<String>,
+    end: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<i64>,
+}
+
+/// The caller's own usage rows, newest first, with a cursor for the next page.
+pub async fn usage(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    params: Result<Query<UsageParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let context = authenticate(&state, &headers).await?;
+    let Query(params) = params.map_err(|error| ApiError::InvalidRequest(error.body_text()))?;
+    let limit = params.limit.unwrap_or(100).clamp(1, 1000);
+    let rows = state
+        .ledger
+        .usage_rows(UsageQuery {
+            account_id: Some(context.account.id.clone()),
+            api_key_id: None,
+            start: time_param("start", params.start.as_deref())?,
+            end: time_param("end", params.end.as_deref())?,
+            limit,
+            cursor: params.cursor,
+        })
+        .await?;
+    let next_cursor = if rows.len() == limit as usize { rows.last().map(|row| row.id) } else { None };
+    Ok(Json(json!({"object": "list", "data": rows, "next_cursor": next_cursor})))
+}
+
+/// Errors of the client API outside the LLM handlers are OpenAI-shaped.
+pub fn shaped(error: ApiError) -> Response {
+    error.into_response_shaped(ErrorShape::OpenAi).into_response()
+}

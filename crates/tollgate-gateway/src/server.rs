@@ -1,0 +1,105 @@
+//! Running the gateway: build the stores, start the worker tasks, serve, shut down in order.
+//!
+//! Shutdown phases (one cancellation token starts them):
+//! 1. stop accepting connections; in-flight handlers finish (axum graceful shutdown);
+//! 2. wait, bounded, for forward/stream tasks — each ends by settling or voiding its hold;
+//! 3. stop the hold sweeper and the usage writer, which commits the batch it holds first.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tollgate_store::clock::system_clock;
+use tollgate_store::memory::MemoryHotStore;
+use tollgate_store::queue::channel_log;
+use tollgate_store::sqlite::SqliteLedger;
+use tollgate_store::{HotStore, Ledger};
+use tollgate_worker::usage_writer::{UsageWriterConfig, run_usage_writer};
+
+use crate::config::GatewayConfig;
+use crate::state::AppState;
+
+/// How long shutdown waits for in-flight streams before giving up on them (their holds expire).
+const SHUTDOWN_DRAIN_MS_MAX: u64 = 30_000;
+
+/// Errors that stop the server from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("storage: {0}")]
+    Store(#[from] tollgate_store::StoreError),
+    #[error("listening on {address}: {source}")]
+    Listen { address: String, source: std::io::Error },
+}
+
+/// A running gateway's parts, for the binary and for tests that start one in-process.
+pub struct Gateway {
+    pub state: AppState,
+    /// Stops the worker tasks (after the server's own tasks are done).
+    worker_shutdown: CancellationToken,
+    worker_tasks: TaskTracker,
+}
+
+impl Gateway {
+    /// Opens the stores and starts the in-process worker tasks (embedded mode).
+    ///
+    /// # Errors
+    /// Bad configuration or a ledger that cannot be opened.
+    pub async fn start(config: GatewayConfig) -> Result<Gateway, ServerError> {
+        if config.redis_url.is_some() {
+            return Err(ServerError::Config("Redis is not supported by this build yet; remove TOLLGATE_REDIS_URL to run embedded".into()));
+        }
+        if !config.database_url.starts_with("sqlite:") {
+            return Err(ServerError::Config(format!("unsupported database URL {:?}: this build supports sqlite:// only", config.database_url)));
+        }
+        let ledger: Arc<dyn Ledger> = Arc::new(SqliteLedger::connect(&config.database_url, 8).await?);
+        let (log_sender, log) = channel_log(config.limits.usage_log_events_max);
+        let hot: Arc<dyn HotStore> = Arc::new(MemoryHotStore::new(log_sender, system_clock()));
+        let worker_shutdown = CancellationToken::new();
+        let worker_tasks = TaskTracker::new();
+        let writer_config = UsageWriterConfig { batch_events_max: config.limits.usage_batch_events_max, ..UsageWriterConfig::default() };
+        worker_tasks.spawn(run_usage_writer(log, Arc::clone(&ledger), writer_config, worker_shutdown.clone()));
+        let sweep_period = Duration::from_millis(config.limits.hold_sweep_interval_ms);
+        worker_tasks.spawn(tollgate_worker::jobs::run_hold_sweeper(Arc::clone(&hot), sweep_period, worker_shutdown.clone()));
+        let state = AppState::new(config, hot, ledger, TaskTracker::new(), CancellationToken::new())
+            .await
+            .map_err(ServerError::Config)?;
+        Ok(Gateway { state, worker_shutdown, worker_tasks })
+    }
+
+    /// Serves on `listener` until `shutdown` fires, then shuts down in order (module doc).
+    ///
+    /// # Errors
+    /// The listener failed.
+    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
+        let app = crate::app(self.state.clone());
+        let server_shutdown = shutdown.clone();
+        let served = axum::serve(listener, app).with_graceful_shutdown(async move { server_shutdown.cancelled().await }).await;
+        self.shutdown().await;
+        served
+    }
+
+    /// Phases 2 and 3 of shutdown.
+    pub async fn shutdown(self) {
+        self.state.shutdown.cancel();
+        self.state.tasks.close();
+        if tokio::time::timeout(Duration::from_millis(SHUTDOWN_DRAIN_MS_MAX), self.state.tasks.wait()).await.is_err() {
+            tracing::warn!("in-flight requests did not finish in time; their holds will expire");
+        }
+        self.worker_shutdown.cancel();
+        self.worker_tasks.close();
+        self.worker_tasks.wait().await;
+        tracing::info!("gateway stopped");
+    }
+}
+
+/// Binds the configured address.
+///
+/// # Errors
+/// The address is taken or invalid.
+pub async fn bind(address: &str) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(address).await.map_err(|source| ServerError::Listen { address: address.to_string(), source })
+}

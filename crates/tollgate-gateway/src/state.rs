@@ -1,0 +1,89 @@
+//! The shared state every handler gets: stores, caches, routes, the upstream client, and the
+//! task tracker that shutdown waits on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tollgate_store::{HotStore, Ledger};
+
+use crate::config::GatewayConfig;
+use crate::context::{ContextCache, PriceTable};
+use crate::upstream::Upstreams;
+
+/// Cheap to clone; everything inside is shared.
+#[derive(Clone)]
+pub struct AppState(pub Arc<Shared>);
+
+pub struct Shared {
+    pub config: GatewayConfig,
+    pub hot: Arc<dyn HotStore>,
+    pub ledger: Arc<dyn Ledger>,
+    pub contexts: ContextCache,
+    pub prices: PriceTable,
+    pub upstreams: Upstreams,
+    /// One pooled client for every upstream.
+    pub http: reqwest::Client,
+    pub metrics: PrometheusHandle,
+    /// Streams and upstream calls outlive their handler (a client may leave); shutdown waits
+    /// for them here.
+    pub tasks: TaskTracker,
+    pub shutdown: CancellationToken,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl AppState {
+    /// Builds the state and loads the price table.
+    ///
+    /// # Errors
+    /// Invalid routes, a missing provider key variable, or a ledger that cannot be read.
+    pub async fn new(
+        config: GatewayConfig,
+        hot: Arc<dyn HotStore>,
+        ledger: Arc<dyn Ledger>,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<AppState, String> {
+        config.validate()?;
+        let upstreams = Upstreams::from_config(&config)?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(config.limits.upstream_connect_timeout_ms))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|error| format!("building the upstream client: {error}"))?;
+        let prices = PriceTable::default();
+        prices.replace(ledger.current_prices().await.map_err(|error| format!("loading prices: {error}"))?);
+        let contexts = ContextCache::new(Duration::from_millis(config.limits.context_cache_ttl_ms));
+        Ok(AppState(Arc::new(Shared {
+            config,
+            hot,
+            ledger,
+            contexts,
+            prices,
+            upstreams,
+            http,
+            metrics: crate::metrics::handle(),
+            tasks,
+            shutdown,
+        })))
+    }
+
+    /// Re-reads the price table after a change.
+    ///
+    /// # Errors
+    /// The ledger could not be read; the old table stays.
+    pub async fn reload_prices(&self) -> Result<(), tollgate_store::StoreError> {
+        self.prices.replace(self.ledger.current_prices().await?);
+        Ok(())
+    }
+}

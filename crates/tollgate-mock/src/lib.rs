@@ -1,0 +1,163 @@
+//! tollgate-mock: a deterministic mock upstream LLM server.
+//!
+//! Speaks enough of the OpenAI Chat Completions / Embeddings protocol and the
+//! Anthropic Messages protocol for demos, integration tests and benchmarks.
+//!
+//! Every completion is `N` repetitions of `" hello"`, which is exactly `N`
+//! tokens in every encoding, so usage reported by the mock can be checked
+//! against an independent count. Prompt usage is computed with
+//! [`tollgate_core::tokens`].
+//!
+//! Behaviour can be changed per request through a top-level `"mock"` object
+//! in the JSON body (see [`MockOverrides`]) or through `x-mock-*` headers.
+//! Precedence: body `mock` field > `x-mock-*` header > [`MockConfig`].
+//!
+//! Routes:
+//! - `POST /v1/chat/completions` (OpenAI, streaming and non-streaming)
+//! - `POST /v1/messages` (Anthropic, streaming and non-streaming)
+//! - `POST /v1/messages/count_tokens` (Anthropic)
+//! - `POST /v1/embeddings` (OpenAI)
+//! - `GET /v1/models` (OpenAI shape; Anthropic shape if `anthropic-version` is sent)
+//! - `GET /healthz` → `200 ok`
+
+mod anthropic;
+mod common;
+mod embeddings;
+mod openai;
+mod stream;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+
+pub use common::MockOverrides;
+
+/// Server-wide defaults; each can be overridden per request.
+#[derive(Clone, Debug)]
+pub struct MockConfig {
+    /// Delay before the first byte of a response (default 0).
+    pub latency_ms: u64,
+    /// Default completion length in tokens (default 16).
+    pub output_tokens: u64,
+    /// Delay between streamed chunks (default 0).
+    pub chunk_interval_ms: u64,
+}
+
+impl Default for MockConfig {
+    fn default() -> Self {
+        Self {
+            latency_ms: 0,
+            output_tokens: 16,
+            chunk_interval_ms: 0,
+        }
+    }
+}
+
+/// Maximum accepted request body size.
+const BODY_LIMIT: usize = 32 * 1024 * 1024;
+
+pub(crate) struct AppState {
+    pub(crate) config: MockConfig,
+    models_openai: Bytes,
+    models_anthropic: Bytes,
+}
+
+pub(crate) type SharedState = Arc<AppState>;
+
+/// Models advertised by `GET /v1/models` (id, owner).
+const MODELS: &[(&str, &str)] = &[
+    ("demo-gpt", "tollgate-mock"),
+    ("demo-gpt-mini", "tollgate-mock"),
+    ("demo-claude", "tollgate-mock"),
+    ("demo-embedding", "tollgate-mock"),
+    ("gpt-4o", "openai"),
+    ("gpt-4o-mini", "openai"),
+    ("text-embedding-3-small", "openai"),
+    ("claude-sonnet-4-5", "anthropic"),
+    ("claude-haiku-4-5", "anthropic"),
+];
+
+fn models_openai_json() -> Bytes {
+    let data: Vec<serde_json::Value> = MODELS
+        .iter()
+        .map(|(id, owner)| {
+            serde_json::json!({"id": id, "object": "model", "created": 1_700_000_000u64, "owned_by": owner})
+        })
+        .collect();
+    let v = serde_json::json!({"object": "list", "data": data});
+    Bytes::from(v.to_string())
+}
+
+fn models_anthropic_json() -> Bytes {
+    let data: Vec<serde_json::Value> = MODELS
+        .iter()
+        .map(|(id, _)| {
+            serde_json::json!({"type": "model", "id": id, "display_name": id, "created_at": "2023-11-14T22:13:20Z"})
+        })
+        .collect();
+    let first = MODELS.first().map(|m| m.0);
+    let last = MODELS.last().map(|m| m.0);
+    let v =
+        serde_json::json!({"data": data, "has_more": false, "first_id": first, "last_id": last});
+    Bytes::from(v.to_string())
+}
+
+/// Builds the mock's router (already bound to its state).
+pub fn router(config: MockConfig) -> Router {
+    let state: SharedState = Arc::new(AppState {
+        config,
+        models_openai: models_openai_json(),
+        models_anthropic: models_anthropic_json(),
+    });
+    Router::new()
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
+        .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/v1/models", get(models))
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+/// Serves the mock on `listener` until `shutdown` resolves (graceful: in-flight
+/// requests are allowed to finish).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    config: MockConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(config))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn models(State(state): State<SharedState>, headers: HeaderMap) -> Response {
+    let body = if headers.contains_key("anthropic-version") {
+        state.models_anthropic.clone()
+    } else {
+        state.models_openai.clone()
+    };
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+async fn not_found(uri: Uri) -> Response {
+    common::error_response(
+        common::Flavor::OpenAi,
+        StatusCode::NOT_FOUND,
+        &format!("Unknown request URL: {}", uri.path()),
+    )
+}

@@ -1,0 +1,255 @@
+//! OpenAI Chat Completions: `POST /v1/chat/completions`.
+
+use std::fmt::Write as _;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::SharedState;
+use crate::common::{
+    ApiError, Behaviour, Flavor, MAX_NON_STREAM_TOKENS, MockOverrides, TOKEN_TEXT, bad_body,
+    hello_text, json_response, json_string, next_id, truncated_json_response, unix_now,
+};
+use crate::stream::SseFrames;
+use tollgate_core::tokens::{count_chat_prompt, encoding_for_model};
+
+const F: Flavor = Flavor::OpenAi;
+const REQUEST_ID: &str = "x-request-id";
+/// OpenAI's documented upper bound for `n`.
+const MAX_CHOICES: u64 = 128;
+const DONE: &[u8] = b"data: [DONE]\n\n";
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    model: String,
+    messages: Vec<Value>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    n: Option<u64>,
+    mock: Option<MockOverrides>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
+/// `usage` object of a chat completion.
+fn usage_json(prompt: u64, completion: u64) -> String {
+    format!(
+        concat!(
+            r#"{{"prompt_tokens":{},"completion_tokens":{},"total_tokens":{},"#,
+            r#""prompt_tokens_details":{{"cached_tokens":0}},"#,
+            r#""completion_tokens_details":{{"reasoning_tokens":0}}}}"#
+        ),
+        prompt,
+        completion,
+        prompt.saturating_add(completion)
+    )
+}
+
+pub(crate) async fn chat_completions(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let req: ChatRequest = serde_json::from_slice(&body).map_err(|e| bad_body(F, &e))?;
+    let mut behaviour = Behaviour::resolve(&state.config, &headers, req.mock, F)?;
+    behaviour.check_injected_failure(F)?;
+    let choices = req.n.unwrap_or(1);
+    if choices == 0 || choices > MAX_CHOICES {
+        return Err(ApiError::bad_request(
+            F,
+            format!("n must be within 1..={MAX_CHOICES}, got {choices}"),
+        ));
+    }
+    let cap = match (req.max_completion_tokens, req.max_tokens) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let (tokens, finish_reason) = match cap {
+        Some(cap) if cap < behaviour.output_tokens => (cap, "length"),
+        _ => (behaviour.output_tokens, "stop"),
+    };
+    let completion_tokens = tokens.saturating_mul(choices);
+    let stream = req.stream.unwrap_or(false);
+    if !stream && completion_tokens > MAX_NON_STREAM_TOKENS {
+        return Err(ApiError::bad_request(
+            F,
+            format!("mock: non-streaming output limited to {MAX_NON_STREAM_TOKENS} tokens"),
+        ));
+    }
+
+    let enc = encoding_for_model(&req.model);
+    let prompt_tokens = count_chat_prompt(enc, &req.messages);
+    let usage = if behaviour.omit_usage {
+        None
+    } else {
+        Some(
+            behaviour
+                .usage_override
+                .take()
+                .unwrap_or_else(|| usage_json(prompt_tokens, completion_tokens)),
+        )
+    };
+    let id = next_id("chatcmpl-mock-");
+    let created = unix_now();
+    let model = json_string(&req.model);
+
+    behaviour.first_byte_delay().await;
+
+    Ok(if stream {
+        let include_usage = req
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
+        let frames = stream_frames(&StreamSpec {
+            id: &id,
+            created,
+            model: &model,
+            choices,
+            tokens,
+            finish_reason,
+            usage_nulls: include_usage && usage.is_some(),
+            usage: if include_usage {
+                usage.as_deref()
+            } else {
+                None
+            },
+            cut_after: behaviour.fail_after_chunks,
+            interval: behaviour.chunk_interval,
+        });
+        frames.into_response(REQUEST_ID, &id)
+    } else {
+        let body = completion_json(
+            &id,
+            created,
+            &model,
+            choices,
+            tokens,
+            finish_reason,
+            usage.as_deref(),
+        );
+        if behaviour.fail_after_chunks.is_some() {
+            truncated_json_response(body, REQUEST_ID, &id)
+        } else {
+            json_response(body, REQUEST_ID, &id)
+        }
+    })
+}
+
+fn completion_json(
+    id: &str,
+    created: u64,
+    model: &str,
+    choices: u64,
+    tokens: u64,
+    finish_reason: &str,
+    usage: Option<&str>,
+) -> String {
+    let content = hello_text(tokens);
+    let per_choice = content.len() + 128;
+    let cap = 256 + per_choice.saturating_mul(choices as usize) + usage.map_or(0, str::len);
+    let mut out = String::with_capacity(cap);
+    let _ = write!(
+        out,
+        r#"{{"id":"{id}","object":"chat.completion","created":{created},"model":{model},"choices":["#
+    );
+    for i in 0..choices {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(
+            out,
+            r#"{{"index":{i},"message":{{"role":"assistant","content":"{content}","refusal":null}},"logprobs":null,"finish_reason":"{finish_reason}"}}"#
+        );
+    }
+    out.push(']');
+    if let Some(usage) = usage {
+        out.push_str(r#","usage":"#);
+        out.push_str(usage);
+    }
+    out.push('}');
+    out
+}
+
+struct StreamSpec<'a> {
+    id: &'a str,
+    created: u64,
+    /// JSON-encoded model string.
+    model: &'a str,
+    choices: u64,
+    tokens: u64,
+    finish_reason: &'a str,
+    /// Add `"usage":null` to every non-final chunk (OpenAI does this when
+    /// `include_usage` is set).
+    usage_nulls: bool,
+    /// Usage for the final `choices: []` chunk, if one is sent.
+    usage: Option<&'a str>,
+    cut_after: Option<u64>,
+    interval: std::time::Duration,
+}
+
+fn stream_frames(spec: &StreamSpec<'_>) -> SseFrames {
+    let StreamSpec {
+        id, created, model, ..
+    } = *spec;
+    let prefix = format!(
+        r#"data: {{"id":"{id}","object":"chat.completion.chunk","created":{created},"model":{model},"choices":["#
+    );
+    let suffix = if spec.usage_nulls {
+        "],\"usage\":null}\n\n"
+    } else {
+        "]}\n\n"
+    };
+    let frame = |choice: String| -> Bytes {
+        let mut s = String::with_capacity(prefix.len() + choice.len() + suffix.len());
+        s.push_str(&prefix);
+        s.push_str(&choice);
+        s.push_str(suffix);
+        Bytes::from(s)
+    };
+    let n = spec.choices;
+    let head = (0..n)
+        .map(|i| {
+            frame(format!(
+                r#"{{"index":{i},"delta":{{"role":"assistant","content":""}},"logprobs":null,"finish_reason":null}}"#
+            ))
+        })
+        .collect();
+    let per_token = (0..n)
+        .map(|i| {
+            frame(format!(
+                r#"{{"index":{i},"delta":{{"content":"{TOKEN_TEXT}"}},"logprobs":null,"finish_reason":null}}"#
+            ))
+        })
+        .collect();
+    let mut tail: Vec<Bytes> = (0..n)
+        .map(|i| {
+            frame(format!(
+                r#"{{"index":{i},"delta":{{}},"logprobs":null,"finish_reason":"{}"}}"#,
+                spec.finish_reason
+            ))
+        })
+        .collect();
+    if let Some(usage) = spec.usage {
+        tail.push(Bytes::from(format!(
+            "data: {{\"id\":\"{id}\",\"object\":\"chat.completion.chunk\",\"created\":{created},\"model\":{model},\"choices\":[],\"usage\":{usage}}}\n\n"
+        )));
+    }
+    tail.push(Bytes::from_static(DONE));
+    SseFrames::new(
+        head,
+        per_token,
+        spec.tokens,
+        tail,
+        spec.cut_after,
+        spec.interval,
+    )
+}

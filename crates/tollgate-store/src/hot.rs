@@ -1,0 +1,172 @@
+//! The hot store: balances, holds, quota and budget counters and idempotency records, changed
+//! only by atomic steps of the charge protocol (DESIGN "reserve → settle"):
+//!
+//! 1. `authorize` — ONE atomic step: idempotency on (account, request id), request quotas, key
+//!    budgets, rate limits, and `balance + credit_limit − held ≥ hold`; on success a hold with an
+//!    expiry is recorded. Nothing is forwarded upstream before it succeeds.
+//! 2. `settle` — ONE atomic step: release the hold, deduct the real cost (which may exceed the
+//!    hold by the bounded overrun), count budgets, and append the usage event to the hot store's
+//!    log. It returns only once the charge is durable (invariant I1), so the gateway may then
+//!    send the response's last byte.
+//! 3. `void` — release the hold, charge nothing, record the failed request.
+//! 4. `expire_holds` — release holds whose request died; nothing leaks.
+//!
+//! Status checks (key revoked, account suspended) happen in the gateway against the billing
+//! context, which is invalidated synchronously on every change.
+
+use async_trait::async_trait;
+use tollgate_core::Money;
+
+use crate::error::StoreResult;
+use crate::model::UsageEvent;
+
+/// The limits that apply to one request, from the billing context. Passing them in keeps the hot
+/// store free of configuration that would need its own invalidation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub credit_limit: Money,
+    pub daily_request_quota: Option<u64>,
+    pub monthly_request_quota: Option<u64>,
+    pub key_budget_daily: Option<Money>,
+    pub key_budget_monthly: Option<Money>,
+    pub key_budget_total: Option<Money>,
+    pub key_requests_per_minute: Option<u64>,
+    pub key_tokens_per_minute: Option<u64>,
+}
+
+/// Everything `authorize` needs; `request_id` doubles as the hold id and idempotency key.
+#[derive(Clone, Debug)]
+pub struct AuthorizeRequest {
+    pub account_id: String,
+    pub api_key_id: String,
+    pub request_id: String,
+    /// The amount to reserve: the priced estimate of prompt plus maximum output.
+    pub hold: Money,
+    /// Tokens the estimate counts, for the tokens-per-minute limit.
+    pub hold_tokens: u64,
+    pub limits: Limits,
+    /// After this long an unsettled hold is released by `expire_holds`.
+    pub hold_ttl_ms: u64,
+}
+
+/// The outcome of `authorize`: a hold, or the reason there is none.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Authorization {
+    Held { available_after: Money },
+    Refused(Refusal),
+}
+
+/// Which key budget refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BudgetPeriod {
+    Daily,
+    Monthly,
+    Total,
+}
+
+impl BudgetPeriod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BudgetPeriod::Daily => "daily",
+            BudgetPeriod::Monthly => "monthly",
+            BudgetPeriod::Total => "total",
+        }
+    }
+}
+
+/// Why `authorize` placed no hold. Each maps to one contract error code in the gateway.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The hot store does not hold this account yet: load it from the ledger and retry.
+    AccountNotLoaded,
+    /// A request with this id holds funds right now.
+    InProgress,
+    /// A request with this id was already charged.
+    AlreadyCharged,
+    InsufficientBalance { available: Money, required: Money },
+    DailyQuotaExceeded { retry_after_secs: u64 },
+    MonthlyQuotaExceeded { retry_after_secs: u64 },
+    KeyBudgetExceeded { period: BudgetPeriod, retry_after_secs: Option<u64> },
+    RateLimited { retry_after_secs: u64 },
+}
+
+/// The balance movement a settle made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settlement {
+    pub balance_before: Money,
+    pub balance_after: Money,
+    /// True when this request id had been settled before: nothing was charged this time.
+    pub already_settled: bool,
+}
+
+/// Account state loaded from the ledger into a hot store that does not hold the account.
+#[derive(Clone, Debug)]
+pub struct AccountSnapshot {
+    pub account_id: String,
+    pub balance: Money,
+    pub last_fund_seq: i64,
+    /// Request ids already charged recently: they must never be charged again.
+    pub charged_request_ids: Vec<String>,
+}
+
+/// What `apply_fund` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FundApplication {
+    Applied { balance_after: Money },
+    /// The hot store had already applied this fund transaction (or a later one).
+    AlreadyApplied,
+    /// The account is not loaded; loading it later includes this fund transaction.
+    AccountNotLoaded,
+}
+
+/// Live balance and counters of an account (and one of its keys), for `/v1/balance`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BalanceView {
+    pub balance: Money,
+    pub held: Money,
+    pub last_fund_seq: i64,
+    pub daily_requests_used: u64,
+    pub monthly_requests_used: u64,
+    pub key_spent_daily: Money,
+    pub key_spent_monthly: Money,
+    pub key_spent_total: Money,
+}
+
+/// Balances, holds, counters and idempotency records; see the module doc for the protocol.
+#[async_trait]
+pub trait HotStore: Send + Sync + 'static {
+    /// One atomic step: idempotency, quotas, budgets, rate limits, balance hold.
+    async fn authorize(&self, request: &AuthorizeRequest) -> StoreResult<Authorization>;
+
+    /// One atomic step: release the hold, deduct `event.cost`, count budgets, append the event.
+    /// Returns once the charge is durable. Settling an already settled request id charges
+    /// nothing and says so. A hold that expired meanwhile does not stop the charge: the request
+    /// did complete, and it is charged exactly once.
+    async fn settle(&self, event: UsageEvent) -> StoreResult<Settlement>;
+
+    /// Releases the hold of a request that produced nothing billable and records it (cost 0).
+    async fn void(&self, event: UsageEvent) -> StoreResult<()>;
+
+    /// Releases every hold past its expiry; returns how many.
+    async fn expire_holds(&self) -> StoreResult<u64>;
+
+    /// Loads an account the hot store does not hold. Returns false (and changes nothing) when it
+    /// is already there, so two loaders racing cannot double a balance.
+    async fn load_account(&self, snapshot: AccountSnapshot) -> StoreResult<bool>;
+
+    /// Applies a committed fund transaction once, by its `ledger_seq`: a seq at or below the last
+    /// applied one is skipped, so callers apply an account's fund transactions in order.
+    async fn apply_fund(
+        &self,
+        account_id: &str,
+        fund_ledger_seq: i64,
+        amount: Money,
+    ) -> StoreResult<FundApplication>;
+
+    /// Live state, or `None` if the account is not loaded.
+    async fn balance(&self, account_id: &str, api_key_id: &str)
+    -> StoreResult<Option<BalanceView>>;
+
+    /// Forgets an account so the next request loads it from the ledger again (used after a repair).
+    async fn unload_account(&self, account_id: &str) -> StoreResult<()>;
+}

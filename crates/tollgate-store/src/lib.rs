@@ -1,0 +1,23 @@
+//! Storage for the charge protocol.
+//!
+//! - [`hot`]: the `HotStore` trait — authorize, settle, void, expire — with the types its steps
+//!   take and return. Implementations: [`memory`] (embedded; Redis comes next).
+//! - [`ledger`]: the `Ledger` trait — the system of record. Implementations: [`sqlite`]
+//!   (embedded; PostgreSQL comes next).
+//! - [`queue`]: the usage log from settle to the worker (`EventLog`), embedded as a channel.
+//! - [`model`]: the records both keep. [`clock`]: the periods quotas count in.
+//! - [`verify`]: checks invariants I2 and I4 for an account from the ledger alone.
+
+pub mod clock;
+pub mod error;
+pub mod hot;
+pub mod ledger;
+pub mod memory;
+pub mod model;
+pub mod queue;
+pub mod sqlite;
+pub mod verify;
+
+pub use error::{StoreError, StoreResult};
+pub use hot::HotStore;
+pub use ledger::Ledger;

@@ -1,0 +1,359 @@
+//! The in-process hot store for embedded mode. One mutex over all accounts makes every step of
+//! the charge protocol atomic, as one Lua script does in Redis. The lock is never held across an
+//! await: a settle updates the state under the lock, then waits for the ledger commit outside it.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use tollgate_core::Money;
+
+use crate::clock::{Clock, Periods};
+use crate::error::{StoreError, StoreResult};
+use crate::hot::{
+    AccountSnapshot, Authorization, AuthorizeRequest, BalanceView, BudgetPeriod, FundApplication,
+    HotStore, Refusal, Settlement,
+};
+use crate::model::UsageEvent;
+use crate::queue::ChannelLogSender;
+
+/// How long a charged request id is remembered, so a retry is never charged twice.
+pub const CHARGED_ID_TTL_MS: i64 = 24 * 60 * 60 * 1000;
+
+/// A counter that belongs to one period (minute, day or month) and resets when it changes.
+#[derive(Clone, Copy, Debug, Default)]
+struct PeriodCount<T> {
+    period: i64,
+    value: T,
+}
+
+impl<T: Copy + Default> PeriodCount<T> {
+    fn current(&self, period: i64) -> T {
+        if self.period == period { self.value } else { T::default() }
+    }
+
+    fn set(&mut self, period: i64, value: T) {
+        self.period = period;
+        self.value = value;
+    }
+}
+
+/// A reservation of funds for one in-flight request.
+#[derive(Clone, Debug)]
+struct Hold {
+    api_key_id: String,
+    amount: Money,
+    day: i64,
+    month: i64,
+    expires_at_ms: i64,
+}
+
+#[derive(Debug, Default)]
+struct KeyState {
+    /// Sum of this key's open holds: counted against every budget period.
+    held: Money,
+    spent_daily: PeriodCount<Money>,
+    spent_monthly: PeriodCount<Money>,
+    spent_total: Money,
+    requests_this_minute: PeriodCount<u64>,
+    tokens_this_minute: PeriodCount<u64>,
+}
+
+#[derive(Debug, Default)]
+struct AccountState {
+    balance: Money,
+    /// Sum of `holds`; kept beside them so `available` costs nothing to compute.
+    held: Money,
+    last_fund_seq: i64,
+    holds: HashMap<String, Hold>,
+    /// Charged request id → when the record may be forgotten (ms).
+    charged: HashMap<String, i64>,
+    requests_today: PeriodCount<u64>,
+    requests_this_month: PeriodCount<u64>,
+    keys: HashMap<String, KeyState>,
+}
+
+/// The embedded hot store. Settled events go to the embedded usage log.
+pub struct MemoryHotStore {
+    accounts: Mutex<HashMap<String, AccountState>>,
+    log: ChannelLogSender,
+    clock: Clock,
+}
+
+impl MemoryHotStore {
+    pub fn new(log: ChannelLogSender, clock: Clock) -> MemoryHotStore {
+        MemoryHotStore { accounts: Mutex::new(HashMap::new()), log, clock }
+    }
+
+    fn lock(&self) -> StoreResult<std::sync::MutexGuard<'_, HashMap<String, AccountState>>> {
+        // A poisoned lock means a panic mid-update: the state may be half-changed, so refuse to
+        // charge from it rather than guess.
+        self.accounts
+            .lock()
+            .map_err(|_| StoreError::Corrupt("hot store lock poisoned".into()))
+    }
+}
+
+fn add(left: Money, right: Money, what: &'static str) -> StoreResult<Money> {
+    left.checked_add(right).ok_or(StoreError::Overflow(what))
+}
+
+fn sub(left: Money, right: Money, what: &'static str) -> StoreResult<Money> {
+    left.checked_sub(right).ok_or(StoreError::Overflow(what))
+}
+
+/// The first limit the request would break, if any. Read-only: nothing changes on refusal.
+fn refusal(
+    account: &AccountState,
+    request: &AuthorizeRequest,
+    periods: &Periods,
+) -> StoreResult<Option<Refusal>> {
+    if account.charged.contains_key(&request.request_id) {
+        return Ok(Some(Refusal::AlreadyCharged));
+    }
+    if account.holds.contains_key(&request.request_id) {
+        return Ok(Some(Refusal::InProgress));
+    }
+    let limits = &request.limits;
+    let key = account.keys.get(&request.api_key_id);
+    let requests_this_minute = key.map_or(0, |key| key.requests_this_minute.current(periods.minute));
+    let tokens_this_minute = key.map_or(0, |key| key.tokens_this_minute.current(periods.minute));
+    let retry_after_secs = periods.seconds_to_next_minute;
+    if limits.key_requests_per_minute.is_some_and(|limit| requests_this_minute >= limit) {
+        return Ok(Some(Refusal::RateLimited { retry_after_secs }));
+    }
+    if limits.key_tokens_per_minute.is_some_and(|limit| tokens_this_minute >= limit) {
+        return Ok(Some(Refusal::RateLimited { retry_after_secs }));
+    }
+    if limits.daily_request_quota.is_some_and(|quota| account.requests_today.current(periods.day) >= quota) {
+        let retry_after_secs = periods.seconds_to_next_day;
+        return Ok(Some(Refusal::DailyQuotaExceeded { retry_after_secs }));
+    }
+    if limits
+        .monthly_request_quota
+        .is_some_and(|quota| account.requests_this_month.current(periods.month) >= quota)
+    {
+        let retry_after_secs = periods.seconds_to_next_month;
+        return Ok(Some(Refusal::MonthlyQuotaExceeded { retry_after_secs }));
+    }
+    let key_held = key.map_or(Money::ZERO, |key| key.held);
+    let budgets = [
+        (BudgetPeriod::Daily, limits.key_budget_daily, key.map(|k| k.spent_daily.current(periods.day)), Some(periods.seconds_to_next_day)),
+        (BudgetPeriod::Monthly, limits.key_budget_monthly, key.map(|k| k.spent_monthly.current(periods.month)), Some(periods.seconds_to_next_month)),
+        (BudgetPeriod::Total, limits.key_budget_total, key.map(|k| k.spent_total), None),
+    ];
+    for (period, budget, spent, retry_after_secs) in budgets {
+        let Some(budget) = budget else { continue };
+        let committed = add(spent.unwrap_or(Money::ZERO), key_held, "key budget")?;
+        if add(committed, request.hold, "key budget")? > budget {
+            return Ok(Some(Refusal::KeyBudgetExceeded { period, retry_after_secs }));
+        }
+    }
+    let available = sub(add(account.balance, limits.credit_limit, "available")?, account.held, "available")?;
+    if available < request.hold {
+        return Ok(Some(Refusal::InsufficientBalance { available, required: request.hold }));
+    }
+    Ok(None)
+}
+
+#[async_trait]
+impl HotStore for MemoryHotStore {
+    async fn authorize(&self, request: &AuthorizeRequest) -> StoreResult<Authorization> {
+        debug_assert!(!request.hold.is_negative(), "a hold is never negative");
+        let now_ms = (self.clock)();
+        let periods = Periods::at(now_ms);
+        let mut accounts = self.lock()?;
+        let Some(account) = accounts.get_mut(&request.account_id) else {
+            return Ok(Authorization::Refused(Refusal::AccountNotLoaded));
+        };
+        if let Some(refusal) = refusal(account, request, &periods)? {
+            return Ok(Authorization::Refused(refusal));
+        }
+        // Compute every new value before writing any, so an overflow changes nothing.
+        let held = add(account.held, request.hold, "held")?;
+        let key = account.keys.entry(request.api_key_id.clone()).or_default();
+        let key_held = add(key.held, request.hold, "key held")?;
+        key.held = key_held;
+        let minute_requests = key.requests_this_minute.current(periods.minute).saturating_add(1);
+        key.requests_this_minute.set(periods.minute, minute_requests);
+        let minute_tokens = key.tokens_this_minute.current(periods.minute).saturating_add(request.hold_tokens);
+        key.tokens_this_minute.set(periods.minute, minute_tokens);
+        account.held = held;
+        let today = account.requests_today.current(periods.day).saturating_add(1);
+        account.requests_today.set(periods.day, today);
+        let this_month = account.requests_this_month.current(periods.month).saturating_add(1);
+        account.requests_this_month.set(periods.month, this_month);
+        let ttl_ms = i64::try_from(request.hold_ttl_ms).unwrap_or(i64::MAX);
+        account.holds.insert(
+            request.request_id.clone(),
+            Hold {
+                api_key_id: request.api_key_id.clone(),
+                amount: request.hold,
+                day: periods.day,
+                month: periods.month,
+                expires_at_ms: now_ms.saturating_add(ttl_ms),
+            },
+        );
+        let available_after = sub(add(account.balance, request.limits.credit_limit, "available")?, account.held, "available")?;
+        Ok(Authorization::Held { available_after })
+    }
+
+    async fn settle(&self, mut event: UsageEvent) -> StoreResult<Settlement> {
+        if event.cost.is_negative() {
+            return Err(StoreError::Invalid(format!("negative cost for request {}", event.request_id)));
+        }
+        let now_ms = (self.clock)();
+        let periods = Periods::at(now_ms);
+        let settlement = {
+            let mut accounts = self.lock()?;
+            let account = accounts.get_mut(&event.account_id).ok_or_else(|| StoreError::NotFound {
+                entity: "hot account",
+                id: event.account_id.clone(),
+            })?;
+            if account.charged.contains_key(&event.request_id) {
+                let balance = account.balance;
+                return Ok(Settlement { balance_before: balance, balance_after: balance, already_settled: true });
+            }
+            let balance_before = account.balance;
+            let balance_after = sub(balance_before, event.cost, "balance")?;
+            let hold = account.holds.get(&event.request_id).cloned();
+            let held_after = match &hold {
+                Some(hold) => sub(account.held, hold.amount, "held")?,
+                None => account.held,
+            };
+            let key = account.keys.entry(event.api_key_id.clone()).or_default();
+            let key_held_after = match &hold {
+                Some(hold) => sub(key.held, hold.amount, "key held")?,
+                None => key.held,
+            };
+            let spent_daily = add(key.spent_daily.current(periods.day), event.cost, "key spend")?;
+            let spent_monthly = add(key.spent_monthly.current(periods.month), event.cost, "key spend")?;
+            let spent_total = add(key.spent_total, event.cost, "key spend")?;
+            // All checked; now write.
+            key.held = key_held_after;
+            key.spent_daily.set(periods.day, spent_daily);
+            key.spent_monthly.set(periods.month, spent_monthly);
+            key.spent_total = spent_total;
+            account.holds.remove(&event.request_id);
+            account.held = held_after;
+            account.balance = balance_after;
+            account.charged.insert(event.request_id.clone(), now_ms.saturating_add(CHARGED_ID_TTL_MS));
+            debug_assert!(!account.held.is_negative(), "held never goes below zero");
+            Settlement { balance_before, balance_after, already_settled: false }
+        };
+        event.hot_balance_after = settlement.balance_after;
+        let committed = self.log.append(event, true).await?;
+        if let Some(committed) = committed {
+            committed
+                .await
+                .map_err(|_| StoreError::Unavailable("worker stopped before committing the charge".into()))?;
+        }
+        Ok(settlement)
+    }
+
+    async fn void(&self, event: UsageEvent) -> StoreResult<()> {
+        let periods = Periods::at((self.clock)());
+        {
+            let mut accounts = self.lock()?;
+            let Some(account) = accounts.get_mut(&event.account_id) else { return Ok(()) };
+            let Some(hold) = account.holds.remove(&event.request_id) else { return Ok(()) };
+            release(account, &hold, &periods)?;
+        }
+        let _ = self.log.append(event, false).await?;
+        Ok(())
+    }
+
+    async fn expire_holds(&self) -> StoreResult<u64> {
+        let now_ms = (self.clock)();
+        let periods = Periods::at(now_ms);
+        let mut expired = 0u64;
+        let mut accounts = self.lock()?;
+        for account in accounts.values_mut() {
+            let due: Vec<String> = account
+                .holds
+                .iter()
+                .filter(|(_, hold)| hold.expires_at_ms <= now_ms)
+                .map(|(request_id, _)| request_id.clone())
+                .collect();
+            for request_id in due {
+                if let Some(hold) = account.holds.remove(&request_id) {
+                    release(account, &hold, &periods)?;
+                    expired += 1;
+                }
+            }
+            account.charged.retain(|_, forget_at_ms| *forget_at_ms > now_ms);
+        }
+        Ok(expired)
+    }
+
+    async fn load_account(&self, snapshot: AccountSnapshot) -> StoreResult<bool> {
+        let now_ms = (self.clock)();
+        let mut accounts = self.lock()?;
+        if accounts.contains_key(&snapshot.account_id) {
+            return Ok(false);
+        }
+        let forget_at_ms = now_ms.saturating_add(CHARGED_ID_TTL_MS);
+        let account = AccountState {
+            balance: snapshot.balance,
+            last_fund_seq: snapshot.last_fund_seq,
+            charged: snapshot.charged_request_ids.into_iter().map(|id| (id, forget_at_ms)).collect(),
+            ..AccountState::default()
+        };
+        accounts.insert(snapshot.account_id, account);
+        Ok(true)
+    }
+
+    async fn apply_fund(&self, account_id: &str, fund_ledger_seq: i64, amount: Money) -> StoreResult<FundApplication> {
+        let mut accounts = self.lock()?;
+        let Some(account) = accounts.get_mut(account_id) else {
+            return Ok(FundApplication::AccountNotLoaded);
+        };
+        if fund_ledger_seq <= account.last_fund_seq {
+            return Ok(FundApplication::AlreadyApplied);
+        }
+        account.balance = add(account.balance, amount, "balance")?;
+        account.last_fund_seq = fund_ledger_seq;
+        Ok(FundApplication::Applied { balance_after: account.balance })
+    }
+
+    async fn balance(&self, account_id: &str, api_key_id: &str) -> StoreResult<Option<BalanceView>> {
+        let periods = Periods::at((self.clock)());
+        let accounts = self.lock()?;
+        let Some(account) = accounts.get(account_id) else { return Ok(None) };
+        let key = account.keys.get(api_key_id);
+        Ok(Some(BalanceView {
+            balance: account.balance,
+            held: account.held,
+            last_fund_seq: account.last_fund_seq,
+            daily_requests_used: account.requests_today.current(periods.day),
+            monthly_requests_used: account.requests_this_month.current(periods.month),
+            key_spent_daily: key.map_or(Money::ZERO, |key| key.spent_daily.current(periods.day)),
+            key_spent_monthly: key.map_or(Money::ZERO, |key| key.spent_monthly.current(periods.month)),
+            key_spent_total: key.map_or(Money::ZERO, |key| key.spent_total),
+        }))
+    }
+
+    async fn unload_account(&self, account_id: &str) -> StoreResult<()> {
+        self.lock()?.remove(account_id);
+        Ok(())
+    }
+}
+
+/// Returns a hold's funds and its request-count slot (the request did not happen, as far as
+/// quotas are concerned).
+fn release(account: &mut AccountState, hold: &Hold, periods: &Periods) -> StoreResult<()> {
+    account.held = sub(account.held, hold.amount, "held")?;
+    if let Some(key) = account.keys.get_mut(&hold.api_key_id) {
+        key.held = sub(key.held, hold.amount, "key held")?;
+    }
+    if hold.day == periods.day {
+        let today = account.requests_today.current(periods.day).saturating_sub(1);
+        account.requests_today.set(periods.day, today);
+    }
+    if hold.month == periods.month {
+        let this_month = account.requests_this_month.current(periods.month).saturating_sub(1);
+        account.requests_this_month.set(periods.month, this_month);
+    }
+    debug_assert!(!account.held.is_negative(), "held never goes below zero");
+    Ok(())
+}

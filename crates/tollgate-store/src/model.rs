@@ -1,0 +1,397 @@
+//! Records of the billing domain as the stores keep them. Handlers map them to the wire format;
+//! stores keep them as-is.
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tollgate_core::{Money, Usage, UsageSource};
+
+/// Who pays: a single user or a tenant (an organisation whose keys share one balance).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccountKind {
+    User,
+    Tenant,
+}
+
+/// An account that is not active is refused before anything is held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccountStatus {
+    Active,
+    Suspended,
+}
+
+/// A paying account. Its balance lives in `AccountBalance` (ledger) and the hot store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Account {
+    pub id: String,
+    pub kind: AccountKind,
+    pub name: String,
+    /// The pricing tier: price rows are looked up by (provider, model, customer_type).
+    pub customer_type: String,
+    pub status: AccountStatus,
+    /// How far below zero `available` may go; zero for a strictly prepaid account.
+    pub credit_limit: Money,
+    pub daily_request_quota: Option<u64>,
+    pub monthly_request_quota: Option<u64>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+/// What an operator gives to open an account.
+#[derive(Clone, Debug)]
+pub struct NewAccount {
+    pub id: String,
+    pub kind: AccountKind,
+    pub name: String,
+    pub customer_type: String,
+    pub credit_limit: Money,
+    pub daily_request_quota: Option<u64>,
+    pub monthly_request_quota: Option<u64>,
+}
+
+/// A partial update; `None` leaves a field as it is, `Some(None)` clears an optional limit.
+#[derive(Clone, Debug, Default)]
+pub struct AccountPatch {
+    pub name: Option<String>,
+    pub customer_type: Option<String>,
+    pub status: Option<AccountStatus>,
+    pub credit_limit: Option<Money>,
+    pub daily_request_quota: Option<Option<u64>>,
+    pub monthly_request_quota: Option<Option<u64>>,
+}
+
+/// A revoked key is refused at once; revocation is permanent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyStatus {
+    Active,
+    Revoked,
+}
+
+/// A virtual API key. Only its SHA-256 hash is stored; the key itself is shown once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ApiKey {
+    pub id: String,
+    pub account_id: String,
+    pub name: String,
+    /// The first characters of the key, so people can tell their keys apart.
+    pub prefix: String,
+    pub status: KeyStatus,
+    pub budget_daily: Option<Money>,
+    pub budget_monthly: Option<Money>,
+    pub budget_total: Option<Money>,
+    /// Requests per minute.
+    pub rpm: Option<u64>,
+    /// Tokens per minute (prompt estimate at authorize, real usage at settle).
+    pub tpm: Option<u64>,
+    /// `None`: every routed model.
+    pub allowed_models: Option<Vec<String>>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+/// What the gateway gives to store a new key (the hash, never the key).
+#[derive(Clone, Debug)]
+pub struct NewApiKey {
+    pub id: String,
+    pub account_id: String,
+    pub name: String,
+    pub key_hash: String,
+    pub prefix: String,
+    pub budget_daily: Option<Money>,
+    pub budget_monthly: Option<Money>,
+    pub budget_total: Option<Money>,
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+    pub allowed_models: Option<Vec<String>>,
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+/// One immutable row of price history. Its id is the price snapshot a usage row points at.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PriceRow {
+    pub id: i64,
+    pub provider: String,
+    pub model: String,
+    pub customer_type: String,
+    #[serde(flatten)]
+    pub price: tollgate_core::Price,
+    #[serde(with = "time::serde::rfc3339")]
+    pub effective_from: OffsetDateTime,
+}
+
+/// A price to add to the history; it takes effect at once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewPrice {
+    pub provider: String,
+    pub model: String,
+    pub customer_type: String,
+    pub price: tollgate_core::Price,
+}
+
+/// Kinds of money movement that are not API usage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FundKind {
+    Deposit,
+    Refund,
+    Adjustment,
+}
+
+impl FundKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FundKind::Deposit => "deposit",
+            FundKind::Refund => "refund",
+            FundKind::Adjustment => "adjustment",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<FundKind> {
+        match text {
+            "deposit" => Some(FundKind::Deposit),
+            "refund" => Some(FundKind::Refund),
+            "adjustment" => Some(FundKind::Adjustment),
+            _ => None,
+        }
+    }
+}
+
+/// A committed fund transaction. The hot store applies fund transactions idempotently and in
+/// order by their `ledger_seq`, which increases per account in commit order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FundTransaction {
+    /// Global id of the transaction.
+    pub seq: i64,
+    pub account_id: String,
+    pub kind: FundKind,
+    /// Signed: deposits are positive, refunds negative, adjustments either.
+    pub amount: Money,
+    pub balance_before: Money,
+    pub balance_after: Money,
+    /// Position in the account's ledger (fund and usage rows share one sequence).
+    pub ledger_seq: i64,
+    pub reference_id: String,
+    pub reason: Option<String>,
+    pub operator_id: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+/// A fund movement to record. `amount` is signed as it will be applied.
+#[derive(Clone, Debug)]
+pub struct NewFund {
+    pub account_id: String,
+    pub kind: FundKind,
+    pub amount: Money,
+    pub reference_id: String,
+    pub reason: Option<String>,
+    pub operator_id: Option<String>,
+}
+
+/// Whether `record_fund` applied the movement or found it already applied by its reference.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FundOutcome {
+    pub transaction: FundTransaction,
+    pub newly_applied: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TopUpStatus {
+    Pending,
+    Confirmed,
+}
+
+/// A top-up is created pending (payment not yet received) and credits money only when confirmed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TopUp {
+    pub id: String,
+    pub account_id: String,
+    pub amount: Money,
+    pub reference_id: String,
+    pub status: TopUpStatus,
+    /// The deposit's fund transaction (its global `seq`), once confirmed.
+    pub fund_seq: Option<i64>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub confirmed_at: Option<OffsetDateTime>,
+}
+
+/// How a request ended, as the usage row records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestStatus {
+    /// The response reached the client in full.
+    Success,
+    /// The client went away mid-stream; it pays for what was generated until then.
+    ClientDisconnected,
+    /// The upstream stream broke after billable output; that output is charged.
+    UpstreamInterrupted,
+    /// Nothing billable was produced; cost zero, the hold was voided.
+    Failed,
+}
+
+impl RequestStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestStatus::Success => "success",
+            RequestStatus::ClientDisconnected => "client_disconnected",
+            RequestStatus::UpstreamInterrupted => "upstream_interrupted",
+            RequestStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<RequestStatus> {
+        match text {
+            "success" => Some(RequestStatus::Success),
+            "client_disconnected" => Some(RequestStatus::ClientDisconnected),
+            "upstream_interrupted" => Some(RequestStatus::UpstreamInterrupted),
+            "failed" => Some(RequestStatus::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// A response kept so a retry with the same request id is answered without a second charge.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredResponse {
+    pub status: u16,
+    pub content_type: String,
+    pub body: Vec<u8>,
+}
+
+/// What settle (or void) emits for the ledger: one usage row to be.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageEvent {
+    pub request_id: String,
+    pub account_id: String,
+    pub api_key_id: String,
+    pub provider: String,
+    pub model: String,
+    pub customer_type: String,
+    /// The price history row used: the price snapshot. `None` only for failed requests.
+    pub price_id: Option<i64>,
+    pub usage: Usage,
+    pub usage_source: UsageSource,
+    pub cost: Money,
+    pub status: RequestStatus,
+    pub latency_ms: u64,
+    /// Unix milliseconds when the request was settled.
+    pub created_at_ms: i64,
+    /// The hot balance after this charge, as the client saw it (`X-Tollgate-Balance`).
+    pub hot_balance_after: Money,
+    /// For a non-streaming success: the response to replay to a retry.
+    pub stored_response: Option<StoredResponse>,
+}
+
+/// A persisted usage row, with its place in the account's ledger chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct UsageRow {
+    pub id: i64,
+    pub request_id: String,
+    pub account_id: String,
+    pub api_key_id: String,
+    pub provider: String,
+    pub model: String,
+    pub customer_type: String,
+    pub price_id: Option<i64>,
+    pub usage: Usage,
+    pub usage_source: UsageSource,
+    pub cost: Money,
+    pub balance_before: Money,
+    pub balance_after: Money,
+    pub ledger_seq: i64,
+    pub status: RequestStatus,
+    pub latency_ms: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+/// The ledger's balance for an account: the sum of every fund and usage row applied so far.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AccountBalance {
+    pub account_id: String,
+    pub balance: Money,
+    /// The `ledger_seq` of the last fund transaction included in `balance` (0 if none).
+    pub last_fund_seq: i64,
+    /// The last ledger position used by this account.
+    pub ledger_seq: i64,
+}
+
+/// One row of a statement: fund and usage rows together in ledger order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LedgerEntry {
+    Fund(FundTransaction),
+    Usage(UsageRow),
+}
+
+impl LedgerEntry {
+    pub fn ledger_seq(&self) -> i64 {
+        match self {
+            LedgerEntry::Fund(fund) => fund.ledger_seq,
+            LedgerEntry::Usage(usage) => usage.ledger_seq,
+        }
+    }
+
+    pub fn balance_before(&self) -> Money {
+        match self {
+            LedgerEntry::Fund(fund) => fund.balance_before,
+            LedgerEntry::Usage(usage) => usage.balance_before,
+        }
+    }
+
+    pub fn balance_after(&self) -> Money {
+        match self {
+            LedgerEntry::Fund(fund) => fund.balance_after,
+            LedgerEntry::Usage(usage) => usage.balance_after,
+        }
+    }
+}
+
+/// A page of usage rows: newest first, `id < cursor`.
+#[derive(Clone, Debug, Default)]
+pub struct UsageQuery {
+    pub account_id: Option<String>,
+    pub api_key_id: Option<String>,
+    pub start: Option<OffsetDateTime>,
+    pub end: Option<OffsetDateTime>,
+    pub limit: u32,
+    pub cursor: Option<i64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SummaryGroup {
+    Model,
+    Day,
+    Key,
+}
+
+/// Usage totals for one group (a model, a UTC day, or a key).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SummaryRow {
+    pub group: String,
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub cache_write_tokens: u64,
+    pub output_tokens: u64,
+    pub cost: Money,
+}
+
+/// What a batch write did with each event, in input order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordOutcome {
+    Inserted,
+    /// A charged row for this (account, request id) already exists; nothing was applied.
+    Duplicate,
+}

@@ -1,0 +1,102 @@
+//! The log that carries usage events from `settle` to the worker, and its embedded
+//! implementation: an in-process bounded channel whose deliveries are acknowledged after the
+//! ledger commit. The Redis implementation is a set of shard streams read by a consumer group.
+//!
+//! In embedded mode the channel is not durable, so the hot store's `settle` waits for the
+//! acknowledgement: the usage row is committed before the response's last byte leaves (I1).
+
+use async_trait::async_trait;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{StoreError, StoreResult};
+use crate::model::UsageEvent;
+
+/// One event handed to the worker, with what it takes to acknowledge it.
+#[derive(Debug)]
+pub struct Delivery {
+    pub event: UsageEvent,
+    pub receipt: Receipt,
+}
+
+/// How a delivery is acknowledged; each log kind has its own.
+#[derive(Debug)]
+pub enum Receipt {
+    /// Embedded: wake the settle waiting for durability (None: nobody waits, e.g. a void).
+    Channel(Option<oneshot::Sender<()>>),
+}
+
+/// The consuming side of the usage log, read by the worker in batches.
+#[async_trait]
+pub trait EventLog: Send + 'static {
+    /// Waits for at least one event and returns up to `max` of them; an empty batch means the
+    /// log is closed and drained.
+    async fn read_batch(&mut self, max: usize) -> StoreResult<Vec<Delivery>>;
+    /// Acknowledges deliveries whose events are committed in the ledger.
+    async fn ack(&mut self, deliveries: Vec<Delivery>) -> StoreResult<()>;
+}
+
+/// The producing side of the embedded log (held by the in-process hot store).
+#[derive(Clone, Debug)]
+pub struct ChannelLogSender {
+    sender: mpsc::Sender<Delivery>,
+}
+
+/// The consuming side of the embedded log.
+#[derive(Debug)]
+pub struct ChannelLog {
+    receiver: mpsc::Receiver<Delivery>,
+}
+
+/// A bounded in-process log: when the worker falls `capacity` events behind, settles wait.
+pub fn channel_log(capacity: usize) -> (ChannelLogSender, ChannelLog) {
+    let (sender, receiver) = mpsc::channel(capacity.max(1));
+    (ChannelLogSender { sender }, ChannelLog { receiver })
+}
+
+impl ChannelLogSender {
+    /// Appends an event; when `durable` the returned receiver fires once it is committed.
+    ///
+    /// # Errors
+    /// `Unavailable` when the worker is gone (the process is shutting down).
+    pub async fn append(
+        &self,
+        event: UsageEvent,
+        durable: bool,
+    ) -> StoreResult<Option<oneshot::Receiver<()>>> {
+        let (sender, receiver) = if durable {
+            let (sender, receiver) = oneshot::channel();
+            (Some(sender), Some(receiver))
+        } else {
+            (None, None)
+        };
+        let delivery = Delivery { event, receipt: Receipt::Channel(sender) };
+        self.sender
+            .send(delivery)
+            .await
+            .map_err(|_| StoreError::Unavailable("usage log closed: worker stopped".into()))?;
+        Ok(receiver)
+    }
+}
+
+#[async_trait]
+impl EventLog for ChannelLog {
+    async fn read_batch(&mut self, max: usize) -> StoreResult<Vec<Delivery>> {
+        let mut batch = Vec::with_capacity(max.min(1024));
+        self.receiver.recv_many(&mut batch, max.max(1)).await;
+        Ok(batch)
+    }
+
+    async fn ack(&mut self, deliveries: Vec<Delivery>) -> StoreResult<()> {
+        for delivery in deliveries {
+            match delivery.receipt {
+                // The waiter may have given up (its request was cancelled); the row is committed
+                // either way, so a closed waiter is not an error.
+                Receipt::Channel(Some(waiter)) => {
+                    let _ = waiter.send(());
+                }
+                Receipt::Channel(None) => {}
+            }
+        }
+        Ok(())
+    }
+}

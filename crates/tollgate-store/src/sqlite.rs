@@ -1,0 +1,819 @@
+//! The embedded ledger on SQLite. Every write is one `BEGIN IMMEDIATE` transaction (SQLite's
+//! single writer is the per-account sequencer of the audit chain); money is INTEGER nano-units,
+//! times INTEGER Unix milliseconds; every query binds its parameters.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool, Transaction};
+use time::OffsetDateTime;
+use tollgate_core::{Money, Price, Usage, UsageSource};
+
+use crate::error::{StoreError, StoreResult};
+use crate::ledger::Ledger;
+use crate::model::{
+    Account, AccountBalance, AccountKind, AccountPatch, AccountStatus, ApiKey, FundKind, FundOutcome,
+    FundTransaction, KeyStatus, LedgerEntry, NewAccount, NewApiKey, NewFund, NewPrice, PriceRow,
+    RecordOutcome, RequestStatus, StoredResponse, SummaryGroup, SummaryRow, TopUp, TopUpStatus,
+    UsageEvent, UsageQuery, UsageRow,
+};
+
+/// How long a connection waits for SQLite's write lock before failing.
+const BUSY_TIMEOUT_MS: u64 = 5_000;
+/// How long a caller waits for a pooled connection.
+const ACQUIRE_TIMEOUT_MS: u64 = 10_000;
+/// Rows per page at most.
+const PAGE_ROWS_MAX: u32 = 1_000;
+
+/// The SQLite ledger.
+#[derive(Clone)]
+pub struct SqliteLedger {
+    pool: SqlitePool,
+}
+
+fn options(url: &str) -> StoreResult<SqliteConnectOptions> {
+    Ok(SqliteConnectOptions::from_str(url)
+        .map_err(|error| StoreError::Invalid(format!("bad SQLite URL {url:?}: {error}")))?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        // FULL: a committed charge survives a power cut, not only a process crash.
+        .synchronous(SqliteSynchronous::Full)
+        .foreign_keys(true)
+        .busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS)))
+}
+
+/// Applies the migrations to the database at `url` (creating it if missing).
+///
+/// # Errors
+/// The database cannot be opened or a migration fails.
+pub async fn migrate(url: &str) -> StoreResult<()> {
+    let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options(url)?).await?;
+    sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+    pool.close().await;
+    Ok(())
+}
+
+impl SqliteLedger {
+    /// Opens (creating if needed) and migrates the database.
+    ///
+    /// # Errors
+    /// The database cannot be opened or migrated.
+    pub async fn connect(url: &str, max_connections: u32) -> StoreResult<SqliteLedger> {
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(Duration::from_millis(ACQUIRE_TIMEOUT_MS))
+            .connect_with(options(url)?)
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        Ok(SqliteLedger { pool })
+    }
+
+    async fn write(&self) -> StoreResult<Transaction<'static, Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+fn now_ms() -> i64 {
+    ms_of(OffsetDateTime::now_utc())
+}
+
+fn ms_of(time: OffsetDateTime) -> i64 {
+    i64::try_from(time.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+fn time_of(ms: i64) -> StoreResult<OffsetDateTime> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .map_err(|_| StoreError::Corrupt(format!("timestamp {ms} out of range")))
+}
+
+fn optional_time(ms: Option<i64>) -> StoreResult<Option<OffsetDateTime>> {
+    ms.map(time_of).transpose()
+}
+
+fn to_i64(value: u64, what: &'static str) -> StoreResult<i64> {
+    i64::try_from(value).map_err(|_| StoreError::Invalid(format!("{what} {value} is out of range")))
+}
+
+fn to_u64(value: i64, what: &'static str) -> StoreResult<u64> {
+    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("negative {what} {value}")))
+}
+
+fn optional_u64(value: Option<i64>, what: &'static str) -> StoreResult<Option<u64>> {
+    value.map(|value| to_u64(value, what)).transpose()
+}
+
+fn optional_i64(value: Option<u64>, what: &'static str) -> StoreResult<Option<i64>> {
+    value.map(|value| to_i64(value, what)).transpose()
+}
+
+fn money(row: &SqliteRow, column: &str) -> StoreResult<Money> {
+    Ok(Money::from_nanos(row.try_get::<i64, _>(column)?))
+}
+
+fn optional_money(row: &SqliteRow, column: &str) -> StoreResult<Option<Money>> {
+    Ok(row.try_get::<Option<i64>, _>(column)?.map(Money::from_nanos))
+}
+
+fn checked_add(left: Money, right: Money) -> StoreResult<Money> {
+    left.checked_add(right).ok_or(StoreError::Overflow("balance"))
+}
+
+fn account_from(row: &SqliteRow) -> StoreResult<Account> {
+    let kind: String = row.try_get("kind")?;
+    let status: String = row.try_get("status")?;
+    Ok(Account {
+        id: row.try_get("id")?,
+        kind: match kind.as_str() {
+            "tenant" => AccountKind::Tenant,
+            "user" => AccountKind::User,
+            other => return Err(StoreError::Corrupt(format!("account kind {other}"))),
+        },
+        name: row.try_get("name")?,
+        customer_type: row.try_get("customer_type")?,
+        status: match status.as_str() {
+            "active" => AccountStatus::Active,
+            "suspended" => AccountStatus::Suspended,
+            other => return Err(StoreError::Corrupt(format!("account status {other}"))),
+        },
+        credit_limit: money(row, "credit_limit")?,
+        daily_request_quota: optional_u64(row.try_get("daily_request_quota")?, "quota")?,
+        monthly_request_quota: optional_u64(row.try_get("monthly_request_quota")?, "quota")?,
+        created_at: time_of(row.try_get("created_at")?)?,
+        updated_at: time_of(row.try_get("updated_at")?)?,
+    })
+}
+
+fn key_from(row: &SqliteRow) -> StoreResult<ApiKey> {
+    let status: String = row.try_get("status")?;
+    let allowed_models: Option<String> = row.try_get("allowed_models")?;
+    Ok(ApiKey {
+        id: row.try_get("id")?,
+        account_id: row.try_get("account_id")?,
+        name: row.try_get("name")?,
+        prefix: row.try_get("prefix")?,
+        status: if status == "revoked" { KeyStatus::Revoked } else { KeyStatus::Active },
+        budget_daily: optional_money(row, "budget_daily")?,
+        budget_monthly: optional_money(row, "budget_monthly")?,
+        budget_total: optional_money(row, "budget_total")?,
+        rpm: optional_u64(row.try_get("rpm")?, "rpm")?,
+        tpm: optional_u64(row.try_get("tpm")?, "tpm")?,
+        allowed_models: allowed_models
+            .map(|text| serde_json::from_str(&text).map_err(|error| StoreError::Corrupt(format!("allowed_models: {error}"))))
+            .transpose()?,
+        expires_at: optional_time(row.try_get("expires_at")?)?,
+        created_at: time_of(row.try_get("created_at")?)?,
+        revoked_at: optional_time(row.try_get("revoked_at")?)?,
+    })
+}
+
+fn price_from(row: &SqliteRow) -> StoreResult<PriceRow> {
+    Ok(PriceRow {
+        id: row.try_get("id")?,
+        provider: row.try_get("provider")?,
+        model: row.try_get("model")?,
+        customer_type: row.try_get("customer_type")?,
+        price: Price {
+            input_per_mtok: money(row, "input_per_mtok")?,
+            output_per_mtok: money(row, "output_per_mtok")?,
+            cached_input_per_mtok: optional_money(row, "cached_input_per_mtok")?,
+            cache_write_per_mtok: optional_money(row, "cache_write_per_mtok")?,
+            per_request: money(row, "per_request")?,
+        },
+        effective_from: time_of(row.try_get("effective_from")?)?,
+    })
+}
+
+fn topup_from(row: &SqliteRow) -> StoreResult<TopUp> {
+    let status: String = row.try_get("status")?;
+    Ok(TopUp {
+        id: row.try_get("id")?,
+        account_id: row.try_get("account_id")?,
+        amount: money(row, "amount")?,
+        reference_id: row.try_get("reference_id")?,
+        status: if status == "confirmed" { TopUpStatus::Confirmed } else { TopUpStatus::Pending },
+        fund_seq: row.try_get("fund_seq")?,
+        created_at: time_of(row.try_get("created_at")?)?,
+        confirmed_at: optional_time(row.try_get("confirmed_at")?)?,
+    })
+}
+
+fn fund_from(row: &SqliteRow) -> StoreResult<FundTransaction> {
+    let kind: String = row.try_get("kind")?;
+    Ok(FundTransaction {
+        seq: row.try_get("seq")?,
+        account_id: row.try_get("account_id")?,
+        kind: FundKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("fund kind {kind}")))?,
+        amount: money(row, "amount")?,
+        balance_before: money(row, "balance_before")?,
+        balance_after: money(row, "balance_after")?,
+        ledger_seq: row.try_get("ledger_seq")?,
+        reference_id: row.try_get("reference_id")?,
+        reason: row.try_get("reason")?,
+        operator_id: row.try_get("operator_id")?,
+        created_at: time_of(row.try_get("created_at")?)?,
+    })
+}
+
+fn usage_from(row: &SqliteRow) -> StoreResult<UsageRow> {
+    let source: String = row.try_get("usage_source")?;
+    let status: String = row.try_get("status")?;
+    Ok(UsageRow {
+        id: row.try_get("id")?,
+        request_id: row.try_get("request_id")?,
+        account_id: row.try_get("account_id")?,
+        api_key_id: row.try_get("api_key_id")?,
+        provider: row.try_get("provider")?,
+        model: row.try_get("model")?,
+        customer_type: row.try_get("customer_type")?,
+        price_id: row.try_get("price_id")?,
+        usage: Usage {
+            input_tokens: to_u64(row.try_get("input_tokens")?, "tokens")?,
+            cached_input_tokens: to_u64(row.try_get("cached_input_tokens")?, "tokens")?,
+            cache_write_tokens: to_u64(row.try_get("cache_write_tokens")?, "tokens")?,
+            output_tokens: to_u64(row.try_get("output_tokens")?, "tokens")?,
+            reasoning_tokens: to_u64(row.try_get("reasoning_tokens")?, "tokens")?,
+        },
+        usage_source: UsageSource::parse(&source).ok_or_else(|| StoreError::Corrupt(format!("usage source {source}")))?,
+        cost: money(row, "cost")?,
+        balance_before: money(row, "balance_before")?,
+        balance_after: money(row, "balance_after")?,
+        ledger_seq: row.try_get("ledger_seq")?,
+        status: RequestStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("request status {status}")))?,
+        latency_ms: to_u64(row.try_get("latency_ms")?, "latency")?,
+        created_at: time_of(row.try_get("created_at")?)?,
+    })
+}
+
+/// An account's running (balance, ledger_seq) inside a write transaction.
+async fn balance_for_update(transaction: &mut Transaction<'static, Sqlite>, account_id: &str) -> StoreResult<(Money, i64)> {
+    let row = sqlx::query("SELECT balance, ledger_seq FROM account_balance WHERE account_id = ?")
+        .bind(account_id)
+        .fetch_optional(&mut **transaction)
+        .await?
+        .ok_or_else(|| StoreError::NotFound { entity: "account", id: account_id.to_string() })?;
+    Ok((money(&row, "balance")?, row.try_get("ledger_seq")?))
+}
+
+/// Inserts a fund transaction at the account's next ledger position and moves its balance.
+async fn insert_fund(transaction: &mut Transaction<'static, Sqlite>, fund: &NewFund) -> StoreResult<FundTransaction> {
+    let (balance_before, ledger_seq) = balance_for_update(transaction, &fund.account_id).await?;
+    let balance_after = checked_add(balance_before, fund.amount)?;
+    if fund.kind == FundKind::Refund && balance_after.is_negative() {
+        return Err(StoreError::Invalid(format!("refund exceeds balance {balance_before}")));
+    }
+    let ledger_seq = ledger_seq + 1;
+    let now = now_ms();
+    let row = sqlx::query(
+        "INSERT INTO fund_transactions (account_id, kind, amount, balance_before, balance_after, ledger_seq, reference_id, reason, operator_id, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+    )
+    .bind(&fund.account_id)
+    .bind(fund.kind.as_str())
+    .bind(fund.amount.nanos())
+    .bind(balance_before.nanos())
+    .bind(balance_after.nanos())
+    .bind(ledger_seq)
+    .bind(&fund.reference_id)
+    .bind(&fund.reason)
+    .bind(&fund.operator_id)
+    .bind(now)
+    .fetch_one(&mut **transaction)
+    .await?;
+    sqlx::query("UPDATE account_balance SET balance = ?, ledger_seq = ?, last_fund_seq = ?, updated_at = ? WHERE account_id = ?")
+        .bind(balance_after.nanos())
+        .bind(ledger_seq)
+        .bind(ledger_seq)
+        .bind(now)
+        .bind(&fund.account_id)
+        .execute(&mut **transaction)
+        .await?;
+    fund_from(&row)
+}
+
+async fn fund_by_reference(transaction: &mut Transaction<'static, Sqlite>, kind: FundKind, reference_id: &str) -> StoreResult<Option<FundTransaction>> {
+    sqlx::query("SELECT * FROM fund_transactions WHERE kind = ? AND reference_id = ?")
+        .bind(kind.as_str())
+        .bind(reference_id)
+        .fetch_optional(&mut **transaction)
+        .await?
+        .as_ref()
+        .map(fund_from)
+        .transpose()
+}
+
+/// Inserts one usage event at the account's running position; returns the new position or
+/// `None` for a duplicate charged request id.
+async fn insert_usage(
+    transaction: &mut Transaction<'static, Sqlite>,
+    event: &UsageEvent,
+    position: &mut (Money, i64),
+) -> StoreResult<RecordOutcome> {
+    let (balance_before, ledger_seq) = *position;
+    let balance_after = balance_before.checked_sub(event.cost).ok_or(StoreError::Overflow("balance"))?;
+    let inserted = sqlx::query(
+        "INSERT INTO usage_log (request_id, account_id, api_key_id, provider, model, customer_type, price_id,
+             input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
+             usage_source, cost, balance_before, balance_after, ledger_seq, status, latency_ms, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (account_id, request_id) WHERE status <> 'failed' DO NOTHING",
+    )
+    .bind(&event.request_id)
+    .bind(&event.account_id)
+    .bind(&event.api_key_id)
+    .bind(&event.provider)
+    .bind(&event.model)
+    .bind(&event.customer_type)
+    .bind(event.price_id)
+    .bind(to_i64(event.usage.input_tokens, "input_tokens")?)
+    .bind(to_i64(event.usage.cached_input_tokens, "cached_input_tokens")?)
+    .bind(to_i64(event.usage.cache_write_tokens, "cache_write_tokens")?)
+    .bind(to_i64(event.usage.output_tokens, "output_tokens")?)
+    .bind(to_i64(event.usage.reasoning_tokens, "reasoning_tokens")?)
+    .bind(event.usage_source.as_str())
+    .bind(event.cost.nanos())
+    .bind(balance_before.nanos())
+    .bind(balance_after.nanos())
+    .bind(ledger_seq + 1)
+    .bind(event.status.as_str())
+    .bind(to_i64(event.latency_ms, "latency_ms")?)
+    .bind(event.created_at_ms)
+    .execute(&mut **transaction)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        return Ok(RecordOutcome::Duplicate);
+    }
+    *position = (balance_after, ledger_seq + 1);
+    if let Some(stored) = &event.stored_response {
+        sqlx::query(
+            "INSERT INTO stored_responses (account_id, request_id, status, content_type, body, created_at)
+             VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (account_id, request_id) DO NOTHING",
+        )
+        .bind(&event.account_id)
+        .bind(&event.request_id)
+        .bind(i64::from(stored.status))
+        .bind(&stored.content_type)
+        .bind(&stored.body)
+        .bind(event.created_at_ms)
+        .execute(&mut **transaction)
+        .await?;
+    }
+    Ok(RecordOutcome::Inserted)
+}
+
+fn push_time_range(builder: &mut QueryBuilder<Sqlite>, start: Option<OffsetDateTime>, end: Option<OffsetDateTime>) {
+    if let Some(start) = start {
+        builder.push(" AND created_at >= ").push_bind(ms_of(start));
+    }
+    if let Some(end) = end {
+        builder.push(" AND created_at < ").push_bind(ms_of(end));
+    }
+}
+
+#[async_trait]
+impl Ledger for SqliteLedger {
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn create_account(&self, account: NewAccount) -> StoreResult<Account> {
+        let mut transaction = self.write().await?;
+        let now = now_ms();
+        let exists = sqlx::query("SELECT 1 FROM accounts WHERE id = ?").bind(&account.id).fetch_optional(&mut *transaction).await?;
+        if exists.is_some() {
+            return Err(StoreError::Conflict(format!("account {} already exists", account.id)));
+        }
+        let row = sqlx::query(
+            "INSERT INTO accounts (id, kind, name, customer_type, status, credit_limit, daily_request_quota, monthly_request_quota, created_at, updated_at)
+             VALUES (?, ?, ?, ?, 'active', ?, ?, ?, ?, ?) RETURNING *",
+        )
+        .bind(&account.id)
+        .bind(match account.kind {
+            AccountKind::User => "user",
+            AccountKind::Tenant => "tenant",
+        })
+        .bind(&account.name)
+        .bind(&account.customer_type)
+        .bind(account.credit_limit.nanos())
+        .bind(optional_i64(account.daily_request_quota, "daily_request_quota")?)
+        .bind(optional_i64(account.monthly_request_quota, "monthly_request_quota")?)
+        .bind(now)
+        .bind(now)
+        .fetch_one(&mut *transaction)
+        .await?;
+        sqlx::query("INSERT INTO account_balance (account_id, balance, last_fund_seq, ledger_seq, updated_at) VALUES (?, 0, 0, 0, ?)")
+            .bind(&account.id)
+            .bind(now)
+            .execute(&mut *transaction)
+            .await?;
+        let created = account_from(&row)?;
+        transaction.commit().await?;
+        Ok(created)
+    }
+
+    async fn account(&self, account_id: &str) -> StoreResult<Option<Account>> {
+        sqlx::query("SELECT * FROM accounts WHERE id = ?").bind(account_id).fetch_optional(&self.pool).await?.as_ref().map(account_from).transpose()
+    }
+
+    async fn update_account(&self, account_id: &str, patch: AccountPatch) -> StoreResult<Account> {
+        let mut transaction = self.write().await?;
+        let row = sqlx::query("SELECT * FROM accounts WHERE id = ?")
+            .bind(account_id)
+            .fetch_optional(&mut *transaction)
+            .await?
+            .ok_or_else(|| StoreError::NotFound { entity: "account", id: account_id.to_string() })?;
+        let mut account = account_from(&row)?;
+        if let Some(name) = patch.name {
+            account.name = name;
+        }
+        if let Some(customer_type) = patch.customer_type {
+            account.customer_type = customer_type;
+        }
+        if let Some(status) = patch.status {
+            account.status = status;
+        }
+        if let Some(credit_limit) = patch.credit_limit {
+            account.credit_limit = credit_limit;
+        }
+        if let Some(quota) = patch.daily_request_quota {
+            account.daily_request_quota = quota;
+        }
+        if let Some(quota) = patch.monthly_request_quota {
+            account.monthly_request_quota = quota;
+        }
+        let row = sqlx::query(
+            "UPDATE accounts SET name = ?, customer_type = ?, status = ?, credit_limit = ?, daily_request_quota = ?, monthly_request_quota = ?, updated_at = ?
+             WHERE id = ? RETURNING *",
+        )
+        .bind(&account.name)
+        .bind(&account.customer_type)
+        .bind(match account.status {
+            AccountStatus::Active => "active",
+            AccountStatus::Suspended => "suspended",
+        })
+        .bind(account.credit_limit.nanos())
+        .bind(optional_i64(account.daily_request_quota, "daily_request_quota")?)
+        .bind(optional_i64(account.monthly_request_quota, "monthly_request_quota")?)
+        .bind(now_ms())
+        .bind(account_id)
+        .fetch_one(&mut *transaction)
+        .await?;
+        let updated = account_from(&row)?;
+        transaction.commit().await?;
+        Ok(updated)
+    }
+
+    async fn account_balance(&self, account_id: &str) -> StoreResult<Option<AccountBalance>> {
+        let row = sqlx::query("SELECT * FROM account_balance WHERE account_id = ?").bind(account_id).fetch_optional(&self.pool).await?;
+        row.map(|row| {
+            Ok(AccountBalance {
+                account_id: row.try_get("account_id")?,
+                balance: money(&row, "balance")?,
+                last_fund_seq: row.try_get("last_fund_seq")?,
+                ledger_seq: row.try_get("ledger_seq")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn account_ids(&self) -> StoreResult<Vec<String>> {
+        Ok(sqlx::query_scalar("SELECT id FROM accounts ORDER BY id").fetch_all(&self.pool).await?)
+    }
+
+    async fn create_key(&self, key: NewApiKey) -> StoreResult<ApiKey> {
+        if self.account(&key.account_id).await?.is_none() {
+            return Err(StoreError::NotFound { entity: "account", id: key.account_id });
+        }
+        let allowed_models = key
+            .allowed_models
+            .as_ref()
+            .map(|models| serde_json::to_string(models).map_err(|error| StoreError::Invalid(error.to_string())))
+            .transpose()?;
+        let row = sqlx::query(
+            "INSERT INTO api_keys (id, account_id, name, key_hash, prefix, status, budget_daily, budget_monthly, budget_total, rpm, tpm, allowed_models, expires_at, created_at)
+             VALUES (?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+        )
+        .bind(&key.id)
+        .bind(&key.account_id)
+        .bind(&key.name)
+        .bind(&key.key_hash)
+        .bind(&key.prefix)
+        .bind(key.budget_daily.map(Money::nanos))
+        .bind(key.budget_monthly.map(Money::nanos))
+        .bind(key.budget_total.map(Money::nanos))
+        .bind(optional_i64(key.rpm, "rpm")?)
+        .bind(optional_i64(key.tpm, "tpm")?)
+        .bind(allowed_models)
+        .bind(key.expires_at.map(ms_of))
+        .bind(now_ms())
+        .fetch_one(&self.pool)
+        .await?;
+        key_from(&row)
+    }
+
+    async fn keys_for_account(&self, account_id: &str) -> StoreResult<Vec<ApiKey>> {
+        sqlx::query("SELECT * FROM api_keys WHERE account_id = ? ORDER BY created_at, id")
+            .bind(account_id)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(key_from)
+            .collect()
+    }
+
+    async fn key_by_hash(&self, key_hash: &str) -> StoreResult<Option<ApiKey>> {
+        sqlx::query("SELECT * FROM api_keys WHERE key_hash = ?").bind(key_hash).fetch_optional(&self.pool).await?.as_ref().map(key_from).transpose()
+    }
+
+    async fn revoke_key(&self, key_id: &str) -> StoreResult<ApiKey> {
+        let row = sqlx::query("UPDATE api_keys SET status = 'revoked', revoked_at = COALESCE(revoked_at, ?) WHERE id = ? RETURNING *")
+            .bind(now_ms())
+            .bind(key_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound { entity: "key", id: key_id.to_string() })?;
+        key_from(&row)
+    }
+
+    async fn put_prices(&self, prices: Vec<NewPrice>) -> StoreResult<Vec<PriceRow>> {
+        let mut transaction = self.write().await?;
+        let now = now_ms();
+        let mut rows = Vec::with_capacity(prices.len());
+        for new in prices {
+            new.price.validate().map_err(|error| StoreError::Invalid(format!("{}:{} ({}): {error}", new.provider, new.model, new.customer_type)))?;
+            let row = sqlx::query(
+                "INSERT INTO prices (provider, model, customer_type, input_per_mtok, output_per_mtok, cached_input_per_mtok, cache_write_per_mtok, per_request, effective_from)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+            )
+            .bind(&new.provider)
+            .bind(&new.model)
+            .bind(&new.customer_type)
+            .bind(new.price.input_per_mtok.nanos())
+            .bind(new.price.output_per_mtok.nanos())
+            .bind(new.price.cached_input_per_mtok.map(Money::nanos))
+            .bind(new.price.cache_write_per_mtok.map(Money::nanos))
+            .bind(new.price.per_request.nanos())
+            .bind(now)
+            .fetch_one(&mut *transaction)
+            .await?;
+            rows.push(price_from(&row)?);
+        }
+        transaction.commit().await?;
+        Ok(rows)
+    }
+
+    async fn current_prices(&self) -> StoreResult<Vec<PriceRow>> {
+        sqlx::query(
+            "SELECT * FROM prices WHERE id IN (SELECT MAX(id) FROM prices GROUP BY provider, model, customer_type)
+             ORDER BY provider, model, customer_type",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(price_from)
+        .collect()
+    }
+
+    async fn create_topup(&self, account_id: &str, amount: Money, reference_id: &str) -> StoreResult<TopUp> {
+        if !amount.is_positive() {
+            return Err(StoreError::Invalid("top-up amount must be positive".into()));
+        }
+        let mut transaction = self.write().await?;
+        if let Some(row) = sqlx::query("SELECT * FROM topup_records WHERE reference_id = ?").bind(reference_id).fetch_optional(&mut *transaction).await? {
+            let existing = topup_from(&row)?;
+            if existing.account_id != account_id || existing.amount != amount {
+                return Err(StoreError::Conflict(format!("reference_id {reference_id} was used for a different top-up")));
+            }
+            return Ok(existing);
+        }
+        let exists = sqlx::query("SELECT 1 FROM accounts WHERE id = ?").bind(account_id).fetch_optional(&mut *transaction).await?;
+        if exists.is_none() {
+            return Err(StoreError::NotFound { entity: "account", id: account_id.to_string() });
+        }
+        let row = sqlx::query(
+            "INSERT INTO topup_records (id, account_id, amount, reference_id, status, created_at) VALUES (?, ?, ?, ?, 'pending', ?) RETURNING *",
+        )
+        .bind(format!("topup_{}", uuid::Uuid::now_v7().simple()))
+        .bind(account_id)
+        .bind(amount.nanos())
+        .bind(reference_id)
+        .bind(now_ms())
+        .fetch_one(&mut *transaction)
+        .await?;
+        let topup = topup_from(&row)?;
+        transaction.commit().await?;
+        Ok(topup)
+    }
+
+    async fn confirm_topup(&self, topup_id: &str) -> StoreResult<(TopUp, FundTransaction)> {
+        let mut transaction = self.write().await?;
+        let row = sqlx::query("SELECT * FROM topup_records WHERE id = ?")
+            .bind(topup_id)
+            .fetch_optional(&mut *transaction)
+            .await?
+            .ok_or_else(|| StoreError::NotFound { entity: "top-up", id: topup_id.to_string() })?;
+        let topup = topup_from(&row)?;
+        if topup.status == TopUpStatus::Confirmed {
+            let fund = fund_by_reference(&mut transaction, FundKind::Deposit, &topup.reference_id)
+                .await?
+                .ok_or_else(|| StoreError::Corrupt(format!("confirmed top-up {topup_id} has no deposit")))?;
+            return Ok((topup, fund));
+        }
+        let fund = insert_fund(
+            &mut transaction,
+            &NewFund {
+                account_id: topup.account_id.clone(),
+                kind: FundKind::Deposit,
+                amount: topup.amount,
+                reference_id: topup.reference_id.clone(),
+                reason: Some("top-up".into()),
+                operator_id: None,
+            },
+        )
+        .await?;
+        let row = sqlx::query("UPDATE topup_records SET status = 'confirmed', fund_seq = ?, confirmed_at = ? WHERE id = ? RETURNING *")
+            .bind(fund.seq)
+            .bind(now_ms())
+            .bind(topup_id)
+            .fetch_one(&mut *transaction)
+            .await?;
+        let confirmed = topup_from(&row)?;
+        transaction.commit().await?;
+        Ok((confirmed, fund))
+    }
+
+    async fn record_fund(&self, fund: NewFund) -> StoreResult<FundOutcome> {
+        let sign_ok = match fund.kind {
+            FundKind::Deposit => fund.amount.is_positive(),
+            FundKind::Refund => fund.amount.is_negative(),
+            FundKind::Adjustment => !fund.amount.is_zero(),
+        };
+        if !sign_ok {
+            return Err(StoreError::Invalid(format!("a {} cannot move {}", fund.kind.as_str(), fund.amount)));
+        }
+        let mut transaction = self.write().await?;
+        if let Some(existing) = fund_by_reference(&mut transaction, fund.kind, &fund.reference_id).await? {
+            if existing.account_id != fund.account_id || existing.amount != fund.amount {
+                return Err(StoreError::Conflict(format!("reference_id {} was used for a different {}", fund.reference_id, fund.kind.as_str())));
+            }
+            return Ok(FundOutcome { transaction: existing, newly_applied: false });
+        }
+        let inserted = insert_fund(&mut transaction, &fund).await?;
+        transaction.commit().await?;
+        Ok(FundOutcome { transaction: inserted, newly_applied: true })
+    }
+
+    async fn fund_transactions_after(&self, account_id: &str, after_ledger_seq: i64) -> StoreResult<Vec<FundTransaction>> {
+        sqlx::query("SELECT * FROM fund_transactions WHERE account_id = ? AND ledger_seq > ? ORDER BY ledger_seq")
+            .bind(account_id)
+            .bind(after_ledger_seq)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(fund_from)
+            .collect()
+    }
+
+    async fn record_usage_batch(&self, events: &[UsageEvent]) -> StoreResult<Vec<RecordOutcome>> {
+        let mut transaction = self.write().await?;
+        let mut positions: HashMap<&str, (Money, i64)> = HashMap::new();
+        let mut outcomes = Vec::with_capacity(events.len());
+        for event in events {
+            let position = match positions.get_mut(event.account_id.as_str()) {
+                Some(position) => position,
+                None => {
+                    let position = balance_for_update(&mut transaction, &event.account_id).await.map_err(|error| match error {
+                        StoreError::NotFound { .. } => StoreError::Invalid(format!("usage event {} names unknown account {}", event.request_id, event.account_id)),
+                        other => other,
+                    })?;
+                    positions.entry(event.account_id.as_str()).or_insert(position)
+                }
+            };
+            outcomes.push(insert_usage(&mut transaction, event, position).await?);
+        }
+        let now = now_ms();
+        for (account_id, (balance, ledger_seq)) in positions {
+            sqlx::query("UPDATE account_balance SET balance = ?, ledger_seq = ?, updated_at = ? WHERE account_id = ?")
+                .bind(balance.nanos())
+                .bind(ledger_seq)
+                .bind(now)
+                .bind(account_id)
+                .execute(&mut *transaction)
+                .await?;
+        }
+        transaction.commit().await?;
+        Ok(outcomes)
+    }
+
+    async fn stored_response(&self, account_id: &str, request_id: &str) -> StoreResult<Option<StoredResponse>> {
+        let row = sqlx::query("SELECT status, content_type, body FROM stored_responses WHERE account_id = ? AND request_id = ?")
+            .bind(account_id)
+            .bind(request_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| {
+            let status: i64 = row.try_get("status")?;
+            Ok(StoredResponse {
+                status: u16::try_from(status).map_err(|_| StoreError::Corrupt(format!("stored status {status}")))?,
+                content_type: row.try_get("content_type")?,
+                body: row.try_get("body")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn charged_request_ids_since(&self, account_id: &str, since: OffsetDateTime) -> StoreResult<Vec<String>> {
+        Ok(sqlx::query_scalar("SELECT request_id FROM usage_log WHERE account_id = ? AND created_at >= ? AND status <> 'failed'")
+            .bind(account_id)
+            .bind(ms_of(since))
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    async fn usage_rows(&self, query: UsageQuery) -> StoreResult<Vec<UsageRow>> {
+        let mut builder = QueryBuilder::<Sqlite>::new("SELECT * FROM usage_log WHERE 1 = 1");
+        if let Some(account_id) = &query.account_id {
+            builder.push(" AND account_id = ").push_bind(account_id.clone());
+        }
+        if let Some(api_key_id) = &query.api_key_id {
+            builder.push(" AND api_key_id = ").push_bind(api_key_id.clone());
+        }
+        push_time_range(&mut builder, query.start, query.end);
+        if let Some(cursor) = query.cursor {
+            builder.push(" AND id < ").push_bind(cursor);
+        }
+        builder.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(query.limit.clamp(1, PAGE_ROWS_MAX)));
+        builder.build().fetch_all(&self.pool).await?.iter().map(usage_from).collect()
+    }
+
+    async fn statement(&self, account_id: &str, start: Option<OffsetDateTime>, end: Option<OffsetDateTime>) -> StoreResult<Vec<LedgerEntry>> {
+        let mut funds = QueryBuilder::<Sqlite>::new("SELECT * FROM fund_transactions WHERE account_id = ");
+        funds.push_bind(account_id.to_string());
+        push_time_range(&mut funds, start, end);
+        let mut usage = QueryBuilder::<Sqlite>::new("SELECT * FROM usage_log WHERE account_id = ");
+        usage.push_bind(account_id.to_string());
+        push_time_range(&mut usage, start, end);
+        let mut entries = Vec::new();
+        for row in funds.build().fetch_all(&self.pool).await? {
+            entries.push(LedgerEntry::Fund(fund_from(&row)?));
+        }
+        for row in usage.build().fetch_all(&self.pool).await? {
+            entries.push(LedgerEntry::Usage(usage_from(&row)?));
+        }
+        entries.sort_by_key(LedgerEntry::ledger_seq);
+        Ok(entries)
+    }
+
+    async fn summary(&self, account_id: Option<&str>, start: Option<OffsetDateTime>, end: Option<OffsetDateTime>, group_by: SummaryGroup) -> StoreResult<Vec<SummaryRow>> {
+        let mut builder = QueryBuilder::<Sqlite>::new("SELECT model, api_key_id, created_at, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, cost FROM usage_log WHERE status <> 'failed'");
+        if let Some(account_id) = account_id {
+            builder.push(" AND account_id = ").push_bind(account_id.to_string());
+        }
+        push_time_range(&mut builder, start, end);
+        let mut groups: std::collections::BTreeMap<String, SummaryRow> = std::collections::BTreeMap::new();
+        for row in builder.build().fetch_all(&self.pool).await? {
+            let group = match group_by {
+                SummaryGroup::Model => row.try_get::<String, _>("model")?,
+                SummaryGroup::Key => row.try_get::<String, _>("api_key_id")?,
+                SummaryGroup::Day => {
+                    let date = time_of(row.try_get("created_at")?)?.date();
+                    format!("{:04}-{:02}-{:02}", date.year(), u8::from(date.month()), date.day())
+                }
+            };
+            let entry = groups.entry(group.clone()).or_insert_with(|| SummaryRow {
+                group,
+                requests: 0,
+                input_tokens: 0,
+                cached_input_tokens: 0,
+                cache_write_tokens: 0,
+                output_tokens: 0,
+                cost: Money::ZERO,
+            });
+            entry.requests += 1;
+            entry.input_tokens += to_u64(row.try_get("input_tokens")?, "tokens")?;
+            entry.cached_input_tokens += to_u64(row.try_get("cached_input_tokens")?, "tokens")?;
+            entry.cache_write_tokens += to_u64(row.try_get("cache_write_tokens")?, "tokens")?;
+            entry.output_tokens += to_u64(row.try_get("output_tokens")?, "tokens")?;
+            entry.cost = checked_add(entry.cost, money(&row, "cost")?)?;
+        }
+        Ok(groups.into_values().collect())
+    }
+
+    async fn rebuilt_balance(&self, account_id: &str) -> StoreResult<Money> {
+        // Summed in Rust with checked arithmetic: SQLite's SUM would silently switch to floats
+        // on overflow.
+        let mut balance = Money::ZERO;
+        let amounts: Vec<i64> = sqlx::query_scalar("SELECT amount FROM fund_transactions WHERE account_id = ?").bind(account_id).fetch_all(&self.pool).await?;
+        for amount in amounts {
+            balance = checked_add(balance, Money::from_nanos(amount))?;
+        }
+        let costs: Vec<i64> = sqlx::query_scalar("SELECT cost FROM usage_log WHERE account_id = ?").bind(account_id).fetch_all(&self.pool).await?;
+        for cost in costs {
+            balance = balance.checked_sub(Money::from_nanos(cost)).ok_or(StoreError::Overflow("balance"))?;
+        }
+        Ok(balance)
+    }
+}

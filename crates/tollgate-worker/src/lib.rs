@@ -1,0 +1,10 @@
+//! The worker: moves usage events from the hot store's log into the ledger, and runs the
+//! periodic jobs.
+//!
+//! - [`usage_writer`]: reads the usage log in batches, writes each batch in one ledger
+//!   transaction, acknowledges only after the commit (so a crash re-delivers, and the ledger's
+//!   unique (account, request id) makes the re-delivery harmless).
+//! - [`jobs`]: the hold sweeper (releases holds whose request died).
+
+pub mod jobs;
+pub mod usage_writer;

@@ -1,0 +1,105 @@
+//! Usage log → ledger, in batches, acknowledged after commit.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tollgate_store::Ledger;
+use tollgate_store::model::RecordOutcome;
+use tollgate_store::queue::{Delivery, EventLog};
+
+/// Limits of the writer.
+#[derive(Clone, Debug)]
+pub struct UsageWriterConfig {
+    /// Events written in one ledger transaction at most.
+    pub batch_events_max: usize,
+    /// First wait after a failed write; doubles up to `retry_backoff_ms_max`.
+    pub retry_backoff_ms_min: u64,
+    pub retry_backoff_ms_max: u64,
+}
+
+impl Default for UsageWriterConfig {
+    fn default() -> Self {
+        UsageWriterConfig { batch_events_max: 500, retry_backoff_ms_min: 50, retry_backoff_ms_max: 5_000 }
+    }
+}
+
+/// How long the writer keeps draining after shutdown once the log stops delivering.
+const DRAIN_IDLE_MS: u64 = 200;
+
+/// Runs until the log is closed and drained, or `shutdown` fires and what is left in the log
+/// is committed. A batch that fails is retried with capped backoff: events are never dropped.
+pub async fn run_usage_writer(
+    mut log: impl EventLog,
+    ledger: Arc<dyn Ledger>,
+    config: UsageWriterConfig,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let batch = if shutdown.is_cancelled() {
+            // Draining: whatever is still queued, then stop.
+            match tokio::time::timeout(Duration::from_millis(DRAIN_IDLE_MS), log.read_batch(config.batch_events_max)).await {
+                Ok(batch) => batch,
+                Err(_) => break,
+            }
+        } else {
+            tokio::select! {
+                batch = log.read_batch(config.batch_events_max) => batch,
+                () = shutdown.cancelled() => continue,
+            }
+        };
+        let batch = match batch {
+            Ok(batch) if batch.is_empty() => break,
+            Ok(batch) => batch,
+            Err(error) => {
+                tracing::error!(%error, "reading the usage log failed");
+                tokio::time::sleep(Duration::from_millis(config.retry_backoff_ms_min)).await;
+                continue;
+            }
+        };
+        if !write_until_committed(&mut log, &*ledger, batch, &config, &shutdown).await {
+            break;
+        }
+    }
+    tracing::info!("usage writer stopped");
+}
+
+/// Writes one batch, retrying until it commits. Returns false if shutdown interrupted the
+/// retries (the batch stays unacknowledged, so a durable log re-delivers it).
+async fn write_until_committed(
+    log: &mut impl EventLog,
+    ledger: &dyn Ledger,
+    batch: Vec<Delivery>,
+    config: &UsageWriterConfig,
+    shutdown: &CancellationToken,
+) -> bool {
+    let events: Vec<_> = batch.iter().map(|delivery| delivery.event.clone()).collect();
+    let mut backoff_ms = config.retry_backoff_ms_min;
+    loop {
+        let started = std::time::Instant::now();
+        match ledger.record_usage_batch(&events).await {
+            Ok(outcomes) => {
+                let duplicates = outcomes.iter().filter(|outcome| **outcome == RecordOutcome::Duplicate).count();
+                metrics::counter!("tollgate_usage_rows_written_total").increment((outcomes.len() - duplicates) as u64);
+                metrics::histogram!("tollgate_usage_batch_seconds").record(started.elapsed().as_secs_f64());
+                if duplicates > 0 {
+                    metrics::counter!("tollgate_usage_duplicates_total").increment(duplicates as u64);
+                    tracing::warn!(duplicates, "usage events already in the ledger were skipped");
+                }
+                if let Err(error) = log.ack(batch).await {
+                    tracing::error!(%error, "acknowledging a committed batch failed; it will be re-delivered and skipped as duplicate");
+                }
+                return true;
+            }
+            Err(error) => {
+                metrics::counter!("tollgate_usage_batch_failures_total").increment(1);
+                tracing::error!(%error, events = events.len(), backoff_ms, "writing a usage batch failed; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(backoff_ms)) => {}
+                    () = shutdown.cancelled() => return false,
+                }
+                backoff_ms = (backoff_ms * 2).min(config.retry_backoff_ms_max);
+            }
+        }
+    }
+}

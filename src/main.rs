@@ -1,0 +1,176 @@
+//! The `tollgate` binary: parses flags and configuration, then hands over to the crates.
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tollgate_gateway::GatewayConfig;
+use tollgate_gateway::server::{Gateway, bind};
+
+#[derive(Parser)]
+#[command(name = "tollgate", version, about = "LLM API gateway with real-time prepaid billing and quotas")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (with the worker in-process).
+    Serve {
+        /// TOML configuration file; TOLLGATE_* variables override it.
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        /// Also run a mock upstream with a demo account, key and prices (works offline).
+        #[arg(long)]
+        demo: bool,
+        /// Listen address (overrides TOLLGATE_LISTEN and the file).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Run only the worker (stream consumer and periodic jobs) — production backends only.
+    Worker {
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+    },
+    /// Apply the database migrations and exit.
+    Migrate {
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+    },
+    /// Run the deterministic OpenAI- and Anthropic-compatible mock upstream.
+    MockUpstream {
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        listen: String,
+        /// Delay before the first byte of every response.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Tokens generated per response unless the request caps it.
+        #[arg(long, default_value_t = 16)]
+        output_tokens: u64,
+        /// Delay between streamed chunks.
+        #[arg(long, default_value_t = 0)]
+        chunk_interval_ms: u64,
+    },
+}
+
+/// The configuration file, then `TOLLGATE_*` variables over it.
+fn load_config(path: Option<&std::path::Path>) -> Result<GatewayConfig> {
+    let mut config = match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+        }
+        None => GatewayConfig::default(),
+    };
+    if let Ok(listen) = std::env::var("TOLLGATE_LISTEN") {
+        config.listen = listen;
+    }
+    if let Ok(token) = std::env::var("TOLLGATE_ADMIN_TOKEN") {
+        config.admin_token = Some(token);
+    }
+    if let Ok(url) = std::env::var("TOLLGATE_DATABASE_URL") {
+        config.database_url = url;
+    }
+    if let Ok(url) = std::env::var("TOLLGATE_REDIS_URL") {
+        config.redis_url = Some(url).filter(|url| !url.is_empty());
+    }
+    Ok(config)
+}
+
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        let interrupt = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let terminate = std::future::pending::<()>();
+        tokio::select! {
+            _ = interrupt => {}
+            () = terminate => {}
+        }
+        tracing::info!("shutting down");
+        trigger.cancel();
+    });
+    token
+}
+
+async fn serve(config_path: Option<&std::path::Path>, demo: bool, listen: Option<String>) -> Result<()> {
+    let mut config = load_config(config_path)?;
+    if let Some(listen) = listen {
+        config.listen = listen;
+    }
+    let shutdown = shutdown_on_signal();
+    if demo {
+        let mock_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the demo mock upstream")?;
+        let mock_address = mock_listener.local_addr()?;
+        let mock_shutdown = shutdown.clone();
+        tokio::spawn(tollgate_mock::serve(mock_listener, tollgate_mock::MockConfig::default(), async move {
+            mock_shutdown.cancelled().await;
+        }));
+        tollgate_gateway::demo::configure(&mut config, &format!("http://{mock_address}/v1"));
+        if config.admin_token.is_none() {
+            config.admin_token = Some(format!("tgadmin_{}", uuid::Uuid::new_v4().simple()));
+        }
+    }
+    let listener = bind(&config.listen).await?;
+    let address = listener.local_addr()?;
+    let admin_token = config.admin_token.clone();
+    let gateway = Gateway::start(config).await?;
+    if demo {
+        let fixed_key = std::env::var("TOLLGATE_DEMO_KEY").ok().filter(|key| !key.is_empty());
+        let key = tollgate_gateway::demo::seed(&gateway.state, fixed_key).await.map_err(|error| anyhow::anyhow!("{error}"))?;
+        println!("Tollgate demo is running on http://{address}");
+        println!("demo key:    {key}");
+        if let Some(token) = admin_token {
+            println!("admin token: {token}");
+        }
+        println!("try:\n  curl -s http://{address}/v1/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"model\":\"demo-gpt\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'");
+        println!("  curl -s http://{address}/v1/balance -H 'Authorization: Bearer {key}'");
+    } else {
+        println!("Tollgate listening on http://{address}");
+    }
+    gateway.serve(listener, shutdown).await?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config, demo, listen } => serve(config.as_deref(), demo, listen).await,
+        Command::Worker { config } => {
+            let config = load_config(config.as_deref())?;
+            if config.redis_url.is_none() {
+                bail!("`tollgate worker` runs beside gateways sharing Redis and PostgreSQL; in embedded mode `tollgate serve` runs the worker itself");
+            }
+            bail!("the Redis + PostgreSQL backends are not in this build yet")
+        }
+        Command::Migrate { config } => {
+            let config = load_config(config.as_deref())?;
+            tollgate_store::sqlite::migrate(&config.database_url).await?;
+            println!("migrations applied to {}", config.database_url);
+            Ok(())
+        }
+        Command::MockUpstream { listen, latency_ms, output_tokens, chunk_interval_ms } => {
+            let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
+            println!("mock upstream listening on http://{}", listener.local_addr()?);
+            let shutdown = shutdown_on_signal();
+            let config = tollgate_mock::MockConfig { latency_ms, output_tokens, chunk_interval_ms };
+            tollgate_mock::serve(listener, config, async move { shutdown.cancelled().await }).await?;
+            Ok(())
+        }
+    }
+}

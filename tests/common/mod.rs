@@ -1,0 +1,225 @@
+//! The integration-test harness: a real gateway on a loopback port, in front of a real mock
+//! upstream on another, with a fresh SQLite ledger per test. Everything goes over HTTP.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+pub use tollgate_core::Money;
+use tollgate_gateway::GatewayConfig;
+use tollgate_gateway::config::{ModelRoute, ProviderConfig, ProviderKind};
+use tollgate_gateway::server::Gateway;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const TIER: &str = "standard";
+/// Demo-like prices: input 2.50, output 10.00, cached input 1.25 per million tokens.
+pub const INPUT_PER_MTOK: &str = "2.5";
+pub const OUTPUT_PER_MTOK: &str = "10";
+
+/// A fresh temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let path = std::env::temp_dir().join(format!("tollgate-test-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Starts a mock upstream on a free loopback port; returns its `/v1` base URL.
+pub async fn start_mock(config: tollgate_mock::MockConfig, shutdown: CancellationToken) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(tollgate_mock::serve(listener, config, async move { shutdown.cancelled().await }));
+    format!("http://{address}/v1")
+}
+
+/// The routes every test gateway has: two priced demo models and one never priced.
+pub fn test_config(database_url: String, mock_base_url: &str) -> GatewayConfig {
+    let mut config = GatewayConfig { database_url, admin_token: Some(ADMIN_TOKEN.into()), ..GatewayConfig::default() };
+    config.providers.push(ProviderConfig { name: "mock".into(), kind: ProviderKind::Mock, base_url: mock_base_url.into(), api_key_env: None });
+    for model in ["demo-gpt", "demo-claude", "unpriced-gpt"] {
+        config.models.push(ModelRoute { model: model.into(), provider: "mock".into(), upstream_model: None });
+    }
+    config.limits.hold_sweep_interval_ms = 200;
+    config
+}
+
+/// A gateway running in this process over real HTTP.
+pub struct TestGateway {
+    pub url: String,
+    pub mock_url: String,
+    pub http: reqwest::Client,
+    shutdown: CancellationToken,
+    served: Option<tokio::task::JoinHandle<()>>,
+    pub dir: TempDir,
+}
+
+impl TestGateway {
+    pub async fn start() -> TestGateway {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut GatewayConfig)) -> TestGateway {
+        let dir = TempDir::new();
+        let shutdown = CancellationToken::new();
+        let mock_url = start_mock(tollgate_mock::MockConfig::default(), shutdown.clone()).await;
+        let mut config = test_config(format!("sqlite://{}/ledger.db", dir.0.display()), &mock_url);
+        adjust(&mut config);
+        let gateway = Gateway::start(config).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let token = shutdown.clone();
+        let served = tokio::spawn(async move {
+            gateway.serve(listener, token).await.unwrap();
+        });
+        let http = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
+        let gateway = TestGateway { url, mock_url, http, shutdown, served: Some(served), dir };
+        gateway.set_prices(&[("demo-gpt", TIER), ("demo-claude", TIER)]).await;
+        gateway
+    }
+
+    /// Stops the gateway the way SIGTERM does and waits until it is down.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(served) = self.served.take() {
+            served.await.unwrap();
+        }
+    }
+
+    pub async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut request = self.http.request(method, format!("{}{path}", self.url)).bearer_auth(ADMIN_TOKEN);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    pub async fn admin_ok(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let (status, value) = self.admin(method.clone(), path, body).await;
+        assert!((200..300).contains(&status), "{method} {path} → {status}: {value}");
+        value
+    }
+
+    pub async fn set_prices(&self, models: &[(&str, &str)]) {
+        let prices: Vec<Value> = models
+            .iter()
+            .map(|(model, tier)| json!({"provider": "mock", "model": model, "customer_type": tier,
+                "input_per_mtok": INPUT_PER_MTOK, "output_per_mtok": OUTPUT_PER_MTOK, "cached_input_per_mtok": "1.25"}))
+            .collect();
+        self.admin_ok(reqwest::Method::PUT, "/internal/prices", Some(Value::Array(prices))).await;
+    }
+
+    /// Creates an account, credits it with `balance` (a confirmed top-up), returns its id.
+    pub async fn account(&self, balance: &str, extra: Value) -> String {
+        let id = format!("acct_{}", uuid::Uuid::new_v4().simple());
+        let mut body = json!({"id": id, "kind": "user", "name": "test", "customer_type": TIER});
+        merge(&mut body, extra);
+        self.admin_ok(reqwest::Method::POST, "/internal/accounts", Some(body)).await;
+        if Money::from_str(balance).unwrap().is_positive() {
+            self.top_up(&id, balance, &format!("initial-{id}")).await;
+        }
+        id
+    }
+
+    pub async fn top_up(&self, account_id: &str, amount: &str, reference_id: &str) -> Value {
+        let topup = self
+            .admin_ok(reqwest::Method::POST, "/internal/topups", Some(json!({"account_id": account_id, "amount": amount, "reference_id": reference_id})))
+            .await;
+        let id = topup["id"].as_str().unwrap().to_string();
+        self.admin_ok(reqwest::Method::POST, &format!("/internal/topups/{id}/confirm"), None).await
+    }
+
+    /// Issues a key for the account; returns the secret.
+    pub async fn key(&self, account_id: &str, extra: Value) -> String {
+        let mut body = json!({"name": "test key"});
+        merge(&mut body, extra);
+        let created = self.admin_ok(reqwest::Method::POST, &format!("/internal/accounts/{account_id}/keys"), Some(body)).await;
+        created["key"].as_str().unwrap().to_string()
+    }
+
+    pub async fn chat(&self, key: &str, body: Value, request_id: Option<&str>) -> reqwest::Response {
+        let mut request = self.http.post(format!("{}/v1/chat/completions", self.url)).bearer_auth(key).json(&body);
+        if let Some(request_id) = request_id {
+            request = request.header("X-Request-ID", request_id);
+        }
+        request.send().await.unwrap()
+    }
+
+    pub async fn balance(&self, key: &str) -> Value {
+        let response = self.http.get(format!("{}/v1/balance", self.url)).bearer_auth(key).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
+    pub async fn balance_of(&self, key: &str) -> Money {
+        money(&self.balance(key).await["balance"])
+    }
+
+    /// Waits until the ledger agrees with the hot store (the worker caught up), then checks I2
+    /// and I4 for the account through the statement.
+    pub async fn assert_ledger_sound(&self, account_id: &str) -> Value {
+        let statement = self.admin_ok(reqwest::Method::GET, &format!("/internal/accounts/{account_id}/statement"), None).await;
+        assert_chain(&statement);
+        let account = self.admin_ok(reqwest::Method::GET, &format!("/internal/accounts/{account_id}"), None).await;
+        let live = money(&account["balance"]);
+        let ledger = money(&account["ledger_balance"]);
+        assert_eq!(live, ledger, "hot balance equals ledger balance (I2): {account}");
+        let rows = statement["rows"].as_array().unwrap();
+        let mut sum = Money::ZERO;
+        for row in rows {
+            sum = sum.checked_add(money(&row["amount"])).unwrap();
+        }
+        assert_eq!(sum, ledger, "Σ fund − Σ usage equals the balance (I2)");
+        statement
+    }
+}
+
+/// I4: each row's balance_before is the previous row's balance_after, from zero.
+pub fn assert_chain(statement: &Value) {
+    let mut previous = Money::ZERO;
+    for row in statement["rows"].as_array().unwrap() {
+        let before = money(&row["balance_before"]);
+        let after = money(&row["balance_after"]);
+        assert_eq!(before, previous, "chain broken at {row}");
+        assert_eq!(before.checked_add(money(&row["amount"])).unwrap(), after, "row arithmetic at {row}");
+        previous = after;
+    }
+}
+
+pub fn money(value: &Value) -> Money {
+    Money::from_str(value.as_str().unwrap_or_else(|| panic!("not a money string: {value}"))).unwrap()
+}
+
+pub fn header_money(response: &reqwest::Response, name: &str) -> Money {
+    Money::from_str(response.headers().get(name).unwrap_or_else(|| panic!("missing {name}")).to_str().unwrap()).unwrap()
+}
+
+pub fn merge(target: &mut Value, extra: Value) {
+    if let (Some(target), Value::Object(extra)) = (target.as_object_mut(), extra) {
+        target.extend(extra);
+    }
+}
+
+/// The cost the prices above give a usage, computed independently of the gateway: per token,
+/// input costs 2500 nano-units and output 10000, so no rounding is involved.
+pub fn expected_cost(prompt_tokens: u64, completion_tokens: u64) -> Money {
+    Money::from_nanos(i64::try_from(prompt_tokens * 2_500 + completion_tokens * 10_000).unwrap())
+}
+
+pub fn chat_body(content: &str) -> Value {
+    json!({"model": "demo-gpt", "messages": [{"role": "user", "content": content}]})
+}

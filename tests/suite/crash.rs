@@ -1,0 +1,169 @@
+//! I1 and I6 in embedded mode: SIGKILL the gateway mid-load, restart it on the same ledger.
+
+use std::collections::{HashMap, HashSet};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::common::*;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn spawn_gateway(config_path: &std::path::Path, listen: &str) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--config"])
+        .arg(config_path)
+        .args(["--listen", listen])
+        .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+async fn wait_ready(http: &reqwest::Client, url: &str) {
+    for _ in 0..200 {
+        if let Ok(response) = http.get(format!("{url}/readyz")).send().await {
+            if response.status() == 200 {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("gateway at {url} never became ready");
+}
+
+/// Sends one request; returns true only if the client received the whole response.
+async fn one_request(http: &reqwest::Client, url: &str, key: &str, request_id: &str, stream: bool) -> bool {
+    let mut body = chat_body("crash test");
+    body["max_tokens"] = json!(16);
+    if stream {
+        body["stream"] = json!(true);
+        body["mock"] = json!({"chunk_interval_ms": 3});
+    }
+    let sent = http.post(format!("{url}/v1/chat/completions")).bearer_auth(key).header("X-Request-ID", request_id).json(&body).send().await;
+    let Ok(response) = sent else { return false };
+    if response.status() != 200 {
+        return false;
+    }
+    match response.text().await {
+        Ok(text) if stream => text.contains("data: [DONE]"),
+        Ok(text) => serde_json::from_str::<Value>(&text).is_ok(),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_load_loses_and_doubles_nothing() {
+    let dir = TempDir::new();
+    let mock_shutdown = CancellationToken::new();
+    let mock_url = start_mock(tollgate_mock::MockConfig::default(), mock_shutdown.clone()).await;
+    let config_path = dir.0.join("tollgate.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "database_url = \"sqlite://{}/ledger.db\"\n[[providers]]\nname = \"mock\"\nkind = \"mock\"\nbase_url = \"{mock_url}\"\n[[models]]\nmodel = \"demo-gpt\"\nprovider = \"mock\"\n",
+            dir.0.display()
+        ),
+    )
+    .unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let url = format!("http://{listen}");
+    let http = reqwest::Client::new();
+    let mut child = spawn_gateway(&config_path, &listen);
+    wait_ready(&http, &url).await;
+
+    let admin = |method: reqwest::Method, path: &str, body: Option<Value>| {
+        let mut request = http.request(method, format!("{url}{path}")).bearer_auth(ADMIN_TOKEN);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        request.send()
+    };
+    admin(reqwest::Method::PUT, "/internal/prices", Some(json!([{"provider": "mock", "model": "demo-gpt", "customer_type": TIER, "input_per_mtok": INPUT_PER_MTOK, "output_per_mtok": OUTPUT_PER_MTOK}]))).await.unwrap();
+    admin(reqwest::Method::POST, "/internal/accounts", Some(json!({"id": "crash", "kind": "user", "name": "c", "customer_type": TIER}))).await.unwrap();
+    let topup: Value = admin(reqwest::Method::POST, "/internal/topups", Some(json!({"account_id": "crash", "amount": "1000", "reference_id": "crash-credit"}))).await.unwrap().json().await.unwrap();
+    admin(reqwest::Method::POST, &format!("/internal/topups/{}/confirm", topup["id"].as_str().unwrap()), None).await.unwrap();
+    let created: Value = admin(reqwest::Method::POST, "/internal/accounts/crash/keys", Some(json!({"name": "k"}))).await.unwrap().json().await.unwrap();
+    let key = created["key"].as_str().unwrap().to_string();
+
+    // Load: 8 clients, half the requests streaming, until the kill.
+    let completed = Arc::new(Mutex::new(HashSet::new()));
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let stop = CancellationToken::new();
+    let mut clients = Vec::new();
+    for client in 0..8 {
+        let (http, url, key, completed, sent, stop) = (http.clone(), url.clone(), key.clone(), completed.clone(), sent.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let mut sequence = 0;
+            while !stop.is_cancelled() {
+                let request_id = format!("crash-{client}-{sequence}");
+                sent.lock().unwrap().push(request_id.clone());
+                if one_request(&http, &url, &key, &request_id, sequence % 2 == 0).await {
+                    completed.lock().unwrap().insert(request_id);
+                }
+                sequence += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    stop.cancel();
+    for client in clients {
+        client.await.unwrap();
+    }
+    let completed = completed.lock().unwrap().clone();
+    let sent = sent.lock().unwrap().clone();
+    assert!(completed.len() > 20, "the load ran ({} completed)", completed.len());
+
+    // Restart on the same ledger and check every invariant from the outside.
+    let mut child = spawn_gateway(&config_path, &listen);
+    wait_ready(&http, &url).await;
+    let mut rows_per_request: HashMap<String, usize> = HashMap::new();
+    let mut cursor: Option<i64> = None;
+    loop {
+        let mut path = "/internal/billing/transactions?account_id=crash&limit=1000".to_string();
+        if let Some(cursor) = cursor {
+            path.push_str(&format!("&cursor={cursor}"));
+        }
+        let page: Value = admin(reqwest::Method::GET, &path, None).await.unwrap().json().await.unwrap();
+        for row in page["data"].as_array().unwrap() {
+            if row["status"] != "failed" {
+                *rows_per_request.entry(row["request_id"].as_str().unwrap().to_string()).or_default() += 1;
+            }
+        }
+        match page["next_cursor"].as_i64() {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    for request_id in &completed {
+        assert_eq!(rows_per_request.get(request_id), Some(&1), "I1: completed request {request_id} is charged exactly once");
+    }
+    assert!(rows_per_request.values().all(|count| *count == 1), "nothing is charged twice");
+    assert!(rows_per_request.keys().all(|id| sent.contains(id)));
+
+    let account: Value = admin(reqwest::Method::GET, "/internal/accounts/crash", None).await.unwrap().json().await.unwrap();
+    assert_eq!(account["held"], "0", "holds of killed requests are gone");
+    assert_eq!(money(&account["balance"]), money(&account["ledger_balance"]), "I2 after restart");
+    let statement: Value = admin(reqwest::Method::GET, "/internal/accounts/crash/statement", None).await.unwrap().json().await.unwrap();
+    assert_chain(&statement);
+    let mut sum = Money::ZERO;
+    for row in statement["rows"].as_array().unwrap() {
+        sum = sum.checked_add(money(&row["amount"])).unwrap();
+    }
+    assert_eq!(sum, money(&account["ledger_balance"]), "I2: Σ fund − Σ usage");
+    // And it still serves and charges after the restart.
+    assert!(one_request(&http, &url, &key, "after-restart", false).await);
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    mock_shutdown.cancel();
+}

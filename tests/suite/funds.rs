@@ -1,0 +1,61 @@
+//! Fund changes apply once, and the audit chain stays whole.
+
+use serde_json::{Value, json};
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirming_twice_or_reusing_a_reference_adds_money_once() {
+    let gateway = TestGateway::start().await;
+    let account = gateway.account("0", json!({})).await;
+    let key = gateway.key(&account, json!({})).await;
+    let topup = gateway
+        .admin_ok(reqwest::Method::POST, "/internal/topups", Some(json!({"account_id": account, "amount": "5.5", "reference_id": "pay-1"})))
+        .await;
+    assert_eq!(topup["status"], "pending");
+    assert_eq!(gateway.balance_of(&key).await, Money::ZERO, "a pending top-up adds nothing");
+    let id = topup["id"].as_str().unwrap();
+    for _ in 0..2 {
+        gateway.admin_ok(reqwest::Method::POST, &format!("/internal/topups/{id}/confirm"), None).await;
+    }
+    // The same reference again returns the same top-up.
+    let again = gateway
+        .admin_ok(reqwest::Method::POST, "/internal/topups", Some(json!({"account_id": account, "amount": "5.5", "reference_id": "pay-1"})))
+        .await;
+    assert_eq!(again["id"], topup["id"]);
+    assert_eq!(gateway.balance_of(&key).await, Money::from_nanos(5_500_000_000));
+
+    for _ in 0..2 {
+        let (status, _) = gateway
+            .admin(reqwest::Method::POST, &format!("/internal/accounts/{account}/refunds"), Some(json!({"amount": "1.25", "reason": "goodwill", "reference_id": "refund-1"})))
+            .await;
+        assert!(status == 200 || status == 201);
+        let (status, _) = gateway
+            .admin(reqwest::Method::POST, &format!("/internal/accounts/{account}/adjustments"), Some(json!({"amount": "-0.000000001", "reason": "rounding", "operator_id": "ops", "reference_id": "adj-1"})))
+            .await;
+        assert!(status == 200 || status == 201);
+    }
+    assert_eq!(gateway.balance_of(&key).await, Money::from_nanos(5_500_000_000 - 1_250_000_000 - 1));
+    assert_eq!(gateway.chat(&key, chat_body("spend"), None).await.status(), 200);
+    let statement = gateway.assert_ledger_sound(&account).await;
+    let kinds: Vec<&str> = statement["rows"].as_array().unwrap().iter().map(|row| row["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, vec!["deposit", "refund", "adjustment", "usage"]);
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amounts_are_strict_decimal_strings() {
+    let gateway = TestGateway::start().await;
+    let account = gateway.account("0", json!({})).await;
+    for amount in [json!(5), json!("1.0000000001"), json!("-5"), json!("+5"), json!("1e3"), json!(""), json!("99999999999999")] {
+        let (status, body) = gateway
+            .admin(reqwest::Method::POST, "/internal/topups", Some(json!({"account_id": account, "amount": amount, "reference_id": format!("bad-{amount}")})))
+            .await;
+        assert_eq!(status, 400, "amount {amount} → {body}");
+        assert_eq!(body["error"]["code"], "invalid_request");
+    }
+    let (status, body): (u16, Value) = gateway.admin(reqwest::Method::GET, &format!("/internal/accounts/{account}"), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["balance"], "0");
+    gateway.stop().await;
+}

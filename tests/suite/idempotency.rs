@@ -1,0 +1,98 @@
+//! Per account, a request id is charged at most once.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::common::*;
+
+fn usage_rows(statement: &Value) -> Vec<Value> {
+    statement["rows"].as_array().unwrap().iter().filter(|row| row["kind"] == "usage" && row["status"] != "failed").cloned().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_success_is_replayed_not_charged() {
+    let gateway = TestGateway::start().await;
+    let account = gateway.account("1", json!({})).await;
+    let key = gateway.key(&account, json!({})).await;
+    let first = gateway.chat(&key, chat_body("once"), Some("retry-me")).await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["x-request-id"], "retry-me");
+    let cost = header_money(&first, "x-tollgate-cost");
+    let first_body = first.text().await.unwrap();
+    let balance = gateway.balance_of(&key).await;
+    let second = gateway.chat(&key, chat_body("once"), Some("retry-me")).await;
+    assert_eq!(second.status(), 200);
+    assert_eq!(second.headers()["idempotent-replayed"], "true");
+    assert_eq!(second.text().await.unwrap(), first_body, "the stored response is replayed");
+    assert_eq!(gateway.balance_of(&key).await, balance, "the retry was not charged");
+    let statement = gateway.assert_ledger_sound(&account).await;
+    let rows = usage_rows(&statement);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(money(&rows[0]["amount"]), Money::ZERO.checked_sub(cost).unwrap());
+
+    // A streaming retry of a charged id is refused, not replayed.
+    let mut stream_body = chat_body("once");
+    stream_body["stream"] = json!(true);
+    let streamed = gateway.chat(&key, stream_body, Some("retry-me")).await;
+    assert_eq!(streamed.status(), 409);
+    let error: Value = streamed.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "duplicate_request");
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_request_while_the_first_is_in_flight_gets_409() {
+    let gateway = TestGateway::start().await;
+    let account = gateway.account("1", json!({})).await;
+    let key = gateway.key(&account, json!({})).await;
+    let mut slow = chat_body("slow");
+    slow["mock"] = json!({"latency_ms": 600});
+    let first = {
+        let gateway_url = gateway.url.clone();
+        let key = key.clone();
+        let http = gateway.http.clone();
+        let slow = slow.clone();
+        tokio::spawn(async move {
+            http.post(format!("{gateway_url}/v1/chat/completions")).bearer_auth(key).header("X-Request-ID", "twice").json(&slow).send().await.unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let second = gateway.chat(&key, slow, Some("twice")).await;
+    assert_eq!(second.status(), 409);
+    let error: Value = second.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "request_in_progress");
+    assert_eq!(first.await.unwrap().status(), 200);
+    let statement = gateway.assert_ledger_sound(&account).await;
+    assert_eq!(usage_rows(&statement).len(), 1);
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_a_failure_is_forwarded_as_new() {
+    let gateway = TestGateway::start().await;
+    let account = gateway.account("1", json!({})).await;
+    let key = gateway.key(&account, json!({})).await;
+    let mut failing = chat_body("flaky");
+    failing["mock"] = json!({"fail_status": 503});
+    assert_eq!(gateway.chat(&key, failing, Some("flaky-1")).await.status(), 502);
+    let retry = gateway.chat(&key, chat_body("flaky"), Some("flaky-1")).await;
+    assert_eq!(retry.status(), 200);
+    assert!(retry.headers().get("idempotent-replayed").is_none());
+    let statement = gateway.assert_ledger_sound(&account).await;
+    assert_eq!(usage_rows(&statement).len(), 1);
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_request_id_is_refused() {
+    let gateway = TestGateway::start().await;
+    let account = gateway.account("1", json!({})).await;
+    let key = gateway.key(&account, json!({})).await;
+    let too_long = "x".repeat(129);
+    let response = gateway.chat(&key, chat_body("hi"), Some(&too_long)).await;
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "invalid_request");
+    gateway.stop().await;
+}

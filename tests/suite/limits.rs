@@ -1,0 +1,132 @@
+//! Refusals: each with its contract code, and nothing charged.
+
+use serde_json::{Value, json};
+
+use crate::common::*;
+
+async fn error_code(response: reqwest::Response) -> (u16, String) {
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap();
+    (status, body["error"]["code"].as_str().unwrap_or_default().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insufficient_balance_is_402_and_changes_nothing() {
+    let gateway = TestGateway::start().await;
+    let account = gateway.account("0.0001", json!({})).await;
+    let key = gateway.key(&account, json!({})).await;
+    let before = gateway.balance(&key).await;
+    let (status, code) = error_code(gateway.chat(&key, chat_body("too expensive"), None).await).await;
+    assert_eq!((status, code.as_str()), (402, "insufficient_balance"));
+    assert_eq!(gateway.balance(&key).await, before);
+    let statement = gateway.assert_ledger_sound(&account).await;
+    assert!(statement["rows"].as_array().unwrap().iter().all(|row| row["kind"] != "usage"));
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpriced_model_is_refused_and_price_and_plan_changes_apply_to_the_next_request() {
+    let gateway = TestGateway::start().await;
+    let account = gateway.account("1", json!({})).await;
+    let key = gateway.key(&account, json!({})).await;
+    let mut body = chat_body("price?");
+    body["model"] = json!("unpriced-gpt");
+    let response = gateway.chat(&key, body, None).await;
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "price_not_configured");
+    assert!(error["error"]["message"].as_str().unwrap().contains("mock:unpriced-gpt"));
+
+    // Price change: doubled prices apply to the very next request.
+    let first = gateway.chat(&key, chat_body("same"), None).await;
+    let first_cost = header_money(&first, "x-tollgate-cost");
+    gateway
+        .admin_ok(reqwest::Method::PUT, "/internal/prices", Some(json!([{"provider": "mock", "model": "demo-gpt", "customer_type": TIER, "input_per_mtok": "5", "output_per_mtok": "20"}])))
+        .await;
+    let second = gateway.chat(&key, chat_body("same"), None).await;
+    assert_eq!(header_money(&second, "x-tollgate-cost"), Money::from_nanos(first_cost.nanos() * 2));
+
+    // Plan switch: a tier without a price is refused at once; once priced, it is charged at its price.
+    gateway.admin_ok(reqwest::Method::PATCH, &format!("/internal/accounts/{account}"), Some(json!({"customer_type": "premium"}))).await;
+    let (status, code) = error_code(gateway.chat(&key, chat_body("same"), None).await).await;
+    assert_eq!((status, code.as_str()), (400, "price_not_configured"));
+    gateway
+        .admin_ok(reqwest::Method::PUT, "/internal/prices", Some(json!([{"provider": "mock", "model": "demo-gpt", "customer_type": "premium", "input_per_mtok": "1.25", "output_per_mtok": "5"}])))
+        .await;
+    let third = gateway.chat(&key, chat_body("same"), None).await;
+    assert_eq!(header_money(&third, "x-tollgate-cost"), Money::from_nanos(first_cost.nanos() / 2));
+    gateway.assert_ledger_sound(&account).await;
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_key_is_refused_at_once() {
+    let gateway = TestGateway::start().await;
+    let account = gateway.account("1", json!({})).await;
+    let created = gateway.admin_ok(reqwest::Method::POST, &format!("/internal/accounts/{account}/keys"), Some(json!({"name": "k"}))).await;
+    let key = created["key"].as_str().unwrap();
+    assert!(key.starts_with("tg_"));
+    assert_eq!(gateway.chat(key, chat_body("ok"), None).await.status(), 200);
+    let key_id = created["id"].as_str().unwrap();
+    gateway.admin_ok(reqwest::Method::DELETE, &format!("/internal/keys/{key_id}"), None).await;
+    let (status, code) = error_code(gateway.chat(key, chat_body("still?"), None).await).await;
+    assert_eq!((status, code.as_str()), (401, "invalid_api_key"));
+    let (status, code) = error_code(gateway.chat("tg_unknown", chat_body("x"), None).await).await;
+    assert_eq!((status, code.as_str()), (401, "invalid_api_key"));
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daily_quota_and_key_budget_give_their_429_codes() {
+    let gateway = TestGateway::start().await;
+    let account = gateway.account("1", json!({"daily_request_quota": 2})).await;
+    let key = gateway.key(&account, json!({})).await;
+    for _ in 0..2 {
+        assert_eq!(gateway.chat(&key, chat_body("q"), None).await.status(), 200);
+    }
+    let response = gateway.chat(&key, chat_body("q"), None).await;
+    assert!(response.headers().contains_key("retry-after"));
+    let (status, code) = error_code(response).await;
+    assert_eq!((status, code.as_str()), (429, "daily_quota_exceeded"));
+    let balance = gateway.balance(&key).await;
+    assert_eq!(balance["daily_requests_used"], 2);
+
+    // A key whose total budget covers one request's hold but not two.
+    let other = gateway.account("1", json!({})).await;
+    let one = gateway.chat(&gateway.key(&other, json!({})).await, chat_body("b"), None).await;
+    let cost = header_money(&one, "x-tollgate-cost");
+    let budget = Money::from_nanos(cost.nanos() + cost.nanos() / 2);
+    let budgeted = gateway.key(&other, json!({"budget_total": budget.to_string()})).await;
+    let mut capped = chat_body("b");
+    capped["max_tokens"] = json!(16);
+    assert_eq!(gateway.chat(&budgeted, capped.clone(), None).await.status(), 200);
+    let (status, code) = error_code(gateway.chat(&budgeted, capped, None).await).await;
+    assert_eq!((status, code.as_str()), (429, "key_budget_exceeded"));
+    let remaining = gateway.balance(&budgeted).await["key"]["budget_total_remaining"].clone();
+    assert_eq!(money(&remaining), budget.checked_sub(cost).unwrap());
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_errors() {
+    let gateway = TestGateway::start_with(|config| config.limits.request_body_bytes_max = 4096).await;
+    let account = gateway.account("1", json!({})).await;
+    let key = gateway.key(&account, json!({})).await;
+    let url = format!("{}/v1/chat/completions", gateway.url);
+    let cases: Vec<(reqwest::RequestBuilder, u16, &str)> = vec![
+        (gateway.http.post(&url).bearer_auth(&key).body("{not json"), 400, "invalid_request"),
+        (gateway.http.post(&url).bearer_auth(&key).body("[1,2]"), 400, "invalid_request"),
+        (gateway.http.post(&url).bearer_auth(&key).json(&json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]})), 404, "model_not_found"),
+        (gateway.http.post(&url).bearer_auth(&key).json(&json!({"model": "demo-gpt", "messages": "x"})), 400, "invalid_request"),
+        (gateway.http.post(&url).bearer_auth(&key).json(&json!({"model": "demo-gpt", "messages": [{"role": "user", "content": "x".repeat(5000)}]})), 413, "request_too_large"),
+        (gateway.http.post(&url).json(&chat_body("no key")), 401, "invalid_api_key"),
+    ];
+    for (request, expected_status, expected_code) in cases {
+        let (status, code) = error_code(request.send().await.unwrap()).await;
+        assert_eq!((status, code.as_str()), (expected_status, expected_code));
+    }
+    let balance = gateway.balance(&key).await;
+    assert_eq!(money(&balance["balance"]), Money::from_nanos(Money::NANOS_PER_UNIT));
+    assert_eq!(balance["held"], "0");
+    gateway.stop().await;
+}

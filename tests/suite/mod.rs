@@ -1,0 +1,7 @@
+mod charging;
+mod concurrency;
+mod crash;
+mod funds;
+mod idempotency;
+mod limits;
+mod streaming;
