@@ -1,9 +1,581 @@
-//! The operator API (`/internal`), behind the admin token.
+//! The operator API (`/internal`), behind the admin token (compared in constant time). Every
+//! change to an account, key or price invalidates the billing-context cache at once; every
+//! committed fund change is applied to the hot balance, in order, by its ledger sequence.
 
+use axum::Json;
 use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use tollgate_core::{Money, Usage};
+use tollgate_store::model::{
+    AccountKind, AccountPatch, AccountStatus, FundKind, LedgerEntry, NewAccount, NewApiKey, NewFund, NewPrice,
+    SummaryGroup, UsageQuery,
+};
 
+use crate::auth::require_operator;
+use crate::charge;
+use crate::error::ApiError;
+use crate::keys::generate_key;
+use crate::routes::time_param;
 use crate::state::AppState;
+
+/// Longest id or reference an operator may give.
+const IDENTIFIER_CHARS_MAX: usize = 128;
+/// Prices per `PUT /internal/prices` at most.
+const PRICES_PER_REQUEST_MAX: usize = 10_000;
 
 pub fn router() -> Router<AppState> {
     Router::new()
+        .route("/accounts", post(create_account))
+        .route("/accounts/{id}", get(get_account).patch(patch_account))
+        .route("/accounts/{id}/keys", post(create_key).get(list_keys))
+        .route("/keys/{id}", delete(revoke_key))
+        .route("/prices", get(list_prices).put(put_prices))
+        .route("/topups", post(create_topup))
+        .route("/topups/{id}/confirm", post(confirm_topup))
+        .route("/accounts/{id}/refunds", post(refund))
+        .route("/accounts/{id}/adjustments", post(adjust))
+        .route("/accounts/{id}/statement", get(statement))
+        .route("/billing/quote", post(quote))
+        .route("/billing/transactions", get(transactions))
+        .route("/billing/summary", get(summary))
+}
+
+/// Parses a JSON body into `T`, with errors in the contract's shape.
+fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|error| ApiError::InvalidRequest(format!("invalid JSON body: {error}")))
+}
+
+fn parse_query<T: DeserializeOwned>(query: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> Result<T, ApiError> {
+    query.map(|Query(value)| value).map_err(|error| ApiError::InvalidRequest(error.body_text()))
+}
+
+fn check_identifier(field: &str, value: &str) -> Result<(), ApiError> {
+    if value.is_empty() || value.len() > IDENTIFIER_CHARS_MAX || value.chars().any(char::is_control) {
+        return Err(ApiError::InvalidRequest(format!("{field} must be 1 to {IDENTIFIER_CHARS_MAX} printable characters")));
+    }
+    Ok(())
+}
+
+fn check_account_id(id: &str) -> Result<(), ApiError> {
+    let valid = !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if valid { Ok(()) } else { Err(ApiError::InvalidRequest("account id must be 1 to 64 characters of A-Z a-z 0-9 _ . -".into())) }
+}
+
+fn positive(field: &str, amount: Money) -> Result<Money, ApiError> {
+    if amount.is_positive() { Ok(amount) } else { Err(ApiError::InvalidRequest(format!("{field} must be positive"))) }
+}
+
+/// A money field that must be written without a sign (amounts whose direction the endpoint
+/// fixes): parsed from the raw string, so "+5" and "-5" are refused, not reinterpreted.
+fn unsigned_amount(field: &str, text: &str) -> Result<Money, ApiError> {
+    Money::parse_non_negative(text).map_err(|error| ApiError::InvalidRequest(format!("{field}: {error}")))
+}
+
+async fn apply_funds(state: &AppState, account_id: &str) {
+    if let Err(error) = charge::apply_pending_funds(state, account_id).await {
+        // Committed in the ledger; the next load or apply picks it up.
+        tracing::warn!(account_id, %error, "fund change committed but not yet applied to the hot balance");
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateAccount {
+    id: Option<String>,
+    kind: AccountKind,
+    name: String,
+    customer_type: String,
+    credit_limit: Option<String>,
+    daily_request_quota: Option<u64>,
+    monthly_request_quota: Option<u64>,
+}
+
+async fn create_account(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    require_operator(&state, &headers)?;
+    let request: CreateAccount = parse_body(&body)?;
+    let id = request.id.unwrap_or_else(|| format!("acct_{}", uuid::Uuid::now_v7().simple()));
+    check_account_id(&id)?;
+    check_identifier("name", &request.name)?;
+    check_identifier("customer_type", &request.customer_type)?;
+    let credit_limit = request.credit_limit.as_deref().map(|text| unsigned_amount("credit_limit", text)).transpose()?.unwrap_or(Money::ZERO);
+    let account = state
+        .ledger
+        .create_account(NewAccount {
+            id,
+            kind: request.kind,
+            name: request.name,
+            customer_type: request.customer_type,
+            credit_limit,
+            daily_request_quota: request.daily_request_quota,
+            monthly_request_quota: request.monthly_request_quota,
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(account)).into_response())
+}
+
+async fn get_account(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    require_operator(&state, &headers)?;
+    let account = state.ledger.account(&id).await?.ok_or_else(|| ApiError::NotFound(format!("account {id} not found")))?;
+    let ledger = state.ledger.account_balance(&id).await?.ok_or_else(|| ApiError::Internal(format!("account {id} has no balance row")))?;
+    let live = match state.hot.balance(&id, "").await? {
+        Some(view) => view,
+        None => {
+            charge::load_account(&state, &id).await?;
+            state.hot.balance(&id, "").await?.unwrap_or_default()
+        }
+    };
+    let available = live
+        .balance
+        .checked_add(account.credit_limit)
+        .and_then(|total| total.checked_sub(live.held))
+        .ok_or_else(|| ApiError::Internal("available balance overflow".into()))?;
+    let mut value = serde_json::to_value(&account).map_err(|error| ApiError::Internal(error.to_string()))?;
+    if let Some(object) = value.as_object_mut() {
+        object.insert("balance".into(), json!(live.balance));
+        object.insert("held".into(), json!(live.held));
+        object.insert("available".into(), json!(available));
+        object.insert("ledger_balance".into(), json!(ledger.balance));
+        object.insert("daily_requests_used".into(), json!(live.daily_requests_used));
+        object.insert("monthly_requests_used".into(), json!(live.monthly_requests_used));
+    }
+    Ok(Json(value))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchAccount {
+    name: Option<String>,
+    customer_type: Option<String>,
+    status: Option<AccountStatus>,
+    credit_limit: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    daily_request_quota: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "present")]
+    monthly_request_quota: Option<Option<u64>>,
+}
+
+/// Distinguishes an absent field (leave as is) from `null` (clear the limit).
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Option<u64>>, D::Error> {
+    Option::<u64>::deserialize(deserializer).map(Some)
+}
+
+async fn patch_account(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    require_operator(&state, &headers)?;
+    let request: PatchAccount = parse_body(&body)?;
+    if let Some(name) = &request.name {
+        check_identifier("name", name)?;
+    }
+    if let Some(customer_type) = &request.customer_type {
+        check_identifier("customer_type", customer_type)?;
+    }
+    let patch = AccountPatch {
+        name: request.name,
+        customer_type: request.customer_type,
+        status: request.status,
+        credit_limit: request.credit_limit.as_deref().map(|text| unsigned_amount("credit_limit", text)).transpose()?,
+        daily_request_quota: request.daily_request_quota,
+        monthly_request_quota: request.monthly_request_quota,
+    };
+    let account = state.ledger.update_account(&id, patch).await?;
+    state.contexts.invalidate_all();
+    tracing::info!(account_id = id, "account changed; billing contexts invalidated");
+    Ok(Json(serde_json::to_value(&account).map_err(|error| ApiError::Internal(error.to_string()))?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKey {
+    name: String,
+    budget_daily: Option<String>,
+    budget_monthly: Option<String>,
+    budget_total: Option<String>,
+    rpm: Option<u64>,
+    tpm: Option<u64>,
+    allowed_models: Option<Vec<String>>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    expires_at: Option<OffsetDateTime>,
+}
+
+async fn create_key(State(state): State<AppState>, headers: HeaderMap, Path(account_id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+    require_operator(&state, &headers)?;
+    let request: CreateKey = parse_body(&body)?;
+    check_identifier("name", &request.name)?;
+    let budget = |field: &str, value: Option<String>| value.as_deref().map(|text| unsigned_amount(field, text)).transpose();
+    let generated = generate_key();
+    let key = state
+        .ledger
+        .create_key(NewApiKey {
+            id: format!("key_{}", uuid::Uuid::now_v7().simple()),
+            account_id,
+            name: request.name,
+            key_hash: generated.hash,
+            prefix: generated.display_prefix,
+            budget_daily: budget("budget_daily", request.budget_daily)?,
+            budget_monthly: budget("budget_monthly", request.budget_monthly)?,
+            budget_total: budget("budget_total", request.budget_total)?,
+            rpm: request.rpm,
+            tpm: request.tpm,
+            allowed_models: request.allowed_models,
+            expires_at: request.expires_at,
+        })
+        .await?;
+    state.contexts.invalidate_all();
+    let mut value = serde_json::to_value(&key).map_err(|error| ApiError::Internal(error.to_string()))?;
+    if let Some(object) = value.as_object_mut() {
+        // Shown once; only its hash is stored.
+        object.insert("key".into(), json!(generated.secret));
+    }
+    Ok((StatusCode::CREATED, Json(value)).into_response())
+}
+
+async fn list_keys(State(state): State<AppState>, headers: HeaderMap, Path(account_id): Path<String>) -> Result<Json<Value>, ApiError> {
+    require_operator(&state, &headers)?;
+    if state.ledger.account(&account_id).await?.is_none() {
+        return Err(ApiError::NotFound(format!("account {account_id} not found")));
+    }
+    let keys = state.ledger.keys_for_account(&account_id).await?;
+    Ok(Json(json!({"data": keys})))
+}
+
+async fn revoke_key(State(state): State<AppState>, headers: HeaderMap, Path(key_id): Path<String>) -> Result<Json<Value>, ApiError> {
+    require_operator(&state, &headers)?;
+    let key = state.ledger.revoke_key(&key_id).await?;
+    state.contexts.invalidate_all();
+    tracing::info!(key_id, "key revoked");
+    Ok(Json(serde_json::to_value(&key).map_err(|error| ApiError::Internal(error.to_string()))?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutPrice {
+    provider: String,
+    model: String,
+    customer_type: String,
+    input_per_mtok: String,
+    output_per_mtok: String,
+    cached_input_per_mtok: Option<String>,
+    cache_write_per_mtok: Option<String>,
+    per_request: Option<String>,
+}
+
+async fn put_prices(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
+    require_operator(&state, &headers)?;
+    let request: Vec<PutPrice> = parse_body(&body)?;
+    if request.is_empty() || request.len() > PRICES_PER_REQUEST_MAX {
+        return Err(ApiError::InvalidRequest(format!("send 1 to {PRICES_PER_REQUEST_MAX} prices")));
+    }
+    let mut prices = Vec::with_capacity(request.len());
+    for price in request {
+        check_identifier("provider", &price.provider)?;
+        check_identifier("model", &price.model)?;
+        check_identifier("customer_type", &price.customer_type)?;
+        let optional = |field: &str, value: Option<String>| value.as_deref().map(|text| unsigned_amount(field, text)).transpose();
+        prices.push(NewPrice {
+            provider: price.provider,
+            model: price.model,
+            customer_type: price.customer_type,
+            price: tollgate_core::Price {
+                input_per_mtok: unsigned_amount("input_per_mtok", &price.input_per_mtok)?,
+                output_per_mtok: unsigned_amount("output_per_mtok", &price.output_per_mtok)?,
+                cached_input_per_mtok: optional("cached_input_per_mtok", price.cached_input_per_mtok)?,
+                cache_write_per_mtok: optional("cache_write_per_mtok", price.cache_write_per_mtok)?,
+                per_request: optional("per_request", price.per_request)?.unwrap_or(Money::ZERO),
+            },
+        });
+    }
+    let rows = state.ledger.put_prices(prices).await?;
+    state.reload_prices().await?;
+    state.contexts.invalidate_all();
+    tracing::info!(prices = rows.len(), "prices changed");
+    Ok(Json(json!({"data": rows})))
+}
+
+async fn list_prices(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    require_operator(&state, &headers)?;
+    let mut rows = state.prices.all();
+    rows.sort_by(|left, right| (&left.provider, &left.model, &left.customer_type).cmp(&(&right.provider, &right.model, &right.customer_type)));
+    Ok(Json(json!({"data": rows})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateTopUp {
+    account_id: String,
+    amount: String,
+    reference_id: String,
+}
+
+async fn create_topup(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    require_operator(&state, &headers)?;
+    let request: CreateTopUp = parse_body(&body)?;
+    check_identifier("reference_id", &request.reference_id)?;
+    let amount = positive("amount", unsigned_amount("amount", &request.amount)?)?;
+    let topup = state.ledger.create_topup(&request.account_id, amount, &request.reference_id).await?;
+    Ok((StatusCode::CREATED, Json(topup)).into_response())
+}
+
+async fn confirm_topup(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    require_operator(&state, &headers)?;
+    let (topup, transaction) = state.ledger.confirm_topup(&id).await?;
+    apply_funds(&state, &topup.account_id).await;
+    tracing::info!(topup_id = id, account_id = topup.account_id, amount = %topup.amount, "top-up confirmed");
+    Ok(Json(json!({"topup": topup, "transaction": transaction})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Refund {
+    amount: String,
+    reason: String,
+    reference_id: String,
+}
+
+async fn refund(State(state): State<AppState>, headers: HeaderMap, Path(account_id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+    require_operator(&state, &headers)?;
+    let request: Refund = parse_body(&body)?;
+    check_identifier("reference_id", &request.reference_id)?;
+    let amount = positive("amount", unsigned_amount("amount", &request.amount)?)?;
+    let amount = amount.checked_neg().ok_or_else(|| ApiError::InvalidRequest("amount out of range".into()))?;
+    record_fund(&state, NewFund { account_id, kind: FundKind::Refund, amount, reference_id: request.reference_id, reason: Some(request.reason), operator_id: None }).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Adjustment {
+    amount: Money,
+    reason: String,
+    operator_id: String,
+    reference_id: String,
+}
+
+async fn adjust(State(state): State<AppState>, headers: HeaderMap, Path(account_id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+    require_operator(&state, &headers)?;
+    let request: Adjustment = parse_body(&body)?;
+    check_identifier("reference_id", &request.reference_id)?;
+    check_identifier("operator_id", &request.operator_id)?;
+    if request.amount.is_zero() {
+        return Err(ApiError::InvalidRequest("amount must not be zero".into()));
+    }
+    let fund = NewFund {
+        account_id,
+        kind: FundKind::Adjustment,
+        amount: request.amount,
+        reference_id: request.reference_id,
+        reason: Some(request.reason),
+        operator_id: Some(request.operator_id),
+    };
+    record_fund(&state, fund).await
+}
+
+async fn record_fund(state: &AppState, fund: NewFund) -> Result<Response, ApiError> {
+    let account_id = fund.account_id.clone();
+    let outcome = state.ledger.record_fund(fund).await?;
+    apply_funds(state, &account_id).await;
+    let status = if outcome.newly_applied { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(outcome.transaction)).into_response())
+}
+
+#[derive(Deserialize)]
+struct StatementParams {
+    start: Option<String>,
+    end: Option<String>,
+    format: Option<String>,
+}
+
+fn statement_row(entry: &LedgerEntry) -> Value {
+    match entry {
+        LedgerEntry::Fund(fund) => json!({
+            "kind": fund.kind.as_str(),
+            "ledger_seq": fund.ledger_seq,
+            "amount": fund.amount,
+            "balance_before": fund.balance_before,
+            "balance_after": fund.balance_after,
+            "reference_id": fund.reference_id,
+            "reason": fund.reason,
+            "operator_id": fund.operator_id,
+            "created_at": rfc3339(fund.created_at),
+        }),
+        LedgerEntry::Usage(usage) => json!({
+            "kind": "usage",
+            "ledger_seq": usage.ledger_seq,
+            "amount": Money::ZERO.checked_sub(usage.cost),
+            "balance_before": usage.balance_before,
+            "balance_after": usage.balance_after,
+            "request_id": usage.request_id,
+            "api_key_id": usage.api_key_id,
+            "provider": usage.provider,
+            "model": usage.model,
+            "input_tokens": usage.usage.input_tokens,
+            "cached_input_tokens": usage.usage.cached_input_tokens,
+            "cache_write_tokens": usage.usage.cache_write_tokens,
+            "output_tokens": usage.usage.output_tokens,
+            "reasoning_tokens": usage.usage.reasoning_tokens,
+            "usage_source": usage.usage_source.as_str(),
+            "status": usage.status.as_str(),
+            "price_id": usage.price_id,
+            "created_at": rfc3339(usage.created_at),
+        }),
+    }
+}
+
+fn rfc3339(time: OffsetDateTime) -> String {
+    time.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+fn csv_field(value: &Value) -> String {
+    let text = match value {
+        Value::Null => String::new(),
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    };
+    if text.contains([',', '"', '\n', '\r']) { format!("\"{}\"", text.replace('"', "\"\"")) } else { text }
+}
+
+const CSV_COLUMNS: [&str; 13] = [
+    "ledger_seq", "kind", "amount", "balance_before", "balance_after", "reference", "created_at", "model",
+    "input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens", "usage_source",
+];
+
+async fn statement(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(account_id): Path<String>,
+    params: Result<Query<StatementParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    require_operator(&state, &headers)?;
+    let params = parse_query(params)?;
+    let start = time_param("start", params.start.as_deref())?;
+    let end = time_param("end", params.end.as_deref())?;
+    if state.ledger.account(&account_id).await?.is_none() {
+        return Err(ApiError::NotFound(format!("account {account_id} not found")));
+    }
+    let entries = state.ledger.statement(&account_id, start, end).await?;
+    let opening = entries.first().map_or(Money::ZERO, LedgerEntry::balance_before);
+    let closing = entries.last().map_or(opening, LedgerEntry::balance_after);
+    let rows: Vec<Value> = entries.iter().map(statement_row).collect();
+    match params.format.as_deref().unwrap_or("json") {
+        "json" => Ok(Json(json!({"account_id": account_id, "opening_balance": opening, "closing_balance": closing, "rows": rows})).into_response()),
+        "csv" => {
+            let mut csv = CSV_COLUMNS.join(",");
+            csv.push('\n');
+            for row in &rows {
+                let reference = if row["kind"] == "usage" { &row["request_id"] } else { &row["reference_id"] };
+                let fields: Vec<String> = CSV_COLUMNS
+                    .iter()
+                    .map(|column| if *column == "reference" { csv_field(reference) } else { csv_field(&row[*column]) })
+                    .collect();
+                csv.push_str(&fields.join(","));
+                csv.push('\n');
+            }
+            Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], csv).into_response())
+        }
+        other => Err(ApiError::InvalidRequest(format!("format must be json or csv, not {other}"))),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Quote {
+    model: String,
+    provider: Option<String>,
+    customer_type: Option<String>,
+    account_id: Option<String>,
+    usage: Usage,
+}
+
+async fn quote(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
+    require_operator(&state, &headers)?;
+    let request: Quote = parse_body(&body)?;
+    let customer_type = match (request.customer_type, request.account_id) {
+        (Some(customer_type), None) => customer_type,
+        (None, Some(account_id)) => {
+            state.ledger.account(&account_id).await?.ok_or_else(|| ApiError::NotFound(format!("account {account_id} not found")))?.customer_type
+        }
+        _ => return Err(ApiError::InvalidRequest("give exactly one of customer_type and account_id".into())),
+    };
+    let provider = match request.provider {
+        Some(provider) => provider,
+        None => state.upstreams.route(&request.model).map(|route| route.provider.name.clone()).ok_or_else(|| ApiError::ModelNotFound(request.model.clone()))?,
+    };
+    let price = state.prices.get(&provider, &request.model, &customer_type).ok_or_else(|| ApiError::PriceNotConfigured {
+        provider: provider.clone(),
+        model: request.model.clone(),
+        customer_type: customer_type.clone(),
+    })?;
+    let breakdown = tollgate_core::cost(&price.price, &request.usage).map_err(|error| ApiError::InvalidRequest(format!("cannot price this usage: {error}")))?;
+    Ok(Json(json!({
+        "provider": provider,
+        "model": request.model,
+        "customer_type": customer_type,
+        "price_id": price.id,
+        "input": breakdown.input,
+        "cached_input": breakdown.cached_input,
+        "cache_write": breakdown.cache_write,
+        "output": breakdown.output,
+        "per_request": breakdown.per_request,
+        "total": breakdown.total,
+    })))
+}
+
+#[derive(Deserialize)]
+struct TransactionParams {
+    account_id: Option<String>,
+    api_key_id: Option<String>,
+    start: Option<String>,
+    end: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<i64>,
+}
+
+async fn transactions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    params: Result<Query<TransactionParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    require_operator(&state, &headers)?;
+    let params = parse_query(params)?;
+    let limit = params.limit.unwrap_or(100).clamp(1, 1000);
+    let rows = state
+        .ledger
+        .usage_rows(UsageQuery {
+            account_id: params.account_id,
+            api_key_id: params.api_key_id,
+            start: time_param("start", params.start.as_deref())?,
+            end: time_param("end", params.end.as_deref())?,
+            limit,
+            cursor: params.cursor,
+        })
+        .await?;
+    let next_cursor = if rows.len() == limit as usize { rows.last().map(|row| row.id) } else { None };
+    Ok(Json(json!({"data": rows, "next_cursor": next_cursor})))
+}
+
+#[derive(Deserialize)]
+struct SummaryParams {
+    account_id: Option<String>,
+    start: Option<String>,
+    end: Option<String>,
+    group_by: Option<SummaryGroup>,
+}
+
+async fn summary(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    params: Result<Query<SummaryParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    require_operator(&state, &headers)?;
+    let params = parse_query(params)?;
+    let group_by = params.group_by.unwrap_or(SummaryGroup::Model);
+    let start = time_param("start", params.start.as_deref())?;
+    let end = time_param("end", params.end.as_deref())?;
+    let rows = state.ledger.summary(params.account_id.as_deref(), start, end, group_by).await?;
+    Ok(Json(json!({"group_by": group_by, "data": rows})))
 }
