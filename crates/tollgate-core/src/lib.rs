@@ -1,11 +1,19 @@
-//! The billing domain, pure: no I/O, no clocks, no floats.
+//! The billing domain of Tollgate, pure: no I/O, no clocks, no floats near money.
 //!
-//! - [`money`]: `Money`, exact nano-units with strict decimal parsing and checked arithmetic.
-//! - [`price`]: prices per million tokens of each kind.
-//! - [`usage`]: token counts normalised across providers, and where they came from.
-//! - [`cost`]: the one cost function (exact, rounded up once).
-//! - [`estimate`]: the hold placed before forwarding.
-//! - [`tokens`]: tiktoken counting for estimates and the fallback when usage is missing.
+//! Module map:
+//! - [`money`]: [`Money`], exact signed nano-units (10⁻⁹ of the currency) with strict decimal
+//!   parsing, canonical formatting, string-only serde and checked arithmetic; [`MoneyError`].
+//! - [`price`]: [`Price`], what a million tokens of each kind cost plus a flat fee;
+//!   [`PriceError`].
+//! - [`usage`]: [`Usage`], token counts normalised across providers, and [`UsageSource`], where
+//!   they came from.
+//! - [`cost`](mod@cost): [`cost()`], the one cost function (exact, rounded up once), used by
+//!   settle, the hold and the quote endpoint; [`CostBreakdown`], [`CostError`].
+//! - [`estimate`]: [`hold_estimate`], the amount reserved before forwarding a request.
+//! - [`tokens`]: tiktoken counting for hold estimates and for the fallback when an upstream
+//!   reports no usage.
+//!
+//! Errors are one `thiserror` enum per module, re-exported here.
 
 pub mod cost;
 pub mod estimate;

@@ -1,5 +1,11 @@
 //! Token counting with the tiktoken encodings (shipped inside tiktoken-rs, so it works offline).
 //! Used for hold estimates and as the fallback when an upstream reports no usage.
+//!
+//! Each encoding is loaded once, lazily, on first use (roughly a hundred milliseconds), and
+//! shared by every thread. If an encoding cannot be loaded, counting does not fail: it falls back
+//! to an upper bound of one token per two bytes (rounded up), silently, so holds and fallback
+//! charges err towards asking the payer for more, never towards a free request.
+//! [`tokenizer_ready`] tells a readiness check whether the real encodings are in use.
 
 use std::sync::OnceLock;
 
@@ -7,22 +13,31 @@ use serde_json::Value;
 use tiktoken_rs::CoreBPE;
 
 /// The BPE encodings Tollgate counts with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Encoding {
+    /// GPT-4 / GPT-3.5 era encoding; also the approximation for every non-OpenAI model.
     Cl100k,
+    /// GPT-4o and later OpenAI models.
     O200k,
 }
 
 /// Flat token charge for an image part, as OpenAI counts a low-detail image.
 const IMAGE_PART_TOKENS: u64 = 85;
-/// OpenAI's chat format: tokens around every message, and priming the reply.
+/// OpenAI's chat format: tokens framing every message.
 const TOKENS_PER_MESSAGE: u64 = 3;
+/// OpenAI's chat format: one more for a message with a `name`.
 const TOKENS_PER_NAME: u64 = 1;
+/// OpenAI's chat format: tokens priming the assistant's reply.
 const TOKENS_PRIMING_REPLY: u64 = 3;
+/// Model-name prefixes counted with o200k.
+const O200K_PREFIXES: [&str; 7] = ["gpt-4o", "gpt-4.1", "gpt-5", "o1", "o3", "o4", "chatgpt-4o"];
+/// Content-part types that are images, charged a flat amount.
+const IMAGE_PART_TYPES: [&str; 3] = ["image_url", "image", "input_image"];
 
 static CL100K: OnceLock<Option<CoreBPE>> = OnceLock::new();
 static O200K: OnceLock<Option<CoreBPE>> = OnceLock::new();
 
+/// The loaded encoding, or `None` if it could not be loaded (remembered: not retried).
 fn bpe(encoding: Encoding) -> Option<&'static CoreBPE> {
     match encoding {
         Encoding::Cl100k => CL100K.get_or_init(|| tiktoken_rs::cl100k_base().ok()).as_ref(),
@@ -30,57 +45,83 @@ fn bpe(encoding: Encoding) -> Option<&'static CoreBPE> {
     }
 }
 
-/// True once both encodings are loaded (loading them is the first call's cost, ~100 ms).
+/// True when both encodings are loaded, so counts are exact rather than the byte-based upper
+/// bound. Loads them if not yet loaded, so calling it at startup also warms the tokenizer.
 pub fn tokenizer_ready() -> bool {
     bpe(Encoding::Cl100k).is_some() && bpe(Encoding::O200k).is_some()
 }
 
-/// o200k for the GPT-4o, GPT-4.1, GPT-5 and o-series families; cl100k for everything else,
-/// including non-OpenAI models, as an approximation.
+/// o200k for gpt-4o*, gpt-4.1*, gpt-5*, o1*, o3*, o4*, chatgpt-4o*; cl100k for everything else
+/// (including unknown models and non-OpenAI models, as an approximation).
+///
+/// A routing prefix ("openai/gpt-4o") and a fine-tune prefix ("ft:gpt-4o-mini:org::id") are
+/// ignored, and case does not matter, so aliases count like the model they name.
 pub fn encoding_for_model(model: &str) -> Encoding {
-    let model = model.rsplit('/').next().unwrap_or(model);
-    const O200K_PREFIXES: [&str; 7] = ["gpt-4o", "gpt-4.1", "gpt-5", "o1", "o3", "o4", "chatgpt-4o"];
+    let model = model.rsplit('/').next().unwrap_or(model).to_ascii_lowercase();
+    let model = model.strip_prefix("ft:").unwrap_or(&model);
     if O200K_PREFIXES.iter().any(|prefix| model.starts_with(prefix)) { Encoding::O200k } else { Encoding::Cl100k }
 }
 
-/// Tokens of a text. If the encoding could not be loaded, an upper bound (bytes / 2, rounded
-/// up) so holds and fallback charges err on the side of the payer being asked for more, never
-/// on the side of a free request.
+/// The fallback when an encoding cannot be loaded: one token per two bytes, rounded up, which is
+/// above what either encoding produces for ordinary text.
+fn upper_bound_from_bytes(text: &str) -> u64 {
+    u64::try_from(text.len()).unwrap_or(u64::MAX).div_ceil(2)
+}
+
+/// Tokens of a text, as the encoding splits it (special-token text is counted as plain text).
+/// If the encoding could not be loaded, the byte-based upper bound described in the module docs.
 pub fn count_text(encoding: Encoding, text: &str) -> u64 {
     match bpe(encoding) {
-        Some(bpe) => bpe.encode_ordinary(text).len() as u64,
-        None => (text.len() as u64).div_ceil(2),
+        Some(bpe) => u64::try_from(bpe.encode_ordinary(text).len()).unwrap_or(u64::MAX),
+        None => upper_bound_from_bytes(text),
     }
 }
 
+/// Tokens of a message's `content`: a string, or an array of parts whose `text` is counted and
+/// whose images count a flat [`IMAGE_PART_TOKENS`].
 fn count_content(encoding: Encoding, content: &Value) -> u64 {
     match content {
         Value::String(text) => count_text(encoding, text),
-        Value::Array(parts) => parts
-            .iter()
-            .map(|part| match part.get("type").and_then(Value::as_str) {
-                Some("image_url" | "image" | "input_image") => IMAGE_PART_TOKENS,
-                _ => part.get("text").and_then(Value::as_str).map_or(0, |text| count_text(encoding, text)),
-            })
-            .sum(),
+        Value::Array(parts) => parts.iter().fold(0, |tokens: u64, part| tokens.saturating_add(count_part(encoding, part))),
         _ => 0,
     }
 }
 
-/// Prompt tokens of a chat request by OpenAI's documented formula: 3 per message, 1 more for a
-/// `name`, the tokens of role, content and name, and 3 priming the reply.
+fn count_part(encoding: Encoding, part: &Value) -> u64 {
+    if let Value::String(text) = part {
+        return count_text(encoding, text);
+    }
+    let is_image = part.get("type").and_then(Value::as_str).is_some_and(|kind| IMAGE_PART_TYPES.contains(&kind));
+    if is_image {
+        return IMAGE_PART_TOKENS;
+    }
+    part.get("text").and_then(Value::as_str).map_or(0, |text| count_text(encoding, text))
+}
+
+/// Prompt tokens of a chat request by OpenAI's documented formula: 3 tokens per message, +1 if
+/// the message has "name", the tokens of every string field value of the message (role, content,
+/// name, and any other string field such as `tool_call_id`) where content may be a string or an
+/// array of parts whose "text" fields are counted (image parts: a flat 85 tokens each), plus 3
+/// tokens priming the reply. Non-string fields other than content (e.g. `tool_calls`) are not
+/// counted. Saturating, so no input can make it wrap.
 pub fn count_chat_prompt(encoding: Encoding, messages: &[Value]) -> u64 {
-    let mut tokens = TOKENS_PRIMING_REPLY;
-    for message in messages {
-        tokens += TOKENS_PER_MESSAGE;
-        if let Some(role) = message.get("role").and_then(Value::as_str) {
-            tokens += count_text(encoding, role);
-        }
-        if let Some(content) = message.get("content") {
-            tokens += count_content(encoding, content);
-        }
-        if let Some(name) = message.get("name").and_then(Value::as_str) {
-            tokens += TOKENS_PER_NAME + count_text(encoding, name);
+    messages.iter().fold(TOKENS_PRIMING_REPLY, |tokens, message| tokens.saturating_add(count_message(encoding, message)))
+}
+
+fn count_message(encoding: Encoding, message: &Value) -> u64 {
+    let mut tokens = TOKENS_PER_MESSAGE;
+    let Some(fields) = message.as_object() else {
+        return tokens;
+    };
+    for (key, value) in fields {
+        let field_tokens = match (key.as_str(), value) {
+            ("content", content) => count_content(encoding, content),
+            (_, Value::String(text)) => count_text(encoding, text),
+            _ => 0,
+        };
+        tokens = tokens.saturating_add(field_tokens);
+        if key == "name" {
+            tokens = tokens.saturating_add(TOKENS_PER_NAME);
         }
     }
     tokens
@@ -88,8 +129,11 @@ pub fn count_chat_prompt(encoding: Encoding, messages: &[Value]) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
     use serde_json::json;
+
+    const BOTH: [Encoding; 2] = [Encoding::Cl100k, Encoding::O200k];
 
     #[test]
     fn known_counts() {
@@ -97,31 +141,100 @@ mod tests {
         assert_eq!(count_text(Encoding::Cl100k, "hello world"), 2);
         assert_eq!(count_text(Encoding::O200k, "hello world"), 2);
         assert_eq!(count_text(Encoding::Cl100k, ""), 0);
+        assert_eq!(count_text(Encoding::O200k, ""), 0);
+        assert_eq!(count_text(Encoding::Cl100k, "hello"), 1);
+        // Special-token text is ordinary text here: more than the one special token.
+        assert!(count_text(Encoding::Cl100k, "<|endoftext|>") > 1);
+    }
+
+    #[test]
+    fn the_encodings_differ_where_they_should() {
+        // cl100k and o200k split some text differently; the choice must reach the tokenizer.
+        let text = "Schönheit liegt im Auge des Betrachters, 美しさは見る人の目の中にある.";
+        assert_ne!(count_text(Encoding::Cl100k, text), count_text(Encoding::O200k, text));
     }
 
     #[test]
     fn each_hello_chunk_is_one_token() {
-        for encoding in [Encoding::Cl100k, Encoding::O200k] {
+        for encoding in BOTH {
             for repetitions in 1..50 {
-                assert_eq!(count_text(encoding, &" hello".repeat(repetitions)), repetitions as u64);
+                assert_eq!(count_text(encoding, &" hello".repeat(repetitions)), u64::try_from(repetitions).unwrap(), "{encoding:?} × {repetitions}");
+            }
+        }
+    }
+
+    #[test]
+    fn byte_fallback_is_an_upper_bound() {
+        assert_eq!(upper_bound_from_bytes(""), 0);
+        assert_eq!(upper_bound_from_bytes("a"), 1);
+        assert_eq!(upper_bound_from_bytes("ab"), 1);
+        assert_eq!(upper_bound_from_bytes("abc"), 2);
+        assert_eq!(upper_bound_from_bytes("é"), 1);
+        for text in ["hello world", " hello hello hello", "The quick brown fox jumps over the lazy dog.", "naïve café 日本語"] {
+            for encoding in BOTH {
+                assert!(count_text(encoding, text) <= upper_bound_from_bytes(text), "{text}");
             }
         }
     }
 
     #[test]
     fn chat_prompt_follows_the_documented_formula() {
-        let messages = [json!({"role": "user", "content": "hello world"})];
-        // 3 priming + 3 per message + "user" (1) + "hello world" (2).
-        assert_eq!(count_chat_prompt(Encoding::Cl100k, &messages), 9);
-        let named = [json!({"role": "user", "name": "bob", "content": [{"type": "text", "text": "hello world"}, {"type": "image_url", "image_url": {"url": "x"}}]})];
-        assert_eq!(count_chat_prompt(Encoding::Cl100k, &named), 9 + 1 + 1 + 85);
+        for encoding in BOTH {
+            // 3 priming + 3 per message + "user" (1) + "hello world" (2).
+            assert_eq!(count_chat_prompt(encoding, &[json!({"role": "user", "content": "hello world"})]), 9);
+            // + "name" flag (1) + "bob" (1) + text part (2) + image part (85).
+            let named = json!({"role": "user", "name": "bob", "content": [
+                {"type": "text", "text": "hello world"},
+                {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+            ]});
+            assert_eq!(count_chat_prompt(encoding, &[named]), 3 + 3 + 1 + 1 + 1 + 2 + 85);
+            assert_eq!(count_chat_prompt(encoding, &[]), 3);
+            // Two messages: each framed.
+            let two = [json!({"role": "system", "content": "hello"}), json!({"role": "user", "content": "hello world"})];
+            assert_eq!(count_chat_prompt(encoding, &two), 3 + (3 + 1 + 1) + (3 + 1 + 2));
+            // Null content (assistant tool call) counts nothing; non-string fields are skipped.
+            let tool_call = json!({"role": "assistant", "content": null, "tool_calls": [{"id": "x"}]});
+            assert_eq!(count_chat_prompt(encoding, &[tool_call]), 3 + 3 + 1);
+            // Any other string field counts, as in OpenAI's reference implementation.
+            let tool_result = json!({"role": "tool", "tool_call_id": "hello", "content": "hello world"});
+            assert_eq!(count_chat_prompt(encoding, &[tool_result]), 3 + 3 + 1 + 1 + 2);
+            // Not an object: only the framing.
+            assert_eq!(count_chat_prompt(encoding, &[json!("hello world")]), 3 + 3);
+        }
+    }
+
+    #[test]
+    fn content_parts_are_counted_by_kind() {
+        let encoding = Encoding::Cl100k;
+        for kind in IMAGE_PART_TYPES {
+            let message = json!({"role": "user", "content": [{"type": kind, "text": "ignored caption words here"}]});
+            assert_eq!(count_chat_prompt(encoding, &[message]), 3 + 3 + 1 + 85, "{kind}");
+        }
+        // A text part (2), an unknown part without text (nothing), a bare string part (1).
+        let message = json!({"role": "user", "content": [{"type": "input_text", "text": "hello world"}, {"type": "unknown"}, "hello"]});
+        assert_eq!(count_chat_prompt(encoding, &[message]), 3 + 3 + 1 + 2 + 1);
+        let message = json!({"role": "user", "content": 42});
+        assert_eq!(count_chat_prompt(encoding, &[message]), 3 + 3 + 1);
     }
 
     #[test]
     fn models_pick_their_encoding() {
-        assert_eq!(encoding_for_model("gpt-4o-mini"), Encoding::O200k);
-        assert_eq!(encoding_for_model("openai/gpt-5"), Encoding::O200k);
-        assert_eq!(encoding_for_model("gpt-4"), Encoding::Cl100k);
-        assert_eq!(encoding_for_model("claude-sonnet-4"), Encoding::Cl100k);
+        let o200k = ["gpt-4o", "gpt-4o-mini", "gpt-4.1-nano", "gpt-5", "gpt-5-mini", "o1", "o1-preview", "o3-mini", "o4-mini", "chatgpt-4o-latest", "openai/gpt-5", "GPT-4o", "ft:gpt-4o-mini:org::abc"];
+        for model in o200k {
+            assert_eq!(encoding_for_model(model), Encoding::O200k, "{model}");
+        }
+        let cl100k = ["gpt-4", "gpt-4-turbo", "gpt-3.5-turbo", "text-embedding-3-small", "claude-sonnet-4", "llama-3", "", "omni", "gpt-40"];
+        for model in cl100k {
+            assert_eq!(encoding_for_model(model), Encoding::Cl100k, "{model}");
+        }
+    }
+
+    #[test]
+    fn loading_is_shared_across_threads() {
+        let counts: Vec<u64> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..8).map(|_| scope.spawn(|| count_text(Encoding::O200k, &" hello".repeat(10)))).collect();
+            handles.into_iter().map(|handle| handle.join().unwrap()).collect()
+        });
+        assert_eq!(counts, vec![10; 8]);
     }
 }

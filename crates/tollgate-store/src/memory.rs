@@ -357,3 +357,223 @@ fn release(account: &mut AccountState, hold: &Hold, periods: &Periods) -> StoreR
     debug_assert!(!account.held.is_negative(), "held never goes below zero");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    use proptest::prelude::*;
+    use tollgate_core::{Usage, UsageSource};
+
+    use super::*;
+    use crate::hot::Limits;
+    use crate::model::RequestStatus;
+    use crate::queue::{EventLog, channel_log};
+
+    /// A hot store whose clock the test moves, and a task acknowledging every logged event.
+    fn store() -> (MemoryHotStore, Arc<AtomicI64>, tokio::task::JoinHandle<Vec<UsageEvent>>) {
+        let now = Arc::new(AtomicI64::new(1_769_903_970_000));
+        let clock_now = Arc::clone(&now);
+        let (sender, mut log) = channel_log(1024);
+        let acknowledger = tokio::spawn(async move {
+            let mut events = Vec::new();
+            loop {
+                let batch = log.read_batch(64).await.unwrap();
+                if batch.is_empty() {
+                    return events;
+                }
+                events.extend(batch.iter().map(|delivery| delivery.event.clone()));
+                log.ack(batch).await.unwrap();
+            }
+        });
+        (MemoryHotStore::new(sender, Arc::new(move || clock_now.load(Ordering::SeqCst))), now, acknowledger)
+    }
+
+    async fn loaded(store: &MemoryHotStore, balance: i64) {
+        let snapshot = AccountSnapshot { account_id: "a".into(), balance: Money::from_nanos(balance), last_fund_seq: 0, charged_request_ids: vec!["old".into()] };
+        assert!(store.load_account(snapshot.clone()).await.unwrap());
+        assert!(!store.load_account(snapshot).await.unwrap(), "a second load changes nothing");
+    }
+
+    fn request(id: &str, hold: i64) -> AuthorizeRequest {
+        AuthorizeRequest {
+            account_id: "a".into(),
+            api_key_id: "k".into(),
+            request_id: id.into(),
+            hold: Money::from_nanos(hold),
+            hold_tokens: 10,
+            limits: Limits::default(),
+            hold_ttl_ms: 1_000,
+        }
+    }
+
+    fn event(id: &str, cost: i64, status: RequestStatus) -> UsageEvent {
+        UsageEvent {
+            request_id: id.into(),
+            account_id: "a".into(),
+            api_key_id: "k".into(),
+            provider: "p".into(),
+            model: "m".into(),
+            customer_type: "t".into(),
+            price_id: Some(1),
+            usage: Usage::default(),
+            usage_source: UsageSource::Upstream,
+            cost: Money::from_nanos(cost),
+            status,
+            latency_ms: 1,
+            created_at_ms: 0,
+            hot_balance_after: Money::ZERO,
+            stored_response: None,
+        }
+    }
+
+    async fn view(store: &MemoryHotStore) -> BalanceView {
+        store.balance("a", "k").await.unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn authorize_settle_void_and_idempotency() {
+        let (store, _, _) = store();
+        assert_eq!(store.authorize(&request("r1", 10)).await.unwrap(), Authorization::Refused(Refusal::AccountNotLoaded));
+        loaded(&store, 100).await;
+        assert_eq!(store.authorize(&request("old", 1)).await.unwrap(), Authorization::Refused(Refusal::AlreadyCharged));
+        assert_eq!(store.authorize(&request("r1", 60)).await.unwrap(), Authorization::Held { available_after: Money::from_nanos(40) });
+        assert_eq!(store.authorize(&request("r1", 1)).await.unwrap(), Authorization::Refused(Refusal::InProgress));
+        assert_eq!(
+            store.authorize(&request("r2", 41)).await.unwrap(),
+            Authorization::Refused(Refusal::InsufficientBalance { available: Money::from_nanos(40), required: Money::from_nanos(41) })
+        );
+        let settlement = store.settle(event("r1", 55, RequestStatus::Success)).await.unwrap();
+        assert_eq!((settlement.balance_before, settlement.balance_after), (Money::from_nanos(100), Money::from_nanos(45)));
+        let again = store.settle(event("r1", 55, RequestStatus::Success)).await.unwrap();
+        assert!(again.already_settled);
+        assert_eq!(view(&store).await.balance, Money::from_nanos(45), "a second settle charges nothing");
+        assert_eq!(store.authorize(&request("r1", 1)).await.unwrap(), Authorization::Refused(Refusal::AlreadyCharged));
+        assert!(matches!(store.authorize(&request("r3", 45)).await.unwrap(), Authorization::Held { .. }));
+        store.void(event("r3", 0, RequestStatus::Failed)).await.unwrap();
+        let after_void = view(&store).await;
+        assert_eq!((after_void.balance, after_void.held, after_void.daily_requests_used), (Money::from_nanos(45), Money::ZERO, 1));
+        // A voided id may be used again.
+        assert!(matches!(store.authorize(&request("r3", 45)).await.unwrap(), Authorization::Held { .. }));
+    }
+
+    #[tokio::test]
+    async fn expired_holds_are_released_and_a_late_settle_still_charges_once() {
+        let (store, now, _) = store();
+        loaded(&store, 100).await;
+        assert!(matches!(store.authorize(&request("slow", 80)).await.unwrap(), Authorization::Held { .. }));
+        assert_eq!(store.expire_holds().await.unwrap(), 0, "not yet due");
+        now.fetch_add(1_000, Ordering::SeqCst);
+        assert_eq!(store.expire_holds().await.unwrap(), 1);
+        assert_eq!(view(&store).await.held, Money::ZERO);
+        let settlement = store.settle(event("slow", 30, RequestStatus::Success)).await.unwrap();
+        assert!(!settlement.already_settled);
+        assert_eq!(view(&store).await.balance, Money::from_nanos(70));
+        assert_eq!(view(&store).await.held, Money::ZERO);
+    }
+
+    #[tokio::test]
+    async fn quotas_budgets_and_rate_limits_refuse_with_their_reason() {
+        let (store, now, _) = store();
+        loaded(&store, 1_000).await;
+        let limited = |id: &str, limits: Limits| AuthorizeRequest { limits, ..request(id, 10) };
+        let daily = Limits { daily_request_quota: Some(1), ..Limits::default() };
+        assert!(matches!(store.authorize(&limited("q1", daily.clone())).await.unwrap(), Authorization::Held { .. }));
+        assert_eq!(store.authorize(&limited("q2", daily)).await.unwrap(), Authorization::Refused(Refusal::DailyQuotaExceeded { retry_after_secs: 30 }));
+        let budget = Limits { key_budget_total: Some(Money::from_nanos(15)), ..Limits::default() };
+        assert!(matches!(
+            store.authorize(&limited("b1", budget)).await.unwrap(),
+            Authorization::Refused(Refusal::KeyBudgetExceeded { period: BudgetPeriod::Total, retry_after_secs: None })
+        ), "the open hold of q1 counts against the key budget");
+        let rpm = Limits { key_requests_per_minute: Some(1), ..Limits::default() };
+        assert_eq!(store.authorize(&limited("m1", rpm.clone())).await.unwrap(), Authorization::Refused(Refusal::RateLimited { retry_after_secs: 30 }));
+        now.fetch_add(60_000, Ordering::SeqCst);
+        assert!(matches!(store.authorize(&limited("m2", rpm)).await.unwrap(), Authorization::Held { .. }), "a new minute, a new window");
+    }
+
+    #[tokio::test]
+    async fn fund_changes_apply_once_and_in_order() {
+        let (store, _, _) = store();
+        assert_eq!(store.apply_fund("a", 1, Money::from_nanos(5)).await.unwrap(), FundApplication::AccountNotLoaded);
+        loaded(&store, 0).await;
+        assert_eq!(store.apply_fund("a", 2, Money::from_nanos(5)).await.unwrap(), FundApplication::Applied { balance_after: Money::from_nanos(5) });
+        assert_eq!(store.apply_fund("a", 2, Money::from_nanos(5)).await.unwrap(), FundApplication::AlreadyApplied);
+        assert_eq!(store.apply_fund("a", 1, Money::from_nanos(5)).await.unwrap(), FundApplication::AlreadyApplied);
+        assert_eq!(view(&store).await.balance, Money::from_nanos(5));
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Authorize { id: u8, hold: i64 },
+        Settle { id: u8, cost: i64 },
+        Void { id: u8 },
+        Expire,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (0u8..8, 0i64..50).prop_map(|(id, hold)| Step::Authorize { id, hold }),
+            (0u8..8, 0i64..60).prop_map(|(id, cost)| Step::Settle { id, cost }),
+            (0u8..8).prop_map(|id| Step::Void { id }),
+            Just(Step::Expire),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Whatever the order of steps: the balance moves only by settled costs, each id is
+        /// charged at most once, held equals the sum of open holds, and `available` goes below
+        /// zero only by a settle's overrun of its own hold.
+        #[test]
+        fn hold_and_settle_arithmetic(steps in proptest::collection::vec(step(), 1..60)) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let (store, now, _) = store();
+                loaded(&store, 200).await;
+                let mut open: HashMap<u8, i64> = HashMap::new();
+                let mut charged: HashMap<u8, i64> = HashMap::new();
+                let mut overrun = 0i64;
+                for step in steps {
+                    match step {
+                        Step::Authorize { id, hold } => {
+                            let before = view(&store).await;
+                            let outcome = store.authorize(&request(&format!("r{id}"), hold)).await.unwrap();
+                            if let Authorization::Held { available_after } = outcome {
+                                prop_assert!(!open.contains_key(&id) && !charged.contains_key(&id));
+                                prop_assert!(available_after.nanos() >= -overrun);
+                                prop_assert!(before.balance.nanos() - before.held.nanos() >= hold);
+                                open.insert(id, hold);
+                            }
+                        }
+                        Step::Settle { id, cost } => {
+                            if !open.contains_key(&id) && !charged.contains_key(&id) { continue; }
+                            let settlement = store.settle(event(&format!("r{id}"), cost, RequestStatus::Success)).await.unwrap();
+                            if charged.contains_key(&id) {
+                                prop_assert!(settlement.already_settled);
+                            } else {
+                                prop_assert_eq!(settlement.balance_before.nanos() - settlement.balance_after.nanos(), cost);
+                                overrun += (cost - open.remove(&id).unwrap_or(0)).max(0);
+                                charged.insert(id, cost);
+                            }
+                        }
+                        Step::Void { id } => {
+                            store.void(event(&format!("r{id}"), 0, RequestStatus::Failed)).await.unwrap();
+                            open.remove(&id);
+                        }
+                        Step::Expire => {
+                            now.fetch_add(1_000, Ordering::SeqCst);
+                            store.expire_holds().await.unwrap();
+                            open.clear();
+                        }
+                    }
+                    let state = view(&store).await;
+                    prop_assert_eq!(state.held.nanos(), open.values().sum::<i64>());
+                    prop_assert_eq!(state.balance.nanos(), 200 - charged.values().sum::<i64>());
+                }
+                Ok(())
+            })?;
+        }
+    }
+}
