@@ -30,11 +30,10 @@ fn spawn_gateway(config_path: &std::path::Path, listen: &str) -> tokio::process:
 
 async fn wait_ready(http: &reqwest::Client, url: &str) {
     for _ in 0..200 {
-        if let Ok(response) = http.get(format!("{url}/readyz")).send().await {
-            if response.status() == 200 {
+        if let Ok(response) = http.get(format!("{url}/readyz")).send().await
+            && response.status() == 200 {
                 return;
             }
-        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("gateway at {url} never became ready");

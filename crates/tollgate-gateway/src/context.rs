@@ -65,10 +65,13 @@ impl ContextCache {
     }
 }
 
+/// (provider, model, customer_type).
+type PriceKey = (String, String, String);
+
 /// The price of every (provider, model, customer_type), replaced whole on every price change.
 #[derive(Default)]
 pub struct PriceTable {
-    current: RwLock<Arc<HashMap<(String, String, String), PriceRow>>>,
+    current: RwLock<Arc<HashMap<PriceKey, PriceRow>>>,
 }
 
 impl PriceTable {

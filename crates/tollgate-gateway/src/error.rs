@@ -156,11 +156,10 @@ impl ApiError {
             }),
         };
         let mut response = (status, axum::Json(body)).into_response();
-        if let Some(seconds) = self.retry_after_secs() {
-            if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
+        if let Some(seconds) = self.retry_after_secs()
+            && let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
                 response.headers_mut().insert(header::RETRY_AFTER, value);
             }
-        }
         response
     }
 }

@@ -117,11 +117,10 @@ async fn handle_request(
         .filter(|route| route.provider.serves(protocol))
         .cloned()
         .ok_or_else(|| ApiError::ModelNotFound(parsed.model.clone()))?;
-    if let Some(allowed) = &context.key.allowed_models {
-        if !allowed.iter().any(|model| model == &parsed.model) {
+    if let Some(allowed) = &context.key.allowed_models
+        && !allowed.iter().any(|model| model == &parsed.model) {
             return Err(ApiError::ModelNotAllowed(parsed.model.clone()));
         }
-    }
     let price = state
         .prices
         .get(&route.provider.name, &route.model, &context.account.customer_type)

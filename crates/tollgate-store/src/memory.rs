@@ -550,12 +550,12 @@ mod tests {
                         Step::Settle { id, cost } => {
                             if !open.contains_key(&id) && !charged.contains_key(&id) { continue; }
                             let settlement = store.settle(event(&format!("r{id}"), cost, RequestStatus::Success)).await.unwrap();
-                            if charged.contains_key(&id) {
-                                prop_assert!(settlement.already_settled);
-                            } else {
+                            if let std::collections::hash_map::Entry::Vacant(e) = charged.entry(id) {
                                 prop_assert_eq!(settlement.balance_before.nanos() - settlement.balance_after.nanos(), cost);
                                 overrun += (cost - open.remove(&id).unwrap_or(0)).max(0);
-                                charged.insert(id, cost);
+                                e.insert(cost);
+                            } else {
+                                prop_assert!(settlement.already_settled);
                             }
                         }
                         Step::Void { id } => {

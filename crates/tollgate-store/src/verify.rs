@@ -54,11 +54,10 @@ pub async fn check_account(ledger: &dyn Ledger, account_id: &str) -> StoreResult
         if entry.balance_before() != previous_after || entry.ledger_seq() != previous_seq + 1 {
             chain_breaks.push(entry.ledger_seq());
         }
-        if let LedgerEntry::Usage(row) = entry {
-            if row.status != RequestStatus::Failed && !charged.insert(row.request_id.clone()) {
+        if let LedgerEntry::Usage(row) = entry
+            && row.status != RequestStatus::Failed && !charged.insert(row.request_id.clone()) {
                 duplicate_request_ids.push(row.request_id.clone());
             }
-        }
         previous_after = entry.balance_after();
         previous_seq = entry.ledger_seq();
     }
