@@ -159,6 +159,13 @@ impl TestGateway {
         request.send().await.unwrap()
     }
 
+    /// Generation requests the mock upstream has received.
+    pub async fn upstream_requests(&self) -> u64 {
+        let base = self.mock_url.trim_end_matches("/v1");
+        let stats: Value = self.http.get(format!("{base}/mock/stats")).send().await.unwrap().json().await.unwrap();
+        stats["requests"].as_u64().unwrap()
+    }
+
     pub async fn balance(&self, key: &str) -> Value {
         let response = self.http.get(format!("{}/v1/balance", self.url)).bearer_auth(key).send().await.unwrap();
         assert_eq!(response.status(), 200);

@@ -19,6 +19,7 @@ async fn two_hundred_concurrent_requests_against_twenty_holds() {
     let starting = Money::from_nanos(cost.nanos() * 20);
     let account = gateway.account(&starting.to_string(), json!({})).await;
     let key = gateway.key(&account, json!({})).await;
+    let forwarded_before = gateway.upstream_requests().await;
     let mut requests = Vec::new();
     for _ in 0..200 {
         let http = gateway.http.clone();
@@ -46,6 +47,7 @@ async fn two_hundred_concurrent_requests_against_twenty_holds() {
     }
     assert_eq!(succeeded + refused, 200);
     assert_eq!(succeeded, 20, "exactly the requests the balance covers got through");
+    assert_eq!(gateway.upstream_requests().await - forwarded_before, 20, "no request reached the upstream without a hold");
     let final_balance = gateway.balance_of(&key).await;
     assert!(!final_balance.is_negative());
     assert_eq!(final_balance, starting.checked_sub(Money::from_nanos(cost.nanos() * 20)).unwrap());

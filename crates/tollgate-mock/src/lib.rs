@@ -66,6 +66,9 @@ const BODY_LIMIT: usize = 32 * 1024 * 1024;
 
 pub(crate) struct AppState {
     pub(crate) config: MockConfig,
+    /// Completion and embedding requests received, for tests that prove nothing reached the
+    /// upstream without a hold (`GET /mock/stats`).
+    generation_requests: std::sync::atomic::AtomicU64,
     models_openai: Bytes,
     models_anthropic: Bytes,
 }
@@ -116,13 +119,18 @@ pub fn router(config: MockConfig) -> Router {
         config,
         models_openai: models_openai_json(),
         models_anthropic: models_anthropic_json(),
+        generation_requests: std::sync::atomic::AtomicU64::new(0),
     });
-    Router::new()
+    let generation = Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/messages", post(anthropic::messages))
-        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v1/embeddings", post(embeddings::embeddings))
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), count_request));
+    Router::new()
+        .merge(generation)
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v1/models", get(models))
+        .route("/mock/stats", get(stats))
         .route("/healthz", get(healthz))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -139,6 +147,17 @@ pub async fn serve(
     axum::serve(listener, router(config))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+async fn count_request(State(state): State<SharedState>, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    state.generation_requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    next.run(request).await
+}
+
+/// `{"requests": N}`: generation requests received since start.
+async fn stats(State(state): State<SharedState>) -> Response {
+    let requests = state.generation_requests.load(std::sync::atomic::Ordering::Relaxed);
+    axum::Json(serde_json::json!({"requests": requests})).into_response()
 }
 
 async fn healthz() -> &'static str {

@@ -16,14 +16,14 @@ use time::OffsetDateTime;
 use tollgate_core::{Money, Usage};
 use tollgate_store::model::{
     AccountKind, AccountPatch, AccountStatus, FundKind, LedgerEntry, NewAccount, NewApiKey, NewFund, NewPrice,
-    SummaryGroup, UsageQuery,
+    SummaryGroup,
 };
 
 use crate::auth::require_operator;
 use crate::charge;
 use crate::error::ApiError;
 use crate::keys::generate_key;
-use crate::routes::time_param;
+use crate::routes::{UsagePageParams, time_param, usage_page};
 use crate::state::AppState;
 
 /// Longest id or reference an operator may give.
@@ -525,37 +525,13 @@ async fn quote(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -
     })))
 }
 
-#[derive(Deserialize)]
-struct TransactionParams {
-    account_id: Option<String>,
-    api_key_id: Option<String>,
-    start: Option<String>,
-    end: Option<String>,
-    limit: Option<u32>,
-    cursor: Option<i64>,
-}
-
 async fn transactions(
     State(state): State<AppState>,
     headers: HeaderMap,
-    params: Result<Query<TransactionParams>, axum::extract::rejection::QueryRejection>,
+    params: Result<Query<UsagePageParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     require_operator(&state, &headers)?;
-    let params = parse_query(params)?;
-    let limit = params.limit.unwrap_or(100).clamp(1, 1000);
-    let rows = state
-        .ledger
-        .usage_rows(UsageQuery {
-            account_id: params.account_id,
-            api_key_id: params.api_key_id,
-            start: time_param("start", params.start.as_deref())?,
-            end: time_param("end", params.end.as_deref())?,
-            limit,
-            cursor: params.cursor,
-        })
-        .await?;
-    let next_cursor = if rows.len() == limit as usize { rows.last().map(|row| row.id) } else { None };
-    Ok(Json(json!({"data": rows, "next_cursor": next_cursor})))
+    Ok(Json(usage_page(&state, parse_query(params)?).await?))
 }
 
 #[derive(Deserialize)]

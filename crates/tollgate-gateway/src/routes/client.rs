@@ -5,10 +5,8 @@ use axum::body::Body;
 use axum::extract::{Extension, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
 use serde_json::{Value, json};
 use tollgate_core::Money;
-use tollgate_store::model::UsageQuery;
 
 use crate::auth::authenticate;
 use crate::charge;
@@ -16,7 +14,7 @@ use crate::error::{ApiError, ErrorShape};
 use crate::protocol::Protocol;
 use crate::proxy;
 use crate::request_id::RequestId;
-use crate::routes::time_param;
+use crate::routes::{UsagePageParams, usage_page};
 use crate::state::AppState;
 
 pub async fn chat_completions(
@@ -90,36 +88,17 @@ pub async fn balance(State(state): State<AppState>, headers: HeaderMap) -> Resul
     })))
 }
 
-#[derive(Deserialize)]
-pub struct UsageParams {
-    start: Option<String>,
-    end: Option<String>,
-    limit: Option<u32>,
-    cursor: Option<i64>,
-}
-
 /// The caller's own usage rows, newest first, with a cursor for the next page.
 pub async fn usage(
     State(state): State<AppState>,
     headers: HeaderMap,
-    params: Result<Query<UsageParams>, axum::extract::rejection::QueryRejection>,
+    params: Result<Query<UsagePageParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let context = authenticate(&state, &headers).await?;
-    let Query(params) = params.map_err(|error| ApiError::InvalidRequest(error.body_text()))?;
-    let limit = params.limit.unwrap_or(100).clamp(1, 1000);
-    let rows = state
-        .ledger
-        .usage_rows(UsageQuery {
-            account_id: Some(context.account.id.clone()),
-            api_key_id: None,
-            start: time_param("start", params.start.as_deref())?,
-            end: time_param("end", params.end.as_deref())?,
-            limit,
-            cursor: params.cursor,
-        })
-        .await?;
-    let next_cursor = if rows.len() == limit as usize { rows.last().map(|row| row.id) } else { None };
-    Ok(Json(json!({"object": "list", "data": rows, "next_cursor": next_cursor})))
+    let Query(mut params) = params.map_err(|error| ApiError::InvalidRequest(error.body_text()))?;
+    // Only the caller's own account, whatever it asked for.
+    params.account_id = Some(context.account.id.clone());
+    Ok(Json(usage_page(&state, params).await?))
 }
 
 /// Errors of the client API outside the LLM handlers are OpenAI-shaped.

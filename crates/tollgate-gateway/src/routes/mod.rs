@@ -4,10 +4,48 @@ pub mod admin;
 pub mod client;
 pub mod ops;
 
+use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use tollgate_store::model::UsageQuery;
 
 use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Rows per usage page by default and at most.
+const PAGE_ROWS_DEFAULT: u32 = 100;
+const PAGE_ROWS_MAX: u32 = 1_000;
+
+/// The filters of a usage listing, as query parameters.
+#[derive(serde::Deserialize)]
+pub struct UsagePageParams {
+    pub account_id: Option<String>,
+    pub api_key_id: Option<String>,
+    pub start: Option<String>,
+    pub end: Option<String>,
+    pub limit: Option<u32>,
+    pub cursor: Option<i64>,
+}
+
+/// One page of usage rows, newest first, with the cursor of the next page when this one is full.
+/// Rows inserted meanwhile have larger ids, so paging by `id < cursor` never repeats or skips.
+///
+/// # Errors
+/// Bad times, or the ledger cannot be read.
+pub async fn usage_page(state: &AppState, params: UsagePageParams) -> Result<Value, ApiError> {
+    let limit = params.limit.unwrap_or(PAGE_ROWS_DEFAULT).clamp(1, PAGE_ROWS_MAX);
+    let query = UsageQuery {
+        account_id: params.account_id,
+        api_key_id: params.api_key_id,
+        start: time_param("start", params.start.as_deref())?,
+        end: time_param("end", params.end.as_deref())?,
+        limit,
+        cursor: params.cursor,
+    };
+    let rows = state.ledger.usage_rows(query).await?;
+    let next_cursor = if rows.len() == limit as usize { rows.last().map(|row| row.id) } else { None };
+    Ok(json!({"object": "list", "data": rows, "next_cursor": next_cursor}))
+}
 
 /// Parses an optional RFC 3339 query parameter.
 ///
