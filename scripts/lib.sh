@@ -1,17 +1,59 @@
 # Helpers for scripts/test. Sourced, not run.
+#
+# Layout: phase bookkeeping (phase, end_phase, print_summary); small utilities (free_port,
+# wait_http, ensure_package); one start_X/stop_X pair per service the tests need (PostgreSQL,
+# Redis, the demo gateway); on_exit, the one EXIT trap, which stops whatever was started and
+# prints the summary. A stop_X is a no-op when X was never started, so on_exit can call them all.
+
+# --- phases and the summary -------------------------------------------------------------------
 
 timings=()
+current_phase=""
 phase_started=$(date +%s)
+script_started=$(date +%s)
 
 phase() {
+  current_phase=$1
+  phase_started=$(date +%s)
   echo
   echo "==> $1"
-  phase_started=$(date +%s)
 }
 
-mark() {
-  timings+=("  $1: $(( $(date +%s) - phase_started )) s")
+end_phase() {
+  timings+=("$(printf '  %-60s %5d s' "$current_phase" $(( $(date +%s) - phase_started )))")
+  current_phase=""
 }
+
+print_summary() {
+  local status=$1
+  echo
+  echo "==> summary"
+  if [ ${#timings[@]} -gt 0 ]; then
+    printf '%s\n' "${timings[@]}"
+  fi
+  if [ "$status" -eq 0 ]; then
+    echo "all tests passed in $(( $(date +%s) - script_started )) s"
+  else
+    echo "FAILED (exit $status) in phase: ${current_phase:-after the last phase}, after $(( $(date +%s) - script_started )) s"
+  fi
+}
+
+# The one EXIT trap: stop every service (each stop is a no-op if it was not started), then print
+# the phase timings. Keeps the script's exit status.
+on_exit() {
+  local status=$?
+  set +e
+  if [ "$status" -ne 0 ]; then
+    show_demo_gateway_log
+  fi
+  stop_demo_gateway
+  stop_redis
+  stop_postgres
+  print_summary "$status"
+  exit "$status"
+}
+
+# --- utilities --------------------------------------------------------------------------------
 
 # A free loopback TCP port.
 free_port() {
@@ -30,11 +72,128 @@ wait_http() {
   return 1
 }
 
-# The Python venv with the pinned SDKs (tests/sdk/requirements.txt).
+# Installs a Debian package if the command it provides is missing.
+ensure_package() {
+  local command_name=$1 package=$2
+  if ! command -v "$command_name" >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/"$command_name" >/dev/null 2>&1; then
+    echo "installing $package"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "$package" >/dev/null
+  fi
+}
+
+# The Python venv with the pinned SDKs (tests/sdk/requirements.txt); rebuilt when the pins change.
 ensure_venv() {
   if [ ! -x .venv/bin/python ] || ! cmp -s tests/sdk/requirements.txt .venv/requirements.txt; then
     python3 -m venv .venv
     .venv/bin/pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
     cp tests/sdk/requirements.txt .venv/requirements.txt
+  fi
+}
+
+# --- PostgreSQL -------------------------------------------------------------------------------
+
+# The directory of PostgreSQL's server binaries (initdb, pg_ctl).
+postgres_bin() {
+  local initdb
+  initdb=$(ls -d /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -n 1)
+  dirname "$initdb"
+}
+
+# Starts a throwaway PostgreSQL on a free loopback port, as user postgres, in a fresh directory
+# of its own; exports TOLLGATE_TEST_POSTGRES_URL. Stop it with stop_postgres.
+start_postgres() {
+  local root port bin
+  ensure_package initdb postgresql
+  bin=$(postgres_bin)
+  port=$(free_port)
+  root=$(mktemp -d /tmp/tollgate-postgres.XXXXXX)
+  chown postgres "$root"
+  # Set before starting, so that a failed start is still cleaned up by stop_postgres.
+  POSTGRES_ROOT=$root
+  su postgres -s /bin/sh -c "'$bin/initdb' -D '$root/data' -A trust -U postgres --no-sync" >/dev/null
+  su postgres -s /bin/sh -c "'$bin/pg_ctl' -D '$root/data' -l '$root/postgres.log' -w -o \"-p $port -k '$root' -c listen_addresses=127.0.0.1 -c max_connections=300\" start" >/dev/null
+  export TOLLGATE_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:$port/postgres"
+  echo "PostgreSQL on 127.0.0.1:$port"
+}
+
+stop_postgres() {
+  if [ -n "${POSTGRES_ROOT:-}" ]; then
+    su postgres -s /bin/sh -c "'$(postgres_bin)/pg_ctl' -D '$POSTGRES_ROOT/data' -m fast stop" >/dev/null 2>&1 || true
+    rm -rf "$POSTGRES_ROOT"
+    POSTGRES_ROOT=""
+  fi
+}
+
+# --- Redis (not used yet) ---------------------------------------------------------------------
+
+# The Redis hot store and streams are the next issue. When they land: install `redis-server`
+# with ensure_package, start a throwaway one here on a free loopback port (appendonly yes, its
+# own directory, pid in REDIS_ROOT), export TOLLGATE_TEST_REDIS_URL, and call start_redis in the
+# services phase of scripts/test. on_exit already calls stop_redis.
+start_redis() {
+  echo "start_redis: Redis is not supported by this build yet" >&2
+  return 1
+}
+
+stop_redis() {
+  if [ -n "${REDIS_ROOT:-}" ]; then
+    rm -rf "$REDIS_ROOT"
+    REDIS_ROOT=""
+  fi
+}
+
+# --- the demo gateway the SDK tests run against -----------------------------------------------
+
+SDK_DEMO_KEY="tg_sdk_test_key_0123456789abcdef"
+SDK_ADMIN_TOKEN="sdk-admin"
+
+# Starts `target/release/tollgate serve --demo` on a free loopback port with a fresh SQLite
+# ledger in its own directory; waits until it is up (/healthz) and can charge (/readyz);
+# exports TOLLGATE_URL, TOLLGATE_KEY and TOLLGATE_ADMIN_TOKEN for the SDK tests.
+start_demo_gateway() {
+  local port
+  port=$(free_port)
+  DEMO_ROOT=$(mktemp -d /tmp/tollgate-sdk.XXXXXX)
+  TOLLGATE_DATABASE_URL="sqlite://$DEMO_ROOT/sdk.db" \
+  TOLLGATE_DEMO_KEY="$SDK_DEMO_KEY" \
+  TOLLGATE_ADMIN_TOKEN="$SDK_ADMIN_TOKEN" \
+  TOLLGATE_REDIS_URL="" \
+  RUST_LOG="${RUST_LOG:-warn}" \
+    target/release/tollgate serve --demo --listen "127.0.0.1:$port" > "$DEMO_ROOT/gateway.log" 2>&1 &
+  DEMO_PID=$!
+  wait_http "http://127.0.0.1:$port/healthz"
+  wait_http "http://127.0.0.1:$port/readyz"
+  export TOLLGATE_URL="http://127.0.0.1:$port"
+  export TOLLGATE_KEY="$SDK_DEMO_KEY"
+  export TOLLGATE_ADMIN_TOKEN="$SDK_ADMIN_TOKEN"
+  echo "demo gateway (pid $DEMO_PID) on $TOLLGATE_URL"
+}
+
+# The last lines of the demo gateway's log, if it ran (called on failure).
+show_demo_gateway_log() {
+  if [ -n "${DEMO_ROOT:-}" ] && [ -s "$DEMO_ROOT/gateway.log" ]; then
+    echo
+    echo "==> last lines of the demo gateway's log"
+    tail -n 40 "$DEMO_ROOT/gateway.log"
+  fi
+}
+
+# SIGTERM (the gateway drains and exits), then SIGKILL if it is still there after 10 s.
+stop_demo_gateway() {
+  if [ -n "${DEMO_PID:-}" ]; then
+    kill "$DEMO_PID" 2>/dev/null || true
+    for _ in $(seq 1 100); do
+      kill -0 "$DEMO_PID" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -9 "$DEMO_PID" 2>/dev/null || true
+    wait "$DEMO_PID" 2>/dev/null || true
+    DEMO_PID=""
+  fi
+  if [ -n "${DEMO_ROOT:-}" ]; then
+    rm -rf "$DEMO_ROOT"
+    DEMO_ROOT=""
   fi
 }

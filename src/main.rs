@@ -160,7 +160,7 @@ async fn main() -> Result<()> {
         }
         Command::Migrate { config } => {
             let config = load_config(config.as_deref())?;
-            tollgate_store::sqlite::migrate(&config.database_url).await?;
+            tollgate_gateway::server::migrate(&config.database_url).await?;
             println!("migrations applied to {}", config.database_url);
             Ok(())
         }

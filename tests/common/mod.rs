@@ -36,6 +36,27 @@ impl Drop for TempDir {
     }
 }
 
+/// A fresh PostgreSQL database on the test server (`TOLLGATE_TEST_POSTGRES_URL`).
+pub async fn fresh_postgres_database() -> String {
+    let url = std::env::var("TOLLGATE_TEST_POSTGRES_URL").expect("TOLLGATE_TEST_POSTGRES_URL is not set: run scripts/test, which starts PostgreSQL");
+    let name = format!("it_{}", uuid::Uuid::new_v4().simple());
+    let admin = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&url).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.unwrap();
+    admin.close().await;
+    let (base, _) = url.rsplit_once('/').unwrap();
+    format!("{base}/{name}")
+}
+
+/// The ledger a test gateway uses: a fresh SQLite file in `dir`, or — when
+/// `TOLLGATE_TEST_LEDGER=postgres` (set by `scripts/test` for its second pass) — a fresh
+/// database on the server named by `TOLLGATE_TEST_POSTGRES_URL`.
+pub async fn test_database_url(dir: &TempDir) -> String {
+    if std::env::var("TOLLGATE_TEST_LEDGER").as_deref() == Ok("postgres") {
+        return fresh_postgres_database().await;
+    }
+    format!("sqlite://{}/ledger.db", dir.0.display())
+}
+
 /// Starts a mock upstream on a free loopback port; returns its `/v1` base URL.
 pub async fn start_mock(config: tollgate_mock::MockConfig, shutdown: CancellationToken) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -72,9 +93,15 @@ impl TestGateway {
 
     pub async fn start_with(adjust: impl FnOnce(&mut GatewayConfig)) -> TestGateway {
         let dir = TempDir::new();
+        let database_url = test_database_url(&dir).await;
+        Self::start_on(dir, database_url, adjust).await
+    }
+
+    /// A gateway on a given ledger (several gateways may share one PostgreSQL ledger).
+    pub async fn start_on(dir: TempDir, database_url: String, adjust: impl FnOnce(&mut GatewayConfig)) -> TestGateway {
         let shutdown = CancellationToken::new();
         let mock_url = start_mock(tollgate_mock::MockConfig::default(), shutdown.clone()).await;
-        let mut config = test_config(format!("sqlite://{}/ledger.db", dir.0.display()), &mock_url);
+        let mut config = test_config(database_url, &mock_url);
         adjust(&mut config);
         let gateway = Gateway::start(config).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

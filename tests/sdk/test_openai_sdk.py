@@ -1,5 +1,8 @@
-"""The official openai SDK against Tollgate in front of the mock upstream: every call succeeds
-as it would against OpenAI, and is charged exactly what its usage and the prices say."""
+"""The official openai SDK against `tollgate serve --demo` (mock upstream behind it).
+
+Every call must work exactly as it would against OpenAI, and be charged exactly what its usage and
+the demo prices say: the balance drops by X-Tollgate-Cost, to the unit, once per request id.
+"""
 
 import uuid
 from decimal import Decimal
@@ -7,90 +10,184 @@ from decimal import Decimal
 import openai
 import pytest
 
-from conftest import KEY, URL, balance, expected_cost
+from conftest import (
+    KEY,
+    MOCK_TOKEN,
+    MOCK_TOKENS_DEFAULT,
+    URL,
+    assert_quiet_and_conserved,
+    balance,
+    openai_cost,
+    usage_rows,
+)
+
+MODEL = "demo-gpt"
+MESSAGES = [{"role": "user", "content": "What does a ledger record?"}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The current weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
 
 
 @pytest.fixture
 def client() -> openai.OpenAI:
+    # No SDK retries: a retry would hide what the gateway answered the first time.
     return openai.OpenAI(base_url=URL + "/v1", api_key=KEY, max_retries=0)
 
 
-MESSAGES = [{"role": "user", "content": "What does a ledger record?"}]
-
-
-def test_non_streaming_charge_is_exact(client):
+def test_non_streaming_is_charged_exactly_what_usage_and_prices_say(client):
     before = balance()
-    raw = client.chat.completions.with_raw_response.create(model="demo-gpt", messages=MESSAGES)
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES)
     completion = raw.parse()
-    assert completion.choices[0].message.content == " hello" * 16
+
+    assert completion.choices[0].message.content == MOCK_TOKEN * MOCK_TOKENS_DEFAULT
     usage = completion.usage
-    assert usage.completion_tokens == 16
+    assert usage is not None
+    assert usage.completion_tokens == MOCK_TOKENS_DEFAULT
+    assert usage.prompt_tokens > 0
+
+    request_id = raw.headers["x-request-id"]
+    assert request_id
     cost = Decimal(raw.headers["x-tollgate-cost"])
-    assert cost == expected_cost(usage.prompt_tokens, usage.completion_tokens)
-    assert raw.headers["x-request-id"]
+    assert cost == openai_cost(usage)
     after = balance()
     assert before - after == cost
     assert Decimal(raw.headers["x-tollgate-balance"]) == after
 
+    [row] = usage_rows(request_id)
+    assert Decimal(row["cost"]) == cost
+    assert row["usage_source"] == "upstream"
+    assert Decimal(row["balance_before"]) - Decimal(row["balance_after"]) == cost
+    assert_quiet_and_conserved()
 
-def test_streaming_with_usage_is_charged_exactly(client):
+
+def test_streaming_with_include_usage_ends_with_the_usage_chunk_and_is_charged_exactly(client):
     before = balance()
-    chunks = list(client.chat.completions.create(
-        model="demo-gpt", messages=MESSAGES, stream=True, stream_options={"include_usage": True}))
-    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert content == " hello" * 16
-    usage = chunks[-1].usage
-    assert chunks[-1].choices == [] and usage is not None
-    assert before - balance() == expected_cost(usage.prompt_tokens, usage.completion_tokens)
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    )
+    request_id = raw.headers["x-request-id"]
+    assert request_id
+    chunks = list(raw.parse())
+
+    content = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert content == MOCK_TOKEN * MOCK_TOKENS_DEFAULT
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None, "the usage chunk comes last, with no choices"
+    assert last.usage.completion_tokens == MOCK_TOKENS_DEFAULT
+    cost = openai_cost(last.usage)
+    assert before - balance() == cost
+
+    [row] = usage_rows(request_id)
+    assert Decimal(row["cost"]) == cost
+    assert_quiet_and_conserved()
 
 
-def test_streaming_without_usage_hides_the_injected_usage_chunk(client):
-    # Same prompt as above, so the same usage; measure it first with include_usage.
-    reference = list(client.chat.completions.create(
-        model="demo-gpt", messages=MESSAGES, stream=True, stream_options={"include_usage": True}))[-1].usage
+def test_streaming_without_include_usage_hides_the_injected_usage_chunk(client):
+    # The gateway asks the upstream for usage anyway; the client must not see that extra chunk.
+    # The same prompt gives the same usage, so measure it first with include_usage.
+    reference = list(
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+        )
+    )[-1].usage
     before = balance()
-    chunks = list(client.chat.completions.create(model="demo-gpt", messages=MESSAGES, stream=True))
-    assert all(chunk.choices for chunk in chunks), "no usage-only chunk reaches a client that did not ask"
-    assert before - balance() == expected_cost(reference.prompt_tokens, reference.completion_tokens)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True))
+
+    assert chunks, "the stream has chunks"
+    assert all(chunk.choices != [] for chunk in chunks), "no usage-only chunk reaches a client that did not ask"
+    assert all(chunk.usage is None for chunk in chunks)
+    content = "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+    assert content == MOCK_TOKEN * MOCK_TOKENS_DEFAULT
+    assert before - balance() == openai_cost(reference)
+    assert_quiet_and_conserved()
 
 
-def test_tools_pass_through_and_are_charged(client):
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
-                                               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+def test_max_tokens_caps_the_output_and_the_charge(client):
     before = balance()
-    raw = client.chat.completions.with_raw_response.create(model="demo-gpt", messages=MESSAGES, tools=tools)
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=5)
     completion = raw.parse()
-    assert completion.usage.completion_tokens == 16
+    assert completion.choices[0].message.content == MOCK_TOKEN * 5
+    assert completion.usage.completion_tokens == 5
     cost = Decimal(raw.headers["x-tollgate-cost"])
-    assert cost == expected_cost(completion.usage.prompt_tokens, completion.usage.completion_tokens)
+    assert cost == openai_cost(completion.usage)
     assert before - balance() == cost
 
 
-def test_a_wrong_key_is_an_authentication_error():
-    bad = openai.OpenAI(base_url=URL + "/v1", api_key="tg_wrong", max_retries=0)
+def test_tools_pass_through_and_are_charged(client):
+    before = balance()
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, tools=TOOLS)
+    completion = raw.parse()
+    assert completion.choices
+    assert completion.usage is not None
+    cost = Decimal(raw.headers["x-tollgate-cost"])
+    assert cost == openai_cost(completion.usage)
+    assert before - balance() == cost
+
+
+def test_a_wrong_key_is_an_authentication_error_and_charges_nothing():
+    before = balance()
+    bad = openai.OpenAI(base_url=URL + "/v1", api_key="tg_wrong_key_0000000000000000", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as error:
-        bad.chat.completions.create(model="demo-gpt", messages=MESSAGES)
+        bad.chat.completions.create(model=MODEL, messages=MESSAGES)
     assert error.value.status_code == 401
     assert error.value.code == "invalid_api_key"
+    assert error.value.response.headers["x-request-id"]
+    assert balance() == before
 
 
-def test_an_unknown_model_is_not_found(client):
+def test_an_unknown_model_is_not_found_and_charges_nothing(client):
+    before = balance()
     with pytest.raises(openai.NotFoundError) as error:
         client.chat.completions.create(model="no-such-model", messages=MESSAGES)
+    assert error.value.status_code == 404
     assert error.value.code == "model_not_found"
+    assert balance() == before
 
 
 def test_a_retry_with_the_same_request_id_is_replayed_not_charged(client):
     request_id = f"sdk-{uuid.uuid4()}"
+    headers = {"X-Request-ID": request_id}
     before = balance()
-    first = client.chat.completions.with_raw_response.create(
-        model="demo-gpt", messages=MESSAGES, extra_headers={"X-Request-ID": request_id})
+
+    first = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, extra_headers=headers)
     cost = Decimal(first.headers["x-tollgate-cost"])
-    second = client.chat.completions.with_raw_response.create(
-        model="demo-gpt", messages=MESSAGES, extra_headers={"X-Request-ID": request_id})
+    assert first.headers["x-request-id"] == request_id
+    assert first.headers.get("idempotent-replayed") is None
+    after_first = balance()
+    assert before - after_first == cost
+
+    second = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, extra_headers=headers)
     assert second.headers["idempotent-replayed"] == "true"
     assert second.parse().id == first.parse().id
-    assert before - balance() == cost
+    assert second.parse().choices[0].message.content == first.parse().choices[0].message.content
+    assert balance() == after_first, "the replay is not charged"
+    assert len(usage_rows(request_id)) == 1
+    assert_quiet_and_conserved()
+
+
+def test_a_streaming_retry_of_a_succeeded_request_id_is_a_conflict(client):
+    request_id = f"sdk-{uuid.uuid4()}"
+    headers = {"X-Request-ID": request_id}
+    list(client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True, extra_headers=headers))
+    after_first = balance()
+
+    with pytest.raises(openai.ConflictError) as error:
+        list(client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True, extra_headers=headers))
+    assert error.value.status_code == 409
+    assert error.value.code == "duplicate_request"
+    assert balance() == after_first
+    assert len(usage_rows(request_id)) == 1
 
 
 def test_models_lists_the_demo_models(client):

@@ -68,8 +68,8 @@ async fn sigkill_mid_load_loses_and_doubles_nothing() {
     std::fs::write(
         &config_path,
         format!(
-            "database_url = \"sqlite://{}/ledger.db\"\n[[providers]]\nname = \"mock\"\nkind = \"mock\"\nbase_url = \"{mock_url}\"\n[[models]]\nmodel = \"demo-gpt\"\nprovider = \"mock\"\n",
-            dir.0.display()
+            "database_url = \"{}\"\n[[providers]]\nname = \"mock\"\nkind = \"mock\"\nbase_url = \"{mock_url}\"\n[[models]]\nmodel = \"demo-gpt\"\nprovider = \"mock\"\n",
+            test_database_url(&dir).await
         ),
     )
     .unwrap();

@@ -40,6 +40,33 @@ async fn confirming_twice_or_reusing_a_reference_adds_money_once() {
     let statement = gateway.assert_ledger_sound(&account).await;
     let kinds: Vec<&str> = statement["rows"].as_array().unwrap().iter().map(|row| row["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, vec!["deposit", "refund", "adjustment", "usage"]);
+
+    // The CSV statement carries the same rows, with a header.
+    let csv = gateway
+        .http
+        .get(format!("{}/internal/accounts/{account}/statement?format=csv", gateway.url))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert!(csv.headers()["content-type"].to_str().unwrap().starts_with("text/csv"));
+    let csv = csv.text().await.unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert!(lines[0].starts_with("ledger_seq,kind,amount,balance_before,balance_after,reference"));
+    assert_eq!(lines.len(), 5);
+    assert!(lines[1].starts_with("1,deposit,5.5,0,5.5,pay-1,"), "{}", lines[1]);
+    assert!(lines[2].starts_with("2,refund,-1.25,5.5,4.25,refund-1,"), "{}", lines[2]);
+
+    // The quote prices a usage with the same function settle used for the usage row.
+    let usage_row = &statement["rows"][3];
+    let quote = gateway
+        .admin_ok(reqwest::Method::POST, "/internal/billing/quote", Some(json!({"model": "demo-gpt", "account_id": account,
+            "usage": {"input_tokens": usage_row["input_tokens"], "output_tokens": usage_row["output_tokens"]}})))
+        .await;
+    assert_eq!(money(&quote["total"]), Money::ZERO.checked_sub(money(&usage_row["amount"])).unwrap());
+    let summary = gateway.admin_ok(reqwest::Method::GET, &format!("/internal/billing/summary?account_id={account}&group_by=model"), None).await;
+    assert_eq!(summary["data"][0]["group"], "demo-gpt");
+    assert_eq!(money(&summary["data"][0]["cost"]), money(&quote["total"]));
     gateway.stop().await;
 }
 

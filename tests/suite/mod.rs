@@ -4,4 +4,5 @@ mod crash;
 mod funds;
 mod idempotency;
 mod limits;
+mod notifications;
 mod streaming;

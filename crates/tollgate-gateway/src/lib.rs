@@ -9,7 +9,8 @@
 //!   event splitter streams go through.
 //! - [`auth`], [`keys`], [`context`]: who pays, cached; [`upstream`]: providers and routes.
 //! - [`error`]: the one error type and its contract codes; [`request_id`]; [`metrics`].
-//! - [`server`]: start, serve, shut down in order; [`demo`]: the offline demo set-up.
+//! - [`server`]: start, serve, shut down in order; [`demo`]: the offline demo set-up;
+//!   [`notifications`]: LISTEN/NOTIFY from the PostgreSQL ledger.
 
 pub mod app;
 pub mod auth;
@@ -19,6 +20,7 @@ pub mod context;
 pub mod error;
 pub mod keys;
 pub mod metrics;
+pub mod notifications;
 pub mod protocol;
 pub mod proxy;
 pub mod request_id;

@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use tollgate_store::clock::system_clock;
 use tollgate_store::memory::MemoryHotStore;
 use tollgate_store::queue::channel_log;
+use tollgate_store::postgres::PgLedger;
 use tollgate_store::sqlite::SqliteLedger;
 use tollgate_store::{HotStore, Ledger};
 use tollgate_worker::usage_writer::{UsageWriterConfig, run_usage_writer};
@@ -52,10 +53,7 @@ impl Gateway {
         if config.redis_url.is_some() {
             return Err(ServerError::Config("Redis is not supported by this build yet; remove TOLLGATE_REDIS_URL to run embedded".into()));
         }
-        if !config.database_url.starts_with("sqlite:") {
-            return Err(ServerError::Config(format!("unsupported database URL {:?}: this build supports sqlite:// only", config.database_url)));
-        }
-        let ledger: Arc<dyn Ledger> = Arc::new(SqliteLedger::connect(&config.database_url, 8).await?);
+        let (ledger, postgres_pool) = open_ledger(&config.database_url).await?;
         let (log_sender, log) = channel_log(config.limits.usage_log_events_max);
         let hot: Arc<dyn HotStore> = Arc::new(MemoryHotStore::new(log_sender, system_clock()));
         let worker_shutdown = CancellationToken::new();
@@ -67,6 +65,9 @@ impl Gateway {
         let state = AppState::new(config, hot, ledger, TaskTracker::new(), CancellationToken::new())
             .await
             .map_err(ServerError::Config)?;
+        if let Some(pool) = postgres_pool {
+            worker_tasks.spawn(crate::notifications::run_listener(state.clone(), pool, worker_shutdown.clone()));
+        }
         Ok(Gateway { state, worker_shutdown, worker_tasks })
     }
 
@@ -94,6 +95,42 @@ impl Gateway {
         self.worker_tasks.wait().await;
         tracing::info!("gateway stopped");
     }
+}
+
+/// Connections the PostgreSQL ledger pool keeps at most.
+const POSTGRES_POOL_CONNECTIONS_MAX: u32 = 16;
+/// Connections the SQLite ledger pool keeps at most (writes serialise anyway).
+const SQLITE_POOL_CONNECTIONS_MAX: u32 = 8;
+
+/// Opens the ledger the URL names; for PostgreSQL also returns the pool the notification
+/// listener uses.
+///
+/// # Errors
+/// An unsupported scheme, or a database that cannot be opened and migrated.
+pub async fn open_ledger(url: &str) -> Result<(Arc<dyn Ledger>, Option<sqlx::PgPool>), ServerError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let ledger = PgLedger::connect(url, POSTGRES_POOL_CONNECTIONS_MAX).await?;
+        let pool = ledger.pool().clone();
+        return Ok((Arc::new(ledger), Some(pool)));
+    }
+    if url.starts_with("sqlite:") {
+        return Ok((Arc::new(SqliteLedger::connect(url, SQLITE_POOL_CONNECTIONS_MAX).await?), None));
+    }
+    Err(ServerError::Config(format!("unsupported database URL {url:?}: use sqlite://PATH or postgres://…")))
+}
+
+/// Applies the migrations of the ledger the URL names.
+///
+/// # Errors
+/// As `open_ledger`.
+pub async fn migrate(url: &str) -> Result<(), ServerError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(tollgate_store::postgres::migrate(url).await?);
+    }
+    if url.starts_with("sqlite:") {
+        return Ok(tollgate_store::sqlite::migrate(url).await?);
+    }
+    Err(ServerError::Config(format!("unsupported database URL {url:?}: use sqlite://PATH or postgres://…")))
 }
 
 /// Binds the configured address.

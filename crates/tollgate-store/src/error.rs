@@ -30,6 +30,10 @@ impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
         match error {
             sqlx::Error::RowNotFound => StoreError::NotFound { entity: "row", id: String::new() },
+            // A unique constraint caught a race the checks before it could not see (two
+            // writers with the same id or reference): a conflict, not an outage.
+            sqlx::Error::Database(database) if database.is_unique_violation() => StoreError::Conflict(database.message().to_string()),
+            sqlx::Error::Database(database) if database.is_foreign_key_violation() => StoreError::Invalid(database.message().to_string()),
             other => StoreError::Unavailable(other.to_string()),
         }
     }

@@ -3,7 +3,8 @@
 //! - [`hot`]: the `HotStore` trait — authorize, settle, void, expire — with the types its steps
 //!   take and return. Implementations: [`memory`] (embedded; Redis comes next).
 //! - [`ledger`]: the `Ledger` trait — the system of record. Implementations: [`sqlite`]
-//!   (embedded; PostgreSQL comes next).
+//!   (embedded) and [`postgres`] (production, with NOTIFY on fund and configuration changes).
+//!   Both read rows back through `sql_rows`.
 //! - [`queue`]: the usage log from settle to the worker (`EventLog`), embedded as a channel.
 //! - [`model`]: the records both keep. [`clock`]: the periods quotas count in.
 //! - [`verify`]: checks invariants I2 and I4 for an account from the ledger alone.
@@ -15,7 +16,9 @@ pub mod ledger;
 pub mod memory;
 pub mod model;
 pub mod queue;
+pub mod postgres;
 pub mod sqlite;
+mod sql_rows;
 pub mod verify;
 
 pub use error::{StoreError, StoreResult};

@@ -7,26 +7,28 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
-use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool, Transaction};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{QueryBuilder, Sqlite, SqlitePool, Transaction};
 use time::OffsetDateTime;
-use tollgate_core::{Money, Price, Usage, UsageSource};
+use tollgate_core::Money;
 
 use crate::error::{StoreError, StoreResult};
 use crate::ledger::Ledger;
 use crate::model::{
-    Account, AccountBalance, AccountKind, AccountPatch, AccountStatus, ApiKey, FundKind, FundOutcome,
-    FundTransaction, KeyStatus, LedgerEntry, NewAccount, NewApiKey, NewFund, NewPrice, PriceRow,
-    RecordOutcome, RequestStatus, StoredResponse, SummaryGroup, SummaryRow, TopUp, TopUpStatus,
-    UsageEvent, UsageQuery, UsageRow,
+    Account, AccountBalance, AccountPatch, ApiKey, FundKind, FundOutcome, FundTransaction, LedgerEntry, NewAccount,
+    NewApiKey, NewFund, NewPrice, PriceRow, RecordOutcome, StoredResponse, SummaryGroup, SummaryRow, TopUp,
+    TopUpStatus, UsageEvent, UsageQuery, UsageRow,
+};
+use crate::sql_rows::{
+    Fields, SUMMARY_SELECT, account_from, allowed_models_text, apply_patch, check_fund_direction, checked_add, fund_from,
+    key_from, kind_text, merge_statement, money, ms_of, now_ms, optional_i64, price_from, push_time_range,
+    push_usage_query, status_text, stored_response_from, summarize, to_i64, topup_from, usage_from,
 };
 
 /// How long a connection waits for SQLite's write lock before failing.
 const BUSY_TIMEOUT_MS: u64 = 5_000;
 /// How long a caller waits for a pooled connection.
 const ACQUIRE_TIMEOUT_MS: u64 = 10_000;
-/// Rows per page at most.
-const PAGE_ROWS_MAX: u32 = 1_000;
 
 /// The SQLite ledger.
 #[derive(Clone)]
@@ -76,177 +78,6 @@ impl SqliteLedger {
     }
 }
 
-fn now_ms() -> i64 {
-    ms_of(OffsetDateTime::now_utc())
-}
-
-fn ms_of(time: OffsetDateTime) -> i64 {
-    i64::try_from(time.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
-}
-
-fn time_of(ms: i64) -> StoreResult<OffsetDateTime> {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .map_err(|_| StoreError::Corrupt(format!("timestamp {ms} out of range")))
-}
-
-fn optional_time(ms: Option<i64>) -> StoreResult<Option<OffsetDateTime>> {
-    ms.map(time_of).transpose()
-}
-
-fn to_i64(value: u64, what: &'static str) -> StoreResult<i64> {
-    i64::try_from(value).map_err(|_| StoreError::Invalid(format!("{what} {value} is out of range")))
-}
-
-fn to_u64(value: i64, what: &'static str) -> StoreResult<u64> {
-    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("negative {what} {value}")))
-}
-
-fn optional_u64(value: Option<i64>, what: &'static str) -> StoreResult<Option<u64>> {
-    value.map(|value| to_u64(value, what)).transpose()
-}
-
-fn optional_i64(value: Option<u64>, what: &'static str) -> StoreResult<Option<i64>> {
-    value.map(|value| to_i64(value, what)).transpose()
-}
-
-fn money(row: &SqliteRow, column: &str) -> StoreResult<Money> {
-    Ok(Money::from_nanos(row.try_get::<i64, _>(column)?))
-}
-
-fn optional_money(row: &SqliteRow, column: &str) -> StoreResult<Option<Money>> {
-    Ok(row.try_get::<Option<i64>, _>(column)?.map(Money::from_nanos))
-}
-
-fn checked_add(left: Money, right: Money) -> StoreResult<Money> {
-    left.checked_add(right).ok_or(StoreError::Overflow("balance"))
-}
-
-fn account_from(row: &SqliteRow) -> StoreResult<Account> {
-    let kind: String = row.try_get("kind")?;
-    let status: String = row.try_get("status")?;
-    Ok(Account {
-        id: row.try_get("id")?,
-        kind: match kind.as_str() {
-            "tenant" => AccountKind::Tenant,
-            "user" => AccountKind::User,
-            other => return Err(StoreError::Corrupt(format!("account kind {other}"))),
-        },
-        name: row.try_get("name")?,
-        customer_type: row.try_get("customer_type")?,
-        status: match status.as_str() {
-            "active" => AccountStatus::Active,
-            "suspended" => AccountStatus::Suspended,
-            other => return Err(StoreError::Corrupt(format!("account status {other}"))),
-        },
-        credit_limit: money(row, "credit_limit")?,
-        daily_request_quota: optional_u64(row.try_get("daily_request_quota")?, "quota")?,
-        monthly_request_quota: optional_u64(row.try_get("monthly_request_quota")?, "quota")?,
-        created_at: time_of(row.try_get("created_at")?)?,
-        updated_at: time_of(row.try_get("updated_at")?)?,
-    })
-}
-
-fn key_from(row: &SqliteRow) -> StoreResult<ApiKey> {
-    let status: String = row.try_get("status")?;
-    let allowed_models: Option<String> = row.try_get("allowed_models")?;
-    Ok(ApiKey {
-        id: row.try_get("id")?,
-        account_id: row.try_get("account_id")?,
-        name: row.try_get("name")?,
-        prefix: row.try_get("prefix")?,
-        status: if status == "revoked" { KeyStatus::Revoked } else { KeyStatus::Active },
-        budget_daily: optional_money(row, "budget_daily")?,
-        budget_monthly: optional_money(row, "budget_monthly")?,
-        budget_total: optional_money(row, "budget_total")?,
-        rpm: optional_u64(row.try_get("rpm")?, "rpm")?,
-        tpm: optional_u64(row.try_get("tpm")?, "tpm")?,
-        allowed_models: allowed_models
-            .map(|text| serde_json::from_str(&text).map_err(|error| StoreError::Corrupt(format!("allowed_models: {error}"))))
-            .transpose()?,
-        expires_at: optional_time(row.try_get("expires_at")?)?,
-        created_at: time_of(row.try_get("created_at")?)?,
-        revoked_at: optional_time(row.try_get("revoked_at")?)?,
-    })
-}
-
-fn price_from(row: &SqliteRow) -> StoreResult<PriceRow> {
-    Ok(PriceRow {
-        id: row.try_get("id")?,
-        provider: row.try_get("provider")?,
-        model: row.try_get("model")?,
-        customer_type: row.try_get("customer_type")?,
-        price: Price {
-            input_per_mtok: money(row, "input_per_mtok")?,
-            output_per_mtok: money(row, "output_per_mtok")?,
-            cached_input_per_mtok: optional_money(row, "cached_input_per_mtok")?,
-            cache_write_per_mtok: optional_money(row, "cache_write_per_mtok")?,
-            per_request: money(row, "per_request")?,
-        },
-        effective_from: time_of(row.try_get("effective_from")?)?,
-    })
-}
-
-fn topup_from(row: &SqliteRow) -> StoreResult<TopUp> {
-    let status: String = row.try_get("status")?;
-    Ok(TopUp {
-        id: row.try_get("id")?,
-        account_id: row.try_get("account_id")?,
-        amount: money(row, "amount")?,
-        reference_id: row.try_get("reference_id")?,
-        status: if status == "confirmed" { TopUpStatus::Confirmed } else { TopUpStatus::Pending },
-        fund_seq: row.try_get("fund_seq")?,
-        created_at: time_of(row.try_get("created_at")?)?,
-        confirmed_at: optional_time(row.try_get("confirmed_at")?)?,
-    })
-}
-
-fn fund_from(row: &SqliteRow) -> StoreResult<FundTransaction> {
-    let kind: String = row.try_get("kind")?;
-    Ok(FundTransaction {
-        seq: row.try_get("seq")?,
-        account_id: row.try_get("account_id")?,
-        kind: FundKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("fund kind {kind}")))?,
-        amount: money(row, "amount")?,
-        balance_before: money(row, "balance_before")?,
-        balance_after: money(row, "balance_after")?,
-        ledger_seq: row.try_get("ledger_seq")?,
-        reference_id: row.try_get("reference_id")?,
-        reason: row.try_get("reason")?,
-        operator_id: row.try_get("operator_id")?,
-        created_at: time_of(row.try_get("created_at")?)?,
-    })
-}
-
-fn usage_from(row: &SqliteRow) -> StoreResult<UsageRow> {
-    let source: String = row.try_get("usage_source")?;
-    let status: String = row.try_get("status")?;
-    Ok(UsageRow {
-        id: row.try_get("id")?,
-        request_id: row.try_get("request_id")?,
-        account_id: row.try_get("account_id")?,
-        api_key_id: row.try_get("api_key_id")?,
-        provider: row.try_get("provider")?,
-        model: row.try_get("model")?,
-        customer_type: row.try_get("customer_type")?,
-        price_id: row.try_get("price_id")?,
-        usage: Usage {
-            input_tokens: to_u64(row.try_get("input_tokens")?, "tokens")?,
-            cached_input_tokens: to_u64(row.try_get("cached_input_tokens")?, "tokens")?,
-            cache_write_tokens: to_u64(row.try_get("cache_write_tokens")?, "tokens")?,
-            output_tokens: to_u64(row.try_get("output_tokens")?, "tokens")?,
-            reasoning_tokens: to_u64(row.try_get("reasoning_tokens")?, "tokens")?,
-        },
-        usage_source: UsageSource::parse(&source).ok_or_else(|| StoreError::Corrupt(format!("usage source {source}")))?,
-        cost: money(row, "cost")?,
-        balance_before: money(row, "balance_before")?,
-        balance_after: money(row, "balance_after")?,
-        ledger_seq: row.try_get("ledger_seq")?,
-        status: RequestStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("request status {status}")))?,
-        latency_ms: to_u64(row.try_get("latency_ms")?, "latency")?,
-        created_at: time_of(row.try_get("created_at")?)?,
-    })
-}
-
 /// An account's running (balance, ledger_seq) inside a write transaction.
 async fn balance_for_update(transaction: &mut Transaction<'static, Sqlite>, account_id: &str) -> StoreResult<(Money, i64)> {
     let row = sqlx::query("SELECT balance, ledger_seq FROM account_balance WHERE account_id = ?")
@@ -254,7 +85,7 @@ async fn balance_for_update(transaction: &mut Transaction<'static, Sqlite>, acco
         .fetch_optional(&mut **transaction)
         .await?
         .ok_or_else(|| StoreError::NotFound { entity: "account", id: account_id.to_string() })?;
-    Ok((money(&row, "balance")?, row.try_get("ledger_seq")?))
+    Ok((money(&row, "balance")?, row.int("ledger_seq")?))
 }
 
 /// Inserts a fund transaction at the account's next ledger position and moves its balance.
@@ -363,15 +194,6 @@ async fn insert_usage(
     Ok(RecordOutcome::Inserted)
 }
 
-fn push_time_range(builder: &mut QueryBuilder<Sqlite>, start: Option<OffsetDateTime>, end: Option<OffsetDateTime>) {
-    if let Some(start) = start {
-        builder.push(" AND created_at >= ").push_bind(ms_of(start));
-    }
-    if let Some(end) = end {
-        builder.push(" AND created_at < ").push_bind(ms_of(end));
-    }
-}
-
 #[async_trait]
 impl Ledger for SqliteLedger {
     async fn ping(&self) -> StoreResult<()> {
@@ -391,10 +213,7 @@ impl Ledger for SqliteLedger {
              VALUES (?, ?, ?, ?, 'active', ?, ?, ?, ?, ?) RETURNING *",
         )
         .bind(&account.id)
-        .bind(match account.kind {
-            AccountKind::User => "user",
-            AccountKind::Tenant => "tenant",
-        })
+        .bind(kind_text(account.kind))
         .bind(&account.name)
         .bind(&account.customer_type)
         .bind(account.credit_limit.nanos())
@@ -426,34 +245,14 @@ impl Ledger for SqliteLedger {
             .await?
             .ok_or_else(|| StoreError::NotFound { entity: "account", id: account_id.to_string() })?;
         let mut account = account_from(&row)?;
-        if let Some(name) = patch.name {
-            account.name = name;
-        }
-        if let Some(customer_type) = patch.customer_type {
-            account.customer_type = customer_type;
-        }
-        if let Some(status) = patch.status {
-            account.status = status;
-        }
-        if let Some(credit_limit) = patch.credit_limit {
-            account.credit_limit = credit_limit;
-        }
-        if let Some(quota) = patch.daily_request_quota {
-            account.daily_request_quota = quota;
-        }
-        if let Some(quota) = patch.monthly_request_quota {
-            account.monthly_request_quota = quota;
-        }
+        apply_patch(&mut account, patch);
         let row = sqlx::query(
             "UPDATE accounts SET name = ?, customer_type = ?, status = ?, credit_limit = ?, daily_request_quota = ?, monthly_request_quota = ?, updated_at = ?
              WHERE id = ? RETURNING *",
         )
         .bind(&account.name)
         .bind(&account.customer_type)
-        .bind(match account.status {
-            AccountStatus::Active => "active",
-            AccountStatus::Suspended => "suspended",
-        })
+        .bind(status_text(account.status))
         .bind(account.credit_limit.nanos())
         .bind(optional_i64(account.daily_request_quota, "daily_request_quota")?)
         .bind(optional_i64(account.monthly_request_quota, "monthly_request_quota")?)
@@ -470,10 +269,10 @@ impl Ledger for SqliteLedger {
         let row = sqlx::query("SELECT * FROM account_balance WHERE account_id = ?").bind(account_id).fetch_optional(&self.pool).await?;
         row.map(|row| {
             Ok(AccountBalance {
-                account_id: row.try_get("account_id")?,
+                account_id: row.text("account_id")?,
                 balance: money(&row, "balance")?,
-                last_fund_seq: row.try_get("last_fund_seq")?,
-                ledger_seq: row.try_get("ledger_seq")?,
+                last_fund_seq: row.int("last_fund_seq")?,
+                ledger_seq: row.int("ledger_seq")?,
             })
         })
         .transpose()
@@ -487,11 +286,7 @@ impl Ledger for SqliteLedger {
         if self.account(&key.account_id).await?.is_none() {
             return Err(StoreError::NotFound { entity: "account", id: key.account_id });
         }
-        let allowed_models = key
-            .allowed_models
-            .as_ref()
-            .map(|models| serde_json::to_string(models).map_err(|error| StoreError::Invalid(error.to_string())))
-            .transpose()?;
+        let allowed_models = allowed_models_text(key.allowed_models.as_ref())?;
         let row = sqlx::query(
             "INSERT INTO api_keys (id, account_id, name, key_hash, prefix, status, budget_daily, budget_monthly, budget_total, rpm, tpm, allowed_models, expires_at, created_at)
              VALUES (?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
@@ -646,14 +441,7 @@ impl Ledger for SqliteLedger {
     }
 
     async fn record_fund(&self, fund: NewFund) -> StoreResult<FundOutcome> {
-        let sign_ok = match fund.kind {
-            FundKind::Deposit => fund.amount.is_positive(),
-            FundKind::Refund => fund.amount.is_negative(),
-            FundKind::Adjustment => !fund.amount.is_zero(),
-        };
-        if !sign_ok {
-            return Err(StoreError::Invalid(format!("a {} cannot move {}", fund.kind.as_str(), fund.amount)));
-        }
+        check_fund_direction(&fund)?;
         let mut transaction = self.write().await?;
         if let Some(existing) = fund_by_reference(&mut transaction, fund.kind, &fund.reference_id).await? {
             if existing.account_id != fund.account_id || existing.amount != fund.amount {
@@ -714,15 +502,7 @@ impl Ledger for SqliteLedger {
             .bind(request_id)
             .fetch_optional(&self.pool)
             .await?;
-        row.map(|row| {
-            let status: i64 = row.try_get("status")?;
-            Ok(StoredResponse {
-                status: u16::try_from(status).map_err(|_| StoreError::Corrupt(format!("stored status {status}")))?,
-                content_type: row.try_get("content_type")?,
-                body: row.try_get("body")?,
-            })
-        })
-        .transpose()
+        row.as_ref().map(stored_response_from).transpose()
     }
 
     async fn charged_request_ids_since(&self, account_id: &str, since: OffsetDateTime) -> StoreResult<Vec<String>> {
@@ -734,18 +514,8 @@ impl Ledger for SqliteLedger {
     }
 
     async fn usage_rows(&self, query: UsageQuery) -> StoreResult<Vec<UsageRow>> {
-        let mut builder = QueryBuilder::<Sqlite>::new("SELECT * FROM usage_log WHERE 1 = 1");
-        if let Some(account_id) = &query.account_id {
-            builder.push(" AND account_id = ").push_bind(account_id.clone());
-        }
-        if let Some(api_key_id) = &query.api_key_id {
-            builder.push(" AND api_key_id = ").push_bind(api_key_id.clone());
-        }
-        push_time_range(&mut builder, query.start, query.end);
-        if let Some(cursor) = query.cursor {
-            builder.push(" AND id < ").push_bind(cursor);
-        }
-        builder.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(query.limit.clamp(1, PAGE_ROWS_MAX)));
+        let mut builder = QueryBuilder::<Sqlite>::new("SELECT * FROM usage_log WHERE TRUE");
+        push_usage_query(&mut builder, query);
         builder.build().fetch_all(&self.pool).await?.iter().map(usage_from).collect()
     }
 
@@ -756,50 +526,18 @@ impl Ledger for SqliteLedger {
         let mut usage = QueryBuilder::<Sqlite>::new("SELECT * FROM usage_log WHERE account_id = ");
         usage.push_bind(account_id.to_string());
         push_time_range(&mut usage, start, end);
-        let mut entries = Vec::new();
-        for row in funds.build().fetch_all(&self.pool).await? {
-            entries.push(LedgerEntry::Fund(fund_from(&row)?));
-        }
-        for row in usage.build().fetch_all(&self.pool).await? {
-            entries.push(LedgerEntry::Usage(usage_from(&row)?));
-        }
-        entries.sort_by_key(LedgerEntry::ledger_seq);
-        Ok(entries)
+        let funds = funds.build().fetch_all(&self.pool).await?;
+        let usage = usage.build().fetch_all(&self.pool).await?;
+        merge_statement(&funds, &usage)
     }
 
     async fn summary(&self, account_id: Option<&str>, start: Option<OffsetDateTime>, end: Option<OffsetDateTime>, group_by: SummaryGroup) -> StoreResult<Vec<SummaryRow>> {
-        let mut builder = QueryBuilder::<Sqlite>::new("SELECT model, api_key_id, created_at, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, cost FROM usage_log WHERE status <> 'failed'");
+        let mut builder = QueryBuilder::<Sqlite>::new(SUMMARY_SELECT);
         if let Some(account_id) = account_id {
             builder.push(" AND account_id = ").push_bind(account_id.to_string());
         }
         push_time_range(&mut builder, start, end);
-        let mut groups: std::collections::BTreeMap<String, SummaryRow> = std::collections::BTreeMap::new();
-        for row in builder.build().fetch_all(&self.pool).await? {
-            let group = match group_by {
-                SummaryGroup::Model => row.try_get::<String, _>("model")?,
-                SummaryGroup::Key => row.try_get::<String, _>("api_key_id")?,
-                SummaryGroup::Day => {
-                    let date = time_of(row.try_get("created_at")?)?.date();
-                    format!("{:04}-{:02}-{:02}", date.year(), u8::from(date.month()), date.day())
-                }
-            };
-            let entry = groups.entry(group.clone()).or_insert_with(|| SummaryRow {
-                group,
-                requests: 0,
-                input_tokens: 0,
-                cached_input_tokens: 0,
-                cache_write_tokens: 0,
-                output_tokens: 0,
-                cost: Money::ZERO,
-            });
-            entry.requests += 1;
-            entry.input_tokens += to_u64(row.try_get("input_tokens")?, "tokens")?;
-            entry.cached_input_tokens += to_u64(row.try_get("cached_input_tokens")?, "tokens")?;
-            entry.cache_write_tokens += to_u64(row.try_get("cache_write_tokens")?, "tokens")?;
-            entry.output_tokens += to_u64(row.try_get("output_tokens")?, "tokens")?;
-            entry.cost = checked_add(entry.cost, money(&row, "cost")?)?;
-        }
-        Ok(groups.into_values().collect())
+        summarize(&builder.build().fetch_all(&self.pool).await?, group_by)
     }
 
     async fn rebuilt_balance(&self, account_id: &str) -> StoreResult<Money> {

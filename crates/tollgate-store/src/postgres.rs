@@ -1,0 +1,572 @@
+//! The production ledger on PostgreSQL. Every write is one transaction; an account's rows take
+//! their ledger positions under its `account_balance` row lock (`SELECT … FOR UPDATE`), so the
+//! audit chain (I4) holds with any number of writers. Fund changes and configuration changes are
+//! announced with `pg_notify`, which PostgreSQL delivers only when (and if) the transaction
+//! commits — a rolled-back change is never announced.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::json;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{Postgres, QueryBuilder, Transaction};
+use time::OffsetDateTime;
+use tollgate_core::Money;
+
+use crate::error::{StoreError, StoreResult};
+use crate::ledger::Ledger;
+use crate::model::{
+    Account, AccountBalance, AccountPatch, ApiKey, FundKind, FundOutcome, FundTransaction, LedgerEntry, NewAccount,
+    NewApiKey, NewFund, NewPrice, PriceRow, RecordOutcome, StoredResponse, SummaryGroup, SummaryRow, TopUp,
+    TopUpStatus, UsageEvent, UsageQuery, UsageRow,
+};
+use crate::sql_rows::{
+    Fields, SUMMARY_SELECT, account_from, allowed_models_text, apply_patch, check_fund_direction, checked_add, fund_from,
+    key_from, kind_text, merge_statement, money, ms_of, now_ms, optional_i64, price_from, push_time_range,
+    push_usage_query, status_text, stored_response_from, summarize, to_i64, topup_from, usage_from,
+};
+
+/// Channel of fund changes: `{account_id, customer_type, amount, old_balance, new_balance,
+/// fund_seq}` where `fund_seq` is the transaction's ledger_seq (the hot store applies by it).
+pub const FUND_CHANNEL: &str = "account_balance_updated";
+/// Channel of changes that invalidate billing contexts and prices: `{kind, id}`.
+pub const CONFIG_CHANNEL: &str = "tollgate_config_changed";
+
+const ACQUIRE_TIMEOUT_MS: u64 = 10_000;
+
+/// The PostgreSQL ledger.
+#[derive(Clone)]
+pub struct PgLedger {
+    pool: PgPool,
+}
+
+/// Applies the migrations and exits.
+///
+/// # Errors
+/// The database cannot be reached or a migration fails.
+pub async fn migrate(url: &str) -> StoreResult<()> {
+    let pool = PgPoolOptions::new().max_connections(1).connect(url).await?;
+    sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+    pool.close().await;
+    Ok(())
+}
+
+impl PgLedger {
+    /// Connects with an explicit pool size and acquire timeout, and migrates.
+    ///
+    /// # Errors
+    /// The database cannot be reached or migrated.
+    pub async fn connect(url: &str, max_connections: u32) -> StoreResult<PgLedger> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(Duration::from_millis(ACQUIRE_TIMEOUT_MS))
+            .connect(url)
+            .await?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        Ok(PgLedger { pool })
+    }
+
+    /// The pool, for the LISTEN connection and the worker.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+async fn notify(transaction: &mut Transaction<'static, Postgres>, channel: &str, payload: serde_json::Value) -> StoreResult<()> {
+    sqlx::query("SELECT pg_notify($1, $2)").bind(channel).bind(payload.to_string()).execute(&mut **transaction).await?;
+    Ok(())
+}
+
+async fn config_changed(transaction: &mut Transaction<'static, Postgres>, kind: &str, id: &str) -> StoreResult<()> {
+    notify(transaction, CONFIG_CHANNEL, json!({"kind": kind, "id": id})).await
+}
+
+/// Locks the account's balance row; returns (balance, ledger_seq).
+async fn balance_for_update(transaction: &mut Transaction<'static, Postgres>, account_id: &str) -> StoreResult<(Money, i64)> {
+    let row = sqlx::query("SELECT balance, ledger_seq FROM account_balance WHERE account_id = $1 FOR UPDATE")
+        .bind(account_id)
+        .fetch_optional(&mut **transaction)
+        .await?
+        .ok_or_else(|| StoreError::NotFound { entity: "account", id: account_id.to_string() })?;
+    Ok((money(&row, "balance")?, row.int("ledger_seq")?))
+}
+
+async fn fund_by_reference(transaction: &mut Transaction<'static, Postgres>, kind: FundKind, reference_id: &str) -> StoreResult<Option<FundTransaction>> {
+    sqlx::query("SELECT * FROM fund_transactions WHERE kind = $1 AND reference_id = $2")
+        .bind(kind.as_str())
+        .bind(reference_id)
+        .fetch_optional(&mut **transaction)
+        .await?
+        .as_ref()
+        .map(fund_from)
+        .transpose()
+}
+
+/// Inserts a fund transaction at the account's next ledger position (the row is locked by the
+/// caller), moves the balance and announces it at commit.
+async fn insert_fund(transaction: &mut Transaction<'static, Postgres>, fund: &NewFund, position: (Money, i64)) -> StoreResult<FundTransaction> {
+    let (balance_before, ledger_seq) = position;
+    let balance_after = checked_add(balance_before, fund.amount)?;
+    if fund.kind == FundKind::Refund && balance_after.is_negative() {
+        return Err(StoreError::Invalid(format!("refund exceeds balance {balance_before}")));
+    }
+    let ledger_seq = ledger_seq + 1;
+    let now = now_ms();
+    let row = sqlx::query(
+        "INSERT INTO fund_transactions (account_id, kind, amount, balance_before, balance_after, ledger_seq, reference_id, reason, operator_id, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING *",
+    )
+    .bind(&fund.account_id)
+    .bind(fund.kind.as_str())
+    .bind(fund.amount.nanos())
+    .bind(balance_before.nanos())
+    .bind(balance_after.nanos())
+    .bind(ledger_seq)
+    .bind(&fund.reference_id)
+    .bind(&fund.reason)
+    .bind(&fund.operator_id)
+    .bind(now)
+    .fetch_one(&mut **transaction)
+    .await?;
+    sqlx::query("UPDATE account_balance SET balance = $1, ledger_seq = $2, last_fund_seq = $2, updated_at = $3 WHERE account_id = $4")
+        .bind(balance_after.nanos())
+        .bind(ledger_seq)
+        .bind(now)
+        .bind(&fund.account_id)
+        .execute(&mut **transaction)
+        .await?;
+    let customer_type: String = sqlx::query_scalar("SELECT customer_type FROM accounts WHERE id = $1")
+        .bind(&fund.account_id)
+        .fetch_one(&mut **transaction)
+        .await?;
+    let payload = json!({
+        "account_id": fund.account_id, "customer_type": customer_type, "amount": fund.amount.to_string(),
+        "old_balance": balance_before.to_string(), "new_balance": balance_after.to_string(), "fund_seq": ledger_seq,
+    });
+    notify(transaction, FUND_CHANNEL, payload).await?;
+    fund_from(&row)
+}
+
+/// Inserts one usage event at the running position; `Duplicate` if its request id is charged.
+async fn insert_usage(transaction: &mut Transaction<'static, Postgres>, event: &UsageEvent, position: &mut (Money, i64)) -> StoreResult<RecordOutcome> {
+    let (balance_before, ledger_seq) = *position;
+    let balance_after = balance_before.checked_sub(event.cost).ok_or(StoreError::Overflow("balance"))?;
+    let inserted = sqlx::query(
+        "INSERT INTO usage_log (request_id, account_id, api_key_id, provider, model, customer_type, price_id,
+             input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
+             usage_source, cost, balance_before, balance_after, ledger_seq, status, latency_ms, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)
+         ON CONFLICT (account_id, request_id) WHERE status <> 'failed' DO NOTHING",
+    )
+    .bind(&event.request_id)
+    .bind(&event.account_id)
+    .bind(&event.api_key_id)
+    .bind(&event.provider)
+    .bind(&event.model)
+    .bind(&event.customer_type)
+    .bind(event.price_id)
+    .bind(to_i64(event.usage.input_tokens, "input_tokens")?)
+    .bind(to_i64(event.usage.cached_input_tokens, "cached_input_tokens")?)
+    .bind(to_i64(event.usage.cache_write_tokens, "cache_write_tokens")?)
+    .bind(to_i64(event.usage.output_tokens, "output_tokens")?)
+    .bind(to_i64(event.usage.reasoning_tokens, "reasoning_tokens")?)
+    .bind(event.usage_source.as_str())
+    .bind(event.cost.nanos())
+    .bind(balance_before.nanos())
+    .bind(balance_after.nanos())
+    .bind(ledger_seq + 1)
+    .bind(event.status.as_str())
+    .bind(to_i64(event.latency_ms, "latency_ms")?)
+    .bind(event.created_at_ms)
+    .execute(&mut **transaction)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        return Ok(RecordOutcome::Duplicate);
+    }
+    *position = (balance_after, ledger_seq + 1);
+    if let Some(stored) = &event.stored_response {
+        sqlx::query(
+            "INSERT INTO stored_responses (account_id, request_id, status, content_type, body, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (account_id, request_id) DO NOTHING",
+        )
+        .bind(&event.account_id)
+        .bind(&event.request_id)
+        .bind(i64::from(stored.status))
+        .bind(&stored.content_type)
+        .bind(&stored.body)
+        .bind(event.created_at_ms)
+        .execute(&mut **transaction)
+        .await?;
+    }
+    Ok(RecordOutcome::Inserted)
+}
+
+#[async_trait]
+impl Ledger for PgLedger {
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn create_account(&self, account: NewAccount) -> StoreResult<Account> {
+        let mut transaction = self.pool.begin().await?;
+        let now = now_ms();
+        let row = sqlx::query(
+            "INSERT INTO accounts (id, kind, name, customer_type, status, credit_limit, daily_request_quota, monthly_request_quota, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, 'active', $5, $6, $7, $8, $8) ON CONFLICT (id) DO NOTHING RETURNING *",
+        )
+        .bind(&account.id)
+        .bind(kind_text(account.kind))
+        .bind(&account.name)
+        .bind(&account.customer_type)
+        .bind(account.credit_limit.nanos())
+        .bind(optional_i64(account.daily_request_quota, "daily_request_quota")?)
+        .bind(optional_i64(account.monthly_request_quota, "monthly_request_quota")?)
+        .bind(now)
+        .fetch_optional(&mut *transaction)
+        .await?
+        .ok_or_else(|| StoreError::Conflict(format!("account {} already exists", account.id)))?;
+        sqlx::query("INSERT INTO account_balance (account_id, balance, last_fund_seq, ledger_seq, updated_at) VALUES ($1, 0, 0, 0, $2)")
+            .bind(&account.id)
+            .bind(now)
+            .execute(&mut *transaction)
+            .await?;
+        let created = account_from(&row)?;
+        transaction.commit().await?;
+        Ok(created)
+    }
+
+    async fn account(&self, account_id: &str) -> StoreResult<Option<Account>> {
+        sqlx::query("SELECT * FROM accounts WHERE id = $1").bind(account_id).fetch_optional(&self.pool).await?.as_ref().map(account_from).transpose()
+    }
+
+    async fn update_account(&self, account_id: &str, patch: AccountPatch) -> StoreResult<Account> {
+        let mut transaction = self.pool.begin().await?;
+        let row = sqlx::query("SELECT * FROM accounts WHERE id = $1 FOR UPDATE")
+            .bind(account_id)
+            .fetch_optional(&mut *transaction)
+            .await?
+            .ok_or_else(|| StoreError::NotFound { entity: "account", id: account_id.to_string() })?;
+        let mut account = account_from(&row)?;
+        apply_patch(&mut account, patch);
+        let row = sqlx::query(
+            "UPDATE accounts SET name = $1, customer_type = $2, status = $3, credit_limit = $4, daily_request_quota = $5, monthly_request_quota = $6, updated_at = $7
+             WHERE id = $8 RETURNING *",
+        )
+        .bind(&account.name)
+        .bind(&account.customer_type)
+        .bind(status_text(account.status))
+        .bind(account.credit_limit.nanos())
+        .bind(optional_i64(account.daily_request_quota, "daily_request_quota")?)
+        .bind(optional_i64(account.monthly_request_quota, "monthly_request_quota")?)
+        .bind(now_ms())
+        .bind(account_id)
+        .fetch_one(&mut *transaction)
+        .await?;
+        config_changed(&mut transaction, "account", account_id).await?;
+        let updated = account_from(&row)?;
+        transaction.commit().await?;
+        Ok(updated)
+    }
+
+    async fn account_balance(&self, account_id: &str) -> StoreResult<Option<AccountBalance>> {
+        let row = sqlx::query("SELECT * FROM account_balance WHERE account_id = $1").bind(account_id).fetch_optional(&self.pool).await?;
+        row.map(|row| {
+            Ok(AccountBalance {
+                account_id: row.text("account_id")?,
+                balance: money(&row, "balance")?,
+                last_fund_seq: row.int("last_fund_seq")?,
+                ledger_seq: row.int("ledger_seq")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn account_ids(&self) -> StoreResult<Vec<String>> {
+        Ok(sqlx::query_scalar("SELECT id FROM accounts ORDER BY id").fetch_all(&self.pool).await?)
+    }
+
+    async fn create_key(&self, key: NewApiKey) -> StoreResult<ApiKey> {
+        let mut transaction = self.pool.begin().await?;
+        let exists = sqlx::query("SELECT 1 FROM accounts WHERE id = $1").bind(&key.account_id).fetch_optional(&mut *transaction).await?;
+        if exists.is_none() {
+            return Err(StoreError::NotFound { entity: "account", id: key.account_id });
+        }
+        let row = sqlx::query(
+            "INSERT INTO api_keys (id, account_id, name, key_hash, prefix, status, budget_daily, budget_monthly, budget_total, rpm, tpm, allowed_models, expires_at, created_at)
+             VALUES ($1, $2, $3, $4, $5, 'active', $6, $7, $8, $9, $10, $11, $12, $13) RETURNING *",
+        )
+        .bind(&key.id)
+        .bind(&key.account_id)
+        .bind(&key.name)
+        .bind(&key.key_hash)
+        .bind(&key.prefix)
+        .bind(key.budget_daily.map(Money::nanos))
+        .bind(key.budget_monthly.map(Money::nanos))
+        .bind(key.budget_total.map(Money::nanos))
+        .bind(optional_i64(key.rpm, "rpm")?)
+        .bind(optional_i64(key.tpm, "tpm")?)
+        .bind(allowed_models_text(key.allowed_models.as_ref())?)
+        .bind(key.expires_at.map(ms_of))
+        .bind(now_ms())
+        .fetch_one(&mut *transaction)
+        .await?;
+        config_changed(&mut transaction, "key", &key.id).await?;
+        let created = key_from(&row)?;
+        transaction.commit().await?;
+        Ok(created)
+    }
+
+    async fn keys_for_account(&self, account_id: &str) -> StoreResult<Vec<ApiKey>> {
+        sqlx::query("SELECT * FROM api_keys WHERE account_id = $1 ORDER BY created_at, id").bind(account_id).fetch_all(&self.pool).await?.iter().map(key_from).collect()
+    }
+
+    async fn key_by_hash(&self, key_hash: &str) -> StoreResult<Option<ApiKey>> {
+        sqlx::query("SELECT * FROM api_keys WHERE key_hash = $1").bind(key_hash).fetch_optional(&self.pool).await?.as_ref().map(key_from).transpose()
+    }
+
+    async fn revoke_key(&self, key_id: &str) -> StoreResult<ApiKey> {
+        let mut transaction = self.pool.begin().await?;
+        let row = sqlx::query("UPDATE api_keys SET status = 'revoked', revoked_at = COALESCE(revoked_at, $1) WHERE id = $2 RETURNING *")
+            .bind(now_ms())
+            .bind(key_id)
+            .fetch_optional(&mut *transaction)
+            .await?
+            .ok_or_else(|| StoreError::NotFound { entity: "key", id: key_id.to_string() })?;
+        config_changed(&mut transaction, "key", key_id).await?;
+        let revoked = key_from(&row)?;
+        transaction.commit().await?;
+        Ok(revoked)
+    }
+
+    async fn put_prices(&self, prices: Vec<NewPrice>) -> StoreResult<Vec<PriceRow>> {
+        let mut transaction = self.pool.begin().await?;
+        let now = now_ms();
+        let mut rows = Vec::with_capacity(prices.len());
+        for new in prices {
+            new.price.validate().map_err(|error| StoreError::Invalid(format!("{}:{} ({}): {error}", new.provider, new.model, new.customer_type)))?;
+            let row = sqlx::query(
+                "INSERT INTO prices (provider, model, customer_type, input_per_mtok, output_per_mtok, cached_input_per_mtok, cache_write_per_mtok, per_request, effective_from)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING *",
+            )
+            .bind(&new.provider)
+            .bind(&new.model)
+            .bind(&new.customer_type)
+            .bind(new.price.input_per_mtok.nanos())
+            .bind(new.price.output_per_mtok.nanos())
+            .bind(new.price.cached_input_per_mtok.map(Money::nanos))
+            .bind(new.price.cache_write_per_mtok.map(Money::nanos))
+            .bind(new.price.per_request.nanos())
+            .bind(now)
+            .fetch_one(&mut *transaction)
+            .await?;
+            rows.push(price_from(&row)?);
+        }
+        config_changed(&mut transaction, "prices", "").await?;
+        transaction.commit().await?;
+        Ok(rows)
+    }
+
+    async fn current_prices(&self) -> StoreResult<Vec<PriceRow>> {
+        sqlx::query("SELECT DISTINCT ON (provider, model, customer_type) * FROM prices ORDER BY provider, model, customer_type, id DESC")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(price_from)
+            .collect()
+    }
+
+    async fn create_topup(&self, account_id: &str, amount: Money, reference_id: &str) -> StoreResult<TopUp> {
+        if !amount.is_positive() {
+            return Err(StoreError::Invalid("top-up amount must be positive".into()));
+        }
+        let mut transaction = self.pool.begin().await?;
+        let exists = sqlx::query("SELECT 1 FROM accounts WHERE id = $1").bind(account_id).fetch_optional(&mut *transaction).await?;
+        if exists.is_none() {
+            return Err(StoreError::NotFound { entity: "account", id: account_id.to_string() });
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO topup_records (id, account_id, amount, reference_id, status, created_at) VALUES ($1, $2, $3, $4, 'pending', $5)
+             ON CONFLICT (reference_id) DO NOTHING RETURNING *",
+        )
+        .bind(format!("topup_{}", uuid::Uuid::now_v7().simple()))
+        .bind(account_id)
+        .bind(amount.nanos())
+        .bind(reference_id)
+        .bind(now_ms())
+        .fetch_optional(&mut *transaction)
+        .await?;
+        let topup = match inserted {
+            Some(row) => topup_from(&row)?,
+            None => {
+                let row = sqlx::query("SELECT * FROM topup_records WHERE reference_id = $1").bind(reference_id).fetch_one(&mut *transaction).await?;
+                let existing = topup_from(&row)?;
+                if existing.account_id != account_id || existing.amount != amount {
+                    return Err(StoreError::Conflict(format!("reference_id {reference_id} was used for a different top-up")));
+                }
+                existing
+            }
+        };
+        transaction.commit().await?;
+        Ok(topup)
+    }
+
+    async fn confirm_topup(&self, topup_id: &str) -> StoreResult<(TopUp, FundTransaction)> {
+        let mut transaction = self.pool.begin().await?;
+        // Lock the top-up first, then the balance: two confirmations serialise here.
+        let row = sqlx::query("SELECT * FROM topup_records WHERE id = $1 FOR UPDATE")
+            .bind(topup_id)
+            .fetch_optional(&mut *transaction)
+            .await?
+            .ok_or_else(|| StoreError::NotFound { entity: "top-up", id: topup_id.to_string() })?;
+        let topup = topup_from(&row)?;
+        if topup.status == TopUpStatus::Confirmed {
+            let fund = fund_by_reference(&mut transaction, FundKind::Deposit, &topup.reference_id)
+                .await?
+                .ok_or_else(|| StoreError::Corrupt(format!("confirmed top-up {topup_id} has no deposit")))?;
+            return Ok((topup, fund));
+        }
+        let position = balance_for_update(&mut transaction, &topup.account_id).await?;
+        let fund = NewFund {
+            account_id: topup.account_id.clone(),
+            kind: FundKind::Deposit,
+            amount: topup.amount,
+            reference_id: topup.reference_id.clone(),
+            reason: Some("top-up".into()),
+            operator_id: None,
+        };
+        let fund = insert_fund(&mut transaction, &fund, position).await?;
+        let row = sqlx::query("UPDATE topup_records SET status = 'confirmed', fund_seq = $1, confirmed_at = $2 WHERE id = $3 RETURNING *")
+            .bind(fund.seq)
+            .bind(now_ms())
+            .bind(topup_id)
+            .fetch_one(&mut *transaction)
+            .await?;
+        let confirmed = topup_from(&row)?;
+        transaction.commit().await?;
+        Ok((confirmed, fund))
+    }
+
+    async fn record_fund(&self, fund: NewFund) -> StoreResult<FundOutcome> {
+        check_fund_direction(&fund)?;
+        let mut transaction = self.pool.begin().await?;
+        // The account lock first: the same reference sent twice at once serialises on it, and
+        // the second sees the first's row.
+        let position = balance_for_update(&mut transaction, &fund.account_id).await?;
+        if let Some(existing) = fund_by_reference(&mut transaction, fund.kind, &fund.reference_id).await? {
+            if existing.account_id != fund.account_id || existing.amount != fund.amount {
+                return Err(StoreError::Conflict(format!("reference_id {} was used for a different {}", fund.reference_id, fund.kind.as_str())));
+            }
+            return Ok(FundOutcome { transaction: existing, newly_applied: false });
+        }
+        let inserted = insert_fund(&mut transaction, &fund, position).await?;
+        transaction.commit().await?;
+        Ok(FundOutcome { transaction: inserted, newly_applied: true })
+    }
+
+    async fn fund_transactions_after(&self, account_id: &str, after_ledger_seq: i64) -> StoreResult<Vec<FundTransaction>> {
+        sqlx::query("SELECT * FROM fund_transactions WHERE account_id = $1 AND ledger_seq > $2 ORDER BY ledger_seq")
+            .bind(account_id)
+            .bind(after_ledger_seq)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(fund_from)
+            .collect()
+    }
+
+    async fn record_usage_batch(&self, events: &[UsageEvent]) -> StoreResult<Vec<RecordOutcome>> {
+        let mut transaction = self.pool.begin().await?;
+        // Lock every account of the batch in one order, so concurrent workers cannot deadlock.
+        let mut account_ids: Vec<&str> = events.iter().map(|event| event.account_id.as_str()).collect();
+        account_ids.sort_unstable();
+        account_ids.dedup();
+        let mut positions: HashMap<&str, (Money, i64)> = HashMap::with_capacity(account_ids.len());
+        for account_id in account_ids {
+            let position = balance_for_update(&mut transaction, account_id).await.map_err(|error| match error {
+                StoreError::NotFound { .. } => StoreError::Invalid(format!("usage event names unknown account {account_id}")),
+                other => other,
+            })?;
+            positions.insert(account_id, position);
+        }
+        let mut outcomes = Vec::with_capacity(events.len());
+        for event in events {
+            let position = positions
+                .get_mut(event.account_id.as_str())
+                .ok_or_else(|| StoreError::Corrupt(format!("account {} not locked", event.account_id)))?;
+            outcomes.push(insert_usage(&mut transaction, event, position).await?);
+        }
+        let now = now_ms();
+        for (account_id, (balance, ledger_seq)) in positions {
+            sqlx::query("UPDATE account_balance SET balance = $1, ledger_seq = $2, updated_at = $3 WHERE account_id = $4")
+                .bind(balance.nanos())
+                .bind(ledger_seq)
+                .bind(now)
+                .bind(account_id)
+                .execute(&mut *transaction)
+                .await?;
+        }
+        transaction.commit().await?;
+        Ok(outcomes)
+    }
+
+    async fn stored_response(&self, account_id: &str, request_id: &str) -> StoreResult<Option<StoredResponse>> {
+        sqlx::query("SELECT status, content_type, body FROM stored_responses WHERE account_id = $1 AND request_id = $2")
+            .bind(account_id)
+            .bind(request_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(stored_response_from)
+            .transpose()
+    }
+
+    async fn charged_request_ids_since(&self, account_id: &str, since: OffsetDateTime) -> StoreResult<Vec<String>> {
+        Ok(sqlx::query_scalar("SELECT request_id FROM usage_log WHERE account_id = $1 AND created_at >= $2 AND status <> 'failed'")
+            .bind(account_id)
+            .bind(ms_of(since))
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    async fn usage_rows(&self, query: UsageQuery) -> StoreResult<Vec<UsageRow>> {
+        let mut builder = QueryBuilder::<Postgres>::new("SELECT * FROM usage_log WHERE TRUE");
+        push_usage_query(&mut builder, query);
+        builder.build().fetch_all(&self.pool).await?.iter().map(usage_from).collect()
+    }
+
+    async fn statement(&self, account_id: &str, start: Option<OffsetDateTime>, end: Option<OffsetDateTime>) -> StoreResult<Vec<LedgerEntry>> {
+        let mut funds = QueryBuilder::<Postgres>::new("SELECT * FROM fund_transactions WHERE account_id = ");
+        funds.push_bind(account_id.to_string());
+        push_time_range(&mut funds, start, end);
+        let mut usage = QueryBuilder::<Postgres>::new("SELECT * FROM usage_log WHERE account_id = ");
+        usage.push_bind(account_id.to_string());
+        push_time_range(&mut usage, start, end);
+        let funds = funds.build().fetch_all(&self.pool).await?;
+        let usage = usage.build().fetch_all(&self.pool).await?;
+        merge_statement(&funds, &usage)
+    }
+
+    async fn summary(&self, account_id: Option<&str>, start: Option<OffsetDateTime>, end: Option<OffsetDateTime>, group_by: SummaryGroup) -> StoreResult<Vec<SummaryRow>> {
+        let mut builder = QueryBuilder::<Postgres>::new(SUMMARY_SELECT);
+        if let Some(account_id) = account_id {
+            builder.push(" AND account_id = ").push_bind(account_id.to_string());
+        }
+        push_time_range(&mut builder, start, end);
+        summarize(&builder.build().fetch_all(&self.pool).await?, group_by)
+    }
+
+    async fn rebuilt_balance(&self, account_id: &str) -> StoreResult<Money> {
+        // NUMERIC sums cannot overflow; the result must still fit the balance type.
+        let rebuilt: Option<String> = sqlx::query_scalar(
+            "SELECT ((SELECT COALESCE(SUM(amount::NUMERIC), 0) FROM fund_transactions WHERE account_id = $1)
+                   - (SELECT COALESCE(SUM(cost::NUMERIC), 0) FROM usage_log WHERE account_id = $1))::TEXT",
+        )
+        .bind(account_id)
+        .fetch_one(&self.pool)
+        .await?;
+        let text = rebuilt.unwrap_or_else(|| "0".into());
+        text.parse::<i64>().map(Money::from_nanos).map_err(|_| StoreError::Overflow("rebuilt balance"))
+    }
+}

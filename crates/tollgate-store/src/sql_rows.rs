@@ -1,0 +1,371 @@
+//! What the SQL ledgers share: rows read back into models, and the conversions between the
+//! stored forms (INTEGER nano-units, INTEGER Unix milliseconds) and the model types. SQLite and
+//! PostgreSQL store the same columns with the same types, so one mapping serves both.
+
+use std::collections::BTreeMap;
+
+use sqlx::Row;
+use sqlx::postgres::PgRow;
+use sqlx::sqlite::SqliteRow;
+use time::OffsetDateTime;
+use tollgate_core::{Money, Price, Usage, UsageSource};
+
+use crate::error::{StoreError, StoreResult};
+use crate::model::{
+    Account, AccountKind, AccountPatch, AccountStatus, ApiKey, FundKind, FundTransaction, KeyStatus, LedgerEntry,
+    NewFund, PriceRow, RequestStatus, StoredResponse, SummaryGroup, SummaryRow, TopUp, TopUpStatus, UsageQuery,
+    UsageRow,
+};
+
+/// Rows per page at most.
+const PAGE_ROWS_MAX: u32 = 1_000;
+
+/// Typed column access, the same for a row of either database.
+pub(crate) trait Fields {
+    fn int(&self, column: &str) -> StoreResult<i64>;
+    fn optional_int(&self, column: &str) -> StoreResult<Option<i64>>;
+    fn text(&self, column: &str) -> StoreResult<String>;
+    fn optional_text(&self, column: &str) -> StoreResult<Option<String>>;
+    fn bytes(&self, column: &str) -> StoreResult<Vec<u8>>;
+}
+
+macro_rules! fields_for {
+    ($row:ty) => {
+        impl Fields for $row {
+            fn int(&self, column: &str) -> StoreResult<i64> {
+                Ok(self.try_get::<i64, _>(column)?)
+            }
+            fn optional_int(&self, column: &str) -> StoreResult<Option<i64>> {
+                Ok(self.try_get::<Option<i64>, _>(column)?)
+            }
+            fn text(&self, column: &str) -> StoreResult<String> {
+                Ok(self.try_get::<String, _>(column)?)
+            }
+            fn optional_text(&self, column: &str) -> StoreResult<Option<String>> {
+                Ok(self.try_get::<Option<String>, _>(column)?)
+            }
+            fn bytes(&self, column: &str) -> StoreResult<Vec<u8>> {
+                Ok(self.try_get::<Vec<u8>, _>(column)?)
+            }
+        }
+    };
+}
+
+fields_for!(SqliteRow);
+fields_for!(PgRow);
+
+pub(crate) fn now_ms() -> i64 {
+    ms_of(OffsetDateTime::now_utc())
+}
+
+pub(crate) fn ms_of(time: OffsetDateTime) -> i64 {
+    i64::try_from(time.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn time_of(ms: i64) -> StoreResult<OffsetDateTime> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .map_err(|_| StoreError::Corrupt(format!("timestamp {ms} out of range")))
+}
+
+fn optional_time(ms: Option<i64>) -> StoreResult<Option<OffsetDateTime>> {
+    ms.map(time_of).transpose()
+}
+
+pub(crate) fn to_i64(value: u64, what: &'static str) -> StoreResult<i64> {
+    i64::try_from(value).map_err(|_| StoreError::Invalid(format!("{what} {value} is out of range")))
+}
+
+pub(crate) fn to_u64(value: i64, what: &'static str) -> StoreResult<u64> {
+    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("negative {what} {value}")))
+}
+
+fn optional_u64(value: Option<i64>, what: &'static str) -> StoreResult<Option<u64>> {
+    value.map(|value| to_u64(value, what)).transpose()
+}
+
+pub(crate) fn optional_i64(value: Option<u64>, what: &'static str) -> StoreResult<Option<i64>> {
+    value.map(|value| to_i64(value, what)).transpose()
+}
+
+pub(crate) fn money(row: &impl Fields, column: &str) -> StoreResult<Money> {
+    Ok(Money::from_nanos(row.int(column)?))
+}
+
+fn optional_money(row: &impl Fields, column: &str) -> StoreResult<Option<Money>> {
+    Ok(row.optional_int(column)?.map(Money::from_nanos))
+}
+
+pub(crate) fn checked_add(left: Money, right: Money) -> StoreResult<Money> {
+    left.checked_add(right).ok_or(StoreError::Overflow("balance"))
+}
+
+pub(crate) fn kind_text(kind: AccountKind) -> &'static str {
+    match kind {
+        AccountKind::User => "user",
+        AccountKind::Tenant => "tenant",
+    }
+}
+
+pub(crate) fn status_text(status: AccountStatus) -> &'static str {
+    match status {
+        AccountStatus::Active => "active",
+        AccountStatus::Suspended => "suspended",
+    }
+}
+
+pub(crate) fn account_from(row: &impl Fields) -> StoreResult<Account> {
+    let kind = row.text("kind")?;
+    let status = row.text("status")?;
+    Ok(Account {
+        id: row.text("id")?,
+        kind: match kind.as_str() {
+            "tenant" => AccountKind::Tenant,
+            "user" => AccountKind::User,
+            other => return Err(StoreError::Corrupt(format!("account kind {other}"))),
+        },
+        name: row.text("name")?,
+        customer_type: row.text("customer_type")?,
+        status: match status.as_str() {
+            "active" => AccountStatus::Active,
+            "suspended" => AccountStatus::Suspended,
+            other => return Err(StoreError::Corrupt(format!("account status {other}"))),
+        },
+        credit_limit: money(row, "credit_limit")?,
+        daily_request_quota: optional_u64(row.optional_int("daily_request_quota")?, "quota")?,
+        monthly_request_quota: optional_u64(row.optional_int("monthly_request_quota")?, "quota")?,
+        created_at: time_of(row.int("created_at")?)?,
+        updated_at: time_of(row.int("updated_at")?)?,
+    })
+}
+
+pub(crate) fn key_from(row: &impl Fields) -> StoreResult<ApiKey> {
+    let status = row.text("status")?;
+    let allowed_models = row.optional_text("allowed_models")?;
+    Ok(ApiKey {
+        id: row.text("id")?,
+        account_id: row.text("account_id")?,
+        name: row.text("name")?,
+        prefix: row.text("prefix")?,
+        status: if status == "revoked" { KeyStatus::Revoked } else { KeyStatus::Active },
+        budget_daily: optional_money(row, "budget_daily")?,
+        budget_monthly: optional_money(row, "budget_monthly")?,
+        budget_total: optional_money(row, "budget_total")?,
+        rpm: optional_u64(row.optional_int("rpm")?, "rpm")?,
+        tpm: optional_u64(row.optional_int("tpm")?, "tpm")?,
+        allowed_models: allowed_models
+            .map(|text| serde_json::from_str(&text).map_err(|error| StoreError::Corrupt(format!("allowed_models: {error}"))))
+            .transpose()?,
+        expires_at: optional_time(row.optional_int("expires_at")?)?,
+        created_at: time_of(row.int("created_at")?)?,
+        revoked_at: optional_time(row.optional_int("revoked_at")?)?,
+    })
+}
+
+pub(crate) fn allowed_models_text(models: Option<&Vec<String>>) -> StoreResult<Option<String>> {
+    models
+        .map(|models| serde_json::to_string(models).map_err(|error| StoreError::Invalid(error.to_string())))
+        .transpose()
+}
+
+pub(crate) fn price_from(row: &impl Fields) -> StoreResult<PriceRow> {
+    Ok(PriceRow {
+        id: row.int("id")?,
+        provider: row.text("provider")?,
+        model: row.text("model")?,
+        customer_type: row.text("customer_type")?,
+        price: Price {
+            input_per_mtok: money(row, "input_per_mtok")?,
+            output_per_mtok: money(row, "output_per_mtok")?,
+            cached_input_per_mtok: optional_money(row, "cached_input_per_mtok")?,
+            cache_write_per_mtok: optional_money(row, "cache_write_per_mtok")?,
+            per_request: money(row, "per_request")?,
+        },
+        effective_from: time_of(row.int("effective_from")?)?,
+    })
+}
+
+pub(crate) fn topup_from(row: &impl Fields) -> StoreResult<TopUp> {
+    let status = row.text("status")?;
+    Ok(TopUp {
+        id: row.text("id")?,
+        account_id: row.text("account_id")?,
+        amount: money(row, "amount")?,
+        reference_id: row.text("reference_id")?,
+        status: if status == "confirmed" { TopUpStatus::Confirmed } else { TopUpStatus::Pending },
+        fund_seq: row.optional_int("fund_seq")?,
+        created_at: time_of(row.int("created_at")?)?,
+        confirmed_at: optional_time(row.optional_int("confirmed_at")?)?,
+    })
+}
+
+pub(crate) fn fund_from(row: &impl Fields) -> StoreResult<FundTransaction> {
+    let kind = row.text("kind")?;
+    Ok(FundTransaction {
+        seq: row.int("seq")?,
+        account_id: row.text("account_id")?,
+        kind: FundKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("fund kind {kind}")))?,
+        amount: money(row, "amount")?,
+        balance_before: money(row, "balance_before")?,
+        balance_after: money(row, "balance_after")?,
+        ledger_seq: row.int("ledger_seq")?,
+        reference_id: row.text("reference_id")?,
+        reason: row.optional_text("reason")?,
+        operator_id: row.optional_text("operator_id")?,
+        created_at: time_of(row.int("created_at")?)?,
+    })
+}
+
+pub(crate) fn usage_from(row: &impl Fields) -> StoreResult<UsageRow> {
+    let source = row.text("usage_source")?;
+    let status = row.text("status")?;
+    let tokens = |column: &str| to_u64(row.int(column)?, "tokens");
+    Ok(UsageRow {
+        id: row.int("id")?,
+        request_id: row.text("request_id")?,
+        account_id: row.text("account_id")?,
+        api_key_id: row.text("api_key_id")?,
+        provider: row.text("provider")?,
+        model: row.text("model")?,
+        customer_type: row.text("customer_type")?,
+        price_id: row.optional_int("price_id")?,
+        usage: Usage {
+            input_tokens: tokens("input_tokens")?,
+            cached_input_tokens: tokens("cached_input_tokens")?,
+            cache_write_tokens: tokens("cache_write_tokens")?,
+            output_tokens: tokens("output_tokens")?,
+            reasoning_tokens: tokens("reasoning_tokens")?,
+        },
+        usage_source: UsageSource::parse(&source).ok_or_else(|| StoreError::Corrupt(format!("usage source {source}")))?,
+        cost: money(row, "cost")?,
+        balance_before: money(row, "balance_before")?,
+        balance_after: money(row, "balance_after")?,
+        ledger_seq: row.int("ledger_seq")?,
+        status: RequestStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("request status {status}")))?,
+        latency_ms: to_u64(row.int("latency_ms")?, "latency")?,
+        created_at: time_of(row.int("created_at")?)?,
+    })
+}
+
+pub(crate) fn stored_response_from(row: &impl Fields) -> StoreResult<StoredResponse> {
+    let status = row.int("status")?;
+    Ok(StoredResponse {
+        status: u16::try_from(status).map_err(|_| StoreError::Corrupt(format!("stored status {status}")))?,
+        content_type: row.text("content_type")?,
+        body: row.bytes("body")?,
+    })
+}
+
+/// The UTC day "YYYY-MM-DD" of a stored time, for summaries by day.
+pub(crate) fn day_of(ms: i64) -> StoreResult<String> {
+    let date = time_of(ms)?.date();
+    Ok(format!("{:04}-{:02}-{:02}", date.year(), u8::from(date.month()), date.day()))
+}
+
+/// Applies an operator's patch to an account read under lock.
+pub(crate) fn apply_patch(account: &mut Account, patch: AccountPatch) {
+    if let Some(name) = patch.name {
+        account.name = name;
+    }
+    if let Some(customer_type) = patch.customer_type {
+        account.customer_type = customer_type;
+    }
+    if let Some(status) = patch.status {
+        account.status = status;
+    }
+    if let Some(credit_limit) = patch.credit_limit {
+        account.credit_limit = credit_limit;
+    }
+    if let Some(quota) = patch.daily_request_quota {
+        account.daily_request_quota = quota;
+    }
+    if let Some(quota) = patch.monthly_request_quota {
+        account.monthly_request_quota = quota;
+    }
+}
+
+/// Deposits add, refunds take away, adjustments go either way but never by zero.
+pub(crate) fn check_fund_direction(fund: &NewFund) -> StoreResult<()> {
+    let direction_ok = match fund.kind {
+        FundKind::Deposit => fund.amount.is_positive(),
+        FundKind::Refund => fund.amount.is_negative(),
+        FundKind::Adjustment => !fund.amount.is_zero(),
+    };
+    if direction_ok { Ok(()) } else { Err(StoreError::Invalid(format!("a {} cannot move {}", fund.kind.as_str(), fund.amount))) }
+}
+
+/// Adds `created_at` bounds to a query (either database: the builder picks the placeholders).
+pub(crate) fn push_time_range<DB: sqlx::Database>(builder: &mut sqlx::QueryBuilder<DB>, start: Option<OffsetDateTime>, end: Option<OffsetDateTime>)
+where
+    for<'a> i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    if let Some(start) = start {
+        builder.push(" AND created_at >= ").push_bind(ms_of(start));
+    }
+    if let Some(end) = end {
+        builder.push(" AND created_at < ").push_bind(ms_of(end));
+    }
+}
+
+/// The filters, order and page size of a usage listing.
+pub(crate) fn push_usage_query<DB: sqlx::Database>(builder: &mut sqlx::QueryBuilder<DB>, query: UsageQuery)
+where
+    for<'a> i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    for<'a> String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    if let Some(account_id) = query.account_id {
+        builder.push(" AND account_id = ").push_bind(account_id);
+    }
+    if let Some(api_key_id) = query.api_key_id {
+        builder.push(" AND api_key_id = ").push_bind(api_key_id);
+    }
+    push_time_range(builder, query.start, query.end);
+    if let Some(cursor) = query.cursor {
+        builder.push(" AND id < ").push_bind(cursor);
+    }
+    builder.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(query.limit.clamp(1, PAGE_ROWS_MAX)));
+}
+
+/// Fund and usage rows together, in ledger order.
+pub(crate) fn merge_statement(funds: &[impl Fields], usage: &[impl Fields]) -> StoreResult<Vec<LedgerEntry>> {
+    let mut entries = Vec::with_capacity(funds.len() + usage.len());
+    for row in funds {
+        entries.push(LedgerEntry::Fund(fund_from(row)?));
+    }
+    for row in usage {
+        entries.push(LedgerEntry::Usage(usage_from(row)?));
+    }
+    entries.sort_by_key(LedgerEntry::ledger_seq);
+    Ok(entries)
+}
+
+/// Usage totals by group, summed exactly (checked), from charged usage rows.
+pub(crate) fn summarize(rows: &[impl Fields], group_by: SummaryGroup) -> StoreResult<Vec<SummaryRow>> {
+    let mut groups: BTreeMap<String, SummaryRow> = BTreeMap::new();
+    for row in rows {
+        let group = match group_by {
+            SummaryGroup::Model => row.text("model")?,
+            SummaryGroup::Key => row.text("api_key_id")?,
+            SummaryGroup::Day => day_of(row.int("created_at")?)?,
+        };
+        let entry = groups.entry(group.clone()).or_insert_with(|| SummaryRow {
+            group,
+            requests: 0,
+            input_tokens: 0,
+            cached_input_tokens: 0,
+            cache_write_tokens: 0,
+            output_tokens: 0,
+            cost: Money::ZERO,
+        });
+        entry.requests += 1;
+        entry.input_tokens += to_u64(row.int("input_tokens")?, "tokens")?;
+        entry.cached_input_tokens += to_u64(row.int("cached_input_tokens")?, "tokens")?;
+        entry.cache_write_tokens += to_u64(row.int("cache_write_tokens")?, "tokens")?;
+        entry.output_tokens += to_u64(row.int("output_tokens")?, "tokens")?;
+        entry.cost = checked_add(entry.cost, money(row, "cost")?)?;
+    }
+    Ok(groups.into_values().collect())
+}
+
+/// The columns a summary reads.
+pub(crate) const SUMMARY_SELECT: &str =
+    "SELECT model, api_key_id, created_at, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, cost FROM usage_log WHERE status <> 'failed'";

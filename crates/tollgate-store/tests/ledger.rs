@@ -1,0 +1,294 @@
+//! The ledger conformance suite: the same checks against every `Ledger` backend — SQLite (a
+//! fresh file per test) and PostgreSQL (a fresh database per test on the server named by
+//! `TOLLGATE_TEST_POSTGRES_URL`, which `scripts/test` starts; without it these tests fail, they
+//! do not skip).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+
+use tollgate_core::{Money, Price, Usage, UsageSource};
+use tollgate_store::Ledger;
+use tollgate_store::StoreError;
+use tollgate_store::model::{
+    AccountKind, AccountPatch, AccountStatus, FundKind, NewAccount, NewApiKey, NewFund, NewPrice, RecordOutcome,
+    RequestStatus, StoredResponse, SummaryGroup, TopUpStatus, UsageEvent, UsageQuery,
+};
+use tollgate_store::postgres::PgLedger;
+use tollgate_store::sqlite::SqliteLedger;
+use tollgate_store::verify::check_account;
+
+async fn sqlite() -> Arc<dyn Ledger> {
+    let path = std::env::temp_dir().join(format!("tollgate-ledger-{}.db", uuid::Uuid::new_v4().simple()));
+    Arc::new(SqliteLedger::connect(&format!("sqlite://{}", path.display()), 4).await.unwrap())
+}
+
+/// A fresh database on the test server.
+async fn postgres() -> Arc<dyn Ledger> {
+    let url = std::env::var("TOLLGATE_TEST_POSTGRES_URL")
+        .expect("TOLLGATE_TEST_POSTGRES_URL is not set: run scripts/test, which starts PostgreSQL");
+    let name = format!("ledger_{}", uuid::Uuid::new_v4().simple());
+    let admin = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&url).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.unwrap();
+    admin.close().await;
+    let (base, _) = url.rsplit_once('/').unwrap();
+    Arc::new(PgLedger::connect(&format!("{base}/{name}"), 8).await.unwrap())
+}
+
+/// One `#[tokio::test]` per backend for each conformance check.
+macro_rules! conformance {
+    ($($check:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() { super::$check(super::sqlite().await).await; })*
+        }
+        mod on_postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() { super::$check(super::postgres().await).await; })*
+        }
+    };
+}
+
+conformance!(
+    accounts_are_created_once_and_patched,
+    keys_are_found_by_hash_and_revoked,
+    the_newest_price_wins,
+    a_topup_confirmed_twice_adds_once,
+    a_reference_applies_once,
+    a_refund_cannot_exceed_the_balance,
+    usage_batches_skip_duplicates_and_failures_do_not_block_retries,
+    an_unknown_account_rolls_back_the_whole_batch,
+    concurrent_writers_keep_the_chain_and_the_sum,
+    pages_return_each_row_once,
+    summaries_match_the_rows,
+);
+
+async fn account(ledger: &dyn Ledger, id: &str) {
+    ledger
+        .create_account(NewAccount {
+            id: id.into(),
+            kind: AccountKind::User,
+            name: "n".into(),
+            customer_type: "standard".into(),
+            credit_limit: Money::ZERO,
+            daily_request_quota: None,
+            monthly_request_quota: None,
+        })
+        .await
+        .unwrap();
+}
+
+async fn deposit(ledger: &dyn Ledger, id: &str, nanos: i64, reference: &str) {
+    let topup = ledger.create_topup(id, Money::from_nanos(nanos), reference).await.unwrap();
+    ledger.confirm_topup(&topup.id).await.unwrap();
+}
+
+fn event(account: &str, request: &str, cost: i64, status: RequestStatus) -> UsageEvent {
+    UsageEvent {
+        request_id: request.into(),
+        account_id: account.into(),
+        api_key_id: "key".into(),
+        provider: "mock".into(),
+        model: "demo-gpt".into(),
+        customer_type: "standard".into(),
+        price_id: None,
+        usage: Usage { input_tokens: 10, output_tokens: 5, ..Usage::default() },
+        usage_source: UsageSource::Upstream,
+        cost: Money::from_nanos(cost),
+        status,
+        latency_ms: 3,
+        created_at_ms: 1_769_903_970_000,
+        hot_balance_after: Money::ZERO,
+        stored_response: None,
+    }
+}
+
+async fn assert_sound(ledger: &dyn Ledger, id: &str) {
+    let check = check_account(ledger, id).await.unwrap();
+    assert!(check.is_sound(), "I2/I4 broken: {check:?}");
+}
+
+async fn accounts_are_created_once_and_patched(ledger: Arc<dyn Ledger>) {
+    account(&*ledger, "a").await;
+    let again = ledger
+        .create_account(NewAccount { id: "a".into(), kind: AccountKind::Tenant, name: "x".into(), customer_type: "t".into(), credit_limit: Money::ZERO, daily_request_quota: None, monthly_request_quota: None })
+        .await;
+    assert!(matches!(again, Err(StoreError::Conflict(_))));
+    let patched = ledger
+        .update_account("a", AccountPatch { status: Some(AccountStatus::Suspended), daily_request_quota: Some(Some(5)), ..AccountPatch::default() })
+        .await
+        .unwrap();
+    assert_eq!((patched.status, patched.daily_request_quota, patched.customer_type.as_str()), (AccountStatus::Suspended, Some(5), "standard"));
+    let cleared = ledger.update_account("a", AccountPatch { daily_request_quota: Some(None), ..AccountPatch::default() }).await.unwrap();
+    assert_eq!(cleared.daily_request_quota, None);
+    assert!(matches!(ledger.update_account("nobody", AccountPatch::default()).await, Err(StoreError::NotFound { .. })));
+    assert_eq!(ledger.account_balance("a").await.unwrap().unwrap().balance, Money::ZERO);
+}
+
+async fn keys_are_found_by_hash_and_revoked(ledger: Arc<dyn Ledger>) {
+    account(&*ledger, "a").await;
+    let key = NewApiKey {
+        id: "k1".into(),
+        account_id: "a".into(),
+        name: "k".into(),
+        key_hash: "hash-1".into(),
+        prefix: "tg_1".into(),
+        budget_daily: None,
+        budget_monthly: Some(Money::from_nanos(7)),
+        budget_total: None,
+        rpm: Some(3),
+        tpm: None,
+        allowed_models: Some(vec!["demo-gpt".into()]),
+        expires_at: None,
+    };
+    ledger.create_key(key.clone()).await.unwrap();
+    let found = ledger.key_by_hash("hash-1").await.unwrap().unwrap();
+    assert_eq!((found.id.as_str(), found.budget_monthly, found.rpm, found.allowed_models.clone()), ("k1", Some(Money::from_nanos(7)), Some(3), Some(vec!["demo-gpt".to_string()])));
+    assert!(ledger.key_by_hash("hash-2").await.unwrap().is_none());
+    let revoked = ledger.revoke_key("k1").await.unwrap();
+    let revoked_again = ledger.revoke_key("k1").await.unwrap();
+    assert_eq!(revoked.revoked_at, revoked_again.revoked_at, "revocation is idempotent");
+    assert!(matches!(ledger.create_key(NewApiKey { id: "k2".into(), account_id: "nobody".into(), key_hash: "h".into(), ..key }).await, Err(StoreError::NotFound { .. })));
+}
+
+async fn the_newest_price_wins(ledger: Arc<dyn Ledger>) {
+    let price = |input: i64| Price { input_per_mtok: Money::from_nanos(input), output_per_mtok: Money::from_nanos(1), cached_input_per_mtok: None, cache_write_per_mtok: None, per_request: Money::ZERO };
+    let new = |model: &str, input: i64| NewPrice { provider: "p".into(), model: model.into(), customer_type: "t".into(), price: price(input) };
+    ledger.put_prices(vec![new("m", 1), new("other", 9)]).await.unwrap();
+    let second = ledger.put_prices(vec![new("m", 2)]).await.unwrap();
+    let current = ledger.current_prices().await.unwrap();
+    assert_eq!(current.len(), 2);
+    let m = current.iter().find(|row| row.model == "m").unwrap();
+    assert_eq!((m.id, m.price.input_per_mtok), (second[0].id, Money::from_nanos(2)));
+    assert!(matches!(ledger.put_prices(vec![new("bad", -1)]).await, Err(StoreError::Invalid(_))));
+}
+
+async fn a_topup_confirmed_twice_adds_once(ledger: Arc<dyn Ledger>) {
+    account(&*ledger, "a").await;
+    let topup = ledger.create_topup("a", Money::from_nanos(500), "pay-1").await.unwrap();
+    assert_eq!(topup.status, TopUpStatus::Pending);
+    assert_eq!(ledger.account_balance("a").await.unwrap().unwrap().balance, Money::ZERO);
+    let (first, fund) = ledger.confirm_topup(&topup.id).await.unwrap();
+    let (second, same_fund) = ledger.confirm_topup(&topup.id).await.unwrap();
+    assert_eq!((first.status, second.status), (TopUpStatus::Confirmed, TopUpStatus::Confirmed));
+    assert_eq!(fund, same_fund);
+    let balance = ledger.account_balance("a").await.unwrap().unwrap();
+    assert_eq!((balance.balance, balance.last_fund_seq), (Money::from_nanos(500), fund.ledger_seq));
+    assert_eq!(ledger.create_topup("a", Money::from_nanos(500), "pay-1").await.unwrap().id, topup.id);
+    assert!(matches!(ledger.create_topup("a", Money::from_nanos(501), "pay-1").await, Err(StoreError::Conflict(_))));
+    assert!(matches!(ledger.create_topup("a", Money::ZERO, "pay-2").await, Err(StoreError::Invalid(_))));
+    assert_sound(&*ledger, "a").await;
+}
+
+async fn a_reference_applies_once(ledger: Arc<dyn Ledger>) {
+    account(&*ledger, "a").await;
+    deposit(&*ledger, "a", 1_000, "d").await;
+    let adjustment = NewFund { account_id: "a".into(), kind: FundKind::Adjustment, amount: Money::from_nanos(-30), reference_id: "adj".into(), reason: Some("r".into()), operator_id: Some("ops".into()) };
+    assert!(ledger.record_fund(adjustment.clone()).await.unwrap().newly_applied);
+    assert!(!ledger.record_fund(adjustment.clone()).await.unwrap().newly_applied);
+    assert!(matches!(ledger.record_fund(NewFund { amount: Money::from_nanos(-31), ..adjustment }).await, Err(StoreError::Conflict(_))));
+    assert_eq!(ledger.account_balance("a").await.unwrap().unwrap().balance, Money::from_nanos(970));
+    let after_first = ledger.fund_transactions_after("a", 1).await.unwrap();
+    assert_eq!(after_first.len(), 1);
+    assert_eq!(after_first[0].amount, Money::from_nanos(-30));
+    assert_sound(&*ledger, "a").await;
+}
+
+async fn a_refund_cannot_exceed_the_balance(ledger: Arc<dyn Ledger>) {
+    account(&*ledger, "a").await;
+    deposit(&*ledger, "a", 100, "d").await;
+    let refund = |nanos: i64, reference: &str| NewFund { account_id: "a".into(), kind: FundKind::Refund, amount: Money::from_nanos(nanos), reference_id: reference.into(), reason: None, operator_id: None };
+    assert!(matches!(ledger.record_fund(refund(-101, "r1")).await, Err(StoreError::Invalid(_))));
+    assert!(matches!(ledger.record_fund(refund(5, "r2")).await, Err(StoreError::Invalid(_))), "a refund moves money out");
+    ledger.record_fund(refund(-100, "r3")).await.unwrap();
+    assert_eq!(ledger.account_balance("a").await.unwrap().unwrap().balance, Money::ZERO);
+    assert_sound(&*ledger, "a").await;
+}
+
+async fn usage_batches_skip_duplicates_and_failures_do_not_block_retries(ledger: Arc<dyn Ledger>) {
+    account(&*ledger, "a").await;
+    deposit(&*ledger, "a", 1_000, "d").await;
+    let mut with_body = event("a", "r1", 10, RequestStatus::Success);
+    with_body.stored_response = Some(StoredResponse { status: 200, content_type: "application/json".into(), body: b"{\"ok\":1}".to_vec() });
+    let outcomes = ledger
+        .record_usage_batch(&[with_body.clone(), event("a", "r1", 10, RequestStatus::Success), event("a", "r2", 0, RequestStatus::Failed)])
+        .await
+        .unwrap();
+    assert_eq!(outcomes, vec![RecordOutcome::Inserted, RecordOutcome::Duplicate, RecordOutcome::Inserted]);
+    assert_eq!(ledger.record_usage_batch(&[with_body]).await.unwrap(), vec![RecordOutcome::Duplicate], "a re-delivered batch applies nothing");
+    assert_eq!(ledger.record_usage_batch(&[event("a", "r2", 25, RequestStatus::Success)]).await.unwrap(), vec![RecordOutcome::Inserted]);
+    assert_eq!(ledger.account_balance("a").await.unwrap().unwrap().balance, Money::from_nanos(965));
+    assert_eq!(ledger.stored_response("a", "r1").await.unwrap().unwrap().body, b"{\"ok\":1}".to_vec());
+    assert!(ledger.stored_response("a", "r2").await.unwrap().is_none());
+    let mut charged = ledger.charged_request_ids_since("a", time::OffsetDateTime::UNIX_EPOCH).await.unwrap();
+    charged.sort();
+    assert_eq!(charged, vec!["r1".to_string(), "r2".to_string()]);
+    assert_sound(&*ledger, "a").await;
+}
+
+async fn an_unknown_account_rolls_back_the_whole_batch(ledger: Arc<dyn Ledger>) {
+    account(&*ledger, "a").await;
+    let result = ledger.record_usage_batch(&[event("a", "r1", 10, RequestStatus::Success), event("ghost", "r2", 10, RequestStatus::Success)]).await;
+    assert!(matches!(result, Err(StoreError::Invalid(_))));
+    assert!(ledger.usage_rows(UsageQuery { limit: 10, ..UsageQuery::default() }).await.unwrap().is_empty());
+    assert_eq!(ledger.account_balance("a").await.unwrap().unwrap().balance, Money::ZERO);
+}
+
+async fn concurrent_writers_keep_the_chain_and_the_sum(ledger: Arc<dyn Ledger>) {
+    account(&*ledger, "a").await;
+    account(&*ledger, "b").await;
+    let mut tasks = Vec::new();
+    for writer in 0..6 {
+        let ledger = Arc::clone(&ledger);
+        tasks.push(tokio::spawn(async move {
+            for round in 0..10 {
+                deposit(&*ledger, "a", 100, &format!("d-{writer}-{round}")).await;
+                let batch = vec![
+                    event("a", &format!("u-{writer}-{round}"), 7, RequestStatus::Success),
+                    event("b", &format!("u-{writer}-{round}"), 3, RequestStatus::Success),
+                    event("a", &format!("f-{writer}-{round}"), 0, RequestStatus::Failed),
+                ];
+                ledger.record_usage_batch(&batch).await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(ledger.account_balance("a").await.unwrap().unwrap().balance, Money::from_nanos(60 * (100 - 7)));
+    assert_eq!(ledger.account_balance("b").await.unwrap().unwrap().balance, Money::from_nanos(-60 * 3));
+    assert_sound(&*ledger, "a").await;
+    assert_sound(&*ledger, "b").await;
+}
+
+async fn pages_return_each_row_once(ledger: Arc<dyn Ledger>) {
+    account(&*ledger, "a").await;
+    let batch: Vec<UsageEvent> = (0..25).map(|index| event("a", &format!("r{index}"), 1, RequestStatus::Success)).collect();
+    ledger.record_usage_batch(&batch).await.unwrap();
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = ledger.usage_rows(UsageQuery { account_id: Some("a".into()), limit: 7, cursor, ..UsageQuery::default() }).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.windows(2).all(|pair| pair[0].id > pair[1].id), "newest first");
+        cursor = page.last().map(|row| row.id);
+        seen.extend(page.into_iter().map(|row| row.request_id));
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 25);
+}
+
+async fn summaries_match_the_rows(ledger: Arc<dyn Ledger>) {
+    account(&*ledger, "a").await;
+    let mut other_model = event("a", "r3", 100, RequestStatus::Success);
+    other_model.model = "demo-claude".into();
+    ledger.record_usage_batch(&[event("a", "r1", 10, RequestStatus::Success), event("a", "r2", 20, RequestStatus::Success), other_model, event("a", "r4", 0, RequestStatus::Failed)]).await.unwrap();
+    let by_model = ledger.summary(Some("a"), None, None, SummaryGroup::Model).await.unwrap();
+    let groups: Vec<(&str, u64, Money)> = by_model.iter().map(|row| (row.group.as_str(), row.requests, row.cost)).collect();
+    assert_eq!(groups, vec![("demo-claude", 1, Money::from_nanos(100)), ("demo-gpt", 2, Money::from_nanos(30))]);
+    let by_day = ledger.summary(Some("a"), None, None, SummaryGroup::Day).await.unwrap();
+    assert_eq!((by_day.len(), by_day[0].group.as_str(), by_day[0].cost, by_day[0].input_tokens), (1, "2026-01-31", Money::from_nanos(130), 30));
+}

@@ -1,0 +1,55 @@
+//! Two gateways on one PostgreSQL ledger: what an operator changes through one reaches the
+//! other through LISTEN/NOTIFY, at once.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::common::*;
+
+/// Polls until the condition holds; a notification is a network hop, not instantaneous.
+async fn within_a_second<F, Fut>(what: &str, condition: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !condition().await {
+        assert!(started.elapsed() < Duration::from_secs(1), "{what} did not reach the second gateway within 1 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_through_one_gateway_apply_on_the_other() {
+    let database_url = fresh_postgres_database().await;
+    let first = TestGateway::start_on(TempDir::new(), database_url.clone(), |_| {}).await;
+    let second = TestGateway::start_on(TempDir::new(), database_url, |_| {}).await;
+    let account = first.account("0", json!({})).await;
+    let created = first.admin_ok(reqwest::Method::POST, &format!("/internal/accounts/{account}/keys"), Some(json!({"name": "k"}))).await;
+    let key = created["key"].as_str().unwrap().to_string();
+    assert_eq!(second.balance_of(&key).await, Money::ZERO, "the second gateway has loaded the account");
+
+    // A top-up confirmed on the first gateway is spendable on the second within a second.
+    first.top_up(&account, "1", "notify-credit").await;
+    within_a_second("the top-up", || async { second.balance_of(&key).await == Money::from_nanos(Money::NANOS_PER_UNIT) }).await;
+    let spent = second.chat(&key, chat_body("spend on the second"), None).await;
+    assert_eq!(spent.status(), 200);
+    let cost = header_money(&spent, "x-tollgate-cost");
+
+    // A price change on the first applies to the second's next request.
+    first
+        .admin_ok(reqwest::Method::PUT, "/internal/prices", Some(json!([{"provider": "mock", "model": "demo-gpt", "customer_type": TIER, "input_per_mtok": "5", "output_per_mtok": "20"}])))
+        .await;
+    let doubled = Money::from_nanos(cost.nanos() * 2);
+    within_a_second("the price change", || async { header_money(&second.chat(&key, chat_body("spend on the second"), None).await, "x-tollgate-cost") == doubled }).await;
+
+    // A plan switch, then a key revocation, on the first: refused on the second.
+    first.admin_ok(reqwest::Method::PATCH, &format!("/internal/accounts/{account}"), Some(json!({"customer_type": "unpriced-tier"}))).await;
+    within_a_second("the plan switch", || async { second.chat(&key, chat_body("x"), None).await.status() == 400 }).await;
+    let key_id = created["id"].as_str().unwrap();
+    first.admin_ok(reqwest::Method::DELETE, &format!("/internal/keys/{key_id}"), None).await;
+    within_a_second("the revocation", || async { second.chat(&key, chat_body("x"), None).await.status() == 401 }).await;
+    first.stop().await;
+    second.stop().await;
+}
