@@ -197,3 +197,78 @@ stop_demo_gateway() {
     DEMO_ROOT=""
   fi
 }
+
+# Starts a throwaway Redis (AOF on, as in production) on a free loopback port; exports
+# TOLLGATE_TEST_REDIS_URL. Stop it with stop_redis.
+start_redis() {
+  local port
+  ensure_package redis-server redis-server
+  port=$(free_port)
+  REDIS_ROOT=$(mktemp -d /tmp/tollgate-redis.XXXXXX)
+  redis-server --port "$port" --bind 127.0.0.1 --dir "$REDIS_ROOT" --appendonly yes --appendfsync everysec \
+    --save '' --maxmemory-policy noeviction --daemonize yes --pidfile "$REDIS_ROOT/redis.pid" --logfile "$REDIS_ROOT/redis.log"
+  wait_redis "$port"
+  export TOLLGATE_TEST_REDIS_URL="redis://127.0.0.1:$port"
+  echo "Redis on 127.0.0.1:$port"
+}
+
+# Starts a throwaway 3-master Redis Cluster on loopback; exports TOLLGATE_TEST_REDIS_CLUSTER_URL
+# in the form Tollgate reads (redis+cluster://host:port,host:port,host:port).
+start_redis_cluster() {
+  local port ports=() nodes=() urls=()
+  ensure_package redis-server redis-server
+  REDIS_CLUSTER_ROOT=$(mktemp -d /tmp/tollgate-redis-cluster.XXXXXX)
+  for index in 1 2 3; do
+    port=$(free_cluster_port)
+    mkdir -p "$REDIS_CLUSTER_ROOT/$port"
+    redis-server --port "$port" --bind 127.0.0.1 --dir "$REDIS_CLUSTER_ROOT/$port" --cluster-enabled yes \
+      --cluster-config-file nodes.conf --appendonly yes --save '' --maxmemory-policy noeviction --daemonize yes \
+      --pidfile "$REDIS_CLUSTER_ROOT/$port/redis.pid" --logfile "$REDIS_CLUSTER_ROOT/$port/redis.log"
+    wait_redis "$port"
+    ports+=("$port")
+    nodes+=("127.0.0.1:$port")
+    urls+=("127.0.0.1:$port")
+  done
+  redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes >/dev/null
+  for _ in $(seq 1 100); do
+    if redis-cli -p "${ports[0]}" cluster info | grep -q 'cluster_state:ok'; then break; fi
+    sleep 0.1
+  done
+  export TOLLGATE_TEST_REDIS_CLUSTER_URL="redis+cluster://$(IFS=,; echo "${urls[*]}")"
+  echo "Redis Cluster on ${nodes[*]}"
+}
+
+# A free port at most 55535 whose cluster bus port (port + 10000) is free too.
+free_cluster_port() {
+  python3 -c '
+import random, socket
+def free(port):
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+while True:
+    port = random.randint(20000, 45000)
+    if free(port) and free(port + 10000):
+        print(port)
+        break'
+}
+
+wait_redis() {
+  for _ in $(seq 1 100); do
+    if redis-cli -p "$1" ping 2>/dev/null | grep -q PONG; then return 0; fi
+    sleep 0.1
+  done
+  echo "Redis on port $1 did not start" >&2
+  return 1
+}
+
+stop_redis() {
+  local pidfile
+  for pidfile in "${REDIS_ROOT:-/nonexistent}/redis.pid" "${REDIS_CLUSTER_ROOT:-/nonexistent}"/*/redis.pid; do
+    [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
+  done
+  rm -rf "${REDIS_ROOT:-}" "${REDIS_CLUSTER_ROOT:-}"
+}
