@@ -4,7 +4,7 @@
 //! announced with `pg_notify`, which PostgreSQL delivers only when (and if) the transaction
 //! commits — a rolled-back change is never announced.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -18,7 +18,7 @@ use crate::error::{StoreError, StoreResult};
 use crate::ledger::Ledger;
 use crate::model::{
     Account, AccountBalance, AccountPatch, ApiKey, FundKind, FundOutcome, FundTransaction, LedgerEntry, NewAccount,
-    NewApiKey, NewFund, NewPrice, PriceRow, RecordOutcome, StoredResponse, SummaryGroup, SummaryRow, TopUp,
+    NewApiKey, NewFund, NewPrice, PriceRow, RecordOutcome, RequestStatus, StoredResponse, SummaryGroup, SummaryRow, TopUp,
     TopUpStatus, UsageEvent, UsageQuery, UsageRow,
 };
 use crate::sql_rows::{
@@ -148,58 +148,175 @@ async fn insert_fund(transaction: &mut Transaction<'static, Postgres>, fund: &Ne
     fund_from(&row)
 }
 
-/// Inserts one usage event at the running position; `Duplicate` if its request id is charged.
-async fn insert_usage(transaction: &mut Transaction<'static, Postgres>, event: &UsageEvent, position: &mut (Money, i64)) -> StoreResult<RecordOutcome> {
-    let (balance_before, ledger_seq) = *position;
-    let balance_after = balance_before.checked_sub(event.cost).ok_or(StoreError::Overflow("balance"))?;
-    let inserted = sqlx::query(
-        "INSERT INTO usage_log (request_id, account_id, api_key_id, provider, model, customer_type, price_id,
-             input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
-             usage_source, cost, balance_before, balance_after, ledger_seq, status, latency_ms, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)
-         ON CONFLICT (account_id, request_id) WHERE status <> 'failed' DO NOTHING",
-    )
-    .bind(&event.request_id)
-    .bind(&event.account_id)
-    .bind(&event.api_key_id)
-    .bind(&event.provider)
-    .bind(&event.model)
-    .bind(&event.customer_type)
-    .bind(event.price_id)
-    .bind(to_i64(event.usage.input_tokens, "input_tokens")?)
-    .bind(to_i64(event.usage.cached_input_tokens, "cached_input_tokens")?)
-    .bind(to_i64(event.usage.cache_write_tokens, "cache_write_tokens")?)
-    .bind(to_i64(event.usage.output_tokens, "output_tokens")?)
-    .bind(to_i64(event.usage.reasoning_tokens, "reasoning_tokens")?)
-    .bind(event.usage_source.as_str())
-    .bind(event.cost.nanos())
-    .bind(balance_before.nanos())
-    .bind(balance_after.nanos())
-    .bind(ledger_seq + 1)
-    .bind(event.status.as_str())
-    .bind(to_i64(event.latency_ms, "latency_ms")?)
-    .bind(event.created_at_ms)
-    .execute(&mut **transaction)
-    .await?;
-    if inserted.rows_affected() == 0 {
-        return Ok(RecordOutcome::Duplicate);
+/// The columns of the usage rows one batch inserts, as arrays for a single `INSERT … UNNEST`.
+#[derive(Default)]
+struct UsageColumns {
+    request_id: Vec<String>,
+    account_id: Vec<String>,
+    api_key_id: Vec<String>,
+    provider: Vec<String>,
+    model: Vec<String>,
+    customer_type: Vec<String>,
+    price_id: Vec<Option<i64>>,
+    input_tokens: Vec<i64>,
+    cached_input_tokens: Vec<i64>,
+    cache_write_tokens: Vec<i64>,
+    output_tokens: Vec<i64>,
+    reasoning_tokens: Vec<i64>,
+    usage_source: Vec<String>,
+    cost: Vec<i64>,
+    balance_before: Vec<i64>,
+    balance_after: Vec<i64>,
+    ledger_seq: Vec<i64>,
+    status: Vec<String>,
+    latency_ms: Vec<i64>,
+    created_at: Vec<i64>,
+}
+
+impl UsageColumns {
+    /// Adds the event at the account's running position and advances it.
+    fn push(&mut self, event: &UsageEvent, position: &mut (Money, i64)) -> StoreResult<()> {
+        let (balance_before, ledger_seq) = *position;
+        let balance_after = balance_before.checked_sub(event.cost).ok_or(StoreError::Overflow("balance"))?;
+        self.request_id.push(event.request_id.clone());
+        self.account_id.push(event.account_id.clone());
+        self.api_key_id.push(event.api_key_id.clone());
+        self.provider.push(event.provider.clone());
+        self.model.push(event.model.clone());
+        self.customer_type.push(event.customer_type.clone());
+        self.price_id.push(event.price_id);
+        self.input_tokens.push(to_i64(event.usage.input_tokens, "input_tokens")?);
+        self.cached_input_tokens.push(to_i64(event.usage.cached_input_tokens, "cached_input_tokens")?);
+        self.cache_write_tokens.push(to_i64(event.usage.cache_write_tokens, "cache_write_tokens")?);
+        self.output_tokens.push(to_i64(event.usage.output_tokens, "output_tokens")?);
+        self.reasoning_tokens.push(to_i64(event.usage.reasoning_tokens, "reasoning_tokens")?);
+        self.usage_source.push(event.usage_source.as_str().to_string());
+        self.cost.push(event.cost.nanos());
+        self.balance_before.push(balance_before.nanos());
+        self.balance_after.push(balance_after.nanos());
+        self.ledger_seq.push(ledger_seq + 1);
+        self.status.push(event.status.as_str().to_string());
+        self.latency_ms.push(to_i64(event.latency_ms, "latency_ms")?);
+        self.created_at.push(event.created_at_ms);
+        *position = (balance_after, ledger_seq + 1);
+        Ok(())
     }
-    *position = (balance_after, ledger_seq + 1);
-    if let Some(stored) = &event.stored_response {
-        sqlx::query(
-            "INSERT INTO stored_responses (account_id, request_id, status, content_type, body, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (account_id, request_id) DO NOTHING",
+
+    /// One statement for the whole batch. The duplicates were filtered out under the account
+    /// locks, so every row must insert; the conflict clause is a guard, checked by the count.
+    async fn insert(self, transaction: &mut Transaction<'static, Postgres>) -> StoreResult<()> {
+        let expected = self.request_id.len() as u64;
+        if expected == 0 {
+            return Ok(());
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO usage_log (request_id, account_id, api_key_id, provider, model, customer_type, price_id,
+                 input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
+                 usage_source, cost, balance_before, balance_after, ledger_seq, status, latency_ms, created_at)
+             SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::BIGINT[],
+                 $8::BIGINT[], $9::BIGINT[], $10::BIGINT[], $11::BIGINT[], $12::BIGINT[], $13::TEXT[], $14::BIGINT[],
+                 $15::BIGINT[], $16::BIGINT[], $17::BIGINT[], $18::TEXT[], $19::BIGINT[], $20::BIGINT[])
+             ON CONFLICT (account_id, request_id) WHERE status <> 'failed' DO NOTHING",
         )
-        .bind(&event.account_id)
-        .bind(&event.request_id)
-        .bind(i64::from(stored.status))
-        .bind(&stored.content_type)
-        .bind(&stored.body)
-        .bind(event.created_at_ms)
+        .bind(self.request_id)
+        .bind(self.account_id)
+        .bind(self.api_key_id)
+        .bind(self.provider)
+        .bind(self.model)
+        .bind(self.customer_type)
+        .bind(self.price_id)
+        .bind(self.input_tokens)
+        .bind(self.cached_input_tokens)
+        .bind(self.cache_write_tokens)
+        .bind(self.output_tokens)
+        .bind(self.reasoning_tokens)
+        .bind(self.usage_source)
+        .bind(self.cost)
+        .bind(self.balance_before)
+        .bind(self.balance_after)
+        .bind(self.ledger_seq)
+        .bind(self.status)
+        .bind(self.latency_ms)
+        .bind(self.created_at)
         .execute(&mut **transaction)
         .await?;
+        if inserted.rows_affected() != expected {
+            return Err(StoreError::Corrupt(format!("usage batch inserted {} of {expected} rows under lock", inserted.rows_affected())));
+        }
+        Ok(())
     }
-    Ok(RecordOutcome::Inserted)
+}
+
+/// Locks the batch's accounts in one order (so concurrent workers cannot deadlock) and returns
+/// their running positions.
+async fn lock_accounts<'a>(transaction: &mut Transaction<'static, Postgres>, events: &'a [UsageEvent]) -> StoreResult<HashMap<&'a str, (Money, i64)>> {
+    let mut account_ids: Vec<&str> = events.iter().map(|event| event.account_id.as_str()).collect();
+    account_ids.sort_unstable();
+    account_ids.dedup();
+    let rows = sqlx::query("SELECT account_id, balance, ledger_seq FROM account_balance WHERE account_id = ANY($1) ORDER BY account_id FOR UPDATE")
+        .bind(&account_ids)
+        .fetch_all(&mut **transaction)
+        .await?;
+    let mut positions = HashMap::with_capacity(account_ids.len());
+    for row in rows {
+        let account_id = row.text("account_id")?;
+        let Some(key) = account_ids.iter().find(|id| **id == account_id) else { continue };
+        positions.insert(*key, (money(&row, "balance")?, row.int("ledger_seq")?));
+    }
+    if let Some(unknown) = account_ids.iter().find(|id| !positions.contains_key(**id)) {
+        return Err(StoreError::Invalid(format!("usage event names unknown account {unknown}")));
+    }
+    Ok(positions)
+}
+
+/// The (account, request id) pairs of the batch that already have a charged row.
+async fn charged_already(transaction: &mut Transaction<'static, Postgres>, events: &[UsageEvent]) -> StoreResult<HashSet<(String, String)>> {
+    let (account_ids, request_ids): (Vec<&str>, Vec<&str>) = events
+        .iter()
+        .filter(|event| event.status != RequestStatus::Failed)
+        .map(|event| (event.account_id.as_str(), event.request_id.as_str()))
+        .unzip();
+    let rows = sqlx::query(
+        "SELECT account_id, request_id FROM usage_log WHERE status <> 'failed'
+         AND (account_id, request_id) IN (SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[]))",
+    )
+    .bind(&account_ids)
+    .bind(&request_ids)
+    .fetch_all(&mut **transaction)
+    .await?;
+    rows.iter().map(|row| Ok((row.text("account_id")?, row.text("request_id")?))).collect()
+}
+
+async fn insert_stored_responses(transaction: &mut Transaction<'static, Postgres>, events: &[&UsageEvent]) -> StoreResult<()> {
+    let stored: Vec<(&UsageEvent, &StoredResponse)> =
+        events.iter().filter_map(|event| event.stored_response.as_ref().map(|stored| (*event, stored))).collect();
+    if stored.is_empty() {
+        return Ok(());
+    }
+    let column = |pick: fn(&(&UsageEvent, &StoredResponse)) -> i64| stored.iter().map(pick).collect::<Vec<i64>>();
+    let text = |pick: for<'e> fn(&(&'e UsageEvent, &'e StoredResponse)) -> &'e str| stored.iter().map(pick).collect::<Vec<&str>>();
+    let columns = (
+        text(|(event, _)| event.account_id.as_str()),
+        text(|(event, _)| event.request_id.as_str()),
+        column(|(_, stored)| i64::from(stored.status)),
+        text(|(_, stored)| stored.content_type.as_str()),
+        stored.iter().map(|(_, stored)| stored.body.as_slice()).collect::<Vec<&[u8]>>(),
+        column(|(event, _)| event.created_at_ms),
+    );
+    sqlx::query(
+        "INSERT INTO stored_responses (account_id, request_id, status, content_type, body, created_at)
+         SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::TEXT[], $5::BYTEA[], $6::BIGINT[])
+         ON CONFLICT (account_id, request_id) DO NOTHING",
+    )
+    .bind(columns.0)
+    .bind(columns.1)
+    .bind(columns.2)
+    .bind(columns.3)
+    .bind(columns.4)
+    .bind(columns.5)
+    .execute(&mut **transaction)
+    .await?;
+    Ok(())
 }
 
 #[async_trait]
@@ -478,35 +595,41 @@ impl Ledger for PgLedger {
 
     async fn record_usage_batch(&self, events: &[UsageEvent]) -> StoreResult<Vec<RecordOutcome>> {
         let mut transaction = self.pool.begin().await?;
-        // Lock every account of the batch in one order, so concurrent workers cannot deadlock.
-        let mut account_ids: Vec<&str> = events.iter().map(|event| event.account_id.as_str()).collect();
-        account_ids.sort_unstable();
-        account_ids.dedup();
-        let mut positions: HashMap<&str, (Money, i64)> = HashMap::with_capacity(account_ids.len());
-        for account_id in account_ids {
-            let position = balance_for_update(&mut transaction, account_id).await.map_err(|error| match error {
-                StoreError::NotFound { .. } => StoreError::Invalid(format!("usage event names unknown account {account_id}")),
-                other => other,
-            })?;
-            positions.insert(account_id, position);
-        }
+        let mut positions = lock_accounts(&mut transaction, events).await?;
+        // Under the locks no other writer can charge these accounts, so what is charged now is
+        // all there is to skip.
+        let mut charged = charged_already(&mut transaction, events).await?;
+        let mut columns = UsageColumns::default();
+        let mut inserted_events = Vec::with_capacity(events.len());
         let mut outcomes = Vec::with_capacity(events.len());
         for event in events {
+            let first_charge = event.status == RequestStatus::Failed || charged.insert((event.account_id.clone(), event.request_id.clone()));
+            if !first_charge {
+                outcomes.push(RecordOutcome::Duplicate);
+                continue;
+            }
             let position = positions
                 .get_mut(event.account_id.as_str())
                 .ok_or_else(|| StoreError::Corrupt(format!("account {} not locked", event.account_id)))?;
-            outcomes.push(insert_usage(&mut transaction, event, position).await?);
+            columns.push(event, position)?;
+            inserted_events.push(event);
+            outcomes.push(RecordOutcome::Inserted);
         }
-        let now = now_ms();
-        for (account_id, (balance, ledger_seq)) in positions {
-            sqlx::query("UPDATE account_balance SET balance = $1, ledger_seq = $2, updated_at = $3 WHERE account_id = $4")
-                .bind(balance.nanos())
-                .bind(ledger_seq)
-                .bind(now)
-                .bind(account_id)
-                .execute(&mut *transaction)
-                .await?;
-        }
+        columns.insert(&mut transaction).await?;
+        insert_stored_responses(&mut transaction, &inserted_events).await?;
+        let (account_ids, (balances, ledger_seqs)): (Vec<&str>, (Vec<i64>, Vec<i64>)) =
+            positions.into_iter().map(|(account_id, (balance, ledger_seq))| (account_id, (balance.nanos(), ledger_seq))).unzip();
+        sqlx::query(
+            "UPDATE account_balance SET balance = batch.balance, ledger_seq = batch.ledger_seq, updated_at = $4
+             FROM UNNEST($1::TEXT[], $2::BIGINT[], $3::BIGINT[]) AS batch (account_id, balance, ledger_seq)
+             WHERE account_balance.account_id = batch.account_id",
+        )
+        .bind(account_ids)
+        .bind(balances)
+        .bind(ledger_seqs)
+        .bind(now_ms())
+        .execute(&mut *transaction)
+        .await?;
         transaction.commit().await?;
         Ok(outcomes)
     }
