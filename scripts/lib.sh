@@ -126,24 +126,6 @@ stop_postgres() {
   fi
 }
 
-# --- Redis (not used yet) ---------------------------------------------------------------------
-
-# The Redis hot store and streams are the next issue. When they land: install `redis-server`
-# with ensure_package, start a throwaway one here on a free loopback port (appendonly yes, its
-# own directory, pid in REDIS_ROOT), export TOLLGATE_TEST_REDIS_URL, and call start_redis in the
-# services phase of scripts/test. on_exit already calls stop_redis.
-start_redis() {
-  echo "start_redis: Redis is not supported by this build yet" >&2
-  return 1
-}
-
-stop_redis() {
-  if [ -n "${REDIS_ROOT:-}" ]; then
-    rm -rf "$REDIS_ROOT"
-    REDIS_ROOT=""
-  fi
-}
-
 # --- the demo gateway the SDK tests run against -----------------------------------------------
 
 SDK_DEMO_KEY="tg_sdk_test_key_0123456789abcdef"
@@ -197,6 +179,8 @@ stop_demo_gateway() {
     DEMO_ROOT=""
   fi
 }
+
+# --- Redis (single node and Cluster) ----------------------------------------------------------
 
 # Starts a throwaway Redis (AOF on, as in production) on a free loopback port; exports
 # TOLLGATE_TEST_REDIS_URL. Stop it with stop_redis.

@@ -166,3 +166,58 @@ async fn sigkill_mid_load_loses_and_doubles_nothing() {
     child.wait().await.unwrap();
     mock_shutdown.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_running_stream_finish_and_charges_it() {
+    let dir = TempDir::new();
+    let mock_shutdown = CancellationToken::new();
+    let mock_url = start_mock(tollgate_mock::MockConfig::default(), mock_shutdown.clone()).await;
+    let config_path = dir.0.join("tollgate.toml");
+    let database_url = test_database_url(&dir).await;
+    std::fs::write(
+        &config_path,
+        format!("database_url = \"{database_url}\"\n[[providers]]\nname = \"mock\"\nkind = \"mock\"\nbase_url = \"{mock_url}\"\n[[models]]\nmodel = \"demo-gpt\"\nprovider = \"mock\"\n"),
+    )
+    .unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let url = format!("http://{listen}");
+    let http = reqwest::Client::new();
+    let mut child = spawn_gateway(&config_path, &listen);
+    wait_ready(&http, &url).await;
+    let admin = |method: reqwest::Method, path: &str, body: Option<Value>| {
+        let mut request = http.request(method, format!("{url}{path}")).bearer_auth(ADMIN_TOKEN);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        request.send()
+    };
+    admin(reqwest::Method::PUT, "/internal/prices", Some(json!([{"provider": "mock", "model": "demo-gpt", "customer_type": TIER, "input_per_mtok": INPUT_PER_MTOK, "output_per_mtok": OUTPUT_PER_MTOK}]))).await.unwrap();
+    admin(reqwest::Method::POST, "/internal/accounts", Some(json!({"id": "term", "kind": "user", "name": "t", "customer_type": TIER}))).await.unwrap();
+    let topup: Value = admin(reqwest::Method::POST, "/internal/topups", Some(json!({"account_id": "term", "amount": "10", "reference_id": "term-credit"}))).await.unwrap().json().await.unwrap();
+    admin(reqwest::Method::POST, &format!("/internal/topups/{}/confirm", topup["id"].as_str().unwrap()), None).await.unwrap();
+    let created: Value = admin(reqwest::Method::POST, "/internal/accounts/term/keys", Some(json!({"name": "k"}))).await.unwrap().json().await.unwrap();
+    let key = created["key"].as_str().unwrap().to_string();
+
+    let mut body = chat_body("a slow stream");
+    body["stream"] = json!(true);
+    body["mock"] = json!({"output_tokens": 40, "chunk_interval_ms": 20});
+    let response = http.post(format!("{url}/v1/chat/completions")).bearer_auth(&key).header("X-Request-ID", "graceful").json(&body).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let text = response.text().await.unwrap();
+    assert!(text.contains("data: [DONE]"), "the in-flight stream finished after SIGTERM");
+    assert_eq!(text.matches("hello").count(), 40);
+    let status = child.wait().await.unwrap();
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+
+    let mut child = spawn_gateway(&config_path, &listen);
+    wait_ready(&http, &url).await;
+    let page: Value = admin(reqwest::Method::GET, "/internal/billing/transactions?account_id=term", None).await.unwrap().json().await.unwrap();
+    let rows = page["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0]["request_id"].as_str(), rows[0]["status"].as_str(), rows[0]["usage"]["output_tokens"].as_u64()), (Some("graceful"), Some("success"), Some(40)));
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    mock_shutdown.cancel();
+}
