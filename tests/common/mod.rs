@@ -69,7 +69,7 @@ pub async fn start_mock(config: tollgate_mock::MockConfig, shutdown: Cancellatio
 pub fn test_config(database_url: String, mock_base_url: &str) -> GatewayConfig {
     let mut config = GatewayConfig { database_url, admin_token: Some(ADMIN_TOKEN.into()), ..GatewayConfig::default() };
     config.providers.push(ProviderConfig { name: "mock".into(), kind: ProviderKind::Mock, base_url: mock_base_url.into(), api_key_env: None });
-    for model in ["demo-gpt", "demo-claude", "unpriced-gpt"] {
+    for model in ["demo-gpt", "demo-claude", "demo-embedding", "unpriced-gpt"] {
         config.models.push(ModelRoute { model: model.into(), provider: "mock".into(), upstream_model: None });
     }
     config.limits.hold_sweep_interval_ms = 200;
@@ -112,7 +112,7 @@ impl TestGateway {
         });
         let http = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
         let gateway = TestGateway { url, mock_url, http, shutdown, served: Some(served), dir };
-        gateway.set_prices(&[("demo-gpt", TIER), ("demo-claude", TIER)]).await;
+        gateway.set_prices(&[("demo-gpt", TIER), ("demo-claude", TIER), ("demo-embedding", TIER)]).await;
         gateway
     }
 

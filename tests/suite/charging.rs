@@ -94,3 +94,31 @@ async fn anthropic_messages_are_charged_from_their_usage() {
     assert_eq!(before.checked_sub(gateway.balance_of(&key).await).unwrap(), cost);
     gateway.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_are_charged_by_input_tokens() {
+    let gateway = TestGateway::start().await;
+    let account = gateway.account("1", json!({})).await;
+    let key = gateway.key(&account, json!({})).await;
+    let before = gateway.balance_of(&key).await;
+    let response = gateway
+        .http
+        .post(format!("{}/v1/embeddings", gateway.url))
+        .bearer_auth(&key)
+        .json(&json!({"model": "demo-embedding", "input": ["hello world", "a ledger records every movement"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let cost = header_money(&response, "x-tollgate-cost");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["data"].as_array().unwrap().len(), 2);
+    let input = body["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(input > 0);
+    assert_eq!(cost, expected_cost(input, 0));
+    assert_eq!(before.checked_sub(gateway.balance_of(&key).await).unwrap(), cost);
+    let bad = gateway.http.post(format!("{}/v1/embeddings", gateway.url)).bearer_auth(&key).json(&json!({"model": "demo-embedding", "input": [{"x": 1}]})).send().await.unwrap();
+    assert_eq!(bad.status(), 400);
+    gateway.assert_ledger_sound(&account).await;
+    gateway.stop().await;
+}

@@ -15,6 +15,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(client::chat_completions))
         .route("/v1/messages", post(client::messages))
+        .route("/v1/embeddings", post(client::embeddings))
         .route("/v1/models", get(client::models))
         .route("/v1/balance", get(client::balance))
         .route("/v1/usage", get(client::usage))

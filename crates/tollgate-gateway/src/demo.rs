@@ -1,5 +1,5 @@
-//! `serve --demo`: a mock upstream in-process, routes for `demo-gpt` (OpenAI protocol) and
-//! `demo-claude` (Anthropic protocol) to it, prices, a demo account with credit and a demo key.
+//! `serve --demo`: a mock upstream in-process, routes for `demo-gpt` (OpenAI protocol),
+//! `demo-claude` (Anthropic protocol) and `demo-embedding` (OpenAI embeddings) to it, prices, a demo account with credit and a demo key.
 //! Idempotent: running the demo again on the same database adds nothing twice.
 
 use tollgate_core::{Money, Price};
@@ -25,7 +25,7 @@ pub fn configure(config: &mut GatewayConfig, mock_base_url: &str) {
         base_url: mock_base_url.to_string(),
         api_key_env: None,
     });
-    for model in ["demo-gpt", "demo-claude"] {
+    for model in ["demo-gpt", "demo-claude", "demo-embedding"] {
         config.models.retain(|route| route.model != model);
         config.models.push(ModelRoute { model: model.into(), provider: DEMO_PROVIDER.into(), upstream_model: None });
     }
@@ -63,7 +63,7 @@ pub async fn seed(state: &AppState, fixed_key: Option<String>) -> Result<String,
             .await?;
     }
     let prices = state.prices.all();
-    let missing: Vec<NewPrice> = ["demo-gpt", "demo-claude"]
+    let missing: Vec<NewPrice> = ["demo-gpt", "demo-claude", "demo-embedding"]
         .into_iter()
         .filter(|model| !prices.iter().any(|row| row.provider == DEMO_PROVIDER && row.model == *model && row.customer_type == DEMO_TIER))
         .map(|model| NewPrice { provider: DEMO_PROVIDER.into(), model: model.into(), customer_type: DEMO_TIER.into(), price: demo_price() })

@@ -19,6 +19,8 @@ pub enum Protocol {
     OpenAiChat,
     /// Anthropic `/v1/messages`.
     AnthropicMessages,
+    /// OpenAI `/v1/embeddings`: billed by input tokens, never streamed.
+    OpenAiEmbeddings,
 }
 
 /// What the charge path needs to know about a request body.
@@ -62,7 +64,7 @@ fn optional_u64(body: &Map<String, Value>, field: &str) -> Result<Option<u64>, A
 impl Protocol {
     pub fn error_shape(self) -> ErrorShape {
         match self {
-            Protocol::OpenAiChat => ErrorShape::OpenAi,
+            Protocol::OpenAiChat | Protocol::OpenAiEmbeddings => ErrorShape::OpenAi,
             Protocol::AnthropicMessages => ErrorShape::Anthropic,
         }
     }
@@ -72,6 +74,7 @@ impl Protocol {
         match self {
             Protocol::OpenAiChat => "/chat/completions",
             Protocol::AnthropicMessages => "/messages",
+            Protocol::OpenAiEmbeddings => "/embeddings",
         }
     }
 
@@ -85,6 +88,9 @@ impl Protocol {
             Some(_) => return Err(invalid("model must be a non-empty string")),
             None => return Err(invalid("model is required")),
         };
+        if self == Protocol::OpenAiEmbeddings {
+            return parse_embeddings(model, body);
+        }
         let messages = match body.get("messages") {
             Some(Value::Array(messages)) if !messages.is_empty() => messages,
             Some(Value::Array(_)) => return Err(invalid("messages must not be empty")),
@@ -113,6 +119,7 @@ impl Protocol {
                 }
                 (cap, choices)
             }
+            Protocol::OpenAiEmbeddings => (Some(0), 1),
             Protocol::AnthropicMessages => {
                 let cap = optional_u64(body, "max_tokens")?.ok_or_else(|| invalid("max_tokens is required"))?;
                 match body.get("system") {
@@ -166,6 +173,10 @@ impl Protocol {
         match self {
             Protocol::OpenAiChat => openai_usage(usage),
             Protocol::AnthropicMessages => anthropic_usage(usage, None),
+            Protocol::OpenAiEmbeddings => {
+                let input_tokens = usage.get("prompt_tokens")?.as_u64()?;
+                Some(Usage { input_tokens, ..Usage::default() })
+            }
         }
     }
 
@@ -185,6 +196,8 @@ impl Protocol {
                     append_anthropic_block(&mut text, block);
                 }
             }
+            // Embeddings generate no text; the fallback is the counted input alone.
+            Protocol::OpenAiEmbeddings => {}
         }
         text
     }
@@ -192,6 +205,37 @@ impl Protocol {
     pub fn stream_inspector(self, client_wants_usage: bool) -> StreamInspector {
         StreamInspector { protocol: self, client_wants_usage, usage: None, anthropic_start: None, output_text: String::new() }
     }
+}
+
+/// Inputs per embeddings request at most.
+const EMBEDDING_INPUTS_MAX: usize = 2_048;
+
+/// An embeddings body: `input` is a string, an array of strings, or token arrays; the hold is
+/// its input tokens, nothing is generated.
+fn parse_embeddings(model: String, body: &Map<String, Value>) -> Result<ParsedRequest, ApiError> {
+    if body.get("stream").and_then(Value::as_bool) == Some(true) {
+        return Err(invalid("embeddings cannot be streamed"));
+    }
+    let encoding = tokens::encoding_for_model(&model);
+    let count_one = |input: &Value| -> Result<u64, ApiError> {
+        match input {
+            Value::String(text) => Ok(tokens::count_text(encoding, text)),
+            // Pre-tokenized input: its length is its token count.
+            Value::Array(token_ids) if token_ids.iter().all(Value::is_u64) => Ok(token_ids.len() as u64),
+            _ => Err(invalid("input must be a string, an array of strings, or arrays of token ids")),
+        }
+    };
+    let prompt_tokens = match body.get("input") {
+        None | Some(Value::Null) => return Err(invalid("input is required")),
+        Some(Value::Array(inputs)) if inputs.is_empty() => return Err(invalid("input must not be empty")),
+        Some(Value::Array(inputs)) if inputs.len() > EMBEDDING_INPUTS_MAX => {
+            return Err(invalid(format!("input has more than {EMBEDDING_INPUTS_MAX} items")));
+        }
+        Some(Value::Array(inputs)) if inputs.iter().all(Value::is_u64) => inputs.len() as u64,
+        Some(Value::Array(inputs)) => inputs.iter().map(count_one).sum::<Result<u64, ApiError>>()?,
+        Some(single) => count_one(single)?,
+    };
+    Ok(ParsedRequest { model, stream: false, output_tokens_max: Some(0), choices: 1, prompt_tokens, encoding })
 }
 
 fn openai_usage(usage: &Value) -> Option<Usage> {
@@ -268,7 +312,7 @@ pub struct StreamInspector {
 impl StreamInspector {
     pub fn inspect(&mut self, event: &SseEvent) -> EventAction {
         match self.protocol {
-            Protocol::OpenAiChat => self.inspect_openai(event),
+            Protocol::OpenAiChat | Protocol::OpenAiEmbeddings => self.inspect_openai(event),
             Protocol::AnthropicMessages => self.inspect_anthropic(event),
         }
     }

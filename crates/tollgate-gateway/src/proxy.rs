@@ -173,7 +173,7 @@ async fn handle_request(
 fn forwarded_headers(protocol: Protocol, headers: &HeaderMap) -> HeaderMap {
     let mut forwarded = HeaderMap::new();
     let names: &[&str] = match protocol {
-        Protocol::OpenAiChat => &["openai-organization", "openai-project"],
+        Protocol::OpenAiChat | Protocol::OpenAiEmbeddings => &["openai-organization", "openai-project"],
         Protocol::AnthropicMessages => &["anthropic-version", "anthropic-beta"],
     };
     for name in names {
@@ -232,7 +232,7 @@ async fn forward(
     let mut request = state.http.post(url).headers(headers).header(header::CONTENT_TYPE, "application/json").body(body);
     if let Some(api_key) = provider.api_key() {
         request = match protocol {
-            Protocol::OpenAiChat => request.bearer_auth(api_key),
+            Protocol::OpenAiChat | Protocol::OpenAiEmbeddings => request.bearer_auth(api_key),
             Protocol::AnthropicMessages => request.header("x-api-key", api_key),
         };
     }

@@ -24,7 +24,7 @@ impl Provider {
     pub fn serves(&self, protocol: Protocol) -> bool {
         matches!(
             (self.kind, protocol),
-            (ProviderKind::Openai | ProviderKind::Mock, Protocol::OpenAiChat)
+            (ProviderKind::Openai | ProviderKind::Mock, Protocol::OpenAiChat | Protocol::OpenAiEmbeddings)
                 | (ProviderKind::Anthropic | ProviderKind::Mock, Protocol::AnthropicMessages)
         )
     }

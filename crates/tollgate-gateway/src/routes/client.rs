@@ -35,6 +35,15 @@ pub async fn messages(
     proxy::handle(state, Protocol::AnthropicMessages, request_id, headers, body).await
 }
 
+pub async fn embeddings(
+    State(state): State<AppState>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    proxy::handle(state, Protocol::OpenAiEmbeddings, request_id, headers, body).await
+}
+
 /// The models this key may use, OpenAI-shaped.
 pub async fn models(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     let context = authenticate(&state, &headers).await?;
