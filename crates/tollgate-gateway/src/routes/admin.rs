@@ -129,7 +129,7 @@ async fn get_account(State(state): State<AppState>, headers: HeaderMap, Path(id)
         Some(view) => view,
         None => {
             charge::load_account(&state, &id).await?;
-            state.hot.balance(&id, "").await?.unwrap_or_default()
+            state.hot.balance(&id, "").await?.ok_or_else(|| ApiError::BillingUnavailable(format!("account {id} could not be loaded into the hot store")))?
         }
     };
     let available = live

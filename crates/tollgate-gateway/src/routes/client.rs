@@ -69,7 +69,7 @@ pub async fn balance(State(state): State<AppState>, headers: HeaderMap) -> Resul
         Some(view) => view,
         None => {
             charge::load_account(&state, account_id).await?;
-            state.hot.balance(account_id, &context.key.id).await?.unwrap_or_default()
+            state.hot.balance(account_id, &context.key.id).await?.ok_or_else(|| ApiError::BillingUnavailable(format!("account {account_id} could not be loaded into the hot store")))?
         }
     };
     let available = view
