@@ -1,7 +1,8 @@
 //! Storage for the charge protocol.
 //!
 //! - [`hot`]: the `HotStore` trait — authorize, settle, void, expire — with the types its steps
-//!   take and return. Implementations: [`memory`] (embedded; Redis comes next).
+//!   take and return. Implementations: [`memory`] (embedded) and [`redis_store`] (Redis or
+//!   Redis Cluster, one Lua script per step; also the usage log on Redis Streams).
 //! - [`ledger`]: the `Ledger` trait — the system of record. Implementations: [`sqlite`]
 //!   (embedded) and [`postgres`] (production, with NOTIFY on fund and configuration changes).
 //!   Both read rows back through `sql_rows`.
@@ -16,6 +17,7 @@ pub mod ledger;
 pub mod memory;
 pub mod model;
 pub mod queue;
+pub mod redis_store;
 pub mod postgres;
 pub mod sqlite;
 mod sql_rows;

@@ -23,6 +23,8 @@ pub struct Delivery {
 pub enum Receipt {
     /// Embedded: wake the settle waiting for durability (None: nobody waits, e.g. a void).
     Channel(Option<oneshot::Sender<()>>),
+    /// Redis Streams: the entry to XACK in the shard's stream.
+    Stream { shard: u16, entry_id: String },
 }
 
 /// The consuming side of the usage log, read by the worker in batches.
@@ -33,6 +35,9 @@ pub trait EventLog: Send + 'static {
     async fn read_batch(&mut self, max: usize) -> StoreResult<Vec<Delivery>>;
     /// Acknowledges deliveries whose events are committed in the ledger.
     async fn ack(&mut self, deliveries: Vec<Delivery>) -> StoreResult<()>;
+    /// Takes an event the ledger refuses for good (not an outage) out of the log, keeping it
+    /// where an operator can see it (a dead-letter stream), so it cannot block the others.
+    async fn park(&mut self, delivery: Delivery, reason: &str) -> StoreResult<()>;
 }
 
 /// The producing side of the embedded log (held by the in-process hot store).
@@ -94,9 +99,16 @@ impl EventLog for ChannelLog {
                 Receipt::Channel(Some(waiter)) => {
                     let _ = waiter.send(());
                 }
-                Receipt::Channel(None) => {}
+                Receipt::Channel(None) | Receipt::Stream { .. } => {}
             }
         }
         Ok(())
+    }
+
+    async fn park(&mut self, delivery: Delivery, reason: &str) -> StoreResult<()> {
+        // In-process there is nowhere durable to park: the event is logged whole for an operator.
+        metrics::counter!("tollgate_usage_dead_letters_total").increment(1);
+        tracing::error!(reason, event = ?delivery.event, "usage event refused by the ledger; parked in the log output");
+        self.ack(vec![delivery]).await
     }
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tollgate_store::Ledger;
+use tollgate_store::{Ledger, StoreError};
 use tollgate_store::model::RecordOutcome;
 use tollgate_store::queue::{Delivery, EventLog};
 
@@ -88,6 +88,24 @@ async fn write_until_committed(
                 }
                 if let Err(error) = log.ack(batch).await {
                     tracing::error!(%error, "acknowledging a committed batch failed; it will be re-delivered and skipped as duplicate");
+                }
+                return true;
+            }
+            Err(StoreError::Invalid(reason)) if batch.len() > 1 => {
+                // One bad event must not hold the others hostage: write them one by one.
+                tracing::error!(reason, events = batch.len(), "the ledger refused a usage batch; isolating the bad events");
+                for delivery in batch {
+                    if !Box::pin(write_until_committed(log, ledger, vec![delivery], config, shutdown)).await {
+                        return false;
+                    }
+                }
+                return true;
+            }
+            Err(StoreError::Invalid(reason)) => {
+                for delivery in batch {
+                    if let Err(error) = log.park(delivery, &reason).await {
+                        tracing::error!(%error, "parking a refused usage event failed; it will be re-delivered");
+                    }
                 }
                 return true;
             }

@@ -1,0 +1,240 @@
+//! `HotStore` on Redis: each method is one call of `tollgate.lua`, with the same semantics as the
+//! in-process store (`memory.rs`); the shared conformance tests hold both to it.
+
+use async_trait::async_trait;
+use redis::{Script, Value};
+use tollgate_core::Money;
+
+use super::{Connection, KeySpace, connect};
+use crate::error::{StoreError, StoreResult};
+use crate::hot::{
+    AccountSnapshot, Authorization, AuthorizeRequest, BalanceView, BudgetPeriod, FundApplication, HotStore, Refusal,
+    Settlement,
+};
+use crate::model::UsageEvent;
+
+/// Holds released per shard per sweep call at most.
+const EXPIRE_BATCH_MAX: u32 = 1_000;
+
+/// The Redis hot store.
+pub struct RedisHotStore {
+    connection: Connection,
+    keys: KeySpace,
+    script: Script,
+}
+
+impl RedisHotStore {
+    /// # Errors
+    /// A bad URL or prefix, or Redis unreachable.
+    pub async fn connect(url: &str, prefix: &str, shards: u16) -> StoreResult<RedisHotStore> {
+        let keys = KeySpace::new(prefix, shards)?;
+        let connection = connect(url).await?;
+        Ok(RedisHotStore { connection, keys, script: Script::new(include_str!("tollgate.lua")) })
+    }
+
+    pub fn keys(&self) -> &KeySpace {
+        &self.keys
+    }
+
+    pub fn connection(&self) -> Connection {
+        self.connection.clone()
+    }
+
+    /// One script call, routed by `route_key`.
+    async fn call(&self, route_key: &str, arguments: &[&str]) -> StoreResult<Value> {
+        let mut invocation = self.script.key(route_key);
+        for argument in arguments {
+            invocation.arg(*argument);
+        }
+        let mut connection = self.connection.clone();
+        invocation.invoke_async(&mut connection).await.map_err(|error| {
+            if error.to_string().contains("money_out_of_range") {
+                StoreError::Overflow("hot store money range (±2^53 nano-units)")
+            } else if error.to_string().contains("account_not_loaded") {
+                StoreError::NotFound { entity: "hot account", id: String::new() }
+            } else {
+                StoreError::Unavailable(format!("redis: {error}"))
+            }
+        })
+    }
+
+    fn account_key(&self, base: &str, account_id: &str) -> String {
+        format!("{base}:acct:{account_id}")
+    }
+}
+
+/// A script reply as strings (bulk strings and integers both).
+fn texts(value: Value) -> StoreResult<Vec<String>> {
+    let items = match value {
+        Value::Array(items) => items,
+        other => vec![other],
+    };
+    items
+        .into_iter()
+        .map(|item| match item {
+            Value::BulkString(bytes) => String::from_utf8(bytes).map_err(|_| StoreError::Corrupt("non-UTF-8 script reply".into())),
+            Value::SimpleString(text) => Ok(text),
+            Value::Int(number) => Ok(number.to_string()),
+            other => Err(StoreError::Corrupt(format!("unexpected script reply {other:?}"))),
+        })
+        .collect()
+}
+
+fn number(texts: &[String], index: usize) -> StoreResult<i64> {
+    texts
+        .get(index)
+        .and_then(|text| text.parse::<i64>().ok())
+        .ok_or_else(|| StoreError::Corrupt(format!("script reply {texts:?} lacks a number at {index}")))
+}
+
+fn money_at(texts: &[String], index: usize) -> StoreResult<Money> {
+    number(texts, index).map(Money::from_nanos)
+}
+
+fn count_at(texts: &[String], index: usize) -> StoreResult<u64> {
+    u64::try_from(number(texts, index)?).map_err(|_| StoreError::Corrupt("negative counter".into()))
+}
+
+fn optional(value: Option<impl ToString>) -> String {
+    value.map(|value| value.to_string()).unwrap_or_default()
+}
+
+fn event_json(event: &UsageEvent) -> StoreResult<String> {
+    serde_json::to_string(event).map_err(|error| StoreError::Invalid(format!("usage event: {error}")))
+}
+
+#[async_trait]
+impl HotStore for RedisHotStore {
+    async fn authorize(&self, request: &AuthorizeRequest) -> StoreResult<Authorization> {
+        debug_assert!(!request.hold.is_negative(), "a hold is never negative");
+        let base = self.keys.account_base(&request.account_id);
+        let limits = &request.limits;
+        let arguments = [
+            "authorize".to_string(),
+            base.clone(),
+            request.account_id.clone(),
+            request.api_key_id.clone(),
+            request.request_id.clone(),
+            request.hold.nanos().to_string(),
+            request.hold_tokens.to_string(),
+            request.hold_ttl_ms.to_string(),
+            limits.credit_limit.nanos().to_string(),
+            optional(limits.daily_request_quota),
+            optional(limits.monthly_request_quota),
+            optional(limits.key_budget_daily.map(Money::nanos)),
+            optional(limits.key_budget_monthly.map(Money::nanos)),
+            optional(limits.key_budget_total.map(Money::nanos)),
+            optional(limits.key_requests_per_minute),
+            optional(limits.key_tokens_per_minute),
+        ];
+        let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
+        let reply = texts(self.call(&self.account_key(&base, &request.account_id), &arguments).await?)?;
+        let refusal = match (reply.first().map(String::as_str), reply.get(1).map(String::as_str)) {
+            (Some("held"), _) => return Ok(Authorization::Held { available_after: money_at(&reply, 1)? }),
+            (Some("refused"), Some("not_loaded")) => Refusal::AccountNotLoaded,
+            (Some("refused"), Some("already_charged")) => Refusal::AlreadyCharged,
+            (Some("refused"), Some("in_progress")) => Refusal::InProgress,
+            (Some("refused"), Some("rate")) => Refusal::RateLimited { retry_after_secs: count_at(&reply, 2)? },
+            (Some("refused"), Some("daily")) => Refusal::DailyQuotaExceeded { retry_after_secs: count_at(&reply, 2)? },
+            (Some("refused"), Some("monthly")) => Refusal::MonthlyQuotaExceeded { retry_after_secs: count_at(&reply, 2)? },
+            (Some("refused"), Some("budget")) => {
+                let period = match reply.get(2).map(String::as_str) {
+                    Some("daily") => BudgetPeriod::Daily,
+                    Some("monthly") => BudgetPeriod::Monthly,
+                    _ => BudgetPeriod::Total,
+                };
+                let retry_after_secs = u64::try_from(number(&reply, 3)?).ok();
+                Refusal::KeyBudgetExceeded { period, retry_after_secs }
+            }
+            (Some("refused"), Some("insufficient")) => {
+                Refusal::InsufficientBalance { available: money_at(&reply, 2)?, required: money_at(&reply, 3)? }
+            }
+            _ => return Err(StoreError::Corrupt(format!("unexpected authorize reply {reply:?}"))),
+        };
+        Ok(Authorization::Refused(refusal))
+    }
+
+    async fn settle(&self, event: UsageEvent) -> StoreResult<Settlement> {
+        if event.cost.is_negative() {
+            return Err(StoreError::Invalid(format!("negative cost for request {}", event.request_id)));
+        }
+        let base = self.keys.account_base(&event.account_id);
+        let json = event_json(&event)?;
+        let cost = event.cost.nanos().to_string();
+        let arguments = ["settle", &base, &event.account_id, &event.api_key_id, &event.request_id, &cost, &json];
+        let reply = texts(self.call(&self.account_key(&base, &event.account_id), &arguments).await?)?;
+        match reply.first().map(String::as_str) {
+            Some("settled") => Ok(Settlement { balance_before: money_at(&reply, 1)?, balance_after: money_at(&reply, 2)?, already_settled: false }),
+            Some("already") => {
+                let balance = money_at(&reply, 1)?;
+                Ok(Settlement { balance_before: balance, balance_after: balance, already_settled: true })
+            }
+            _ => Err(StoreError::Corrupt(format!("unexpected settle reply {reply:?}"))),
+        }
+    }
+
+    async fn void(&self, event: UsageEvent) -> StoreResult<()> {
+        let base = self.keys.account_base(&event.account_id);
+        let json = event_json(&event)?;
+        let arguments = ["void", &base, &event.account_id, &event.request_id, &json];
+        self.call(&self.account_key(&base, &event.account_id), &arguments).await?;
+        Ok(())
+    }
+
+    async fn expire_holds(&self) -> StoreResult<u64> {
+        let mut released = 0;
+        let limit = EXPIRE_BATCH_MAX.to_string();
+        for shard in 0..self.keys.shards() {
+            let base = self.keys.base(shard);
+            let reply = texts(self.call(&format!("{base}:hold_expiry"), &["expire", &base, &limit]).await?)?;
+            released += count_at(&reply, 0)?;
+        }
+        Ok(released)
+    }
+
+    async fn load_account(&self, snapshot: AccountSnapshot) -> StoreResult<bool> {
+        let base = self.keys.account_base(&snapshot.account_id);
+        let balance = snapshot.balance.nanos().to_string();
+        let fund_seq = snapshot.last_fund_seq.to_string();
+        let mut arguments = vec!["load", base.as_str(), snapshot.account_id.as_str(), balance.as_str(), fund_seq.as_str()];
+        arguments.extend(snapshot.charged_request_ids.iter().map(String::as_str));
+        let reply = texts(self.call(&self.account_key(&base, &snapshot.account_id), &arguments).await?)?;
+        Ok(number(&reply, 0)? == 1)
+    }
+
+    async fn apply_fund(&self, account_id: &str, fund_ledger_seq: i64, amount: Money) -> StoreResult<FundApplication> {
+        let base = self.keys.account_base(account_id);
+        let (seq, amount) = (fund_ledger_seq.to_string(), amount.nanos().to_string());
+        let reply = texts(self.call(&self.account_key(&base, account_id), &["apply_fund", &base, account_id, &seq, &amount]).await?)?;
+        match reply.first().map(String::as_str) {
+            Some("applied") => Ok(FundApplication::Applied { balance_after: money_at(&reply, 1)? }),
+            Some("already") => Ok(FundApplication::AlreadyApplied),
+            Some("not_loaded") => Ok(FundApplication::AccountNotLoaded),
+            _ => Err(StoreError::Corrupt(format!("unexpected apply_fund reply {reply:?}"))),
+        }
+    }
+
+    async fn balance(&self, account_id: &str, api_key_id: &str) -> StoreResult<Option<BalanceView>> {
+        let base = self.keys.account_base(account_id);
+        let reply = texts(self.call(&self.account_key(&base, account_id), &["balance", &base, account_id, api_key_id]).await?)?;
+        if reply.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(BalanceView {
+            balance: money_at(&reply, 0)?,
+            held: money_at(&reply, 1)?,
+            last_fund_seq: number(&reply, 2)?,
+            daily_requests_used: count_at(&reply, 3)?,
+            monthly_requests_used: count_at(&reply, 4)?,
+            key_spent_daily: money_at(&reply, 5)?,
+            key_spent_monthly: money_at(&reply, 6)?,
+            key_spent_total: money_at(&reply, 7)?,
+        }))
+    }
+
+    async fn unload_account(&self, account_id: &str) -> StoreResult<()> {
+        let base = self.keys.account_base(account_id);
+        self.call(&self.account_key(&base, account_id), &["unload", &base, account_id]).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,231 @@
+//! `EventLog` over the shard streams, read by the consumer group `billing_workers`. Entries are
+//! acknowledged only after their ledger commit; a consumer reads its own unacknowledged entries
+//! first when it starts (it crashed mid-batch), takes over entries idle too long in a dead
+//! consumer's pending list, and parks an entry delivered too often in the shard's dead-letter
+//! stream.
+
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use redis::AsyncCommands;
+use redis::streams::{StreamPendingCountReply, StreamReadOptions, StreamReadReply};
+use tokio_util::sync::CancellationToken;
+use tollgate_core::Money;
+
+use super::{CONSUMER_GROUP, Connection, KeySpace};
+use crate::error::{StoreError, StoreResult};
+use crate::model::UsageEvent;
+use crate::queue::{Delivery, EventLog, Receipt};
+
+/// Limits of the stream reader.
+#[derive(Clone, Debug)]
+pub struct RedisLogConfig {
+    /// This consumer's name in the group; stable across restarts so it finds its own pending entries.
+    pub consumer: String,
+    /// Pause between polls when every shard is empty.
+    pub poll_idle_ms: u64,
+    /// An entry pending this long with another consumer is taken over.
+    pub claim_idle_ms: u64,
+    /// An entry delivered this many times goes to the dead-letter stream.
+    pub deliveries_max: usize,
+}
+
+impl Default for RedisLogConfig {
+    fn default() -> Self {
+        RedisLogConfig { consumer: "worker".into(), poll_idle_ms: 20, claim_idle_ms: 60_000, deliveries_max: 5 }
+    }
+}
+
+/// The consuming side of the usage streams.
+pub struct RedisLog {
+    connection: Connection,
+    keys: KeySpace,
+    config: RedisLogConfig,
+    shutdown: CancellationToken,
+    /// Shards whose own pending entries must be read again (from id 0) before new ones.
+    own_pending: Vec<bool>,
+    next_claim: Instant,
+}
+
+fn unavailable(error: redis::RedisError) -> StoreError {
+    StoreError::Unavailable(format!("redis: {error}"))
+}
+
+impl RedisLog {
+    /// Creates the consumer group on every shard stream (from the start of the stream, so events
+    /// written before any worker existed are read too).
+    ///
+    /// # Errors
+    /// Redis unreachable.
+    pub async fn new(connection: Connection, keys: KeySpace, config: RedisLogConfig, shutdown: CancellationToken) -> StoreResult<RedisLog> {
+        let mut group_connection = connection.clone();
+        for shard in 0..keys.shards() {
+            let created: redis::RedisResult<()> = group_connection.xgroup_create_mkstream(keys.stream(shard), CONSUMER_GROUP, "0").await;
+            if let Err(error) = created
+                && !error.to_string().contains("BUSYGROUP")
+            {
+                return Err(unavailable(error));
+            }
+        }
+        let shards = usize::from(keys.shards());
+        Ok(RedisLog { connection, keys, config, shutdown, own_pending: vec![true; shards], next_claim: Instant::now() })
+    }
+
+    /// Entries delivered but not yet acknowledged, over all shards (a lag measure).
+    ///
+    /// # Errors
+    /// Redis unreachable.
+    pub async fn pending(&self) -> StoreResult<u64> {
+        let mut connection = self.connection.clone();
+        let mut pending = 0u64;
+        for shard in 0..self.keys.shards() {
+            let reply: redis::streams::StreamPendingReply = connection.xpending(self.keys.stream(shard), CONSUMER_GROUP).await.map_err(unavailable)?;
+            pending += reply.count() as u64;
+        }
+        Ok(pending)
+    }
+
+    /// Takes over entries idle too long in other consumers' pending lists; parks the ones
+    /// delivered too often.
+    async fn reclaim(&mut self) -> StoreResult<()> {
+        let mut connection = self.connection.clone();
+        for shard in 0..self.keys.shards() {
+            let stream = self.keys.stream(shard);
+            let idle: StreamPendingCountReply = redis::cmd("XPENDING")
+                .arg(&stream)
+                .arg(CONSUMER_GROUP)
+                .arg("IDLE")
+                .arg(self.config.claim_idle_ms)
+                .arg("-")
+                .arg("+")
+                .arg(100)
+                .query_async(&mut connection)
+                .await
+                .map_err(unavailable)?;
+            for entry in idle.ids {
+                if entry.times_delivered >= self.config.deliveries_max {
+                    let entries: redis::streams::StreamRangeReply = connection.xrange(&stream, &entry.id, &entry.id).await.map_err(unavailable)?;
+                    let event: Option<String> = entries.ids.first().and_then(|found| found.get("event"));
+                    let _: String = connection
+                        .xadd(self.keys.dead_letters(shard), "*", &[("event", event.unwrap_or_default()), ("reason", "delivered too often".to_string()), ("entry_id", entry.id.clone())])
+                        .await
+                        .map_err(unavailable)?;
+                    let _: i64 = connection.xack(&stream, CONSUMER_GROUP, &[&entry.id]).await.map_err(unavailable)?;
+                    metrics::counter!("tollgate_usage_dead_letters_total").increment(1);
+                    tracing::error!(shard, entry_id = entry.id, deliveries = entry.times_delivered, "usage entry parked in the dead-letter stream");
+                } else if entry.consumer != self.config.consumer {
+                    let _: redis::Value = redis::cmd("XCLAIM")
+                        .arg(&stream)
+                        .arg(CONSUMER_GROUP)
+                        .arg(&self.config.consumer)
+                        .arg(self.config.claim_idle_ms)
+                        .arg(&entry.id)
+                        .query_async(&mut connection)
+                        .await
+                        .map_err(unavailable)?;
+                    metrics::counter!("tollgate_usage_reclaimed_total").increment(1);
+                    self.own_pending[usize::from(shard)] = true;
+                } else {
+                    self.own_pending[usize::from(shard)] = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn read_shard(&mut self, shard: u16, max: usize, batch: &mut Vec<Delivery>) -> StoreResult<()> {
+        let index = usize::from(shard);
+        let from = if self.own_pending[index] { "0" } else { ">" };
+        let options = StreamReadOptions::default().group(CONSUMER_GROUP, &self.config.consumer).count(max);
+        let mut connection = self.connection.clone();
+        let reply: Option<StreamReadReply> = connection.xread_options(&[self.keys.stream(shard)], &[from], &options).await.map_err(unavailable)?;
+        let entries: Vec<_> = reply.into_iter().flat_map(|reply| reply.keys).flat_map(|key| key.ids).collect();
+        if from == "0" && entries.is_empty() {
+            self.own_pending[index] = false;
+        }
+        for entry in entries {
+            let event_text: Option<String> = entry.get("event");
+            let balance: Option<i64> = entry.get("hot_balance_after");
+            let parsed = event_text.as_deref().and_then(|text| serde_json::from_str::<UsageEvent>(text).ok());
+            let receipt = Receipt::Stream { shard, entry_id: entry.id.clone() };
+            match parsed {
+                Some(mut event) => {
+                    event.hot_balance_after = Money::from_nanos(balance.unwrap_or(0));
+                    batch.push(Delivery { event, receipt });
+                }
+                None => {
+                    // Unreadable: never retried forever, parked as it is.
+                    let _: String = connection
+                        .xadd(self.keys.dead_letters(shard), "*", &[("event", event_text.unwrap_or_default()), ("reason", "unreadable".to_string()), ("entry_id", entry.id.clone())])
+                        .await
+                        .map_err(unavailable)?;
+                    let _: i64 = connection.xack(self.keys.stream(shard), CONSUMER_GROUP, &[&entry.id]).await.map_err(unavailable)?;
+                    metrics::counter!("tollgate_usage_dead_letters_total").increment(1);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl EventLog for RedisLog {
+    async fn read_batch(&mut self, max: usize) -> StoreResult<Vec<Delivery>> {
+        let max = max.max(1);
+        loop {
+            if self.shutdown.is_cancelled() {
+                return Ok(Vec::new());
+            }
+            if Instant::now() >= self.next_claim {
+                self.reclaim().await?;
+                self.next_claim = Instant::now() + Duration::from_millis((self.config.claim_idle_ms / 2).max(100));
+            }
+            let mut batch = Vec::new();
+            for shard in 0..self.keys.shards() {
+                let room = max - batch.len();
+                if room == 0 {
+                    break;
+                }
+                self.read_shard(shard, room, &mut batch).await?;
+            }
+            if !batch.is_empty() {
+                return Ok(batch);
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(self.config.poll_idle_ms)) => {}
+                () = self.shutdown.cancelled() => return Ok(Vec::new()),
+            }
+        }
+    }
+
+    async fn ack(&mut self, deliveries: Vec<Delivery>) -> StoreResult<()> {
+        let mut by_shard: std::collections::BTreeMap<u16, Vec<String>> = std::collections::BTreeMap::new();
+        for delivery in deliveries {
+            if let Receipt::Stream { shard, entry_id } = delivery.receipt {
+                by_shard.entry(shard).or_default().push(entry_id);
+            }
+        }
+        let mut connection = self.connection.clone();
+        for (shard, entry_ids) in by_shard {
+            let stream = self.keys.stream(shard);
+            let _: i64 = connection.xack(&stream, CONSUMER_GROUP, &entry_ids).await.map_err(unavailable)?;
+            // Acknowledged entries are in the ledger; the stream need not keep them.
+            let _: i64 = connection.xdel(&stream, &entry_ids).await.map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    async fn park(&mut self, delivery: Delivery, reason: &str) -> StoreResult<()> {
+        let Receipt::Stream { shard, ref entry_id } = delivery.receipt else { return Ok(()) };
+        let event = serde_json::to_string(&delivery.event).unwrap_or_default();
+        let mut connection = self.connection.clone();
+        let _: String = connection
+            .xadd(self.keys.dead_letters(shard), "*", &[("event", event), ("reason", reason.to_string()), ("entry_id", entry_id.clone())])
+            .await
+            .map_err(unavailable)?;
+        let _: i64 = connection.xack(self.keys.stream(shard), CONSUMER_GROUP, &[entry_id]).await.map_err(unavailable)?;
+        metrics::counter!("tollgate_usage_dead_letters_total").increment(1);
+        tracing::error!(shard, entry_id, reason, "usage event parked in the dead-letter stream");
+        Ok(())
+    }
+}

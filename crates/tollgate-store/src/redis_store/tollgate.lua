@@ -1,0 +1,272 @@
+--[[
+The Redis side of the charge protocol: every operation is ONE call of this script, so each step
+is atomic (DESIGN "reserve → settle"). ARGV[1] names the operation; ARGV[2] is the key base of
+the account's shard, "<prefix>:{<prefix>:<shard>}", so every key below carries the shard's hash
+tag and a call touches one cluster slot. KEYS[1] is the key the call is routed by (the account
+hash, or the shard's hold-expiry set for `expire`).
+
+Keys (B = key base, A = account id, K = key id, R = request id):
+  B:acct:A                 hash  balance, held, fund_seq          no TTL: the hot balance is state
+  B:holds:A                hash  R -> "amount|K|day|month"         no TTL: released by settle/void/expire
+  B:hold_expiry            zset  "A\nR" scored by expiry (ms)      no TTL: emptied by expire
+  B:charged:A:R            "1"                                     TTL 24 h: idempotency
+  B:day:A:<day>, B:month:A:<month>        request counters          TTL past their period
+  B:key:K                  hash  held, spent_total                 no TTL: a budget never resets
+  B:key:K:spent_day:<day>, B:key:K:spent_month:<month>             TTL past their period
+  B:key:K:rpm:<minute>, B:key:K:tpm:<minute>                       TTL 120 s
+  B:usage                  stream of usage events for the worker   trimmed by the worker's acks
+
+Money is integer nano-units. Every change goes through HINCRBY/INCRBY (exact 64-bit integers in
+Redis); Lua compares them as doubles, exact up to 2^53 nano-units (9,007,199 currency units), so
+every amount a call reads or receives is checked against that range and refused beyond it.
+Time comes from the server's TIME, periods are UTC (as crates/tollgate-store/src/clock.rs).
+--]]
+
+local MONEY_MAX = 9007199254740992
+local CHARGED_TTL_MS = 86400000
+
+local function now_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
+local function checked(value)
+  local number = tonumber(value)
+  if number == nil or number >= MONEY_MAX or number <= -MONEY_MAX then
+    return error('money_out_of_range')
+  end
+  return number
+end
+
+-- Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
+local function days_from_civil(year, month, day)
+  if month <= 2 then year = year - 1 end
+  local era = math.floor(year / 400)
+  local year_of_era = year - era * 400
+  local shifted_month = (month + 9) % 12
+  local day_of_year = math.floor((153 * shifted_month + 2) / 5) + day - 1
+  local day_of_era = year_of_era * 365 + math.floor(year_of_era / 4) - math.floor(year_of_era / 100) + day_of_year
+  return era * 146097 + day_of_era - 719468
+end
+
+local function civil_from_days(days)
+  days = days + 719468
+  local era = math.floor(days / 146097)
+  local day_of_era = days - era * 146097
+  local year_of_era = math.floor((day_of_era - math.floor(day_of_era / 1460) + math.floor(day_of_era / 36524) - math.floor(day_of_era / 146096)) / 365)
+  local year = year_of_era + era * 400
+  local day_of_year = day_of_era - (365 * year_of_era + math.floor(year_of_era / 4) - math.floor(year_of_era / 100))
+  local shifted_month = math.floor((5 * day_of_year + 2) / 153)
+  local month = shifted_month < 10 and shifted_month + 3 or shifted_month - 9
+  if month <= 2 then year = year + 1 end
+  return year, month
+end
+
+local function periods(now)
+  local minute = math.floor(now / 60000)
+  local day = math.floor(now / 86400000)
+  local year, month = civil_from_days(day)
+  local next_year, next_month = year, month + 1
+  if next_month == 13 then next_year, next_month = year + 1, 1 end
+  local next_month_ms = days_from_civil(next_year, next_month, 1) * 86400000
+  local function seconds_until(end_ms) return math.ceil((end_ms - now) / 1000) end
+  return {
+    minute = minute, day = day, month = year * 12 + month - 1,
+    to_minute = seconds_until((minute + 1) * 60000),
+    to_day = seconds_until((day + 1) * 86400000),
+    to_month = seconds_until(next_month_ms),
+  }
+end
+
+local function number_or_zero(value) return tonumber(value) or 0 end
+
+-- Returns a hold's funds and its request-count slot (as memory.rs `release`).
+local function release(base, account, request_id, hold, now_periods)
+  local amount, key_id, day, month = string.match(hold, '^(-?%d+)|(.*)|(-?%d+)|(-?%d+)$')
+  redis.call('HINCRBY', base .. ':acct:' .. account, 'held', -tonumber(amount))
+  redis.call('HINCRBY', base .. ':key:' .. key_id, 'held', -tonumber(amount))
+  if tonumber(day) == now_periods.day then
+    local day_key = base .. ':day:' .. account .. ':' .. day
+    if number_or_zero(redis.call('GET', day_key)) > 0 then redis.call('DECR', day_key) end
+  end
+  if tonumber(month) == now_periods.month then
+    local month_key = base .. ':month:' .. account .. ':' .. month
+    if number_or_zero(redis.call('GET', month_key)) > 0 then redis.call('DECR', month_key) end
+  end
+  redis.call('HDEL', base .. ':holds:' .. account, request_id)
+  redis.call('ZREM', base .. ':hold_expiry', account .. '\n' .. request_id)
+end
+
+local operations = {}
+
+-- ARGV: op, base, account, key, request_id, hold, hold_tokens, ttl_ms, credit_limit,
+--       daily_quota, monthly_quota, budget_daily, budget_monthly, budget_total, rpm, tpm
+--       (absent limits are "").
+-- Reply: {"held", available_after} or {"refused", reason, value, value}.
+-- Keeps I3: a hold is placed only if balance + credit − held ≥ hold; nothing changes on refusal.
+function operations.authorize(base, argv)
+  local account, key_id, request_id = argv[3], argv[4], argv[5]
+  local hold, hold_tokens, ttl_ms, credit = checked(argv[6]), tonumber(argv[7]), tonumber(argv[8]), checked(argv[9])
+  local account_key = base .. ':acct:' .. account
+  local state = redis.call('HMGET', account_key, 'balance', 'held')
+  if not state[1] then return {'refused', 'not_loaded'} end
+  local balance, held = checked(state[1]), checked(state[2] or 0)
+  if redis.call('EXISTS', base .. ':charged:' .. account .. ':' .. request_id) == 1 then return {'refused', 'already_charged'} end
+  if redis.call('HEXISTS', base .. ':holds:' .. account, request_id) == 1 then return {'refused', 'in_progress'} end
+  local now = now_ms()
+  local p = periods(now)
+  local key_base = base .. ':key:' .. key_id
+  local rpm_key, tpm_key = key_base .. ':rpm:' .. p.minute, key_base .. ':tpm:' .. p.minute
+  if argv[15] ~= '' and number_or_zero(redis.call('GET', rpm_key)) >= tonumber(argv[15]) then return {'refused', 'rate', p.to_minute} end
+  if argv[16] ~= '' and number_or_zero(redis.call('GET', tpm_key)) >= tonumber(argv[16]) then return {'refused', 'rate', p.to_minute} end
+  local day_key, month_key = base .. ':day:' .. account .. ':' .. p.day, base .. ':month:' .. account .. ':' .. p.month
+  if argv[10] ~= '' and number_or_zero(redis.call('GET', day_key)) >= tonumber(argv[10]) then return {'refused', 'daily', p.to_day} end
+  if argv[11] ~= '' and number_or_zero(redis.call('GET', month_key)) >= tonumber(argv[11]) then return {'refused', 'monthly', p.to_month} end
+  local key_held = checked(redis.call('HGET', key_base, 'held') or 0)
+  local budgets = {
+    {'daily', argv[12], key_base .. ':spent_day:' .. p.day, p.to_day},
+    {'monthly', argv[13], key_base .. ':spent_month:' .. p.month, p.to_month},
+    {'total', argv[14], nil, -1},
+  }
+  for _, budget in ipairs(budgets) do
+    if budget[2] ~= '' then
+      local spent
+      if budget[3] then spent = checked(redis.call('GET', budget[3]) or 0) else spent = checked(redis.call('HGET', key_base, 'spent_total') or 0) end
+      if spent + key_held + hold > checked(budget[2]) then return {'refused', 'budget', budget[1], budget[4]} end
+    end
+  end
+  local available = balance + credit - held
+  if available < hold then return {'refused', 'insufficient', string.format('%d', available), string.format('%d', hold)} end
+  redis.call('HINCRBY', account_key, 'held', hold)
+  redis.call('HINCRBY', key_base, 'held', hold)
+  redis.call('HSET', base .. ':holds:' .. account, request_id, string.format('%d|%s|%d|%d', hold, key_id, p.day, p.month))
+  redis.call('ZADD', base .. ':hold_expiry', now + ttl_ms, account .. '\n' .. request_id)
+  redis.call('INCR', day_key)
+  redis.call('PEXPIRE', day_key, 2 * 86400000)
+  redis.call('INCR', month_key)
+  redis.call('PEXPIRE', month_key, 32 * 86400000)
+  redis.call('INCR', rpm_key)
+  redis.call('PEXPIRE', rpm_key, 120000)
+  redis.call('INCRBY', tpm_key, hold_tokens)
+  redis.call('PEXPIRE', tpm_key, 120000)
+  return {'held', string.format('%d', available - hold)}
+end
+
+-- ARGV: op, base, account, key, request_id, cost, event_json.
+-- Reply: {"settled", before, after} or {"already", balance}.
+-- Keeps I1: the charge and its usage event (XADD) happen in this one call, or neither does.
+function operations.settle(base, argv)
+  local account, key_id, request_id, cost, event = argv[3], argv[4], argv[5], checked(argv[6]), argv[7]
+  local account_key = base .. ':acct:' .. account
+  local balance = redis.call('HGET', account_key, 'balance')
+  if not balance then return error('account_not_loaded') end
+  local charged_key = base .. ':charged:' .. account .. ':' .. request_id
+  if redis.call('EXISTS', charged_key) == 1 then return {'already', balance} end
+  local before = checked(balance)
+  checked(before - cost)
+  local p = periods(now_ms())
+  local hold = redis.call('HGET', base .. ':holds:' .. account, request_id)
+  if hold then
+    -- The request happened: release the funds but keep its request-count slot.
+    local amount = string.match(hold, '^(-?%d+)|')
+    redis.call('HINCRBY', account_key, 'held', -tonumber(amount))
+    redis.call('HINCRBY', base .. ':key:' .. key_id, 'held', -tonumber(amount))
+    redis.call('HDEL', base .. ':holds:' .. account, request_id)
+    redis.call('ZREM', base .. ':hold_expiry', account .. '\n' .. request_id)
+  end
+  local after = redis.call('HINCRBY', account_key, 'balance', -cost)
+  local key_base = base .. ':key:' .. key_id
+  redis.call('HINCRBY', key_base, 'spent_total', cost)
+  local spent_day, spent_month = key_base .. ':spent_day:' .. p.day, key_base .. ':spent_month:' .. p.month
+  redis.call('INCRBY', spent_day, cost)
+  redis.call('PEXPIRE', spent_day, 2 * 86400000)
+  redis.call('INCRBY', spent_month, cost)
+  redis.call('PEXPIRE', spent_month, 32 * 86400000)
+  redis.call('SET', charged_key, '1', 'PX', CHARGED_TTL_MS)
+  redis.call('XADD', base .. ':usage', '*', 'event', event, 'hot_balance_after', string.format('%d', after))
+  return {'settled', string.format('%d', before), string.format('%d', after)}
+end
+
+-- ARGV: op, base, account, request_id, event_json. Reply: 1 if a hold was released, else 0.
+function operations.void(base, argv)
+  local account, request_id = argv[3], argv[4]
+  local hold = redis.call('HGET', base .. ':holds:' .. account, request_id)
+  if not hold then return 0 end
+  release(base, account, request_id, hold, periods(now_ms()))
+  redis.call('XADD', base .. ':usage', '*', 'event', argv[5], 'hot_balance_after', redis.call('HGET', base .. ':acct:' .. account, 'balance') or '0')
+  return 1
+end
+
+-- ARGV: op, base, limit. Releases up to `limit` holds past their expiry. Reply: how many.
+function operations.expire(base, argv)
+  local now = now_ms()
+  local p = periods(now)
+  local due = redis.call('ZRANGEBYSCORE', base .. ':hold_expiry', '-inf', now, 'LIMIT', 0, tonumber(argv[3]))
+  local released = 0
+  for _, member in ipairs(due) do
+    local account, request_id = string.match(member, '^(.-)\n(.*)$')
+    local hold = redis.call('HGET', base .. ':holds:' .. account, request_id)
+    if hold then
+      release(base, account, request_id, hold, p)
+      released = released + 1
+    else
+      redis.call('ZREM', base .. ':hold_expiry', member)
+    end
+  end
+  return released
+end
+
+-- ARGV: op, base, account, balance, fund_seq, charged request ids...
+-- Reply: 1 if loaded, 0 if the account was already there (two loaders cannot double a balance).
+function operations.load(base, argv)
+  local account = argv[3]
+  local account_key = base .. ':acct:' .. account
+  if redis.call('EXISTS', account_key) == 1 then return 0 end
+  checked(argv[4])
+  redis.call('HSET', account_key, 'balance', argv[4], 'held', 0, 'fund_seq', argv[5])
+  for index = 6, #argv do
+    redis.call('SET', base .. ':charged:' .. account .. ':' .. argv[index], '1', 'PX', CHARGED_TTL_MS)
+  end
+  return 1
+end
+
+-- ARGV: op, base, account, fund_ledger_seq, amount.
+-- Reply: {"applied", balance} | {"already"} | {"not_loaded"}. Applies a fund change once, in order.
+function operations.apply_fund(base, argv)
+  local account_key = base .. ':acct:' .. argv[3]
+  local fund_seq = redis.call('HGET', account_key, 'fund_seq')
+  if not fund_seq then return {'not_loaded'} end
+  if tonumber(argv[4]) <= tonumber(fund_seq) then return {'already'} end
+  checked(argv[5])
+  local balance = redis.call('HINCRBY', account_key, 'balance', argv[5])
+  redis.call('HSET', account_key, 'fund_seq', argv[4])
+  return {'applied', string.format('%d', balance)}
+end
+
+-- ARGV: op, base, account, key. Reply: {} if not loaded, else
+-- {balance, held, fund_seq, day requests, month requests, key spent day, month, total}.
+function operations.balance(base, argv)
+  local account, key_id = argv[3], argv[4]
+  local state = redis.call('HMGET', base .. ':acct:' .. account, 'balance', 'held', 'fund_seq')
+  if not state[1] then return {} end
+  local p = periods(now_ms())
+  local key_base = base .. ':key:' .. key_id
+  return {
+    state[1], state[2] or '0', state[3] or '0',
+    redis.call('GET', base .. ':day:' .. account .. ':' .. p.day) or '0',
+    redis.call('GET', base .. ':month:' .. account .. ':' .. p.month) or '0',
+    redis.call('GET', key_base .. ':spent_day:' .. p.day) or '0',
+    redis.call('GET', key_base .. ':spent_month:' .. p.month) or '0',
+    redis.call('HGET', key_base, 'spent_total') or '0',
+  }
+end
+
+-- ARGV: op, base, account. Forgets the account (after a repair, when quiet).
+function operations.unload(base, argv)
+  redis.call('DEL', base .. ':acct:' .. argv[3], base .. ':holds:' .. argv[3])
+  return 1
+end
+
+local operation = operations[ARGV[1]]
+if not operation then return error('unknown operation ' .. tostring(ARGV[1])) end
+return operation(ARGV[2], ARGV)

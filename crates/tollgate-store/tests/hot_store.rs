@@ -1,0 +1,262 @@
+//! The hot-store conformance suite: the same checks against the in-process store and the Redis
+//! store, on a single Redis (`TOLLGATE_TEST_REDIS_URL`) and on a Redis Cluster
+//! (`TOLLGATE_TEST_REDIS_CLUSTER_URL`) — both started by `scripts/test`; without them these
+//! tests fail, they do not skip. Each Redis test gets its own key prefix.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tollgate_core::{Money, Usage, UsageSource};
+use tollgate_store::HotStore;
+use tollgate_store::hot::{AccountSnapshot, Authorization, AuthorizeRequest, FundApplication, Limits, Refusal};
+use tollgate_store::memory::MemoryHotStore;
+use tollgate_store::model::{RequestStatus, UsageEvent};
+use tollgate_store::queue::{EventLog, channel_log};
+use tollgate_store::redis_store::{KeySpace, RedisHotStore, RedisLog, RedisLogConfig};
+
+fn prefix() -> String {
+    format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+fn memory() -> Arc<dyn HotStore> {
+    let (sender, mut log) = channel_log(1024);
+    // Stands in for the worker: acknowledges every event so settles return.
+    tokio::spawn(async move {
+        loop {
+            let batch = log.read_batch(64).await.unwrap();
+            if batch.is_empty() {
+                return;
+            }
+            log.ack(batch).await.unwrap();
+        }
+    });
+    Arc::new(MemoryHotStore::new(sender, tollgate_store::clock::system_clock()))
+}
+
+fn redis_url() -> String {
+    std::env::var("TOLLGATE_TEST_REDIS_URL").expect("TOLLGATE_TEST_REDIS_URL is not set: run scripts/test, which starts Redis")
+}
+
+fn cluster_url() -> String {
+    std::env::var("TOLLGATE_TEST_REDIS_CLUSTER_URL").expect("TOLLGATE_TEST_REDIS_CLUSTER_URL is not set: run scripts/test, which starts a Redis Cluster")
+}
+
+async fn redis() -> Arc<dyn HotStore> {
+    Arc::new(RedisHotStore::connect(&redis_url(), &prefix(), 16).await.unwrap())
+}
+
+async fn cluster() -> Arc<dyn HotStore> {
+    Arc::new(RedisHotStore::connect(&cluster_url(), &prefix(), 16).await.unwrap())
+}
+
+macro_rules! conformance {
+    ($($check:ident),* $(,)?) => {
+        mod on_memory {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() { super::$check(super::memory()).await; })*
+        }
+        mod on_redis {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() { super::$check(super::redis().await).await; })*
+        }
+        mod on_redis_cluster {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() { super::$check(super::cluster().await).await; })*
+        }
+    };
+}
+
+conformance!(
+    authorize_settle_void_and_idempotency,
+    expired_holds_are_released_and_a_late_settle_charges_once,
+    quotas_budgets_and_rate_limits_refuse_with_their_reason,
+    fund_changes_apply_once_and_in_order,
+    concurrent_authorizations_never_overspend,
+    accounts_on_every_shard_work,
+);
+
+async fn load(store: &dyn HotStore, account: &str, balance: i64) {
+    let snapshot = AccountSnapshot { account_id: account.into(), balance: Money::from_nanos(balance), last_fund_seq: 0, charged_request_ids: vec!["old".into()] };
+    assert!(store.load_account(snapshot.clone()).await.unwrap());
+    assert!(!store.load_account(snapshot).await.unwrap(), "a second load changes nothing");
+}
+
+fn request(account: &str, id: &str, hold: i64) -> AuthorizeRequest {
+    AuthorizeRequest {
+        account_id: account.into(),
+        api_key_id: format!("key-{account}"),
+        request_id: id.into(),
+        hold: Money::from_nanos(hold),
+        hold_tokens: 10,
+        limits: Limits::default(),
+        hold_ttl_ms: 60_000,
+    }
+}
+
+fn event(account: &str, id: &str, cost: i64, status: RequestStatus) -> UsageEvent {
+    UsageEvent {
+        request_id: id.into(),
+        account_id: account.into(),
+        api_key_id: format!("key-{account}"),
+        provider: "p".into(),
+        model: "m".into(),
+        customer_type: "t".into(),
+        price_id: Some(1),
+        usage: Usage { input_tokens: 3, output_tokens: 2, ..Usage::default() },
+        usage_source: UsageSource::Upstream,
+        cost: Money::from_nanos(cost),
+        status,
+        latency_ms: 1,
+        created_at_ms: 0,
+        hot_balance_after: Money::ZERO,
+        stored_response: None,
+    }
+}
+
+fn held(outcome: &Authorization) -> bool {
+    matches!(outcome, Authorization::Held { .. })
+}
+
+async fn authorize_settle_void_and_idempotency(store: Arc<dyn HotStore>) {
+    assert_eq!(store.authorize(&request("a", "r1", 10)).await.unwrap(), Authorization::Refused(Refusal::AccountNotLoaded));
+    load(&*store, "a", 100).await;
+    assert_eq!(store.authorize(&request("a", "old", 1)).await.unwrap(), Authorization::Refused(Refusal::AlreadyCharged));
+    assert_eq!(store.authorize(&request("a", "r1", 60)).await.unwrap(), Authorization::Held { available_after: Money::from_nanos(40) });
+    assert_eq!(store.authorize(&request("a", "r1", 1)).await.unwrap(), Authorization::Refused(Refusal::InProgress));
+    assert_eq!(
+        store.authorize(&request("a", "r2", 41)).await.unwrap(),
+        Authorization::Refused(Refusal::InsufficientBalance { available: Money::from_nanos(40), required: Money::from_nanos(41) })
+    );
+    let settlement = store.settle(event("a", "r1", 55, RequestStatus::Success)).await.unwrap();
+    assert_eq!((settlement.balance_before, settlement.balance_after, settlement.already_settled), (Money::from_nanos(100), Money::from_nanos(45), false));
+    assert!(store.settle(event("a", "r1", 55, RequestStatus::Success)).await.unwrap().already_settled);
+    let view = store.balance("a", "key-a").await.unwrap().unwrap();
+    assert_eq!((view.balance, view.held, view.key_spent_total, view.key_spent_daily), (Money::from_nanos(45), Money::ZERO, Money::from_nanos(55), Money::from_nanos(55)));
+    assert!(held(&store.authorize(&request("a", "r3", 45)).await.unwrap()));
+    store.void(event("a", "r3", 0, RequestStatus::Failed)).await.unwrap();
+    let view = store.balance("a", "key-a").await.unwrap().unwrap();
+    assert_eq!((view.balance, view.held, view.daily_requests_used), (Money::from_nanos(45), Money::ZERO, 1));
+    assert!(held(&store.authorize(&request("a", "r3", 45)).await.unwrap()), "a voided id may be used again");
+    assert!(store.balance("nobody", "k").await.unwrap().is_none());
+}
+
+async fn expired_holds_are_released_and_a_late_settle_charges_once(store: Arc<dyn HotStore>) {
+    load(&*store, "a", 100).await;
+    let short = AuthorizeRequest { hold_ttl_ms: 150, ..request("a", "slow", 80) };
+    assert!(held(&store.authorize(&short).await.unwrap()));
+    assert_eq!(store.expire_holds().await.unwrap(), 0, "not yet due");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(store.expire_holds().await.unwrap(), 1);
+    assert_eq!(store.balance("a", "key-a").await.unwrap().unwrap().held, Money::ZERO);
+    let settlement = store.settle(event("a", "slow", 30, RequestStatus::Success)).await.unwrap();
+    assert!(!settlement.already_settled);
+    let view = store.balance("a", "key-a").await.unwrap().unwrap();
+    assert_eq!((view.balance, view.held), (Money::from_nanos(70), Money::ZERO));
+}
+
+async fn quotas_budgets_and_rate_limits_refuse_with_their_reason(store: Arc<dyn HotStore>) {
+    load(&*store, "a", 1_000).await;
+    let limited = |id: &str, limits: Limits| AuthorizeRequest { limits, ..request("a", id, 10) };
+    let daily = Limits { daily_request_quota: Some(1), ..Limits::default() };
+    assert!(held(&store.authorize(&limited("q1", daily.clone())).await.unwrap()));
+    assert!(matches!(store.authorize(&limited("q2", daily)).await.unwrap(), Authorization::Refused(Refusal::DailyQuotaExceeded { retry_after_secs }) if retry_after_secs > 0 && retry_after_secs <= 86_400));
+    let monthly = Limits { monthly_request_quota: Some(1), ..Limits::default() };
+    assert!(matches!(store.authorize(&limited("q3", monthly)).await.unwrap(), Authorization::Refused(Refusal::MonthlyQuotaExceeded { retry_after_secs }) if retry_after_secs > 0 && retry_after_secs <= 31 * 86_400));
+    let budget = Limits { key_budget_total: Some(Money::from_nanos(15)), ..Limits::default() };
+    assert_eq!(
+        store.authorize(&limited("b1", budget)).await.unwrap(),
+        Authorization::Refused(Refusal::KeyBudgetExceeded { period: tollgate_store::hot::BudgetPeriod::Total, retry_after_secs: None }),
+        "the open hold of q1 counts against the key budget"
+    );
+    let rpm = Limits { key_requests_per_minute: Some(1), ..Limits::default() };
+    assert!(matches!(store.authorize(&limited("m1", rpm)).await.unwrap(), Authorization::Refused(Refusal::RateLimited { .. })));
+    let credit = Limits { credit_limit: Money::from_nanos(5), ..Limits::default() };
+    let big = AuthorizeRequest { limits: credit, ..request("a", "c1", 995) };
+    assert_eq!(store.authorize(&big).await.unwrap(), Authorization::Held { available_after: Money::ZERO }, "credit extends what may be held");
+}
+
+async fn fund_changes_apply_once_and_in_order(store: Arc<dyn HotStore>) {
+    assert_eq!(store.apply_fund("a", 1, Money::from_nanos(5)).await.unwrap(), FundApplication::AccountNotLoaded);
+    load(&*store, "a", 0).await;
+    assert_eq!(store.apply_fund("a", 2, Money::from_nanos(5)).await.unwrap(), FundApplication::Applied { balance_after: Money::from_nanos(5) });
+    assert_eq!(store.apply_fund("a", 2, Money::from_nanos(5)).await.unwrap(), FundApplication::AlreadyApplied);
+    assert_eq!(store.apply_fund("a", 1, Money::from_nanos(5)).await.unwrap(), FundApplication::AlreadyApplied);
+    assert_eq!(store.apply_fund("a", 3, Money::from_nanos(-2)).await.unwrap(), FundApplication::Applied { balance_after: Money::from_nanos(3) });
+    let view = store.balance("a", "k").await.unwrap().unwrap();
+    assert_eq!((view.balance, view.last_fund_seq), (Money::from_nanos(3), 3));
+    store.unload_account("a").await.unwrap();
+    assert!(store.balance("a", "k").await.unwrap().is_none());
+}
+
+async fn concurrent_authorizations_never_overspend(store: Arc<dyn HotStore>) {
+    load(&*store, "a", 20 * 7).await;
+    let mut tasks = Vec::new();
+    for index in 0..200 {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move { store.authorize(&request("a", &format!("c{index}"), 7)).await.unwrap() }));
+    }
+    let mut holds = 0;
+    for task in tasks {
+        if held(&task.await.unwrap()) {
+            holds += 1;
+        }
+    }
+    assert_eq!(holds, 20);
+    assert_eq!(store.balance("a", "key-a").await.unwrap().unwrap().held, Money::from_nanos(140));
+}
+
+async fn accounts_on_every_shard_work(store: Arc<dyn HotStore>) {
+    for index in 0..40 {
+        let account = format!("acct-{index}");
+        load(&*store, &account, 50).await;
+        assert!(held(&store.authorize(&request(&account, "r", 20)).await.unwrap()));
+        let settlement = store.settle(event(&account, "r", 20, RequestStatus::Success)).await.unwrap();
+        assert_eq!(settlement.balance_after, Money::from_nanos(30));
+    }
+    assert_eq!(store.expire_holds().await.unwrap(), 0);
+}
+
+/// The stream log: settled events arrive once, an unacknowledged batch comes back to the same
+/// consumer after a restart, another consumer takes over idle entries, and an entry delivered
+/// too often is parked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_log_delivers_once_and_survives_consumer_crashes() {
+    let prefix = prefix();
+    let store = RedisHotStore::connect(&redis_url(), &prefix, 4).await.unwrap();
+    let keys = KeySpace::new(&prefix, 4).unwrap();
+    let log_config = |consumer: &str| RedisLogConfig { consumer: consumer.into(), poll_idle_ms: 10, claim_idle_ms: 200, deliveries_max: 3 };
+    for index in 0..10 {
+        let account = format!("s{index}");
+        load(&store, &account, 100).await;
+        assert!(held(&store.authorize(&request(&account, "r", 10)).await.unwrap()));
+        store.settle(event(&account, "r", 10, RequestStatus::Success)).await.unwrap();
+    }
+    let shutdown = CancellationToken::new();
+    let mut first = RedisLog::new(store.connection(), keys.clone(), log_config("first"), shutdown.clone()).await.unwrap();
+    let batch = first.read_batch(100).await.unwrap();
+    assert_eq!(batch.len(), 10);
+    assert!(batch.iter().all(|delivery| delivery.event.hot_balance_after == Money::from_nanos(90)));
+    // "first" crashes without acknowledging; restarted under the same name it reads them again.
+    drop(first);
+    let mut first = RedisLog::new(store.connection(), keys.clone(), log_config("first"), shutdown.clone()).await.unwrap();
+    let again = first.read_batch(100).await.unwrap();
+    assert_eq!(again.len(), 10, "own pending entries are re-delivered after a restart");
+    drop(first);
+    // Another consumer takes them over once idle, and acknowledges them.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut second = RedisLog::new(store.connection(), keys.clone(), log_config("second"), shutdown.clone()).await.unwrap();
+    let taken = second.read_batch(100).await.unwrap();
+    assert_eq!(taken.len(), 10, "idle entries of a dead consumer are taken over");
+    second.ack(taken).await.unwrap();
+    assert_eq!(second.pending().await.unwrap(), 0);
+    // Nothing is left to read.
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stop.cancel();
+    });
+    assert!(second.read_batch(100).await.unwrap().is_empty());
+}
