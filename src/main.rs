@@ -26,6 +26,10 @@ enum Command {
         /// Listen address (overrides TOLLGATE_LISTEN and the file).
         #[arg(long)]
         listen: Option<String>,
+        /// Do not run the usage writer and periodic jobs here (`tollgate worker` processes do;
+        /// services mode only).
+        #[arg(long)]
+        no_worker: bool,
     },
     /// Run only the worker (stream consumer and periodic jobs) — production backends only.
     Worker {
@@ -74,6 +78,12 @@ fn load_config(path: Option<&std::path::Path>) -> Result<GatewayConfig> {
     if let Ok(url) = std::env::var("TOLLGATE_REDIS_URL") {
         config.redis_url = Some(url).filter(|url| !url.is_empty());
     }
+    if let Ok(prefix) = std::env::var("TOLLGATE_REDIS_PREFIX") {
+        config.redis_prefix = prefix;
+    }
+    if let Ok(name) = std::env::var("TOLLGATE_WORKER_NAME") {
+        config.worker_name = name;
+    }
     Ok(config)
 }
 
@@ -103,10 +113,16 @@ fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
-async fn serve(config_path: Option<&std::path::Path>, demo: bool, listen: Option<String>) -> Result<()> {
+async fn serve(config_path: Option<&std::path::Path>, demo: bool, listen: Option<String>, no_worker: bool) -> Result<()> {
     let mut config = load_config(config_path)?;
     if let Some(listen) = listen {
         config.listen = listen;
+    }
+    if no_worker {
+        if config.redis_url.is_none() {
+            bail!("--no-worker needs TOLLGATE_REDIS_URL: in embedded mode the worker is this process");
+        }
+        config.run_worker = false;
     }
     let shutdown = shutdown_on_signal();
     if demo {
@@ -150,13 +166,11 @@ async fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config, demo, listen } => serve(config.as_deref(), demo, listen).await,
+        Command::Serve { config, demo, listen, no_worker } => serve(config.as_deref(), demo, listen, no_worker).await,
         Command::Worker { config } => {
             let config = load_config(config.as_deref())?;
-            if config.redis_url.is_none() {
-                bail!("`tollgate worker` runs beside gateways sharing Redis and PostgreSQL; in embedded mode `tollgate serve` runs the worker itself");
-            }
-            bail!("the Redis + PostgreSQL backends are not in this build yet")
+            tollgate_gateway::server::run_worker(config, shutdown_on_signal()).await?;
+            Ok(())
         }
         Command::Migrate { config } => {
             let config = load_config(config.as_deref())?;

@@ -73,7 +73,33 @@ pub fn test_config(database_url: String, mock_base_url: &str) -> GatewayConfig {
         config.models.push(ModelRoute { model: model.into(), provider: "mock".into(), upstream_model: None });
     }
     config.limits.hold_sweep_interval_ms = 200;
+    if let Some(redis_url) = services_redis_url() {
+        config.redis_url = Some(redis_url);
+        config.redis_prefix = unique_name("t");
+        config.worker_name = unique_name("worker");
+    }
     config
+}
+
+/// `TOLLGATE_TEST_HOT=redis` (set by `scripts/test` for its services pass): test gateways use
+/// the Redis hot store at `TOLLGATE_TEST_REDIS_URL`, each with its own key prefix.
+pub fn services_redis_url() -> Option<String> {
+    if std::env::var("TOLLGATE_TEST_HOT").as_deref() != Ok("redis") {
+        return None;
+    }
+    Some(std::env::var("TOLLGATE_TEST_REDIS_URL").expect("TOLLGATE_TEST_HOT=redis needs TOLLGATE_TEST_REDIS_URL"))
+}
+
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// The TOML lines that put a gateway process on the test backends (see `test_config`).
+pub fn backend_toml() -> String {
+    match services_redis_url() {
+        Some(url) => format!("redis_url = \"{url}\"\nredis_prefix = \"{}\"\nworker_name = \"{}\"\n", unique_name("t"), unique_name("worker")),
+        None => String::new(),
+    }
 }
 
 /// A gateway running in this process over real HTTP.
@@ -206,12 +232,19 @@ impl TestGateway {
     /// Waits until the ledger agrees with the hot store (the worker caught up), then checks I2
     /// and I4 for the account through the statement.
     pub async fn assert_ledger_sound(&self, account_id: &str) -> Value {
+        // With Redis the worker writes the ledger after the response: wait until it is quiet.
+        let started = std::time::Instant::now();
+        let (account, live, ledger) = loop {
+            let account = self.admin_ok(reqwest::Method::GET, &format!("/internal/accounts/{account_id}"), None).await;
+            let (live, ledger) = (money(&account["balance"]), money(&account["ledger_balance"]));
+            if live == ledger || started.elapsed() > std::time::Duration::from_secs(10) {
+                break (account, live, ledger);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        assert_eq!(live, ledger, "hot balance equals ledger balance (I2): {account}");
         let statement = self.admin_ok(reqwest::Method::GET, &format!("/internal/accounts/{account_id}/statement"), None).await;
         assert_chain(&statement);
-        let account = self.admin_ok(reqwest::Method::GET, &format!("/internal/accounts/{account_id}"), None).await;
-        let live = money(&account["balance"]);
-        let ledger = money(&account["ledger_balance"]);
-        assert_eq!(live, ledger, "hot balance equals ledger balance (I2): {account}");
         let rows = statement["rows"].as_array().unwrap();
         let mut sum = Money::ZERO;
         for row in rows {

@@ -99,8 +99,18 @@ pub struct GatewayConfig {
     /// `sqlite://PATH` (default `sqlite://tollgate.db`) or, with the production backends,
     /// `postgres://…`.
     pub database_url: String,
-    /// Absent: embedded hot store.
+    /// Absent: embedded hot store. `redis://host:port` or `redis+cluster://host:port,host:port,…`.
     pub redis_url: Option<String>,
+    /// Prefix of every Redis key (several deployments may share one Redis).
+    pub redis_prefix: String,
+    /// Usage stream shards (and hash tags); every gateway and worker of a deployment must agree.
+    pub redis_shards: u16,
+    /// This process's consumer name in the workers' group; keep it stable across restarts and
+    /// unique per instance, so a restarted worker finds the batch it did not acknowledge.
+    pub worker_name: String,
+    /// Run the usage writer and periodic jobs in this process (`serve --no-worker` turns it off
+    /// when `tollgate worker` processes do it; embedded mode always runs them).
+    pub run_worker: bool,
     pub limits: LimitsConfig,
     pub providers: Vec<ProviderConfig>,
     pub models: Vec<ModelRoute>,
@@ -113,6 +123,10 @@ impl Default for GatewayConfig {
             admin_token: None,
             database_url: "sqlite://tollgate.db".into(),
             redis_url: None,
+            redis_prefix: "tg".into(),
+            redis_shards: 16,
+            worker_name: format!("worker-{}", std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into())),
+            run_worker: true,
             limits: LimitsConfig::default(),
             providers: Vec::new(),
             models: Vec::new(),

@@ -192,11 +192,12 @@ async fn replay(state: &AppState, context: &BillingContext, request_id: &str, st
     if stream {
         return Err(ApiError::DuplicateRequest(request_id.to_string()));
     }
-    let stored = state
-        .ledger
-        .stored_response(&context.account.id, request_id)
-        .await?
-        .ok_or_else(|| ApiError::DuplicateRequest(request_id.to_string()))?;
+    // The hot store keeps it when the ledger may not have it yet (services mode).
+    let stored = match state.hot.stored_response(&context.account.id, request_id).await? {
+        Some(stored) => Some(stored),
+        None => state.ledger.stored_response(&context.account.id, request_id).await?,
+    };
+    let stored = stored.ok_or_else(|| ApiError::DuplicateRequest(request_id.to_string()))?;
     metrics::counter!("tollgate_idempotent_replays_total").increment(1);
     let balance = state.hot.balance(&context.account.id, &context.key.id).await?.map(|view| view.balance);
     let mut response = stored_response(stored);

@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use tollgate_store::clock::system_clock;
 use tollgate_store::memory::MemoryHotStore;
 use tollgate_store::queue::channel_log;
+use tollgate_store::redis_store::{RedisHotStore, RedisLog, RedisLogConfig};
 use tollgate_store::postgres::PgLedger;
 use tollgate_store::sqlite::SqliteLedger;
 use tollgate_store::{HotStore, Ledger};
@@ -45,23 +46,35 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Opens the stores and starts the in-process worker tasks (embedded mode).
+    /// Opens the stores and starts the in-process worker tasks: embedded (in-process hot store,
+    /// always with its worker) or services (Redis hot store; worker unless `run_worker` is off).
     ///
     /// # Errors
-    /// Bad configuration or a ledger that cannot be opened.
+    /// Bad configuration or a store that cannot be opened.
     pub async fn start(config: GatewayConfig) -> Result<Gateway, ServerError> {
-        if config.redis_url.is_some() {
-            return Err(ServerError::Config("Redis is not supported by this build yet; remove TOLLGATE_REDIS_URL to run embedded".into()));
-        }
         let (ledger, postgres_pool) = open_ledger(&config.database_url).await?;
-        let (log_sender, log) = channel_log(config.limits.usage_log_events_max);
-        let hot: Arc<dyn HotStore> = Arc::new(MemoryHotStore::new(log_sender, system_clock()));
         let worker_shutdown = CancellationToken::new();
         let worker_tasks = TaskTracker::new();
         let writer_config = UsageWriterConfig { batch_events_max: config.limits.usage_batch_events_max, ..UsageWriterConfig::default() };
-        worker_tasks.spawn(run_usage_writer(log, Arc::clone(&ledger), writer_config, worker_shutdown.clone()));
-        let sweep_period = Duration::from_millis(config.limits.hold_sweep_interval_ms);
-        worker_tasks.spawn(tollgate_worker::jobs::run_hold_sweeper(Arc::clone(&hot), sweep_period, worker_shutdown.clone()));
+        let hot: Arc<dyn HotStore> = match &config.redis_url {
+            None => {
+                let (log_sender, log) = channel_log(config.limits.usage_log_events_max);
+                worker_tasks.spawn(run_usage_writer(log, Arc::clone(&ledger), writer_config, worker_shutdown.clone()));
+                Arc::new(MemoryHotStore::new(log_sender, system_clock()))
+            }
+            Some(url) => {
+                let redis = RedisHotStore::connect(url, &config.redis_prefix, config.redis_shards).await?;
+                if config.run_worker {
+                    let log = redis_log(&redis, &config, worker_shutdown.clone()).await?;
+                    worker_tasks.spawn(run_usage_writer(log, Arc::clone(&ledger), writer_config, worker_shutdown.clone()));
+                }
+                Arc::new(redis)
+            }
+        };
+        if config.run_worker || config.redis_url.is_none() {
+            let sweep_period = Duration::from_millis(config.limits.hold_sweep_interval_ms);
+            worker_tasks.spawn(tollgate_worker::jobs::run_hold_sweeper(Arc::clone(&hot), sweep_period, worker_shutdown.clone()));
+        }
         let state = AppState::new(config, hot, ledger, TaskTracker::new(), CancellationToken::new())
             .await
             .map_err(ServerError::Config)?;
@@ -95,6 +108,35 @@ impl Gateway {
         self.worker_tasks.wait().await;
         tracing::info!("gateway stopped");
     }
+}
+
+/// The usage streams, read as this process's consumer.
+async fn redis_log(redis: &RedisHotStore, config: &GatewayConfig, shutdown: CancellationToken) -> Result<RedisLog, ServerError> {
+    let log_config = RedisLogConfig { consumer: config.worker_name.clone(), ..RedisLogConfig::default() };
+    Ok(RedisLog::new(redis.connection(), redis.keys().clone(), log_config, shutdown).await?)
+}
+
+/// `tollgate worker`: the usage writer and the hold sweeper without HTTP, for deployments where
+/// gateways run `serve --no-worker`. Runs until `shutdown`, then commits what it holds.
+///
+/// # Errors
+/// Embedded configuration (nothing to share) or a store that cannot be opened.
+pub async fn run_worker(config: GatewayConfig, shutdown: CancellationToken) -> Result<(), ServerError> {
+    let Some(url) = &config.redis_url else {
+        return Err(ServerError::Config("`tollgate worker` needs TOLLGATE_REDIS_URL: in embedded mode `tollgate serve` runs the worker itself".into()));
+    };
+    let (ledger, _) = open_ledger(&config.database_url).await?;
+    let redis = RedisHotStore::connect(url, &config.redis_prefix, config.redis_shards).await?;
+    let log = redis_log(&redis, &config, shutdown.clone()).await?;
+    let writer_config = UsageWriterConfig { batch_events_max: config.limits.usage_batch_events_max, ..UsageWriterConfig::default() };
+    let hot: Arc<dyn HotStore> = Arc::new(redis);
+    let sweep_period = Duration::from_millis(config.limits.hold_sweep_interval_ms);
+    let tasks = TaskTracker::new();
+    tasks.spawn(run_usage_writer(log, ledger, writer_config, shutdown.clone()));
+    tasks.spawn(tollgate_worker::jobs::run_hold_sweeper(hot, sweep_period, shutdown));
+    tasks.close();
+    tasks.wait().await;
+    Ok(())
 }
 
 /// Connections the PostgreSQL ledger pool keeps at most.

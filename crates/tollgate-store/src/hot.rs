@@ -167,6 +167,10 @@ pub trait HotStore: Send + Sync + 'static {
     async fn balance(&self, account_id: &str, api_key_id: &str)
     -> StoreResult<Option<BalanceView>>;
 
+    /// The response kept with a charged request id for replay, if this store keeps responses
+    /// (the in-process store does not: its ledger commit happens before the response).
+    async fn stored_response(&self, account_id: &str, request_id: &str) -> StoreResult<Option<crate::model::StoredResponse>>;
+
     /// Forgets an account so the next request loads it from the ledger again (used after a repair).
     async fn unload_account(&self, account_id: &str) -> StoreResult<()>;
 }

@@ -333,6 +333,10 @@ impl HotStore for MemoryHotStore {
         }))
     }
 
+    async fn stored_response(&self, _account_id: &str, _request_id: &str) -> StoreResult<Option<crate::model::StoredResponse>> {
+        Ok(None)
+    }
+
     async fn unload_account(&self, account_id: &str) -> StoreResult<()> {
         self.lock()?.remove(account_id);
         Ok(())

@@ -11,7 +11,7 @@ use crate::hot::{
     AccountSnapshot, Authorization, AuthorizeRequest, BalanceView, BudgetPeriod, FundApplication, HotStore, Refusal,
     Settlement,
 };
-use crate::model::UsageEvent;
+use crate::model::{StoredResponse, UsageEvent};
 
 /// Holds released per shard per sweep call at most.
 const EXPIRE_BATCH_MAX: u32 = 1_000;
@@ -99,6 +99,23 @@ fn optional(value: Option<impl ToString>) -> String {
     value.map(|value| value.to_string()).unwrap_or_default()
 }
 
+/// "R<status>\n<content type>\n<body>": binary-safe in a Redis string, no encoding overhead.
+fn encode_stored(stored: &StoredResponse) -> Vec<u8> {
+    let mut encoded = format!("R{}\n{}\n", stored.status, stored.content_type).into_bytes();
+    encoded.extend_from_slice(&stored.body);
+    encoded
+}
+
+fn decode_stored(bytes: &[u8]) -> Option<StoredResponse> {
+    let rest = bytes.strip_prefix(b"R")?;
+    let status_end = rest.iter().position(|byte| *byte == b'\n')?;
+    let status = std::str::from_utf8(&rest[..status_end]).ok()?.parse().ok()?;
+    let rest = &rest[status_end + 1..];
+    let type_end = rest.iter().position(|byte| *byte == b'\n')?;
+    let content_type = std::str::from_utf8(&rest[..type_end]).ok()?.to_string();
+    Some(StoredResponse { status, content_type, body: rest[type_end + 1..].to_vec() })
+}
+
 fn event_json(event: &UsageEvent) -> StoreResult<String> {
     serde_json::to_string(event).map_err(|error| StoreError::Invalid(format!("usage event: {error}")))
 }
@@ -159,9 +176,12 @@ impl HotStore for RedisHotStore {
             return Err(StoreError::Invalid(format!("negative cost for request {}", event.request_id)));
         }
         let base = self.keys.account_base(&event.account_id);
+        // Kept as the idempotency record (24 h) for replays before the ledger has the row; a
+        // body that is not UTF-8 is replayed from the ledger only.
+        let stored = event.stored_response.as_ref().and_then(|stored| String::from_utf8(encode_stored(stored)).ok()).unwrap_or_default();
         let json = event_json(&event)?;
         let cost = event.cost.nanos().to_string();
-        let arguments = ["settle", &base, &event.account_id, &event.api_key_id, &event.request_id, &cost, &json];
+        let arguments = ["settle", &base, &event.account_id, &event.api_key_id, &event.request_id, &cost, &json, &stored];
         let reply = texts(self.call(&self.account_key(&base, &event.account_id), &arguments).await?)?;
         match reply.first().map(String::as_str) {
             Some("settled") => Ok(Settlement { balance_before: money_at(&reply, 1)?, balance_after: money_at(&reply, 2)?, already_settled: false }),
@@ -230,6 +250,15 @@ impl HotStore for RedisHotStore {
             key_spent_monthly: money_at(&reply, 6)?,
             key_spent_total: money_at(&reply, 7)?,
         }))
+    }
+
+    async fn stored_response(&self, account_id: &str, request_id: &str) -> StoreResult<Option<StoredResponse>> {
+        let base = self.keys.account_base(account_id);
+        let reply = self.call(&self.account_key(&base, account_id), &["stored", &base, account_id, request_id]).await?;
+        match reply {
+            Value::BulkString(bytes) => Ok(decode_stored(&bytes)),
+            _ => Ok(None),
+        }
     }
 
     async fn unload_account(&self, account_id: &str) -> StoreResult<()> {

@@ -9,7 +9,7 @@ Keys (B = key base, A = account id, K = key id, R = request id):
   B:acct:A                 hash  balance, held, fund_seq          no TTL: the hot balance is state
   B:holds:A                hash  R -> "amount|K|day|month"         no TTL: released by settle/void/expire
   B:hold_expiry            zset  "A\nR" scored by expiry (ms)      no TTL: emptied by expire
-  B:charged:A:R            "1"                                     TTL 24 h: idempotency
+  B:charged:A:R            "1", or the stored response to replay   TTL 24 h: idempotency
   B:day:A:<day>, B:month:A:<month>        request counters          TTL past their period
   B:key:K                  hash  held, spent_total                 no TTL: a budget never resets
   B:key:K:spent_day:<day>, B:key:K:spent_month:<month>             TTL past their period
@@ -152,7 +152,7 @@ function operations.authorize(base, argv)
   return {'held', string.format('%d', available - hold)}
 end
 
--- ARGV: op, base, account, key, request_id, cost, event_json.
+-- ARGV: op, base, account, key, request_id, cost, event_json, stored_response ("" if none).
 -- Reply: {"settled", before, after} or {"already", balance}.
 -- Keeps I1: the charge and its usage event (XADD) happen in this one call, or neither does.
 function operations.settle(base, argv)
@@ -182,9 +182,16 @@ function operations.settle(base, argv)
   redis.call('PEXPIRE', spent_day, 2 * 86400000)
   redis.call('INCRBY', spent_month, cost)
   redis.call('PEXPIRE', spent_month, 32 * 86400000)
-  redis.call('SET', charged_key, '1', 'PX', CHARGED_TTL_MS)
+  local stored = argv[8]
+  if stored == nil or stored == '' then stored = '1' end
+  redis.call('SET', charged_key, stored, 'PX', CHARGED_TTL_MS)
   redis.call('XADD', base .. ':usage', '*', 'event', event, 'hot_balance_after', string.format('%d', after))
   return {'settled', string.format('%d', before), string.format('%d', after)}
+end
+
+-- ARGV: op, base, account, request_id. Reply: the charged record ("1" or a stored response), or nil.
+function operations.stored(base, argv)
+  return redis.call('GET', base .. ':charged:' .. argv[3] .. ':' .. argv[4])
 end
 
 -- ARGV: op, base, account, request_id, event_json. Reply: 1 if a hold was released, else 0.
