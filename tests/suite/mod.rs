@@ -5,4 +5,5 @@ mod funds;
 mod idempotency;
 mod limits;
 mod notifications;
+mod services;
 mod streaming;
