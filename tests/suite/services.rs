@@ -99,3 +99,60 @@ async fn a_redis_cluster_charges_accounts_on_every_shard() {
     tokio::time::sleep(Duration::from_millis(10)).await;
     gateway.stop().await;
 }
+
+/// SIGKILL the standalone worker while it writes, restart it: every charge reaches the ledger
+/// exactly once (I1), and the ledger agrees with Redis (I2, I4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_batch_loses_and_doubles_nothing() {
+    let database_url = fresh_postgres_database().await;
+    let (redis_url, prefix) = (redis_url(), unique_name("t"));
+    let gateway = TestGateway::start_on(TempDir::new(), database_url.clone(), |config| shared(config, &redis_url, &prefix)).await;
+    let config_path = gateway.dir.0.join("worker.toml");
+    let worker_name = unique_name("worker");
+    std::fs::write(
+        &config_path,
+        format!("database_url = \"{database_url}\"\nredis_url = \"{redis_url}\"\nredis_prefix = \"{prefix}\"\nworker_name = \"{worker_name}\"\n"),
+    )
+    .unwrap();
+    let spawn_worker = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["worker", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let account = gateway.account("100", json!({})).await;
+    let key = gateway.key(&account, json!({})).await;
+    let mut worker = spawn_worker();
+    let mut request_ids = Vec::new();
+    let mut load = Vec::new();
+    for index in 0..400 {
+        let request_id = format!("w-{index}");
+        request_ids.push(request_id.clone());
+        let request = gateway.http.post(format!("{}/v1/chat/completions", gateway.url)).bearer_auth(&key).header("X-Request-ID", request_id).json(&chat_body("worker crash"));
+        load.push(tokio::spawn(async move { request.send().await.unwrap().status().as_u16() }));
+        if index == 200 {
+            // Killed while events stream in and batches are being written.
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            worker.start_kill().unwrap();
+            worker.wait().await.unwrap();
+        }
+    }
+    for request in load {
+        assert_eq!(request.await.unwrap(), 200);
+    }
+    let mut worker = spawn_worker();
+    let statement = gateway.assert_ledger_sound(&account).await;
+    let mut charged: Vec<String> = statement["rows"].as_array().unwrap().iter().filter(|row| row["kind"] == "usage").map(|row| row["request_id"].as_str().unwrap().to_string()).collect();
+    charged.sort();
+    request_ids.sort();
+    assert_eq!(charged, request_ids, "every charge persisted exactly once");
+    worker.start_kill().unwrap();
+    worker.wait().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    gateway.stop().await;
+}
