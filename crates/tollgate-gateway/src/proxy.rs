@@ -144,25 +144,27 @@ async fn handle_request(
         limits: charge::limits(&context),
         hold_ttl_ms: state.config.limits.hold_ttl_ms,
     };
-    match charge::authorize(state, &authorize_request).await? {
-        Authorized::Held => {}
-        Authorized::AlreadyCharged => return replay(state, &context, &request_id, parsed.stream).await,
-    }
-    let client_wants_usage = protocol.prepare_upstream_body(&mut body, &route.upstream_model, parsed.stream);
     let stream = parsed.stream;
-    let billing = Billing { context, request_id, route, price, parsed, started: Instant::now() };
-    let upstream_body = match serde_json::to_vec(&body) {
-        Ok(upstream_body) => upstream_body,
-        Err(error) => {
-            charge::void(state, billing.failed_event()).await;
-            return Err(ApiError::Internal(format!("serializing the upstream body: {error}")));
-        }
-    };
-    let task_state = state.clone();
     let forward_headers = forwarded_headers(protocol, headers);
-    // Runs to completion even if the client leaves (see the module doc).
+    let task_state = state.clone();
+    // From the hold on, the work runs in a tracked task: if the client leaves, hyper drops this
+    // handler, but the hold is still settled or voided (see the module doc).
     let task = state.tasks.spawn(async move {
-        forward(&task_state, protocol, billing, forward_headers, upstream_body, client_wants_usage).await
+        let state = &task_state;
+        match charge::authorize(state, &authorize_request).await? {
+            Authorized::Held => {}
+            Authorized::AlreadyCharged => return replay(state, &context, &request_id, parsed.stream).await,
+        }
+        let client_wants_usage = protocol.prepare_upstream_body(&mut body, &route.upstream_model, parsed.stream);
+        let billing = Billing { context, request_id, route, price, parsed, started: Instant::now() };
+        let upstream_body = match serde_json::to_vec(&body) {
+            Ok(upstream_body) => upstream_body,
+            Err(error) => {
+                charge::void(state, billing.failed_event()).await;
+                return Err(ApiError::Internal(format!("serializing the upstream body: {error}")));
+            }
+        };
+        forward(state, protocol, billing, forward_headers, upstream_body, client_wants_usage).await
     });
     let response = task.await.map_err(|error| ApiError::Internal(format!("forward task failed: {error}")))??;
     metrics::counter!("tollgate_requests_total", "outcome" => if stream { "stream" } else { "success" }).increment(1);
