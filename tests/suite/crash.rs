@@ -59,27 +59,75 @@ async fn one_request(http: &reqwest::Client, url: &str, key: &str, request_id: &
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_mid_load_loses_and_doubles_nothing() {
-    let dir = TempDir::new();
-    let mock_shutdown = CancellationToken::new();
-    let mock_url = start_mock(tollgate_mock::MockConfig::default(), mock_shutdown.clone()).await;
-    let config_path = dir.0.join("tollgate.toml");
-    std::fs::write(
-        &config_path,
-        format!(
+/// A gateway as its own process (so it can be killed), on a fresh ledger, with the mock upstream
+/// in this process.
+struct ProcessGateway {
+    _dir: TempDir,
+    config_path: std::path::PathBuf,
+    listen: String,
+    url: String,
+    http: reqwest::Client,
+    child: tokio::process::Child,
+    mock_shutdown: CancellationToken,
+}
+
+impl ProcessGateway {
+    /// Starts the process with short hold expiry, so killed requests' holds clear quickly.
+    async fn start() -> ProcessGateway {
+        let dir = TempDir::new();
+        let mock_shutdown = CancellationToken::new();
+        let mock_url = start_mock(tollgate_mock::MockConfig::default(), mock_shutdown.clone()).await;
+        let config_path = dir.0.join("tollgate.toml");
+        let config = format!(
             "{}database_url = \"{}\"\n[limits]\nhold_ttl_ms = 3000\nstream_duration_ms_max = 2000\nhold_sweep_interval_ms = 200\n[[providers]]\nname = \"mock\"\nkind = \"mock\"\nbase_url = \"{mock_url}\"\n[[models]]\nmodel = \"demo-gpt\"\nprovider = \"mock\"\n",
             backend_toml(),
             test_database_url(&dir).await
-        ),
-    )
-    .unwrap();
-    let listen = format!("127.0.0.1:{}", free_port());
-    let url = format!("http://{listen}");
-    let http = reqwest::Client::new();
-    let mut child = spawn_gateway(&config_path, &listen);
-    wait_ready(&http, &url).await;
+        );
+        std::fs::write(&config_path, config).unwrap();
+        let listen = format!("127.0.0.1:{}", free_port());
+        let url = format!("http://{listen}");
+        let http = reqwest::Client::new();
+        let child = spawn_gateway(&config_path, &listen);
+        wait_ready(&http, &url).await;
+        ProcessGateway { _dir: dir, config_path, listen, url, http, child, mock_shutdown }
+    }
 
+    /// Starts the process again on the same ledger (after it died).
+    async fn restart(&mut self) {
+        self.child = spawn_gateway(&self.config_path, &self.listen);
+        wait_ready(&self.http, &self.url).await;
+    }
+
+    async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut request = self.http.request(method, format!("{}{path}", self.url)).bearer_auth(ADMIN_TOKEN);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        request.send().await.unwrap().json().await.unwrap()
+    }
+
+    /// Prices demo-gpt, opens a credited account, returns a key for it.
+    async fn account(&self, account_id: &str, amount: &str) -> String {
+        self.admin(reqwest::Method::PUT, "/internal/prices", Some(json!([{"provider": "mock", "model": "demo-gpt", "customer_type": TIER, "input_per_mtok": INPUT_PER_MTOK, "output_per_mtok": OUTPUT_PER_MTOK}]))).await;
+        self.admin(reqwest::Method::POST, "/internal/accounts", Some(json!({"id": account_id, "kind": "user", "name": "n", "customer_type": TIER}))).await;
+        let topup = self.admin(reqwest::Method::POST, "/internal/topups", Some(json!({"account_id": account_id, "amount": amount, "reference_id": format!("{account_id}-credit")}))).await;
+        self.admin(reqwest::Method::POST, &format!("/internal/topups/{}/confirm", topup["id"].as_str().unwrap()), None).await;
+        let created = self.admin(reqwest::Method::POST, &format!("/internal/accounts/{account_id}/keys"), Some(json!({"name": "k"}))).await;
+        created["key"].as_str().unwrap().to_string()
+    }
+
+    async fn stop(mut self) {
+        self.child.start_kill().unwrap();
+        self.child.wait().await.unwrap();
+        self.mock_shutdown.cancel();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_load_loses_and_doubles_nothing() {
+    let mut gateway = ProcessGateway::start().await;
+    let key = gateway.account("crash", "1000").await;
+    let (http, url) = (gateway.http.clone(), gateway.url.clone());
     let admin = |method: reqwest::Method, path: &str, body: Option<Value>| {
         let mut request = http.request(method, format!("{url}{path}")).bearer_auth(ADMIN_TOKEN);
         if let Some(body) = body {
@@ -87,12 +135,6 @@ async fn sigkill_mid_load_loses_and_doubles_nothing() {
         }
         request.send()
     };
-    admin(reqwest::Method::PUT, "/internal/prices", Some(json!([{"provider": "mock", "model": "demo-gpt", "customer_type": TIER, "input_per_mtok": INPUT_PER_MTOK, "output_per_mtok": OUTPUT_PER_MTOK}]))).await.unwrap();
-    admin(reqwest::Method::POST, "/internal/accounts", Some(json!({"id": "crash", "kind": "user", "name": "c", "customer_type": TIER}))).await.unwrap();
-    let topup: Value = admin(reqwest::Method::POST, "/internal/topups", Some(json!({"account_id": "crash", "amount": "1000", "reference_id": "crash-credit"}))).await.unwrap().json().await.unwrap();
-    admin(reqwest::Method::POST, &format!("/internal/topups/{}/confirm", topup["id"].as_str().unwrap()), None).await.unwrap();
-    let created: Value = admin(reqwest::Method::POST, "/internal/accounts/crash/keys", Some(json!({"name": "k"}))).await.unwrap().json().await.unwrap();
-    let key = created["key"].as_str().unwrap().to_string();
 
     // Load: 8 clients, half the requests streaming, until the kill.
     let completed = Arc::new(Mutex::new(HashSet::new()));
@@ -114,8 +156,8 @@ async fn sigkill_mid_load_loses_and_doubles_nothing() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    child.start_kill().unwrap();
-    child.wait().await.unwrap();
+    gateway.child.start_kill().unwrap();
+    gateway.child.wait().await.unwrap();
     stop.cancel();
     for client in clients {
         client.await.unwrap();
@@ -125,8 +167,7 @@ async fn sigkill_mid_load_loses_and_doubles_nothing() {
     assert!(completed.len() > 20, "the load ran ({} completed)", completed.len());
 
     // Restart on the same ledger and check every invariant from the outside.
-    let mut child = spawn_gateway(&config_path, &listen);
-    wait_ready(&http, &url).await;
+    gateway.restart().await;
     // Embedded: holds died with the process. Redis: they expire (hold_ttl_ms 3 s) and the worker
     // drains the streams; wait until quiet.
     let started = std::time::Instant::now();
@@ -173,62 +214,40 @@ async fn sigkill_mid_load_loses_and_doubles_nothing() {
     assert_eq!(sum, money(&account["ledger_balance"]), "I2: Σ fund − Σ usage");
     // And it still serves and charges after the restart.
     assert!(one_request(&http, &url, &key, "after-restart", false).await);
-    child.start_kill().unwrap();
-    child.wait().await.unwrap();
-    mock_shutdown.cancel();
+    gateway.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_running_stream_finish_and_charges_it() {
-    let dir = TempDir::new();
-    let mock_shutdown = CancellationToken::new();
-    let mock_url = start_mock(tollgate_mock::MockConfig::default(), mock_shutdown.clone()).await;
-    let config_path = dir.0.join("tollgate.toml");
-    let database_url = test_database_url(&dir).await;
-    std::fs::write(
-        &config_path,
-        format!("{}database_url = \"{database_url}\"\n[[providers]]\nname = \"mock\"\nkind = \"mock\"\nbase_url = \"{mock_url}\"\n[[models]]\nmodel = \"demo-gpt\"\nprovider = \"mock\"\n", backend_toml()),
-    )
-    .unwrap();
-    let listen = format!("127.0.0.1:{}", free_port());
-    let url = format!("http://{listen}");
-    let http = reqwest::Client::new();
-    let mut child = spawn_gateway(&config_path, &listen);
-    wait_ready(&http, &url).await;
-    let admin = |method: reqwest::Method, path: &str, body: Option<Value>| {
-        let mut request = http.request(method, format!("{url}{path}")).bearer_auth(ADMIN_TOKEN);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        request.send()
-    };
-    admin(reqwest::Method::PUT, "/internal/prices", Some(json!([{"provider": "mock", "model": "demo-gpt", "customer_type": TIER, "input_per_mtok": INPUT_PER_MTOK, "output_per_mtok": OUTPUT_PER_MTOK}]))).await.unwrap();
-    admin(reqwest::Method::POST, "/internal/accounts", Some(json!({"id": "term", "kind": "user", "name": "t", "customer_type": TIER}))).await.unwrap();
-    let topup: Value = admin(reqwest::Method::POST, "/internal/topups", Some(json!({"account_id": "term", "amount": "10", "reference_id": "term-credit"}))).await.unwrap().json().await.unwrap();
-    admin(reqwest::Method::POST, &format!("/internal/topups/{}/confirm", topup["id"].as_str().unwrap()), None).await.unwrap();
-    let created: Value = admin(reqwest::Method::POST, "/internal/accounts/term/keys", Some(json!({"name": "k"}))).await.unwrap().json().await.unwrap();
-    let key = created["key"].as_str().unwrap().to_string();
+    let mut gateway = ProcessGateway::start().await;
+    let key = gateway.account("term", "10").await;
+    let (http, url) = (gateway.http.clone(), gateway.url.clone());
 
     let mut body = chat_body("a slow stream");
     body["stream"] = json!(true);
     body["mock"] = json!({"output_tokens": 40, "chunk_interval_ms": 20});
     let response = http.post(format!("{url}/v1/chat/completions")).bearer_auth(&key).header("X-Request-ID", "graceful").json(&body).send().await.unwrap();
     assert_eq!(response.status(), 200);
-    let pid = child.id().unwrap().to_string();
+    let pid = gateway.child.id().unwrap().to_string();
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let text = response.text().await.unwrap();
     assert!(text.contains("data: [DONE]"), "the in-flight stream finished after SIGTERM");
     assert_eq!(text.matches("hello").count(), 40);
-    let status = child.wait().await.unwrap();
+    let status = gateway.child.wait().await.unwrap();
     assert!(status.success(), "exit status after SIGTERM: {status}");
 
-    let mut child = spawn_gateway(&config_path, &listen);
-    wait_ready(&http, &url).await;
-    let page: Value = admin(reqwest::Method::GET, "/internal/billing/transactions?account_id=term", None).await.unwrap().json().await.unwrap();
+    gateway.restart().await;
+    // Services mode: the usage stream may still be draining into the ledger.
+    let started = std::time::Instant::now();
+    let page = loop {
+        let page = gateway.admin(reqwest::Method::GET, "/internal/billing/transactions?account_id=term", None).await;
+        if !page["data"].as_array().unwrap().is_empty() || started.elapsed() > Duration::from_secs(5) {
+            break page;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let rows = page["data"].as_array().unwrap();
     assert_eq!(rows.len(), 1);
     assert_eq!((rows[0]["request_id"].as_str(), rows[0]["status"].as_str(), rows[0]["usage"]["output_tokens"].as_u64()), (Some("graceful"), Some("success"), Some(40)));
-    child.start_kill().unwrap();
-    child.wait().await.unwrap();
-    mock_shutdown.cancel();
+    gateway.stop().await;
 }

@@ -173,10 +173,8 @@ impl EventLog for RedisLog {
     async fn read_batch(&mut self, max: usize) -> StoreResult<Vec<Delivery>> {
         let max = max.max(1);
         loop {
-            if self.shutdown.is_cancelled() {
-                return Ok(Vec::new());
-            }
-            if Instant::now() >= self.next_claim {
+            let draining = self.shutdown.is_cancelled();
+            if !draining && Instant::now() >= self.next_claim {
                 self.reclaim().await?;
                 self.next_claim = Instant::now() + Duration::from_millis((self.config.claim_idle_ms / 2).max(100));
             }
@@ -188,12 +186,13 @@ impl EventLog for RedisLog {
                 }
                 self.read_shard(shard, room, &mut batch).await?;
             }
-            if !batch.is_empty() {
+            // Shutting down: hand over what is already in the streams, then report the end.
+            if !batch.is_empty() || draining {
                 return Ok(batch);
             }
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis(self.config.poll_idle_ms)) => {}
-                () = self.shutdown.cancelled() => return Ok(Vec::new()),
+                () = self.shutdown.cancelled() => {}
             }
         }
     }
