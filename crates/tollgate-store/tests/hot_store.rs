@@ -76,6 +76,7 @@ conformance!(
     fund_changes_apply_once_and_in_order,
     concurrent_authorizations_never_overspend,
     accounts_on_every_shard_work,
+    two_loaders_racing_load_once,
 );
 
 async fn load(store: &dyn HotStore, account: &str, balance: i64) {
@@ -259,4 +260,55 @@ async fn the_stream_log_delivers_once_and_survives_consumer_crashes() {
         stop.cancel();
     });
     assert!(second.read_batch(100).await.unwrap().is_empty());
+}
+
+/// Cold start: two gateways loading the same account at once must not double its balance.
+async fn two_loaders_racing_load_once(store: Arc<dyn HotStore>) {
+    let mut loaders = Vec::new();
+    for _ in 0..8 {
+        let store = Arc::clone(&store);
+        loaders.push(tokio::spawn(async move {
+            let snapshot = AccountSnapshot { account_id: "cold".into(), balance: Money::from_nanos(500), last_fund_seq: 4, charged_request_ids: Vec::new() };
+            store.load_account(snapshot).await.unwrap()
+        }));
+    }
+    let mut loaded = 0;
+    for loader in loaders {
+        if loader.await.unwrap() {
+            loaded += 1;
+        }
+    }
+    assert_eq!(loaded, 1);
+    let view = store.balance("cold", "k").await.unwrap().unwrap();
+    assert_eq!((view.balance, view.last_fund_seq), (Money::from_nanos(500), 4));
+}
+
+/// An entry delivered `deliveries_max` times without an acknowledgement is parked in the shard's
+/// dead-letter stream instead of being delivered forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_delivered_too_often_is_parked() {
+    let prefix = prefix();
+    let store = RedisHotStore::connect(&redis_url(), &prefix, 1).await.unwrap();
+    let keys = KeySpace::new(&prefix, 1).unwrap();
+    let log_config = |consumer: &str| RedisLogConfig { consumer: consumer.into(), poll_idle_ms: 10, claim_idle_ms: 100, deliveries_max: 2 };
+    load(&store, "p", 100).await;
+    assert!(held(&store.authorize(&request("p", "poison", 10)).await.unwrap()));
+    store.settle(event("p", "poison", 10, RequestStatus::Success)).await.unwrap();
+    let shutdown = CancellationToken::new();
+    for _ in 0..2 {
+        let mut crashing = RedisLog::new(store.connection(), keys.clone(), log_config("crashing"), shutdown.clone()).await.unwrap();
+        assert_eq!(crashing.read_batch(10).await.unwrap().len(), 1);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut survivor = RedisLog::new(store.connection(), keys.clone(), log_config("survivor"), shutdown.clone()).await.unwrap();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.cancel();
+    });
+    assert!(survivor.read_batch(10).await.unwrap().is_empty(), "the parked entry is not delivered again");
+    assert_eq!(survivor.pending().await.unwrap(), 0);
+    let mut connection = store.connection();
+    let parked: usize = redis::cmd("XLEN").arg(keys.dead_letters(0)).query_async(&mut connection).await.unwrap();
+    assert_eq!(parked, 1);
 }

@@ -176,6 +176,8 @@ impl EventLog for RedisLog {
             let draining = self.shutdown.is_cancelled();
             if !draining && Instant::now() >= self.next_claim {
                 self.reclaim().await?;
+                // Lag: entries delivered and not yet in the ledger, for the alert on a slow worker.
+                metrics::gauge!("tollgate_usage_pending_entries").set(self.pending().await? as f64);
                 self.next_claim = Instant::now() + Duration::from_millis((self.config.claim_idle_ms / 2).max(100));
             }
             let mut batch = Vec::new();
