@@ -53,3 +53,27 @@ async fn changes_through_one_gateway_apply_on_the_other() {
     first.stop().await;
     second.stop().await;
 }
+
+/// Notifications are not durable: a gateway whose LISTEN connection dropped catches up from the
+/// ledger when it reconnects, so a top-up made meanwhile still reaches its hot balance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_lost_its_listen_connection_catches_up() {
+    let database_url = fresh_postgres_database().await;
+    let first = TestGateway::start_on(TempDir::new(), database_url.clone(), |_| {}).await;
+    let second = TestGateway::start_on(TempDir::new(), database_url.clone(), |_| {}).await;
+    let account = first.account("0", json!({})).await;
+    let key = first.key(&account, json!({})).await;
+    assert_eq!(second.balance_of(&key).await, Money::ZERO);
+    // Cut every LISTEN connection of this database, then top up at once, while they reconnect.
+    let admin = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&database_url).await.unwrap();
+    let cut: Vec<bool> = sqlx::query_scalar("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'")
+        .fetch_all(&admin)
+        .await
+        .unwrap();
+    assert!(cut.len() >= 2, "both gateways were listening ({} connections cut)", cut.len());
+    first.top_up(&account, "2", "during-outage").await;
+    within_a_second("the top-up made while disconnected", || async { second.balance_of(&key).await == Money::from_nanos(2 * Money::NANOS_PER_UNIT) }).await;
+    admin.close().await;
+    first.stop().await;
+    second.stop().await;
+}
