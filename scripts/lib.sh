@@ -138,10 +138,12 @@ start_demo_gateway() {
   local port
   port=$(free_port)
   DEMO_ROOT=$(mktemp -d /tmp/tollgate-sdk.XXXXXX)
-  TOLLGATE_DATABASE_URL="sqlite://$DEMO_ROOT/sdk.db" \
+  # Embedded by default; DEMO_DATABASE_URL and DEMO_REDIS_URL put the demo in services mode.
+  TOLLGATE_DATABASE_URL="${DEMO_DATABASE_URL:-sqlite://$DEMO_ROOT/sdk.db}" \
   TOLLGATE_DEMO_KEY="$SDK_DEMO_KEY" \
   TOLLGATE_ADMIN_TOKEN="$SDK_ADMIN_TOKEN" \
-  TOLLGATE_REDIS_URL="" \
+  TOLLGATE_REDIS_URL="${DEMO_REDIS_URL:-}" \
+  TOLLGATE_REDIS_PREFIX="sdk$$" \
   RUST_LOG="${RUST_LOG:-warn}" \
     target/release/tollgate serve --demo --listen "127.0.0.1:$port" > "$DEMO_ROOT/gateway.log" 2>&1 &
   DEMO_PID=$!

@@ -7,6 +7,7 @@ integer nano-units, never as floats: a charge must be exact to the unit.
 
 import json
 import os
+import time
 import urllib.request
 from decimal import Decimal
 
@@ -72,18 +73,33 @@ def account() -> dict:
     return get_json(f"/internal/accounts/{account_id}", ADMIN_TOKEN)
 
 
+QUIET_WAIT_SECONDS = 5
+
+
 def assert_quiet_and_conserved() -> None:
-    """No hold is left, and the hot balance equals the ledger's (I2): in embedded mode a charge is
-    committed to the ledger before the response's last byte, so this holds right after a call."""
-    state = account()
+    """No hold is left, and the hot balance equals the ledger's (I2). Embedded, this holds right
+    after a call (the charge is committed before the last byte); in services mode the worker
+    writes the ledger just after, so wait (bounded) until it is quiet."""
+    deadline = time.monotonic() + QUIET_WAIT_SECONDS
+    while True:
+        state = account()
+        quiet = Decimal(state["held"]) == 0 and Decimal(state["balance"]) == Decimal(state["ledger_balance"])
+        if quiet or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
     assert Decimal(state["held"]) == 0, state
     assert Decimal(state["balance"]) == Decimal(state["ledger_balance"]), state
 
 
 def usage_rows(request_id: str) -> list[dict]:
     """The caller's usage rows with this request id (newest page of /v1/usage)."""
-    page = get_json("/v1/usage?limit=100", KEY)
-    return [row for row in page["data"] if row["request_id"] == request_id]
+    deadline = time.monotonic() + QUIET_WAIT_SECONDS
+    while True:
+        page = get_json("/v1/usage?limit=100", KEY)
+        rows = [row for row in page["data"] if row["request_id"] == request_id]
+        if rows or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.02)
 
 
 @pytest.fixture(scope="session", autouse=True)
