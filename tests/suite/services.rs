@@ -156,3 +156,108 @@ async fn a_worker_killed_mid_batch_loses_and_doubles_nothing() {
     tokio::time::sleep(Duration::from_millis(10)).await;
     gateway.stop().await;
 }
+
+/// The same with real processes: two `tollgate serve --no-worker` and one `tollgate worker`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateway_processes_and_a_worker_process_never_overspend() {
+    let dir = TempDir::new();
+    let database_url = fresh_postgres_database().await;
+    let (redis_url, prefix) = (redis_url(), unique_name("t"));
+    let mock_shutdown = CancellationToken::new();
+    let mock_url = start_mock(tollgate_mock::MockConfig::default(), mock_shutdown.clone()).await;
+    let config_path = dir.0.join("tollgate.toml");
+    std::fs::write(
+        &config_path,
+        format!("database_url = \"{database_url}\"\nredis_url = \"{redis_url}\"\nredis_prefix = \"{prefix}\"\n[[providers]]\nname = \"mock\"\nkind = \"mock\"\nbase_url = \"{mock_url}\"\n[[models]]\nmodel = \"demo-gpt\"\nprovider = \"mock\"\n"),
+    )
+    .unwrap();
+    let spawn = |arguments: &[&str]| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(arguments)
+            .arg("--config")
+            .arg(&config_path)
+            .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("TOLLGATE_WORKER_NAME", unique_name("worker"))
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let http = reqwest::Client::new();
+    let mut urls = Vec::new();
+    let mut processes = Vec::new();
+    for _ in 0..2 {
+        let listen = format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+        processes.push(spawn(&["serve", "--no-worker", "--listen", &listen]));
+        urls.push(format!("http://{listen}"));
+    }
+    for url in &urls {
+        let started = std::time::Instant::now();
+        while http.get(format!("{url}/readyz")).send().await.map(|response| response.status() != 200).unwrap_or(true) {
+            assert!(started.elapsed() < Duration::from_secs(10), "gateway {url} not ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    processes.push(spawn(&["worker"]));
+    let admin = |path: &str, body: Option<Value>| {
+        let mut request = http.request(if body.is_some() { reqwest::Method::POST } else { reqwest::Method::GET }, format!("{}{path}", urls[0])).bearer_auth(ADMIN_TOKEN);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    http.put(format!("{}/internal/prices", urls[0]))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!([{"provider": "mock", "model": "demo-gpt", "customer_type": TIER, "input_per_mtok": INPUT_PER_MTOK, "output_per_mtok": OUTPUT_PER_MTOK}]))
+        .send()
+        .await
+        .unwrap();
+    // With max_tokens 16 the hold equals the cost; find it on a probe account.
+    let mut body = chat_body("processes");
+    body["max_tokens"] = json!(16);
+    let open = |id: &'static str, amount: String| {
+        let admin = &admin;
+        async move {
+            admin("/internal/accounts", Some(json!({"id": id, "kind": "user", "name": "n", "customer_type": TIER}))).await;
+            let topup = admin("/internal/topups", Some(json!({"account_id": id, "amount": amount, "reference_id": format!("{id}-credit")}))).await;
+            admin(&format!("/internal/topups/{}/confirm", topup["id"].as_str().unwrap()), Some(json!({}))).await;
+            admin(&format!("/internal/accounts/{id}/keys"), Some(json!({"name": "k"}))).await["key"].as_str().unwrap().to_string()
+        }
+    };
+    let probe_key = open("probe", "1".into()).await;
+    let probe = http.post(format!("{}/v1/chat/completions", urls[0])).bearer_auth(&probe_key).json(&body).send().await.unwrap();
+    let cost = header_money(&probe, "x-tollgate-cost");
+    let key = open("shared", Money::from_nanos(cost.nanos() * 40).to_string()).await;
+    let mut requests = Vec::new();
+    for index in 0..400 {
+        let request = http.post(format!("{}/v1/chat/completions", urls[index % 2])).bearer_auth(&key).json(&body);
+        requests.push(tokio::spawn(async move { request.send().await.unwrap().status().as_u16() }));
+    }
+    let mut succeeded = 0;
+    for request in requests {
+        match request.await.unwrap() {
+            200 => succeeded += 1,
+            402 => {}
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(succeeded, 40, "I3 across processes");
+    let started = std::time::Instant::now();
+    let account = loop {
+        let account = admin("/internal/accounts/shared", None).await;
+        if account["balance"] == account["ledger_balance"] || started.elapsed() > Duration::from_secs(10) {
+            break account;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!((account["balance"].as_str(), account["ledger_balance"].as_str(), account["held"].as_str()), (Some("0"), Some("0"), Some("0")), "I2 once quiet");
+    let statement = admin("/internal/accounts/shared/statement", None).await;
+    assert_chain(&statement);
+    for mut process in processes {
+        process.start_kill().unwrap();
+        process.wait().await.unwrap();
+    }
+    mock_shutdown.cancel();
+}

@@ -237,7 +237,9 @@ async fn the_stream_log_delivers_once_and_survives_consumer_crashes() {
     }
     let shutdown = CancellationToken::new();
     let mut first = RedisLog::new(store.connection(), keys.clone(), log_config("first"), shutdown.clone()).await.unwrap();
+    assert_eq!(first.lag().await.unwrap(), 10, "ten settled events not yet delivered");
     let batch = first.read_batch(100).await.unwrap();
+    assert_eq!(first.lag().await.unwrap(), 0);
     assert_eq!(batch.len(), 10);
     assert!(batch.iter().all(|delivery| delivery.event.hot_balance_after == Money::from_nanos(90)));
     // "first" crashes without acknowledging; restarted under the same name it reads them again.

@@ -85,6 +85,21 @@ impl RedisLog {
         Ok(pending)
     }
 
+    /// Entries of the shard streams not yet delivered to the group (XINFO GROUPS `lag`): how far
+    /// the workers are behind the gateways.
+    ///
+    /// # Errors
+    /// Redis unreachable.
+    pub async fn lag(&self) -> StoreResult<u64> {
+        let mut connection = self.connection.clone();
+        let mut lag = 0u64;
+        for shard in 0..self.keys.shards() {
+            let groups: redis::streams::StreamInfoGroupsReply = connection.xinfo_groups(self.keys.stream(shard)).await.map_err(unavailable)?;
+            lag += groups.groups.iter().filter(|group| group.name == CONSUMER_GROUP).filter_map(|group| group.lag).sum::<usize>() as u64;
+        }
+        Ok(lag)
+    }
+
     /// Takes over entries idle too long in other consumers' pending lists; parks the ones
     /// delivered too often.
     async fn reclaim(&mut self) -> StoreResult<()> {
@@ -178,6 +193,7 @@ impl EventLog for RedisLog {
                 self.reclaim().await?;
                 // Lag: entries delivered and not yet in the ledger, for the alert on a slow worker.
                 metrics::gauge!("tollgate_usage_pending_entries").set(self.pending().await? as f64);
+                metrics::gauge!("tollgate_usage_stream_lag_entries").set(self.lag().await? as f64);
                 self.next_claim = Instant::now() + Duration::from_millis((self.config.claim_idle_ms / 2).max(100));
             }
             let mut batch = Vec::new();
