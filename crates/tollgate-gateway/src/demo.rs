@@ -59,6 +59,7 @@ pub async fn seed(state: &AppState, fixed_key: Option<String>) -> Result<String,
                 credit_limit: Money::ZERO,
                 daily_request_quota: None,
                 monthly_request_quota: None,
+                low_balance_threshold: None,
             })
             .await?;
     }

@@ -34,6 +34,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 credit_limit: Money::ZERO,
                 daily_request_quota: None,
                 monthly_request_quota: None,
+                low_balance_threshold: None,
             })
             .await?;
     }

@@ -19,6 +19,7 @@ use tollgate_core::Money;
 
 use crate::error::StoreResult;
 use crate::model::UsageEvent;
+use crate::operations::{HotAccountView, UnloggedCharge};
 
 /// The limits that apply to one request, from the billing context. Passing them in keeps the hot
 /// store free of configuration that would need its own invalidation.
@@ -173,4 +174,16 @@ pub trait HotStore: Send + Sync + 'static {
 
     /// Forgets an account so the next request loads it from the ledger again (used after a repair).
     async fn unload_account(&self, account_id: &str) -> StoreResult<()>;
+
+    /// Balances of these accounts (`None` where not loaded), for reconciliation.
+    async fn hot_views(&self, account_ids: &[String]) -> StoreResult<Vec<Option<HotAccountView>>>;
+
+    /// Charges made here whose usage events may not be in the ledger yet: what the usage log
+    /// still holds (and its dead letters), with a cost above zero.
+    async fn unlogged_charges(&self) -> StoreResult<Vec<UnloggedCharge>>;
+
+    /// Sets the balance to `balance` only if the account is exactly as `seen` (balance, fund
+    /// position) and holds nothing: no charge or fund change slipped in since reconciliation
+    /// read it. Returns whether it did.
+    async fn repair_balance(&self, seen: &HotAccountView, balance: Money) -> StoreResult<bool>;
 }

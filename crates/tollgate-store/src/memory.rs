@@ -15,6 +15,7 @@ use crate::hot::{
     HotStore, Refusal, Settlement,
 };
 use crate::model::UsageEvent;
+use crate::operations::{HotAccountView, UnloggedCharge};
 use crate::queue::ChannelLogSender;
 
 /// How long a charged request id is remembered, so a retry is never charged twice.
@@ -71,6 +72,8 @@ struct AccountState {
     requests_today: PeriodCount<u64>,
     requests_this_month: PeriodCount<u64>,
     keys: HashMap<String, KeyState>,
+    /// Settled request id → cost, until the ledger has committed the charge.
+    unlogged: HashMap<String, Money>,
 }
 
 /// The embedded hot store. Settled events go to the embedded usage log.
@@ -238,15 +241,22 @@ impl HotStore for MemoryHotStore {
             account.held = held_after;
             account.balance = balance_after;
             account.charged.insert(event.request_id.clone(), now_ms.saturating_add(CHARGED_ID_TTL_MS));
+            if event.cost.is_positive() {
+                account.unlogged.insert(event.request_id.clone(), event.cost);
+            }
             debug_assert!(!account.held.is_negative(), "held never goes below zero");
             Settlement { balance_before, balance_after, already_settled: false }
         };
         event.hot_balance_after = settlement.balance_after;
+        let (account_id, request_id) = (event.account_id.clone(), event.request_id.clone());
         let committed = self.log.append(event, true).await?;
         if let Some(committed) = committed {
             committed
                 .await
                 .map_err(|_| StoreError::Unavailable("worker stopped before committing the charge".into()))?;
+        }
+        if let Some(account) = self.lock()?.get_mut(&account_id) {
+            account.unlogged.remove(&request_id);
         }
         Ok(settlement)
     }
@@ -340,6 +350,46 @@ impl HotStore for MemoryHotStore {
     async fn unload_account(&self, account_id: &str) -> StoreResult<()> {
         self.lock()?.remove(account_id);
         Ok(())
+    }
+
+    async fn hot_views(&self, account_ids: &[String]) -> StoreResult<Vec<Option<HotAccountView>>> {
+        let accounts = self.lock()?;
+        Ok(account_ids
+            .iter()
+            .map(|account_id| {
+                accounts.get(account_id).map(|account| HotAccountView {
+                    account_id: account_id.clone(),
+                    balance: account.balance,
+                    held: account.held,
+                    last_fund_seq: account.last_fund_seq,
+                })
+            })
+            .collect())
+    }
+
+    async fn unlogged_charges(&self) -> StoreResult<Vec<UnloggedCharge>> {
+        let accounts = self.lock()?;
+        Ok(accounts
+            .iter()
+            .flat_map(|(account_id, account)| {
+                account.unlogged.iter().map(|(request_id, cost)| UnloggedCharge {
+                    account_id: account_id.clone(),
+                    request_id: request_id.clone(),
+                    cost: *cost,
+                })
+            })
+            .collect())
+    }
+
+    async fn repair_balance(&self, seen: &HotAccountView, balance: Money) -> StoreResult<bool> {
+        let mut accounts = self.lock()?;
+        let Some(account) = accounts.get_mut(&seen.account_id) else { return Ok(false) };
+        let unchanged = account.balance == seen.balance && account.last_fund_seq == seen.last_fund_seq;
+        if !unchanged || !account.held.is_zero() || !account.unlogged.is_empty() {
+            return Ok(false);
+        }
+        account.balance = balance;
+        Ok(true)
     }
 }
 

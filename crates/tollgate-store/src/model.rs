@@ -34,6 +34,8 @@ pub struct Account {
     pub credit_limit: Money,
     pub daily_request_quota: Option<u64>,
     pub monthly_request_quota: Option<u64>,
+    /// A balance falling below this sends one `balance.low` alert per crossing.
+    pub low_balance_threshold: Option<Money>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
@@ -50,6 +52,7 @@ pub struct NewAccount {
     pub credit_limit: Money,
     pub daily_request_quota: Option<u64>,
     pub monthly_request_quota: Option<u64>,
+    pub low_balance_threshold: Option<Money>,
 }
 
 /// A partial update; `None` leaves a field as it is, `Some(None)` clears an optional limit.
@@ -61,6 +64,7 @@ pub struct AccountPatch {
     pub credit_limit: Option<Money>,
     pub daily_request_quota: Option<Option<u64>>,
     pub monthly_request_quota: Option<Option<u64>>,
+    pub low_balance_threshold: Option<Option<Money>>,
 }
 
 /// A revoked key is refused at once; revocation is permanent.

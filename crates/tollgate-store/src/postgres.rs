@@ -83,7 +83,7 @@ async fn config_changed(transaction: &mut Transaction<'static, Postgres>, kind: 
 }
 
 /// Locks the account's balance row; returns (balance, ledger_seq).
-async fn balance_for_update(transaction: &mut Transaction<'static, Postgres>, account_id: &str) -> StoreResult<(Money, i64)> {
+pub(crate) async fn balance_for_update(transaction: &mut Transaction<'static, Postgres>, account_id: &str) -> StoreResult<(Money, i64)> {
     let row = sqlx::query("SELECT balance, ledger_seq FROM account_balance WHERE account_id = $1 FOR UPDATE")
         .bind(account_id)
         .fetch_optional(&mut **transaction)
@@ -105,7 +105,7 @@ async fn fund_by_reference(transaction: &mut Transaction<'static, Postgres>, kin
 
 /// Inserts a fund transaction at the account's next ledger position (the row is locked by the
 /// caller), moves the balance and announces it at commit.
-async fn insert_fund(transaction: &mut Transaction<'static, Postgres>, fund: &NewFund, position: (Money, i64)) -> StoreResult<FundTransaction> {
+pub(crate) async fn insert_fund(transaction: &mut Transaction<'static, Postgres>, fund: &NewFund, position: (Money, i64)) -> StoreResult<FundTransaction> {
     let (balance_before, ledger_seq) = position;
     let balance_after = checked_add(balance_before, fund.amount)?;
     if fund.kind == FundKind::Refund && balance_after.is_negative() {
@@ -330,8 +330,8 @@ impl Ledger for PgLedger {
         let mut transaction = self.pool.begin().await?;
         let now = now_ms();
         let row = sqlx::query(
-            "INSERT INTO accounts (id, kind, name, customer_type, status, credit_limit, daily_request_quota, monthly_request_quota, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, 'active', $5, $6, $7, $8, $8) ON CONFLICT (id) DO NOTHING RETURNING *",
+            "INSERT INTO accounts (id, kind, name, customer_type, status, credit_limit, daily_request_quota, monthly_request_quota, low_balance_threshold, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, 'active', $5, $6, $7, $9, $8, $8) ON CONFLICT (id) DO NOTHING RETURNING *",
         )
         .bind(&account.id)
         .bind(kind_text(account.kind))
@@ -341,6 +341,7 @@ impl Ledger for PgLedger {
         .bind(optional_i64(account.daily_request_quota, "daily_request_quota")?)
         .bind(optional_i64(account.monthly_request_quota, "monthly_request_quota")?)
         .bind(now)
+        .bind(account.low_balance_threshold.map(Money::nanos))
         .fetch_optional(&mut *transaction)
         .await?
         .ok_or_else(|| StoreError::Conflict(format!("account {} already exists", account.id)))?;
@@ -368,8 +369,8 @@ impl Ledger for PgLedger {
         let mut account = account_from(&row)?;
         apply_patch(&mut account, patch);
         let row = sqlx::query(
-            "UPDATE accounts SET name = $1, customer_type = $2, status = $3, credit_limit = $4, daily_request_quota = $5, monthly_request_quota = $6, updated_at = $7
-             WHERE id = $8 RETURNING *",
+            "UPDATE accounts SET name = $1, customer_type = $2, status = $3, credit_limit = $4, daily_request_quota = $5, monthly_request_quota = $6, updated_at = $7,
+             low_balance_threshold = $9 WHERE id = $8 RETURNING *",
         )
         .bind(&account.name)
         .bind(&account.customer_type)
@@ -379,6 +380,7 @@ impl Ledger for PgLedger {
         .bind(optional_i64(account.monthly_request_quota, "monthly_request_quota")?)
         .bind(now_ms())
         .bind(account_id)
+        .bind(account.low_balance_threshold.map(Money::nanos))
         .fetch_one(&mut *transaction)
         .await?;
         config_changed(&mut transaction, "account", account_id).await?;

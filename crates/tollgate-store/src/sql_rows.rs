@@ -133,6 +133,7 @@ pub(crate) fn account_from(row: &impl Fields) -> StoreResult<Account> {
         credit_limit: money(row, "credit_limit")?,
         daily_request_quota: optional_u64(row.optional_int("daily_request_quota")?, "quota")?,
         monthly_request_quota: optional_u64(row.optional_int("monthly_request_quota")?, "quota")?,
+        low_balance_threshold: row.optional_int("low_balance_threshold")?.map(Money::from_nanos),
         created_at: time_of(row.int("created_at")?)?,
         updated_at: time_of(row.int("updated_at")?)?,
     })
@@ -280,6 +281,9 @@ pub(crate) fn apply_patch(account: &mut Account, patch: AccountPatch) {
     }
     if let Some(quota) = patch.monthly_request_quota {
         account.monthly_request_quota = quota;
+    }
+    if let Some(threshold) = patch.low_balance_threshold {
+        account.low_balance_threshold = threshold;
     }
 }
 

@@ -73,13 +73,17 @@ impl SqliteLedger {
         Ok(SqliteLedger { pool })
     }
 
-    async fn write(&self) -> StoreResult<Transaction<'static, Sqlite>> {
+    pub(crate) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    pub(crate) async fn write(&self) -> StoreResult<Transaction<'static, Sqlite>> {
         Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
 }
 
 /// An account's running (balance, ledger_seq) inside a write transaction.
-async fn balance_for_update(transaction: &mut Transaction<'static, Sqlite>, account_id: &str) -> StoreResult<(Money, i64)> {
+pub(crate) async fn balance_for_update(transaction: &mut Transaction<'static, Sqlite>, account_id: &str) -> StoreResult<(Money, i64)> {
     let row = sqlx::query("SELECT balance, ledger_seq FROM account_balance WHERE account_id = ?")
         .bind(account_id)
         .fetch_optional(&mut **transaction)
@@ -89,7 +93,7 @@ async fn balance_for_update(transaction: &mut Transaction<'static, Sqlite>, acco
 }
 
 /// Inserts a fund transaction at the account's next ledger position and moves its balance.
-async fn insert_fund(transaction: &mut Transaction<'static, Sqlite>, fund: &NewFund) -> StoreResult<FundTransaction> {
+pub(crate) async fn insert_fund(transaction: &mut Transaction<'static, Sqlite>, fund: &NewFund) -> StoreResult<FundTransaction> {
     let (balance_before, ledger_seq) = balance_for_update(transaction, &fund.account_id).await?;
     let balance_after = checked_add(balance_before, fund.amount)?;
     if fund.kind == FundKind::Refund && balance_after.is_negative() {
@@ -209,8 +213,8 @@ impl Ledger for SqliteLedger {
             return Err(StoreError::Conflict(format!("account {} already exists", account.id)));
         }
         let row = sqlx::query(
-            "INSERT INTO accounts (id, kind, name, customer_type, status, credit_limit, daily_request_quota, monthly_request_quota, created_at, updated_at)
-             VALUES (?, ?, ?, ?, 'active', ?, ?, ?, ?, ?) RETURNING *",
+            "INSERT INTO accounts (id, kind, name, customer_type, status, credit_limit, daily_request_quota, monthly_request_quota, low_balance_threshold, created_at, updated_at)
+             VALUES (?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?) RETURNING *",
         )
         .bind(&account.id)
         .bind(kind_text(account.kind))
@@ -219,6 +223,7 @@ impl Ledger for SqliteLedger {
         .bind(account.credit_limit.nanos())
         .bind(optional_i64(account.daily_request_quota, "daily_request_quota")?)
         .bind(optional_i64(account.monthly_request_quota, "monthly_request_quota")?)
+        .bind(account.low_balance_threshold.map(Money::nanos))
         .bind(now)
         .bind(now)
         .fetch_one(&mut *transaction)
@@ -247,8 +252,8 @@ impl Ledger for SqliteLedger {
         let mut account = account_from(&row)?;
         apply_patch(&mut account, patch);
         let row = sqlx::query(
-            "UPDATE accounts SET name = ?, customer_type = ?, status = ?, credit_limit = ?, daily_request_quota = ?, monthly_request_quota = ?, updated_at = ?
-             WHERE id = ? RETURNING *",
+            "UPDATE accounts SET name = ?, customer_type = ?, status = ?, credit_limit = ?, daily_request_quota = ?, monthly_request_quota = ?, low_balance_threshold = ?,
+             updated_at = ? WHERE id = ? RETURNING *",
         )
         .bind(&account.name)
         .bind(&account.customer_type)
@@ -256,6 +261,7 @@ impl Ledger for SqliteLedger {
         .bind(account.credit_limit.nanos())
         .bind(optional_i64(account.daily_request_quota, "daily_request_quota")?)
         .bind(optional_i64(account.monthly_request_quota, "monthly_request_quota")?)
+        .bind(account.low_balance_threshold.map(Money::nanos))
         .bind(now_ms())
         .bind(account_id)
         .fetch_one(&mut *transaction)

@@ -73,6 +73,7 @@ async fn account(ledger: &dyn Ledger, id: &str) {
             credit_limit: Money::ZERO,
             daily_request_quota: None,
             monthly_request_quota: None,
+            low_balance_threshold: None,
         })
         .await
         .unwrap();
@@ -111,7 +112,7 @@ async fn assert_sound(ledger: &dyn Ledger, id: &str) {
 async fn accounts_are_created_once_and_patched(ledger: Arc<dyn Ledger>) {
     account(&*ledger, "a").await;
     let again = ledger
-        .create_account(NewAccount { id: "a".into(), kind: AccountKind::Tenant, name: "x".into(), customer_type: "t".into(), credit_limit: Money::ZERO, daily_request_quota: None, monthly_request_quota: None })
+        .create_account(NewAccount { id: "a".into(), kind: AccountKind::Tenant, name: "x".into(), customer_type: "t".into(), credit_limit: Money::ZERO, daily_request_quota: None, monthly_request_quota: None, low_balance_threshold: None })
         .await;
     assert!(matches!(again, Err(StoreError::Conflict(_))));
     let patched = ledger

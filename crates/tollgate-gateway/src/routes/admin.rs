@@ -96,6 +96,7 @@ struct CreateAccount {
     credit_limit: Option<String>,
     daily_request_quota: Option<u64>,
     monthly_request_quota: Option<u64>,
+    low_balance_threshold: Option<String>,
 }
 
 async fn create_account(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
@@ -116,6 +117,7 @@ async fn create_account(State(state): State<AppState>, headers: HeaderMap, body:
             credit_limit,
             daily_request_quota: request.daily_request_quota,
             monthly_request_quota: request.monthly_request_quota,
+            low_balance_threshold: request.low_balance_threshold.as_deref().map(|text| unsigned_amount("low_balance_threshold", text)).transpose()?,
         })
         .await?;
     Ok((StatusCode::CREATED, Json(account)).into_response())
@@ -160,11 +162,17 @@ struct PatchAccount {
     daily_request_quota: Option<Option<u64>>,
     #[serde(default, deserialize_with = "present")]
     monthly_request_quota: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "present_text")]
+    low_balance_threshold: Option<Option<String>>,
 }
 
 /// Distinguishes an absent field (leave as is) from `null` (clear the limit).
 fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Option<u64>>, D::Error> {
     Option::<u64>::deserialize(deserializer).map(Some)
+}
+
+fn present_text<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(deserializer).map(Some)
 }
 
 async fn patch_account(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> Result<Json<Value>, ApiError> {
@@ -183,6 +191,11 @@ async fn patch_account(State(state): State<AppState>, headers: HeaderMap, Path(i
         credit_limit: request.credit_limit.as_deref().map(|text| unsigned_amount("credit_limit", text)).transpose()?,
         daily_request_quota: request.daily_request_quota,
         monthly_request_quota: request.monthly_request_quota,
+        low_balance_threshold: match request.low_balance_threshold {
+            Some(Some(text)) => Some(Some(unsigned_amount("low_balance_threshold", &text)?)),
+            Some(None) => Some(None),
+            None => None,
+        },
     };
     let account = state.ledger.update_account(&id, patch).await?;
     state.contexts.invalidate_all();

@@ -1,7 +1,10 @@
 //! `HotStore` on Redis: each method is one call of `tollgate.lua`, with the same semantics as the
 //! in-process store (`memory.rs`); the shared conformance tests hold both to it.
 
+use std::collections::BTreeMap;
+
 use async_trait::async_trait;
+use redis::streams::StreamRangeReply;
 use redis::{Script, Value};
 use tollgate_core::Money;
 
@@ -12,9 +15,14 @@ use crate::hot::{
     Settlement,
 };
 use crate::model::{StoredResponse, UsageEvent};
+use crate::operations::{HotAccountView, UnloggedCharge};
 
 /// Holds released per shard per sweep call at most.
 const EXPIRE_BATCH_MAX: u32 = 1_000;
+/// Accounts read per pipeline by `hot_views`.
+const VIEW_PIPELINE_MAX: usize = 1_000;
+/// Stream entries read per XRANGE by `unlogged_charges`.
+const STREAM_PAGE_MAX: usize = 1_000;
 
 /// The Redis hot store.
 pub struct RedisHotStore {
@@ -265,5 +273,79 @@ impl HotStore for RedisHotStore {
         let base = self.keys.account_base(account_id);
         self.call(&self.account_key(&base, account_id), &["unload", &base, account_id]).await?;
         Ok(())
+    }
+
+    async fn hot_views(&self, account_ids: &[String]) -> StoreResult<Vec<Option<HotAccountView>>> {
+        // One pipeline per shard and chunk: every key of a shard is in one cluster slot.
+        let mut by_shard: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+        for (index, account_id) in account_ids.iter().enumerate() {
+            by_shard.entry(self.keys.shard_of(account_id)).or_default().push(index);
+        }
+        let mut views = vec![None; account_ids.len()];
+        let mut connection = self.connection.clone();
+        for (shard, indexes) in by_shard {
+            let base = self.keys.base(shard);
+            for chunk in indexes.chunks(VIEW_PIPELINE_MAX) {
+                let mut pipeline = redis::pipe();
+                for &index in chunk {
+                    pipeline.cmd("HMGET").arg(self.account_key(&base, &account_ids[index])).arg("balance").arg("held").arg("fund_seq");
+                }
+                let replies: Vec<(Option<i64>, Option<i64>, Option<i64>)> =
+                    pipeline.query_async(&mut connection).await.map_err(|error| StoreError::Unavailable(format!("redis: {error}")))?;
+                for (&index, reply) in chunk.iter().zip(replies) {
+                    if let (Some(balance), held, fund_seq) = reply {
+                        views[index] = Some(HotAccountView {
+                            account_id: account_ids[index].clone(),
+                            balance: Money::from_nanos(balance),
+                            held: Money::from_nanos(held.unwrap_or(0)),
+                            last_fund_seq: fund_seq.unwrap_or(0),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(views)
+    }
+
+    async fn unlogged_charges(&self) -> StoreResult<Vec<UnloggedCharge>> {
+        let mut charges = Vec::new();
+        let mut connection = self.connection.clone();
+        for shard in 0..self.keys.shards() {
+            for stream in [self.keys.stream(shard), self.keys.dead_letters(shard)] {
+                let mut start = "-".to_string();
+                loop {
+                    let page: StreamRangeReply = redis::cmd("XRANGE")
+                        .arg(&stream)
+                        .arg(&start)
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(STREAM_PAGE_MAX)
+                        .query_async(&mut connection)
+                        .await
+                        .map_err(|error| StoreError::Unavailable(format!("redis: {error}")))?;
+                    for entry in &page.ids {
+                        let Some(json) = entry.get::<String>("event") else { continue };
+                        let event: UsageEvent = serde_json::from_str(&json)
+                            .map_err(|error| StoreError::Corrupt(format!("usage event {} in {stream}: {error}", entry.id)))?;
+                        if event.cost.is_positive() {
+                            charges.push(UnloggedCharge { account_id: event.account_id, request_id: event.request_id, cost: event.cost });
+                        }
+                    }
+                    match page.ids.last() {
+                        Some(last) if page.ids.len() == STREAM_PAGE_MAX => start = format!("({}", last.id),
+                        _ => break,
+                    }
+                }
+            }
+        }
+        Ok(charges)
+    }
+
+    async fn repair_balance(&self, seen: &HotAccountView, balance: Money) -> StoreResult<bool> {
+        let base = self.keys.account_base(&seen.account_id);
+        let (seen_balance, seen_fund_seq, new_balance) = (seen.balance.nanos().to_string(), seen.last_fund_seq.to_string(), balance.nanos().to_string());
+        let arguments = ["repair", &base, &seen.account_id, &seen_balance, &seen_fund_seq, &new_balance];
+        let reply = texts(self.call(&self.account_key(&base, &seen.account_id), &arguments).await?)?;
+        Ok(number(&reply, 0)? == 1)
     }
 }

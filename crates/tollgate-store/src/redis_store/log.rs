@@ -241,6 +241,8 @@ impl EventLog for RedisLog {
             .await
             .map_err(unavailable)?;
         let _: i64 = connection.xack(self.keys.stream(shard), CONSUMER_GROUP, &[entry_id]).await.map_err(unavailable)?;
+        // It lives on in the dead letters; the stream keeps only what the workers still owe.
+        let _: i64 = connection.xdel(self.keys.stream(shard), &[entry_id]).await.map_err(unavailable)?;
         metrics::counter!("tollgate_usage_dead_letters_total").increment(1);
         tracing::error!(shard, entry_id, reason, "usage event parked in the dead-letter stream");
         Ok(())

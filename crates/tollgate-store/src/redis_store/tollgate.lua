@@ -274,6 +274,18 @@ function operations.unload(base, argv)
   return 1
 end
 
+-- ARGV: op, base, account, seen balance, seen fund_seq, new balance. Reply: 1 if repaired, else 0.
+-- Sets the balance only if nothing moved since reconciliation read it and nothing is held.
+function operations.repair(base, argv)
+  local account_key = base .. ':acct:' .. argv[3]
+  local state = redis.call('HMGET', account_key, 'balance', 'held', 'fund_seq')
+  if not state[1] then return 0 end
+  if state[1] ~= argv[4] or (state[3] or '0') ~= argv[5] or tonumber(state[2] or '0') ~= 0 then return 0 end
+  checked(argv[6])
+  redis.call('HSET', account_key, 'balance', argv[6])
+  return 1
+end
+
 local operation = operations[ARGV[1]]
 if not operation then return error('unknown operation ' .. tostring(ARGV[1])) end
 return operation(ARGV[2], ARGV)

@@ -1,0 +1,331 @@
+//! The ledger's operational side: reconciliation runs and repairs, periodic jobs under a lease,
+//! and the outbox of events told to the outside world after their transaction commits.
+//!
+//! Both SQL ledgers implement [`Operations`] with the same statements: they are written once
+//! here with `?` placeholders, and PostgreSQL numbers them (`pg`).
+
+use std::collections::HashSet;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use time::OffsetDateTime;
+use tollgate_core::Money;
+
+use crate::error::{StoreError, StoreResult};
+use crate::model::FundTransaction;
+use crate::sql_rows::{Fields, money, time_of};
+
+/// What the ledger says of one account, read in one snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LedgerTotals {
+    pub account_id: String,
+    /// account_balance.balance: the running balance the writers keep.
+    pub balance: Money,
+    /// Σ fund amounts − Σ usage costs: the balance the rows prove.
+    pub rebuilt: Money,
+    pub ledger_seq: i64,
+    pub last_fund_seq: i64,
+}
+
+/// A hot-store balance as reconciliation reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HotAccountView {
+    pub account_id: String,
+    pub balance: Money,
+    pub held: Money,
+    /// The ledger_seq of the last fund transaction the hot balance includes.
+    pub last_fund_seq: i64,
+}
+
+/// A charge the hot store made whose usage event the ledger may not have yet (still in the
+/// usage log, or parked in its dead letters).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnloggedCharge {
+    pub account_id: String,
+    pub request_id: String,
+    pub cost: Money,
+}
+
+/// A repair of account_balance to the balance the rows prove, made only if the account is still
+/// where reconciliation saw it. The repair is written as an adjustment of zero at the account's
+/// next ledger position (before = after = the proven balance), so the audit chain records it
+/// and stays whole.
+#[derive(Clone, Debug)]
+pub struct BalanceRepair {
+    pub run_id: i64,
+    pub account_id: String,
+    pub expected_balance: Money,
+    pub expected_ledger_seq: i64,
+    /// Why: the drifts found, in words, kept as the entry's reason.
+    pub note: String,
+}
+
+/// One reconciliation run, as `reconciliation_log` keeps it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ReconciliationRun {
+    pub id: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub finished_at: Option<OffsetDateTime>,
+    pub fix: bool,
+    pub accounts_checked: u64,
+    /// Accounts that kept changing while being read: neither judged nor repaired this run.
+    pub accounts_busy: u64,
+    pub drifts_found: u64,
+    pub accounts_repaired: u64,
+    /// Σ |drift| over the drifts found.
+    pub total_drift: Money,
+    /// The full report (JSON).
+    pub report: serde_json::Value,
+}
+
+/// One period of one job that an instance claimed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct JobRun {
+    pub job: String,
+    /// Unix ms of the period's start; a (job, period) runs at most once.
+    pub period_start: i64,
+    pub holder: String,
+    /// The lease's fencing token: it grows with every claim of the job.
+    pub fence: i64,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    pub outcome: Option<String>,
+}
+
+/// An event for the outside world, written with the money change it describes.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct OutboxEvent {
+    pub id: i64,
+    pub event_type: String,
+    pub account_id: String,
+    pub dedupe_key: String,
+    pub payload: serde_json::Value,
+    pub status: String,
+    pub attempts: u64,
+    pub next_attempt_at: i64,
+    pub delivered_at: Option<i64>,
+    pub last_error: Option<String>,
+    pub created_at: i64,
+}
+
+/// One attempt to deliver an outbox event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DeliveryAttempt {
+    pub outbox_id: i64,
+    pub attempt: u64,
+    pub url: String,
+    pub status_code: Option<u16>,
+    pub error: Option<String>,
+    pub duration_ms: u64,
+    pub attempted_at: i64,
+}
+
+/// Where an event stands after an attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliveryNext {
+    Delivered,
+    RetryAt(i64),
+    GaveUp,
+}
+
+/// Reconciliation, job leases and the outbox, on the ledger's database.
+#[async_trait]
+pub trait Operations: Send + Sync {
+    /// In one database snapshot: the running and proven balance of every account (or of the
+    /// ones named), ordered by account id, and which of `charges` (account, request id) have a
+    /// charged usage row.
+    async fn ledger_snapshot(
+        &self,
+        accounts: Option<&[String]>,
+        charges: &[(String, String)],
+    ) -> StoreResult<(Vec<LedgerTotals>, HashSet<(String, String)>)>;
+    /// Sets account_balance to the proven balance and records the repair (see `BalanceRepair`).
+    /// `None` when the account moved since it was read: nothing is written.
+    async fn repair_balance(&self, repair: &BalanceRepair) -> StoreResult<Option<FundTransaction>>;
+    async fn start_reconciliation(&self, fix: bool) -> StoreResult<i64>;
+    async fn finish_reconciliation(&self, run: &ReconciliationRun) -> StoreResult<()>;
+    /// The newest runs first.
+    async fn reconciliations(&self, limit: u32) -> StoreResult<Vec<ReconciliationRun>>;
+
+    /// Claims `job` for the period starting at `period_start`: succeeds (with a fencing token)
+    /// only if no instance holds an unexpired lease on the job and the period has not run.
+    async fn claim_job(&self, job: &str, period_start: i64, holder: &str, lease_ms: i64) -> StoreResult<Option<i64>>;
+    /// Extends a held lease; false if another instance took the job over (stop working then).
+    async fn renew_job(&self, job: &str, fence: i64, lease_ms: i64) -> StoreResult<bool>;
+    /// Records the run's outcome and releases the lease.
+    async fn finish_job(&self, job: &str, period_start: i64, fence: i64, outcome: &str) -> StoreResult<()>;
+    /// The newest runs first.
+    async fn job_runs(&self, job: Option<&str>, limit: u32) -> StoreResult<Vec<JobRun>>;
+
+    /// Pending events due at `now_ms`, oldest first.
+    async fn due_outbox(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<OutboxEvent>>;
+    /// Logs an attempt and moves the event on.
+    async fn record_delivery(&self, attempt: &DeliveryAttempt, next: DeliveryNext) -> StoreResult<()>;
+    /// The newest events first.
+    async fn outbox_events(&self, account_id: Option<&str>, limit: u32) -> StoreResult<Vec<OutboxEvent>>;
+    /// The newest attempts first.
+    async fn deliveries(&self, outbox_id: Option<i64>, limit: u32) -> StoreResult<Vec<DeliveryAttempt>>;
+}
+
+/// Numbers `?` placeholders for PostgreSQL (`$1`, `$2`, …). Only the constant statements of
+/// this module go through it (they hold no `?` inside literals), so the result is as safe as they.
+pub(crate) fn pg(sql: &'static str) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(numbered(sql))
+}
+
+fn numbered(sql: &str) -> String {
+    let mut numbered = String::with_capacity(sql.len() + 16);
+    let mut index = 0;
+    for character in sql.chars() {
+        if character == '?' {
+            index += 1;
+            numbered.push('$');
+            numbered.push_str(&index.to_string());
+        } else {
+            numbered.push(character);
+        }
+    }
+    numbered
+}
+
+pub(crate) const LEDGER_TOTALS: &str = "SELECT b.account_id, b.balance, b.ledger_seq, b.last_fund_seq,
+        CAST(COALESCE(f.total, 0) AS BIGINT) AS funds, CAST(COALESCE(u.total, 0) AS BIGINT) AS costs
+    FROM account_balance b
+    LEFT JOIN (SELECT account_id, SUM(amount) AS total FROM fund_transactions GROUP BY account_id) f ON f.account_id = b.account_id
+    LEFT JOIN (SELECT account_id, SUM(cost) AS total FROM usage_log GROUP BY account_id) u ON u.account_id = b.account_id
+    ORDER BY b.account_id";
+/// `LEDGER_TOTALS` for named accounts: per-account sums over the account indexes.
+pub(crate) const SOME_LEDGER_TOTALS: &str = "SELECT b.account_id, b.balance, b.ledger_seq, b.last_fund_seq,
+        CAST((SELECT COALESCE(SUM(amount), 0) FROM fund_transactions f WHERE f.account_id = b.account_id) AS BIGINT) AS funds,
+        CAST((SELECT COALESCE(SUM(cost), 0) FROM usage_log u WHERE u.account_id = b.account_id) AS BIGINT) AS costs
+    FROM account_balance b WHERE b.account_id";
+pub(crate) const ACCOUNT_TOTALS: &str = "SELECT
+        CAST((SELECT COALESCE(SUM(amount), 0) FROM fund_transactions WHERE account_id = ?) AS BIGINT) AS funds,
+        CAST((SELECT COALESCE(SUM(cost), 0) FROM usage_log WHERE account_id = ?) AS BIGINT) AS costs";
+pub(crate) const CHARGED_ONE: &str = "SELECT 1 FROM usage_log WHERE account_id = ? AND request_id = ? AND status <> 'failed'";
+pub(crate) const START_RECONCILIATION: &str = "INSERT INTO reconciliation_log (started_at, fix) VALUES (?, ?) RETURNING id";
+pub(crate) const FINISH_RECONCILIATION: &str = "UPDATE reconciliation_log SET finished_at = ?, accounts_checked = ?, accounts_busy = ?,
+    drifts_found = ?, accounts_repaired = ?, total_drift = ?, report = ? WHERE id = ?";
+pub(crate) const RECONCILIATIONS: &str = "SELECT * FROM reconciliation_log ORDER BY id DESC LIMIT ?";
+
+pub(crate) const ENSURE_LEASE: &str = "INSERT INTO job_leases (job, holder, fence, expires_at) VALUES (?, '', 0, 0) ON CONFLICT (job) DO NOTHING";
+pub(crate) const PERIOD_RAN: &str = "SELECT 1 FROM job_runs WHERE job = ? AND period_start = ?";
+pub(crate) const TAKE_LEASE: &str = "UPDATE job_leases SET holder = ?, fence = ?, expires_at = ? WHERE job = ?";
+pub(crate) const INSERT_RUN: &str = "INSERT INTO job_runs (job, period_start, holder, fence, started_at) VALUES (?, ?, ?, ?, ?)";
+pub(crate) const PRUNE_RUNS: &str = "DELETE FROM job_runs WHERE job = ? AND period_start < ?";
+pub(crate) const RENEW_LEASE: &str = "UPDATE job_leases SET expires_at = ? WHERE job = ? AND fence = ?";
+pub(crate) const FINISH_RUN: &str = "UPDATE job_runs SET finished_at = ?, outcome = ? WHERE job = ? AND period_start = ? AND fence = ?";
+pub(crate) const RELEASE_LEASE: &str = "UPDATE job_leases SET expires_at = 0 WHERE job = ? AND fence = ?";
+/// Runs kept per job: older ones are pruned when a period is claimed.
+pub(crate) const JOB_RUNS_KEPT: i64 = 1_000;
+
+pub(crate) const INSERT_OUTBOX: &str = "INSERT INTO outbox (event_type, account_id, dedupe_key, payload, status, next_attempt_at, created_at)
+    VALUES (?, ?, ?, ?, 'pending', ?, ?) ON CONFLICT (dedupe_key) DO NOTHING";
+pub(crate) const DUE_OUTBOX: &str = "SELECT * FROM outbox WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?";
+pub(crate) const INSERT_DELIVERY: &str = "INSERT INTO webhook_deliveries (outbox_id, attempt, url, status_code, error, duration_ms, attempted_at)
+    VALUES (?, ?, ?, ?, ?, ?, ?)";
+pub(crate) const ADVANCE_OUTBOX: &str = "UPDATE outbox SET attempts = ?, status = ?, next_attempt_at = ?, delivered_at = ?, last_error = ? WHERE id = ?";
+
+pub(crate) fn totals_from(row: &impl Fields) -> StoreResult<LedgerTotals> {
+    let funds = money(row, "funds")?;
+    let costs = money(row, "costs")?;
+    Ok(LedgerTotals {
+        account_id: row.text("account_id")?,
+        balance: money(row, "balance")?,
+        rebuilt: funds.checked_sub(costs).ok_or(StoreError::Overflow("rebuilt balance"))?,
+        ledger_seq: row.int("ledger_seq")?,
+        last_fund_seq: row.int("last_fund_seq")?,
+    })
+}
+
+pub(crate) fn proven_balance(row: &impl Fields) -> StoreResult<Money> {
+    money(row, "funds")?.checked_sub(money(row, "costs")?).ok_or(StoreError::Overflow("rebuilt balance"))
+}
+
+fn count(row: &impl Fields, column: &str) -> StoreResult<u64> {
+    u64::try_from(row.int(column)?).map_err(|_| StoreError::Corrupt(format!("negative {column}")))
+}
+
+pub(crate) fn reconciliation_from(row: &impl Fields) -> StoreResult<ReconciliationRun> {
+    let report = row.optional_text("report")?.unwrap_or_else(|| "null".into());
+    Ok(ReconciliationRun {
+        id: row.int("id")?,
+        started_at: time_of(row.int("started_at")?)?,
+        finished_at: row.optional_int("finished_at")?.map(time_of).transpose()?,
+        fix: row.int("fix")? != 0,
+        accounts_checked: count(row, "accounts_checked")?,
+        accounts_busy: count(row, "accounts_busy")?,
+        drifts_found: count(row, "drifts_found")?,
+        accounts_repaired: count(row, "accounts_repaired")?,
+        total_drift: money(row, "total_drift")?,
+        report: serde_json::from_str(&report).map_err(|error| StoreError::Corrupt(format!("reconciliation report: {error}")))?,
+    })
+}
+
+pub(crate) fn job_run_from(row: &impl Fields) -> StoreResult<JobRun> {
+    Ok(JobRun {
+        job: row.text("job")?,
+        period_start: row.int("period_start")?,
+        holder: row.text("holder")?,
+        fence: row.int("fence")?,
+        started_at: row.int("started_at")?,
+        finished_at: row.optional_int("finished_at")?,
+        outcome: row.optional_text("outcome")?,
+    })
+}
+
+pub(crate) fn outbox_from(row: &impl Fields) -> StoreResult<OutboxEvent> {
+    let payload = row.text("payload")?;
+    Ok(OutboxEvent {
+        id: row.int("id")?,
+        event_type: row.text("event_type")?,
+        account_id: row.text("account_id")?,
+        dedupe_key: row.text("dedupe_key")?,
+        payload: serde_json::from_str(&payload).map_err(|error| StoreError::Corrupt(format!("outbox payload: {error}")))?,
+        status: row.text("status")?,
+        attempts: count(row, "attempts")?,
+        next_attempt_at: row.int("next_attempt_at")?,
+        delivered_at: row.optional_int("delivered_at")?,
+        last_error: row.optional_text("last_error")?,
+        created_at: row.int("created_at")?,
+    })
+}
+
+pub(crate) fn delivery_from(row: &impl Fields) -> StoreResult<DeliveryAttempt> {
+    Ok(DeliveryAttempt {
+        outbox_id: row.int("outbox_id")?,
+        attempt: count(row, "attempt")?,
+        url: row.text("url")?,
+        status_code: row.optional_int("status_code")?.and_then(|code| u16::try_from(code).ok()),
+        error: row.optional_text("error")?,
+        duration_ms: count(row, "duration_ms")?,
+        attempted_at: row.int("attempted_at")?,
+    })
+}
+
+/// The outbox row's columns after an attempt: (status, next_attempt_at, delivered_at).
+pub(crate) fn advance(attempt: &DeliveryAttempt, next: DeliveryNext) -> (&'static str, i64, Option<i64>) {
+    match next {
+        DeliveryNext::Delivered => ("delivered", attempt.attempted_at, Some(attempt.attempted_at)),
+        DeliveryNext::RetryAt(at) => ("pending", at, None),
+        DeliveryNext::GaveUp => ("failed", attempt.attempted_at, None),
+    }
+}
+
+/// The reference of a repair entry: one per account and run.
+pub(crate) fn repair_reference(repair: &BalanceRepair) -> String {
+    format!("reconcile:{}:{}", repair.run_id, repair.account_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::numbered;
+
+    #[test]
+    fn placeholders_are_numbered_in_order() {
+        assert_eq!(numbered("UPDATE t SET a = ?, b = ? WHERE c = ?"), "UPDATE t SET a = $1, b = $2 WHERE c = $3");
+        assert_eq!(numbered("SELECT 1"), "SELECT 1");
+    }
+}

@@ -1,0 +1,213 @@
+//! `Operations` on PostgreSQL: the statements of `operations.rs`, numbered for PostgreSQL.
+
+use std::collections::HashSet;
+
+use async_trait::async_trait;
+use sqlx::{Postgres, Transaction};
+use tollgate_core::Money;
+
+use crate::error::StoreResult;
+use crate::model::{FundKind, FundTransaction, NewFund};
+use crate::operations::{
+    ACCOUNT_TOTALS, ADVANCE_OUTBOX, BalanceRepair, DUE_OUTBOX, DeliveryAttempt, DeliveryNext, ENSURE_LEASE,
+    FINISH_RECONCILIATION, FINISH_RUN, INSERT_DELIVERY, INSERT_OUTBOX, INSERT_RUN, JOB_RUNS_KEPT, JobRun, LEDGER_TOTALS,
+    LedgerTotals, Operations, OutboxEvent, PERIOD_RAN, PRUNE_RUNS, RECONCILIATIONS, RELEASE_LEASE, RENEW_LEASE,
+    ReconciliationRun, SOME_LEDGER_TOTALS, START_RECONCILIATION, TAKE_LEASE, advance, delivery_from, job_run_from, outbox_from, pg,
+    proven_balance, reconciliation_from, repair_reference, totals_from,
+};
+use crate::postgres::{PgLedger, balance_for_update, insert_fund};
+use crate::sql_rows::{Fields, now_ms, to_i64};
+
+/// Queues an event for the outside world inside the caller's transaction: it exists only if
+/// that transaction commits. A dedupe key already queued adds nothing.
+pub(crate) async fn queue_event(
+    transaction: &mut Transaction<'static, Postgres>,
+    event_type: &str,
+    account_id: &str,
+    dedupe_key: &str,
+    payload: &serde_json::Value,
+) -> StoreResult<()> {
+    let now = now_ms();
+    sqlx::query(pg(INSERT_OUTBOX))
+        .bind(event_type)
+        .bind(account_id)
+        .bind(dedupe_key)
+        .bind(payload.to_string())
+        .bind(now)
+        .bind(now)
+        .execute(&mut **transaction)
+        .await?;
+    Ok(())
+}
+
+#[async_trait]
+impl Operations for PgLedger {
+    async fn ledger_snapshot(&self, accounts: Option<&[String]>, charges: &[(String, String)]) -> StoreResult<(Vec<LedgerTotals>, HashSet<(String, String)>)> {
+        let mut transaction = self.pool().begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *transaction).await?;
+        let rows = match accounts {
+            None => sqlx::query(LEDGER_TOTALS).fetch_all(&mut *transaction).await?,
+            Some(accounts) => {
+                let sql = sqlx::AssertSqlSafe(format!("{SOME_LEDGER_TOTALS} = ANY($1::TEXT[]) ORDER BY b.account_id"));
+                sqlx::query(sql).bind(accounts).fetch_all(&mut *transaction).await?
+            }
+        };
+        let totals = rows.iter().map(totals_from).collect::<StoreResult<Vec<_>>>()?;
+        let (accounts, requests): (Vec<&str>, Vec<&str>) = charges.iter().map(|(account, request)| (account.as_str(), request.as_str())).unzip();
+        let rows = sqlx::query(
+            "SELECT u.account_id, u.request_id FROM usage_log u
+             JOIN UNNEST($1::TEXT[], $2::TEXT[]) AS wanted (account_id, request_id)
+               ON u.account_id = wanted.account_id AND u.request_id = wanted.request_id
+             WHERE u.status <> 'failed'",
+        )
+        .bind(accounts)
+        .bind(requests)
+        .fetch_all(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        let charged = rows.iter().map(|row| Ok((row.text("account_id")?, row.text("request_id")?))).collect::<StoreResult<HashSet<_>>>()?;
+        Ok((totals, charged))
+    }
+
+    async fn repair_balance(&self, repair: &BalanceRepair) -> StoreResult<Option<FundTransaction>> {
+        let mut transaction = self.pool().begin().await?;
+        let (balance, ledger_seq) = balance_for_update(&mut transaction, &repair.account_id).await?;
+        if balance != repair.expected_balance || ledger_seq != repair.expected_ledger_seq {
+            return Ok(None);
+        }
+        // Under the row lock no writer adds rows for the account: this is the proven balance.
+        let row = sqlx::query(pg(ACCOUNT_TOTALS)).bind(&repair.account_id).bind(&repair.account_id).fetch_one(&mut *transaction).await?;
+        let proven = proven_balance(&row)?;
+        let entry = NewFund {
+            account_id: repair.account_id.clone(),
+            kind: FundKind::Adjustment,
+            amount: Money::ZERO,
+            reference_id: repair_reference(repair),
+            reason: Some(repair.note.clone()),
+            operator_id: Some("reconciliation".into()),
+        };
+        let inserted = insert_fund(&mut transaction, &entry, (proven, ledger_seq)).await?;
+        transaction.commit().await?;
+        Ok(Some(inserted))
+    }
+
+    async fn start_reconciliation(&self, fix: bool) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar(pg(START_RECONCILIATION)).bind(now_ms()).bind(i64::from(fix)).fetch_one(self.pool()).await?)
+    }
+
+    async fn finish_reconciliation(&self, run: &ReconciliationRun) -> StoreResult<()> {
+        sqlx::query(pg(FINISH_RECONCILIATION))
+            .bind(now_ms())
+            .bind(to_i64(run.accounts_checked, "accounts")?)
+            .bind(to_i64(run.accounts_busy, "accounts")?)
+            .bind(to_i64(run.drifts_found, "drifts")?)
+            .bind(to_i64(run.accounts_repaired, "accounts")?)
+            .bind(run.total_drift.nanos())
+            .bind(run.report.to_string())
+            .bind(run.id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    async fn reconciliations(&self, limit: u32) -> StoreResult<Vec<ReconciliationRun>> {
+        sqlx::query(pg(RECONCILIATIONS)).bind(i64::from(limit)).fetch_all(self.pool()).await?.iter().map(reconciliation_from).collect()
+    }
+
+    async fn claim_job(&self, job: &str, period_start: i64, holder: &str, lease_ms: i64) -> StoreResult<Option<i64>> {
+        let now = now_ms();
+        sqlx::query(pg(ENSURE_LEASE)).bind(job).execute(self.pool()).await?;
+        let mut transaction = self.pool().begin().await?;
+        let lease = sqlx::query("SELECT fence, expires_at FROM job_leases WHERE job = $1 FOR UPDATE").bind(job).fetch_one(&mut *transaction).await?;
+        let (fence, expires_at) = (lease.int("fence")?, lease.int("expires_at")?);
+        if expires_at > now {
+            return Ok(None);
+        }
+        if sqlx::query(pg(PERIOD_RAN)).bind(job).bind(period_start).fetch_optional(&mut *transaction).await?.is_some() {
+            return Ok(None);
+        }
+        let fence = fence + 1;
+        sqlx::query(pg(TAKE_LEASE)).bind(holder).bind(fence).bind(now.saturating_add(lease_ms)).bind(job).execute(&mut *transaction).await?;
+        sqlx::query(pg(INSERT_RUN)).bind(job).bind(period_start).bind(holder).bind(fence).bind(now).execute(&mut *transaction).await?;
+        let keep_after = period_start.saturating_sub(lease_ms.saturating_mul(JOB_RUNS_KEPT));
+        sqlx::query(pg(PRUNE_RUNS)).bind(job).bind(keep_after).execute(&mut *transaction).await?;
+        transaction.commit().await?;
+        Ok(Some(fence))
+    }
+
+    async fn renew_job(&self, job: &str, fence: i64, lease_ms: i64) -> StoreResult<bool> {
+        let result = sqlx::query(pg(RENEW_LEASE)).bind(now_ms().saturating_add(lease_ms)).bind(job).bind(fence).execute(self.pool()).await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn finish_job(&self, job: &str, period_start: i64, fence: i64, outcome: &str) -> StoreResult<()> {
+        let mut transaction = self.pool().begin().await?;
+        sqlx::query(pg(FINISH_RUN)).bind(now_ms()).bind(outcome).bind(job).bind(period_start).bind(fence).execute(&mut *transaction).await?;
+        sqlx::query(pg(RELEASE_LEASE)).bind(job).bind(fence).execute(&mut *transaction).await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    async fn job_runs(&self, job: Option<&str>, limit: u32) -> StoreResult<Vec<JobRun>> {
+        sqlx::query("SELECT * FROM job_runs WHERE ($1::TEXT IS NULL OR job = $1) ORDER BY started_at DESC, job LIMIT $2")
+            .bind(job)
+            .bind(i64::from(limit))
+            .fetch_all(self.pool())
+            .await?
+            .iter()
+            .map(job_run_from)
+            .collect()
+    }
+
+    async fn due_outbox(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<OutboxEvent>> {
+        sqlx::query(pg(DUE_OUTBOX)).bind(now_ms).bind(i64::from(limit)).fetch_all(self.pool()).await?.iter().map(outbox_from).collect()
+    }
+
+    async fn record_delivery(&self, attempt: &DeliveryAttempt, next: DeliveryNext) -> StoreResult<()> {
+        let (status, next_attempt_at, delivered_at) = advance(attempt, next);
+        let mut transaction = self.pool().begin().await?;
+        sqlx::query(pg(INSERT_DELIVERY))
+            .bind(attempt.outbox_id)
+            .bind(to_i64(attempt.attempt, "attempt")?)
+            .bind(&attempt.url)
+            .bind(attempt.status_code.map(i64::from))
+            .bind(&attempt.error)
+            .bind(to_i64(attempt.duration_ms, "duration")?)
+            .bind(attempt.attempted_at)
+            .execute(&mut *transaction)
+            .await?;
+        sqlx::query(pg(ADVANCE_OUTBOX))
+            .bind(to_i64(attempt.attempt, "attempt")?)
+            .bind(status)
+            .bind(next_attempt_at)
+            .bind(delivered_at)
+            .bind(&attempt.error)
+            .bind(attempt.outbox_id)
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    async fn outbox_events(&self, account_id: Option<&str>, limit: u32) -> StoreResult<Vec<OutboxEvent>> {
+        sqlx::query("SELECT * FROM outbox WHERE ($1::TEXT IS NULL OR account_id = $1) ORDER BY id DESC LIMIT $2")
+            .bind(account_id)
+            .bind(i64::from(limit))
+            .fetch_all(self.pool())
+            .await?
+            .iter()
+            .map(outbox_from)
+            .collect()
+    }
+
+    async fn deliveries(&self, outbox_id: Option<i64>, limit: u32) -> StoreResult<Vec<DeliveryAttempt>> {
+        sqlx::query("SELECT * FROM webhook_deliveries WHERE ($1::BIGINT IS NULL OR outbox_id = $1) ORDER BY id DESC LIMIT $2")
+            .bind(outbox_id)
+            .bind(i64::from(limit))
+            .fetch_all(self.pool())
+            .await?
+            .iter()
+            .map(delivery_from)
+            .collect()
+    }
+}
