@@ -41,6 +41,19 @@ enum Command {
         #[arg(long)]
         config: Option<std::path::PathBuf>,
     },
+    /// Compare every account's ledger rows, account_balance and hot-store balance; report each
+    /// drift (exit status 3 when one is left unrepaired).
+    Reconcile {
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        /// Repair what drifted (account_balance from the ledger; the hot store when quiet), each
+        /// repair recorded in the ledger.
+        #[arg(long)]
+        fix: bool,
+        /// Print the run as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the deterministic OpenAI- and Anthropic-compatible mock upstream.
     MockUpstream {
         #[arg(long, default_value = "127.0.0.1:9090")]
@@ -158,6 +171,21 @@ async fn serve(config_path: Option<&std::path::Path>, demo: bool, listen: Option
     Ok(())
 }
 
+fn print_reconciliation(run: &tollgate_store::operations::ReconciliationRun) {
+    println!(
+        "reconciliation run {}: hot store {}, {} accounts checked, {} busy, {} drifts (total {}), {} accounts repaired",
+        run.id, run.report["hot_store"].as_str().unwrap_or("?"), run.accounts_checked, run.accounts_busy, run.drifts_found, run.total_drift, run.accounts_repaired
+    );
+    for drift in run.report["drifts"].as_array().into_iter().flatten() {
+        let status = if drift["repaired"] == true { "repaired".to_string() } else { drift["unrepaired_because"].as_str().unwrap_or("not repaired").to_string() };
+        println!(
+            "  {:<40} {:<15} found {:>20} expected {:>20} drift {:>20}  {status}",
+            drift["account_id"].as_str().unwrap_or(""), drift["kind"].as_str().unwrap_or(""),
+            drift["found"].as_str().unwrap_or(""), drift["expected"].as_str().unwrap_or(""), drift["amount"].as_str().unwrap_or("")
+        );
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
@@ -176,6 +204,20 @@ async fn main() -> Result<()> {
             let config = load_config(config.as_deref())?;
             tollgate_gateway::server::migrate(&config.database_url).await?;
             println!("migrations applied to {}", config.database_url);
+            Ok(())
+        }
+        Command::Reconcile { config, fix, json } => {
+            let config = load_config(config.as_deref())?;
+            let run = tollgate_gateway::server::reconcile(&config, fix).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&run)?);
+            } else {
+                print_reconciliation(&run);
+            }
+            let unrepaired = run.report["drifts"].as_array().is_some_and(|drifts| drifts.iter().any(|drift| drift["repaired"] != true));
+            if unrepaired || run.drifts_found > run.report["drifts"].as_array().map_or(0, |drifts| drifts.len() as u64) {
+                std::process::exit(3);
+            }
             Ok(())
         }
         Command::MockUpstream { listen, latency_ms, output_tokens, chunk_interval_ms } => {

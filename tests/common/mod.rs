@@ -73,6 +73,8 @@ pub fn test_config(database_url: String, mock_base_url: &str) -> GatewayConfig {
         config.models.push(ModelRoute { model: model.into(), provider: "mock".into(), upstream_model: None });
     }
     config.limits.hold_sweep_interval_ms = 200;
+    // Reconciliation runs when a test asks for it (tests/suite/reconcile.rs runs the job).
+    config.jobs.reconcile_interval_ms = 0;
     if let Some(redis_url) = services_redis_url() {
         config.redis_url = Some(redis_url);
         config.redis_prefix = unique_name("t");
@@ -110,6 +112,10 @@ pub struct TestGateway {
     shutdown: CancellationToken,
     served: Option<tokio::task::JoinHandle<()>>,
     pub dir: TempDir,
+    pub database_url: String,
+    pub config: GatewayConfig,
+    /// The gateway's own hot store, for tests that reach under the HTTP surface.
+    pub hot: std::sync::Arc<dyn tollgate_store::HotStore>,
 }
 
 impl TestGateway {
@@ -127,9 +133,10 @@ impl TestGateway {
     pub async fn start_on(dir: TempDir, database_url: String, adjust: impl FnOnce(&mut GatewayConfig)) -> TestGateway {
         let shutdown = CancellationToken::new();
         let mock_url = start_mock(tollgate_mock::MockConfig::default(), shutdown.clone()).await;
-        let mut config = test_config(database_url, &mock_url);
+        let mut config = test_config(database_url.clone(), &mock_url);
         adjust(&mut config);
-        let gateway = Gateway::start(config).await.unwrap();
+        let gateway = Gateway::start(config.clone()).await.unwrap();
+        let hot = std::sync::Arc::clone(&gateway.state.hot);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let token = shutdown.clone();
@@ -137,7 +144,7 @@ impl TestGateway {
             gateway.serve(listener, token).await.unwrap();
         });
         let http = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
-        let gateway = TestGateway { url, mock_url, http, shutdown, served: Some(served), dir };
+        let gateway = TestGateway { url, mock_url, http, shutdown, served: Some(served), dir, database_url, config, hot };
         gateway.set_prices(&[("demo-gpt", TIER), ("demo-claude", TIER), ("demo-embedding", TIER)]).await;
         gateway
     }

@@ -5,5 +5,6 @@ mod funds;
 mod idempotency;
 mod limits;
 mod notifications;
+mod reconcile;
 mod services;
 mod streaming;

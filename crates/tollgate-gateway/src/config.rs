@@ -52,6 +52,28 @@ impl Default for LimitsConfig {
     }
 }
 
+/// The periodic jobs (see `tollgate_worker::jobs`): each runs on one instance per period,
+/// under a lease. A period of 0 turns a job off.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobsConfig {
+    /// Reconciliation of every account (ledger rows, account_balance, hot store).
+    pub reconcile_interval_ms: u64,
+    /// Whether the periodic reconciliation repairs what it finds (`tollgate reconcile --fix`
+    /// and `POST /internal/reconcile` always may). Off by default: drift is a bug to look at.
+    pub reconcile_fix: bool,
+    /// The usage streams' backlog check (services mode).
+    pub stream_lag_interval_ms: u64,
+    /// A backlog above this many entries is logged as a warning at every check.
+    pub stream_lag_warn_entries: u64,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig { reconcile_interval_ms: 300_000, reconcile_fix: false, stream_lag_interval_ms: 10_000, stream_lag_warn_entries: 10_000 }
+    }
+}
+
 /// The wire protocol an upstream speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -112,6 +134,7 @@ pub struct GatewayConfig {
     /// when `tollgate worker` processes do it; embedded mode always runs them).
     pub run_worker: bool,
     pub limits: LimitsConfig,
+    pub jobs: JobsConfig,
     pub providers: Vec<ProviderConfig>,
     pub models: Vec<ModelRoute>,
 }
@@ -128,6 +151,7 @@ impl Default for GatewayConfig {
             worker_name: format!("worker-{}", std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into())),
             run_worker: true,
             limits: LimitsConfig::default(),
+            jobs: JobsConfig::default(),
             providers: Vec::new(),
             models: Vec::new(),
         }

@@ -9,7 +9,7 @@
 //!   event splitter streams go through.
 //! - [`auth`], [`keys`], [`context`]: who pays, cached; [`upstream`]: providers and routes.
 //! - [`error`]: the one error type and its contract codes; [`request_id`]; [`metrics`].
-//! - [`server`]: start, serve, shut down in order; [`demo`]: the offline demo set-up;
+//! - [`server`]: start, serve, shut down in order; [`jobs`]: which periodic jobs run here; [`demo`]: the offline demo set-up;
 //!   [`notifications`]: LISTEN/NOTIFY from the PostgreSQL ledger.
 
 pub mod app;
@@ -18,6 +18,7 @@ pub mod charge;
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod jobs;
 pub mod keys;
 pub mod metrics;
 pub mod notifications;

@@ -21,6 +21,7 @@ use tollgate_store::{HotStore, Ledger};
 use tollgate_worker::usage_writer::{UsageWriterConfig, run_usage_writer};
 
 use crate::config::GatewayConfig;
+use crate::jobs::JobStores;
 use crate::state::AppState;
 
 /// How long shutdown waits for in-flight streams before giving up on them (their holds expire).
@@ -56,6 +57,7 @@ impl Gateway {
         let worker_shutdown = CancellationToken::new();
         let worker_tasks = TaskTracker::new();
         let writer_config = UsageWriterConfig { batch_events_max: config.limits.usage_batch_events_max, ..UsageWriterConfig::default() };
+        let mut redis_parts = None;
         let hot: Arc<dyn HotStore> = match &config.redis_url {
             None => {
                 let (log_sender, log) = channel_log(config.limits.usage_log_events_max);
@@ -68,12 +70,13 @@ impl Gateway {
                     let log = redis_log(&redis, &config, worker_shutdown.clone()).await?;
                     worker_tasks.spawn(run_usage_writer(log, Arc::clone(&ledger), writer_config, worker_shutdown.clone()));
                 }
+                redis_parts = Some((redis.connection(), redis.keys().clone()));
                 Arc::new(redis)
             }
         };
         if config.run_worker || config.redis_url.is_none() {
-            let sweep_period = Duration::from_millis(config.limits.hold_sweep_interval_ms);
-            worker_tasks.spawn(tollgate_worker::jobs::run_hold_sweeper(Arc::clone(&hot), sweep_period, worker_shutdown.clone()));
+            let stores = JobStores { ledger: Arc::clone(&ledger), hot: Arc::clone(&hot), redis: redis_parts };
+            crate::jobs::spawn(&worker_tasks, &stores, &config, &worker_shutdown);
         }
         let state = AppState::new(config, hot, ledger, TaskTracker::new(), CancellationToken::new())
             .await
@@ -116,7 +119,7 @@ async fn redis_log(redis: &RedisHotStore, config: &GatewayConfig, shutdown: Canc
     Ok(RedisLog::new(redis.connection(), redis.keys().clone(), log_config, shutdown).await?)
 }
 
-/// `tollgate worker`: the usage writer and the hold sweeper without HTTP, for deployments where
+/// `tollgate worker`: the usage writer and the periodic jobs without HTTP, for deployments where
 /// gateways run `serve --no-worker`. Runs until `shutdown`, then commits what it holds.
 ///
 /// # Errors
@@ -129,11 +132,10 @@ pub async fn run_worker(config: GatewayConfig, shutdown: CancellationToken) -> R
     let redis = RedisHotStore::connect(url, &config.redis_prefix, config.redis_shards).await?;
     let log = redis_log(&redis, &config, shutdown.clone()).await?;
     let writer_config = UsageWriterConfig { batch_events_max: config.limits.usage_batch_events_max, ..UsageWriterConfig::default() };
-    let hot: Arc<dyn HotStore> = Arc::new(redis);
-    let sweep_period = Duration::from_millis(config.limits.hold_sweep_interval_ms);
     let tasks = TaskTracker::new();
-    tasks.spawn(run_usage_writer(log, ledger, writer_config, shutdown.clone()));
-    tasks.spawn(tollgate_worker::jobs::run_hold_sweeper(hot, sweep_period, shutdown));
+    tasks.spawn(run_usage_writer(log, Arc::clone(&ledger), writer_config, shutdown.clone()));
+    let stores = JobStores { ledger, redis: Some((redis.connection(), redis.keys().clone())), hot: Arc::new(redis) };
+    crate::jobs::spawn(&tasks, &stores, &config, &shutdown);
     tasks.close();
     tasks.wait().await;
     Ok(())
@@ -181,4 +183,22 @@ pub async fn migrate(url: &str) -> Result<(), ServerError> {
 /// The address is taken or invalid.
 pub async fn bind(address: &str) -> Result<TcpListener, ServerError> {
     TcpListener::bind(address).await.map_err(|source| ServerError::Listen { address: address.to_string(), source })
+}
+
+/// `tollgate reconcile`: one reconciliation run from the command line. In services mode it
+/// compares the ledger with Redis; in embedded mode the hot store is the serving process's
+/// memory, which only `POST /internal/reconcile` can see, so it compares the ledger alone.
+///
+/// # Errors
+/// A store that cannot be opened or read.
+pub async fn reconcile(config: &GatewayConfig, fix: bool) -> Result<tollgate_store::operations::ReconciliationRun, ServerError> {
+    let (ledger, _) = open_ledger(&config.database_url).await?;
+    let run = match &config.redis_url {
+        Some(url) => {
+            let redis = RedisHotStore::connect(url, &config.redis_prefix, config.redis_shards).await?;
+            tollgate_worker::reconcile::Reconciler { ledger: &*ledger, hot: Some(&redis), hot_store_name: "redis" }.run(fix).await?
+        }
+        None => tollgate_worker::reconcile::Reconciler { ledger: &*ledger, hot: None, hot_store_name: "none (embedded: the serving process holds it; use POST /internal/reconcile)" }.run(fix).await?,
+    };
+    Ok(run)
 }

@@ -1,13 +1,153 @@
-//! Periodic jobs. With one process there is nothing to elect; a lease comes with scaled-out
-//! deployments.
+//! Periodic jobs.
+//!
+//! Jobs on shared state (reconciliation, the Redis hold sweep, the stream-lag check, webhook
+//! delivery) run under a lease kept in the ledger's database, so that with several gateways
+//! and workers exactly one instance runs each period of each job:
+//!
+//! - time is cut into periods (`period_start = now − now mod period`); every instance tries to
+//!   claim the current period when it begins;
+//! - a claim succeeds only if no lease on the job is live and the period has not run
+//!   (`job_runs` has one row per job and period), and hands out a fencing token that grows with
+//!   every claim;
+//! - the holder renews its lease while it works; an instance that cannot renew (another one
+//!   took over after its lease ran out) stops working at once;
+//! - a killed leader's lease runs out after `lease` at most, so another instance runs the next
+//!   period: a leader is replaced within one period.
+//!
+//! The in-process hold sweeper of embedded mode acts on this process's own memory, so it runs
+//! without a lease ([`run_hold_sweeper`]).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tollgate_store::HotStore;
+use tollgate_store::{HotStore, Ledger};
 
-/// Releases expired holds every `period` until shutdown.
+/// What a job's one run returns: an outcome for `job_runs`, or an error.
+pub type JobFuture = Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
+/// A job's work, called once per claimed period.
+pub type JobWork = Arc<dyn Fn() -> JobFuture + Send + Sync>;
+
+/// A periodic job run under a lease.
+#[derive(Clone)]
+pub struct LeasedJob {
+    /// The job's name in `job_leases` and `job_runs`: the same on every instance.
+    pub name: &'static str,
+    pub period: Duration,
+    pub work: JobWork,
+}
+
+/// The longest lease: a holder renews every third of it while it works.
+const LEASE_MAX: Duration = Duration::from_secs(30);
+/// Pause after the ledger refused a claim for an error, before the next try.
+const CLAIM_RETRY: Duration = Duration::from_secs(1);
+
+/// The lease of a job with this period: as long as the period (so a killed leader is replaced
+/// by the next period), at most [`LEASE_MAX`] and at least one second.
+pub fn lease_for(period: Duration) -> Duration {
+    period.clamp(Duration::from_secs(1), LEASE_MAX)
+}
+
+/// Claims and runs `job` every period until shutdown. `holder` names this instance in the runs.
+pub async fn run_leased(ledger: Arc<dyn Ledger>, holder: String, job: LeasedJob, shutdown: CancellationToken) {
+    let period_ms = i64::try_from(job.period.as_millis()).unwrap_or(i64::MAX).max(1);
+    let lease = lease_for(job.period);
+    let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+    let mut last_period = i64::MIN;
+    loop {
+        let now = now_ms();
+        let period_start = now - now.rem_euclid(period_ms);
+        if period_start > last_period {
+            match ledger.claim_job(job.name, period_start, &holder, lease_ms).await {
+                Ok(Some(fence)) => {
+                    last_period = period_start;
+                    run_claimed(&*ledger, &job, period_start, fence, lease, &shutdown).await;
+                }
+                Ok(None) => last_period = period_start,
+                Err(error) => {
+                    tracing::warn!(job = job.name, %error, "could not claim the job; trying again");
+                    if sleep_or_shutdown(CLAIM_RETRY, &shutdown).await {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        let next = period_start.saturating_add(period_ms);
+        let wait = Duration::from_millis(u64::try_from(next - now_ms()).unwrap_or(0));
+        if sleep_or_shutdown(wait, &shutdown).await {
+            return;
+        }
+    }
+}
+
+/// Runs one claimed period, renewing the lease meanwhile; records the outcome.
+async fn run_claimed(ledger: &dyn Ledger, job: &LeasedJob, period_start: i64, fence: i64, lease: Duration, shutdown: &CancellationToken) {
+    let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+    let started = std::time::Instant::now();
+    let mut work = (job.work)();
+    let mut renewal = tokio::time::interval(lease / 3);
+    renewal.tick().await;
+    let outcome = loop {
+        tokio::select! {
+            result = &mut work => break result.unwrap_or_else(|error| format!("error: {error}")),
+            _ = renewal.tick() => match ledger.renew_job(job.name, fence, lease_ms).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    // Another instance holds the job now: stop, it runs the job from here.
+                    tracing::warn!(job = job.name, fence, "lost the job's lease; stopping this run");
+                    metrics::counter!("tollgate_job_leases_lost_total", "job" => job.name).increment(1);
+                    return;
+                }
+                Err(error) => tracing::warn!(job = job.name, %error, "could not renew the job's lease"),
+            },
+            () = shutdown.cancelled() => break "interrupted by shutdown".to_string(),
+        }
+    };
+    metrics::counter!("tollgate_job_runs_total", "job" => job.name).increment(1);
+    metrics::histogram!("tollgate_job_seconds", "job" => job.name).record(started.elapsed().as_secs_f64());
+    if outcome.starts_with("error") {
+        tracing::error!(job = job.name, %outcome, "job failed");
+        metrics::counter!("tollgate_job_failures_total", "job" => job.name).increment(1);
+    }
+    if let Err(error) = ledger.finish_job(job.name, period_start, fence, &outcome).await {
+        tracing::warn!(job = job.name, %error, "could not record the job's outcome; its lease runs out by itself");
+    }
+}
+
+/// Sleeps; true if shutdown came first.
+async fn sleep_or_shutdown(duration: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(duration) => false,
+        () = shutdown.cancelled() => true,
+    }
+}
+
+fn now_ms() -> i64 {
+    i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|elapsed| elapsed.as_millis()).unwrap_or(0)).unwrap_or(i64::MAX)
+}
+
+/// The hold sweep as a job: releases expired holds, reports how many.
+pub fn hold_sweep_work(hot: Arc<dyn HotStore>) -> JobWork {
+    Arc::new(move || {
+        let hot = Arc::clone(&hot);
+        Box::pin(async move { sweep_once(&*hot).await.map(|expired| format!("{expired} holds released")).map_err(|error| error.to_string()) })
+    })
+}
+
+async fn sweep_once(hot: &dyn HotStore) -> tollgate_store::StoreResult<u64> {
+    let expired = hot.expire_holds().await?;
+    if expired > 0 {
+        metrics::counter!("tollgate_holds_expired_total").increment(expired);
+        tracing::warn!(expired, "released expired holds");
+    }
+    Ok(expired)
+}
+
+/// Releases expired holds every `period` until shutdown, without a lease: for the in-process hot
+/// store, whose holds only this process can see.
 pub async fn run_hold_sweeper(hot: Arc<dyn HotStore>, period: Duration, shutdown: CancellationToken) {
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -16,13 +156,8 @@ pub async fn run_hold_sweeper(hot: Arc<dyn HotStore>, period: Duration, shutdown
             _ = ticker.tick() => {}
             () = shutdown.cancelled() => break,
         }
-        match hot.expire_holds().await {
-            Ok(0) => {}
-            Ok(expired) => {
-                metrics::counter!("tollgate_holds_expired_total").increment(expired);
-                tracing::warn!(expired, "released expired holds");
-            }
-            Err(error) => tracing::error!(%error, "hold sweep failed"),
+        if let Err(error) = sweep_once(&*hot).await {
+            tracing::error!(%error, "hold sweep failed");
         }
     }
 }

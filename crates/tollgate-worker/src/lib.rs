@@ -5,6 +5,8 @@
 //!   transaction, acknowledges only after the commit (so a crash re-delivers, and the ledger's
 //!   unique (account, request id) makes the re-delivery harmless).
 //! - [`jobs`]: the hold sweeper (releases holds whose request died).
+//! - [`reconcile`]: compares the ledger's rows, account_balance and the hot store; repairs.
 
 pub mod jobs;
+pub mod reconcile;
 pub mod usage_writer;

@@ -49,11 +49,11 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Parses a JSON body into `T`, with errors in the contract's shape.
-fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+pub(crate) fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|error| ApiError::InvalidRequest(format!("invalid JSON body: {error}")))
 }
 
-fn parse_query<T: DeserializeOwned>(query: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> Result<T, ApiError> {
+pub(crate) fn parse_query<T: DeserializeOwned>(query: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> Result<T, ApiError> {
     query.map(|Query(value)| value).map_err(|error| ApiError::InvalidRequest(error.body_text()))
 }
 

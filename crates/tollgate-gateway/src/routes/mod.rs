@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod client;
+pub mod operations;
 pub mod ops;
 
 use serde_json::{Value, json};

@@ -76,28 +76,16 @@ impl RedisLog {
     /// # Errors
     /// Redis unreachable.
     pub async fn pending(&self) -> StoreResult<u64> {
-        let mut connection = self.connection.clone();
-        let mut pending = 0u64;
-        for shard in 0..self.keys.shards() {
-            let reply: redis::streams::StreamPendingReply = connection.xpending(self.keys.stream(shard), CONSUMER_GROUP).await.map_err(unavailable)?;
-            pending += reply.count() as u64;
-        }
-        Ok(pending)
+        pending(&self.connection, &self.keys).await
     }
 
-    /// Entries of the shard streams not yet delivered to the group (XINFO GROUPS `lag`): how far
-    /// the workers are behind the gateways.
+    /// Entries of the shard streams not yet delivered to the group: how far the workers are
+    /// behind the gateways.
     ///
     /// # Errors
     /// Redis unreachable.
     pub async fn lag(&self) -> StoreResult<u64> {
-        let mut connection = self.connection.clone();
-        let mut lag = 0u64;
-        for shard in 0..self.keys.shards() {
-            let groups: redis::streams::StreamInfoGroupsReply = connection.xinfo_groups(self.keys.stream(shard)).await.map_err(unavailable)?;
-            lag += groups.groups.iter().filter(|group| group.name == CONSUMER_GROUP).filter_map(|group| group.lag).sum::<usize>() as u64;
-        }
-        Ok(lag)
+        lag(&self.connection, &self.keys).await
     }
 
     /// Takes over entries idle too long in other consumers' pending lists; parks the ones
@@ -247,4 +235,62 @@ impl EventLog for RedisLog {
         tracing::error!(shard, entry_id, reason, "usage event parked in the dead-letter stream");
         Ok(())
     }
+}
+
+/// How far the workers are behind, over all shards.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backlog {
+    /// Entries not yet delivered to the group (XINFO GROUPS `lag`).
+    pub lag: u64,
+    /// Entries delivered and not yet acknowledged (in a batch being written, or of a dead worker).
+    pub pending: u64,
+    /// Entries parked in the dead-letter streams, waiting for an operator.
+    pub dead_letters: u64,
+}
+
+/// Reads the backlog of the usage streams (for the stream-lag job; any process may call it).
+///
+/// # Errors
+/// Redis unreachable.
+pub async fn backlog(connection: &Connection, keys: &KeySpace) -> StoreResult<Backlog> {
+    let mut dead_letters = 0u64;
+    let mut reader = connection.clone();
+    for shard in 0..keys.shards() {
+        let length: u64 = reader.xlen(keys.dead_letters(shard)).await.map_err(unavailable)?;
+        dead_letters += length;
+    }
+    Ok(Backlog { lag: lag(connection, keys).await?, pending: pending(connection, keys).await?, dead_letters })
+}
+
+async fn pending(connection: &Connection, keys: &KeySpace) -> StoreResult<u64> {
+    let mut connection = connection.clone();
+    let mut pending = 0u64;
+    for shard in 0..keys.shards() {
+        let reply: redis::streams::StreamPendingReply = connection.xpending(keys.stream(shard), CONSUMER_GROUP).await.map_err(unavailable)?;
+        pending += reply.count() as u64;
+    }
+    Ok(pending)
+}
+
+/// XINFO GROUPS `lag` of the workers' group, summed over the shards; a stream without the group
+/// yet (no worker ever started) counts its length.
+async fn lag(connection: &Connection, keys: &KeySpace) -> StoreResult<u64> {
+    let mut connection = connection.clone();
+    let mut lag = 0u64;
+    for shard in 0..keys.shards() {
+        let stream = keys.stream(shard);
+        let exists: bool = connection.exists(&stream).await.map_err(unavailable)?;
+        if !exists {
+            continue;
+        }
+        let groups: redis::streams::StreamInfoGroupsReply = connection.xinfo_groups(&stream).await.map_err(unavailable)?;
+        match groups.groups.iter().find(|group| group.name == CONSUMER_GROUP) {
+            Some(group) => lag += group.lag.unwrap_or(0) as u64,
+            None => {
+                let length: u64 = connection.xlen(&stream).await.map_err(unavailable)?;
+                lag += length;
+            }
+        }
+    }
+    Ok(lag)
 }

@@ -13,7 +13,7 @@ mod hot;
 mod log;
 
 pub use hot::RedisHotStore;
-pub use log::{RedisLog, RedisLogConfig};
+pub use log::{Backlog, RedisLog, RedisLogConfig, backlog};
 
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
@@ -113,6 +113,11 @@ impl KeySpace {
 
     pub fn account_base(&self, account_id: &str) -> String {
         self.base(self.shard_of(account_id))
+    }
+
+    /// The hash holding an account's balance, holds and fund position.
+    pub fn account_key(&self, account_id: &str) -> String {
+        format!("{}:acct:{account_id}", self.account_base(account_id))
     }
 
     pub fn stream(&self, shard: u16) -> String {
