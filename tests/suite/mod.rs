@@ -3,6 +3,7 @@ mod concurrency;
 mod crash;
 mod funds;
 mod idempotency;
+mod jobs;
 mod limits;
 mod notifications;
 mod reconcile;

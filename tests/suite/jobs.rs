@@ -1,0 +1,169 @@
+//! Periodic jobs under a lease: with several instances each period of a job runs exactly once,
+//! never two at a time, and a leader killed mid-run is replaced by the next period.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tollgate_store::Ledger;
+use tollgate_store::operations::JobRun;
+use tollgate_worker::jobs::{JobWork, LeasedJob, run_leased};
+
+use crate::common::*;
+
+const PERIOD_MS: i64 = 400;
+
+/// A job that notes who ran it and checks that no two runs overlap.
+struct Probe {
+    running: AtomicI64,
+    overlaps: AtomicI64,
+    runs: Mutex<Vec<String>>,
+}
+
+fn probe_job(probe: &Arc<Probe>, holder: &str) -> LeasedJob {
+    let (probe, holder) = (Arc::clone(probe), holder.to_string());
+    let work: JobWork = Arc::new(move || {
+        let (probe, holder) = (Arc::clone(&probe), holder.clone());
+        Box::pin(async move {
+            if probe.running.fetch_add(1, Ordering::SeqCst) > 0 {
+                probe.overlaps.fetch_add(1, Ordering::SeqCst);
+            }
+            probe.runs.lock().unwrap().push(holder.clone());
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            probe.running.fetch_sub(1, Ordering::SeqCst);
+            Ok(format!("ran by {holder}"))
+        })
+    });
+    LeasedJob { name: "probe", period: Duration::from_millis(PERIOD_MS as u64), work }
+}
+
+async fn runs(ledger: &dyn Ledger, job: &str) -> Vec<JobRun> {
+    let mut runs = ledger.job_runs(Some(job), 1_000).await.unwrap();
+    runs.sort_by_key(|run| run.period_start);
+    runs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_period_runs_once_across_instances_and_a_killed_leader_is_replaced() {
+    let dir = TempDir::new();
+    let url = test_database_url(&dir).await;
+    // Two instances, each with its own connections to the one ledger.
+    let (first, _) = tollgate_gateway::server::open_ledger(&url).await.unwrap();
+    let (second, _) = tollgate_gateway::server::open_ledger(&url).await.unwrap();
+    let probe = Arc::new(Probe { running: AtomicI64::new(0), overlaps: AtomicI64::new(0), runs: Mutex::new(Vec::new()) });
+    let shutdown = CancellationToken::new();
+    let mut instances = std::collections::HashMap::new();
+    for (holder, ledger) in [("instance-a", &first), ("instance-b", &second)] {
+        let task = tokio::spawn(run_leased(Arc::clone(ledger), holder.to_string(), probe_job(&probe, holder), shutdown.clone()));
+        instances.insert(holder, task);
+    }
+    tokio::time::sleep(Duration::from_millis(12 * PERIOD_MS as u64)).await;
+
+    // Every period from the first to the last ran once, by one instance.
+    let before_kill = runs(&*first, "probe").await;
+    assert!(before_kill.len() >= 8, "{before_kill:?}");
+    // A period may pass unclaimed only if both instances were starved of CPU past its end.
+    for pair in before_kill.windows(2) {
+        let gap = pair[1].period_start - pair[0].period_start;
+        assert!(gap > 0 && gap % PERIOD_MS == 0, "periods are whole and distinct: {before_kill:?}");
+        assert!(pair[1].fence > pair[0].fence, "fencing tokens grow: {before_kill:?}");
+    }
+    assert_eq!(probe.runs.lock().unwrap().len(), before_kill.len(), "each claimed period ran exactly once");
+    assert_eq!(probe.overlaps.load(Ordering::SeqCst), 0, "two instances ran the job at once");
+
+    // Kill the instance that runs the job right now, in the middle of its work.
+    let leader = loop {
+        if probe.running.load(Ordering::SeqCst) > 0 {
+            let last = runs(&*first, "probe").await.pop().unwrap();
+            if last.finished_at.is_none() {
+                break last;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    instances.remove(leader.holder.as_str()).unwrap().abort();
+    probe.running.store(0, Ordering::SeqCst);
+    let survivor = if leader.holder == "instance-a" { "instance-b" } else { "instance-a" };
+    tokio::time::sleep(Duration::from_millis(8 * PERIOD_MS as u64)).await;
+
+    let after_kill: Vec<JobRun> = runs(&*first, "probe").await.into_iter().filter(|run| run.period_start > leader.period_start).collect();
+    assert!(!after_kill.is_empty(), "nobody took the job over");
+    assert!(after_kill.iter().all(|run| run.holder == survivor), "{after_kill:?}");
+    let killed_run = runs(&*first, "probe").await.into_iter().find(|run| run.period_start == leader.period_start).unwrap();
+    assert!(killed_run.finished_at.is_none(), "the killed run stays recorded as unfinished: {killed_run:?}");
+    assert_eq!(probe.overlaps.load(Ordering::SeqCst), 0);
+
+    shutdown.cancel();
+    for (_, task) in instances {
+        task.await.unwrap();
+    }
+}
+
+/// The same with real processes: two `tollgate worker`s share Redis and PostgreSQL; the one that
+/// runs the stream-lag job is SIGKILLed and the other carries on with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_worker_that_leads_hands_its_jobs_over() {
+    let database_url = fresh_postgres_database().await;
+    let redis_url = std::env::var("TOLLGATE_TEST_REDIS_URL").expect("TOLLGATE_TEST_REDIS_URL is not set: run scripts/test, which starts Redis");
+    let prefix = unique_name("t");
+    let dir = TempDir::new();
+    let mut workers = std::collections::HashMap::new();
+    for name in ["worker-a", "worker-b"] {
+        let config_path = dir.0.join(format!("{name}.toml"));
+        std::fs::write(
+            &config_path,
+            format!(
+                "database_url = \"{database_url}\"\nredis_url = \"{redis_url}\"\nredis_prefix = \"{prefix}\"\nworker_name = \"{name}\"\n\
+                 [limits]\nhold_sweep_interval_ms = 300\n[jobs]\nstream_lag_interval_ms = 300\nreconcile_interval_ms = 900\n"
+            ),
+        )
+        .unwrap();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["worker", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        workers.insert(name, child);
+    }
+    let (ledger, _) = tollgate_gateway::server::open_ledger(&database_url).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    for job in ["stream_lag", "hold_sweep", "reconcile"] {
+        let ran = runs(&*ledger, job).await;
+        assert!(ran.len() >= 2, "{job}: {ran:?}");
+        for run in &ran[..ran.len() - 1] {
+            assert!(run.outcome.as_deref().is_some_and(|outcome| !outcome.starts_with("error")), "{job}: {run:?}");
+        }
+    }
+    // One reconciliation per claimed period (the newest may be between its two records).
+    let reconciliations = ledger.reconciliations(100).await.unwrap().len();
+    let claimed = runs(&*ledger, "reconcile").await;
+    let finished = claimed.iter().filter(|run| run.finished_at.is_some()).count();
+    assert!(finished <= reconciliations && reconciliations <= claimed.len(), "{reconciliations} runs for {claimed:?}");
+
+    let leader = runs(&*ledger, "stream_lag").await.pop().unwrap().holder;
+    let mut killed = workers.remove(leader.as_str()).unwrap();
+    killed.start_kill().unwrap();
+    let killed_at = now_ms();
+    killed.wait().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    for job in ["stream_lag", "hold_sweep", "reconcile"] {
+        let after: Vec<JobRun> = runs(&*ledger, job).await.into_iter().filter(|run| run.started_at > killed_at).collect();
+        assert!(!after.is_empty(), "{job} was not taken over");
+        assert!(after.iter().all(|run| run.holder != leader), "{job}: {after:?}");
+    }
+    for (_, mut worker) in workers {
+        worker.start_kill().unwrap();
+        worker.wait().await.unwrap();
+    }
+}
+
+fn now_ms() -> i64 {
+    i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()).unwrap()
+}
