@@ -94,6 +94,12 @@ fn load_config(path: Option<&std::path::Path>) -> Result<GatewayConfig> {
     if let Ok(prefix) = std::env::var("TOLLGATE_REDIS_PREFIX") {
         config.redis_prefix = prefix;
     }
+    if let Ok(url) = std::env::var("TOLLGATE_ALERT_WEBHOOK_URL") {
+        config.alerts.webhook_url = Some(url).filter(|url| !url.is_empty());
+    }
+    if let Ok(secret) = std::env::var("TOLLGATE_ALERT_WEBHOOK_SECRET") {
+        config.alerts.webhook_secret = Some(secret).filter(|secret| !secret.is_empty());
+    }
     if let Ok(name) = std::env::var("TOLLGATE_WORKER_NAME") {
         config.worker_name = name;
     }

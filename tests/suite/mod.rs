@@ -1,3 +1,4 @@
+mod alerts;
 mod charging;
 mod concurrency;
 mod crash;

@@ -74,6 +74,45 @@ impl Default for JobsConfig {
     }
 }
 
+/// Alerts (`balance.low`, `key.budget`, `fund.posted`) sent as signed webhooks from the outbox.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// Where events are POSTed; none: events stay listable at `/internal/alerts`, unsent.
+    pub webhook_url: Option<String>,
+    /// HMAC-SHA256 key of the `X-Tollgate-Signature` header (required with a URL).
+    pub webhook_secret: Option<String>,
+    /// How often the outbox is drained.
+    pub deliver_interval_ms: u64,
+    /// One delivery attempt, connect to last byte.
+    pub timeout_ms: u64,
+    /// Wait after the first failed attempt; doubled after each further one, up to `retry_max_ms`.
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    /// Attempts before an event is given up (status `failed`).
+    pub attempts_max: u64,
+    /// An event older than this is given up unsent (a long outage must not replay stale alerts).
+    pub max_age_ms: u64,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            webhook_url: None,
+            webhook_secret: None,
+            deliver_interval_ms: 1_000,
+            timeout_ms: 10_000,
+            retry_base_ms: 1_000,
+            retry_max_ms: 3_600_000,
+            attempts_max: 12,
+            max_age_ms: 86_400_000,
+        }
+    }
+}
+
+/// Shortest webhook secret accepted.
+const WEBHOOK_SECRET_CHARS_MIN: usize = 16;
+
 /// The wire protocol an upstream speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -135,6 +174,7 @@ pub struct GatewayConfig {
     pub run_worker: bool,
     pub limits: LimitsConfig,
     pub jobs: JobsConfig,
+    pub alerts: AlertsConfig,
     pub providers: Vec<ProviderConfig>,
     pub models: Vec<ModelRoute>,
 }
@@ -152,6 +192,7 @@ impl Default for GatewayConfig {
             run_worker: true,
             limits: LimitsConfig::default(),
             jobs: JobsConfig::default(),
+            alerts: AlertsConfig::default(),
             providers: Vec::new(),
             models: Vec::new(),
         }
@@ -196,6 +237,19 @@ impl GatewayConfig {
         ];
         if let Some((name, _)) = positive.iter().find(|(_, value)| *value == 0) {
             return Err(format!("limits.{name} must be positive"));
+        }
+        let alerts = &self.alerts;
+        if let Some(url) = &alerts.webhook_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err("alerts.webhook_url must start with http:// or https://".into());
+            }
+            if alerts.webhook_secret.as_deref().is_none_or(|secret| secret.chars().count() < WEBHOOK_SECRET_CHARS_MIN) {
+                return Err(format!("alerts.webhook_secret of at least {WEBHOOK_SECRET_CHARS_MIN} characters is required with alerts.webhook_url: webhooks are always signed"));
+            }
+            let positive = [("deliver_interval_ms", alerts.deliver_interval_ms), ("timeout_ms", alerts.timeout_ms), ("retry_base_ms", alerts.retry_base_ms), ("attempts_max", alerts.attempts_max)];
+            if let Some((name, _)) = positive.iter().find(|(_, value)| *value == 0) {
+                return Err(format!("alerts.{name} must be positive"));
+            }
         }
         if limits.hold_ttl_ms <= limits.stream_duration_ms_max {
             return Err("limits.hold_ttl_ms must exceed limits.stream_duration_ms_max, or live streams would lose their holds".into());

@@ -43,6 +43,9 @@ pub fn spawn(tasks: &TaskTracker, stores: &JobStores, config: &GatewayConfig, sh
         let work = reconcile_work(Arc::clone(&stores.ledger), Arc::clone(&stores.hot), hot_store_name(config), config.jobs.reconcile_fix);
         leased.push(LeasedJob { name: "reconcile", period: Duration::from_millis(config.jobs.reconcile_interval_ms), work });
     }
+    if let Some(work) = crate::webhooks::deliver_work(Arc::clone(&stores.ledger), config.alerts.clone()) {
+        leased.push(LeasedJob { name: "webhooks", period: Duration::from_millis(config.alerts.deliver_interval_ms), work });
+    }
     for job in leased {
         tasks.spawn(run_leased(Arc::clone(&stores.ledger), holder.clone(), job, shutdown.clone()));
     }

@@ -9,7 +9,8 @@
 //!   event splitter streams go through.
 //! - [`auth`], [`keys`], [`context`]: who pays, cached; [`upstream`]: providers and routes.
 //! - [`error`]: the one error type and its contract codes; [`request_id`]; [`metrics`].
-//! - [`server`]: start, serve, shut down in order; [`jobs`]: which periodic jobs run here; [`demo`]: the offline demo set-up;
+//! - [`server`]: start, serve, shut down in order; [`jobs`]: which periodic jobs run here;
+//!   [`webhooks`]: signed delivery of the outbox's alerts; [`demo`]: the offline demo set-up;
 //!   [`notifications`]: LISTEN/NOTIFY from the PostgreSQL ledger.
 
 pub mod app;
@@ -29,6 +30,7 @@ pub mod routes;
 pub mod sse;
 pub mod state;
 pub mod upstream;
+pub mod webhooks;
 
 pub use app::app;
 pub use config::GatewayConfig;

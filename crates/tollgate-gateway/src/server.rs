@@ -53,6 +53,7 @@ impl Gateway {
     /// # Errors
     /// Bad configuration or a store that cannot be opened.
     pub async fn start(config: GatewayConfig) -> Result<Gateway, ServerError> {
+        config.validate().map_err(ServerError::Config)?;
         let (ledger, postgres_pool) = open_ledger(&config.database_url).await?;
         let worker_shutdown = CancellationToken::new();
         let worker_tasks = TaskTracker::new();
@@ -128,6 +129,7 @@ pub async fn run_worker(config: GatewayConfig, shutdown: CancellationToken) -> R
     let Some(url) = &config.redis_url else {
         return Err(ServerError::Config("`tollgate worker` needs TOLLGATE_REDIS_URL: in embedded mode `tollgate serve` runs the worker itself".into()));
     };
+    config.validate().map_err(ServerError::Config)?;
     let (ledger, _) = open_ledger(&config.database_url).await?;
     let redis = RedisHotStore::connect(url, &config.redis_prefix, config.redis_shards).await?;
     let log = redis_log(&redis, &config, shutdown.clone()).await?;

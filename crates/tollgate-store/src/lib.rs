@@ -9,6 +9,8 @@
 //! - [`queue`]: the usage log from settle to the worker (`EventLog`), embedded as a channel.
 //! - [`model`]: the records both keep. [`clock`]: the periods quotas count in.
 //! - [`verify`]: checks invariants I2 and I4 for an account from the ledger alone.
+//! - [`operations`]: reconciliation reads and repairs, job leases, the outbox; [`alerts`]: the
+//!   events a money change queues in its own transaction.
 
 pub mod clock;
 pub mod error;
@@ -16,6 +18,7 @@ pub mod hot;
 pub mod ledger;
 pub mod memory;
 pub mod model;
+pub mod alerts;
 pub mod operations;
 mod postgres_ops;
 mod sqlite_ops;

@@ -228,6 +228,19 @@ pub(crate) const INSERT_DELIVERY: &str = "INSERT INTO webhook_deliveries (outbox
     VALUES (?, ?, ?, ?, ?, ?, ?)";
 pub(crate) const ADVANCE_OUTBOX: &str = "UPDATE outbox SET attempts = ?, status = ?, next_attempt_at = ?, delivered_at = ?, last_error = ? WHERE id = ?";
 
+pub(crate) const THRESHOLD: &str = "SELECT low_balance_threshold FROM accounts WHERE id = ?";
+
+pub(crate) fn key_budgets_from(row: &impl Fields) -> StoreResult<crate::alerts::KeyBudgets> {
+    let optional = |column: &str| row.optional_int(column).map(|nanos| nanos.map(Money::from_nanos));
+    Ok(crate::alerts::KeyBudgets {
+        key_id: row.text("id")?,
+        account_id: row.text("account_id")?,
+        daily: optional("budget_daily")?,
+        monthly: optional("budget_monthly")?,
+        total: optional("budget_total")?,
+    })
+}
+
 pub(crate) fn totals_from(row: &impl Fields) -> StoreResult<LedgerTotals> {
     let funds = money(row, "funds")?;
     let costs = money(row, "costs")?;

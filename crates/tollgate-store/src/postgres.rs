@@ -145,7 +145,9 @@ pub(crate) async fn insert_fund(transaction: &mut Transaction<'static, Postgres>
         "old_balance": balance_before.to_string(), "new_balance": balance_after.to_string(), "fund_seq": ledger_seq,
     });
     notify(transaction, FUND_CHANNEL, payload).await?;
-    fund_from(&row)
+    let inserted = fund_from(&row)?;
+    crate::postgres_ops::after_fund(transaction, &inserted).await?;
+    Ok(inserted)
 }
 
 /// The columns of the usage rows one batch inserts, as arrays for a single `INSERT … UNNEST`.
@@ -598,6 +600,7 @@ impl Ledger for PgLedger {
     async fn record_usage_batch(&self, events: &[UsageEvent]) -> StoreResult<Vec<RecordOutcome>> {
         let mut transaction = self.pool.begin().await?;
         let mut positions = lock_accounts(&mut transaction, events).await?;
+        let starts = positions.clone();
         // Under the locks no other writer can charge these accounts, so what is charged now is
         // all there is to skip.
         let mut charged = charged_already(&mut transaction, events).await?;
@@ -619,6 +622,7 @@ impl Ledger for PgLedger {
         }
         columns.insert(&mut transaction).await?;
         insert_stored_responses(&mut transaction, &inserted_events).await?;
+        crate::postgres_ops::after_usage_batch(&mut transaction, &starts, &positions, &inserted_events).await?;
         let (account_ids, (balances, ledger_seqs)): (Vec<&str>, (Vec<i64>, Vec<i64>)) =
             positions.into_iter().map(|(account_id, (balance, ledger_seq))| (account_id, (balance.nanos(), ledger_seq))).unzip();
         sqlx::query(

@@ -1,43 +1,120 @@
 //! `Operations` on PostgreSQL: the statements of `operations.rs`, numbered for PostgreSQL.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use sqlx::{Postgres, Transaction};
 use tollgate_core::Money;
 
+use crate::alerts::{PendingEvent, balance_low, budget_alerts, fund_posted, spend_deltas};
 use crate::error::StoreResult;
-use crate::model::{FundKind, FundTransaction, NewFund};
+use crate::model::{FundKind, FundTransaction, NewFund, UsageEvent};
 use crate::operations::{
     ACCOUNT_TOTALS, ADVANCE_OUTBOX, BalanceRepair, DUE_OUTBOX, DeliveryAttempt, DeliveryNext, ENSURE_LEASE,
     FINISH_RECONCILIATION, FINISH_RUN, INSERT_DELIVERY, INSERT_OUTBOX, INSERT_RUN, JOB_RUNS_KEPT, JobRun, LEDGER_TOTALS,
     LedgerTotals, Operations, OutboxEvent, PERIOD_RAN, PRUNE_RUNS, RECONCILIATIONS, RELEASE_LEASE, RENEW_LEASE,
     ReconciliationRun, SOME_LEDGER_TOTALS, START_RECONCILIATION, TAKE_LEASE, advance, delivery_from, job_run_from, outbox_from, pg,
-    proven_balance, reconciliation_from, repair_reference, totals_from,
+    THRESHOLD, key_budgets_from, proven_balance, reconciliation_from, repair_reference, totals_from,
 };
 use crate::postgres::{PgLedger, balance_for_update, insert_fund};
-use crate::sql_rows::{Fields, now_ms, to_i64};
+use crate::sql_rows::{Fields, money, now_ms, to_i64};
 
-/// Queues an event for the outside world inside the caller's transaction: it exists only if
+/// Queues events for the outside world inside the caller's transaction: they exist only if
 /// that transaction commits. A dedupe key already queued adds nothing.
-pub(crate) async fn queue_event(
-    transaction: &mut Transaction<'static, Postgres>,
-    event_type: &str,
-    account_id: &str,
-    dedupe_key: &str,
-    payload: &serde_json::Value,
-) -> StoreResult<()> {
+async fn queue_events(transaction: &mut Transaction<'static, Postgres>, events: &[PendingEvent]) -> StoreResult<()> {
     let now = now_ms();
-    sqlx::query(pg(INSERT_OUTBOX))
-        .bind(event_type)
-        .bind(account_id)
-        .bind(dedupe_key)
-        .bind(payload.to_string())
-        .bind(now)
-        .bind(now)
-        .execute(&mut **transaction)
-        .await?;
+    for event in events {
+        sqlx::query(pg(INSERT_OUTBOX))
+            .bind(event.event_type)
+            .bind(&event.account_id)
+            .bind(&event.dedupe_key)
+            .bind(event.payload.to_string())
+            .bind(now)
+            .bind(now)
+            .execute(&mut **transaction)
+            .await?;
+    }
     Ok(())
+}
+
+/// The events of a fund transaction, queued in its transaction.
+pub(crate) async fn after_fund(transaction: &mut Transaction<'static, Postgres>, fund: &FundTransaction) -> StoreResult<()> {
+    let mut events: Vec<PendingEvent> = fund_posted(fund).into_iter().collect();
+    let threshold: Option<i64> = sqlx::query_scalar(pg(THRESHOLD)).bind(&fund.account_id).fetch_one(&mut **transaction).await?;
+    if let Some(threshold) = threshold {
+        events.extend(balance_low(&fund.account_id, Money::from_nanos(threshold), fund.balance_before, fund.balance_after, fund.ledger_seq));
+    }
+    queue_events(transaction, &events).await
+}
+
+/// Spend counters and the events of a usage batch, in its transaction: `starts` and `ends` are
+/// the accounts' positions before and after it, `inserted` the rows it inserted.
+pub(crate) async fn after_usage_batch(
+    transaction: &mut Transaction<'static, Postgres>,
+    starts: &HashMap<&str, (Money, i64)>,
+    ends: &HashMap<&str, (Money, i64)>,
+    inserted: &[&UsageEvent],
+) -> StoreResult<()> {
+    let mut events = Vec::new();
+    let deltas = spend_deltas(inserted)?;
+    if !deltas.is_empty() {
+        let mut columns: (Vec<&str>, Vec<&str>, Vec<&str>, Vec<i64>, Vec<i64>) = Default::default();
+        for ((scope, owner, period), (requests, spent)) in &deltas {
+            columns.0.push(scope);
+            columns.1.push(owner);
+            columns.2.push(period);
+            columns.3.push(*requests);
+            columns.4.push(*spent);
+        }
+        let key_ids: Vec<&str> = deltas.keys().filter(|(scope, _, _)| *scope == "key").map(|(_, owner, _)| owner.as_str()).collect();
+        let counters = sqlx::query(
+            "INSERT INTO spend_counters (scope, owner_id, period, requests, spent, updated_at)
+             SELECT scope, owner_id, period, requests, spent, $6 FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::BIGINT[], $5::BIGINT[])
+                 AS delta (scope, owner_id, period, requests, spent)
+             ON CONFLICT (scope, owner_id, period) DO UPDATE SET requests = spend_counters.requests + excluded.requests,
+                 spent = spend_counters.spent + excluded.spent, updated_at = excluded.updated_at
+             RETURNING scope, owner_id, period, spent",
+        )
+        .bind(columns.0)
+        .bind(columns.1)
+        .bind(columns.2)
+        .bind(columns.3)
+        .bind(columns.4)
+        .bind(now_ms())
+        .fetch_all(&mut **transaction)
+        .await?;
+        let budgets = sqlx::query(
+            "SELECT id, account_id, budget_daily, budget_monthly, budget_total FROM api_keys
+             WHERE id = ANY($1) AND (budget_daily IS NOT NULL OR budget_monthly IS NOT NULL OR budget_total IS NOT NULL)",
+        )
+        .bind(&key_ids)
+        .fetch_all(&mut **transaction)
+        .await?
+        .iter()
+        .map(key_budgets_from)
+        .collect::<StoreResult<Vec<_>>>()?;
+        if !budgets.is_empty() {
+            for counter in &counters {
+                let (scope, owner, period) = (counter.text("scope")?, counter.text("owner_id")?, counter.text("period")?);
+                let Some(key) = budgets.iter().find(|budgets| scope == "key" && budgets.key_id == owner) else { continue };
+                let after = counter.int("spent")?;
+                let delta = deltas.get(&("key", owner, period.clone())).map_or(0, |delta| delta.1);
+                events.extend(budget_alerts(key, &period, after - delta, after));
+            }
+        }
+    }
+    let account_ids: Vec<&str> = ends.keys().copied().collect();
+    let thresholds = sqlx::query("SELECT id, low_balance_threshold FROM accounts WHERE id = ANY($1) AND low_balance_threshold IS NOT NULL")
+        .bind(&account_ids)
+        .fetch_all(&mut **transaction)
+        .await?;
+    for row in &thresholds {
+        let account_id = row.text("id")?;
+        if let (Some(start), Some(end)) = (starts.get(account_id.as_str()), ends.get(account_id.as_str())) {
+            events.extend(balance_low(&account_id, money(row, "low_balance_threshold")?, start.0, end.0, end.1));
+        }
+    }
+    queue_events(transaction, &events).await
 }
 
 #[async_trait]

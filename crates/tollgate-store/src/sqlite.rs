@@ -125,7 +125,9 @@ pub(crate) async fn insert_fund(transaction: &mut Transaction<'static, Sqlite>, 
         .bind(&fund.account_id)
         .execute(&mut **transaction)
         .await?;
-    fund_from(&row)
+    let inserted = fund_from(&row)?;
+    crate::sqlite_ops::after_fund(transaction, &inserted).await?;
+    Ok(inserted)
 }
 
 async fn fund_by_reference(transaction: &mut Transaction<'static, Sqlite>, kind: FundKind, reference_id: &str) -> StoreResult<Option<FundTransaction>> {
@@ -474,6 +476,8 @@ impl Ledger for SqliteLedger {
     async fn record_usage_batch(&self, events: &[UsageEvent]) -> StoreResult<Vec<RecordOutcome>> {
         let mut transaction = self.write().await?;
         let mut positions: HashMap<&str, (Money, i64)> = HashMap::new();
+        let mut starts: HashMap<&str, (Money, i64)> = HashMap::new();
+        let mut inserted = Vec::with_capacity(events.len());
         let mut outcomes = Vec::with_capacity(events.len());
         for event in events {
             let position = match positions.get_mut(event.account_id.as_str()) {
@@ -483,11 +487,17 @@ impl Ledger for SqliteLedger {
                         StoreError::NotFound { .. } => StoreError::Invalid(format!("usage event {} names unknown account {}", event.request_id, event.account_id)),
                         other => other,
                     })?;
+                    starts.insert(event.account_id.as_str(), position);
                     positions.entry(event.account_id.as_str()).or_insert(position)
                 }
             };
-            outcomes.push(insert_usage(&mut transaction, event, position).await?);
+            let outcome = insert_usage(&mut transaction, event, position).await?;
+            if outcome == RecordOutcome::Inserted {
+                inserted.push(event);
+            }
+            outcomes.push(outcome);
         }
+        crate::sqlite_ops::after_usage_batch(&mut transaction, &starts, &positions, &inserted).await?;
         let now = now_ms();
         for (account_id, (balance, ledger_seq)) in positions {
             sqlx::query("UPDATE account_balance SET balance = ?, ledger_seq = ?, updated_at = ? WHERE account_id = ?")

@@ -1,44 +1,99 @@
 //! `Operations` on SQLite (embedded mode): the statements of `operations.rs`. Writes take the
 //! database's one write lock (`BEGIN IMMEDIATE`), which orders them as PostgreSQL's row locks do.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use sqlx::{Sqlite, Transaction};
 use tollgate_core::Money;
 
+use crate::alerts::{PendingEvent, balance_low, budget_alerts, fund_posted, spend_deltas};
 use crate::error::{StoreError, StoreResult};
-use crate::model::{FundKind, FundTransaction, NewFund};
+use crate::model::{FundKind, FundTransaction, NewFund, UsageEvent};
 use crate::operations::{
     ACCOUNT_TOTALS, ADVANCE_OUTBOX, BalanceRepair, CHARGED_ONE, DUE_OUTBOX, DeliveryAttempt, DeliveryNext, ENSURE_LEASE,
     FINISH_RECONCILIATION, FINISH_RUN, INSERT_DELIVERY, INSERT_OUTBOX, INSERT_RUN, JOB_RUNS_KEPT, JobRun, LEDGER_TOTALS,
     LedgerTotals, Operations, OutboxEvent, PERIOD_RAN, PRUNE_RUNS, RECONCILIATIONS, RELEASE_LEASE, RENEW_LEASE,
     ReconciliationRun, SOME_LEDGER_TOTALS, START_RECONCILIATION, TAKE_LEASE, advance, delivery_from, job_run_from, outbox_from,
-    proven_balance, reconciliation_from, repair_reference, totals_from,
+    THRESHOLD, key_budgets_from, proven_balance, reconciliation_from, repair_reference, totals_from,
 };
 use crate::sql_rows::{Fields, now_ms, to_i64};
 use crate::sqlite::{SqliteLedger, balance_for_update, insert_fund};
 
-/// Queues an event for the outside world inside the caller's transaction (see the PostgreSQL
-/// twin in `postgres_ops.rs`).
-pub(crate) async fn queue_event(
-    transaction: &mut Transaction<'static, Sqlite>,
-    event_type: &str,
-    account_id: &str,
-    dedupe_key: &str,
-    payload: &serde_json::Value,
-) -> StoreResult<()> {
+/// Queues events for the outside world inside the caller's transaction: they exist only if
+/// that transaction commits. A dedupe key already queued adds nothing.
+async fn queue_events(transaction: &mut Transaction<'static, Sqlite>, events: &[PendingEvent]) -> StoreResult<()> {
     let now = now_ms();
-    sqlx::query(INSERT_OUTBOX)
-        .bind(event_type)
-        .bind(account_id)
-        .bind(dedupe_key)
-        .bind(payload.to_string())
-        .bind(now)
-        .bind(now)
-        .execute(&mut **transaction)
-        .await?;
+    for event in events {
+        sqlx::query(INSERT_OUTBOX)
+            .bind(event.event_type)
+            .bind(&event.account_id)
+            .bind(&event.dedupe_key)
+            .bind(event.payload.to_string())
+            .bind(now)
+            .bind(now)
+            .execute(&mut **transaction)
+            .await?;
+    }
     Ok(())
+}
+
+/// The events of a fund transaction, queued in its transaction.
+pub(crate) async fn after_fund(transaction: &mut Transaction<'static, Sqlite>, fund: &FundTransaction) -> StoreResult<()> {
+    let mut events: Vec<PendingEvent> = fund_posted(fund).into_iter().collect();
+    let threshold: Option<i64> = sqlx::query_scalar(THRESHOLD).bind(&fund.account_id).fetch_one(&mut **transaction).await?;
+    if let Some(threshold) = threshold {
+        events.extend(balance_low(&fund.account_id, Money::from_nanos(threshold), fund.balance_before, fund.balance_after, fund.ledger_seq));
+    }
+    queue_events(transaction, &events).await
+}
+
+/// Spend counters and the events of a usage batch, in its transaction: `starts` and `ends` are
+/// the accounts' positions before and after it, `inserted` the rows it inserted.
+pub(crate) async fn after_usage_batch(
+    transaction: &mut Transaction<'static, Sqlite>,
+    starts: &HashMap<&str, (Money, i64)>,
+    ends: &HashMap<&str, (Money, i64)>,
+    inserted: &[&UsageEvent],
+) -> StoreResult<()> {
+    let mut events = Vec::new();
+    let now = now_ms();
+    for ((scope, owner, period), (requests, spent)) in spend_deltas(inserted)? {
+        let after: i64 = sqlx::query_scalar(
+            "INSERT INTO spend_counters (scope, owner_id, period, requests, spent, updated_at) VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (scope, owner_id, period) DO UPDATE SET requests = spend_counters.requests + excluded.requests,
+                 spent = spend_counters.spent + excluded.spent, updated_at = excluded.updated_at
+             RETURNING spent",
+        )
+        .bind(scope)
+        .bind(&owner)
+        .bind(&period)
+        .bind(requests)
+        .bind(spent)
+        .bind(now)
+        .fetch_one(&mut **transaction)
+        .await?;
+        if scope != "key" {
+            continue;
+        }
+        let budgets = sqlx::query(
+            "SELECT id, account_id, budget_daily, budget_monthly, budget_total FROM api_keys
+             WHERE id = ? AND (budget_daily IS NOT NULL OR budget_monthly IS NOT NULL OR budget_total IS NOT NULL)",
+        )
+        .bind(&owner)
+        .fetch_optional(&mut **transaction)
+        .await?;
+        if let Some(budgets) = budgets {
+            events.extend(budget_alerts(&key_budgets_from(&budgets)?, &period, after - spent, after));
+        }
+    }
+    for (account_id, end) in ends {
+        let threshold: Option<i64> = sqlx::query_scalar(THRESHOLD).bind(*account_id).fetch_one(&mut **transaction).await?;
+        if let (Some(threshold), Some(start)) = (threshold, starts.get(account_id)) {
+            events.extend(balance_low(account_id, Money::from_nanos(threshold), start.0, end.0, end.1));
+        }
+    }
+    queue_events(transaction, &events).await
 }
 
 #[async_trait]

@@ -1,7 +1,8 @@
-//! The operator API's operational side: reconciliation runs and periodic job runs.
+//! The operator API's operational side: reconciliation runs, periodic job runs, alerts (the
+//! outbox) and their webhook deliveries.
 
 use axum::body::Bytes;
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -23,6 +24,8 @@ pub fn router() -> Router<AppState> {
         .route("/reconcile", post(reconcile))
         .route("/reconciliations", get(reconciliations))
         .route("/jobs", get(job_runs))
+        .route("/alerts", get(alerts))
+        .route("/alerts/{id}/deliveries", get(deliveries))
 }
 
 #[derive(Deserialize, Default)]
@@ -46,6 +49,7 @@ async fn reconcile(State(state): State<AppState>, headers: HeaderMap, body: Byte
 struct ListParams {
     limit: Option<u32>,
     job: Option<String>,
+    account_id: Option<String>,
 }
 
 fn limit_of(params: &ListParams) -> u32 {
@@ -72,4 +76,29 @@ async fn job_runs(
     let params = parse_query(query)?;
     let runs = state.ledger.job_runs(params.job.as_deref(), limit_of(&params)).await?;
     Ok(Json(json!({"object": "list", "data": runs})))
+}
+
+/// The outbox's events, newest first, with their delivery state.
+async fn alerts(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    require_operator(&state, &headers)?;
+    let params = parse_query(query)?;
+    let events = state.ledger.outbox_events(params.account_id.as_deref(), limit_of(&params)).await?;
+    Ok(Json(json!({"object": "list", "data": events})))
+}
+
+/// Every delivery attempt of one event, newest first.
+async fn deliveries(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+    query: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    require_operator(&state, &headers)?;
+    let params = parse_query(query)?;
+    let attempts = state.ledger.deliveries(Some(id), limit_of(&params)).await?;
+    Ok(Json(json!({"object": "list", "data": attempts})))
 }
