@@ -138,7 +138,15 @@ async fn low_balance_fires_once_per_crossing_signed_through_a_failing_receiver()
     assert!(second.iter().all(|(_, signed, _)| *signed));
 
     // The operator's view: the events, delivered, and every attempt logged.
-    let events = gateway.admin_ok(reqwest::Method::GET, &format!("/internal/alerts?account_id={account}"), None).await;
+    // (The deliverer records an attempt after the receiver answered it: wait for the record.)
+    let mut events = Value::Null;
+    for _ in 0..100 {
+        events = gateway.admin_ok(reqwest::Method::GET, &format!("/internal/alerts?account_id={account}"), None).await;
+        if events["data"].as_array().unwrap().iter().all(|event| event["status"] == "delivered") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let low: Vec<&Value> = events["data"].as_array().unwrap().iter().filter(|event| event["event_type"] == "balance.low").collect();
     assert_eq!(low.len(), 2, "{events}");
     assert!(low.iter().all(|event| event["status"] == "delivered" && event["attempts"] == 3), "{events}");

@@ -9,4 +9,5 @@ mod limits;
 mod notifications;
 mod reconcile;
 mod services;
+mod statements;
 mod streaming;

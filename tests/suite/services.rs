@@ -48,15 +48,16 @@ async fn two_gateways_and_one_worker_never_overspend() {
         let request = first.http.post(format!("{url}/v1/chat/completions")).bearer_auth(&key).json(&body);
         requests.push(tokio::spawn(async move {
             let response = request.send().await.unwrap();
-            response.status().as_u16()
+            let status = response.status().as_u16();
+            (status, if status == 200 { String::new() } else { response.text().await.unwrap_or_default() })
         }));
     }
     let mut succeeded = 0;
     for request in requests {
         match request.await.unwrap() {
-            200 => succeeded += 1,
-            402 => {}
-            other => panic!("unexpected status {other}"),
+            (200, _) => succeeded += 1,
+            (402, _) => {}
+            (other, body) => panic!("unexpected status {other}: {body}"),
         }
     }
     assert_eq!(succeeded, 100, "exactly what the balance covers (I3)");

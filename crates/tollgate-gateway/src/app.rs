@@ -5,7 +5,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 
-use crate::routes::{admin, client, operations, ops};
+use crate::routes::{admin, client, operations, ops, statements};
 use crate::state::AppState;
 
 pub fn app(state: AppState) -> Router {
@@ -19,7 +19,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/models", get(client::models))
         .route("/v1/balance", get(client::balance))
         .route("/v1/usage", get(client::usage))
-        .nest("/internal", admin::router().merge(operations::router()))
+        .nest("/internal", admin::router().merge(operations::router()).merge(statements::router()))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

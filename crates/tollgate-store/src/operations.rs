@@ -130,6 +130,30 @@ pub enum DeliveryNext {
     GaveUp,
 }
 
+/// Money movements of one account within a period `[start, end)` of creation times.
+///
+/// The opening balance is the sum of every row created before `start` (not a chain value):
+/// a usage row written late by the worker still counts in the period its request was made, so
+/// the closing balance of one period is exactly the opening balance of the next, and the last
+/// period's closing balance is the ledger's balance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PeriodTotals {
+    pub opening_balance: Money,
+    pub deposits: KindTotal,
+    pub refunds: KindTotal,
+    pub adjustments: KindTotal,
+    /// Usage costs (positive) and how many usage rows.
+    pub usage: KindTotal,
+    pub closing_balance: Money,
+}
+
+/// How many rows of one kind and the sum of their amounts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct KindTotal {
+    pub count: u64,
+    pub amount: Money,
+}
+
 /// Reconciliation, job leases and the outbox, on the ledger's database.
 #[async_trait]
 pub trait Operations: Send + Sync {
@@ -148,6 +172,9 @@ pub trait Operations: Send + Sync {
     async fn finish_reconciliation(&self, run: &ReconciliationRun) -> StoreResult<()>;
     /// The newest runs first.
     async fn reconciliations(&self, limit: u32) -> StoreResult<Vec<ReconciliationRun>>;
+
+    /// The account's movements within `[start, end)` (unix ms), read in one snapshot.
+    async fn period_totals(&self, account_id: &str, start_ms: i64, end_ms: i64) -> StoreResult<PeriodTotals>;
 
     /// Claims `job` for the period starting at `period_start`: succeeds (with a fencing token)
     /// only if no instance holds an unexpired lease on the job and the period has not run.
@@ -227,6 +254,42 @@ pub(crate) const DUE_OUTBOX: &str = "SELECT * FROM outbox WHERE status = 'pendin
 pub(crate) const INSERT_DELIVERY: &str = "INSERT INTO webhook_deliveries (outbox_id, attempt, url, status_code, error, duration_ms, attempted_at)
     VALUES (?, ?, ?, ?, ?, ?, ?)";
 pub(crate) const ADVANCE_OUTBOX: &str = "UPDATE outbox SET attempts = ?, status = ?, next_attempt_at = ?, delivered_at = ?, last_error = ? WHERE id = ?";
+
+pub(crate) const BALANCE_BEFORE: &str = "SELECT
+        CAST((SELECT COALESCE(SUM(amount), 0) FROM fund_transactions WHERE account_id = ? AND created_at < ?) AS BIGINT) AS funds,
+        CAST((SELECT COALESCE(SUM(cost), 0) FROM usage_log WHERE account_id = ? AND created_at < ?) AS BIGINT) AS costs";
+pub(crate) const PERIOD_FUNDS: &str = "SELECT kind, COUNT(*) AS entries, CAST(COALESCE(SUM(amount), 0) AS BIGINT) AS total
+    FROM fund_transactions WHERE account_id = ? AND created_at >= ? AND created_at < ? GROUP BY kind";
+pub(crate) const PERIOD_USAGE: &str = "SELECT COUNT(*) AS entries, CAST(COALESCE(SUM(cost), 0) AS BIGINT) AS total
+    FROM usage_log WHERE account_id = ? AND created_at >= ? AND created_at < ?";
+
+/// Assembles a period's totals from the three reads above.
+pub(crate) fn period_totals_from(opening: &impl Fields, funds: &[impl Fields], usage: &impl Fields) -> StoreResult<PeriodTotals> {
+    let opening_balance = proven_balance(opening)?;
+    let mut totals = PeriodTotals {
+        opening_balance,
+        deposits: KindTotal::default(),
+        refunds: KindTotal::default(),
+        adjustments: KindTotal::default(),
+        usage: KindTotal { count: count(usage, "entries")?, amount: money(usage, "total")? },
+        closing_balance: opening_balance,
+    };
+    for row in funds {
+        let total = KindTotal { count: count(row, "entries")?, amount: money(row, "total")? };
+        match row.text("kind")?.as_str() {
+            "deposit" => totals.deposits = total,
+            "refund" => totals.refunds = total,
+            _ => totals.adjustments = total,
+        }
+    }
+    let overflow = StoreError::Overflow("period totals");
+    totals.closing_balance = [totals.deposits.amount, totals.refunds.amount, totals.adjustments.amount]
+        .into_iter()
+        .try_fold(opening_balance, Money::checked_add)
+        .and_then(|balance| balance.checked_sub(totals.usage.amount))
+        .ok_or(overflow)?;
+    Ok(totals)
+}
 
 pub(crate) const THRESHOLD: &str = "SELECT low_balance_threshold FROM accounts WHERE id = ?";
 

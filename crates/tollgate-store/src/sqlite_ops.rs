@@ -11,6 +11,7 @@ use crate::alerts::{PendingEvent, balance_low, budget_alerts, fund_posted, spend
 use crate::error::{StoreError, StoreResult};
 use crate::model::{FundKind, FundTransaction, NewFund, UsageEvent};
 use crate::operations::{
+    BALANCE_BEFORE, PERIOD_FUNDS, PERIOD_USAGE, PeriodTotals, period_totals_from,
     ACCOUNT_TOTALS, ADVANCE_OUTBOX, BalanceRepair, CHARGED_ONE, DUE_OUTBOX, DeliveryAttempt, DeliveryNext, ENSURE_LEASE,
     FINISH_RECONCILIATION, FINISH_RUN, INSERT_DELIVERY, INSERT_OUTBOX, INSERT_RUN, JOB_RUNS_KEPT, JobRun, LEDGER_TOTALS,
     LedgerTotals, Operations, OutboxEvent, PERIOD_RAN, PRUNE_RUNS, RECONCILIATIONS, RELEASE_LEASE, RENEW_LEASE,
@@ -168,6 +169,16 @@ impl Operations for SqliteLedger {
 
     async fn reconciliations(&self, limit: u32) -> StoreResult<Vec<ReconciliationRun>> {
         sqlx::query(RECONCILIATIONS).bind(i64::from(limit)).fetch_all(self.pool()).await?.iter().map(reconciliation_from).collect()
+    }
+
+    async fn period_totals(&self, account_id: &str, start_ms: i64, end_ms: i64) -> StoreResult<PeriodTotals> {
+        // One snapshot: rows committed meanwhile cannot fall between the three reads.
+        let mut transaction = self.pool().begin().await?;
+        let opening = sqlx::query(BALANCE_BEFORE).bind(account_id).bind(start_ms).bind(account_id).bind(start_ms).fetch_one(&mut *transaction).await?;
+        let funds = sqlx::query(PERIOD_FUNDS).bind(account_id).bind(start_ms).bind(end_ms).fetch_all(&mut *transaction).await?;
+        let usage = sqlx::query(PERIOD_USAGE).bind(account_id).bind(start_ms).bind(end_ms).fetch_one(&mut *transaction).await?;
+        transaction.commit().await?;
+        period_totals_from(&opening, &funds, &usage)
     }
 
     async fn claim_job(&self, job: &str, period_start: i64, holder: &str, lease_ms: i64) -> StoreResult<Option<i64>> {

@@ -61,6 +61,8 @@ conformance!(
     concurrent_writers_keep_the_chain_and_the_sum,
     pages_return_each_row_once,
     summaries_match_the_rows,
+    monthly_totals_chain_from_one_month_to_the_next,
+    operations_claim_each_job_period_once_and_keep_the_outbox,
 );
 
 async fn account(ledger: &dyn Ledger, id: &str) {
@@ -268,6 +270,7 @@ async fn pages_return_each_row_once(ledger: Arc<dyn Ledger>) {
     ledger.record_usage_batch(&batch).await.unwrap();
     let mut seen = Vec::new();
     let mut cursor = None;
+    let mut inserted_meanwhile = 0;
     loop {
         let page = ledger.usage_rows(UsageQuery { account_id: Some("a".into()), limit: 7, cursor, ..UsageQuery::default() }).await.unwrap();
         if page.is_empty() {
@@ -276,10 +279,18 @@ async fn pages_return_each_row_once(ledger: Arc<dyn Ledger>) {
         assert!(page.windows(2).all(|pair| pair[0].id > pair[1].id), "newest first");
         cursor = page.last().map(|row| row.id);
         seen.extend(page.into_iter().map(|row| row.request_id));
+        // Rows written while a client pages (newer, larger ids) neither repeat nor shift rows.
+        let more: Vec<UsageEvent> = (0..3).map(|index| event("a", &format!("late{inserted_meanwhile}-{index}"), 1, RequestStatus::Success)).collect();
+        ledger.record_usage_batch(&more).await.unwrap();
+        inserted_meanwhile += 1;
     }
-    seen.sort();
-    seen.dedup();
-    assert_eq!(seen.len(), 25);
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), seen.len(), "a row came twice: {seen:?}");
+    assert_eq!(seen.len(), 25, "exactly the rows that existed when paging began: {seen:?}");
+    assert!(seen.iter().all(|request| request.starts_with('r')));
+    assert_sound(&*ledger, "a").await;
 }
 
 async fn summaries_match_the_rows(ledger: Arc<dyn Ledger>) {
@@ -292,4 +303,94 @@ async fn summaries_match_the_rows(ledger: Arc<dyn Ledger>) {
     assert_eq!(groups, vec![("demo-claude", 1, Money::from_nanos(100)), ("demo-gpt", 2, Money::from_nanos(30))]);
     let by_day = ledger.summary(Some("a"), None, None, SummaryGroup::Day).await.unwrap();
     assert_eq!((by_day.len(), by_day[0].group.as_str(), by_day[0].cost, by_day[0].input_tokens), (1, "2026-01-31", Money::from_nanos(130), 30));
+}
+
+/// Unix ms of the first instant of a month (UTC).
+fn month_start(year: i32, month: u8) -> i64 {
+    let date = time::Date::from_calendar_date(year, time::Month::try_from(month).unwrap(), 1).unwrap();
+    i64::try_from(date.with_time(time::Time::MIDNIGHT).assume_utc().unix_timestamp_nanos() / 1_000_000).unwrap()
+}
+
+async fn monthly_totals_chain_from_one_month_to_the_next(ledger: Arc<dyn Ledger>) {
+    account(&*ledger, "a").await;
+    deposit(&*ledger, "a", 5_000, "first").await;
+    // Usage in three past months (as a worker writing late would: rows carry their request's time).
+    let months = [(2026, 1), (2026, 2), (2026, 3)];
+    let mut events = Vec::new();
+    for (index, (year, month)) in months.iter().enumerate() {
+        for request in 0..=index {
+            let mut usage = event("a", &format!("m{month}-{request}"), 10 * (index as i64 + 1), RequestStatus::Success);
+            usage.created_at_ms = month_start(*year, *month) + 1_000 * request as i64;
+            events.push(usage);
+        }
+    }
+    ledger.record_usage_batch(&events).await.unwrap();
+    ledger
+        .record_fund(NewFund { account_id: "a".into(), kind: FundKind::Refund, amount: Money::from_nanos(-7), reference_id: "r".into(), reason: Some("test".into()), operator_id: None })
+        .await
+        .unwrap();
+
+    let now = time::OffsetDateTime::now_utc();
+    let mut periods = vec![(2025, 12)];
+    let (mut year, mut month) = (2026, 1);
+    while (year, month) <= (now.year(), u8::from(now.month())) {
+        periods.push((year, month));
+        (year, month) = if month == 12 { (year + 1, 1) } else { (year, month + 1) };
+    }
+    let mut previous_closing = Money::ZERO;
+    let mut usage_count = 0;
+    for (year, month) in &periods {
+        let (next_year, next_month) = if *month == 12 { (year + 1, 1) } else { (*year, month + 1) };
+        let totals = ledger.period_totals("a", month_start(*year, *month), month_start(next_year, next_month)).await.unwrap();
+        assert_eq!(totals.opening_balance, previous_closing, "{year}-{month}: opening = previous closing");
+        let moved = totals.deposits.amount.checked_add(totals.refunds.amount).unwrap().checked_add(totals.adjustments.amount).unwrap();
+        assert_eq!(totals.closing_balance, totals.opening_balance.checked_add(moved).unwrap().checked_sub(totals.usage.amount).unwrap());
+        if let Some(index) = months.iter().position(|past| past == &(*year, *month)) {
+            assert_eq!(totals.usage.count, index as u64 + 1, "{year}-{month}");
+            assert_eq!(totals.usage.amount, Money::from_nanos(10 * (index as i64 + 1) * (index as i64 + 1)));
+        }
+        usage_count += totals.usage.count;
+        previous_closing = totals.closing_balance;
+    }
+    assert_eq!(usage_count, 6);
+    let balance = ledger.account_balance("a").await.unwrap().unwrap().balance;
+    assert_eq!(previous_closing, balance, "this month's closing balance is the ledger's");
+    assert_eq!(balance, Money::from_nanos(5_000 - 7 - (10 + 40 + 90)));
+    assert_sound(&*ledger, "a").await;
+}
+
+async fn operations_claim_each_job_period_once_and_keep_the_outbox(ledger: Arc<dyn Ledger>) {
+    // A period is claimed once; a live lease blocks every other claim; a finished run frees it.
+    let first = ledger.claim_job("j", 1_000, "one", 60_000).await.unwrap().expect("claimed");
+    assert_eq!(ledger.claim_job("j", 2_000, "two", 60_000).await.unwrap(), None, "the lease is live");
+    assert!(ledger.renew_job("j", first, 60_000).await.unwrap());
+    ledger.finish_job("j", 1_000, first, "done").await.unwrap();
+    assert_eq!(ledger.claim_job("j", 1_000, "two", 60_000).await.unwrap(), None, "the period ran");
+    let second = ledger.claim_job("j", 2_000, "two", 60_000).await.unwrap().expect("next period");
+    assert!(second > first, "fencing tokens grow");
+    assert!(!ledger.renew_job("j", first, 60_000).await.unwrap(), "a stale holder cannot renew");
+    let runs = ledger.job_runs(Some("j"), 10).await.unwrap();
+    assert_eq!(runs.iter().map(|run| (run.period_start, run.holder.as_str())).collect::<Vec<_>>(), vec![(2_000, "two"), (1_000, "one")]);
+    assert_eq!(runs[1].outcome.as_deref(), Some("done"));
+
+    // Money changes queue their events in their own transaction.
+    account(&*ledger, "a").await;
+    ledger.update_account("a", AccountPatch { low_balance_threshold: Some(Some(Money::from_nanos(50))), ..AccountPatch::default() }).await.unwrap();
+    deposit(&*ledger, "a", 100, "d").await;
+    ledger.record_usage_batch(&[event("a", "x", 60, RequestStatus::Success)]).await.unwrap();
+    ledger.record_usage_batch(&[event("a", "y", 30, RequestStatus::Success)]).await.unwrap();
+    let events = ledger.outbox_events(Some("a"), 10).await.unwrap();
+    let kinds: Vec<&str> = events.iter().map(|event| event.event_type.as_str()).collect();
+    assert_eq!(kinds, vec!["balance.low", "fund.posted"], "one crossing (100 → 40), already below after (40 → 10)");
+    let due = ledger.due_outbox(i64::MAX, 10).await.unwrap();
+    assert_eq!(due.len(), 2);
+    let low = events[0].id;
+    let attempt = |number, code| tollgate_store::operations::DeliveryAttempt { outbox_id: low, attempt: number, url: "http://x".into(), status_code: Some(code), error: None, duration_ms: 1, attempted_at: 5 };
+    ledger.record_delivery(&attempt(1, 500), tollgate_store::operations::DeliveryNext::RetryAt(i64::MAX - 1)).await.unwrap();
+    let still_due = ledger.due_outbox(i64::MAX - 2, 10).await.unwrap();
+    assert_eq!(still_due.iter().map(|event| event.event_type.as_str()).collect::<Vec<_>>(), vec!["fund.posted"], "the failed event waits for its retry");
+    ledger.record_delivery(&attempt(2, 200), tollgate_store::operations::DeliveryNext::Delivered).await.unwrap();
+    let delivered = ledger.outbox_events(Some("a"), 10).await.unwrap().into_iter().find(|event| event.id == low).unwrap();
+    assert_eq!((delivered.status.as_str(), delivered.attempts), ("delivered", 2));
+    assert_eq!(ledger.deliveries(Some(low), 10).await.unwrap().len(), 2);
 }

@@ -443,7 +443,7 @@ fn rfc3339(time: OffsetDateTime) -> String {
     time.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
-fn csv_field(value: &Value) -> String {
+pub(crate) fn csv_field(value: &Value) -> String {
     let text = match value {
         Value::Null => String::new(),
         Value::String(text) => text.clone(),

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod client;
 pub mod operations;
 pub mod ops;
+pub mod statements;
 
 use serde_json::{Value, json};
 use time::OffsetDateTime;

@@ -1,0 +1,125 @@
+//! Monthly statements: what moved an account's balance in one calendar month (UTC), as JSON or
+//! CSV. Opening and closing balances are sums of rows, so one month's closing balance is the
+//! next month's opening balance, and the current month's closing balance is the ledger's.
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use time::format_description::well_known::Rfc3339;
+use time::{Date, Month, OffsetDateTime, Time};
+use tollgate_core::Money;
+use tollgate_store::model::SummaryGroup;
+
+use crate::auth::require_operator;
+use crate::error::ApiError;
+use crate::routes::admin::{csv_field, parse_query};
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/accounts/{id}/statements/{month}", get(monthly_statement))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatementParams {
+    format: Option<String>,
+}
+
+/// `YYYY-MM` → the month's first instant and the next month's, UTC.
+fn month_bounds(month: &str) -> Result<(OffsetDateTime, OffsetDateTime), ApiError> {
+    let invalid = || ApiError::InvalidRequest(format!("month must be YYYY-MM (e.g. 2026-11), not {month:?}"));
+    let (year, number) = month.split_once('-').ok_or_else(invalid)?;
+    if year.len() != 4 || number.len() != 2 {
+        return Err(invalid());
+    }
+    let year: i32 = year.parse().map_err(|_| invalid())?;
+    let number: u8 = number.parse().map_err(|_| invalid())?;
+    let month = Month::try_from(number).map_err(|_| invalid())?;
+    let start = Date::from_calendar_date(year, month, 1).map_err(|_| invalid())?;
+    let (next_year, next_month) = if month == Month::December { (year + 1, Month::January) } else { (year, month.next()) };
+    let end = Date::from_calendar_date(next_year, next_month, 1).map_err(|_| invalid())?;
+    Ok((start.with_time(Time::MIDNIGHT).assume_utc(), end.with_time(Time::MIDNIGHT).assume_utc()))
+}
+
+fn unix_ms(at: OffsetDateTime) -> i64 {
+    i64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}
+
+fn rfc3339(at: OffsetDateTime) -> String {
+    at.format(&Rfc3339).unwrap_or_default()
+}
+
+async fn monthly_statement(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((account_id, month)): Path<(String, String)>,
+    params: Result<Query<StatementParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    require_operator(&state, &headers)?;
+    let params = parse_query(params)?;
+    let format = params.format.unwrap_or_else(|| "json".into());
+    if format != "json" && format != "csv" {
+        return Err(ApiError::InvalidRequest(format!("format must be json or csv, not {format}")));
+    }
+    let (start, end) = month_bounds(&month)?;
+    if state.ledger.account(&account_id).await?.is_none() {
+        return Err(ApiError::NotFound(format!("account {account_id} not found")));
+    }
+    let as_of = OffsetDateTime::now_utc();
+    let totals = state.ledger.period_totals(&account_id, unix_ms(start), unix_ms(end)).await?;
+    let by_model = state.ledger.summary(Some(&account_id), Some(start), Some(end), SummaryGroup::Model).await?;
+    if format == "csv" {
+        let mut csv = String::from("line,model,count,input_tokens,cached_input_tokens,cache_write_tokens,output_tokens,amount\n");
+        let mut line = |name: &str, count: Option<u64>, amount: Money| {
+            csv.push_str(&format!("{name},,{},,,,,{amount}\n", count.map(|count| count.to_string()).unwrap_or_default()));
+        };
+        line("opening_balance", None, totals.opening_balance);
+        line("deposits", Some(totals.deposits.count), totals.deposits.amount);
+        line("refunds", Some(totals.refunds.count), totals.refunds.amount);
+        line("adjustments", Some(totals.adjustments.count), totals.adjustments.amount);
+        for row in &by_model {
+            // Usage lowers the balance: negative, so the amount column adds up to the closing line.
+            let amount = Money::ZERO.checked_sub(row.cost).ok_or_else(|| ApiError::Internal("usage cost out of range".into()))?;
+            csv.push_str(&format!(
+                "usage,{},{},{},{},{},{},{amount}\n",
+                csv_field(&Value::String(row.group.clone())), row.requests, row.input_tokens, row.cached_input_tokens, row.cache_write_tokens, row.output_tokens
+            ));
+        }
+        csv.push_str(&format!("closing_balance,,,,,,,{}\n", totals.closing_balance));
+        return Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], csv).into_response());
+    }
+    Ok(Json(json!({
+        "object": "statement",
+        "account_id": account_id,
+        "month": month,
+        "period_start": rfc3339(start),
+        "period_end": rfc3339(end),
+        "as_of": rfc3339(as_of),
+        "opening_balance": totals.opening_balance,
+        "deposits": totals.deposits,
+        "refunds": totals.refunds,
+        "adjustments": totals.adjustments,
+        "usage": {"count": totals.usage.count, "amount": totals.usage.amount, "by_model": by_model},
+        "closing_balance": totals.closing_balance,
+    }))
+    .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::month_bounds;
+
+    #[test]
+    fn months_are_calendar_months_in_utc() {
+        let (start, end) = month_bounds("2026-12").unwrap_or_else(|error| panic!("{error}"));
+        assert_eq!((start.year(), u8::from(start.month()), start.day()), (2026, 12, 1));
+        assert_eq!((end.year(), u8::from(end.month()), end.day()), (2027, 1, 1));
+        for bad in ["2026-13", "2026-00", "26-11", "2026-1", "2026/11", "", "2026-11-01"] {
+            assert!(month_bounds(bad).is_err(), "{bad}");
+        }
+    }
+}
