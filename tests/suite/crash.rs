@@ -251,3 +251,32 @@ async fn sigterm_lets_a_running_stream_finish_and_charges_it() {
     assert_eq!((rows[0]["request_id"].as_str(), rows[0]["status"].as_str(), rows[0]["usage"]["output_tokens"].as_u64()), (Some("graceful"), Some("success"), Some(40)));
     gateway.stop().await;
 }
+
+/// Quotas and budgets outlive the process: a restarted gateway (embedded: its hot store was in
+/// memory) starts its counters from the ledger's, so a used-up daily quota stays used up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_the_daily_quota() {
+    let mut gateway = ProcessGateway::start().await;
+    let key = gateway.account("quota", "10").await;
+    gateway.admin(reqwest::Method::PATCH, "/internal/accounts/quota", Some(json!({"daily_request_quota": 2}))).await;
+    let (http, url) = (gateway.http.clone(), gateway.url.clone());
+    for id in ["q1", "q2"] {
+        assert!(one_request(&http, &url, &key, id, false).await, "request {id} within the quota");
+    }
+    let status = |response: reqwest::Response| response.status().as_u16();
+    let refused = http.post(format!("{url}/v1/chat/completions")).bearer_auth(&key).json(&chat_body("third")).send().await.unwrap();
+    assert_eq!(status(refused), 429, "the quota is used up before the restart");
+
+    let pid = gateway.child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(gateway.child.wait().await.unwrap().success());
+    gateway.restart().await;
+
+    let response = http.post(format!("{url}/v1/chat/completions")).bearer_auth(&key).json(&chat_body("after restart")).send().await.unwrap();
+    assert_eq!(response.status(), 429);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "daily_quota_exceeded", "{body}");
+    let balance: Value = http.get(format!("{url}/v1/balance")).bearer_auth(&key).send().await.unwrap().json().await.unwrap();
+    assert_eq!(balance["daily_requests_used"], 2, "{balance}");
+    gateway.stop().await;
+}

@@ -131,11 +131,13 @@ pub async fn load_account(state: &AppState, account_id: &str) -> Result<(), ApiE
         .ok_or_else(|| ApiError::NotFound(format!("account {account_id} not found")))?;
     let since = OffsetDateTime::now_utc() - time::Duration::milliseconds(CHARGED_ID_TTL_MS);
     let charged_request_ids = state.ledger.charged_request_ids_since(account_id, since).await?;
+    let counters = state.ledger.counter_seed(account_id, (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64).await?;
     let snapshot = AccountSnapshot {
         account_id: account_id.to_string(),
         balance: balance.balance,
         last_fund_seq: balance.last_fund_seq,
         charged_request_ids,
+        counters,
     };
     if state.hot.load_account(snapshot).await? {
         metrics::counter!("tollgate_hot_account_loads_total").increment(1);

@@ -17,7 +17,9 @@ use serde_json::json;
 use time::OffsetDateTime;
 use tollgate_core::Money;
 
+use crate::clock::Periods;
 use crate::error::{StoreError, StoreResult};
+use crate::hot::{CounterSeed, KeySpendSeed};
 use crate::model::{FundTransaction, RequestStatus, UsageEvent};
 
 /// Percentages of a key budget whose crossing is an alert.
@@ -71,10 +73,8 @@ pub type SpendKey = (&'static str, String, String);
 pub(crate) fn spend_deltas(inserted: &[&UsageEvent]) -> StoreResult<BTreeMap<SpendKey, (i64, i64)>> {
     let mut deltas: BTreeMap<SpendKey, (i64, i64)> = BTreeMap::new();
     for event in inserted.iter().filter(|event| event.status != RequestStatus::Failed) {
-        let at = OffsetDateTime::from_unix_timestamp_nanos(i128::from(event.created_at_ms) * 1_000_000)
-            .map_err(|_| StoreError::Invalid(format!("usage event {} has an impossible time", event.request_id)))?;
-        let day = format!("{:04}-{:02}-{:02}", at.year(), u8::from(at.month()), at.day());
-        let month = day[..7].to_string();
+        let (day, month) = period_labels(event.created_at_ms)
+            .ok_or_else(|| StoreError::Invalid(format!("usage event {} has an impossible time", event.request_id)))?;
         for (scope, owner) in [("account", &event.account_id), ("key", &event.api_key_id)] {
             for period in ["total".to_string(), month.clone(), day.clone()] {
                 let delta = deltas.entry((scope, owner.clone(), period)).or_insert((0, 0));
@@ -84,6 +84,54 @@ pub(crate) fn spend_deltas(inserted: &[&UsageEvent]) -> StoreResult<BTreeMap<Spe
         }
     }
     Ok(deltas)
+}
+
+/// The day (`YYYY-MM-DD`) and month (`YYYY-MM`) labels of a moment (UTC).
+pub(crate) fn period_labels(at_ms: i64) -> Option<(String, String)> {
+    let at = OffsetDateTime::from_unix_timestamp_nanos(i128::from(at_ms) * 1_000_000).ok()?;
+    let day = format!("{:04}-{:02}-{:02}", at.year(), u8::from(at.month()), at.day());
+    let month = day[..7].to_string();
+    Some((day, month))
+}
+
+/// The SQL reading an account's counters and its keys' for a day, a month and `total`; binds
+/// day, month, account id, account id; rows are (scope, owner_id, period, requests, spent).
+pub(crate) const SPEND_COUNTERS_OF_ACCOUNT: &str = "SELECT scope, owner_id, period, requests, spent FROM spend_counters
+     WHERE period IN (?, ?, 'total')
+       AND ((scope = 'account' AND owner_id = ?) OR (scope = 'key' AND owner_id IN (SELECT id FROM api_keys WHERE account_id = ?)))";
+
+/// A [`CounterSeed`] for the periods of `at_ms` from the rows of [`SPEND_COUNTERS_OF_ACCOUNT`].
+pub(crate) fn counter_seed(at_ms: i64, day: &str, month: &str, rows: Vec<(String, String, String, i64, i64)>) -> CounterSeed {
+    let periods = Periods::at(at_ms);
+    let mut seed = CounterSeed { day: periods.day, month: periods.month, ..CounterSeed::default() };
+    let count = |value: i64| u64::try_from(value).unwrap_or(0);
+    for (scope, owner, period, requests, spent) in rows {
+        if scope == "account" {
+            if period == day {
+                seed.requests_today = count(requests);
+            } else if period == month {
+                seed.requests_this_month = count(requests);
+            }
+            continue;
+        }
+        let position = match seed.keys.iter().position(|key| key.api_key_id == owner) {
+            Some(position) => position,
+            None => {
+                seed.keys.push(KeySpendSeed { api_key_id: owner, ..KeySpendSeed::default() });
+                seed.keys.len() - 1
+            }
+        };
+        let key = &mut seed.keys[position];
+        let spent = Money::from_nanos(spent);
+        if period == day {
+            key.spent_today = spent;
+        } else if period == month {
+            key.spent_this_month = spent;
+        } else {
+            key.spent_total = spent;
+        }
+    }
+    seed
 }
 
 /// A key's budgets, as the ledger holds them.

@@ -108,6 +108,32 @@ pub struct AccountSnapshot {
     pub last_fund_seq: i64,
     /// Request ids already charged recently: they must never be charged again.
     pub charged_request_ids: Vec<String>,
+    /// Quota and budget counters as the ledger last recorded them.
+    pub counters: CounterSeed,
+}
+
+/// The ledger's quota and budget counters (`spend_counters`) for the day and month of one
+/// moment. A cold load starts its counters from them, so a lost hot store or a restart does not
+/// reset quotas and budgets; they lag the hot store only by the events not yet persisted. A
+/// store takes a period's values only if that period is still its current one, and never
+/// lowers a counter it already holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CounterSeed {
+    /// The periods of the counts, numbered as [`crate::clock::Periods`].
+    pub day: i64,
+    pub month: i64,
+    pub requests_today: u64,
+    pub requests_this_month: u64,
+    pub keys: Vec<KeySpendSeed>,
+}
+
+/// One key's spend in the periods of a [`CounterSeed`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeySpendSeed {
+    pub api_key_id: String,
+    pub spent_today: Money,
+    pub spent_this_month: Money,
+    pub spent_total: Money,
 }
 
 /// What `apply_fund` did.

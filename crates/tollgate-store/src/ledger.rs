@@ -82,6 +82,8 @@ pub trait Ledger: crate::operations::Operations + Send + Sync + 'static {
         account_id: &str,
         since: OffsetDateTime,
     ) -> StoreResult<Vec<String>>;
+    /// The account's quota and budget counters (and its keys') for the day and month of `at_ms`.
+    async fn counter_seed(&self, account_id: &str, at_ms: i64) -> StoreResult<crate::hot::CounterSeed>;
 
     /// A page of usage rows, newest first.
     async fn usage_rows(&self, query: UsageQuery) -> StoreResult<Vec<UsageRow>>;

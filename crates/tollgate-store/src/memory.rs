@@ -11,7 +11,7 @@ use tollgate_core::Money;
 use crate::clock::{Clock, Periods};
 use crate::error::{StoreError, StoreResult};
 use crate::hot::{
-    AccountSnapshot, Authorization, AuthorizeRequest, BalanceView, BudgetPeriod, FundApplication,
+    AccountSnapshot, Authorization, CounterSeed, AuthorizeRequest, BalanceView, BudgetPeriod, FundApplication,
     HotStore, Refusal, Settlement,
 };
 use crate::model::UsageEvent;
@@ -74,6 +74,27 @@ struct AccountState {
     keys: HashMap<String, KeyState>,
     /// Settled request id → cost, until the ledger has committed the charge.
     unlogged: HashMap<String, Money>,
+}
+
+/// Starts a freshly loaded account's counters from the ledger's, for the periods still current.
+fn seed_counters(account: &mut AccountState, seed: &CounterSeed, periods: &Periods) {
+    let (today, this_month) = (seed.day == periods.day, seed.month == periods.month);
+    if today {
+        account.requests_today.set(periods.day, seed.requests_today);
+    }
+    if this_month {
+        account.requests_this_month.set(periods.month, seed.requests_this_month);
+    }
+    for spend in &seed.keys {
+        let key = account.keys.entry(spend.api_key_id.clone()).or_default();
+        key.spent_total = spend.spent_total;
+        if today {
+            key.spent_daily.set(periods.day, spend.spent_today);
+        }
+        if this_month {
+            key.spent_monthly.set(periods.month, spend.spent_this_month);
+        }
+    }
 }
 
 /// The embedded hot store. Settled events go to the embedded usage log.
@@ -303,12 +324,13 @@ impl HotStore for MemoryHotStore {
             return Ok(false);
         }
         let forget_at_ms = now_ms.saturating_add(CHARGED_ID_TTL_MS);
-        let account = AccountState {
+        let mut account = AccountState {
             balance: snapshot.balance,
             last_fund_seq: snapshot.last_fund_seq,
             charged: snapshot.charged_request_ids.into_iter().map(|id| (id, forget_at_ms)).collect(),
             ..AccountState::default()
         };
+        seed_counters(&mut account, &snapshot.counters, &Periods::at(now_ms));
         accounts.insert(snapshot.account_id, account);
         Ok(true)
     }
@@ -449,7 +471,7 @@ mod tests {
     }
 
     async fn loaded(store: &MemoryHotStore, balance: i64) {
-        let snapshot = AccountSnapshot { account_id: "a".into(), balance: Money::from_nanos(balance), last_fund_seq: 0, charged_request_ids: vec!["old".into()] };
+        let snapshot = AccountSnapshot { account_id: "a".into(), balance: Money::from_nanos(balance), last_fund_seq: 0, charged_request_ids: vec!["old".into()], counters: CounterSeed::default() };
         assert!(store.load_account(snapshot.clone()).await.unwrap());
         assert!(!store.load_account(snapshot).await.unwrap(), "a second load changes nothing");
     }

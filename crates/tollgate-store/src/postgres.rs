@@ -14,8 +14,11 @@ use sqlx::{Postgres, QueryBuilder, Transaction};
 use time::OffsetDateTime;
 use tollgate_core::Money;
 
+use crate::alerts::{SPEND_COUNTERS_OF_ACCOUNT, counter_seed, period_labels};
 use crate::error::{StoreError, StoreResult};
+use crate::hot::CounterSeed;
 use crate::ledger::Ledger;
+use crate::operations::pg;
 use crate::model::{
     Account, AccountBalance, AccountPatch, ApiKey, FundKind, FundOutcome, FundTransaction, LedgerEntry, NewAccount,
     NewApiKey, NewFund, NewPrice, PriceRow, RecordOutcome, RequestStatus, StoredResponse, SummaryGroup, SummaryRow, TopUp,
@@ -657,6 +660,12 @@ impl Ledger for PgLedger {
             .bind(ms_of(since))
             .fetch_all(&self.pool)
             .await?)
+    }
+
+    async fn counter_seed(&self, account_id: &str, at_ms: i64) -> StoreResult<CounterSeed> {
+        let (day, month) = period_labels(at_ms).ok_or_else(|| StoreError::Invalid(format!("impossible time {at_ms}")))?;
+        let rows = sqlx::query_as(pg(SPEND_COUNTERS_OF_ACCOUNT)).bind(&day).bind(&month).bind(account_id).bind(account_id).fetch_all(&self.pool).await?;
+        Ok(counter_seed(at_ms, &day, &month, rows))
     }
 
     async fn usage_rows(&self, query: UsageQuery) -> StoreResult<Vec<UsageRow>> {

@@ -12,7 +12,9 @@ use sqlx::{QueryBuilder, Sqlite, SqlitePool, Transaction};
 use time::OffsetDateTime;
 use tollgate_core::Money;
 
+use crate::alerts::{SPEND_COUNTERS_OF_ACCOUNT, counter_seed, period_labels};
 use crate::error::{StoreError, StoreResult};
+use crate::hot::CounterSeed;
 use crate::ledger::Ledger;
 use crate::model::{
     Account, AccountBalance, AccountPatch, ApiKey, FundKind, FundOutcome, FundTransaction, LedgerEntry, NewAccount,
@@ -527,6 +529,12 @@ impl Ledger for SqliteLedger {
             .bind(ms_of(since))
             .fetch_all(&self.pool)
             .await?)
+    }
+
+    async fn counter_seed(&self, account_id: &str, at_ms: i64) -> StoreResult<CounterSeed> {
+        let (day, month) = period_labels(at_ms).ok_or_else(|| StoreError::Invalid(format!("impossible time {at_ms}")))?;
+        let rows = sqlx::query_as(SPEND_COUNTERS_OF_ACCOUNT).bind(&day).bind(&month).bind(account_id).bind(account_id).fetch_all(&self.pool).await?;
+        Ok(counter_seed(at_ms, &day, &month, rows))
     }
 
     async fn usage_rows(&self, query: UsageQuery) -> StoreResult<Vec<UsageRow>> {

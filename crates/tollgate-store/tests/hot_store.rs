@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tollgate_core::{Money, Usage, UsageSource};
 use tollgate_store::HotStore;
-use tollgate_store::hot::{AccountSnapshot, Authorization, AuthorizeRequest, FundApplication, Limits, Refusal};
+use tollgate_store::hot::{AccountSnapshot, Authorization, AuthorizeRequest, CounterSeed, FundApplication, KeySpendSeed, Limits, Refusal};
 use tollgate_store::memory::MemoryHotStore;
 use tollgate_store::model::{RequestStatus, UsageEvent};
 use tollgate_store::queue::{EventLog, channel_log};
@@ -77,10 +77,11 @@ conformance!(
     concurrent_authorizations_never_overspend,
     accounts_on_every_shard_work,
     two_loaders_racing_load_once,
+    a_cold_load_starts_from_the_ledger_counters,
 );
 
 async fn load(store: &dyn HotStore, account: &str, balance: i64) {
-    let snapshot = AccountSnapshot { account_id: account.into(), balance: Money::from_nanos(balance), last_fund_seq: 0, charged_request_ids: vec!["old".into()] };
+    let snapshot = AccountSnapshot { account_id: account.into(), balance: Money::from_nanos(balance), last_fund_seq: 0, charged_request_ids: vec!["old".into()], counters: CounterSeed::default() };
     assert!(store.load_account(snapshot.clone()).await.unwrap());
     assert!(!store.load_account(snapshot).await.unwrap(), "a second load changes nothing");
 }
@@ -270,7 +271,7 @@ async fn two_loaders_racing_load_once(store: Arc<dyn HotStore>) {
     for _ in 0..8 {
         let store = Arc::clone(&store);
         loaders.push(tokio::spawn(async move {
-            let snapshot = AccountSnapshot { account_id: "cold".into(), balance: Money::from_nanos(500), last_fund_seq: 4, charged_request_ids: Vec::new() };
+            let snapshot = AccountSnapshot { account_id: "cold".into(), balance: Money::from_nanos(500), last_fund_seq: 4, charged_request_ids: Vec::new(), counters: CounterSeed::default() };
             store.load_account(snapshot).await.unwrap()
         }));
     }
@@ -283,6 +284,40 @@ async fn two_loaders_racing_load_once(store: Arc<dyn HotStore>) {
     assert_eq!(loaded, 1);
     let view = store.balance("cold", "k").await.unwrap().unwrap();
     assert_eq!((view.balance, view.last_fund_seq), (Money::from_nanos(500), 4));
+}
+
+/// A lost hot store (or a restarted embedded one) loads counters from the ledger: quotas and
+/// budgets spent before the loss still count; counts of a past period are not applied.
+async fn a_cold_load_starts_from_the_ledger_counters(store: Arc<dyn HotStore>) {
+    let now = tollgate_store::clock::Periods::at(time::OffsetDateTime::now_utc().unix_timestamp() * 1000);
+    let key = KeySpendSeed {
+        api_key_id: "key-s".into(),
+        spent_today: Money::from_nanos(40),
+        spent_this_month: Money::from_nanos(70),
+        spent_total: Money::from_nanos(90),
+    };
+    let counters = CounterSeed { day: now.day, month: now.month, requests_today: 3, requests_this_month: 5, keys: vec![key] };
+    let snapshot = AccountSnapshot { account_id: "s".into(), balance: Money::from_nanos(1_000), last_fund_seq: 1, charged_request_ids: Vec::new(), counters };
+    assert!(store.load_account(snapshot).await.unwrap());
+    let view = store.balance("s", "key-s").await.unwrap().unwrap();
+    assert_eq!((view.daily_requests_used, view.monthly_requests_used), (3, 5));
+    assert_eq!(
+        (view.key_spent_daily, view.key_spent_monthly, view.key_spent_total),
+        (Money::from_nanos(40), Money::from_nanos(70), Money::from_nanos(90))
+    );
+    let limited = |id: &str, limits: Limits| AuthorizeRequest { limits, ..request("s", id, 10) };
+    let daily = Limits { daily_request_quota: Some(3), ..Limits::default() };
+    assert!(matches!(store.authorize(&limited("d", daily)).await.unwrap(), Authorization::Refused(Refusal::DailyQuotaExceeded { .. })));
+    let budget = Limits { key_budget_total: Some(Money::from_nanos(95)), ..Limits::default() };
+    assert!(matches!(store.authorize(&limited("b", budget)).await.unwrap(), Authorization::Refused(Refusal::KeyBudgetExceeded { .. })));
+    assert!(held(&store.authorize(&limited("ok", Limits { key_budget_total: Some(Money::from_nanos(100)), ..Limits::default() })).await.unwrap()));
+
+    // Yesterday's counts are not today's.
+    let stale = CounterSeed { day: now.day - 1, month: now.month - 1, requests_today: 9, requests_this_month: 9, keys: Vec::new() };
+    let snapshot = AccountSnapshot { account_id: "y".into(), balance: Money::from_nanos(1_000), last_fund_seq: 1, charged_request_ids: Vec::new(), counters: stale };
+    assert!(store.load_account(snapshot).await.unwrap());
+    let view = store.balance("y", "key-y").await.unwrap().unwrap();
+    assert_eq!((view.daily_requests_used, view.monthly_requests_used), (0, 0));
 }
 
 /// An entry delivered `deliveries_max` times without an acknowledgement is parked in the shard's

@@ -63,6 +63,7 @@ conformance!(
     summaries_match_the_rows,
     monthly_totals_chain_from_one_month_to_the_next,
     operations_claim_each_job_period_once_and_keep_the_outbox,
+    counter_seeds_hold_the_current_periods,
 );
 
 async fn account(ledger: &dyn Ledger, id: &str) {
@@ -393,4 +394,57 @@ async fn operations_claim_each_job_period_once_and_keep_the_outbox(ledger: Arc<d
     let delivered = ledger.outbox_events(Some("a"), 10).await.unwrap().into_iter().find(|event| event.id == low).unwrap();
     assert_eq!((delivered.status.as_str(), delivered.attempts), ("delivered", 2));
     assert_eq!(ledger.deliveries(Some(low), 10).await.unwrap().len(), 2);
+}
+
+/// The counters a cold hot store starts from: this day's and month's requests and spend of the
+/// account and its keys, failures not counted, other accounts' keys not included.
+async fn counter_seeds_hold_the_current_periods(ledger: Arc<dyn Ledger>) {
+    for id in ["a", "b"] {
+        account(&*ledger, id).await;
+        deposit(&*ledger, id, 1_000, &format!("d-{id}")).await;
+    }
+    let key = |id: &str, account: &str| NewApiKey {
+        id: id.into(),
+        account_id: account.into(),
+        name: "k".into(),
+        key_hash: format!("hash-{id}"),
+        prefix: "tg_1".into(),
+        budget_daily: None,
+        budget_monthly: None,
+        budget_total: None,
+        rpm: None,
+        tpm: None,
+        allowed_models: None,
+        expires_at: None,
+    };
+    ledger.create_key(key("ka", "a")).await.unwrap();
+    ledger.create_key(key("kb", "b")).await.unwrap();
+    let now_ms = i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap();
+    let at = |account: &str, key: &str, request: &str, cost: i64, status: RequestStatus, created_at_ms: i64| UsageEvent {
+        api_key_id: key.into(),
+        created_at_ms,
+        ..event(account, request, cost, status)
+    };
+    let last_month = now_ms - 40 * 86_400_000;
+    ledger
+        .record_usage_batch(&[
+            at("a", "ka", "r1", 10, RequestStatus::Success, now_ms),
+            at("a", "ka", "r2", 15, RequestStatus::Success, now_ms),
+            at("a", "ka", "r3", 0, RequestStatus::Failed, now_ms),
+            at("a", "ka", "r4", 100, RequestStatus::Success, last_month),
+            at("b", "kb", "r5", 7, RequestStatus::Success, now_ms),
+        ])
+        .await
+        .unwrap();
+    let seed = ledger.counter_seed("a", now_ms).await.unwrap();
+    let periods = tollgate_store::clock::Periods::at(now_ms);
+    assert_eq!((seed.day, seed.month), (periods.day, periods.month));
+    assert_eq!((seed.requests_today, seed.requests_this_month), (2, 2));
+    assert_eq!(seed.keys.len(), 1, "only the account's own keys: {seed:?}");
+    let spend = &seed.keys[0];
+    assert_eq!(spend.api_key_id, "ka");
+    assert_eq!(
+        (spend.spent_today, spend.spent_this_month, spend.spent_total),
+        (Money::from_nanos(25), Money::from_nanos(25), Money::from_nanos(125))
+    );
 }

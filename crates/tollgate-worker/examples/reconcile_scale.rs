@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tollgate_core::Money;
-use tollgate_store::hot::AccountSnapshot;
+use tollgate_store::hot::{AccountSnapshot, CounterSeed};
 use tollgate_store::postgres::PgLedger;
 use tollgate_store::redis_store::RedisHotStore;
 use tollgate_store::HotStore;
@@ -140,7 +140,7 @@ async fn load(ledger: &PgLedger, hot: Arc<RedisHotStore>, accounts: i64) -> Resu
         loaders.spawn(async move {
             loop {
                 let Some((account_id, balance, last_fund_seq)) = queue.lock().await.pop() else { return Ok::<(), tollgate_store::StoreError>(()) };
-                hot.load_account(AccountSnapshot { account_id, balance: Money::from_nanos(balance), last_fund_seq, charged_request_ids: Vec::new() }).await?;
+                hot.load_account(AccountSnapshot { account_id, balance: Money::from_nanos(balance), last_fund_seq, charged_request_ids: Vec::new(), counters: CounterSeed::default() }).await?;
             }
         });
     }

@@ -224,7 +224,23 @@ impl HotStore for RedisHotStore {
         let base = self.keys.account_base(&snapshot.account_id);
         let balance = snapshot.balance.nanos().to_string();
         let fund_seq = snapshot.last_fund_seq.to_string();
+        let seed = &snapshot.counters;
+        let mut numbers = vec![
+            seed.day.to_string(),
+            seed.month.to_string(),
+            seed.requests_today.to_string(),
+            seed.requests_this_month.to_string(),
+            seed.keys.len().to_string(),
+        ];
+        for key in &seed.keys {
+            numbers.extend([key.spent_today, key.spent_this_month, key.spent_total].map(|spent| spent.nanos().to_string()));
+        }
         let mut arguments = vec!["load", base.as_str(), snapshot.account_id.as_str(), balance.as_str(), fund_seq.as_str()];
+        arguments.extend(numbers[..5].iter().map(String::as_str));
+        for (key, spent) in seed.keys.iter().zip(numbers[5..].chunks(3)) {
+            arguments.push(&key.api_key_id);
+            arguments.extend(spent.iter().map(String::as_str));
+        }
         arguments.extend(snapshot.charged_request_ids.iter().map(String::as_str));
         let reply = texts(self.call(&self.account_key(&base, &snapshot.account_id), &arguments).await?)?;
         Ok(number(&reply, 0)? == 1)

@@ -223,7 +223,8 @@ function operations.expire(base, argv)
   return released
 end
 
--- ARGV: op, base, account, balance, fund_seq, charged request ids...
+-- ARGV: op, base, account, balance, fund_seq, day, month, day requests, month requests, key count,
+--       (key, spent day, spent month, spent total) per key, charged request ids...
 -- Reply: 1 if loaded, 0 if the account was already there (two loaders cannot double a balance).
 function operations.load(base, argv)
   local account = argv[3]
@@ -231,7 +232,27 @@ function operations.load(base, argv)
   if redis.call('EXISTS', account_key) == 1 then return 0 end
   checked(argv[4])
   redis.call('HSET', account_key, 'balance', argv[4], 'held', 0, 'fund_seq', argv[5])
-  for index = 6, #argv do
+  -- The ledger's counters, each only for a period still current and never lowering a count.
+  local p = periods(now_ms())
+  local today, this_month = tonumber(argv[6]) == p.day, tonumber(argv[7]) == p.month
+  local function raise(key, value, ttl_ms)
+    if checked(value) > number_or_zero(redis.call('GET', key)) then
+      redis.call('SET', key, value, 'PX', ttl_ms)
+    end
+  end
+  if today then raise(base .. ':day:' .. account .. ':' .. p.day, argv[8], 2 * 86400000) end
+  if this_month then raise(base .. ':month:' .. account .. ':' .. p.month, argv[9], 32 * 86400000) end
+  local next = 11
+  for _ = 1, tonumber(argv[10]) do
+    local key_base = base .. ':key:' .. argv[next]
+    if today then raise(key_base .. ':spent_day:' .. p.day, argv[next + 1], 2 * 86400000) end
+    if this_month then raise(key_base .. ':spent_month:' .. p.month, argv[next + 2], 32 * 86400000) end
+    if checked(argv[next + 3]) > number_or_zero(redis.call('HGET', key_base, 'spent_total')) then
+      redis.call('HSET', key_base, 'spent_total', argv[next + 3])
+    end
+    next = next + 4
+  end
+  for index = next, #argv do
     redis.call('SET', base .. ':charged:' .. account .. ':' .. argv[index], '1', 'PX', CHARGED_TTL_MS)
   end
   return 1
