@@ -6,6 +6,8 @@ use tokio_util::sync::CancellationToken;
 use tollgate_gateway::GatewayConfig;
 use tollgate_gateway::server::{Gateway, bind};
 
+mod prices;
+
 #[derive(Parser)]
 #[command(name = "tollgate", version, about = "LLM API gateway with real-time prepaid billing and quotas")]
 struct Cli {
@@ -53,6 +55,11 @@ enum Command {
         /// Print the run as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Price lists: import OpenRouter's or LiteLLM's; list routed models without a price.
+    Prices {
+        #[command(subcommand)]
+        command: prices::PricesCommand,
     },
     /// Run the deterministic OpenAI- and Anthropic-compatible mock upstream.
     MockUpstream {
@@ -102,6 +109,9 @@ fn load_config(path: Option<&std::path::Path>) -> Result<GatewayConfig> {
     }
     if let Ok(name) = std::env::var("TOLLGATE_WORKER_NAME") {
         config.worker_name = name;
+    }
+    if let Ok(check) = std::env::var("TOLLGATE_PRICING_CHECK") {
+        config.pricing_check = check.parse().map_err(|error: String| anyhow::anyhow!("TOLLGATE_PRICING_CHECK: {error}"))?;
     }
     Ok(config)
 }
@@ -160,18 +170,28 @@ async fn serve(config_path: Option<&std::path::Path>, demo: bool, listen: Option
     let address = listener.local_addr()?;
     let admin_token = config.admin_token.clone();
     let gateway = Gateway::start(config).await?;
-    if demo {
+    let demo_key = if demo {
         let fixed_key = std::env::var("TOLLGATE_DEMO_KEY").ok().filter(|key| !key.is_empty());
-        let key = tollgate_gateway::demo::seed(&gateway.state, fixed_key).await.map_err(|error| anyhow::anyhow!("{error}"))?;
-        println!("Tollgate demo is running on http://{address}");
-        println!("demo key:    {key}");
-        if let Some(token) = admin_token {
-            println!("admin token: {token}");
-        }
-        println!("try:\n  curl -s http://{address}/v1/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"model\":\"demo-gpt\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'");
-        println!("  curl -s http://{address}/v1/balance -H 'Authorization: Bearer {key}'");
+        Some(tollgate_gateway::demo::seed(&gateway.state, fixed_key).await.map_err(|error| anyhow::anyhow!("{error}"))?)
     } else {
-        println!("Tollgate listening on http://{address}");
+        None
+    };
+    // After the demo seeded its prices, before the first request (`pricing_check`).
+    if let Err(error) = gateway.check_prices().await {
+        gateway.shutdown().await;
+        return Err(error.into());
+    }
+    match demo_key {
+        Some(key) => {
+            println!("Tollgate demo is running on http://{address}");
+            println!("demo key:    {key}");
+            if let Some(token) = admin_token {
+                println!("admin token: {token}");
+            }
+            println!("try:\n  curl -s http://{address}/v1/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"model\":\"demo-gpt\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'");
+            println!("  curl -s http://{address}/v1/balance -H 'Authorization: Bearer {key}'");
+        }
+        None => println!("Tollgate listening on http://{address}"),
     }
     gateway.serve(listener, shutdown).await?;
     Ok(())
@@ -226,6 +246,7 @@ async fn main() -> Result<()> {
             }
             Ok(())
         }
+        Command::Prices { command } => prices::run(command).await,
         Command::MockUpstream { listen, latency_ms, output_tokens, chunk_interval_ms } => {
             let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
             println!("mock upstream listening on http://{}", listener.local_addr()?);

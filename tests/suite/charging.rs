@@ -122,3 +122,39 @@ async fn embeddings_are_charged_by_input_tokens() {
     gateway.assert_ledger_sound(&account).await;
     gateway.stop().await;
 }
+
+/// Upstream usage that cannot be true is corrected and flagged, never trusted into an undercharge
+/// or an overflow: the row says `adjusted` and the anomaly is counted on /metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn implausible_upstream_usage_is_corrected_and_flagged() {
+    let gateway = TestGateway::start().await;
+    let account = gateway.account("1", json!({})).await;
+    let key = gateway.key(&account, json!({})).await;
+    let charge = |usage: Value, max_tokens: u64| {
+        let mut body = chat_body("Measure me");
+        body["max_tokens"] = json!(max_tokens);
+        body["mock"] = json!({"output_tokens": 40, "usage_override": usage});
+        body
+    };
+    // A sane report, for the prompt count the upstream gives.
+    let reference: Value = gateway.chat(&key, charge(Value::Null, 64), None).await.json().await.unwrap();
+    let prompt = reference["usage"]["prompt_tokens"].as_u64().unwrap();
+
+    // Claims to have generated a billion tokens for a request capped at 64: capped at 64.
+    let response = gateway.chat(&key, charge(json!({"prompt_tokens": prompt, "completion_tokens": 1_000_000_000u64, "total_tokens": 0}), 64), None).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header_money(&response, "x-tollgate-cost"), expected_cost(prompt, 64));
+
+    // Claims 1 output token after sending 40: charged the 40 that went through.
+    let response = gateway.chat(&key, charge(json!({"prompt_tokens": prompt, "completion_tokens": 1, "total_tokens": 0}), 64), None).await;
+    assert_eq!(header_money(&response, "x-tollgate-cost"), expected_cost(prompt, 40));
+
+    let statement = gateway.assert_ledger_sound(&account).await;
+    let sources: Vec<&str> = statement["rows"].as_array().unwrap().iter().filter(|row| row["kind"] == "usage").map(|row| row["usage_source"].as_str().unwrap()).collect();
+    assert_eq!(sources, vec!["upstream", "adjusted", "adjusted"]);
+    let metrics = gateway.http.get(format!("{}/metrics", gateway.url)).send().await.unwrap().text().await.unwrap();
+    for kind in ["over_cap", "output_under_reported"] {
+        assert!(metrics.lines().any(|line| line.starts_with("tollgate_usage_anomalies_total") && line.contains(kind)), "{kind} counted:\n{metrics}");
+    }
+    gateway.stop().await;
+}

@@ -7,6 +7,7 @@ mod idempotency;
 mod jobs;
 mod limits;
 mod notifications;
+mod prices;
 mod reconcile;
 mod services;
 mod statements;

@@ -10,6 +10,8 @@
 //! - [`cost`](mod@cost): [`cost()`], the one cost function (exact, rounded up once), used by
 //!   settle, the hold and the quote endpoint; [`CostBreakdown`], [`CostError`].
 //! - [`estimate`]: [`hold_estimate`], the amount reserved before forwarding a request.
+//! - [`price_import`]: OpenRouter's and LiteLLM's published price lists read exactly (per-token
+//!   decimal text to nano-units per million tokens, never through a float); [`PriceList`].
 //! - [`tokens`]: tiktoken counting for hold estimates and for the fallback when an upstream
 //!   reports no usage.
 //!
@@ -19,6 +21,7 @@ pub mod cost;
 pub mod estimate;
 pub mod money;
 pub mod price;
+pub mod price_import;
 pub mod tokens;
 pub mod usage;
 
@@ -26,4 +29,5 @@ pub use cost::{CostBreakdown, CostError, cost};
 pub use estimate::hold_estimate;
 pub use money::{Money, MoneyError};
 pub use price::{Price, PriceError};
-pub use usage::{Usage, UsageSource};
+pub use price_import::{PriceList, PriceListFormat};
+pub use usage::{CheckedUsage, Usage, UsageAnomaly, UsageSource, check_reported};

@@ -127,6 +127,70 @@ fn count_message(encoding: Encoding, message: &Value) -> u64 {
     tokens
 }
 
+/// OpenAI's framing of function definitions, per encoding, as its cookbook measured them
+/// against the API ("Counting tokens for chat completions with tool calls").
+struct ToolFraming {
+    function_start: i64,
+    properties_start: i64,
+    property: i64,
+    enum_start: i64,
+    enum_item: i64,
+    functions_end: i64,
+}
+
+fn tool_framing(encoding: Encoding) -> ToolFraming {
+    let function_start = match encoding {
+        Encoding::O200k => 7,
+        Encoding::Cl100k => 10,
+    };
+    ToolFraming { function_start, properties_start: 3, property: 3, enum_start: -3, enum_item: 3, functions_end: 12 }
+}
+
+/// Prompt tokens an OpenAI `tools` array adds, by the formula OpenAI's cookbook checked against
+/// the API: per function, framing + "name:description" (a final period dropped) + per property
+/// "name:type:description" and its enum values. A tool this formula cannot read (not a
+/// function, no parameters object) is counted as its JSON text instead, so it is never free.
+pub fn count_openai_tools(encoding: Encoding, tools: &Value) -> u64 {
+    let Some(tools) = tools.as_array() else {
+        return count_text(encoding, &tools.to_string());
+    };
+    if tools.is_empty() {
+        return 0;
+    }
+    let framing = tool_framing(encoding);
+    let text = |text: &str| i64::try_from(count_text(encoding, text)).unwrap_or(i64::MAX);
+    let trimmed = |text: &str| text.strip_suffix('.').unwrap_or(text).to_string();
+    let mut tokens: i64 = 0;
+    for tool in tools {
+        let function = tool.get("function").filter(|_| tool.get("type").and_then(Value::as_str) == Some("function"));
+        let Some(function) = function.filter(|function| function.get("name").is_some_and(Value::is_string)) else {
+            tokens = tokens.saturating_add(text(&tool.to_string()));
+            continue;
+        };
+        let name = function.get("name").and_then(Value::as_str).unwrap_or_default();
+        let description = function.get("description").and_then(Value::as_str).unwrap_or_default();
+        tokens = tokens.saturating_add(framing.function_start).saturating_add(text(&format!("{name}:{}", trimmed(description))));
+        let properties = function.pointer("/parameters/properties").and_then(Value::as_object);
+        if let Some(properties) = properties.filter(|properties| !properties.is_empty()) {
+            tokens = tokens.saturating_add(framing.properties_start);
+            for (key, property) in properties {
+                tokens = tokens.saturating_add(framing.property);
+                let kind = property.get("type").and_then(Value::as_str).unwrap_or_default();
+                let description = property.get("description").and_then(Value::as_str).unwrap_or_default();
+                if let Some(values) = property.get("enum").and_then(Value::as_array) {
+                    tokens = tokens.saturating_add(framing.enum_start);
+                    for value in values {
+                        let value = value.as_str().map_or_else(|| value.to_string(), str::to_string);
+                        tokens = tokens.saturating_add(framing.enum_item).saturating_add(text(&value));
+                    }
+                }
+                tokens = tokens.saturating_add(text(&format!("{key}:{kind}:{}", trimmed(description))));
+            }
+        }
+    }
+    u64::try_from(tokens.saturating_add(framing.functions_end)).unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -134,6 +198,53 @@ mod tests {
     use serde_json::json;
 
     const BOTH: [Encoding; 2] = [Encoding::Cl100k, Encoding::O200k];
+
+    /// The example of OpenAI's cookbook "How to count tokens with tiktoken", whose counts it
+    /// checked against the API's `usage.prompt_tokens`: 129 (cl100k models), 124 (o200k models).
+    fn cookbook_messages() -> Vec<Value> {
+        vec![
+            json!({"role": "system", "content": "You are a helpful, pattern-following assistant that translates corporate jargon into plain English."}),
+            json!({"role": "system", "name": "example_user", "content": "New synergies will help drive top-line growth."}),
+            json!({"role": "system", "name": "example_assistant", "content": "Things working well together will increase revenue."}),
+            json!({"role": "system", "name": "example_user", "content": "Let's circle back when we have more bandwidth to touch base on opportunities for increased leverage."}),
+            json!({"role": "system", "name": "example_assistant", "content": "Let's talk later when we're less busy about how to do better."}),
+            json!({"role": "user", "content": "This late pivot means we don't have time to boil the ocean for the client deliverable."}),
+        ]
+    }
+
+    #[test]
+    fn prompts_match_the_counts_the_openai_api_reported() {
+        assert_eq!(count_chat_prompt(encoding_for_model("gpt-4"), &cookbook_messages()), 129);
+        assert_eq!(count_chat_prompt(encoding_for_model("gpt-4o"), &cookbook_messages()), 124);
+        // The cookbook's tool example: 105 prompt tokens for gpt-4, 101 for gpt-4o, per the API.
+        let tools = json!([{"type": "function", "function": {
+            "name": "get_current_weather",
+            "description": "Get the current weather in a given location",
+            "parameters": {"type": "object", "properties": {
+                "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
+                "unit": {"type": "string", "description": "The unit of temperature to return", "enum": ["celsius", "fahrenheit"]}
+            }, "required": ["location"]}
+        }}]);
+        let messages = [
+            json!({"role": "system", "content": "You are a helpful assistant that can answer to questions about the weather."}),
+            json!({"role": "user", "content": "What's the weather like in San Francisco?"}),
+        ];
+        for (model, expected) in [("gpt-4", 105), ("gpt-4o", 101)] {
+            let encoding = encoding_for_model(model);
+            assert_eq!(count_chat_prompt(encoding, &messages) + count_openai_tools(encoding, &tools), expected, "{model}");
+        }
+        assert_eq!(count_openai_tools(Encoding::O200k, &json!([])), 0);
+        let odd = json!([{"type": "web_search"}]);
+        assert_eq!(count_openai_tools(Encoding::O200k, &odd), count_text(Encoding::O200k, &odd[0].to_string()) + 12);
+    }
+
+    #[test]
+    fn texts_match_published_tiktoken_counts() {
+        // Token ids published in tiktoken's own examples and tutorials.
+        assert_eq!(count_text(Encoding::Cl100k, "tiktoken is great!"), 6);
+        assert_eq!(count_text(Encoding::Cl100k, "China is great!"), 4);
+        assert_eq!(count_text(Encoding::O200k, "Hi my name is Tevin and I love jamaican oxtail."), 15);
+    }
 
     #[test]
     fn known_counts() {

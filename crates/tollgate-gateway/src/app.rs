@@ -5,7 +5,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 
-use crate::routes::{admin, client, operations, ops, statements};
+use crate::routes::{admin, client, gemini, operations, ops, statements};
 use crate::state::AppState;
 
 pub fn app(state: AppState) -> Router {
@@ -16,6 +16,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/chat/completions", post(client::chat_completions))
         .route("/v1/messages", post(client::messages))
         .route("/v1/embeddings", post(client::embeddings))
+        .route("/v1beta/models/{model_method}", post(gemini::generate))
+        .route("/v1/models/{model_method}", post(gemini::generate))
         .route("/v1/models", get(client::models))
         .route("/v1/balance", get(client::balance))
         .route("/v1/usage", get(client::usage))

@@ -13,13 +13,15 @@ use crate::error::ApiError;
 use crate::keys::hash_key;
 use crate::state::AppState;
 
-/// The key from `Authorization: Bearer <key>` or `x-api-key: <key>`.
+/// The key from `Authorization: Bearer <key>`, `x-api-key: <key>` (Anthropic SDKs) or
+/// `x-goog-api-key: <key>` (Gemini SDKs).
 fn presented_key(headers: &HeaderMap) -> Option<&str> {
     if let Some(value) = headers.get(AUTHORIZATION).and_then(|value| value.to_str().ok()) {
         let token = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer "))?;
         return Some(token.trim());
     }
-    headers.get("x-api-key").and_then(|value| value.to_str().ok()).map(str::trim)
+    let value = headers.get("x-api-key").or_else(|| headers.get("x-goog-api-key"))?;
+    value.to_str().ok().map(str::trim)
 }
 
 /// Resolves the caller's key to its billing context, from the cache when warm.

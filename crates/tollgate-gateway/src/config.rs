@@ -121,8 +121,41 @@ pub enum ProviderKind {
     Openai,
     /// Anthropic (`/messages` under `base_url`).
     Anthropic,
-    /// The built-in mock upstream (`tollgate mock-upstream`), which speaks both protocols.
+    /// Google AI Studio's Gemini API (`/models/{model}:generateContent` under `base_url`, e.g.
+    /// `https://generativelanguage.googleapis.com/v1beta`); the key goes in `x-goog-api-key`.
+    Gemini,
+    /// Vertex AI's Gemini API (the same paths under a base URL such as
+    /// `https://us-central1-aiplatform.googleapis.com/v1/projects/PROJECT/locations/us-central1/publishers/google`);
+    /// the key variable holds an access token, sent as `Authorization: Bearer`.
+    Vertex,
+    /// The built-in mock upstream (`tollgate mock-upstream`), which speaks every protocol.
     Mock,
+}
+
+/// What `serve` does when a routed model has no price for a tier in use (see
+/// [`crate::pricing`]). Requests for such a model are refused either way (`price_not_configured`,
+/// I5); this decides whether the gap is found at start-up or by the first customer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PricingCheck {
+    /// Log each missing (model, tier) as a warning and start.
+    #[default]
+    Warn,
+    /// Refuse to start, naming each missing (model, tier).
+    Refuse,
+}
+
+impl std::str::FromStr for PricingCheck {
+    type Err = String;
+
+    /// `warn` or `refuse`, as in the file (for `TOLLGATE_PRICING_CHECK`).
+    fn from_str(text: &str) -> Result<PricingCheck, String> {
+        match text {
+            "warn" => Ok(PricingCheck::Warn),
+            "refuse" => Ok(PricingCheck::Refuse),
+            other => Err(format!("pricing_check must be \"warn\" or \"refuse\", not {other:?}")),
+        }
+    }
 }
 
 /// An upstream provider.
@@ -172,6 +205,9 @@ pub struct GatewayConfig {
     /// Run the usage writer and periodic jobs in this process (`serve --no-worker` turns it off
     /// when `tollgate worker` processes do it; embedded mode always runs them).
     pub run_worker: bool,
+    /// At start-up, a routed model without a price for a tier in use: `warn` (default) or
+    /// `refuse` to start.
+    pub pricing_check: PricingCheck,
     pub limits: LimitsConfig,
     pub jobs: JobsConfig,
     pub alerts: AlertsConfig,
@@ -190,6 +226,7 @@ impl Default for GatewayConfig {
             redis_shards: 16,
             worker_name: format!("worker-{}", std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into())),
             run_worker: true,
+            pricing_check: PricingCheck::Warn,
             limits: LimitsConfig::default(),
             jobs: JobsConfig::default(),
             alerts: AlertsConfig::default(),

@@ -6,13 +6,16 @@ use axum::response::{IntoResponse, Response};
 use tollgate_core::Money;
 use tollgate_store::StoreError;
 
-/// Which wire shape an error takes: OpenAI's `{"error": {...}}` or Anthropic's
-/// `{"type": "error", "error": {...}}`.
+/// Which wire shape an error takes: OpenAI's `{"error": {...}}`, Anthropic's
+/// `{"type": "error", "error": {...}}` or Google's `{"error": {"code", "message", "status"}}`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum ErrorShape {
     #[default]
     OpenAi,
     Anthropic,
+    /// Google's `google.rpc.Status` JSON, which the Gemini SDKs parse; the contract's code rides
+    /// in an `ErrorInfo` detail.
+    Google,
 }
 
 /// Everything a request can fail with.
@@ -132,6 +135,25 @@ impl ApiError {
         }
     }
 
+    /// Google's canonical status name for an HTTP status (`google.rpc.Code`), which the Gemini
+    /// SDKs show and branch on.
+    fn google_status(status: StatusCode) -> &'static str {
+        match status.as_u16() {
+            400 | 413 => "INVALID_ARGUMENT",
+            401 => "UNAUTHENTICATED",
+            402 => "FAILED_PRECONDITION",
+            403 => "PERMISSION_DENIED",
+            404 => "NOT_FOUND",
+            409 => "ABORTED",
+            429 => "RESOURCE_EXHAUSTED",
+            500 => "INTERNAL",
+            501 => "UNIMPLEMENTED",
+            502 | 503 => "UNAVAILABLE",
+            504 => "DEADLINE_EXCEEDED",
+            _ => "UNKNOWN",
+        }
+    }
+
     /// Renders the error in the given wire shape.
     pub fn into_response_shaped(self, shape: ErrorShape) -> Response {
         let (status, code) = self.status_and_code();
@@ -153,6 +175,19 @@ impl ApiError {
             ErrorShape::Anthropic => serde_json::json!({
                 "type": "error",
                 "error": {"type": Self::anthropic_type(status), "message": message, "code": code}
+            }),
+            ErrorShape::Google => serde_json::json!({
+                "error": {
+                    "code": status.as_u16(),
+                    "message": message,
+                    "status": Self::google_status(status),
+                    "details": [{
+                        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                        "reason": code.to_ascii_uppercase(),
+                        "domain": "tollgate",
+                        "metadata": {"code": code},
+                    }],
+                }
             }),
         };
         let mut response = (status, axum::Json(body)).into_response();

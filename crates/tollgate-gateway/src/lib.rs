@@ -5,13 +5,14 @@
 //! - [`proxy`]: the LLM request path — authenticate, price, hold, forward, measure, settle.
 //! - [`charge`]: the charge protocol's steps around the hot store (authorize, settle, void,
 //!   cold account load, fund application).
-//! - [`protocol`]: what the OpenAI and Anthropic protocols mean for billing; [`sse`]: the
+//! - [`protocol`]: what the OpenAI, Anthropic and Gemini protocols mean for billing; [`sse`]: the
 //!   event splitter streams go through.
 //! - [`auth`], [`keys`], [`context`]: who pays, cached; [`upstream`]: providers and routes.
 //! - [`error`]: the one error type and its contract codes; [`request_id`]; [`metrics`].
 //! - [`server`]: start, serve, shut down in order; [`jobs`]: which periodic jobs run here;
 //!   [`webhooks`]: signed delivery of the outbox's alerts; [`demo`]: the offline demo set-up;
-//!   [`notifications`]: LISTEN/NOTIFY from the PostgreSQL ledger.
+//!   [`notifications`]: LISTEN/NOTIFY from the PostgreSQL ledger; [`pricing`]: routed models
+//!   without a price for a tier in use, and price-list import plans.
 
 pub mod app;
 pub mod auth;
@@ -23,6 +24,7 @@ pub mod jobs;
 pub mod keys;
 pub mod metrics;
 pub mod notifications;
+pub mod pricing;
 pub mod protocol;
 pub mod proxy;
 pub mod request_id;

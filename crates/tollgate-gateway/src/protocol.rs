@@ -10,6 +10,8 @@ use tollgate_core::tokens::{self, Encoding};
 use crate::error::{ApiError, ErrorShape};
 use crate::sse::SseEvent;
 
+pub mod gemini;
+
 /// Upper bound on `n` (choices per request), so a hold cannot be multiplied without limit.
 const CHOICES_MAX: u64 = 128;
 
@@ -21,6 +23,19 @@ pub enum Protocol {
     AnthropicMessages,
     /// OpenAI `/v1/embeddings`: billed by input tokens, never streamed.
     OpenAiEmbeddings,
+    /// Google Gemini `/v1beta/models/{model}:generateContent` and `:streamGenerateContent?alt=sse`
+    /// (see [`gemini`]): the model and streaming are in the URL.
+    GeminiGenerate,
+}
+
+/// What a request's URL says, for protocols that put request facts there rather than in the
+/// body (Gemini names the model and the method in the path).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UrlFacts {
+    /// The model named in the path.
+    pub model: Option<String>,
+    /// The method asks for a stream.
+    pub stream: bool,
 }
 
 /// What the charge path needs to know about a request body.
@@ -45,6 +60,10 @@ pub enum EventAction {
     Strip,
     /// The stream's last event: held back until the charge is settled.
     Terminal,
+    /// Possibly the last event, in a protocol whose stream simply ends (Gemini): kept back until
+    /// another event shows it was not, or the upstream closes the stream — then, if
+    /// [`StreamInspector::completed_at_end_of_stream`], it is the terminal event.
+    MaybeTerminal,
 }
 
 fn invalid(message: impl Into<String>) -> ApiError {
@@ -66,15 +85,35 @@ impl Protocol {
         match self {
             Protocol::OpenAiChat | Protocol::OpenAiEmbeddings => ErrorShape::OpenAi,
             Protocol::AnthropicMessages => ErrorShape::Anthropic,
+            Protocol::GeminiGenerate => ErrorShape::Google,
         }
     }
 
-    /// The path under the provider's base URL.
-    pub fn upstream_path(self) -> &'static str {
+    /// Whether the request's output cap (`max_tokens`, `max_completion_tokens`) bounds every
+    /// generated token, reasoning and thinking included, so a report beyond it is wrong.
+    pub fn output_cap_includes_reasoning(self) -> bool {
+        matches!(self, Protocol::OpenAiChat | Protocol::AnthropicMessages | Protocol::OpenAiEmbeddings)
+    }
+
+    /// The path (and query) under the provider's base URL.
+    pub fn upstream_path(self, upstream_model: &str, stream: bool) -> String {
         match self {
-            Protocol::OpenAiChat => "/chat/completions",
-            Protocol::AnthropicMessages => "/messages",
-            Protocol::OpenAiEmbeddings => "/embeddings",
+            Protocol::OpenAiChat => "/chat/completions".into(),
+            Protocol::AnthropicMessages => "/messages".into(),
+            Protocol::OpenAiEmbeddings => "/embeddings".into(),
+            Protocol::GeminiGenerate if stream => format!("/models/{upstream_model}:streamGenerateContent?alt=sse"),
+            Protocol::GeminiGenerate => format!("/models/{upstream_model}:generateContent"),
+        }
+    }
+
+    /// [`Protocol::parse`], with what the URL says (Gemini names the model and streaming there).
+    ///
+    /// # Errors
+    /// `InvalidRequest` naming the field that is missing or malformed.
+    pub fn parse_at(self, body: &Map<String, Value>, url: &UrlFacts) -> Result<ParsedRequest, ApiError> {
+        match self {
+            Protocol::GeminiGenerate => gemini::parse(body, url),
+            Protocol::OpenAiChat | Protocol::AnthropicMessages | Protocol::OpenAiEmbeddings => self.parse(body),
         }
     }
 
@@ -83,6 +122,9 @@ impl Protocol {
     /// # Errors
     /// `InvalidRequest` naming the field that is missing or malformed.
     pub fn parse(self, body: &Map<String, Value>) -> Result<ParsedRequest, ApiError> {
+        if self == Protocol::GeminiGenerate {
+            return gemini::parse(body, &UrlFacts::default());
+        }
         let model = match body.get("model") {
             Some(Value::String(model)) if !model.is_empty() => model.clone(),
             Some(_) => return Err(invalid("model must be a non-empty string")),
@@ -119,7 +161,8 @@ impl Protocol {
                 }
                 (cap, choices)
             }
-            Protocol::OpenAiEmbeddings => (Some(0), 1),
+            // Parsed by their own functions above; never reached.
+            Protocol::OpenAiEmbeddings | Protocol::GeminiGenerate => (Some(0), 1),
             Protocol::AnthropicMessages => {
                 let cap = optional_u64(body, "max_tokens")?.ok_or_else(|| invalid("max_tokens is required"))?;
                 match body.get("system") {
@@ -138,8 +181,11 @@ impl Protocol {
             }
         };
         // Tool definitions are part of the prompt the provider bills.
-        if let Some(tools) = body.get("tools") {
-            prompt_tokens += tokens::count_text(encoding, &tools.to_string());
+        if let Some(tools) = body.get("tools").filter(|tools| !tools.is_null()) {
+            prompt_tokens += match self {
+                Protocol::OpenAiChat => tokens::count_openai_tools(encoding, tools),
+                _ => tokens::count_text(encoding, &tools.to_string()),
+            };
         }
         Ok(ParsedRequest { model, stream, output_tokens_max, choices, prompt_tokens, encoding })
     }
@@ -147,6 +193,12 @@ impl Protocol {
     /// Rewrites the body for the upstream: its model name, and (OpenAI streams) a request for
     /// the usage chunk. Returns whether the client itself asked for stream usage.
     pub fn prepare_upstream_body(self, body: &mut Map<String, Value>, upstream_model: &str, stream: bool) -> bool {
+        if self == Protocol::GeminiGenerate {
+            // The URL names the model; a `model` in the body could steer the upstream to another
+            // model than the one priced, so it is dropped. Gemini streams always carry usage.
+            body.remove("model");
+            return true;
+        }
         if body.get("model").and_then(Value::as_str) != Some(upstream_model) {
             body.insert("model".into(), Value::String(upstream_model.to_string()));
         }
@@ -169,8 +221,10 @@ impl Protocol {
 
     /// The upstream's own usage from a complete response, if present and sane.
     pub fn response_usage(self, response: &Value) -> Option<Usage> {
-        let usage = response.get("usage")?;
+        let field = if self == Protocol::GeminiGenerate { "usageMetadata" } else { "usage" };
+        let usage = response.get(field)?;
         match self {
+            Protocol::GeminiGenerate => gemini::usage(usage),
             Protocol::OpenAiChat => openai_usage(usage),
             Protocol::AnthropicMessages => anthropic_usage(usage, None),
             Protocol::OpenAiEmbeddings => {
@@ -198,12 +252,13 @@ impl Protocol {
             }
             // Embeddings generate no text; the fallback is the counted input alone.
             Protocol::OpenAiEmbeddings => {}
+            Protocol::GeminiGenerate => gemini::append_output(&mut text, response),
         }
         text
     }
 
     pub fn stream_inspector(self, client_wants_usage: bool) -> StreamInspector {
-        StreamInspector { protocol: self, client_wants_usage, usage: None, anthropic_start: None, output_text: String::new() }
+        StreamInspector { protocol: self, client_wants_usage, usage: None, anthropic_start: None, output_text: String::new(), finish_reason_seen: false }
     }
 }
 
@@ -274,7 +329,8 @@ fn anthropic_usage(usage: &Value, output_override: Option<u64>) -> Option<Usage>
 }
 
 fn append_openai_output(text: &mut String, message: &Value) {
-    for field in ["content", "reasoning_content", "refusal"] {
+    // `reasoning_content` (DeepSeek, vLLM) and `reasoning` (OpenRouter) carry visible reasoning.
+    for field in ["content", "reasoning_content", "reasoning", "refusal"] {
         if let Some(content) = message.get(field).and_then(Value::as_str) {
             text.push_str(content);
         }
@@ -307,6 +363,8 @@ pub struct StreamInspector {
     /// Anthropic: the usage of `message_start`, completed by `message_delta`.
     anthropic_start: Option<Value>,
     output_text: String,
+    /// Gemini: a candidate carried a `finishReason`, so the stream is complete if it ends now.
+    finish_reason_seen: bool,
 }
 
 impl StreamInspector {
@@ -314,7 +372,15 @@ impl StreamInspector {
         match self.protocol {
             Protocol::OpenAiChat | Protocol::OpenAiEmbeddings => self.inspect_openai(event),
             Protocol::AnthropicMessages => self.inspect_anthropic(event),
+            Protocol::GeminiGenerate => self.inspect_gemini(event),
         }
+    }
+
+    /// Whether the upstream closing the stream now completes it: true for a protocol without a
+    /// terminal event once its last chunk came (Gemini: a `finishReason`); false otherwise (an
+    /// end before the terminal event is a cut).
+    pub fn completed_at_end_of_stream(&self) -> bool {
+        self.finish_reason_seen
     }
 
     fn inspect_openai(&mut self, event: &SseEvent) -> EventAction {
@@ -378,6 +444,10 @@ impl StreamInspector {
             _ => {}
         }
         EventAction::Forward
+    }
+
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
     }
 
     /// The upstream's usage, once its stream reported it in full.

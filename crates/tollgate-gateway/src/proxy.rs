@@ -23,7 +23,7 @@ use crate::auth::authenticate;
 use crate::charge::{self, Authorized};
 use crate::context::BillingContext;
 use crate::error::ApiError;
-use crate::protocol::{EventAction, ParsedRequest, Protocol, StreamInspector};
+use crate::protocol::{EventAction, ParsedRequest, Protocol, StreamInspector, UrlFacts};
 use crate::request_id::REQUEST_ID_HEADER;
 use crate::sse::SseSplitter;
 use crate::state::AppState;
@@ -79,6 +79,24 @@ impl Billing {
             ..Usage::default()
         }
     }
+
+    /// The usage to charge, best source first: the upstream's report checked against the
+    /// tokenizer's count (and corrected, flagged, when it is absurd), else that count.
+    fn usage_to_charge(&self, protocol: Protocol, reported: Option<Usage>, output_text: &str) -> (Usage, UsageSource) {
+        let counted = self.counted_usage(output_text);
+        let Some(reported) = reported else { return (counted, UsageSource::Tokenizer) };
+        let output_cap = if protocol.output_cap_includes_reasoning() {
+            self.parsed.output_tokens_max.map(|cap| cap.saturating_mul(self.parsed.choices))
+        } else {
+            None
+        };
+        let checked = tollgate_core::check_reported(reported, counted, output_cap);
+        for anomaly in &checked.anomalies {
+            metrics::counter!("tollgate_usage_anomalies_total", "kind" => anomaly.as_str()).increment(1);
+            tracing::warn!(request_id = self.request_id, provider = self.route.provider.name, anomaly = anomaly.as_str(), ?reported, charged = ?checked.usage, "implausible upstream usage corrected");
+        }
+        (checked.usage, checked.source())
+    }
 }
 
 fn now_ms() -> i64 {
@@ -87,7 +105,12 @@ fn now_ms() -> i64 {
 
 /// Handles one LLM request of the given protocol.
 pub async fn handle(state: AppState, protocol: Protocol, request_id: String, headers: HeaderMap, body: Body) -> Response {
-    match handle_request(&state, protocol, request_id, &headers, body).await {
+    handle_at(state, protocol, UrlFacts::default(), request_id, headers, body).await
+}
+
+/// [`handle`], for a protocol whose URL carries request facts (Gemini: the model, streaming).
+pub async fn handle_at(state: AppState, protocol: Protocol, url: UrlFacts, request_id: String, headers: HeaderMap, body: Body) -> Response {
+    match handle_request(&state, protocol, &url, request_id, &headers, body).await {
         Ok(response) => response,
         Err(error) => {
             metrics::counter!("tollgate_requests_total", "outcome" => error.status_and_code().1).increment(1);
@@ -99,6 +122,7 @@ pub async fn handle(state: AppState, protocol: Protocol, request_id: String, hea
 async fn handle_request(
     state: &AppState,
     protocol: Protocol,
+    url: &UrlFacts,
     request_id: String,
     headers: &HeaderMap,
     body: Body,
@@ -110,7 +134,7 @@ async fn handle_request(
         .map_err(|_| ApiError::RequestTooLarge { limit_bytes })?;
     let mut body: Map<String, Value> = serde_json::from_slice(&bytes)
         .map_err(|error| ApiError::InvalidRequest(format!("request body is not a valid JSON object: {error}")))?;
-    let parsed = protocol.parse(&body)?;
+    let parsed = protocol.parse_at(&body, url)?;
     let route = state
         .upstreams
         .route(&parsed.model)
@@ -177,6 +201,7 @@ fn forwarded_headers(protocol: Protocol, headers: &HeaderMap) -> HeaderMap {
     let names: &[&str] = match protocol {
         Protocol::OpenAiChat | Protocol::OpenAiEmbeddings => &["openai-organization", "openai-project"],
         Protocol::AnthropicMessages => &["anthropic-version", "anthropic-beta"],
+        Protocol::GeminiGenerate => &[],
     };
     for name in names {
         if let Some(value) = headers.get(*name) {
@@ -231,14 +256,9 @@ async fn forward(
     client_wants_usage: bool,
 ) -> Result<Response, ApiError> {
     let provider = &billing.route.provider;
-    let url = format!("{}{}", provider.base_url, protocol.upstream_path());
+    let url = format!("{}{}", provider.base_url, protocol.upstream_path(&billing.route.upstream_model, billing.parsed.stream));
     let mut request = state.http.post(url).headers(headers).header(header::CONTENT_TYPE, "application/json").body(body);
-    if let Some(api_key) = provider.api_key() {
-        request = match protocol {
-            Protocol::OpenAiChat | Protocol::OpenAiEmbeddings => request.bearer_auth(api_key),
-            Protocol::AnthropicMessages => request.header("x-api-key", api_key),
-        };
-    }
+    request = provider.authorize(request, protocol);
     let timeout_ms = state.config.limits.upstream_timeout_ms;
     let response = match tokio::time::timeout(Duration::from_millis(timeout_ms), request.send()).await {
         Err(_) => return void_with(state, &billing, ApiError::UpstreamTimeout(timeout_ms)).await,
@@ -264,10 +284,7 @@ async fn forward(
     let Ok(json) = serde_json::from_slice::<Value>(&bytes) else {
         return void_with(state, &billing, ApiError::Upstream("upstream sent a response that is not JSON".into())).await;
     };
-    let (usage, source) = match protocol.response_usage(&json) {
-        Some(usage) => (usage, UsageSource::Upstream),
-        None => (billing.counted_usage(&protocol.response_output_text(&json)), UsageSource::Tokenizer),
-    };
+    let (usage, source) = billing.usage_to_charge(protocol, protocol.response_usage(&json), &protocol.response_output_text(&json));
     let cost = match charge::price_usage(&billing.price.price, &usage) {
         Ok(cost) => cost,
         Err(error) => return void_with(state, &billing, error).await,
@@ -363,6 +380,8 @@ async fn pump(
     let mut chunks = upstream.bytes_stream();
     let mut splitter = SseSplitter::new(SSE_EVENT_BYTES_MAX);
     let mut terminal: Option<Bytes> = None;
+    // An event that may be the stream's last (`EventAction::MaybeTerminal`), until the next one.
+    let mut kept_back: Option<Bytes> = None;
     let mut forwarded_events = 0u64;
     let end = 'stream: loop {
         let next = tokio::select! {
@@ -372,13 +391,27 @@ async fn pump(
         };
         let chunk = match next {
             Err(_) => break StreamEnd::UpstreamIdle,
+            // A protocol without a terminal event ends by closing: its kept-back event is the last.
+            Ok(None) if inspector.completed_at_end_of_stream() => {
+                terminal = kept_back.take();
+                break StreamEnd::Completed;
+            }
             Ok(None) | Ok(Some(Err(_))) => break StreamEnd::UpstreamCut,
             Ok(Some(Ok(chunk))) => chunk,
         };
         let Ok(events) = splitter.push(&chunk) else { break StreamEnd::UpstreamCut };
         for event in events {
-            match inspector.inspect(&event) {
+            let action = inspector.inspect(&event);
+            if action != EventAction::Strip
+                && let Some(previous) = kept_back.take() {
+                    if sender.send(Ok(previous)).await.is_err() {
+                        break 'stream StreamEnd::ClientGone;
+                    }
+                    forwarded_events += 1;
+                }
+            match action {
                 EventAction::Strip => {}
+                EventAction::MaybeTerminal => kept_back = Some(event.raw),
                 EventAction::Terminal => {
                     terminal = Some(event.raw);
                     break 'stream StreamEnd::Completed;
@@ -392,11 +425,10 @@ async fn pump(
             }
         }
     };
+    // A stream that did not complete still delivers, once charged, the event it kept back.
+    let terminal = terminal.or(kept_back);
     metrics::counter!("tollgate_stream_ends_total", "end" => stream_end_label(end)).increment(1);
-    let (usage, source) = match (end, inspector.usage()) {
-        (_, Some(usage)) => (usage, UsageSource::Upstream),
-        (_, None) => (billing.counted_usage(inspector.output_text()), UsageSource::Tokenizer),
-    };
+    let (usage, source) = billing.usage_to_charge(inspector.protocol(), inspector.usage(), inspector.output_text());
     if end != StreamEnd::Completed && inspector.output_text().is_empty() && inspector.usage().is_none() {
         tracing::warn!(request_id = billing.request_id, ?end, forwarded_events, "stream ended before any output; voided");
         charge::void(state, billing.failed_event()).await;

@@ -20,7 +20,7 @@ use tollgate_store::sqlite::SqliteLedger;
 use tollgate_store::{HotStore, Ledger};
 use tollgate_worker::usage_writer::{UsageWriterConfig, run_usage_writer};
 
-use crate::config::GatewayConfig;
+use crate::config::{GatewayConfig, PricingCheck};
 use crate::jobs::JobStores;
 use crate::state::AppState;
 
@@ -86,6 +86,30 @@ impl Gateway {
             worker_tasks.spawn(crate::notifications::run_listener(state.clone(), pool, worker_shutdown.clone()));
         }
         Ok(Gateway { state, worker_shutdown, worker_tasks })
+    }
+
+    /// The start-up price check (`pricing_check`): every routed model priced for every tier in
+    /// use ([`crate::pricing::missing_prices`]). `tollgate serve` runs it after anything that
+    /// seeds prices (the demo) and before serving; each gap is logged as a warning, or, with
+    /// `pricing_check = "refuse"`, returned as the reason not to start.
+    ///
+    /// # Errors
+    /// `Config` naming every gap under `refuse`; `Store` when the ledger cannot be read.
+    pub async fn check_prices(&self) -> Result<Vec<crate::pricing::MissingPrice>, ServerError> {
+        let tiers = crate::pricing::tiers_in_use(&*self.state.ledger).await?;
+        let missing = crate::pricing::missing_prices(&self.state.config.models, &self.state.prices.all(), &tiers);
+        if missing.is_empty() {
+            return Ok(missing);
+        }
+        match self.state.config.pricing_check {
+            PricingCheck::Warn => {
+                for gap in &missing {
+                    tracing::warn!(provider = %gap.provider, model = %gap.model, customer_type = %gap.customer_type, "routed model has no price for this customer type: its requests will be refused with price_not_configured (tollgate prices check lists all)");
+                }
+                Ok(missing)
+            }
+            PricingCheck::Refuse => Err(ServerError::Config(crate::pricing::refusal_message(&missing))),
+        }
     }
 
     /// Serves on `listener` until `shutdown` fires, then shuts down in order (module doc).

@@ -26,7 +26,21 @@ impl Provider {
             (self.kind, protocol),
             (ProviderKind::Openai | ProviderKind::Mock, Protocol::OpenAiChat | Protocol::OpenAiEmbeddings)
                 | (ProviderKind::Anthropic | ProviderKind::Mock, Protocol::AnthropicMessages)
+                | (ProviderKind::Gemini | ProviderKind::Vertex | ProviderKind::Mock, Protocol::GeminiGenerate)
         )
+    }
+
+    /// Adds this provider's credentials, the way it expects them, to an upstream request.
+    pub fn authorize(&self, request: reqwest::RequestBuilder, protocol: Protocol) -> reqwest::RequestBuilder {
+        let Some(api_key) = self.api_key() else {
+            return request;
+        };
+        match (self.kind, protocol) {
+            (ProviderKind::Anthropic, _) | (ProviderKind::Mock, Protocol::AnthropicMessages) => request.header("x-api-key", api_key),
+            (ProviderKind::Gemini, _) | (ProviderKind::Mock, Protocol::GeminiGenerate) => request.header("x-goog-api-key", api_key),
+            (ProviderKind::Openai | ProviderKind::Vertex, _)
+            | (ProviderKind::Mock, Protocol::OpenAiChat | Protocol::OpenAiEmbeddings) => request.bearer_auth(api_key),
+        }
     }
 }
 

@@ -81,6 +81,7 @@ pub(crate) async fn count_tokens(
 ) -> Result<Response, ApiError> {
     let mut req = parse(&headers, &body)?;
     let behaviour = Behaviour::resolve(&state.config, &headers, req.mock.take(), F)?;
+    behaviour.check_api_key(crate::common::header_text(&headers, "x-api-key"), F)?;
     behaviour.check_injected_failure(F)?;
     let tokens = input_tokens(&req)?;
     behaviour.first_byte_delay().await;
@@ -98,6 +99,7 @@ pub(crate) async fn messages(
 ) -> Result<Response, ApiError> {
     let mut req = parse(&headers, &body)?;
     let mut behaviour = Behaviour::resolve(&state.config, &headers, req.mock.take(), F)?;
+    behaviour.check_api_key(crate::common::header_text(&headers, "x-api-key"), F)?;
     behaviour.check_injected_failure(F)?;
     let (tokens, stop_reason) = match req.max_tokens {
         Some(cap) if cap < behaviour.output_tokens => (cap, "max_tokens"),

@@ -46,6 +46,8 @@ pub(crate) fn hello_text(n: u64) -> Cow<'static, str> {
 pub(crate) enum Flavor {
     OpenAi,
     Anthropic,
+    /// Gemini (AI Studio and Vertex AI): `google.rpc.Status` errors.
+    Google,
 }
 
 /// Per-request behaviour overrides, read from the top-level `"mock"` field of
@@ -75,6 +77,18 @@ pub struct MockOverrides {
     /// Any JSON value, substituted verbatim for the usage object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage_override: Option<Value>,
+    /// Gemini: thinking tokens to report (`thoughtsTokenCount`), on top of the output tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thoughts_tokens: Option<u64>,
+    /// Gemini: prompt tokens to report as served from the cache (`cachedContentTokenCount`,
+    /// at most the prompt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_tokens: Option<u64>,
+    /// Answer 401 unless the request carries this upstream API key the way its protocol sends
+    /// it (OpenAI and Vertex AI: `Authorization: Bearer`; Anthropic: `x-api-key`; Gemini:
+    /// `x-goog-api-key` or `?key=`), so a gateway's upstream credentials can be checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect_api_key: Option<String>,
 }
 
 /// Effective behaviour for one request.
@@ -88,6 +102,9 @@ pub(crate) struct Behaviour {
     pub(crate) fail_after_chunks: Option<u64>,
     /// Pre-serialised usage override.
     pub(crate) usage_override: Option<String>,
+    pub(crate) thoughts_tokens: u64,
+    pub(crate) cached_tokens: u64,
+    pub(crate) expect_api_key: Option<String>,
 }
 
 impl Behaviour {
@@ -138,6 +155,8 @@ impl Behaviour {
             body.fail_after_chunks
                 .or(header_u64(headers, "x-mock-fail-after-chunks", flavor)?);
         let usage_override = body.usage_override.as_ref().map(Value::to_string);
+        let thoughts_tokens = body.thoughts_tokens.unwrap_or(0);
+        let cached_tokens = body.cached_tokens.unwrap_or(0);
         Ok(Self {
             output_tokens,
             latency: Duration::from_millis(latency_ms).min(MAX_DELAY),
@@ -146,7 +165,20 @@ impl Behaviour {
             fail_status,
             fail_after_chunks,
             usage_override,
+            thoughts_tokens,
+            cached_tokens,
+            expect_api_key: body.expect_api_key,
         })
+    }
+
+    /// Refuses a request without the expected upstream key, if one is expected.
+    pub(crate) fn check_api_key(&self, presented: Option<&str>, flavor: Flavor) -> Result<(), ApiError> {
+        match (&self.expect_api_key, presented) {
+            (None, _) => Ok(()),
+            (Some(expected), Some(presented)) if presented == expected => Ok(()),
+            (Some(_), Some(_)) => Err(ApiError::new(flavor, StatusCode::UNAUTHORIZED, "mock: wrong API key")),
+            (Some(_), None) => Err(ApiError::new(flavor, StatusCode::UNAUTHORIZED, "mock: missing API key")),
+        }
     }
 
     /// Fails with the injected status, if one was requested.
@@ -278,6 +310,22 @@ pub(crate) fn error_response(flavor: Flavor, status: StatusCode, message: &str) 
             };
             serde_json::json!({"type": "error", "error": {"type": kind, "message": message}})
         }
+        Flavor::Google => {
+            let status_name = match code {
+                400 => "INVALID_ARGUMENT",
+                401 => "UNAUTHENTICATED",
+                403 => "PERMISSION_DENIED",
+                404 => "NOT_FOUND",
+                409 => "ABORTED",
+                429 => "RESOURCE_EXHAUSTED",
+                501 => "UNIMPLEMENTED",
+                503 => "UNAVAILABLE",
+                504 => "DEADLINE_EXCEEDED",
+                500..=599 => "INTERNAL",
+                _ => "UNKNOWN",
+            };
+            serde_json::json!({"error": {"code": code, "message": message, "status": status_name}})
+        }
     };
     (
         status,
@@ -285,6 +333,20 @@ pub(crate) fn error_response(flavor: Flavor, status: StatusCode, message: &str) 
         body.to_string(),
     )
         .into_response()
+}
+
+/// The token of `Authorization: Bearer <token>`.
+pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// A header's value as text.
+pub(crate) fn header_text<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers.get(name).and_then(|value| value.to_str().ok()).map(str::trim)
 }
 
 /// 400 for an unparseable / ill-typed body.

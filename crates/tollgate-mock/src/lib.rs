@@ -1,7 +1,8 @@
 //! tollgate-mock: a deterministic mock upstream LLM server.
 //!
-//! Speaks enough of the OpenAI Chat Completions / Embeddings protocol and the
-//! Anthropic Messages protocol for demos, integration tests and benchmarks.
+//! Speaks enough of the OpenAI Chat Completions / Embeddings protocol, the
+//! Anthropic Messages protocol and Google's Gemini API (as AI Studio and Vertex AI
+//! serve it) for demos, integration tests and benchmarks.
 //!
 //! Every completion is `N` repetitions of `" hello"`, which is exactly `N`
 //! tokens in every encoding, so usage reported by the mock can be checked
@@ -17,12 +18,16 @@
 //! - `POST /v1/messages` (Anthropic, streaming and non-streaming)
 //! - `POST /v1/messages/count_tokens` (Anthropic)
 //! - `POST /v1/embeddings` (OpenAI)
+//! - `POST /v1beta/models/{model}:generateContent`, `…:streamGenerateContent?alt=sse`
+//!   (Gemini; also under `/v1/models/` and Vertex AI's
+//!   `/v1/projects/{project}/locations/{location}/publishers/google/models/`)
 //! - `GET /v1/models` (OpenAI shape; Anthropic shape if `anthropic-version` is sent)
 //! - `GET /healthz` → `200 ok`
 
 mod anthropic;
 mod common;
 mod embeddings;
+mod gemini;
 mod openai;
 mod stream;
 
@@ -81,11 +86,13 @@ const MODELS: &[(&str, &str)] = &[
     ("demo-gpt-mini", "tollgate-mock"),
     ("demo-claude", "tollgate-mock"),
     ("demo-embedding", "tollgate-mock"),
+    ("demo-gemini", "tollgate-mock"),
     ("gpt-4o", "openai"),
     ("gpt-4o-mini", "openai"),
     ("text-embedding-3-small", "openai"),
     ("claude-sonnet-4-5", "anthropic"),
     ("claude-haiku-4-5", "anthropic"),
+    ("gemini-2.5-flash", "google"),
 ];
 
 fn models_openai_json() -> Bytes {
@@ -125,6 +132,12 @@ pub fn router(config: MockConfig) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/v1beta/models/{model_method}", post(gemini::generate))
+        .route("/v1/models/{model_method}", post(gemini::generate))
+        .route(
+            "/v1/projects/{project}/locations/{location}/publishers/google/models/{model_method}",
+            post(gemini::vertex_generate),
+        )
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), count_request));
     Router::new()
         .merge(generation)

@@ -1107,3 +1107,211 @@ fn default_config() {
         (0, 16, 0)
     );
 }
+
+// --- Gemini ------------------------------------------------------------------------------------
+
+impl Server {
+    async fn gemini(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client.post(self.url(path)).json(body).send().await.unwrap()
+    }
+}
+
+fn gemini_body() -> Value {
+    json!({
+        "contents": [{"role": "user", "parts": [{"text": "Say hello a few times, please."}]}],
+        "systemInstruction": {"parts": [{"text": "You are a helpful assistant."}]},
+    })
+}
+
+/// The prompt count of [`gemini_body`]: its text parts.
+fn gemini_prompt_tokens() -> u64 {
+    tokens("demo-gemini", "Say hello a few times, please.") + tokens("demo-gemini", "You are a helpful assistant.")
+}
+
+/// An `alt=sse` body: its events' JSON, asserting Google's CRLF event ends and one data line each.
+fn gemini_chunks(text: &str) -> Vec<Value> {
+    assert!(text.ends_with("\r\n\r\n"), "events end with CRLF CRLF: {text:?}");
+    text.split("\r\n\r\n")
+        .filter(|event| !event.is_empty())
+        .map(|event| {
+            let data = event.strip_prefix("data: ").unwrap_or_else(|| panic!("one data line: {event:?}"));
+            assert!(!data.contains('\n'), "one line per event");
+            serde_json::from_str(data).unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn gemini_non_stream_usage() {
+    let s = Server::default().await;
+    let mut body = gemini_body();
+    body["mock"] = json!({"output_tokens": 7});
+    let r = s.gemini("/v1beta/models/demo-gemini:generateContent", &body).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["candidates"][0]["content"]["parts"][0]["text"], " hello".repeat(7));
+    assert_eq!(v["candidates"][0]["content"]["role"], "model");
+    assert_eq!(v["candidates"][0]["finishReason"], "STOP");
+    assert_eq!(v["modelVersion"], "demo-gemini");
+    let prompt = gemini_prompt_tokens();
+    let usage = &v["usageMetadata"];
+    assert_eq!(usage["promptTokenCount"], prompt);
+    assert_eq!(usage["candidatesTokenCount"], 7);
+    assert_eq!(usage["totalTokenCount"], prompt + 7);
+    // Zero counts are omitted, as proto JSON does.
+    assert!(usage.get("cachedContentTokenCount").is_none() && usage.get("thoughtsTokenCount").is_none(), "{usage}");
+    // The same under /v1.
+    let r = s.gemini("/v1/models/demo-gemini:generateContent", &body).await;
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn gemini_thoughts_cache_and_candidates() {
+    let s = Server::default().await;
+    let mut body = gemini_body();
+    body["generationConfig"] = json!({"maxOutputTokens": 4, "candidateCount": 2, "temperature": 0.5});
+    body["mock"] = json!({"thoughts_tokens": 11, "cached_tokens": 3});
+    let v: Value = s.gemini("/v1beta/models/demo-gemini:generateContent", &body).await.json().await.unwrap();
+    let candidates = v["candidates"].as_array().unwrap();
+    assert_eq!(candidates.len(), 2);
+    for (index, candidate) in candidates.iter().enumerate() {
+        assert_eq!(candidate["index"], index);
+        assert_eq!(candidate["finishReason"], "MAX_TOKENS");
+        assert_eq!(candidate["content"]["parts"][0]["text"], " hello".repeat(4));
+    }
+    let prompt = gemini_prompt_tokens();
+    let usage = &v["usageMetadata"];
+    assert_eq!(usage["promptTokenCount"], prompt, "the prompt count includes the cached tokens");
+    assert_eq!(usage["cachedContentTokenCount"], 3);
+    assert_eq!(usage["candidatesTokenCount"], 8);
+    assert_eq!(usage["thoughtsTokenCount"], 11);
+    assert_eq!(usage["totalTokenCount"], prompt + 8 + 11);
+    // Proto names are accepted too; cached tokens are capped at the prompt.
+    let body = json!({"contents": [{"parts": [{"text": "hi"}]}], "generation_config": {"max_output_tokens": 2},
+        "mock": {"cached_tokens": 1000}});
+    let v: Value = s.gemini("/v1beta/models/demo-gemini:generateContent", &body).await.json().await.unwrap();
+    assert_eq!(v["usageMetadata"]["candidatesTokenCount"], 2);
+    assert_eq!(v["usageMetadata"]["cachedContentTokenCount"], v["usageMetadata"]["promptTokenCount"]);
+    let too_many = json!({"contents": [{"parts": [{"text": "hi"}]}], "generationConfig": {"candidateCount": 9}});
+    assert_eq!(s.gemini("/v1beta/models/demo-gemini:generateContent", &too_many).await.status(), 400);
+}
+
+#[tokio::test]
+async fn gemini_stream_has_early_prompt_counts_and_final_usage_on_the_finishing_chunk() {
+    let s = Server::default().await;
+    let mut body = gemini_body();
+    body["generationConfig"] = json!({"candidateCount": 2});
+    body["mock"] = json!({"output_tokens": 5, "thoughts_tokens": 2});
+    let r = s.gemini("/v1beta/models/demo-gemini:streamGenerateContent?alt=sse", &body).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let chunks = gemini_chunks(&r.text().await.unwrap());
+    // 5 tokens × 2 candidates, then one finishing chunk per candidate; no terminal event.
+    assert_eq!(chunks.len(), 12);
+    let prompt = gemini_prompt_tokens();
+    let mut texts = [String::new(), String::new()];
+    for chunk in &chunks[..11] {
+        assert_eq!(chunk["usageMetadata"], json!({"promptTokenCount": prompt, "totalTokenCount": prompt,
+            "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt}]}));
+    }
+    for chunk in &chunks {
+        let candidate = &chunk["candidates"][0];
+        let index = candidate["index"].as_u64().unwrap() as usize;
+        texts[index].push_str(candidate["content"]["parts"][0]["text"].as_str().unwrap());
+    }
+    assert_eq!(texts, [" hello".repeat(5), " hello".repeat(5)]);
+    assert!(chunks[..10].iter().all(|chunk| chunk["candidates"][0].get("finishReason").is_none()));
+    assert_eq!(chunks[10]["candidates"][0]["finishReason"], "STOP");
+    let last = chunks.last().unwrap();
+    assert_eq!(last["candidates"][0]["finishReason"], "STOP");
+    assert_eq!(last["usageMetadata"]["candidatesTokenCount"], 10);
+    assert_eq!(last["usageMetadata"]["thoughtsTokenCount"], 2);
+    assert_eq!(last["usageMetadata"]["totalTokenCount"], prompt + 12);
+}
+
+#[tokio::test]
+async fn gemini_streams_need_alt_sse_and_unknown_methods_are_404() {
+    let s = Server::default().await;
+    let r = s.gemini("/v1beta/models/demo-gemini:streamGenerateContent", &gemini_body()).await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], 400);
+    assert_eq!(v["error"]["status"], "INVALID_ARGUMENT");
+    assert!(v["error"]["message"].as_str().unwrap().contains("alt=sse"));
+    for path in ["/v1beta/models/demo-gemini:countTokens", "/v1beta/models/demo-gemini"] {
+        let r = s.gemini(path, &gemini_body()).await;
+        assert_eq!(r.status(), 404, "{path}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["status"], "NOT_FOUND");
+    }
+    let r = s.gemini("/v1beta/models/demo-gemini:generateContent", &json!({"contents": "hi"})).await;
+    assert_eq!(r.status(), 400);
+    let mut body = gemini_body();
+    body["mock"] = json!({"fail_status": 503});
+    let v: Value = s.gemini("/v1beta/models/demo-gemini:generateContent", &body).await.json().await.unwrap();
+    assert_eq!((v["error"]["code"].clone(), v["error"]["status"].clone()), (json!(503), json!("UNAVAILABLE")));
+}
+
+#[tokio::test]
+async fn gemini_omit_override_and_cut() {
+    let s = Server::default().await;
+    let mut body = gemini_body();
+    body["mock"] = json!({"omit_usage": true, "output_tokens": 3});
+    let v: Value = s.gemini("/v1beta/models/demo-gemini:generateContent", &body).await.json().await.unwrap();
+    assert!(v.get("usageMetadata").is_none());
+    let text = s.gemini("/v1beta/models/demo-gemini:streamGenerateContent?alt=sse", &body).await.text().await.unwrap();
+    assert!(!text.contains("usageMetadata"));
+    assert_eq!(gemini_chunks(&text).len(), 4);
+
+    let garbage = json!({"promptTokenCount": -1, "candidatesTokenCount": "many"});
+    body["mock"] = json!({"usage_override": garbage, "output_tokens": 3});
+    let v: Value = s.gemini("/v1beta/models/demo-gemini:generateContent", &body).await.json().await.unwrap();
+    assert_eq!(v["usageMetadata"], garbage);
+    let text = s.gemini("/v1beta/models/demo-gemini:streamGenerateContent?alt=sse", &body).await.text().await.unwrap();
+    assert_eq!(gemini_chunks(&text).last().unwrap()["usageMetadata"], garbage);
+
+    body["mock"] = json!({"output_tokens": 10, "fail_after_chunks": 4});
+    let r = s.gemini("/v1beta/models/demo-gemini:streamGenerateContent?alt=sse", &body).await;
+    let (text, failed) = read_until_cut(r).await;
+    assert!(failed, "the connection is cut");
+    assert_eq!(text.matches("\r\n\r\n").count(), 4);
+    assert!(!text.contains("finishReason"));
+}
+
+#[tokio::test]
+async fn upstream_api_keys_are_checked_when_expected() {
+    let s = Server::default().await;
+    let mut body = gemini_body();
+    body["mock"] = json!({"expect_api_key": "k1"});
+    let ai_studio = |key_header: Option<(&'static str, &'static str)>, query: &str| {
+        let mut request = s.client.post(s.url(&format!("/v1beta/models/demo-gemini:generateContent{query}"))).json(&body);
+        if let Some((name, value)) = key_header {
+            request = request.header(name, value);
+        }
+        request.send()
+    };
+    let r = ai_studio(None, "").await.unwrap();
+    assert_eq!(r.status(), 401);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["status"], "UNAUTHENTICATED");
+    assert_eq!(ai_studio(Some(("x-goog-api-key", "k2")), "").await.unwrap().status(), 401);
+    assert_eq!(ai_studio(Some(("x-goog-api-key", "k1")), "").await.unwrap().status(), 200);
+    assert_eq!(ai_studio(None, "?key=k1").await.unwrap().status(), 200);
+
+    let vertex = "/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.5-flash:generateContent";
+    let r = s.client.post(s.url(vertex)).bearer_auth("k1").json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["modelVersion"], "gemini-2.5-flash");
+    let r = s.client.post(s.url(vertex)).header("x-goog-api-key", "k1").json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 401, "Vertex AI takes a bearer token");
+
+    let chat = json!({"model": "demo-gpt", "messages": messages(), "mock": {"expect_api_key": "k1"}});
+    assert_eq!(s.openai(&chat).await.status(), 401);
+    let r = s.client.post(s.url("/v1/chat/completions")).bearer_auth("k1").json(&chat).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let claude = json!({"model": "demo-claude", "messages": messages(), "max_tokens": 5, "mock": {"expect_api_key": "k1"}});
+    assert_eq!(s.anthropic(&claude).await.status(), 401);
+    let r = s.client.post(s.url("/v1/messages")).header("anthropic-version", "2023-06-01").header("x-api-key", "k1").json(&claude).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}

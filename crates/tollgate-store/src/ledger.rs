@@ -34,6 +34,9 @@ pub trait Ledger: crate::operations::Operations + Send + Sync + 'static {
     async fn account_balance(&self, account_id: &str) -> StoreResult<Option<AccountBalance>>;
     /// Every account id, for verification and reconciliation.
     async fn account_ids(&self) -> StoreResult<Vec<String>>;
+    /// The distinct customer types (pricing tiers) accounts have, sorted: the tiers every routed
+    /// model needs a price for (`tollgate prices check`).
+    async fn customer_types(&self) -> StoreResult<Vec<String>>;
 
     /// Stores a key by its hash. `NotFound` when the account does not exist.
     async fn create_key(&self, key: NewApiKey) -> StoreResult<ApiKey>;

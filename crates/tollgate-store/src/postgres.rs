@@ -411,6 +411,10 @@ impl Ledger for PgLedger {
         Ok(sqlx::query_scalar("SELECT id FROM accounts ORDER BY id").fetch_all(&self.pool).await?)
     }
 
+    async fn customer_types(&self) -> StoreResult<Vec<String>> {
+        Ok(sqlx::query_scalar("SELECT DISTINCT customer_type FROM accounts ORDER BY customer_type").fetch_all(&self.pool).await?)
+    }
+
     async fn create_key(&self, key: NewApiKey) -> StoreResult<ApiKey> {
         let mut transaction = self.pool.begin().await?;
         let exists = sqlx::query("SELECT 1 FROM accounts WHERE id = $1").bind(&key.account_id).fetch_optional(&mut *transaction).await?;

@@ -292,6 +292,10 @@ impl Ledger for SqliteLedger {
         Ok(sqlx::query_scalar("SELECT id FROM accounts ORDER BY id").fetch_all(&self.pool).await?)
     }
 
+    async fn customer_types(&self) -> StoreResult<Vec<String>> {
+        Ok(sqlx::query_scalar("SELECT DISTINCT customer_type FROM accounts ORDER BY customer_type").fetch_all(&self.pool).await?)
+    }
+
     async fn create_key(&self, key: NewApiKey) -> StoreResult<ApiKey> {
         if self.account(&key.account_id).await?.is_none() {
             return Err(StoreError::NotFound { entity: "account", id: key.account_id });

@@ -51,6 +51,7 @@ macro_rules! conformance {
 
 conformance!(
     accounts_are_created_once_and_patched,
+    customer_types_are_listed_once_each,
     keys_are_found_by_hash_and_revoked,
     the_newest_price_wins,
     a_topup_confirmed_twice_adds_once,
@@ -127,6 +128,15 @@ async fn accounts_are_created_once_and_patched(ledger: Arc<dyn Ledger>) {
     assert_eq!(cleared.daily_request_quota, None);
     assert!(matches!(ledger.update_account("nobody", AccountPatch::default()).await, Err(StoreError::NotFound { .. })));
     assert_eq!(ledger.account_balance("a").await.unwrap().unwrap().balance, Money::ZERO);
+}
+
+async fn customer_types_are_listed_once_each(ledger: Arc<dyn Ledger>) {
+    assert!(ledger.customer_types().await.unwrap().is_empty());
+    account(&*ledger, "a").await;
+    account(&*ledger, "b").await;
+    let premium = NewAccount { id: "c".into(), kind: AccountKind::Tenant, name: "n".into(), customer_type: "premium".into(), credit_limit: Money::ZERO, daily_request_quota: None, monthly_request_quota: None, low_balance_threshold: None };
+    ledger.create_account(premium).await.unwrap();
+    assert_eq!(ledger.customer_types().await.unwrap(), ["premium", "standard"]);
 }
 
 async fn keys_are_found_by_hash_and_revoked(ledger: Arc<dyn Ledger>) {

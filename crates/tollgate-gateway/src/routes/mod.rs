@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod client;
+pub mod gemini;
 pub mod operations;
 pub mod ops;
 pub mod statements;
