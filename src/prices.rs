@@ -37,12 +37,14 @@ pub enum PricesCommand {
         /// Print what would be stored; write nothing (the ledger is not opened).
         #[arg(long)]
         dry_run: bool,
+        /// TOML configuration file (routes, providers, database); TOLLGATE_* variables override it.
         #[arg(long)]
         config: Option<PathBuf>,
     },
     /// List every routed model without a price for a customer type in use (the accounts' types
     /// and "standard"); exit status 3 when one is missing.
     Check {
+        /// TOML configuration file (routes, providers, database); TOLLGATE_* variables override it.
         #[arg(long)]
         config: Option<PathBuf>,
     },

@@ -21,6 +21,7 @@ ADMIN_TOKEN = os.environ["TOLLGATE_ADMIN_TOKEN"]
 NANO_PER_UNIT = 10**9
 INPUT_NANO_PER_MTOK = 2_500_000_000  # 2.50
 CACHED_INPUT_NANO_PER_MTOK = 1_250_000_000  # 1.25
+CACHE_WRITE_NANO_PER_MTOK = 3_125_000_000  # 3.125
 OUTPUT_NANO_PER_MTOK = 10_000_000_000  # 10.00
 TOKENS_PER_MTOK = 1_000_000
 
@@ -29,7 +30,9 @@ MOCK_TOKENS_DEFAULT = 16
 MOCK_TOKEN = " hello"
 
 
-def expected_cost(input_tokens: int, output_tokens: int, cached_input_tokens: int = 0) -> Decimal:
+def expected_cost(
+    input_tokens: int, output_tokens: int, cached_input_tokens: int = 0, cache_write_tokens: int = 0
+) -> Decimal:
     """The exact demo cost: the sum over token kinds of tokens × price, rounded up to the unit.
 
     `input_tokens` are the uncached input tokens (OpenAI: prompt_tokens − cached_tokens;
@@ -37,6 +40,7 @@ def expected_cost(input_tokens: int, output_tokens: int, cached_input_tokens: in
     numerator = (
         input_tokens * INPUT_NANO_PER_MTOK
         + cached_input_tokens * CACHED_INPUT_NANO_PER_MTOK
+        + cache_write_tokens * CACHE_WRITE_NANO_PER_MTOK
         + output_tokens * OUTPUT_NANO_PER_MTOK
     )
     nano = -(-numerator // TOKENS_PER_MTOK)  # ceiling division, in integers
@@ -51,9 +55,13 @@ def openai_cost(usage) -> Decimal:
 
 
 def anthropic_cost(usage) -> Decimal:
-    """The exact cost of an Anthropic `Usage` (its input_tokens exclude cache reads)."""
-    assert not usage.cache_creation_input_tokens, "the demo has no cache-write price; the mock writes none"
-    return expected_cost(usage.input_tokens, usage.output_tokens, usage.cache_read_input_tokens or 0)
+    """The exact cost of an Anthropic `Usage` (its input_tokens exclude cache reads and writes)."""
+    return expected_cost(
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.cache_read_input_tokens or 0,
+        usage.cache_creation_input_tokens or 0,
+    )
 
 
 def get_json(path: str, token: str) -> dict:
@@ -107,10 +115,11 @@ def demo_prices_are_the_assumed_ones():
     """Every test fails, with the reason, if the gateway's demo prices are not the ones assumed here."""
     tier = account()["customer_type"]
     prices = get_json("/internal/prices", ADMIN_TOKEN)["data"]
-    for model in ("demo-gpt", "demo-claude"):
+    for model in ("demo-gpt", "demo-claude", "demo-embedding"):
         [price] = [p for p in prices if p["model"] == model and p["customer_type"] == tier]
         assert Decimal(price["input_per_mtok"]) * NANO_PER_UNIT == INPUT_NANO_PER_MTOK, price
         assert Decimal(price["cached_input_per_mtok"]) * NANO_PER_UNIT == CACHED_INPUT_NANO_PER_MTOK, price
+        assert Decimal(price["cache_write_per_mtok"]) * NANO_PER_UNIT == CACHE_WRITE_NANO_PER_MTOK, price
         assert Decimal(price["output_per_mtok"]) * NANO_PER_UNIT == OUTPUT_NANO_PER_MTOK, price
         assert Decimal(price["per_request"] or "0") == 0, price
 

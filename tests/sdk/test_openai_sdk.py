@@ -17,6 +17,7 @@ from conftest import (
     URL,
     assert_quiet_and_conserved,
     balance,
+    expected_cost,
     openai_cost,
     usage_rows,
 )
@@ -133,6 +134,58 @@ def test_tools_pass_through_and_are_charged(client):
     cost = Decimal(raw.headers["x-tollgate-cost"])
     assert cost == openai_cost(completion.usage)
     assert before - balance() == cost
+
+
+def test_a_forced_tool_call_comes_back_as_tool_calls_and_is_charged_exactly(client):
+    before = balance()
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL,
+        messages=MESSAGES,
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
+    completion = raw.parse()
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    assert call.type == "function"
+    cost = Decimal(raw.headers["x-tollgate-cost"])
+    assert cost == openai_cost(completion.usage)
+    assert before - balance() == cost
+    assert_quiet_and_conserved()
+
+
+def test_cached_and_reasoning_tokens_are_priced_apart(client):
+    # The mock reports 5 prompt tokens as cached and 6 of the completion as reasoning (OpenAI
+    # counts reasoning inside completion_tokens, priced as output).
+    before = balance()
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=MESSAGES, extra_body={"mock": {"cached_tokens": 5, "thoughts_tokens": 6}}
+    )
+    usage = raw.parse().usage
+    assert usage.prompt_tokens_details.cached_tokens == 5
+    assert usage.completion_tokens_details.reasoning_tokens == 6
+    cost = Decimal(raw.headers["x-tollgate-cost"])
+    assert cost == openai_cost(usage)
+    assert cost < expected_cost(usage.prompt_tokens, usage.completion_tokens), "cached tokens cost less"
+    assert before - balance() == cost
+    [row] = usage_rows(raw.headers["x-request-id"])
+    assert row["usage"]["cached_input_tokens"] == 5
+    assert_quiet_and_conserved()
+
+
+def test_embeddings_are_charged_by_input_tokens(client):
+    before = balance()
+    raw = client.embeddings.with_raw_response.create(model="demo-embedding", input=["a ledger", "records money"])
+    response = raw.parse()
+    assert len(response.data) == 2
+    assert len(response.data[0].embedding) > 0
+    assert response.usage.prompt_tokens > 0
+    cost = Decimal(raw.headers["x-tollgate-cost"])
+    assert cost == expected_cost(response.usage.prompt_tokens, 0)
+    assert before - balance() == cost
+    assert_quiet_and_conserved()
 
 
 def test_a_wrong_key_is_an_authentication_error_and_charges_nothing():

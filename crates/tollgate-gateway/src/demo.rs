@@ -31,13 +31,14 @@ pub fn configure(config: &mut GatewayConfig, mock_base_url: &str) {
     }
 }
 
-/// Demo prices: per million tokens, input 2.50 and output 10.00 (cached input 1.25).
+/// Demo prices: per million tokens, input 2.50 and output 10.00 (cached input 1.25, cache write
+/// 3.125: Anthropic's 1.25 × input).
 fn demo_price() -> Price {
     Price {
         input_per_mtok: Money::from_nanos(2_500_000_000),
         output_per_mtok: Money::from_nanos(10_000_000_000),
         cached_input_per_mtok: Some(Money::from_nanos(1_250_000_000)),
-        cache_write_per_mtok: None,
+        cache_write_per_mtok: Some(Money::from_nanos(3_125_000_000)),
         per_request: Money::ZERO,
     }
 }

@@ -34,7 +34,22 @@ struct MessagesRequest {
     system: Option<Value>,
     max_tokens: Option<u64>,
     stream: Option<bool>,
+    #[serde(default)]
+    tools: Vec<Value>,
+    tool_choice: Option<Value>,
     mock: Option<MockOverrides>,
+}
+
+/// The tool a request forces (`tool_choice` "any": the first tool; "tool": the one named),
+/// which a non-streaming answer then uses instead of writing text.
+fn forced_tool(tools: &[Value], tool_choice: Option<&Value>) -> Option<String> {
+    let choice = tool_choice?;
+    let name = match choice.get("type")?.as_str()? {
+        "any" => tools.first()?.get("name")?,
+        "tool" => choice.get("name")?,
+        _ => return None,
+    };
+    name.as_str().map(str::to_string)
 }
 
 fn require_version(headers: &HeaderMap) -> Result<(), ApiError> {
@@ -117,6 +132,7 @@ pub(crate) async fn messages(
     let model = json_string(&req.model);
     let usage_override = behaviour.usage_override.take();
     let omit_usage = behaviour.omit_usage;
+    let (cache_read, cache_write) = (behaviour.cached_tokens, behaviour.cache_write_tokens);
     // Usage for `message_start` (`start`) or the final usage.
     let usage = |start: bool| -> Option<String> {
         if omit_usage {
@@ -124,11 +140,11 @@ pub(crate) async fn messages(
         } else if let Some(o) = &usage_override {
             Some(o.clone())
         } else if start {
-            Some(usage_json(input, 1))
+            Some(usage_json(input, cache_read, cache_write, 1))
         } else if stream {
             Some(format!(r#"{{"output_tokens":{tokens}}}"#))
         } else {
-            Some(usage_json(input, tokens))
+            Some(usage_json(input, cache_read, cache_write, tokens))
         }
     };
 
@@ -172,10 +188,17 @@ data: {{"type":"message_delta","delta":{{"stop_reason":"{stop_reason}","stop_seq
         .into_response(REQUEST_ID, &id)
     } else {
         let text = hello_text(tokens);
-        let mut out = String::with_capacity(text.len() + 384);
+        let (content, stop_reason) = match forced_tool(&req.tools, req.tool_choice.as_ref()) {
+            Some(tool) => (
+                format!(r#"[{{"type":"tool_use","id":"toolu_mock_0","name":{},"input":{{"mock":true}}}}]"#, json_string(&tool)),
+                "tool_use",
+            ),
+            None => (format!(r#"[{{"type":"text","text":"{text}"}}]"#), stop_reason),
+        };
+        let mut out = String::with_capacity(content.len() + 384);
         let _ = write!(
             out,
-            r#"{{"id":"{id}","type":"message","role":"assistant","model":{model},"content":[{{"type":"text","text":"{text}"}}],"stop_reason":"{stop_reason}","stop_sequence":null"#
+            r#"{{"id":"{id}","type":"message","role":"assistant","model":{model},"content":{content},"stop_reason":"{stop_reason}","stop_sequence":null"#
         );
         if let Some(u) = usage(false) {
             let _ = write!(out, r#","usage":{u}"#);
@@ -189,8 +212,12 @@ data: {{"type":"message_delta","delta":{{"stop_reason":"{stop_reason}","stop_seq
     })
 }
 
-fn usage_json(input: u64, output: u64) -> String {
+/// Anthropic reports uncached input apart from cache reads and writes: `prompt` is split.
+fn usage_json(prompt: u64, cache_read: u64, cache_write: u64, output: u64) -> String {
+    let cache_read = cache_read.min(prompt);
+    let cache_write = cache_write.min(prompt - cache_read);
+    let input = prompt - cache_read - cache_write;
     format!(
-        r#"{{"input_tokens":{input},"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":{output}}}"#
+        r#"{{"input_tokens":{input},"cache_creation_input_tokens":{cache_write},"cache_read_input_tokens":{cache_read},"output_tokens":{output}}}"#
     )
 }

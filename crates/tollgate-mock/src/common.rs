@@ -77,13 +77,20 @@ pub struct MockOverrides {
     /// Any JSON value, substituted verbatim for the usage object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage_override: Option<Value>,
-    /// Gemini: thinking tokens to report (`thoughtsTokenCount`), on top of the output tokens.
+    /// Hidden thinking tokens to report on top of the output tokens (Gemini
+    /// `thoughtsTokenCount`; OpenAI `completion_tokens_details.reasoning_tokens`, inside
+    /// `completion_tokens`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thoughts_tokens: Option<u64>,
-    /// Gemini: prompt tokens to report as served from the cache (`cachedContentTokenCount`,
-    /// at most the prompt).
+    /// Prompt tokens to report as served from the cache, at most the prompt (Gemini
+    /// `cachedContentTokenCount`; OpenAI `prompt_tokens_details.cached_tokens`; Anthropic
+    /// `cache_read_input_tokens`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cached_tokens: Option<u64>,
+    /// Anthropic: prompt tokens to report as written to the cache
+    /// (`cache_creation_input_tokens`; with `cached_tokens`, at most the prompt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_tokens: Option<u64>,
     /// Answer 401 unless the request carries this upstream API key the way its protocol sends
     /// it (OpenAI and Vertex AI: `Authorization: Bearer`; Anthropic: `x-api-key`; Gemini:
     /// `x-goog-api-key` or `?key=`), so a gateway's upstream credentials can be checked.
@@ -104,6 +111,7 @@ pub(crate) struct Behaviour {
     pub(crate) usage_override: Option<String>,
     pub(crate) thoughts_tokens: u64,
     pub(crate) cached_tokens: u64,
+    pub(crate) cache_write_tokens: u64,
     pub(crate) expect_api_key: Option<String>,
 }
 
@@ -167,6 +175,7 @@ impl Behaviour {
             usage_override,
             thoughts_tokens,
             cached_tokens,
+            cache_write_tokens: body.cache_write_tokens.unwrap_or(0),
             expect_api_key: body.expect_api_key,
         })
     }

@@ -74,6 +74,7 @@ pub(crate) struct AppState {
     /// Completion and embedding requests received, for tests that prove nothing reached the
     /// upstream without a hold (`GET /mock/stats`).
     generation_requests: std::sync::atomic::AtomicU64,
+    last_request: std::sync::Mutex<Option<LastRequest>>,
     models_openai: Bytes,
     models_anthropic: Bytes,
 }
@@ -127,6 +128,7 @@ pub fn router(config: MockConfig) -> Router {
         models_openai: models_openai_json(),
         models_anthropic: models_anthropic_json(),
         generation_requests: std::sync::atomic::AtomicU64::new(0),
+        last_request: std::sync::Mutex::new(None),
     });
     let generation = Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
@@ -144,6 +146,7 @@ pub fn router(config: MockConfig) -> Router {
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v1/models", get(models))
         .route("/mock/stats", get(stats))
+        .route("/mock/requests/last", get(last_request))
         .route("/healthz", get(healthz))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -164,7 +167,42 @@ pub async fn serve(
 
 async fn count_request(State(state): State<SharedState>, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     state.generation_requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    next.run(request).await
+    // Keep the last request as received (a reference-counted buffer, no copy), so tests can
+    // check what a gateway in front forwarded.
+    let (parts, body) = request.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, BODY_LIMIT).await else {
+        return common::error_response(common::Flavor::OpenAi, StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+    };
+    if let Ok(mut last) = state.last_request.lock() {
+        *last = Some(LastRequest { uri: parts.uri.clone(), headers: parts.headers.clone(), body: bytes.clone() });
+    }
+    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await
+}
+
+/// The last generation request the mock received.
+pub(crate) struct LastRequest {
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+/// `{"path", "headers", "body"}` of the last generation request (`body` as JSON when it is JSON),
+/// or 404 before the first.
+async fn last_request(State(state): State<SharedState>) -> Response {
+    let Ok(last) = state.last_request.lock() else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let Some(last) = last.as_ref() else {
+        return common::error_response(common::Flavor::OpenAi, StatusCode::NOT_FOUND, "no request received yet");
+    };
+    let body = serde_json::from_slice::<serde_json::Value>(&last.body)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&last.body).into_owned()));
+    let headers: serde_json::Map<String, serde_json::Value> = last
+        .headers
+        .iter()
+        .filter_map(|(name, value)| Some((name.as_str().to_string(), serde_json::Value::String(value.to_str().ok()?.to_string()))))
+        .collect();
+    axum::Json(serde_json::json!({"path": last.uri.to_string(), "headers": headers, "body": body})).into_response()
 }
 
 /// `{"requests": N}`: generation requests received since start.

@@ -32,7 +32,20 @@ struct ChatRequest {
     max_tokens: Option<u64>,
     max_completion_tokens: Option<u64>,
     n: Option<u64>,
+    #[serde(default)]
+    tools: Vec<Value>,
+    tool_choice: Option<Value>,
     mock: Option<MockOverrides>,
+}
+
+/// The function a request forces (`tool_choice` "required": the first tool; or one named), which
+/// a non-streaming answer then calls instead of writing text.
+fn forced_function(tools: &[Value], tool_choice: Option<&Value>) -> Option<String> {
+    let name = match tool_choice? {
+        Value::String(choice) if choice == "required" => tools.first()?.pointer("/function/name")?,
+        choice => choice.pointer("/function/name")?,
+    };
+    name.as_str().map(str::to_string)
 }
 
 #[derive(Deserialize)]
@@ -40,17 +53,20 @@ struct StreamOptions {
     include_usage: Option<bool>,
 }
 
-/// `usage` object of a chat completion.
-fn usage_json(prompt: u64, completion: u64) -> String {
+/// `usage` object of a chat completion: `cached` of the prompt came from the cache,
+/// `reasoning` of the completion was hidden thinking.
+fn usage_json(prompt: u64, completion: u64, cached: u64, reasoning: u64) -> String {
     format!(
         concat!(
             r#"{{"prompt_tokens":{},"completion_tokens":{},"total_tokens":{},"#,
-            r#""prompt_tokens_details":{{"cached_tokens":0}},"#,
-            r#""completion_tokens_details":{{"reasoning_tokens":0}}}}"#
+            r#""prompt_tokens_details":{{"cached_tokens":{}}},"#,
+            r#""completion_tokens_details":{{"reasoning_tokens":{}}}}}"#
         ),
         prompt,
         completion,
-        prompt.saturating_add(completion)
+        prompt.saturating_add(completion),
+        cached.min(prompt),
+        reasoning.min(completion)
     )
 }
 
@@ -74,10 +90,14 @@ pub(crate) async fn chat_completions(
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
-    let (tokens, finish_reason) = match cap {
+    let (tokens, mut finish_reason) = match cap {
         Some(cap) if cap < behaviour.output_tokens => (cap, "length"),
         _ => (behaviour.output_tokens, "stop"),
     };
+    let tool_call = forced_function(&req.tools, req.tool_choice.as_ref());
+    if tool_call.is_some() {
+        finish_reason = "tool_calls";
+    }
     let completion_tokens = tokens.saturating_mul(choices);
     let stream = req.stream.unwrap_or(false);
     if !stream && completion_tokens > MAX_NON_STREAM_TOKENS {
@@ -96,7 +116,10 @@ pub(crate) async fn chat_completions(
             behaviour
                 .usage_override
                 .take()
-                .unwrap_or_else(|| usage_json(prompt_tokens, completion_tokens)),
+                .unwrap_or_else(|| {
+                    let completion = completion_tokens.saturating_add(behaviour.thoughts_tokens);
+                    usage_json(prompt_tokens, completion, behaviour.cached_tokens, behaviour.thoughts_tokens)
+                }),
         )
     };
     let id = next_id("chatcmpl-mock-");
@@ -128,7 +151,7 @@ pub(crate) async fn chat_completions(
         });
         frames.into_response(REQUEST_ID, &id)
     } else {
-        let body = completion_json(
+        let mut body = completion_json(
             &id,
             created,
             &model,
@@ -137,6 +160,9 @@ pub(crate) async fn chat_completions(
             finish_reason,
             usage.as_deref(),
         );
+        if let Some(function) = &tool_call {
+            body = with_tool_calls(&body, function);
+        }
         if behaviour.fail_after_chunks.is_some() {
             truncated_json_response(body, REQUEST_ID, &id)
         } else {
@@ -178,6 +204,20 @@ fn completion_json(
     }
     out.push('}');
     out
+}
+
+/// Replaces every choice's text with a call of `function` (arguments `{"mock":true}`).
+fn with_tool_calls(body: &str, function: &str) -> String {
+    let Ok(mut completion) = serde_json::from_str::<Value>(body) else { return body.to_string() };
+    for choice in completion.get_mut("choices").and_then(Value::as_array_mut).into_iter().flatten() {
+        let index = choice.get("index").cloned().unwrap_or(Value::from(0));
+        choice["message"] = serde_json::json!({
+            "role": "assistant", "content": null, "refusal": null,
+            "tool_calls": [{"id": format!("call_mock_{index}"), "type": "function",
+                "function": {"name": function, "arguments": "{\"mock\":true}"}}],
+        });
+    }
+    completion.to_string()
 }
 
 struct StreamSpec<'a> {

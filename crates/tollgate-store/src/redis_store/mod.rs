@@ -15,6 +15,8 @@ mod log;
 pub use hot::RedisHotStore;
 pub use log::{Backlog, RedisLog, RedisLogConfig, backlog};
 
+use std::time::Duration;
+
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
@@ -60,6 +62,14 @@ fn unavailable(error: redis::RedisError) -> StoreError {
     StoreError::Unavailable(format!("redis: {error}"))
 }
 
+/// How long one command may wait for its reply. Every request of a process shares one
+/// multiplexed connection, so under a burst a reply waits behind the others' (the client's own
+/// default, 500 ms, turned bursts of a thousand requests on two cores into spurious 503s); a
+/// Redis that is down fails at once (connection refused), so this bounds only a hung one.
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a (re)connection attempt may take.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Connects to the node or cluster a URL names.
 ///
 /// # Errors
@@ -67,11 +77,18 @@ fn unavailable(error: redis::RedisError) -> StoreError {
 pub async fn connect(url: &str) -> StoreResult<Connection> {
     if let Some(nodes) = url.strip_prefix("redis+cluster://") {
         let nodes: Vec<String> = nodes.split(',').filter(|node| !node.is_empty()).map(|node| format!("redis://{node}")).collect();
-        let client = redis::cluster::ClusterClient::new(nodes).map_err(unavailable)?;
+        let client = redis::cluster::ClusterClient::builder(nodes)
+            .response_timeout(RESPONSE_TIMEOUT)
+            .connection_timeout(CONNECTION_TIMEOUT)
+            .build()
+            .map_err(unavailable)?;
         return Ok(Connection::Cluster(client.get_async_connection().await.map_err(unavailable)?));
     }
     let client = redis::Client::open(url).map_err(unavailable)?;
-    Ok(Connection::Single(client.get_connection_manager().await.map_err(unavailable)?))
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+        .set_connection_timeout(Some(CONNECTION_TIMEOUT));
+    Ok(Connection::Single(client.get_connection_manager_with_config(config).await.map_err(unavailable)?))
 }
 
 /// Where an account's keys live: a shard number (FNV-1a 64 of the id, mod `shards` — stable
