@@ -53,6 +53,7 @@ async fn openai_requests_reach_the_upstream_untouched_and_tool_calls_come_back()
         .unwrap();
     assert_eq!(response.status(), 200);
     let cost = header_money(&response, "x-tollgate-cost");
+    assert_eq!(response.headers()["x-ratelimit-remaining-requests"], "9999", "the upstream's rate-limit headers reach the client");
     let completion: Value = response.json().await.unwrap();
 
     let seen = upstream_saw(&gateway).await;
@@ -114,6 +115,7 @@ async fn anthropic_requests_reach_the_upstream_untouched_and_cache_tokens_are_pr
         .unwrap();
     assert_eq!(response.status(), 200);
     let cost = header_money(&response, "x-tollgate-cost");
+    assert_eq!(response.headers()["anthropic-ratelimit-requests-remaining"], "3999");
     let message: Value = response.json().await.unwrap();
 
     let seen = upstream_saw(&gateway).await;

@@ -176,7 +176,31 @@ async fn count_request(State(state): State<SharedState>, request: axum::extract:
     if let Ok(mut last) = state.last_request.lock() {
         *last = Some(LastRequest { uri: parts.uri.clone(), headers: parts.headers.clone(), body: bytes.clone() });
     }
-    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await
+    let anthropic = parts.uri.path().ends_with("/messages");
+    let mut response = next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await;
+    add_rate_limit_headers(response.headers_mut(), anthropic);
+    response
+}
+
+/// The rate-limit headers OpenAI (`x-ratelimit-*`) and Anthropic (`anthropic-ratelimit-*`) send
+/// with every answer, with fixed values, so tests can check a gateway passes them on.
+fn add_rate_limit_headers(headers: &mut HeaderMap, anthropic: bool) {
+    let pairs: &[(&'static str, &'static str)] = if anthropic {
+        &[
+            ("anthropic-ratelimit-requests-limit", "4000"),
+            ("anthropic-ratelimit-requests-remaining", "3999"),
+            ("anthropic-ratelimit-requests-reset", "2026-01-01T00:00:01Z"),
+        ]
+    } else {
+        &[
+            ("x-ratelimit-limit-requests", "10000"),
+            ("x-ratelimit-remaining-requests", "9999"),
+            ("x-ratelimit-reset-requests", "6ms"),
+        ]
+    };
+    for (name, value) in pairs {
+        headers.insert(*name, axum::http::HeaderValue::from_static(value));
+    }
 }
 
 /// The last generation request the mock received.
