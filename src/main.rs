@@ -56,6 +56,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Prove, once the system is quiet, that nothing was lost or doubled and every balance
+    /// agrees (I1–I4), reading the ledger and the hot store only; exit status 3 when not.
+    Verify {
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        /// A file of `ACCOUNT_ID REQUEST_ID` lines: requests clients saw served, each of which
+        /// must have its charge in the ledger (the `lost` count).
+        #[arg(long)]
+        charged: Option<std::path::PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Price lists: import OpenRouter's or LiteLLM's; list routed models without a price.
     Prices {
         #[command(subcommand)]
@@ -242,6 +255,26 @@ async fn main() -> Result<()> {
             }
             let unrepaired = run.report["drifts"].as_array().is_some_and(|drifts| drifts.iter().any(|drift| drift["repaired"] != true));
             if unrepaired || run.drifts_found > run.report["drifts"].as_array().map_or(0, |drifts| drifts.len() as u64) {
+                std::process::exit(3);
+            }
+            Ok(())
+        }
+        Command::Verify { config, charged, json } => {
+            let config = load_config(config.as_deref())?;
+            let charged = match charged {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+                    Some(tollgate_worker::verify::parse_charged_list(&text).map_err(|error| anyhow::anyhow!("{}: {error}", path.display()))?)
+                }
+                None => None,
+            };
+            let report = tollgate_gateway::server::verify(&config, charged.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            if !report.is_sound() {
                 std::process::exit(3);
             }
             Ok(())

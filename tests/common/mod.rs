@@ -297,3 +297,35 @@ pub fn expected_cost(prompt_tokens: u64, completion_tokens: u64) -> Money {
 pub fn chat_body(content: &str) -> Value {
     json!({"model": "demo-gpt", "messages": [{"role": "user", "content": content}]})
 }
+
+/// Runs the binary to completion: (exit status, stdout, stderr).
+pub async fn tollgate(args: &[&str], extra_env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    command.args(args).env("RUST_LOG", "warn").kill_on_drop(true);
+    for variable in ["TOLLGATE_DATABASE_URL", "TOLLGATE_REDIS_URL", "TOLLGATE_PRICING_CHECK", "TOLLGATE_LISTEN"] {
+        command.env_remove(variable);
+    }
+    for (name, value) in extra_env {
+        command.env(name, value);
+    }
+    let output = tokio::time::timeout(std::time::Duration::from_secs(60), command.output()).await.expect("tollgate did not finish in 60 s").unwrap();
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (output.status.code().unwrap_or(-1), text(&output.stdout), text(&output.stderr))
+}
+
+/// Runs an SQL statement on the gateway's ledger database, as an operator's slip would.
+pub async fn edit_ledger(gateway: &TestGateway, sql: &str, account_id: &str) {
+    let url = &gateway.database_url;
+    if url.starts_with("postgres") {
+        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(url).await.unwrap();
+        let sql = sql.replace('?', "$1");
+        let done = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(account_id).execute(&pool).await.unwrap();
+        assert_eq!(done.rows_affected(), 1);
+        pool.close().await;
+    } else {
+        let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect(url).await.unwrap();
+        let done = sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).bind(account_id).execute(&pool).await.unwrap();
+        assert_eq!(done.rows_affected(), 1);
+        pool.close().await;
+    }
+}

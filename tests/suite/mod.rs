@@ -14,3 +14,4 @@ mod reconcile;
 mod services;
 mod statements;
 mod streaming;
+mod verify;

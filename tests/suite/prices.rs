@@ -16,21 +16,6 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/prices").join(name)
 }
 
-/// Runs the binary to completion: (exit status, stdout, stderr).
-async fn tollgate(args: &[&str], extra_env: &[(&str, &str)]) -> (i32, String, String) {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
-    command.args(args).env("RUST_LOG", "warn").kill_on_drop(true);
-    for variable in ["TOLLGATE_DATABASE_URL", "TOLLGATE_REDIS_URL", "TOLLGATE_PRICING_CHECK", "TOLLGATE_LISTEN"] {
-        command.env_remove(variable);
-    }
-    for (name, value) in extra_env {
-        command.env(name, value);
-    }
-    let output = tokio::time::timeout(Duration::from_secs(60), command.output()).await.expect("tollgate did not finish in 60 s").unwrap();
-    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
-    (output.status.code().unwrap_or(-1), text(&output.stdout), text(&output.stderr))
-}
-
 const PROVIDERS: &str = r#"
 [[providers]]
 name = "openai"

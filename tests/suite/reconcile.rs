@@ -15,23 +15,6 @@ fn drifts_of(run: &Value, account_id: &str) -> Vec<Value> {
     run["report"]["drifts"].as_array().unwrap().iter().filter(|drift| drift["account_id"] == account_id).cloned().collect()
 }
 
-/// Runs an SQL statement on the gateway's ledger database, as an operator's slip would.
-async fn edit_ledger(gateway: &TestGateway, sql: &str, account_id: &str) {
-    let url = &gateway.database_url;
-    if url.starts_with("postgres") {
-        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(url).await.unwrap();
-        let sql = sql.replace('?', "$1");
-        let done = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(account_id).execute(&pool).await.unwrap();
-        assert_eq!(done.rows_affected(), 1);
-        pool.close().await;
-    } else {
-        let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect(url).await.unwrap();
-        let done = sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).bind(account_id).execute(&pool).await.unwrap();
-        assert_eq!(done.rows_affected(), 1);
-        pool.close().await;
-    }
-}
-
 /// Moves the hot balance by `nanos` behind the gateway's back: HINCRBY on the Redis balance key,
 /// or, in embedded mode, through the in-process store's own handle.
 async fn edit_hot_balance(gateway: &TestGateway, account_id: &str, nanos: i64) {

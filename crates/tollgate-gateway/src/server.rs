@@ -228,3 +228,21 @@ pub async fn reconcile(config: &GatewayConfig, fix: bool) -> Result<tollgate_sto
     };
     Ok(run)
 }
+
+/// `tollgate verify`: the read-only proof of I1–I4 (see [`tollgate_worker::verify`]). In
+/// services mode it reads Redis too; in embedded mode the hot store is the serving process's
+/// memory, so the ledger alone is checked.
+///
+/// # Errors
+/// A store that cannot be opened or read.
+pub async fn verify(config: &GatewayConfig, client_charged: Option<&[(String, String)]>) -> Result<tollgate_worker::verify::VerifyReport, ServerError> {
+    let (ledger, _) = open_ledger(&config.database_url).await?;
+    let report = match &config.redis_url {
+        Some(url) => {
+            let redis = RedisHotStore::connect(url, &config.redis_prefix, config.redis_shards).await?;
+            tollgate_worker::verify::verify(&*ledger, Some(&redis), client_charged).await?
+        }
+        None => tollgate_worker::verify::verify(&*ledger, None, client_charged).await?,
+    };
+    Ok(report)
+}

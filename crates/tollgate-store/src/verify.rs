@@ -24,6 +24,8 @@ pub struct AccountCheck {
     pub chain_breaks: Vec<i64>,
     /// Request ids with more than one charged row.
     pub duplicate_request_ids: Vec<String>,
+    /// Usage rows of the account, failed ones included.
+    pub usage_rows: u64,
 }
 
 impl AccountCheck {
@@ -50,9 +52,13 @@ pub async fn check_account(ledger: &dyn Ledger, account_id: &str) -> StoreResult
     let mut chain_breaks = Vec::new();
     let mut charged = HashSet::new();
     let mut duplicate_request_ids = Vec::new();
+    let mut usage_rows = 0;
     for entry in &entries {
         if entry.balance_before() != previous_after || entry.ledger_seq() != previous_seq + 1 {
             chain_breaks.push(entry.ledger_seq());
+        }
+        if let LedgerEntry::Usage(_) = entry {
+            usage_rows += 1;
         }
         if let LedgerEntry::Usage(row) = entry
             && row.status != RequestStatus::Failed && !charged.insert(row.request_id.clone()) {
@@ -68,5 +74,6 @@ pub async fn check_account(ledger: &dyn Ledger, account_id: &str) -> StoreResult
         chain_balance: previous_after,
         chain_breaks,
         duplicate_request_ids,
+        usage_rows,
     })
 }

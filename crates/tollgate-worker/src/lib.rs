@@ -6,7 +6,9 @@
 //!   unique (account, request id) makes the re-delivery harmless).
 //! - [`jobs`]: the hold sweeper (releases holds whose request died).
 //! - [`reconcile`]: compares the ledger's rows, account_balance and the hot store; repairs.
+//! - [`verify`]: the read-only proof of I1–I4 once quiet (`tollgate verify`).
 
 pub mod jobs;
 pub mod reconcile;
 pub mod usage_writer;
+pub mod verify;

@@ -78,6 +78,14 @@ struct Pass {
     busy: Vec<String>,
 }
 
+/// What reading every account found: the drifts, with what was read for each (the repair
+/// needs it), and the accounts that kept moving.
+pub struct Judgement {
+    pub checked: u64,
+    pub drifts: Vec<(Drift, Option<HotAccountView>, LedgerTotals)>,
+    pub busy: Vec<String>,
+}
+
 /// The stores reconciliation reads. Without a hot store only (a) and (b) are compared: the
 /// `tollgate reconcile` command in embedded mode cannot see the serving process's memory.
 pub struct Reconciler<'a> {
@@ -95,20 +103,7 @@ impl Reconciler<'_> {
     pub async fn run(&self, fix: bool) -> StoreResult<ReconciliationRun> {
         let started = Instant::now();
         let run_id = self.ledger.start_reconciliation(fix).await?;
-        let mut pass = self.pass(None).await?;
-        let mut checked = pass.checked;
-        let mut drifts = std::mem::take(&mut pass.drifts);
-        for _ in 0..BUSY_RETRIES {
-            if pass.busy.is_empty() {
-                break;
-            }
-            tokio::time::sleep(BUSY_PAUSE).await;
-            let busy = std::mem::take(&mut pass.busy);
-            pass = self.pass(Some(&busy)).await?;
-            checked += pass.checked;
-            drifts.append(&mut pass.drifts);
-        }
-        let busy = pass.busy;
+        let Judgement { checked, drifts, busy } = self.judge().await?;
 
         let mut repaired_accounts = HashSet::new();
         let mut reported = Vec::with_capacity(drifts.len());
@@ -151,6 +146,28 @@ impl Reconciler<'_> {
         }
         // The log keeps the database's own start time; read the run back as stored.
         Ok(self.ledger.reconciliations(64).await?.into_iter().find(|stored| stored.id == run_id).unwrap_or(run))
+    }
+
+    /// Reads every account and judges it, reading again (up to [`BUSY_RETRIES`] times) those
+    /// that moved while being read. Writes nothing: `tollgate verify` runs this alone.
+    ///
+    /// # Errors
+    /// A store could not be read.
+    pub async fn judge(&self) -> StoreResult<Judgement> {
+        let mut pass = self.pass(None).await?;
+        let mut checked = pass.checked;
+        let mut drifts = std::mem::take(&mut pass.drifts);
+        for _ in 0..BUSY_RETRIES {
+            if pass.busy.is_empty() {
+                break;
+            }
+            tokio::time::sleep(BUSY_PAUSE).await;
+            let busy = std::mem::take(&mut pass.busy);
+            pass = self.pass(Some(&busy)).await?;
+            checked += pass.checked;
+            drifts.append(&mut pass.drifts);
+        }
+        Ok(Judgement { checked, drifts, busy: pass.busy })
     }
 
     /// Reads every account (or the ones named) once and judges those that held still.

@@ -1,0 +1,202 @@
+//! `tollgate verify`: the proof, once the system is quiet, that no charge was lost or doubled
+//! and that every balance agrees, read from the ledger and the hot store alone (it writes
+//! nothing).
+//!
+//! - I1 (exactly once): no request id has two charged rows (`doubled`); given the request ids
+//!   clients saw succeed, each has its charged row (`lost`).
+//! - I2 (conservation): for every account, account_balance = Σ fund − Σ usage, and the hot
+//!   balance agrees once the usage log is drained (reconciliation's comparison, read-only).
+//! - I3 (no hold outlives its request): nothing is held once quiet.
+//! - I4 (audit chain): every row's balance_before is the previous row's balance_after.
+
+use std::collections::{BTreeMap, HashSet};
+
+use serde::Serialize;
+use tollgate_core::Money;
+use tollgate_store::verify::check_account;
+use tollgate_store::{HotStore, Ledger, StoreError, StoreResult};
+
+use crate::reconcile::Reconciler;
+
+/// Lost request ids listed by name in a report; the count covers all of them.
+const LISTED_MAX: usize = 20;
+
+/// What `verify` found. Sound when every count below `accounts` is zero.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    pub accounts: u64,
+    pub usage_rows: u64,
+    /// Request ids the caller said were served and charged (absent: not checked).
+    pub client_charged: Option<u64>,
+    /// Of those, the ones without a charged row in the ledger.
+    pub lost: u64,
+    /// Request ids with more than one charged row.
+    pub doubled: u64,
+    /// Rows whose balance_before is not the previous row's balance_after.
+    pub chain_breaks: u64,
+    /// Accounts whose account_balance or hot balance disagrees with the rows.
+    pub drifted_accounts: u64,
+    /// The largest |drift| of any balance, in currency units.
+    pub max_drift: Money,
+    /// Σ held in the hot store (zero once no request is in flight).
+    pub held: Money,
+    /// Charges made in the hot store whose usage events the ledger does not have yet.
+    pub queued_events: u64,
+    /// Accounts that kept changing while read: the system was not quiet.
+    pub busy_accounts: u64,
+    /// A few of the lost and doubled request ids, for the operator to look up.
+    pub examples: Vec<String>,
+}
+
+impl VerifyReport {
+    pub fn is_sound(&self) -> bool {
+        self.lost == 0
+            && self.doubled == 0
+            && self.chain_breaks == 0
+            && self.drifted_accounts == 0
+            && self.held == Money::ZERO
+            && self.queued_events == 0
+            && self.busy_accounts == 0
+    }
+
+    /// The report as a two-column table, one figure per line.
+    pub fn table(&self) -> String {
+        let client = self.client_charged.map_or_else(|| "not given".to_string(), |count| count.to_string());
+        let rows = [
+            ("accounts checked", self.accounts.to_string()),
+            ("usage rows", self.usage_rows.to_string()),
+            ("charged per the client", client),
+            ("lost (I1)", self.lost.to_string()),
+            ("doubled (I1)", self.doubled.to_string()),
+            ("drifted accounts (I2)", self.drifted_accounts.to_string()),
+            ("max drift (I2)", self.max_drift.to_string()),
+            ("held (I3)", self.held.to_string()),
+            ("chain breaks (I4)", self.chain_breaks.to_string()),
+            ("events still queued", self.queued_events.to_string()),
+            ("accounts still moving", self.busy_accounts.to_string()),
+            ("verdict", if self.is_sound() { "sound".to_string() } else { "NOT SOUND".to_string() }),
+        ];
+        let mut out = String::new();
+        for (name, value) in rows {
+            out.push_str(&format!("{name:<26} {value}\n"));
+        }
+        for example in &self.examples {
+            out.push_str(&format!("  {example}\n"));
+        }
+        out
+    }
+}
+
+/// Verifies every account. `client_charged` lists (account id, request id) pairs a client saw
+/// served and charged; `hot` is the hot store when the caller can reach it (services mode).
+///
+/// # Errors
+/// A store could not be read.
+pub async fn verify(ledger: &dyn Ledger, hot: Option<&dyn HotStore>, client_charged: Option<&[(String, String)]>) -> StoreResult<VerifyReport> {
+    let mut report = VerifyReport::default();
+    let account_ids = ledger.account_ids().await?;
+    report.accounts = account_ids.len() as u64;
+    for account_id in &account_ids {
+        let check = check_account(ledger, account_id).await?;
+        report.chain_breaks += check.chain_breaks.len() as u64;
+        report.doubled += check.duplicate_request_ids.len() as u64;
+        for request_id in check.duplicate_request_ids.iter().take(LISTED_MAX.saturating_sub(report.examples.len())) {
+            report.examples.push(format!("doubled: {account_id} {request_id}"));
+        }
+        report.usage_rows += check.usage_rows;
+    }
+
+    // I2 across the stores, exactly as reconciliation judges it (read-only here).
+    let judgement = Reconciler { ledger, hot, hot_store_name: "verify" }.judge().await?;
+    report.busy_accounts = judgement.busy.len() as u64;
+    let mut drifted = HashSet::new();
+    for (drift, _, _) in &judgement.drifts {
+        drifted.insert(drift.account_id.clone());
+        let size = if drift.amount.is_negative() { drift.amount.checked_neg() } else { Some(drift.amount) };
+        let size = size.ok_or(StoreError::Overflow("drift"))?;
+        report.max_drift = report.max_drift.max(size);
+    }
+    report.drifted_accounts = drifted.len() as u64;
+
+    if let Some(hot) = hot {
+        for view in hot.hot_views(&account_ids).await?.into_iter().flatten() {
+            report.held = report.held.checked_add(view.held).ok_or(StoreError::Overflow("held"))?;
+        }
+        let unlogged: Vec<(String, String)> = hot.unlogged_charges().await?.into_iter().map(|charge| (charge.account_id, charge.request_id)).collect();
+        let (_, in_ledger) = ledger.ledger_snapshot(Some(&[]), &unlogged).await?;
+        report.queued_events = unlogged.iter().filter(|pair| !in_ledger.contains(*pair)).count() as u64;
+    }
+
+    if let Some(pairs) = client_charged {
+        report.client_charged = Some(pairs.len() as u64);
+        // By account, so each snapshot reads few accounts' totals.
+        let mut by_account: BTreeMap<&str, Vec<(String, String)>> = BTreeMap::new();
+        for (account_id, request_id) in pairs {
+            by_account.entry(account_id).or_default().push((account_id.clone(), request_id.clone()));
+        }
+        for (account_id, pairs) in by_account {
+            let (_, charged) = ledger.ledger_snapshot(Some(&[account_id.to_string()]), &pairs).await?;
+            for pair in pairs.iter().filter(|pair| !charged.contains(*pair)) {
+                report.lost += 1;
+                if report.examples.len() < LISTED_MAX {
+                    report.examples.push(format!("lost: {} {}", pair.0, pair.1));
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Parses a list of charged request ids: one `ACCOUNT_ID REQUEST_ID` pair per line (blank
+/// lines and `#` comments skipped).
+///
+/// # Errors
+/// A line without exactly two fields, named by its number.
+pub fn parse_charged_list(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut pairs = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [account_id, request_id] = fields[..] else {
+            return Err(format!("line {}: expected `ACCOUNT_ID REQUEST_ID`, got {line:?}", index + 1));
+        };
+        pairs.push((account_id.to_string(), request_id.to_string()));
+    }
+    Ok(pairs)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn charged_lists_are_pairs_per_line() {
+        let pairs = parse_charged_list("# served\nacct_1 req-1\n\n  acct_2   req-2  \n").unwrap();
+        assert_eq!(pairs, vec![("acct_1".into(), "req-1".into()), ("acct_2".into(), "req-2".into())]);
+        assert_eq!(parse_charged_list("acct_1\n").unwrap_err(), "line 1: expected `ACCOUNT_ID REQUEST_ID`, got \"acct_1\"");
+        assert!(parse_charged_list("a b c").is_err());
+    }
+
+    #[test]
+    fn a_report_is_sound_only_when_nothing_is_off() {
+        let sound = VerifyReport { accounts: 3, usage_rows: 10, client_charged: Some(10), ..VerifyReport::default() };
+        assert!(sound.is_sound());
+        assert!(sound.table().contains("verdict                    sound"));
+        for broken in [
+            VerifyReport { lost: 1, ..sound.clone() },
+            VerifyReport { doubled: 1, ..sound.clone() },
+            VerifyReport { chain_breaks: 1, ..sound.clone() },
+            VerifyReport { drifted_accounts: 1, ..sound.clone() },
+            VerifyReport { held: Money::from_nanos(1), ..sound.clone() },
+            VerifyReport { queued_events: 1, ..sound.clone() },
+            VerifyReport { busy_accounts: 1, ..sound.clone() },
+        ] {
+            assert!(!broken.is_sound(), "{broken:?}");
+            assert!(broken.table().contains("NOT SOUND"));
+        }
+    }
+}
