@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tollgate_gateway::GatewayConfig;
 use tollgate_gateway::server::{Gateway, bind};
@@ -102,6 +103,9 @@ fn load_config(path: Option<&std::path::Path>) -> Result<GatewayConfig> {
     if let Ok(listen) = std::env::var("TOLLGATE_LISTEN") {
         config.listen = listen;
     }
+    if let Ok(listen) = std::env::var("TOLLGATE_INTERNAL_LISTEN") {
+        config.internal_listen = Some(listen).filter(|listen| !listen.is_empty());
+    }
     if let Ok(token) = std::env::var("TOLLGATE_ADMIN_TOKEN") {
         config.admin_token = Some(token);
     }
@@ -181,6 +185,11 @@ async fn serve(config_path: Option<&std::path::Path>, demo: bool, listen: Option
     }
     let listener = bind(&config.listen).await?;
     let address = listener.local_addr()?;
+    let internal_listener = match &config.internal_listen {
+        Some(internal) => Some(bind(internal).await?),
+        None => None,
+    };
+    let internal_address = internal_listener.as_ref().map(TcpListener::local_addr).transpose()?;
     let admin_token = config.admin_token.clone();
     let gateway = Gateway::start(config).await?;
     let demo_key = if demo {
@@ -206,7 +215,10 @@ async fn serve(config_path: Option<&std::path::Path>, demo: bool, listen: Option
         }
         None => println!("Tollgate listening on http://{address}"),
     }
-    gateway.serve(listener, shutdown).await?;
+    if let Some(internal) = internal_address {
+        println!("operator API (/internal, /metrics) on http://{internal}");
+    }
+    gateway.serve_split(listener, internal_listener, shutdown).await?;
     Ok(())
 }
 

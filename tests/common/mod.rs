@@ -329,3 +329,76 @@ pub async fn edit_ledger(gateway: &TestGateway, sql: &str, account_id: &str) {
         pool.close().await;
     }
 }
+
+/// The `tollgate` binary serving a config file (with `listen` and `internal_listen` on port 0),
+/// its two addresses read from what it prints; logs at debug level to its stderr.
+pub struct BinaryGateway {
+    pub child: tokio::process::Child,
+    pub public: String,
+    pub internal: String,
+    pub stdout: tokio::io::BufReader<tokio::process::ChildStdout>,
+    /// What it printed while starting.
+    pub printed: String,
+    /// Its stderr (the log), read all along so a full pipe never blocks it; complete once
+    /// the process has exited.
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
+    log_reader: tokio::task::JoinHandle<()>,
+}
+
+impl BinaryGateway {
+    /// The whole log, after the process has exited.
+    pub async fn finished_log(self) -> String {
+        self.log_reader.await.unwrap();
+        self.log.lock().unwrap().clone()
+    }
+}
+
+pub async fn start_binary(config_path: &std::path::Path, env: &[(&str, &str)]) -> BinaryGateway {
+    use tokio::io::AsyncBufReadExt;
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    command
+        .args(["serve", "--config", config_path.to_str().unwrap()])
+        .env("RUST_LOG", "debug")
+        .env_remove("TOLLGATE_DATABASE_URL")
+        .env_remove("TOLLGATE_REDIS_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let mut child = command.spawn().unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap());
+    let log_sink = std::sync::Arc::clone(&log);
+    let log_reader = tokio::spawn(async move {
+        let mut line = String::new();
+        while stderr.read_line(&mut line).await.is_ok_and(|read| read > 0) {
+            log_sink.lock().unwrap().push_str(&line);
+            line.clear();
+        }
+    });
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let (mut public, mut internal, mut printed) = (None, None, String::new());
+    while public.is_none() || internal.is_none() {
+        let mut line = String::new();
+        let read = tokio::time::timeout(std::time::Duration::from_secs(30), stdout.read_line(&mut line)).await.expect("the gateway did not start in 30 s").unwrap();
+        assert!(read > 0, "the gateway exited: {printed}");
+        printed.push_str(&line);
+        let address = line.rsplit_once("http://").map(|(_, address)| format!("http://{}", address.trim()));
+        if line.starts_with("Tollgate listening on") {
+            public = address;
+        } else if line.starts_with("operator API") {
+            internal = address;
+        }
+    }
+    BinaryGateway { child, public: public.unwrap(), internal: internal.unwrap(), stdout, printed, log, log_reader }
+}
+
+/// Sends SIGTERM and waits (at most 60 s) for the exit status.
+pub async fn terminate(child: &mut tokio::process::Child) -> Option<i32> {
+    let pid = child.id().unwrap();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success());
+    let status = tokio::time::timeout(std::time::Duration::from_secs(60), child.wait()).await.expect("no exit within 60 s of SIGTERM").unwrap();
+    status.code()
+}

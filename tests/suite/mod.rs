@@ -1,4 +1,5 @@
 mod alerts;
+mod bad_input;
 mod charging;
 mod concurrency;
 mod crash;
@@ -11,7 +12,9 @@ mod limits;
 mod notifications;
 mod prices;
 mod reconcile;
+mod security;
 mod services;
+mod shutdown;
 mod statements;
 mod streaming;
 mod verify;

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use tollgate_core::{Money, Price};
 use tollgate_store::Ledger;

@@ -30,6 +30,11 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
 /// 401 for a missing, unknown or revoked key; 403 for an expired key or a suspended account;
 /// 503 if the ledger cannot be read on a cache miss.
 pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Arc<BillingContext>, ApiError> {
+    // A key header sent twice is ambiguous (a proxy in front may have checked the other copy):
+    // neither is trusted.
+    if [AUTHORIZATION.as_str(), "x-api-key", "x-goog-api-key"].iter().any(|name| repeated(headers, name)) {
+        return Err(ApiError::InvalidApiKey("send the API key in one header, once"));
+    }
     let key = presented_key(headers)
         .filter(|key| !key.is_empty())
         .ok_or(ApiError::InvalidApiKey("missing API key: send Authorization: Bearer <key>"))?;
@@ -61,12 +66,20 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Arc<B
     Ok(context)
 }
 
+/// Whether a header appears more than once.
+fn repeated(headers: &HeaderMap, name: &str) -> bool {
+    headers.get_all(name).iter().nth(1).is_some()
+}
+
 /// Checks the operator token in constant time.
 ///
 /// # Errors
 /// 401 when it is missing or wrong, or when no operator token is configured.
 pub fn require_operator(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let expected = state.config.admin_token.as_deref().filter(|token| !token.is_empty()).ok_or(ApiError::Unauthorized)?;
+    if repeated(headers, AUTHORIZATION.as_str()) {
+        return Err(ApiError::Unauthorized);
+    }
     let presented = headers
         .get(AUTHORIZATION)
         .and_then(|value| value.to_str().ok())

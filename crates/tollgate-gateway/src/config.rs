@@ -9,6 +9,8 @@ use serde::Deserialize;
 pub struct LimitsConfig {
     /// Request bodies above this are refused with 413 before anything is held.
     pub request_body_bytes_max: usize,
+    /// Request headers (names and values, all together) above this are refused with 431.
+    pub header_bytes_max: usize,
     /// Connecting to an upstream.
     pub upstream_connect_timeout_ms: u64,
     /// A non-streaming upstream response, or a stream's first byte.
@@ -31,12 +33,16 @@ pub struct LimitsConfig {
     pub hold_sweep_interval_ms: u64,
     /// Longest a settle waits for its charge to become durable.
     pub settle_timeout_ms: u64,
+    /// On SIGTERM, how long in-flight requests and streams may run on before the process gives
+    /// up on them (their holds then expire).
+    pub shutdown_drain_ms: u64,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             request_body_bytes_max: 4 * 1024 * 1024,
+            header_bytes_max: 32 * 1024,
             upstream_connect_timeout_ms: 10_000,
             upstream_timeout_ms: 120_000,
             stream_idle_timeout_ms: 120_000,
@@ -48,6 +54,7 @@ impl Default for LimitsConfig {
             usage_log_events_max: 65_536,
             hold_sweep_interval_ms: 10_000,
             settle_timeout_ms: 30_000,
+            shutdown_drain_ms: 30_000,
         }
     }
 }
@@ -188,6 +195,9 @@ pub struct ModelRoute {
 #[serde(default, deny_unknown_fields)]
 pub struct GatewayConfig {
     pub listen: String,
+    /// When set, the operator API (`/internal`) and `/metrics` are served on this address
+    /// only, and not on `listen`: operators keep them off the network clients reach.
+    pub internal_listen: Option<String>,
     /// Bearer token of the operator API; without it `/internal` answers 401 to everyone.
     pub admin_token: Option<String>,
     /// `sqlite://PATH` (default `sqlite://tollgate.db`) or, with the production backends,
@@ -219,6 +229,7 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
             listen: "127.0.0.1:8080".into(),
+            internal_listen: None,
             admin_token: None,
             database_url: "sqlite://tollgate.db".into(),
             redis_url: None,
@@ -263,6 +274,8 @@ impl GatewayConfig {
         let limits = &self.limits;
         let positive = [
             ("request_body_bytes_max", limits.request_body_bytes_max as u64),
+            ("header_bytes_max", limits.header_bytes_max as u64),
+            ("shutdown_drain_ms", limits.shutdown_drain_ms),
             ("upstream_timeout_ms", limits.upstream_timeout_ms),
             ("stream_idle_timeout_ms", limits.stream_idle_timeout_ms),
             ("stream_duration_ms_max", limits.stream_duration_ms_max),

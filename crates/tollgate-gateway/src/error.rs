@@ -49,6 +49,8 @@ pub enum ApiError {
     Conflict(String),
     #[error("request body exceeds {limit_bytes} bytes")]
     RequestTooLarge { limit_bytes: usize },
+    #[error("request headers take {size} bytes, more than the {limit} allowed")]
+    HeadersTooLarge { size: usize, limit: usize },
     #[error("rate limit reached for this key")]
     RateLimited { retry_after_secs: u64 },
     #[error("daily request quota exceeded")]
@@ -87,6 +89,7 @@ impl ApiError {
             ApiError::DuplicateRequest(_) => (StatusCode::CONFLICT, "duplicate_request"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::RequestTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"),
+            ApiError::HeadersTooLarge { .. } => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request_too_large"),
             ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::DailyQuotaExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "daily_quota_exceeded"),
             ApiError::MonthlyQuotaExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "monthly_quota_exceeded"),
@@ -139,7 +142,7 @@ impl ApiError {
     /// SDKs show and branch on.
     fn google_status(status: StatusCode) -> &'static str {
         match status.as_u16() {
-            400 | 413 => "INVALID_ARGUMENT",
+            400 | 413 | 431 => "INVALID_ARGUMENT",
             401 => "UNAUTHENTICATED",
             402 => "FAILED_PRECONDITION",
             403 => "PERMISSION_DENIED",

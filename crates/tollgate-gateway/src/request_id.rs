@@ -3,11 +3,11 @@
 //! the idempotency key: it is charged at most once.
 
 use axum::extract::Request;
-use axum::http::HeaderValue;
+use axum::http::{HeaderValue, Method};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorShape};
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 const TRACE_ID_HEADER: &str = "x-trace-id";
@@ -27,21 +27,36 @@ pub fn new_request_id() -> String {
     format!("req_{}", uuid::Uuid::now_v7().simple())
 }
 
+/// The error shape of the endpoint a request is for, so a refusal made before the handler runs
+/// still reaches an Anthropic or Gemini SDK in the shape it parses.
+fn error_shape(request: &Request) -> ErrorShape {
+    let path = request.uri().path();
+    if path == "/v1/messages" {
+        ErrorShape::Anthropic
+    } else if path.starts_with("/v1beta/models/") || (path.starts_with("/v1/models/") && request.method() == Method::POST) {
+        ErrorShape::Google
+    } else {
+        ErrorShape::OpenAi
+    }
+}
+
 /// Middleware: assigns the id and stamps it on the response.
 pub async fn assign(mut request: Request, next: Next) -> Response {
-    let presented = request
-        .headers()
+    let headers = request.headers();
+    // Two ids for one request make the idempotency key ambiguous: refused, not guessed.
+    let repeated = [REQUEST_ID_HEADER, TRACE_ID_HEADER].iter().any(|name| headers.get_all(*name).iter().nth(1).is_some());
+    let presented = headers
         .get(REQUEST_ID_HEADER)
-        .or_else(|| request.headers().get(TRACE_ID_HEADER))
+        .or_else(|| headers.get(TRACE_ID_HEADER))
         .map(|value| value.to_str().map(str::to_string));
     let request_id = match presented {
         None => new_request_id(),
-        Some(Ok(id)) if valid(&id) => id,
+        Some(Ok(id)) if valid(&id) && !repeated => id,
         Some(_) => {
             let error = ApiError::InvalidRequest(format!(
-                "X-Request-ID must be 1 to {REQUEST_ID_CHARS_MAX} visible ASCII characters"
+                "X-Request-ID must be sent once, as 1 to {REQUEST_ID_CHARS_MAX} visible ASCII characters"
             ));
-            let mut response = error.into_response();
+            let mut response = error.into_response_shaped(error_shape(&request));
             let generated = new_request_id();
             if let Ok(value) = HeaderValue::from_str(&generated) {
                 response.headers_mut().insert(REQUEST_ID_HEADER, value);

@@ -24,9 +24,6 @@ use crate::config::{GatewayConfig, PricingCheck};
 use crate::jobs::JobStores;
 use crate::state::AppState;
 
-/// How long shutdown waits for in-flight streams before giving up on them (their holds expire).
-const SHUTDOWN_DRAIN_MS_MAX: u64 = 30_000;
-
 /// Errors that stop the server from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -117,9 +114,45 @@ impl Gateway {
     /// # Errors
     /// The listener failed.
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
-        let app = crate::app(self.state.clone());
-        let server_shutdown = shutdown.clone();
-        let served = axum::serve(listener, app).with_graceful_shutdown(async move { server_shutdown.cancelled().await }).await;
+        self.serve_split(listener, None, shutdown).await
+    }
+
+    /// Serves the client API on `public` and, when given, the operator API and `/metrics` on
+    /// `internal` only (`internal_listen`); shuts down as [`Gateway::serve`] does.
+    ///
+    /// # Errors
+    /// A listener failed.
+    pub async fn serve_split(self, public: TcpListener, internal: Option<TcpListener>, shutdown: CancellationToken) -> std::io::Result<()> {
+        let stopping = || {
+            let shutdown = shutdown.clone();
+            async move { shutdown.cancelled().await }
+        };
+        let serving = async {
+            match internal {
+                None => axum::serve(public, crate::app(self.state.clone())).with_graceful_shutdown(stopping()).await,
+                Some(internal) => {
+                    let public = axum::serve(public, crate::app::public_app(self.state.clone())).with_graceful_shutdown(stopping());
+                    let internal = axum::serve(internal, crate::app::internal_app(self.state.clone())).with_graceful_shutdown(stopping());
+                    let (public, internal) = tokio::join!(public.into_future(), internal.into_future());
+                    public.and(internal)
+                }
+            }
+        };
+        // Graceful shutdown waits for every open connection; a stream may run for
+        // `stream_duration_ms_max`, so the wait is bounded by `shutdown_drain_ms`. Connections
+        // still open then are closed: their streams are charged for what was generated.
+        let drain = Duration::from_millis(self.state.config.limits.shutdown_drain_ms);
+        let deadline = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(drain).await;
+        };
+        let served = tokio::select! {
+            served = serving => served,
+            () = deadline => {
+                tracing::warn!(drain_ms = drain.as_millis() as u64, "connections still open after the shutdown drain; closing them");
+                Ok(())
+            }
+        };
         self.shutdown().await;
         served
     }
@@ -128,7 +161,8 @@ impl Gateway {
     pub async fn shutdown(self) {
         self.state.shutdown.cancel();
         self.state.tasks.close();
-        if tokio::time::timeout(Duration::from_millis(SHUTDOWN_DRAIN_MS_MAX), self.state.tasks.wait()).await.is_err() {
+        let drain = Duration::from_millis(self.state.config.limits.shutdown_drain_ms);
+        if tokio::time::timeout(drain, self.state.tasks.wait()).await.is_err() {
             tracing::warn!("in-flight requests did not finish in time; their holds will expire");
         }
         self.worker_shutdown.cancel();

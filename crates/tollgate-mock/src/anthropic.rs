@@ -178,7 +178,7 @@ data: {{"type":"message_delta","delta":{{"stop_reason":"{stop_reason}","stop_seq
             Bytes::from_static(MESSAGE_STOP),
         ];
         SseFrames::new(
-            head,
+            behaviour.stream_head(head),
             vec![Bytes::from_static(TEXT_DELTA)],
             tokens,
             tail,

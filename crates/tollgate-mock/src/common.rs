@@ -96,6 +96,11 @@ pub struct MockOverrides {
     /// `x-goog-api-key` or `?key=`), so a gateway's upstream credentials can be checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expect_api_key: Option<String>,
+    /// Streams: this text is sent verbatim right after the opening frames, before the first
+    /// content frame — malformed server-sent events for a client to survive (data that is not
+    /// JSON, lines without a field name, an event with no terminating blank line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub malformed_sse: Option<String>,
 }
 
 /// Effective behaviour for one request.
@@ -113,6 +118,8 @@ pub(crate) struct Behaviour {
     pub(crate) cached_tokens: u64,
     pub(crate) cache_write_tokens: u64,
     pub(crate) expect_api_key: Option<String>,
+    /// Raw bytes sent after a stream's opening frames (see [`MockOverrides::malformed_sse`]).
+    pub(crate) malformed_sse: Option<Bytes>,
 }
 
 impl Behaviour {
@@ -177,6 +184,7 @@ impl Behaviour {
             cached_tokens,
             cache_write_tokens: body.cache_write_tokens.unwrap_or(0),
             expect_api_key: body.expect_api_key,
+            malformed_sse: body.malformed_sse.map(Bytes::from),
         })
     }
 
@@ -203,6 +211,12 @@ impl Behaviour {
                 ))
             }
         }
+    }
+
+    /// A stream's opening frames, followed by the malformed text to inject, if any.
+    pub(crate) fn stream_head(&self, mut head: Vec<Bytes>) -> Vec<Bytes> {
+        head.extend(self.malformed_sse.clone());
+        head
     }
 
     /// Sleeps for the configured first-byte latency.

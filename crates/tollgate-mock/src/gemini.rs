@@ -211,7 +211,7 @@ async fn respond(
     behaviour.first_byte_delay().await;
 
     Ok(if stream {
-        stream_frames(&spec, behaviour.fail_after_chunks, behaviour.chunk_interval).into_response(REQUEST_ID, &spec.id)
+        stream_frames(&spec, behaviour.stream_head(Vec::new()), behaviour.fail_after_chunks, behaviour.chunk_interval).into_response(REQUEST_ID, &spec.id)
     } else if behaviour.fail_after_chunks.is_some() {
         truncated_json_response(response_json(&spec), REQUEST_ID, &spec.id)
     } else {
@@ -263,7 +263,8 @@ fn response_json(spec: &ResponseSpec) -> String {
     out
 }
 
-fn stream_frames(spec: &ResponseSpec, cut_after: Option<u64>, interval: std::time::Duration) -> SseFrames {
+/// Gemini streams open with no frame of their own: `head` is only what a test injects.
+fn stream_frames(spec: &ResponseSpec, head: Vec<Bytes>, cut_after: Option<u64>, interval: std::time::Duration) -> SseFrames {
     let frame = |candidate: String, usage: Option<&str>| -> Bytes {
         Bytes::from(format!(r#"data: {{"candidates":[{candidate}]{}"#, spec.ending(usage)) + "\r\n\r\n")
     };
@@ -288,5 +289,5 @@ fn stream_frames(spec: &ResponseSpec, cut_after: Option<u64>, interval: std::tim
             )
         })
         .collect();
-    SseFrames::new(Vec::new(), per_token, spec.tokens, tail, cut_after, interval)
+    SseFrames::new(head, per_token, spec.tokens, tail, cut_after, interval)
 }

@@ -134,6 +134,7 @@ pub(crate) async fn chat_completions(
             .and_then(|o| o.include_usage)
             .unwrap_or(false);
         let frames = stream_frames(&StreamSpec {
+            behaviour: &behaviour,
             id: &id,
             created,
             model: &model,
@@ -221,6 +222,8 @@ fn with_tool_calls(body: &str, function: &str) -> String {
 }
 
 struct StreamSpec<'a> {
+    /// Supplies the malformed text injected after the opening frames, if any.
+    behaviour: &'a Behaviour,
     id: &'a str,
     created: u64,
     /// JSON-encoded model string.
@@ -286,7 +289,7 @@ fn stream_frames(spec: &StreamSpec<'_>) -> SseFrames {
     }
     tail.push(Bytes::from_static(DONE));
     SseFrames::new(
-        head,
+        spec.behaviour.stream_head(head),
         per_token,
         spec.tokens,
         tail,

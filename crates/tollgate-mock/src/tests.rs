@@ -675,6 +675,36 @@ async fn anthropic_fail_after_chunks_cuts_stream() {
 }
 
 #[tokio::test]
+async fn malformed_sse_is_injected_verbatim_after_the_opening_frames() {
+    let s = Server::default().await;
+    let garbage = "data: {not json\n\nno field name here\n\n";
+    let r = s
+        .openai(&json!({"model": "demo-gpt", "messages": messages(), "stream": true,
+                        "mock": {"output_tokens": 2, "malformed_sse": garbage}}))
+        .await;
+    assert_eq!(r.status(), 200);
+    let (body, failed) = read_until_cut(r).await;
+    assert!(!failed);
+    let role_end = body.find("\n\n").unwrap() + 2;
+    assert!(body[role_end..].starts_with(garbage), "{body}");
+    assert_eq!(body.matches("\"delta\":{\"content\":\" hello\"}").count(), 2);
+    assert!(body.ends_with("data: [DONE]\n\n"));
+
+    let r = s
+        .anthropic(&json!({"model": "demo-claude", "max_tokens": 5, "messages": messages(), "stream": true,
+                           "mock": {"malformed_sse": garbage}}))
+        .await;
+    let (body, _) = read_until_cut(r).await;
+    let ping_end = body.find("event: ping").unwrap();
+    assert!(body[ping_end..].contains(&format!("{{\"type\":\"ping\"}}\n\n{garbage}event: content_block_delta")), "{body}");
+    assert!(body.ends_with("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"));
+
+    // Without the override, nothing is injected.
+    let r = s.openai(&json!({"model": "demo-gpt", "messages": messages(), "stream": true})).await;
+    assert_eq!(openai_chunks(&r.text().await.unwrap()).len(), 1 + 16 + 1);
+}
+
+#[tokio::test]
 async fn anthropic_non_stream_usage() {
     let s = Server::start(MockConfig {
         output_tokens: 6,

@@ -23,7 +23,7 @@ use crate::auth::require_operator;
 use crate::charge;
 use crate::error::ApiError;
 use crate::keys::generate_key;
-use crate::routes::{UsagePageParams, time_param, usage_page};
+use crate::routes::{LimitedBody, UsagePageParams, time_param, usage_page};
 use crate::state::AppState;
 
 /// Longest id or reference an operator may give.
@@ -99,7 +99,7 @@ struct CreateAccount {
     low_balance_threshold: Option<String>,
 }
 
-async fn create_account(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn create_account(State(state): State<AppState>, headers: HeaderMap, LimitedBody(body): LimitedBody) -> Result<Response, ApiError> {
     require_operator(&state, &headers)?;
     let request: CreateAccount = parse_body(&body)?;
     let id = request.id.unwrap_or_else(|| format!("acct_{}", uuid::Uuid::now_v7().simple()));
@@ -175,7 +175,7 @@ fn present_text<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Opt
     Option::<String>::deserialize(deserializer).map(Some)
 }
 
-async fn patch_account(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> Result<Json<Value>, ApiError> {
+async fn patch_account(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>, LimitedBody(body): LimitedBody) -> Result<Json<Value>, ApiError> {
     require_operator(&state, &headers)?;
     let request: PatchAccount = parse_body(&body)?;
     if let Some(name) = &request.name {
@@ -217,7 +217,7 @@ struct CreateKey {
     expires_at: Option<OffsetDateTime>,
 }
 
-async fn create_key(State(state): State<AppState>, headers: HeaderMap, Path(account_id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+async fn create_key(State(state): State<AppState>, headers: HeaderMap, Path(account_id): Path<String>, LimitedBody(body): LimitedBody) -> Result<Response, ApiError> {
     require_operator(&state, &headers)?;
     let request: CreateKey = parse_body(&body)?;
     check_identifier("name", &request.name)?;
@@ -279,7 +279,7 @@ struct PutPrice {
     per_request: Option<String>,
 }
 
-async fn put_prices(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
+async fn put_prices(State(state): State<AppState>, headers: HeaderMap, LimitedBody(body): LimitedBody) -> Result<Json<Value>, ApiError> {
     require_operator(&state, &headers)?;
     let request: Vec<PutPrice> = parse_body(&body)?;
     if request.is_empty() || request.len() > PRICES_PER_REQUEST_MAX {
@@ -326,7 +326,7 @@ struct CreateTopUp {
     reference_id: String,
 }
 
-async fn create_topup(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn create_topup(State(state): State<AppState>, headers: HeaderMap, LimitedBody(body): LimitedBody) -> Result<Response, ApiError> {
     require_operator(&state, &headers)?;
     let request: CreateTopUp = parse_body(&body)?;
     check_identifier("reference_id", &request.reference_id)?;
@@ -351,7 +351,7 @@ struct Refund {
     reference_id: String,
 }
 
-async fn refund(State(state): State<AppState>, headers: HeaderMap, Path(account_id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+async fn refund(State(state): State<AppState>, headers: HeaderMap, Path(account_id): Path<String>, LimitedBody(body): LimitedBody) -> Result<Response, ApiError> {
     require_operator(&state, &headers)?;
     let request: Refund = parse_body(&body)?;
     check_identifier("reference_id", &request.reference_id)?;
@@ -369,7 +369,7 @@ struct Adjustment {
     reference_id: String,
 }
 
-async fn adjust(State(state): State<AppState>, headers: HeaderMap, Path(account_id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+async fn adjust(State(state): State<AppState>, headers: HeaderMap, Path(account_id): Path<String>, LimitedBody(body): LimitedBody) -> Result<Response, ApiError> {
     require_operator(&state, &headers)?;
     let request: Adjustment = parse_body(&body)?;
     check_identifier("reference_id", &request.reference_id)?;
@@ -504,7 +504,7 @@ struct Quote {
     usage: Usage,
 }
 
-async fn quote(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
+async fn quote(State(state): State<AppState>, headers: HeaderMap, LimitedBody(body): LimitedBody) -> Result<Json<Value>, ApiError> {
     require_operator(&state, &headers)?;
     let request: Quote = parse_body(&body)?;
     let customer_type = match (request.customer_type, request.account_id) {

@@ -7,6 +7,9 @@ pub mod operations;
 pub mod ops;
 pub mod statements;
 
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -14,6 +17,25 @@ use tollgate_store::model::UsageQuery;
 
 use crate::error::ApiError;
 use crate::state::AppState;
+
+/// A request body for the operator API, read under the configured size limit. axum's own `Bytes`
+/// extractor answers an oversized or unreadable body in plain text; this answers in the
+/// contract's shape (413 `request_too_large`, 400 `invalid_request`).
+pub struct LimitedBody(pub Bytes);
+
+impl FromRequest<AppState> for LimitedBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<LimitedBody, ApiError> {
+        match Bytes::from_request(request, state).await {
+            Ok(bytes) => Ok(LimitedBody(bytes)),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::RequestTooLarge { limit_bytes: state.config.limits.request_body_bytes_max })
+            }
+            Err(rejection) => Err(ApiError::InvalidRequest(format!("the request body could not be read: {}", rejection.body_text()))),
+        }
+    }
+}
 
 /// Rows per usage page by default and at most.
 const PAGE_ROWS_DEFAULT: u32 = 100;

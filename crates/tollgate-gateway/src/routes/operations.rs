@@ -1,7 +1,6 @@
 //! The operator API's operational side: reconciliation runs, periodic job runs, alerts (the
 //! outbox) and their webhook deliveries.
 
-use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::routing::{get, post};
@@ -12,6 +11,7 @@ use tollgate_worker::reconcile::Reconciler;
 
 use crate::auth::require_operator;
 use crate::error::ApiError;
+use crate::routes::LimitedBody;
 use crate::routes::admin::{parse_body, parse_query};
 use crate::state::AppState;
 
@@ -36,7 +36,7 @@ struct ReconcileRequest {
 }
 
 /// Runs a reconciliation now, in this process, against this process's hot store.
-async fn reconcile(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Json<Value>, ApiError> {
+async fn reconcile(State(state): State<AppState>, headers: HeaderMap, LimitedBody(body): LimitedBody) -> Result<Json<Value>, ApiError> {
     require_operator(&state, &headers)?;
     let request: ReconcileRequest = if body.is_empty() { ReconcileRequest::default() } else { parse_body(&body)? };
     let reconciler = Reconciler { ledger: &*state.ledger, hot: Some(&*state.hot), hot_store_name: crate::jobs::hot_store_name(&state.config) };
