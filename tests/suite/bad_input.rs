@@ -22,11 +22,15 @@ const STREAM_IDLE_TIMEOUT_MS: u64 = 2_000;
 /// Longer than either timeout: an upstream this slow is a hang.
 const HANG_MS: u64 = 10_000;
 
+/// Long enough for the trickled body below (ten pieces, 50 ms apart), short for a stalled one.
+const BODY_TIMEOUT_MS: u64 = 3_000;
+
 async fn start_gateway() -> TestGateway {
     TestGateway::start_with(|config| {
         config.limits.request_body_bytes_max = BODY_BYTES_MAX;
         config.limits.upstream_timeout_ms = UPSTREAM_TIMEOUT_MS;
         config.limits.stream_idle_timeout_ms = STREAM_IDLE_TIMEOUT_MS;
+        config.limits.request_body_timeout_ms = BODY_TIMEOUT_MS;
     })
     .await
 }
@@ -527,7 +531,8 @@ async fn read_response(socket: &mut TcpStream) -> (u16, Value) {
 }
 
 /// Slow clients over raw TCP: a body trickled in is served and charged once; a client that stops
-/// mid-body holds nothing while it stalls, and is told 400 (not 413) when it gives up; a declared
+/// mid-body holds nothing while it stalls, is told 408 when the body timeout passes, and 400
+/// (not 413) when it gives up; a declared
 /// length over the limit is refused before the body is waited for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_and_stalled_clients_hold_nothing_and_are_charged_at_most_once() {
@@ -546,16 +551,18 @@ async fn slow_and_stalled_clients_hold_nothing_and_are_charged_at_most_once() {
     let cost = expected_cost(usage["prompt_tokens"].as_u64().unwrap(), usage["completion_tokens"].as_u64().unwrap());
     assert_eq!(before.checked_sub(gateway.balance_of(&key).await).unwrap(), cost);
 
-    // Stops half-way and keeps the connection open: nothing is held meanwhile, and others are served.
+    // Stops half-way and keeps the connection open: nothing is held meanwhile, others are
+    // served, and after request_body_timeout_ms it is told 408 and the connection is closed.
     let before = gateway.balance_of(&key).await;
-    let stalled = send_slowly(&address, &key, &body[..body.len() / 2], body.len(), 1, Duration::ZERO).await;
+    let mut stalled = send_slowly(&address, &key, &body[..body.len() / 2], body.len(), 1, Duration::ZERO).await;
     let served = gateway.chat(&key, chat_body("meanwhile"), None).await;
     assert_eq!(served.status(), 200, "a stalled client does not block others");
     let cost = header_money(&served, "x-tollgate-cost");
     let balance = gateway.balance(&key).await;
     assert_eq!(balance["held"], "0", "a request whose body has not arrived holds nothing");
     assert_eq!(before.checked_sub(money(&balance["balance"])).unwrap(), cost);
-    drop(stalled);
+    let (status, response) = read_response(&mut stalled).await;
+    assert_error("stalled body", status, &response, 408, "invalid_request", Shape::OpenAi);
 
     // Stops half-way and closes its side: a 400, nothing charged.
     let before = gateway.balance_of(&key).await;

@@ -9,6 +9,10 @@ use serde::Deserialize;
 pub struct LimitsConfig {
     /// Request bodies above this are refused with 413 before anything is held.
     pub request_body_bytes_max: usize,
+    /// A request body must arrive within this (from the end of the headers); else 408 and the
+    /// connection is closed — a client that stalls mid-body holds nothing, but would hold a
+    /// connection.
+    pub request_body_timeout_ms: u64,
     /// Request headers (names and values, all together) above this are refused with 431.
     pub header_bytes_max: usize,
     /// Connecting to an upstream.
@@ -43,6 +47,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             request_body_bytes_max: 4 * 1024 * 1024,
             header_bytes_max: 32 * 1024,
+            request_body_timeout_ms: 30_000,
             upstream_connect_timeout_ms: 10_000,
             upstream_timeout_ms: 120_000,
             stream_idle_timeout_ms: 120_000,
@@ -275,6 +280,7 @@ impl GatewayConfig {
         let positive = [
             ("request_body_bytes_max", limits.request_body_bytes_max as u64),
             ("header_bytes_max", limits.header_bytes_max as u64),
+            ("request_body_timeout_ms", limits.request_body_timeout_ms),
             ("shutdown_drain_ms", limits.shutdown_drain_ms),
             ("upstream_timeout_ms", limits.upstream_timeout_ms),
             ("stream_idle_timeout_ms", limits.stream_idle_timeout_ms),

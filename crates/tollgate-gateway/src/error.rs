@@ -49,6 +49,8 @@ pub enum ApiError {
     Conflict(String),
     #[error("request body exceeds {limit_bytes} bytes")]
     RequestTooLarge { limit_bytes: usize },
+    #[error("the request body did not arrive within {0} ms")]
+    BodyTimeout(u64),
     #[error("request headers take {size} bytes, more than the {limit} allowed")]
     HeadersTooLarge { size: usize, limit: usize },
     #[error("rate limit reached for this key")]
@@ -89,6 +91,7 @@ impl ApiError {
             ApiError::DuplicateRequest(_) => (StatusCode::CONFLICT, "duplicate_request"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::RequestTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"),
+            ApiError::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "invalid_request"),
             ApiError::HeadersTooLarge { .. } => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request_too_large"),
             ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::DailyQuotaExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "daily_quota_exceeded"),
@@ -147,6 +150,7 @@ impl ApiError {
             402 => "FAILED_PRECONDITION",
             403 => "PERMISSION_DENIED",
             404 => "NOT_FOUND",
+            408 => "DEADLINE_EXCEEDED",
             409 => "ABORTED",
             429 => "RESOURCE_EXHAUSTED",
             500 => "INTERNAL",

@@ -128,7 +128,10 @@ async fn handle_request(
     body: Body,
 ) -> Result<Response, ApiError> {
     let context = authenticate(state, headers).await?;
-    let bytes = read_body(headers, body, state.config.limits.request_body_bytes_max).await?;
+    let limits = &state.config.limits;
+    let bytes = tokio::time::timeout(Duration::from_millis(limits.request_body_timeout_ms), read_body(headers, body, limits.request_body_bytes_max))
+        .await
+        .map_err(|_| ApiError::BodyTimeout(limits.request_body_timeout_ms))??;
     let mut body: Map<String, Value> = serde_json::from_slice(&bytes)
         .map_err(|error| ApiError::InvalidRequest(format!("request body is not a valid JSON object: {error}")))?;
     let parsed = protocol.parse_at(&body, url)?;

@@ -27,7 +27,9 @@ impl FromRequest<AppState> for LimitedBody {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &AppState) -> Result<LimitedBody, ApiError> {
-        match Bytes::from_request(request, state).await {
+        let timeout_ms = state.config.limits.request_body_timeout_ms;
+        let read = tokio::time::timeout(std::time::Duration::from_millis(timeout_ms), Bytes::from_request(request, state));
+        match read.await.map_err(|_| ApiError::BodyTimeout(timeout_ms))? {
             Ok(bytes) => Ok(LimitedBody(bytes)),
             Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
                 Err(ApiError::RequestTooLarge { limit_bytes: state.config.limits.request_body_bytes_max })
