@@ -3,6 +3,7 @@ mod bad_input;
 mod charging;
 mod concurrency;
 mod crash;
+mod degradation;
 mod fidelity;
 mod funds;
 mod gemini;

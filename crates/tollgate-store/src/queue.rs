@@ -33,6 +33,10 @@ pub trait EventLog: Send + 'static {
     /// Waits for at least one event and returns up to `max` of them; an empty batch means the
     /// log is closed and drained.
     async fn read_batch(&mut self, max: usize) -> StoreResult<Vec<Delivery>>;
+    /// Returns up to `max` of the events already in the log without waiting for more; empty
+    /// when none is left. The worker drains the log with it on shutdown: a slow read (Redis
+    /// under load) is not mistaken for an empty log.
+    async fn read_remaining(&mut self, max: usize) -> StoreResult<Vec<Delivery>>;
     /// Acknowledges deliveries whose events are committed in the ledger.
     async fn ack(&mut self, deliveries: Vec<Delivery>) -> StoreResult<()>;
     /// Takes an event the ledger refuses for good (not an outage) out of the log, keeping it
@@ -88,6 +92,17 @@ impl EventLog for ChannelLog {
     async fn read_batch(&mut self, max: usize) -> StoreResult<Vec<Delivery>> {
         let mut batch = Vec::with_capacity(max.min(1024));
         self.receiver.recv_many(&mut batch, max.max(1)).await;
+        Ok(batch)
+    }
+
+    async fn read_remaining(&mut self, max: usize) -> StoreResult<Vec<Delivery>> {
+        let mut batch = Vec::new();
+        while batch.len() < max.max(1) {
+            match self.receiver.try_recv() {
+                Ok(delivery) => batch.push(delivery),
+                Err(_) => break,
+            }
+        }
         Ok(batch)
     }
 

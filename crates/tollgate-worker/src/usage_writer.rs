@@ -24,9 +24,6 @@ impl Default for UsageWriterConfig {
     }
 }
 
-/// How long the writer keeps draining after shutdown once the log stops delivering.
-const DRAIN_IDLE_MS: u64 = 200;
-
 /// Runs until the log is closed and drained, or `shutdown` fires and what is left in the log
 /// is committed. A batch that fails is retried with capped backoff: events are never dropped.
 pub async fn run_usage_writer(
@@ -38,10 +35,7 @@ pub async fn run_usage_writer(
     loop {
         let batch = if shutdown.is_cancelled() {
             // Draining: whatever is still queued, then stop.
-            match tokio::time::timeout(Duration::from_millis(DRAIN_IDLE_MS), log.read_batch(config.batch_events_max)).await {
-                Ok(batch) => batch,
-                Err(_) => break,
-            }
+            log.read_remaining(config.batch_events_max).await
         } else {
             tokio::select! {
                 batch = log.read_batch(config.batch_events_max) => batch,
@@ -51,6 +45,11 @@ pub async fn run_usage_writer(
         let batch = match batch {
             Ok(batch) if batch.is_empty() => break,
             Ok(batch) => batch,
+            Err(error) if shutdown.is_cancelled() => {
+                // The events stay in the log (Redis keeps them) for the next worker.
+                tracing::error!(%error, "reading the usage log failed while draining; leaving the rest to the next worker");
+                break;
+            }
             Err(error) => {
                 tracing::error!(%error, "reading the usage log failed");
                 tokio::time::sleep(Duration::from_millis(config.retry_backoff_ms_min)).await;

@@ -203,6 +203,18 @@ impl EventLog for RedisLog {
         }
     }
 
+    async fn read_remaining(&mut self, max: usize) -> StoreResult<Vec<Delivery>> {
+        let mut batch = Vec::new();
+        for shard in 0..self.keys.shards() {
+            let room = max.max(1) - batch.len();
+            if room == 0 {
+                break;
+            }
+            self.read_shard(shard, room, &mut batch).await?;
+        }
+        Ok(batch)
+    }
+
     async fn ack(&mut self, deliveries: Vec<Delivery>) -> StoreResult<()> {
         let mut by_shard: std::collections::BTreeMap<u16, Vec<String>> = std::collections::BTreeMap::new();
         for delivery in deliveries {

@@ -69,6 +69,12 @@ fn unavailable(error: redis::RedisError) -> StoreError {
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a (re)connection attempt may take.
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
+/// Reconnection attempts a command waits for when the connection is lost (100 ms, then 200 ms
+/// apart), so that with Redis down a request is refused `billing_unavailable` in well under a
+/// second instead of after the client's default six attempts (about 6 s); the next command
+/// starts reconnecting again.
+const RECONNECT_ATTEMPTS: usize = 2;
+const RECONNECT_DELAY_MAX: Duration = Duration::from_millis(200);
 
 /// Connects to the node or cluster a URL names.
 ///
@@ -87,7 +93,9 @@ pub async fn connect(url: &str) -> StoreResult<Connection> {
     let client = redis::Client::open(url).map_err(unavailable)?;
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_response_timeout(Some(RESPONSE_TIMEOUT))
-        .set_connection_timeout(Some(CONNECTION_TIMEOUT));
+        .set_connection_timeout(Some(CONNECTION_TIMEOUT))
+        .set_number_of_retries(RECONNECT_ATTEMPTS)
+        .set_max_delay(RECONNECT_DELAY_MAX);
     Ok(Connection::Single(client.get_connection_manager_with_config(config).await.map_err(unavailable)?))
 }
 
