@@ -25,6 +25,7 @@ use crate::context::BillingContext;
 use crate::error::ApiError;
 use crate::protocol::{EventAction, ParsedRequest, Protocol, StreamInspector, UrlFacts};
 use crate::request_id::REQUEST_ID_HEADER;
+use crate::routes::read_limited_body;
 use crate::sse::SseSplitter;
 use crate::state::AppState;
 use crate::upstream::Route;
@@ -128,10 +129,7 @@ async fn handle_request(
     body: Body,
 ) -> Result<Response, ApiError> {
     let context = authenticate(state, headers).await?;
-    let limits = &state.config.limits;
-    let bytes = tokio::time::timeout(Duration::from_millis(limits.request_body_timeout_ms), read_body(headers, body, limits.request_body_bytes_max))
-        .await
-        .map_err(|_| ApiError::BodyTimeout(limits.request_body_timeout_ms))??;
+    let bytes = read_limited_body(&state.config.limits, headers, body).await?;
     let mut body: Map<String, Value> = serde_json::from_slice(&bytes)
         .map_err(|error| ApiError::InvalidRequest(format!("request body is not a valid JSON object: {error}")))?;
     let parsed = protocol.parse_at(&body, url)?;
@@ -193,29 +191,6 @@ async fn handle_request(
     let response = task.await.map_err(|error| ApiError::Internal(format!("forward task failed: {error}")))??;
     metrics::counter!("tollgate_requests_total", "outcome" => if stream { "stream" } else { "success" }).increment(1);
     Ok(response)
-}
-
-/// Reads the request body, refusing it with 413 once it passes `limit_bytes` — at once when its
-/// declared `Content-Length` already does, without waiting for a slow client to send it all.
-///
-/// # Errors
-/// `RequestTooLarge` over the limit; `InvalidRequest` when the body cannot be read (the client
-/// stopped sending mid-body), which is not a size problem and must not be reported as one.
-async fn read_body(headers: &HeaderMap, body: Body, limit_bytes: usize) -> Result<Bytes, ApiError> {
-    let declared_bytes = headers.get(header::CONTENT_LENGTH).and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
-    if declared_bytes.is_some_and(|declared| u64::try_from(limit_bytes).is_ok_and(|limit| declared > limit)) {
-        return Err(ApiError::RequestTooLarge { limit_bytes });
-    }
-    let mut chunks = body.into_data_stream();
-    let mut bytes = Vec::new();
-    while let Some(chunk) = chunks.next().await {
-        let chunk = chunk.map_err(|error| ApiError::InvalidRequest(format!("the request body could not be read to its end: {error}")))?;
-        if bytes.len().saturating_add(chunk.len()) > limit_bytes {
-            return Err(ApiError::RequestTooLarge { limit_bytes });
-        }
-        bytes.extend_from_slice(&chunk);
-    }
-    Ok(Bytes::from(bytes))
 }
 
 /// Headers a provider's SDK semantics depend on, passed through as sent.

@@ -7,35 +7,61 @@ pub mod operations;
 pub mod ops;
 pub mod statements;
 
-use axum::body::Bytes;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Request};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, header};
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tollgate_store::model::UsageQuery;
 
+use crate::config::LimitsConfig;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// A request body for the operator API, read under the configured size limit. axum's own `Bytes`
-/// extractor answers an oversized or unreadable body in plain text; this answers in the
-/// contract's shape (413 `request_too_large`, 400 `invalid_request`).
+/// Reads a request body under the configured limits, the one way every endpoint does:
+/// 413 `request_too_large` once it passes `request_body_bytes_max` (at once when its declared
+/// `Content-Length` already does, without waiting for a slow client to send it all);
+/// 408 when it has not arrived within `request_body_timeout_ms`; 400 `invalid_request` when it
+/// cannot be read to its end (the client stopped mid-body — not a size problem).
+///
+/// # Errors
+/// As above.
+pub async fn read_limited_body(limits: &LimitsConfig, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let limit_bytes = limits.request_body_bytes_max;
+    let declared_bytes = headers.get(header::CONTENT_LENGTH).and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+    if declared_bytes.is_some_and(|declared| u64::try_from(limit_bytes).is_ok_and(|limit| declared > limit)) {
+        return Err(ApiError::RequestTooLarge { limit_bytes });
+    }
+    let read = async {
+        let mut chunks = body.into_data_stream();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|error| ApiError::InvalidRequest(format!("the request body could not be read to its end: {error}")))?;
+            if bytes.len().saturating_add(chunk.len()) > limit_bytes {
+                return Err(ApiError::RequestTooLarge { limit_bytes });
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(Bytes::from(bytes))
+    };
+    let timeout_ms = limits.request_body_timeout_ms;
+    tokio::time::timeout(Duration::from_millis(timeout_ms), read).await.map_err(|_| ApiError::BodyTimeout(timeout_ms))?
+}
+
+/// An operator API body, read by [`read_limited_body`] (axum's own `Bytes` extractor would
+/// answer an oversized or unreadable body in plain text, not in the contract's shape).
 pub struct LimitedBody(pub Bytes);
 
 impl FromRequest<AppState> for LimitedBody {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &AppState) -> Result<LimitedBody, ApiError> {
-        let timeout_ms = state.config.limits.request_body_timeout_ms;
-        let read = tokio::time::timeout(std::time::Duration::from_millis(timeout_ms), Bytes::from_request(request, state));
-        match read.await.map_err(|_| ApiError::BodyTimeout(timeout_ms))? {
-            Ok(bytes) => Ok(LimitedBody(bytes)),
-            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                Err(ApiError::RequestTooLarge { limit_bytes: state.config.limits.request_body_bytes_max })
-            }
-            Err(rejection) => Err(ApiError::InvalidRequest(format!("the request body could not be read: {}", rejection.body_text()))),
-        }
+        let (parts, body) = request.into_parts();
+        read_limited_body(&state.config.limits, &parts.headers, body).await.map(LimitedBody)
     }
 }
 
