@@ -66,8 +66,9 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Arc<B
     Ok(context)
 }
 
-/// Whether a header appears more than once.
-fn repeated(headers: &HeaderMap, name: &str) -> bool {
+/// Whether a header appears more than once (a key or a request id sent twice is refused, never
+/// guessed at).
+pub(crate) fn repeated(headers: &HeaderMap, name: &str) -> bool {
     headers.get_all(name).iter().nth(1).is_some()
 }
 

@@ -44,7 +44,7 @@ fn error_shape(request: &Request) -> ErrorShape {
 pub async fn assign(mut request: Request, next: Next) -> Response {
     let headers = request.headers();
     // Two ids for one request make the idempotency key ambiguous: refused, not guessed.
-    let repeated = [REQUEST_ID_HEADER, TRACE_ID_HEADER].iter().any(|name| headers.get_all(*name).iter().nth(1).is_some());
+    let repeated = [REQUEST_ID_HEADER, TRACE_ID_HEADER].iter().any(|name| crate::auth::repeated(headers, name));
     let presented = headers
         .get(REQUEST_ID_HEADER)
         .or_else(|| headers.get(TRACE_ID_HEADER))
