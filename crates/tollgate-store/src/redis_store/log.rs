@@ -184,14 +184,7 @@ impl EventLog for RedisLog {
                 metrics::gauge!("tollgate_usage_stream_lag_entries").set(self.lag().await? as f64);
                 self.next_claim = Instant::now() + Duration::from_millis((self.config.claim_idle_ms / 2).max(100));
             }
-            let mut batch = Vec::new();
-            for shard in 0..self.keys.shards() {
-                let room = max - batch.len();
-                if room == 0 {
-                    break;
-                }
-                self.read_shard(shard, room, &mut batch).await?;
-            }
+            let batch = self.read_remaining(max).await?;
             // Shutting down: hand over what is already in the streams, then report the end.
             if !batch.is_empty() || draining {
                 return Ok(batch);
@@ -203,6 +196,8 @@ impl EventLog for RedisLog {
         }
     }
 
+    /// One pass over the shards: this consumer's own pending entries first (after a crash),
+    /// then new ones.
     async fn read_remaining(&mut self, max: usize) -> StoreResult<Vec<Delivery>> {
         let mut batch = Vec::new();
         for shard in 0..self.keys.shards() {
