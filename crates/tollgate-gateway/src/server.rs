@@ -139,12 +139,15 @@ impl Gateway {
             }
         };
         // Graceful shutdown waits for every open connection; a stream may run for
-        // `stream_duration_ms_max`, so the wait is bounded by `shutdown_drain_ms`. Connections
-        // still open then are closed: their streams are charged for what was generated.
+        // `stream_duration_ms_max`, so one deadline, `shutdown_drain_ms` after the signal,
+        // bounds both that wait and the in-flight tasks' after it. Connections still open at
+        // the deadline are closed: their streams are charged for what was generated.
         let drain = Duration::from_millis(self.state.config.limits.shutdown_drain_ms);
+        let signalled_at = std::sync::OnceLock::new();
         let deadline = async {
             shutdown.cancelled().await;
-            tokio::time::sleep(drain).await;
+            let at = *signalled_at.get_or_init(tokio::time::Instant::now);
+            tokio::time::sleep_until(at + drain).await;
         };
         let served = tokio::select! {
             served = serving => served,
@@ -153,16 +156,23 @@ impl Gateway {
                 Ok(())
             }
         };
-        self.shutdown().await;
+        // Serving can end before the deadline branch has seen the signal: start the clock now.
+        let deadline = *signalled_at.get_or_init(tokio::time::Instant::now) + drain;
+        self.shutdown_until(deadline).await;
         served
     }
 
-    /// Phases 2 and 3 of shutdown.
+    /// Phases 2 and 3 of shutdown, with `shutdown_drain_ms` for in-flight requests.
     pub async fn shutdown(self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.state.config.limits.shutdown_drain_ms);
+        self.shutdown_until(deadline).await;
+    }
+
+    /// Phases 2 and 3 of shutdown: in-flight requests may run until `deadline`.
+    async fn shutdown_until(self, deadline: tokio::time::Instant) {
         self.state.shutdown.cancel();
         self.state.tasks.close();
-        let drain = Duration::from_millis(self.state.config.limits.shutdown_drain_ms);
-        if tokio::time::timeout(drain, self.state.tasks.wait()).await.is_err() {
+        if tokio::time::timeout_at(deadline, self.state.tasks.wait()).await.is_err() {
             tracing::warn!("in-flight requests did not finish in time; their holds will expire");
         }
         self.worker_shutdown.cancel();
@@ -252,15 +262,10 @@ pub async fn bind(address: &str) -> Result<TcpListener, ServerError> {
 /// # Errors
 /// A store that cannot be opened or read.
 pub async fn reconcile(config: &GatewayConfig, fix: bool) -> Result<tollgate_store::operations::ReconciliationRun, ServerError> {
-    let (ledger, _) = open_ledger(&config.database_url).await?;
-    let run = match &config.redis_url {
-        Some(url) => {
-            let redis = RedisHotStore::connect(url, &config.redis_prefix, config.redis_shards).await?;
-            tollgate_worker::reconcile::Reconciler { ledger: &*ledger, hot: Some(&redis), hot_store_name: "redis" }.run(fix).await?
-        }
-        None => tollgate_worker::reconcile::Reconciler { ledger: &*ledger, hot: None, hot_store_name: "none (embedded: the serving process holds it; use POST /internal/reconcile)" }.run(fix).await?,
-    };
-    Ok(run)
+    let (ledger, redis) = open_stores(config).await?;
+    let hot_store_name = if redis.is_some() { "redis" } else { "none (embedded: the serving process holds it; use POST /internal/reconcile)" };
+    let hot = redis.as_ref().map(|redis| redis as &dyn HotStore);
+    Ok(tollgate_worker::reconcile::Reconciler { ledger: &*ledger, hot, hot_store_name }.run(fix).await?)
 }
 
 /// `tollgate verify`: the read-only proof of I1–I4 (see [`tollgate_worker::verify`]). In
@@ -270,13 +275,17 @@ pub async fn reconcile(config: &GatewayConfig, fix: bool) -> Result<tollgate_sto
 /// # Errors
 /// A store that cannot be opened or read.
 pub async fn verify(config: &GatewayConfig, client_charged: Option<&[(String, String)]>) -> Result<tollgate_worker::verify::VerifyReport, ServerError> {
+    let (ledger, redis) = open_stores(config).await?;
+    let hot = redis.as_ref().map(|redis| redis as &dyn HotStore);
+    Ok(tollgate_worker::verify::verify(&*ledger, hot, client_charged).await?)
+}
+
+/// The stores a command-line check reads: the ledger and, in services mode, Redis.
+async fn open_stores(config: &GatewayConfig) -> Result<(Arc<dyn Ledger>, Option<RedisHotStore>), ServerError> {
     let (ledger, _) = open_ledger(&config.database_url).await?;
-    let report = match &config.redis_url {
-        Some(url) => {
-            let redis = RedisHotStore::connect(url, &config.redis_prefix, config.redis_shards).await?;
-            tollgate_worker::verify::verify(&*ledger, Some(&redis), client_charged).await?
-        }
-        None => tollgate_worker::verify::verify(&*ledger, None, client_charged).await?,
+    let redis = match &config.redis_url {
+        Some(url) => Some(RedisHotStore::connect(url, &config.redis_prefix, config.redis_shards).await?),
+        None => None,
     };
-    Ok(report)
+    Ok((ledger, redis))
 }

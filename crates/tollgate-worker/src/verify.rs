@@ -123,6 +123,7 @@ pub async fn verify(ledger: &dyn Ledger, hot: Option<&dyn HotStore>, client_char
             report.held = report.held.checked_add(view.held).ok_or(StoreError::Overflow("held"))?;
         }
         let unlogged: Vec<(String, String)> = hot.unlogged_charges().await?.into_iter().map(|charge| (charge.account_id, charge.request_id)).collect();
+        // No account's totals are needed, only which of these charges the ledger has.
         let (_, in_ledger) = ledger.ledger_snapshot(Some(&[]), &unlogged).await?;
         report.queued_events = unlogged.iter().filter(|pair| !in_ledger.contains(*pair)).count() as u64;
     }
