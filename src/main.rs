@@ -296,7 +296,7 @@ async fn main() -> Result<()> {
             let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
             println!("mock upstream listening on http://{}", listener.local_addr()?);
             let shutdown = shutdown_on_signal();
-            let config = tollgate_mock::MockConfig { latency_ms, output_tokens, chunk_interval_ms };
+            let config = tollgate_mock::MockConfig { latency_ms, output_tokens, chunk_interval_ms, ..tollgate_mock::MockConfig::default() };
             tollgate_mock::serve(listener, config, async move { shutdown.cancelled().await }).await?;
             Ok(())
         }

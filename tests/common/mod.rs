@@ -132,7 +132,9 @@ impl TestGateway {
     /// A gateway on a given ledger (several gateways may share one PostgreSQL ledger).
     pub async fn start_on(dir: TempDir, database_url: String, adjust: impl FnOnce(&mut GatewayConfig)) -> TestGateway {
         let shutdown = CancellationToken::new();
-        let mock_url = start_mock(tollgate_mock::MockConfig::default(), shutdown.clone()).await;
+        // Recording the last request lets tests see what the gateway forwarded (fidelity suite).
+        let mock = tollgate_mock::MockConfig { record_last_request: true, ..tollgate_mock::MockConfig::default() };
+        let mock_url = start_mock(mock, shutdown.clone()).await;
         let mut config = test_config(database_url.clone(), &mock_url);
         adjust(&mut config);
         let gateway = Gateway::start(config.clone()).await.unwrap();
@@ -217,6 +219,12 @@ impl TestGateway {
             request = request.header("X-Request-ID", request_id);
         }
         request.send().await.unwrap()
+    }
+
+    /// A `/v1/messages` request authenticated the way the anthropic SDK does it (`x-api-key`,
+    /// `anthropic-version`); the caller adds the body and sends it.
+    pub fn messages_request(&self, key: &str) -> reqwest::RequestBuilder {
+        self.http.post(format!("{}/v1/messages", self.url)).header("x-api-key", key).header("anthropic-version", "2023-06-01")
     }
 
     /// Generation requests the mock upstream has received.

@@ -319,14 +319,7 @@ async fn upstream_failures_and_hangs_are_refused_and_never_charged() {
     let key = gateway.key(&account, json!({})).await;
     let before = Snapshot::take(&gateway, &key).await;
     let chat = |mock: Value, stream: bool| gateway.http.post(format!("{}/v1/chat/completions", gateway.url)).bearer_auth(&key).json(&with_fields(chat_body("upstream?"), json!({"mock": mock, "stream": stream})));
-    let messages = |mock: Value, stream: bool| {
-        gateway
-            .http
-            .post(format!("{}/v1/messages", gateway.url))
-            .header("x-api-key", &key)
-            .header("anthropic-version", "2023-06-01")
-            .json(&with_fields(messages_body(), json!({"mock": mock, "stream": stream})))
-    };
+    let messages = |mock: Value, stream: bool| gateway.messages_request(&key).json(&with_fields(messages_body(), json!({"mock": mock, "stream": stream})));
     let embeddings = |mock: Value| gateway.http.post(format!("{}/v1/embeddings", gateway.url)).bearer_auth(&key).json(&json!({"model": "demo-embedding", "input": "x", "mock": mock}));
 
     let cases = vec![
@@ -446,10 +439,7 @@ async fn malformed_upstream_events_are_passed_on_and_charged_from_usage() {
     // Anthropic-shaped, the same.
     let before = gateway.balance_of(&key).await;
     let response = gateway
-        .http
-        .post(format!("{}/v1/messages", gateway.url))
-        .header("x-api-key", &key)
-        .header("anthropic-version", "2023-06-01")
+        .messages_request(&key)
         .json(&with_fields(messages_body(), json!({"stream": true, "mock": {"malformed_sse": "event: message_stop\ndata: {oops\n\n"}})))
         .send()
         .await

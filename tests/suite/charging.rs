@@ -77,10 +77,7 @@ async fn anthropic_messages_are_charged_from_their_usage() {
     let key = gateway.key(&account, json!({})).await;
     let before = gateway.balance_of(&key).await;
     let response = gateway
-        .http
-        .post(format!("{}/v1/messages", gateway.url))
-        .header("x-api-key", &key)
-        .header("anthropic-version", "2023-06-01")
+        .messages_request(&key)
         .json(&json!({"model": "demo-claude", "max_tokens": 10, "messages": [{"role": "user", "content": "Hi"}]}))
         .send()
         .await

@@ -104,10 +104,7 @@ async fn anthropic_requests_reach_the_upstream_untouched_and_cache_tokens_are_pr
         "mock": {"output_tokens": 9, "cached_tokens": 100, "cache_write_tokens": 20}
     });
     let response = gateway
-        .http
-        .post(format!("{}/v1/messages", gateway.url))
-        .header("x-api-key", &key)
-        .header("anthropic-version", "2023-06-01")
+        .messages_request(&key)
         .header("anthropic-beta", "prompt-caching-2024-07-31")
         .json(&body)
         .send()

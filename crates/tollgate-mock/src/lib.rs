@@ -54,6 +54,9 @@ pub struct MockConfig {
     pub output_tokens: u64,
     /// Delay between streamed chunks (default 0).
     pub chunk_interval_ms: u64,
+    /// Keep the last generation request for `GET /mock/requests/last` (default off: it buffers
+    /// and copies every request's head, which the benchmark ceiling should not pay).
+    pub record_last_request: bool,
 }
 
 impl Default for MockConfig {
@@ -62,6 +65,7 @@ impl Default for MockConfig {
             latency_ms: 0,
             output_tokens: 16,
             chunk_interval_ms: 0,
+            record_last_request: false,
         }
     }
 }
@@ -167,19 +171,27 @@ pub async fn serve(
 
 async fn count_request(State(state): State<SharedState>, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     state.generation_requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    // Keep the last request as received (a reference-counted buffer, no copy), so tests can
-    // check what a gateway in front forwarded.
+    let anthropic = request.uri().path().ends_with("/messages");
+    let request = if state.config.record_last_request { record(&state, request).await } else { Ok(request) };
+    let mut response = match request {
+        Ok(request) => next.run(request).await,
+        Err(refusal) => return refusal,
+    };
+    add_rate_limit_headers(response.headers_mut(), anthropic);
+    response
+}
+
+/// Keeps the request as received (the body in a reference-counted buffer, not copied) so tests
+/// can check what a gateway in front forwarded; hands it on unchanged.
+async fn record(state: &AppState, request: axum::extract::Request) -> Result<axum::extract::Request, Response> {
     let (parts, body) = request.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, BODY_LIMIT).await else {
-        return common::error_response(common::Flavor::OpenAi, StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+        return Err(common::error_response(common::Flavor::OpenAi, StatusCode::PAYLOAD_TOO_LARGE, "request body too large"));
     };
     if let Ok(mut last) = state.last_request.lock() {
         *last = Some(LastRequest { uri: parts.uri.clone(), headers: parts.headers.clone(), body: bytes.clone() });
     }
-    let anthropic = parts.uri.path().ends_with("/messages");
-    let mut response = next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await;
-    add_rate_limit_headers(response.headers_mut(), anthropic);
-    response
+    Ok(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes)))
 }
 
 /// The rate-limit headers OpenAI (`x-ratelimit-*`) and Anthropic (`anthropic-ratelimit-*`) send
@@ -211,13 +223,13 @@ pub(crate) struct LastRequest {
 }
 
 /// `{"path", "headers", "body"}` of the last generation request (`body` as JSON when it is JSON),
-/// or 404 before the first.
+/// or 404 before the first or when `record_last_request` is off.
 async fn last_request(State(state): State<SharedState>) -> Response {
     let Ok(last) = state.last_request.lock() else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
     let Some(last) = last.as_ref() else {
-        return common::error_response(common::Flavor::OpenAi, StatusCode::NOT_FOUND, "no request received yet");
+        return common::error_response(common::Flavor::OpenAi, StatusCode::NOT_FOUND, "no request recorded: none received yet, or record_last_request is off");
     };
     let body = serde_json::from_slice::<serde_json::Value>(&last.body)
         .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&last.body).into_owned()));
