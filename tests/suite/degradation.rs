@@ -104,3 +104,149 @@ async fn redis_killed_refuses_with_503_and_charges_nothing_then_recovers_exactly
     gateway.stop().await;
     drop(redis);
 }
+
+/// A PostgreSQL cluster of the test's own (initdb as user `postgres`, as scripts/lib.sh does),
+/// so it can be stopped and started while a gateway runs on it.
+struct OwnPostgres {
+    port: u16,
+    root: TempDir,
+}
+
+impl OwnPostgres {
+    async fn start() -> OwnPostgres {
+        let root = TempDir::new();
+        let bin = postgres_bin();
+        as_postgres(&format!("chown postgres '{}'", root.0.display()), false).await;
+        as_postgres(&format!("'{bin}/initdb' -D '{}/data' -A trust -U postgres --no-sync", root.0.display()), true).await;
+        let postgres = OwnPostgres { port: free_port(), root };
+        postgres.pg_ctl_start().await;
+        postgres
+    }
+
+    async fn pg_ctl_start(&self) {
+        let root = self.root.0.display();
+        let options = format!("-p {} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", self.port);
+        as_postgres(&format!("'{}/pg_ctl' -D '{root}/data' -l '{root}/postgres.log' -w -o \"{options}\" start", postgres_bin()), true).await;
+    }
+
+    /// Stops the server the way a crash does (`-m immediate`: no checkpoint, recovery on start).
+    async fn crash(&self) {
+        as_postgres(&format!("'{}/pg_ctl' -D '{}/data' -m immediate stop", postgres_bin(), self.root.0.display()), true).await;
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let stop = format!("'{}/pg_ctl' -D '{}/data' -m immediate stop", postgres_bin(), self.root.0.display());
+        let _ = std::process::Command::new("su").args(["postgres", "-s", "/bin/sh", "-c", &stop]).output();
+    }
+}
+
+/// The newest installed PostgreSQL's server binaries.
+fn postgres_bin() -> String {
+    let mut versions: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is installed (scripts/test installs it)")
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .collect();
+    versions.sort_unstable();
+    format!("/usr/lib/postgresql/{}/bin", versions.last().expect("a PostgreSQL version"))
+}
+
+/// Runs a shell command, as user `postgres` when `as_user` (PostgreSQL refuses to run as root).
+async fn as_postgres(command: &str, as_user: bool) {
+    let output = if as_user {
+        tokio::process::Command::new("su").args(["postgres", "-s", "/bin/sh", "-c", command]).output().await
+    } else {
+        tokio::process::Command::new("sh").args(["-c", command]).output().await
+    }
+    .unwrap();
+    assert!(output.status.success(), "{command}: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// One request of the load, read to its end; an error unless it was served whole.
+async fn serve_one(gateway: &TestGateway, key: &str, stream: bool) -> Result<(), String> {
+    let mut body = chat_body("while the ledger is away");
+    body["stream"] = json!(stream);
+    let response = gateway.chat(key, body, None).await;
+    let status = response.status();
+    let text = response.text().await.map_err(|error| error.to_string())?;
+    if status != 200 {
+        return Err(format!("{status}: {text}"));
+    }
+    if stream && !text.contains("data: [DONE]") {
+        return Err(format!("stream cut short: {text}"));
+    }
+    Ok(())
+}
+
+/// PostgreSQL stopped for 30 s under load (services mode): no request fails for it — charges go
+/// on in Redis, their events wait in the streams — top-ups are refused 503 meanwhile, and once
+/// PostgreSQL is back the worker catches up and every charge lands: I2 exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_30_s_under_load_fails_no_request_and_all_usage_lands() {
+    let Ok(redis_url) = std::env::var("TOLLGATE_TEST_REDIS_URL") else {
+        panic!("TOLLGATE_TEST_REDIS_URL is not set: run scripts/test, which starts Redis");
+    };
+    if services_redis_url().is_none() {
+        // Services mode whatever the pass; run once, in the services pass, to keep CI short.
+        eprintln!("runs in the services pass only (TOLLGATE_TEST_HOT=redis)");
+        return;
+    }
+    let postgres = OwnPostgres::start().await;
+    let gateway = TestGateway::start_on(TempDir::new(), postgres.url(), |config| {
+        config.redis_url = Some(redis_url.clone());
+        config.redis_prefix = unique_name("t");
+    })
+    .await;
+    let account = gateway.account("10", json!({})).await;
+    let key = gateway.key(&account, json!({})).await;
+    serve_one(&gateway, &key, false).await.unwrap();
+
+    // Load from three clients for the whole outage, plus a little before and after.
+    let outage = Duration::from_secs(30);
+    let load_until = tokio::time::Instant::now() + outage + Duration::from_secs(4);
+    let mut clients = Vec::new();
+    for client in 0..3 {
+        let (gateway, key) = (&gateway, key.clone());
+        clients.push(async move {
+            let mut served = 0u64;
+            let mut index = client;
+            while tokio::time::Instant::now() < load_until {
+                serve_one(gateway, &key, index % 2 == 1).await.map_err(|error| format!("request {index}: {error}"))?;
+                served += 1;
+                index += 3;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok::<u64, String>(served)
+        });
+    }
+    let fault = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        postgres.crash().await;
+        let down_at = tokio::time::Instant::now();
+        // A top-up needs the ledger: refused, clearly, while it is away.
+        let (status, error) = gateway
+            .admin(reqwest::Method::POST, "/internal/topups", Some(json!({"account_id": account, "amount": "1", "reference_id": "during"})))
+            .await;
+        assert_eq!(status, 503, "{error}");
+        assert_eq!(error["error"]["code"], "billing_unavailable");
+        tokio::time::sleep_until(down_at + outage).await;
+        postgres.pg_ctl_start().await;
+    };
+    let (served, ()) = tokio::join!(futures_util::future::try_join_all(clients), fault);
+    let served: u64 = served.expect("no request fails while PostgreSQL is away").iter().sum::<u64>() + 1;
+
+    // Every charge reaches the ledger, once: the usage rows are exactly the served requests.
+    let statement = gateway.assert_ledger_sound(&account).await;
+    let usage = statement["rows"].as_array().unwrap().iter().filter(|row| row["kind"] == "usage" && row["status"] != "failed").count();
+    assert_eq!(usage as u64, served, "{statement}");
+    assert!(served > 100, "the load ran through the outage: {served} requests");
+    // And top-ups work again.
+    gateway.top_up(&account, "1", "after").await;
+    gateway.assert_ledger_sound(&account).await;
+    gateway.stop().await;
+}
