@@ -250,3 +250,104 @@ async fn postgres_stopped_30_s_under_load_fails_no_request_and_all_usage_lands()
     gateway.assert_ledger_sound(&account).await;
     gateway.stop().await;
 }
+
+/// The gateway's `tollgate_hot_store_mode` gauge: 0 hot, 1 ledger, 2 recovering.
+async fn hot_store_mode(gateway: &TestGateway) -> u64 {
+    for _ in 0..40 {
+        let text = gateway.http.get(format!("{}/metrics", gateway.url)).send().await.unwrap().text().await.unwrap();
+        if let Some(line) = text.lines().find(|line| line.starts_with("tollgate_hot_store_mode ")) {
+            return line.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as u64;
+        }
+        // The resync loop sets it every 250 ms.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("tollgate_hot_store_mode is not exported");
+}
+
+/// Redis killed under load with `degradation.hot_store_down = "charge_ledger"`: every request is
+/// still served, charged in PostgreSQL, a retried request id is not charged twice; once Redis is
+/// back the accounts charged in the ledger are resynchronised before Redis serves them again, and
+/// the books agree to the unit (I2): hot balance = ledger balance = Σ rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_in_charge_ledger_mode_keeps_serving_then_resyncs_exactly() {
+    let redis = OwnRedis::start(free_port(), TempDir::new()).await;
+    let database_url = fresh_postgres_database().await;
+    let redis_url = redis.url();
+    let gateway = TestGateway::start_on(TempDir::new(), database_url, |config| {
+        config.redis_url = Some(redis_url.clone());
+        config.redis_prefix = unique_name("t");
+        config.degradation.hot_store_down = tollgate_gateway::config::HotStoreDown::ChargeLedger;
+    })
+    .await;
+    let account = gateway.account("1", json!({})).await;
+    let key = gateway.key(&account, json!({})).await;
+    let mut served = 0;
+    for _ in 0..5 {
+        serve_one(&gateway, &key, false).await.unwrap();
+        served += 1;
+    }
+    assert_eq!(hot_store_mode(&gateway).await, 0);
+
+    // Two streams authorized in Redis are still running when it dies: their settle cannot
+    // reach Redis and charges the ledger instead.
+    let in_flight: Vec<_> = (0..2)
+        .map(|_| {
+            let mut body = chat_body("in flight");
+            body["stream"] = json!(true);
+            body["mock"] = json!({"output_tokens": 30, "chunk_interval_ms": 40});
+            gateway.chat(&key, body, None)
+        })
+        .collect();
+    let in_flight = async {
+        let mut texts = Vec::new();
+        for response in futures_util::future::join_all(in_flight).await {
+            assert_eq!(response.status(), 200);
+            texts.push(response.text().await.unwrap());
+        }
+        texts
+    };
+    let kill = async {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        redis.kill().await
+    };
+    let (texts, (port, dir)) = tokio::join!(in_flight, kill);
+    for text in texts {
+        assert!(text.contains("data: [DONE]"), "the stream ran to its end: {text}");
+        served += 1;
+    }
+    for index in 0..10 {
+        serve_one(&gateway, &key, index % 2 == 1).await.expect("served while Redis is down, charged in the ledger");
+        served += 1;
+    }
+    assert_eq!(hot_store_mode(&gateway).await, 1, "ledger mode");
+    let first = gateway.chat(&key, chat_body("retried"), Some("retried-during-fault")).await;
+    assert_eq!(first.status(), 200);
+    served += 1;
+    let retry = gateway.chat(&key, chat_body("retried"), Some("retried-during-fault")).await;
+    assert_eq!(retry.status(), 200, "the stored response, replayed from the ledger");
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(header_money(&retry, "x-tollgate-cost"), Money::ZERO);
+
+    let redis = OwnRedis::start(port, dir).await;
+    let started = std::time::Instant::now();
+    while hot_store_mode(&gateway).await != 0 {
+        assert!(started.elapsed() < Duration::from_secs(20), "resynchronised within 20 s of Redis returning");
+        serve_one(&gateway, &key, false).await.expect("served while resynchronising");
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for index in 0..5 {
+        serve_one(&gateway, &key, index % 2 == 1).await.expect("served from Redis again");
+        served += 1;
+    }
+
+    // Exactly the served requests are charged, each once, and every balance agrees (I2).
+    let statement = gateway.assert_ledger_sound(&account).await;
+    let usage = statement["rows"].as_array().unwrap().iter().filter(|row| row["kind"] == "usage" && row["status"] != "failed").count();
+    assert_eq!(usage, served, "{statement}");
+    assert_eq!(gateway.upstream_requests().await, served as u64, "the replay was not forwarded");
+    // The holds of the streams cut off from Redis went with the resync: nothing stays held.
+    assert_eq!(money(&gateway.balance(&key).await["held"]), Money::ZERO);
+    gateway.stop().await;
+    drop(redis);
+}

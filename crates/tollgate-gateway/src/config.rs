@@ -122,6 +122,25 @@ impl Default for AlertsConfig {
     }
 }
 
+/// What the gateway does when a store fails (README "Failure modes").
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DegradationConfig {
+    /// The hot store (Redis) unreachable: `refuse` (default; 503 `billing_unavailable`, never
+    /// serve unbilled) or `charge_ledger` (authorize, settle and void in PostgreSQL until Redis
+    /// is back and resynchronised; services mode only).
+    pub hot_store_down: HotStoreDown,
+}
+
+/// See [`DegradationConfig::hot_store_down`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HotStoreDown {
+    #[default]
+    Refuse,
+    ChargeLedger,
+}
+
 /// Shortest webhook secret accepted.
 const WEBHOOK_SECRET_CHARS_MIN: usize = 16;
 
@@ -226,6 +245,7 @@ pub struct GatewayConfig {
     pub limits: LimitsConfig,
     pub jobs: JobsConfig,
     pub alerts: AlertsConfig,
+    pub degradation: DegradationConfig,
     pub providers: Vec<ProviderConfig>,
     pub models: Vec<ModelRoute>,
 }
@@ -246,6 +266,7 @@ impl Default for GatewayConfig {
             limits: LimitsConfig::default(),
             jobs: JobsConfig::default(),
             alerts: AlertsConfig::default(),
+            degradation: DegradationConfig::default(),
             providers: Vec::new(),
             models: Vec::new(),
         }
@@ -306,6 +327,11 @@ impl GatewayConfig {
             if let Some((name, _)) = positive.iter().find(|(_, value)| *value == 0) {
                 return Err(format!("alerts.{name} must be positive"));
             }
+        }
+        if self.degradation.hot_store_down == HotStoreDown::ChargeLedger
+            && (self.redis_url.is_none() || !(self.database_url.starts_with("postgres://") || self.database_url.starts_with("postgresql://")))
+        {
+            return Err("degradation.hot_store_down = \"charge_ledger\" needs the production backends: redis_url and a postgres:// database_url".into());
         }
         if limits.hold_ttl_ms <= limits.stream_duration_ms_max {
             return Err("limits.hold_ttl_ms must exceed limits.stream_duration_ms_max, or live streams would lose their holds".into());

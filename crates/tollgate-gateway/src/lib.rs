@@ -4,7 +4,8 @@
 //! - [`routes`]: handlers — `client` (`/v1`), `admin` (`/internal`), `ops` (health, metrics).
 //! - [`proxy`]: the LLM request path — authenticate, price, hold, forward, measure, settle.
 //! - [`charge`]: the charge protocol's steps around the hot store (authorize, settle, void,
-//!   cold account load, fund application).
+//!   cold account load, fund application); [`fallback`]: charging in the ledger while Redis is
+//!   unreachable (opt-in), and the resync when it returns.
 //! - [`protocol`]: what the OpenAI, Anthropic and Gemini protocols mean for billing; [`sse`]: the
 //!   event splitter streams go through.
 //! - [`auth`], [`keys`], [`context`]: who pays, cached; [`upstream`]: providers and routes.
@@ -20,6 +21,7 @@ pub mod charge;
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod fallback;
 pub mod jobs;
 pub mod keys;
 pub mod metrics;

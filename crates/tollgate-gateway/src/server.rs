@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tollgate_store::clock::system_clock;
 use tollgate_store::memory::MemoryHotStore;
+use tollgate_store::ledger_charging::LedgerCharging;
 use tollgate_store::queue::channel_log;
 use tollgate_store::redis_store::{RedisHotStore, RedisLog, RedisLogConfig};
 use tollgate_store::postgres::PgLedger;
@@ -20,7 +21,8 @@ use tollgate_store::sqlite::SqliteLedger;
 use tollgate_store::{HotStore, Ledger};
 use tollgate_worker::usage_writer::{UsageWriterConfig, run_usage_writer};
 
-use crate::config::{GatewayConfig, PricingCheck};
+use crate::config::{GatewayConfig, HotStoreDown, PricingCheck};
+use crate::fallback::LedgerFallback;
 use crate::jobs::JobStores;
 use crate::state::AppState;
 
@@ -69,7 +71,14 @@ impl Gateway {
                     worker_tasks.spawn(run_usage_writer(log, Arc::clone(&ledger), writer_config, worker_shutdown.clone()));
                 }
                 redis_parts = Some((redis.connection(), redis.keys().clone()));
-                Arc::new(redis)
+                match (&postgres_pool, config.degradation.hot_store_down) {
+                    (Some(pool), HotStoreDown::ChargeLedger) => {
+                        let fallback = Arc::new(LedgerFallback::new(Arc::new(redis), LedgerCharging::new(pool.clone())));
+                        worker_tasks.spawn(crate::fallback::run_resync(Arc::clone(&fallback), worker_shutdown.clone()));
+                        fallback
+                    }
+                    _ => Arc::new(redis),
+                }
             }
         };
         if config.run_worker || config.redis_url.is_none() {

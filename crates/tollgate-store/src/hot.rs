@@ -162,6 +162,9 @@ pub struct BalanceView {
 /// Balances, holds, counters and idempotency records; see the module doc for the protocol.
 #[async_trait]
 pub trait HotStore: Send + Sync + 'static {
+    /// Answers when the store is reachable (the ledger-charging mode polls it to come back).
+    async fn ping(&self) -> StoreResult<()>;
+
     /// One atomic step: idempotency, quotas, budgets, rate limits, balance hold.
     async fn authorize(&self, request: &AuthorizeRequest) -> StoreResult<Authorization>;
 

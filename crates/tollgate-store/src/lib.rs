@@ -6,6 +6,8 @@
 //! - [`ledger`]: the `Ledger` trait — the system of record. Implementations: [`sqlite`]
 //!   (embedded) and [`postgres`] (production, with NOTIFY on fund and configuration changes).
 //!   Both read rows back through `sql_rows`.
+//! - [`ledger_charging`]: authorize, settle and void in PostgreSQL itself, for the opt-in mode
+//!   that keeps charging while the hot store is unreachable.
 //! - [`queue`]: the usage log from settle to the worker (`EventLog`), embedded as a channel.
 //! - [`model`]: the records both keep. [`clock`]: the periods quotas count in.
 //! - [`verify`]: checks invariants I2 and I4 for an account from the ledger alone.
@@ -16,6 +18,7 @@ pub mod clock;
 pub mod error;
 pub mod hot;
 pub mod ledger;
+pub mod ledger_charging;
 pub mod memory;
 pub mod model;
 pub mod alerts;

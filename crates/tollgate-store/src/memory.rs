@@ -182,6 +182,10 @@ fn refusal(
 
 #[async_trait]
 impl HotStore for MemoryHotStore {
+    async fn ping(&self) -> StoreResult<()> {
+        Ok(())
+    }
+
     async fn authorize(&self, request: &AuthorizeRequest) -> StoreResult<Authorization> {
         debug_assert!(!request.hold.is_negative(), "a hold is never negative");
         let now_ms = (self.clock)();

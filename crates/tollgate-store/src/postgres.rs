@@ -252,6 +252,58 @@ impl UsageColumns {
     }
 }
 
+/// What [`record_usage_in`] did: an outcome per event, and each account's (balance, ledger_seq)
+/// before and after the batch.
+pub(crate) struct RecordedUsage<'a> {
+    pub outcomes: Vec<RecordOutcome>,
+    pub starts: HashMap<&'a str, (Money, i64)>,
+    pub positions: HashMap<&'a str, (Money, i64)>,
+}
+
+/// Records usage events in the caller's transaction: each charge once per (account, request
+/// id), at the account's next ledger positions, with its stored response, counters and alerts,
+/// and the balances moved. Shared by the usage writer and charging in the ledger.
+pub(crate) async fn record_usage_in<'a>(transaction: &mut Transaction<'static, Postgres>, events: &'a [UsageEvent]) -> StoreResult<RecordedUsage<'a>> {
+    let mut positions = lock_accounts(transaction, events).await?;
+    let starts = positions.clone();
+    // Under the locks no other writer can charge these accounts, so what is charged now is
+    // all there is to skip.
+    let mut charged = charged_already(transaction, events).await?;
+    let mut columns = UsageColumns::default();
+    let mut inserted_events = Vec::with_capacity(events.len());
+    let mut outcomes = Vec::with_capacity(events.len());
+    for event in events {
+        let first_charge = event.status == RequestStatus::Failed || charged.insert((event.account_id.clone(), event.request_id.clone()));
+        if !first_charge {
+            outcomes.push(RecordOutcome::Duplicate);
+            continue;
+        }
+        let position = positions
+            .get_mut(event.account_id.as_str())
+            .ok_or_else(|| StoreError::Corrupt(format!("account {} not locked", event.account_id)))?;
+        columns.push(event, position)?;
+        inserted_events.push(event);
+        outcomes.push(RecordOutcome::Inserted);
+    }
+    columns.insert(transaction).await?;
+    insert_stored_responses(transaction, &inserted_events).await?;
+    crate::postgres_ops::after_usage_batch(transaction, &starts, &positions, &inserted_events).await?;
+    let (account_ids, (balances, ledger_seqs)): (Vec<&str>, (Vec<i64>, Vec<i64>)) =
+        positions.iter().map(|(account_id, (balance, ledger_seq))| (*account_id, (balance.nanos(), *ledger_seq))).unzip();
+    sqlx::query(
+        "UPDATE account_balance SET balance = batch.balance, ledger_seq = batch.ledger_seq, updated_at = $4
+         FROM UNNEST($1::TEXT[], $2::BIGINT[], $3::BIGINT[]) AS batch (account_id, balance, ledger_seq)
+         WHERE account_balance.account_id = batch.account_id",
+    )
+    .bind(account_ids)
+    .bind(balances)
+    .bind(ledger_seqs)
+    .bind(now_ms())
+    .execute(&mut **transaction)
+    .await?;
+    Ok(RecordedUsage { outcomes, starts, positions })
+}
+
 /// Locks the batch's accounts in one order (so concurrent workers cannot deadlock) and returns
 /// their running positions.
 async fn lock_accounts<'a>(transaction: &mut Transaction<'static, Postgres>, events: &'a [UsageEvent]) -> StoreResult<HashMap<&'a str, (Money, i64)>> {
@@ -606,45 +658,9 @@ impl Ledger for PgLedger {
 
     async fn record_usage_batch(&self, events: &[UsageEvent]) -> StoreResult<Vec<RecordOutcome>> {
         let mut transaction = self.pool.begin().await?;
-        let mut positions = lock_accounts(&mut transaction, events).await?;
-        let starts = positions.clone();
-        // Under the locks no other writer can charge these accounts, so what is charged now is
-        // all there is to skip.
-        let mut charged = charged_already(&mut transaction, events).await?;
-        let mut columns = UsageColumns::default();
-        let mut inserted_events = Vec::with_capacity(events.len());
-        let mut outcomes = Vec::with_capacity(events.len());
-        for event in events {
-            let first_charge = event.status == RequestStatus::Failed || charged.insert((event.account_id.clone(), event.request_id.clone()));
-            if !first_charge {
-                outcomes.push(RecordOutcome::Duplicate);
-                continue;
-            }
-            let position = positions
-                .get_mut(event.account_id.as_str())
-                .ok_or_else(|| StoreError::Corrupt(format!("account {} not locked", event.account_id)))?;
-            columns.push(event, position)?;
-            inserted_events.push(event);
-            outcomes.push(RecordOutcome::Inserted);
-        }
-        columns.insert(&mut transaction).await?;
-        insert_stored_responses(&mut transaction, &inserted_events).await?;
-        crate::postgres_ops::after_usage_batch(&mut transaction, &starts, &positions, &inserted_events).await?;
-        let (account_ids, (balances, ledger_seqs)): (Vec<&str>, (Vec<i64>, Vec<i64>)) =
-            positions.into_iter().map(|(account_id, (balance, ledger_seq))| (account_id, (balance.nanos(), ledger_seq))).unzip();
-        sqlx::query(
-            "UPDATE account_balance SET balance = batch.balance, ledger_seq = batch.ledger_seq, updated_at = $4
-             FROM UNNEST($1::TEXT[], $2::BIGINT[], $3::BIGINT[]) AS batch (account_id, balance, ledger_seq)
-             WHERE account_balance.account_id = batch.account_id",
-        )
-        .bind(account_ids)
-        .bind(balances)
-        .bind(ledger_seqs)
-        .bind(now_ms())
-        .execute(&mut *transaction)
-        .await?;
+        let recorded = record_usage_in(&mut transaction, events).await?;
         transaction.commit().await?;
-        Ok(outcomes)
+        Ok(recorded.outcomes)
     }
 
     async fn stored_response(&self, account_id: &str, request_id: &str) -> StoreResult<Option<StoredResponse>> {

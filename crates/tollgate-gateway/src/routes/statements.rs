@@ -110,6 +110,7 @@ async fn monthly_statement(
 }
 
 #[cfg(test)]
+#[allow(clippy::panic)]
 mod tests {
     use super::month_bounds;
 

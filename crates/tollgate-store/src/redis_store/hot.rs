@@ -130,6 +130,12 @@ fn event_json(event: &UsageEvent) -> StoreResult<String> {
 
 #[async_trait]
 impl HotStore for RedisHotStore {
+    async fn ping(&self) -> StoreResult<()> {
+        let mut connection = self.connection.clone();
+        let _: String = redis::cmd("PING").query_async(&mut connection).await.map_err(|error| StoreError::Unavailable(format!("redis: {error}")))?;
+        Ok(())
+    }
+
     async fn authorize(&self, request: &AuthorizeRequest) -> StoreResult<Authorization> {
         debug_assert!(!request.hold.is_negative(), "a hold is never negative");
         let base = self.keys.account_base(&request.account_id);
