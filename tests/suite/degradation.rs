@@ -1,6 +1,8 @@
-//! Redis killed under load, in the default mode: every request is refused 503
-//! `billing_unavailable`, nothing reaches the upstream unbilled, nothing is charged; once Redis
-//! is back (AOF on) the gateway serves again and the books agree to the unit (I2).
+//! Stores failing under load: Redis killed in the default mode (every request refused 503
+//! `billing_unavailable`, nothing reaches the upstream unbilled, nothing charged, a top-up
+//! confirmed meanwhile applied once Redis is back) and in `charge_ledger` mode (charging goes on
+//! in PostgreSQL, then Redis is resynchronised); PostgreSQL crashed for 30 s (charging goes on
+//! in Redis, top-ups refused, the worker catches up). Afterwards the books agree to the unit.
 
 use std::time::Duration;
 
@@ -80,6 +82,9 @@ async fn redis_killed_refuses_with_503_and_charges_nothing_then_recovers_exactly
         assert_eq!(error["error"]["code"], "billing_unavailable");
     }
     assert_eq!(gateway.upstream_requests().await, forwarded_before, "nothing reached the upstream without a hold");
+    // A top-up confirmed meanwhile is in the ledger at once and reaches the hot balance once
+    // Redis is back (retried until applied), not at some later fund change.
+    gateway.top_up(&account, "1", "during-the-fault").await;
 
     let redis = OwnRedis::start(port, dir).await;
     // The connection comes back on its own; the first requests may still find it reconnecting.
@@ -100,7 +105,7 @@ async fn redis_killed_refuses_with_503_and_charges_nothing_then_recovers_exactly
     let statement = gateway.assert_ledger_sound(&account).await;
     let usage: Vec<&Value> = statement["rows"].as_array().unwrap().iter().filter(|row| row["kind"] == "usage" && row["status"] != "failed").collect();
     assert_eq!(usage.len(), 6, "{statement}");
-    assert_eq!(gateway.balance_of(&key).await, Money::from_nanos(1_000_000_000).checked_sub(charged).unwrap());
+    assert_eq!(gateway.balance_of(&key).await, Money::from_nanos(2_000_000_000).checked_sub(charged).unwrap());
     gateway.stop().await;
     drop(redis);
 }

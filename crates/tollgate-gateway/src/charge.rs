@@ -146,11 +146,23 @@ pub async fn load_account(state: &AppState, account_id: &str) -> Result<(), ApiE
 }
 
 /// Applies, in order, every fund transaction of the account the hot store has not applied yet.
+/// When a store fails the account is marked in [`UnappliedFunds`] and [`run_fund_retries`]
+/// tries again until it succeeds: a top-up confirmed while Redis is down is never left out.
 ///
 /// # Errors
 /// 503 when a store fails; the fund change is in the ledger and a later call applies it.
 pub async fn apply_pending_funds(state: &AppState, account_id: &str) -> Result<(), ApiError> {
-    let Some(view) = state.hot.balance(account_id, "").await? else {
+    let result = apply_funds_in_order(state, account_id).await;
+    if result.is_err() {
+        // Committed in the ledger but not in the hot balance: retried until it is.
+        state.unapplied_funds.mark(account_id);
+    }
+    result
+}
+
+async fn apply_funds_in_order(state: &AppState, account_id: &str) -> Result<(), ApiError> {
+    // The hot store's own position (never a substitute view): what it lacks is what to apply.
+    let Some(view) = state.hot.hot_views(&[account_id.to_string()]).await?.pop().flatten() else {
         // Not loaded: the next load reads a balance that includes the change.
         return Ok(());
     };
@@ -174,4 +186,43 @@ pub fn price_usage(price: &tollgate_core::Price, usage: &tollgate_core::Usage) -
     tollgate_core::cost(price, usage)
         .map(|breakdown| breakdown.total)
         .map_err(|error| ApiError::Internal(format!("cost computation failed: {error}")))
+}
+
+/// Accounts with a committed fund transaction the hot store may not have applied (the apply
+/// failed). Per process; a restart catches up from the ledger anyway.
+#[derive(Default)]
+pub struct UnappliedFunds(std::sync::Mutex<std::collections::BTreeSet<String>>);
+
+impl UnappliedFunds {
+    fn mark(&self, account_id: &str) {
+        self.lock().insert(account_id.to_string());
+    }
+
+    fn take(&self) -> std::collections::BTreeSet<String> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<String>> {
+        // Only inserts and a whole take: never half-changed, so a poisoned lock is still sound.
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// How often failed fund applications are retried.
+const FUND_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Retries every failed fund application each second until it succeeds, until `shutdown`.
+pub async fn run_fund_retries(state: AppState, shutdown: tokio_util::sync::CancellationToken) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(FUND_RETRY_INTERVAL) => {}
+            () = shutdown.cancelled() => return,
+        }
+        for account_id in state.unapplied_funds.take() {
+            match apply_pending_funds(&state, &account_id).await {
+                Ok(()) => tracing::info!(account_id, "a fund change that could not be applied earlier is applied"),
+                Err(error) => tracing::debug!(account_id, %error, "fund change still not applied; retrying"),
+            }
+        }
+    }
 }

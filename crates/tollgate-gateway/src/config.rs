@@ -40,6 +40,9 @@ pub struct LimitsConfig {
     /// On SIGTERM, how long in-flight requests and streams may run on before the process gives
     /// up on them (their holds then expire).
     pub shutdown_drain_ms: u64,
+    /// At start-up, how long to wait for Redis and PostgreSQL to answer (a process started
+    /// while one restarts waits for it) before exiting; 0 gives up at the first failure.
+    pub startup_wait_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -60,6 +63,7 @@ impl Default for LimitsConfig {
             hold_sweep_interval_ms: 10_000,
             settle_timeout_ms: 30_000,
             shutdown_drain_ms: 30_000,
+            startup_wait_ms: 60_000,
         }
     }
 }

@@ -66,7 +66,7 @@ async fn apply_fund_notification(state: &AppState, payload: &str) {
         return;
     };
     if let Err(error) = charge::apply_pending_funds(state, &account_id).await {
-        tracing::warn!(account_id, %error, "fund notification not applied; the next catch-up applies it");
+        tracing::warn!(account_id, %error, "fund notification not applied yet; retried each second until it is");
     }
 }
 

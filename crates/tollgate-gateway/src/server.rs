@@ -53,7 +53,8 @@ impl Gateway {
     /// Bad configuration or a store that cannot be opened.
     pub async fn start(config: GatewayConfig) -> Result<Gateway, ServerError> {
         config.validate().map_err(ServerError::Config)?;
-        let (ledger, postgres_pool) = open_ledger(&config.database_url).await?;
+        let wait = Duration::from_millis(config.limits.startup_wait_ms);
+        let (ledger, postgres_pool) = until_available("the ledger", wait, || open_ledger(&config.database_url)).await?;
         let worker_shutdown = CancellationToken::new();
         let worker_tasks = TaskTracker::new();
         let writer_config = UsageWriterConfig { batch_events_max: config.limits.usage_batch_events_max, ..UsageWriterConfig::default() };
@@ -65,9 +66,9 @@ impl Gateway {
                 Arc::new(MemoryHotStore::new(log_sender, system_clock()))
             }
             Some(url) => {
-                let redis = RedisHotStore::connect(url, &config.redis_prefix, config.redis_shards).await?;
+                let redis = connect_redis(url, &config).await?;
                 if config.run_worker {
-                    let log = redis_log(&redis, &config, worker_shutdown.clone()).await?;
+                    let log = until_available("redis", wait, || redis_log(&redis, &config, worker_shutdown.clone())).await?;
                     worker_tasks.spawn(run_usage_writer(log, Arc::clone(&ledger), writer_config, worker_shutdown.clone()));
                 }
                 redis_parts = Some((redis.connection(), redis.keys().clone()));
@@ -88,6 +89,7 @@ impl Gateway {
         let state = AppState::new(config, hot, ledger, TaskTracker::new(), CancellationToken::new())
             .await
             .map_err(ServerError::Config)?;
+        worker_tasks.spawn(crate::charge::run_fund_retries(state.clone(), worker_shutdown.clone()));
         if let Some(pool) = postgres_pool {
             worker_tasks.spawn(crate::notifications::run_listener(state.clone(), pool, worker_shutdown.clone()));
         }
@@ -191,6 +193,32 @@ impl Gateway {
     }
 }
 
+/// Retries `open` while its store is unavailable, for at most `wait` (`limits.startup_wait_ms`):
+/// a process started while Redis or PostgreSQL restarts (or loads its data) waits for it
+/// rather than exiting. Any other error, or the deadline, ends the wait.
+async fn until_available<T, Opening>(what: &str, wait: Duration, mut open: impl FnMut() -> Opening) -> Result<T, ServerError>
+where
+    Opening: std::future::Future<Output = Result<T, ServerError>>,
+{
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match open().await {
+            Err(ServerError::Store(tollgate_store::StoreError::Unavailable(reason))) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(what, reason, "not reachable yet; waiting (limits.startup_wait_ms)");
+                tokio::time::sleep(backoff.min(deadline.saturating_duration_since(tokio::time::Instant::now()))).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn connect_redis(url: &str, config: &GatewayConfig) -> Result<RedisHotStore, ServerError> {
+    let wait = Duration::from_millis(config.limits.startup_wait_ms);
+    until_available("redis", wait, || async { Ok(RedisHotStore::connect(url, &config.redis_prefix, config.redis_shards).await?) }).await
+}
+
 /// The usage streams, read as this process's consumer.
 async fn redis_log(redis: &RedisHotStore, config: &GatewayConfig, shutdown: CancellationToken) -> Result<RedisLog, ServerError> {
     let log_config = RedisLogConfig { consumer: config.worker_name.clone(), ..RedisLogConfig::default() };
@@ -207,9 +235,10 @@ pub async fn run_worker(config: GatewayConfig, shutdown: CancellationToken) -> R
         return Err(ServerError::Config("`tollgate worker` needs TOLLGATE_REDIS_URL: in embedded mode `tollgate serve` runs the worker itself".into()));
     };
     config.validate().map_err(ServerError::Config)?;
-    let (ledger, _) = open_ledger(&config.database_url).await?;
-    let redis = RedisHotStore::connect(url, &config.redis_prefix, config.redis_shards).await?;
-    let log = redis_log(&redis, &config, shutdown.clone()).await?;
+    let wait = Duration::from_millis(config.limits.startup_wait_ms);
+    let (ledger, _) = until_available("the ledger", wait, || open_ledger(&config.database_url)).await?;
+    let redis = connect_redis(url, &config).await?;
+    let log = until_available("redis", wait, || redis_log(&redis, &config, shutdown.clone())).await?;
     let writer_config = UsageWriterConfig { batch_events_max: config.limits.usage_batch_events_max, ..UsageWriterConfig::default() };
     let tasks = TaskTracker::new();
     tasks.spawn(run_usage_writer(log, Arc::clone(&ledger), writer_config, shutdown.clone()));

@@ -22,6 +22,8 @@ pub struct Shared {
     pub hot: Arc<dyn HotStore>,
     pub ledger: Arc<dyn Ledger>,
     pub contexts: ContextCache,
+    /// Accounts whose fund change the hot store could not take yet (retried).
+    pub unapplied_funds: crate::charge::UnappliedFunds,
     pub prices: PriceTable,
     pub upstreams: Upstreams,
     /// One pooled client for every upstream.
@@ -69,6 +71,7 @@ impl AppState {
             hot,
             ledger,
             contexts,
+            unapplied_funds: crate::charge::UnappliedFunds::default(),
             prices,
             upstreams,
             http,

@@ -42,6 +42,9 @@ pub struct VerifyReport {
     pub held: Money,
     /// Charges made in the hot store whose usage events the ledger does not have yet.
     pub queued_events: u64,
+    /// Loaded accounts whose hot balance lacks a fund transaction the ledger committed (a
+    /// top-up the customer cannot spend yet).
+    pub unapplied_funds: u64,
     /// Accounts that kept changing while read: the system was not quiet.
     pub busy_accounts: u64,
     /// A few of the lost and doubled request ids, for the operator to look up.
@@ -56,6 +59,7 @@ impl VerifyReport {
             && self.drifted_accounts == 0
             && self.held == Money::ZERO
             && self.queued_events == 0
+            && self.unapplied_funds == 0
             && self.busy_accounts == 0
     }
 
@@ -73,6 +77,7 @@ impl VerifyReport {
             ("held (I3)", self.held.to_string()),
             ("chain breaks (I4)", self.chain_breaks.to_string()),
             ("events still queued", self.queued_events.to_string()),
+            ("funds not applied", self.unapplied_funds.to_string()),
             ("accounts still moving", self.busy_accounts.to_string()),
             ("verdict", if self.is_sound() { "sound".to_string() } else { "NOT SOUND".to_string() }),
         ];
@@ -121,6 +126,13 @@ pub async fn verify(ledger: &dyn Ledger, hot: Option<&dyn HotStore>, client_char
     if let Some(hot) = hot {
         for view in hot.hot_views(&account_ids).await?.into_iter().flatten() {
             report.held = report.held.checked_add(view.held).ok_or(StoreError::Overflow("held"))?;
+            let ledger_fund_seq = ledger.account_balance(&view.account_id).await?.map_or(0, |balance| balance.last_fund_seq);
+            if view.last_fund_seq < ledger_fund_seq {
+                report.unapplied_funds += 1;
+                if report.examples.len() < LISTED_MAX {
+                    report.examples.push(format!("fund not applied: {} (hot at fund seq {}, ledger at {ledger_fund_seq})", view.account_id, view.last_fund_seq));
+                }
+            }
         }
         let unlogged: Vec<(String, String)> = hot.unlogged_charges().await?.into_iter().map(|charge| (charge.account_id, charge.request_id)).collect();
         // No account's totals are needed, only which of these charges the ledger has.
@@ -194,6 +206,7 @@ mod tests {
             VerifyReport { drifted_accounts: 1, ..sound.clone() },
             VerifyReport { held: Money::from_nanos(1), ..sound.clone() },
             VerifyReport { queued_events: 1, ..sound.clone() },
+            VerifyReport { unapplied_funds: 1, ..sound.clone() },
             VerifyReport { busy_accounts: 1, ..sound.clone() },
         ] {
             assert!(!broken.is_sound(), "{broken:?}");

@@ -82,7 +82,7 @@ fn unsigned_amount(field: &str, text: &str) -> Result<Money, ApiError> {
 async fn apply_funds(state: &AppState, account_id: &str) {
     if let Err(error) = charge::apply_pending_funds(state, account_id).await {
         // Committed in the ledger; the next load or apply picks it up.
-        tracing::warn!(account_id, %error, "fund change committed but not yet applied to the hot balance");
+        tracing::warn!(account_id, %error, "fund change committed but not yet applied to the hot balance; retried each second until it is");
     }
 }
 

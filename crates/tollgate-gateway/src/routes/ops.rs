@@ -4,6 +4,11 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use std::time::Duration;
+
+use tollgate_store::StoreError;
+
+use crate::config::HotStoreDown;
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -11,12 +16,35 @@ pub async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Ready when a charge could be made now: the ledger answers and the tokenizer is loaded.
+/// Longest a readiness probe waits for a store.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Ready when a charge could be made now, by the store that makes it: in services mode Redis
+/// (or, with `hot_store_down = "charge_ledger"`, Redis or PostgreSQL) — PostgreSQL being down
+/// does not stop charging there —, in embedded mode the ledger; and the tokenizer is loaded.
 pub async fn readyz(State(state): State<AppState>) -> Response {
-    match state.ledger.ping().await {
-        Ok(()) if tollgate_core::tokens::tokenizer_ready() => (StatusCode::OK, "ready").into_response(),
-        Ok(()) => (StatusCode::SERVICE_UNAVAILABLE, "tokenizer not loaded").into_response(),
-        Err(error) => (StatusCode::SERVICE_UNAVAILABLE, format!("ledger unavailable: {error}")).into_response(),
+    if !tollgate_core::tokens::tokenizer_ready() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "tokenizer not loaded").into_response();
+    }
+    let probe = |store: &'static str, result: Result<Result<(), StoreError>, tokio::time::error::Elapsed>| match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(format!("{store} unavailable: {error}")),
+        Err(_) => Err(format!("{store} did not answer within {} ms", PROBE_TIMEOUT.as_millis())),
+    };
+    let ledger = || async { probe("ledger", tokio::time::timeout(PROBE_TIMEOUT, state.ledger.ping()).await) };
+    let verdict = if state.config.redis_url.is_none() {
+        ledger().await
+    } else {
+        match probe("redis", tokio::time::timeout(PROBE_TIMEOUT, state.hot.ping()).await) {
+            Err(redis) if state.config.degradation.hot_store_down == HotStoreDown::ChargeLedger => {
+                ledger().await.map_err(|ledger| format!("{redis}; {ledger}"))
+            }
+            other => other,
+        }
+    };
+    match verdict {
+        Ok(()) => (StatusCode::OK, "ready").into_response(),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
     }
 }
 
