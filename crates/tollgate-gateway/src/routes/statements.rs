@@ -111,6 +111,7 @@ async fn monthly_statement(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::panic)]
     use super::month_bounds;
 
     #[test]
