@@ -4,6 +4,7 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use tollgate_core::Money;
+use tollgate_protocol::{Protocol, ProtocolError};
 use tollgate_store::StoreError;
 
 /// Which wire shape an error takes: OpenAI's `{"error": {...}}`, Anthropic's
@@ -16,6 +17,17 @@ pub enum ErrorShape {
     /// Google's `google.rpc.Status` JSON, which the Gemini SDKs parse; the contract's code rides
     /// in an `ErrorInfo` detail.
     Google,
+}
+
+impl ErrorShape {
+    /// The shape the SDKs of a client protocol parse.
+    pub fn for_protocol(protocol: Protocol) -> ErrorShape {
+        match protocol {
+            Protocol::OpenAiChat | Protocol::OpenAiEmbeddings => ErrorShape::OpenAi,
+            Protocol::AnthropicMessages => ErrorShape::Anthropic,
+            Protocol::GeminiGenerate => ErrorShape::Google,
+        }
+    }
 }
 
 /// Everything a request can fail with.
@@ -221,6 +233,15 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<ProtocolError> for ApiError {
+    fn from(error: ProtocolError) -> Self {
+        match error {
+            ProtocolError::InvalidRequest(message) => ApiError::InvalidRequest(message),
+            ProtocolError::NotFound(message) => ApiError::NotFound(message),
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         match error {
@@ -231,5 +252,28 @@ impl From<StoreError> for ApiError {
             StoreError::Overflow(what) => ApiError::InvalidRequest(format!("amount out of range ({what})")),
             StoreError::Corrupt(detail) => ApiError::Internal(detail),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_errors_keep_their_message_and_take_the_contract_code() {
+        let invalid = ApiError::from(ProtocolError::InvalidRequest("model is required".into()));
+        assert_eq!(invalid.status_and_code(), (StatusCode::BAD_REQUEST, "invalid_request"));
+        assert_eq!(invalid.to_string(), "model is required");
+        let not_found = ApiError::from(ProtocolError::NotFound("method countTokens is not served".into()));
+        assert_eq!(not_found.status_and_code(), (StatusCode::NOT_FOUND, "not_found"));
+        assert_eq!(not_found.to_string(), "method countTokens is not served");
+    }
+
+    #[test]
+    fn each_protocol_gets_the_error_shape_its_sdks_parse() {
+        assert_eq!(ErrorShape::for_protocol(Protocol::OpenAiChat), ErrorShape::OpenAi);
+        assert_eq!(ErrorShape::for_protocol(Protocol::OpenAiEmbeddings), ErrorShape::OpenAi);
+        assert_eq!(ErrorShape::for_protocol(Protocol::AnthropicMessages), ErrorShape::Anthropic);
+        assert_eq!(ErrorShape::for_protocol(Protocol::GeminiGenerate), ErrorShape::Google);
     }
 }

@@ -6,8 +6,8 @@
 //! - [`charge`]: the charge protocol's steps around the hot store (authorize, settle, void,
 //!   cold account load, fund application); [`fallback`]: charging in the ledger while Redis is
 //!   unreachable (opt-in), and the resync when it returns.
-//! - [`protocol`]: what the OpenAI, Anthropic and Gemini protocols mean for billing; [`sse`]: the
-//!   event splitter streams go through.
+//! - The protocols themselves (request facts, usage extraction, the event splitter streams go
+//!   through) are the `tollgate-protocol` crate, kept apart so they can be fuzzed on their own.
 //! - [`auth`], [`keys`], [`context`]: who pays, cached; [`upstream`]: providers and routes.
 //! - [`error`]: the one error type and its contract codes; [`request_id`]; [`metrics`].
 //! - [`server`]: start, serve, shut down in order; [`jobs`]: which periodic jobs run here;
@@ -27,11 +27,9 @@ pub mod keys;
 pub mod metrics;
 pub mod notifications;
 pub mod pricing;
-pub mod protocol;
 pub mod proxy;
 pub mod request_id;
 pub mod routes;
-pub mod sse;
 pub mod state;
 pub mod upstream;
 pub mod webhooks;

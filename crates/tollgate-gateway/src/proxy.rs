@@ -17,16 +17,15 @@ use tokio::sync::mpsc;
 use tollgate_core::tokens;
 use tollgate_core::{Usage, UsageSource};
 use tollgate_store::hot::AuthorizeRequest;
+use tollgate_protocol::{EventAction, ParsedRequest, Protocol, SseSplitter, StreamInspector, UrlFacts};
 use tollgate_store::model::{PriceRow, RequestStatus, StoredResponse, UsageEvent};
 
 use crate::auth::authenticate;
 use crate::charge::{self, Authorized};
 use crate::context::BillingContext;
-use crate::error::ApiError;
-use crate::protocol::{EventAction, ParsedRequest, Protocol, StreamInspector, UrlFacts};
+use crate::error::{ApiError, ErrorShape};
 use crate::request_id::REQUEST_ID_HEADER;
 use crate::routes::read_limited_body;
-use crate::sse::SseSplitter;
 use crate::state::AppState;
 use crate::upstream::Route;
 
@@ -115,7 +114,7 @@ pub async fn handle_at(state: AppState, protocol: Protocol, url: UrlFacts, reque
         Ok(response) => response,
         Err(error) => {
             metrics::counter!("tollgate_requests_total", "outcome" => error.status_and_code().1).increment(1);
-            error.into_response_shaped(protocol.error_shape())
+            error.into_response_shaped(ErrorShape::for_protocol(protocol))
         }
     }
 }

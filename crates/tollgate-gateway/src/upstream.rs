@@ -2,8 +2,9 @@
 
 use std::collections::HashMap;
 
+use tollgate_protocol::Protocol;
+
 use crate::config::{GatewayConfig, ProviderKind};
-use crate::protocol::Protocol;
 
 /// A provider ready to call: its base URL and (resolved once from its env var) API key.
 #[derive(Clone)]

@@ -7,11 +7,11 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tollgate_core::Money;
+use tollgate_protocol::Protocol;
 
 use crate::auth::authenticate;
 use crate::charge;
 use crate::error::{ApiError, ErrorShape};
-use crate::protocol::Protocol;
 use crate::proxy;
 use crate::request_id::RequestId;
 use crate::routes::{UsagePageParams, usage_page};

@@ -11,8 +11,9 @@ use axum::http::{HeaderMap, HeaderValue};
 use axum::response::Response;
 use serde::Deserialize;
 
+use tollgate_protocol::{Protocol, UrlFacts, gemini};
+
 use crate::error::{ApiError, ErrorShape};
-use crate::protocol::{Protocol, UrlFacts, gemini};
 use crate::proxy;
 use crate::request_id::RequestId;
 use crate::state::AppState;
@@ -59,5 +60,5 @@ fn url_facts(
         && let Some(key) = query.key.as_deref().and_then(|key| HeaderValue::from_str(key).ok()) {
             headers.insert("x-goog-api-key", key);
         }
-    gemini::url_facts(&model_method, query.alt.as_deref())
+    Ok(gemini::url_facts(&model_method, query.alt.as_deref())?)
 }

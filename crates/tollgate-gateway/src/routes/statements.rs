@@ -112,6 +112,7 @@ async fn monthly_statement(
 #[cfg(test)]
 #[allow(clippy::panic)]
 mod tests {
+    #![allow(clippy::panic)]
     use super::month_bounds;
 
     #[test]

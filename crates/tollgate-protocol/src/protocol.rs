@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 use tollgate_core::Usage;
 use tollgate_core::tokens::{self, Encoding};
 
-use crate::error::{ApiError, ErrorShape};
+use crate::error::ProtocolError;
 use crate::sse::SseEvent;
 
 pub mod gemini;
@@ -66,11 +66,11 @@ pub enum EventAction {
     MaybeTerminal,
 }
 
-fn invalid(message: impl Into<String>) -> ApiError {
-    ApiError::InvalidRequest(message.into())
+fn invalid(message: impl Into<String>) -> ProtocolError {
+    ProtocolError::InvalidRequest(message.into())
 }
 
-fn optional_u64(body: &Map<String, Value>, field: &str) -> Result<Option<u64>, ApiError> {
+fn optional_u64(body: &Map<String, Value>, field: &str) -> Result<Option<u64>, ProtocolError> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(value) => value
@@ -81,14 +81,6 @@ fn optional_u64(body: &Map<String, Value>, field: &str) -> Result<Option<u64>, A
 }
 
 impl Protocol {
-    pub fn error_shape(self) -> ErrorShape {
-        match self {
-            Protocol::OpenAiChat | Protocol::OpenAiEmbeddings => ErrorShape::OpenAi,
-            Protocol::AnthropicMessages => ErrorShape::Anthropic,
-            Protocol::GeminiGenerate => ErrorShape::Google,
-        }
-    }
-
     /// Whether the request's output cap (`max_tokens`, `max_completion_tokens`) bounds every
     /// generated token, reasoning and thinking included, so a report beyond it is wrong.
     pub fn output_cap_includes_reasoning(self) -> bool {
@@ -110,7 +102,7 @@ impl Protocol {
     ///
     /// # Errors
     /// `InvalidRequest` naming the field that is missing or malformed.
-    pub fn parse_at(self, body: &Map<String, Value>, url: &UrlFacts) -> Result<ParsedRequest, ApiError> {
+    pub fn parse_at(self, body: &Map<String, Value>, url: &UrlFacts) -> Result<ParsedRequest, ProtocolError> {
         match self {
             Protocol::GeminiGenerate => gemini::parse(body, url),
             Protocol::OpenAiChat | Protocol::AnthropicMessages | Protocol::OpenAiEmbeddings => self.parse(body),
@@ -121,7 +113,7 @@ impl Protocol {
     ///
     /// # Errors
     /// `InvalidRequest` naming the field that is missing or malformed.
-    pub fn parse(self, body: &Map<String, Value>) -> Result<ParsedRequest, ApiError> {
+    pub fn parse(self, body: &Map<String, Value>) -> Result<ParsedRequest, ProtocolError> {
         if self == Protocol::GeminiGenerate {
             return gemini::parse(body, &UrlFacts::default());
         }
@@ -267,12 +259,12 @@ const EMBEDDING_INPUTS_MAX: usize = 2_048;
 
 /// An embeddings body: `input` is a string, an array of strings, or token arrays; the hold is
 /// its input tokens, nothing is generated.
-fn parse_embeddings(model: String, body: &Map<String, Value>) -> Result<ParsedRequest, ApiError> {
+fn parse_embeddings(model: String, body: &Map<String, Value>) -> Result<ParsedRequest, ProtocolError> {
     if body.get("stream").and_then(Value::as_bool) == Some(true) {
         return Err(invalid("embeddings cannot be streamed"));
     }
     let encoding = tokens::encoding_for_model(&model);
-    let count_one = |input: &Value| -> Result<u64, ApiError> {
+    let count_one = |input: &Value| -> Result<u64, ProtocolError> {
         match input {
             Value::String(text) => Ok(tokens::count_text(encoding, text)),
             // Pre-tokenized input: its length is its token count.
@@ -287,7 +279,7 @@ fn parse_embeddings(model: String, body: &Map<String, Value>) -> Result<ParsedRe
             return Err(invalid(format!("input has more than {EMBEDDING_INPUTS_MAX} items")));
         }
         Some(Value::Array(inputs)) if inputs.iter().all(Value::is_u64) => inputs.len() as u64,
-        Some(Value::Array(inputs)) => inputs.iter().map(count_one).sum::<Result<u64, ApiError>>()?,
+        Some(Value::Array(inputs)) => inputs.iter().map(count_one).sum::<Result<u64, ProtocolError>>()?,
         Some(single) => count_one(single)?,
     };
     Ok(ParsedRequest { model, stream: false, output_tokens_max: Some(0), choices: 1, prompt_tokens, encoding })

@@ -8,8 +8,7 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 use tollgate_core::Usage;
-use tollgate_gateway::protocol::{EventAction, Protocol};
-use tollgate_gateway::sse::SseSplitter;
+use tollgate_protocol::{EventAction, Protocol, SseSplitter};
 
 fn fixture(name: &str) -> String {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/providers").join(name);
