@@ -5,7 +5,8 @@
 //! before Redis serves them again.
 //!
 //! Modes, per gateway process:
-//! - `Hot`: every step in Redis. A step that finds Redis unreachable switches to `Ledger`.
+//! - `Hot`: every step in Redis. A step that finds Redis unreachable switches to `Ledger`; an
+//!   account found not loaded is asked of the ledger first (it may be stale).
 //! - `Ledger`: every new request is authorized in the ledger.
 //! - `Recovering` (Redis answers again): a request for an account still marked stale is
 //!   charged in the ledger, any other in Redis; [`run_resync`] releases each stale account once
@@ -24,7 +25,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 use tollgate_core::Money;
-use tollgate_store::hot::{AccountSnapshot, Authorization, AuthorizeRequest, BalanceView, FundApplication, Settlement};
+use tollgate_store::hot::{AccountSnapshot, Authorization, AuthorizeRequest, BalanceView, FundApplication, Refusal, Settlement};
 use tollgate_store::ledger_charging::LedgerCharging;
 use tollgate_store::model::{StoredResponse, UsageEvent};
 use tollgate_store::operations::{HotAccountView, UnloggedCharge};
@@ -119,30 +120,49 @@ impl LedgerFallback {
         Ok(settlement)
     }
 
-    /// One pass of the resync: Ledger → Recovering once Redis answers; releases each stale
-    /// account whose charges are all in the ledger; Recovering → Hot once none is left.
+    /// One pass of the resync. Ledger → Recovering once Redis answers; Hot → Recovering when any
+    /// account is marked stale (another gateway charged the ledger, or this one before a
+    /// restart). Recovering: every stale account is unloaded from Redis at once — a gateway that
+    /// finds an account not loaded asks the ledger before loading it, so none serves a stale
+    /// account from Redis — and its mark is released once no ledger hold of it is open and the
+    /// ledger has every charge of it still in Redis's usage log. Recovering → Hot when no
+    /// account is marked.
     ///
     /// # Errors
     /// A store failed; the next pass tries again.
     pub async fn resync_step(&self) -> StoreResult<()> {
         match self.mode() {
-            Mode::Hot => return Ok(()),
+            Mode::Hot => {
+                if self.ledger.stale_accounts().await?.is_empty() {
+                    return Ok(());
+                }
+                self.set_mode(Mode::Recovering);
+            }
             Mode::Ledger => {
                 self.hot.ping().await?;
                 self.set_mode(Mode::Recovering);
             }
             Mode::Recovering => {}
         }
+        // Holds of gateways that died in ledger mode would otherwise only go when their
+        // account is authorized again (`serve --no-worker` runs no sweeper here).
+        self.ledger.expire_holds().await?;
         let stale = self.ledger.stale_accounts().await?;
         if !stale.is_empty() {
-            // A charge still in Redis's usage log is not in the ledger yet: reloading its
-            // account from the ledger now would miss it. Wait for the worker.
-            let unlogged: HashSet<String> = self.hot.unlogged_charges().await?.into_iter().map(|charge| charge.account_id).collect();
-            for account_id in stale.iter().filter(|account_id| !unlogged.contains(*account_id)) {
+            for account_id in &stale {
+                self.hot.unload_account(account_id).await?;
+            }
+            // A charge still in the usage log that the ledger lacks would be missed by a load
+            // from the ledger now: its account waits for the worker. (An entry the ledger has
+            // is only waiting to be deleted.)
+            let unlogged: Vec<(String, String)> = self.hot.unlogged_charges().await?.into_iter().map(|charge| (charge.account_id, charge.request_id)).collect();
+            let in_ledger = self.ledger.charged(&unlogged).await?;
+            let waiting: HashSet<String> = unlogged.into_iter().filter(|pair| !in_ledger.contains(pair)).map(|(account_id, _)| account_id).collect();
+            for account_id in stale.iter().filter(|account_id| !waiting.contains(*account_id)) {
                 self.ledger.release_stale(account_id, &*self.hot).await?;
             }
         }
-        if self.ledger.stale_accounts().await?.is_empty() && self.mode() == Mode::Recovering {
+        if self.mode() == Mode::Recovering && self.ledger.stale_accounts().await?.is_empty() {
             self.set_mode(Mode::Hot);
         }
         Ok(())
@@ -160,10 +180,11 @@ pub async fn run_resync(fallback: Arc<LedgerFallback>, shutdown: CancellationTok
         }
         // Set on every pass, not only on change: the exporter may be installed after start.
         metrics::gauge!("tollgate_hot_store_mode").set(f64::from(fallback.mode() as u8));
-        let waiting_for_redis = fallback.mode() == Mode::Ledger;
+        let resynchronising = fallback.mode() == Mode::Recovering;
         if let Err(error) = fallback.resync_step().await {
-            // In Ledger mode a failed ping is the expected answer until Redis returns.
-            if !waiting_for_redis {
+            // Otherwise a failure is the expected answer: Redis still down (Ledger), or
+            // PostgreSQL down while Redis charges (Hot).
+            if resynchronising {
                 tracing::warn!(%error, "resynchronising the hot store failed; retrying");
             }
         }
@@ -178,7 +199,16 @@ impl HotStore for LedgerFallback {
 
     async fn authorize(&self, request: &AuthorizeRequest) -> StoreResult<Authorization> {
         match self.mode() {
-            Mode::Hot => self.authorize_or_fall_back(request).await,
+            Mode::Hot => {
+                let outcome = self.authorize_or_fall_back(request).await?;
+                if outcome == Authorization::Refused(Refusal::AccountNotLoaded) {
+                    // Before it is loaded from the ledger: the ledger may be serving it.
+                    if let Some(authorization) = self.authorize_in_ledger(request, true).await? {
+                        return Ok(authorization);
+                    }
+                }
+                Ok(outcome)
+            }
             Mode::Ledger => self.authorize_in_ledger_always(request).await,
             Mode::Recovering => match self.authorize_in_ledger(request, true).await? {
                 Some(authorization) => Ok(authorization),
@@ -195,11 +225,17 @@ impl HotStore for LedgerFallback {
             return self.settle_in_ledger(&event).await;
         }
         let outcome = self.hot.settle(event.clone()).await;
-        if !unavailable(&outcome) {
-            return outcome;
+        match outcome {
+            Err(StoreError::Unavailable(_)) => {
+                self.set_mode(Mode::Ledger);
+                tracing::warn!(request_id = event.request_id, "settle could not reach the hot store: charged in the ledger");
+            }
+            // Unloaded under the request by a resync: the ledger now keeps the account.
+            Err(StoreError::NotFound { entity: "hot account", .. }) => {
+                tracing::warn!(request_id = event.request_id, "the account left the hot store during the request: charged in the ledger");
+            }
+            other => return other,
         }
-        self.set_mode(Mode::Ledger);
-        tracing::warn!(request_id = event.request_id, "settle could not reach the hot store: charged in the ledger");
         self.settle_in_ledger(&event).await
     }
 
@@ -213,15 +249,23 @@ impl HotStore for LedgerFallback {
     }
 
     async fn expire_holds(&self) -> StoreResult<u64> {
-        let in_ledger = self.ledger.expire_holds().await?;
         let in_hot = match self.hot.expire_holds().await {
             Err(StoreError::Unavailable(_)) if self.mode() != Mode::Hot => 0,
             other => other?,
         };
+        // PostgreSQL down must not stop Redis's holds from expiring.
+        let in_ledger = self.ledger.expire_holds().await.unwrap_or_else(|error| {
+            tracing::warn!(%error, "releasing expired ledger holds failed; the next sweep retries");
+            0
+        });
         Ok(in_ledger + in_hot)
     }
 
+    /// A stale account is not loaded: the ledger keeps it until the resync releases it.
     async fn load_account(&self, snapshot: AccountSnapshot) -> StoreResult<bool> {
+        if self.ledger.is_stale(&snapshot.account_id).await? {
+            return Ok(false);
+        }
         self.hot.load_account(snapshot).await
     }
 
@@ -232,7 +276,10 @@ impl HotStore for LedgerFallback {
     /// Outside `Hot` mode the ledger's view: Redis may be down, or stale for this account.
     async fn balance(&self, account_id: &str, api_key_id: &str) -> StoreResult<Option<BalanceView>> {
         match self.mode() {
-            Mode::Hot => self.hot.balance(account_id, api_key_id).await,
+            Mode::Hot => match self.hot.balance(account_id, api_key_id).await? {
+                None if self.ledger.is_stale(account_id).await? => self.ledger.balance_view(account_id, api_key_id).await,
+                view => Ok(view),
+            },
             Mode::Ledger | Mode::Recovering => self.ledger.balance_view(account_id, api_key_id).await,
         }
     }

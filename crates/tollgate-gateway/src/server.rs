@@ -75,6 +75,10 @@ impl Gateway {
                 match (&postgres_pool, config.degradation.hot_store_down) {
                     (Some(pool), HotStoreDown::ChargeLedger) => {
                         let fallback = Arc::new(LedgerFallback::new(Arc::new(redis), LedgerCharging::new(pool.clone())));
+                        // Accounts left stale by an earlier outage are unloaded before serving.
+                        if let Err(error) = fallback.resync_step().await {
+                            tracing::warn!(%error, "resynchronising at start failed; the resync task retries");
+                        }
                         worker_tasks.spawn(crate::fallback::run_resync(Arc::clone(&fallback), worker_shutdown.clone()));
                         fallback
                     }

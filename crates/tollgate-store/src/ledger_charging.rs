@@ -13,6 +13,8 @@
 //! (from the ledger's counters). Not enforced: the per-minute rate limits, which live only in the
 //! hot store.
 
+use std::collections::HashSet;
+
 use sqlx::postgres::PgPool;
 use sqlx::{Postgres, Row, Transaction};
 use tollgate_core::Money;
@@ -163,6 +165,31 @@ impl LedgerCharging {
     /// `Unavailable` when PostgreSQL is.
     pub async fn stale_accounts(&self) -> StoreResult<Vec<String>> {
         Ok(sqlx::query_scalar("SELECT account_id FROM hot_stale_accounts ORDER BY account_id").fetch_all(&self.pool).await?)
+    }
+
+    /// Whether the account is marked stale: the hot store must not serve it.
+    ///
+    /// # Errors
+    /// `Unavailable` when PostgreSQL is.
+    pub async fn is_stale(&self, account_id: &str) -> StoreResult<bool> {
+        Ok(sqlx::query("SELECT 1 FROM hot_stale_accounts WHERE account_id = $1").bind(account_id).fetch_optional(&self.pool).await?.is_some())
+    }
+
+    /// Of these (account, request id) pairs, the ones with a charged row in the ledger.
+    ///
+    /// # Errors
+    /// `Unavailable` when PostgreSQL is.
+    pub async fn charged(&self, pairs: &[(String, String)]) -> StoreResult<HashSet<(String, String)>> {
+        let (account_ids, request_ids): (Vec<&str>, Vec<&str>) = pairs.iter().map(|(account, request)| (account.as_str(), request.as_str())).unzip();
+        let rows = sqlx::query(
+            "SELECT account_id, request_id FROM usage_log WHERE status <> 'failed'
+             AND (account_id, request_id) IN (SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[]))",
+        )
+        .bind(&account_ids)
+        .bind(&request_ids)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|row| Ok((row.try_get("account_id")?, row.try_get("request_id")?))).collect::<Result<_, sqlx::Error>>().map_err(Into::into)
     }
 
     /// Unloads a stale account from the hot store and clears its mark, unless a ledger hold of

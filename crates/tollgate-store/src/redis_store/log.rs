@@ -141,7 +141,15 @@ impl RedisLog {
         let from = if self.own_pending[index] { "0" } else { ">" };
         let options = StreamReadOptions::default().group(CONSUMER_GROUP, &self.config.consumer).count(max);
         let mut connection = self.connection.clone();
-        let reply: Option<StreamReadReply> = connection.xread_options(&[self.keys.stream(shard)], &[from], &options).await.map_err(unavailable)?;
+        let reply: Option<StreamReadReply> = match connection.xread_options(&[self.keys.stream(shard)], &[from], &options).await {
+            Ok(reply) => reply,
+            Err(error) => {
+                // Redis may have delivered entries whose reply was lost: they are pending on this
+                // consumer now, so read its own pending entries first next time.
+                self.own_pending[index] = true;
+                return Err(unavailable(error));
+            }
+        };
         let entries: Vec<_> = reply.into_iter().flat_map(|reply| reply.keys).flat_map(|key| key.ids).collect();
         if from == "0" && entries.is_empty() {
             self.own_pending[index] = false;
@@ -220,9 +228,16 @@ impl EventLog for RedisLog {
         let mut connection = self.connection.clone();
         for (shard, entry_ids) in by_shard {
             let stream = self.keys.stream(shard);
-            let _: i64 = connection.xack(&stream, CONSUMER_GROUP, &entry_ids).await.map_err(unavailable)?;
-            // Acknowledged entries are in the ledger; the stream need not keep them.
-            let _: i64 = connection.xdel(&stream, &entry_ids).await.map_err(unavailable)?;
+            // Acknowledged entries are in the ledger; the stream need not keep them. One
+            // MULTI/EXEC: an entry acknowledged but left in the stream would be read by no
+            // consumer again yet still look unlogged to whoever scans the stream.
+            let _: (i64, i64) = redis::pipe()
+                .atomic()
+                .xack(&stream, CONSUMER_GROUP, &entry_ids)
+                .xdel(&stream, &entry_ids)
+                .query_async(&mut connection)
+                .await
+                .map_err(unavailable)?;
         }
         Ok(())
     }
