@@ -226,8 +226,18 @@ async fn accounts_on_every_shard_work(store: Arc<dyn HotStore>) {
 /// too often is parked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stream_log_delivers_once_and_survives_consumer_crashes() {
+    stream_log_delivers_once_and_survives_consumer_crashes(&redis_url()).await;
+}
+
+/// The same on a Redis Cluster (acknowledging is one MULTI/EXEC on the shard's node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_log_delivers_once_and_survives_consumer_crashes_on_a_cluster() {
+    stream_log_delivers_once_and_survives_consumer_crashes(&cluster_url()).await;
+}
+
+async fn stream_log_delivers_once_and_survives_consumer_crashes(url: &str) {
     let prefix = prefix();
-    let store = RedisHotStore::connect(&redis_url(), &prefix, 4).await.unwrap();
+    let store = RedisHotStore::connect(url, &prefix, 4).await.unwrap();
     let keys = KeySpace::new(&prefix, 4).unwrap();
     let log_config = |consumer: &str| RedisLogConfig { consumer: consumer.into(), poll_idle_ms: 10, claim_idle_ms: 200, deliveries_max: 3 };
     for index in 0..10 {
