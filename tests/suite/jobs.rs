@@ -1,7 +1,7 @@
 //! Periodic jobs under a lease: with several instances each period of a job runs exactly once,
 //! never two at a time, and a leader killed mid-run is replaced by the next period.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,6 +19,10 @@ struct Probe {
     running: AtomicI64,
     overlaps: AtomicI64,
     runs: Mutex<Vec<String>>,
+    /// Set by the test: the next run to start hangs (until its instance is killed) and names its
+    /// holder here, so the kill surely lands mid-run.
+    hang_next: AtomicBool,
+    hung: Mutex<Option<String>>,
 }
 
 fn probe_job(probe: &Arc<Probe>, holder: &str) -> LeasedJob {
@@ -30,6 +34,10 @@ fn probe_job(probe: &Arc<Probe>, holder: &str) -> LeasedJob {
                 probe.overlaps.fetch_add(1, Ordering::SeqCst);
             }
             probe.runs.lock().unwrap().push(holder.clone());
+            if probe.hang_next.swap(false, Ordering::SeqCst) {
+                *probe.hung.lock().unwrap() = Some(holder.clone());
+                std::future::pending::<()>().await;
+            }
             tokio::time::sleep(Duration::from_millis(150)).await;
             probe.running.fetch_sub(1, Ordering::SeqCst);
             Ok(format!("ran by {holder}"))
@@ -51,7 +59,7 @@ async fn each_period_runs_once_across_instances_and_a_killed_leader_is_replaced(
     // Two instances, each with its own connections to the one ledger.
     let (first, _) = tollgate_gateway::server::open_ledger(&url).await.unwrap();
     let (second, _) = tollgate_gateway::server::open_ledger(&url).await.unwrap();
-    let probe = Arc::new(Probe { running: AtomicI64::new(0), overlaps: AtomicI64::new(0), runs: Mutex::new(Vec::new()) });
+    let probe = Arc::new(Probe { running: AtomicI64::new(0), overlaps: AtomicI64::new(0), runs: Mutex::new(Vec::new()), hang_next: AtomicBool::new(false), hung: Mutex::new(None) });
     let shutdown = CancellationToken::new();
     let mut instances = std::collections::HashMap::new();
     for (holder, ledger) in [("instance-a", &first), ("instance-b", &second)] {
@@ -73,15 +81,15 @@ async fn each_period_runs_once_across_instances_and_a_killed_leader_is_replaced(
     assert_eq!(probe.overlaps.load(Ordering::SeqCst), 0, "two instances ran the job at once");
 
     // Kill the instance that runs the job right now, in the middle of its work.
-    let leader = loop {
-        if probe.running.load(Ordering::SeqCst) > 0 {
-            let last = runs(&*first, "probe").await.pop().unwrap();
-            if last.finished_at.is_none() {
-                break last;
-            }
+    probe.hang_next.store(true, Ordering::SeqCst);
+    let hung_holder = loop {
+        if let Some(holder) = probe.hung.lock().unwrap().clone() {
+            break holder;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
+    let leader = runs(&*first, "probe").await.pop().unwrap();
+    assert_eq!((leader.holder.as_str(), leader.finished_at), (hung_holder.as_str(), None), "the hanging run is the last one claimed");
     instances.remove(leader.holder.as_str()).unwrap().abort();
     probe.running.store(0, Ordering::SeqCst);
     let survivor = if leader.holder == "instance-a" { "instance-b" } else { "instance-a" };
