@@ -31,7 +31,8 @@ pub enum Receipt {
 #[async_trait]
 pub trait EventLog: Send + 'static {
     /// Waits for at least one event and returns up to `max` of them; an empty batch means the
-    /// log is closed and drained.
+    /// log is closed and drained. Must be cancel-safe: the writer drops it when shutdown fires,
+    /// and nothing it already took from the log may be lost with it.
     async fn read_batch(&mut self, max: usize) -> StoreResult<Vec<Delivery>>;
     /// Returns up to `max` of the events already in the log without waiting for more; empty
     /// when none is left. The worker drains the log with it on shutdown: a slow read (Redis

@@ -44,6 +44,9 @@ pub struct RedisLog {
     shutdown: CancellationToken,
     /// Shards whose own pending entries must be read again (from id 0) before new ones.
     own_pending: Vec<bool>,
+    /// Entries read but not yet handed to the writer. Reads happen in futures the writer may
+    /// drop (its select on shutdown): what a read already took is kept here, not lost with it.
+    read_ahead: Vec<Delivery>,
     next_claim: Instant,
 }
 
@@ -68,7 +71,7 @@ impl RedisLog {
             }
         }
         let shards = usize::from(keys.shards());
-        Ok(RedisLog { connection, keys, config, shutdown, own_pending: vec![true; shards], next_claim: Instant::now() })
+        Ok(RedisLog { connection, keys, config, shutdown, own_pending: vec![true; shards], read_ahead: Vec::new(), next_claim: Instant::now() })
     }
 
     /// Entries delivered but not yet acknowledged, over all shards (a lag measure).
@@ -136,24 +139,21 @@ impl RedisLog {
         Ok(())
     }
 
-    async fn read_shard(&mut self, shard: u16, max: usize, batch: &mut Vec<Delivery>) -> StoreResult<()> {
+    /// Reads up to `max` entries of one shard into `read_ahead`. Cancel-safe: until the entries
+    /// are in `read_ahead`, the shard stays marked `own_pending`, so if this future is dropped
+    /// (or fails) after Redis delivered them, the next read takes them from this consumer's
+    /// pending entries.
+    async fn read_shard(&mut self, shard: u16, max: usize) -> StoreResult<()> {
         let index = usize::from(shard);
         let from = if self.own_pending[index] { "0" } else { ">" };
         let options = StreamReadOptions::default().group(CONSUMER_GROUP, &self.config.consumer).count(max);
         let mut connection = self.connection.clone();
-        let reply: Option<StreamReadReply> = match connection.xread_options(&[self.keys.stream(shard)], &[from], &options).await {
-            Ok(reply) => reply,
-            Err(error) => {
-                // Redis may have delivered entries whose reply was lost: they are pending on this
-                // consumer now, so read its own pending entries first next time.
-                self.own_pending[index] = true;
-                return Err(unavailable(error));
-            }
-        };
+        self.own_pending[index] = true;
+        let reply: Option<StreamReadReply> = connection.xread_options(&[self.keys.stream(shard)], &[from], &options).await.map_err(unavailable)?;
         let entries: Vec<_> = reply.into_iter().flat_map(|reply| reply.keys).flat_map(|key| key.ids).collect();
-        if from == "0" && entries.is_empty() {
-            self.own_pending[index] = false;
-        }
+        // Own pending entries are read again until none is left; new ones once.
+        let pending_left = from == "0" && !entries.is_empty();
+        let mut delivered = Vec::with_capacity(entries.len());
         for entry in entries {
             let event_text: Option<String> = entry.get("event");
             let balance: Option<i64> = entry.get("hot_balance_after");
@@ -162,7 +162,7 @@ impl RedisLog {
             match parsed {
                 Some(mut event) => {
                     event.hot_balance_after = Money::from_nanos(balance.unwrap_or(0));
-                    batch.push(Delivery { event, receipt });
+                    delivered.push(Delivery { event, receipt });
                 }
                 None => {
                     // Unreadable: never retried forever, parked as it is.
@@ -175,6 +175,9 @@ impl RedisLog {
                 }
             }
         }
+        // No await from here on: the entries and the flag change together.
+        self.read_ahead.extend(delivered);
+        self.own_pending[index] = pending_left;
         Ok(())
     }
 }
@@ -207,15 +210,14 @@ impl EventLog for RedisLog {
     /// One pass over the shards: this consumer's own pending entries first (after a crash),
     /// then new ones.
     async fn read_remaining(&mut self, max: usize) -> StoreResult<Vec<Delivery>> {
-        let mut batch = Vec::new();
         for shard in 0..self.keys.shards() {
-            let room = max.max(1) - batch.len();
+            let room = max.max(1).saturating_sub(self.read_ahead.len());
             if room == 0 {
                 break;
             }
-            self.read_shard(shard, room, &mut batch).await?;
+            self.read_shard(shard, room).await?;
         }
-        Ok(batch)
+        Ok(std::mem::take(&mut self.read_ahead))
     }
 
     async fn ack(&mut self, deliveries: Vec<Delivery>) -> StoreResult<()> {
