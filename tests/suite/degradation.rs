@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use tollgate_gateway::config::HotStoreDown;
+
 use crate::common::*;
 
 /// A Redis of the test's own (AOF on, as in production), so it can be killed and restarted.
@@ -47,20 +49,27 @@ impl OwnRedis {
     }
 }
 
+/// A services-mode gateway on a Redis of the test's own and a fresh PostgreSQL database.
+async fn gateway_on_own_redis(hot_store_down: HotStoreDown) -> (OwnRedis, TestGateway) {
+    let redis = OwnRedis::start(free_port(), TempDir::new()).await;
+    let database_url = fresh_postgres_database().await;
+    let redis_url = redis.url();
+    let gateway = TestGateway::start_on(TempDir::new(), database_url, |config| {
+        config.redis_url = Some(redis_url);
+        config.redis_prefix = unique_name("t");
+        config.degradation.hot_store_down = hot_store_down;
+    })
+    .await;
+    (redis, gateway)
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_refuses_with_503_and_charges_nothing_then_recovers_exactly() {
-    let redis = OwnRedis::start(free_port(), TempDir::new()).await;
-    let database_url = fresh_postgres_database().await;
-    let redis_url = redis.url();
-    let gateway = TestGateway::start_on(TempDir::new(), database_url, |config| {
-        config.redis_url = Some(redis_url.clone());
-        config.redis_prefix = unique_name("t");
-    })
-    .await;
+    let (redis, gateway) = gateway_on_own_redis(HotStoreDown::Refuse).await;
     let account = gateway.account("1", json!({})).await;
     let key = gateway.key(&account, json!({})).await;
     let mut charged = Money::ZERO;
@@ -275,15 +284,7 @@ async fn hot_store_mode(gateway: &TestGateway) -> u64 {
 /// the books agree to the unit (I2): hot balance = ledger balance = Σ rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_in_charge_ledger_mode_keeps_serving_then_resyncs_exactly() {
-    let redis = OwnRedis::start(free_port(), TempDir::new()).await;
-    let database_url = fresh_postgres_database().await;
-    let redis_url = redis.url();
-    let gateway = TestGateway::start_on(TempDir::new(), database_url, |config| {
-        config.redis_url = Some(redis_url.clone());
-        config.redis_prefix = unique_name("t");
-        config.degradation.hot_store_down = tollgate_gateway::config::HotStoreDown::ChargeLedger;
-    })
-    .await;
+    let (redis, gateway) = gateway_on_own_redis(HotStoreDown::ChargeLedger).await;
     let account = gateway.account("1", json!({})).await;
     let key = gateway.key(&account, json!({})).await;
     let mut served = 0;

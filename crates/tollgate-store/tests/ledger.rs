@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use tollgate_core::{Money, Price, Usage, UsageSource};
+use tollgate_core::{Money, Price};
 use tollgate_store::Ledger;
 use tollgate_store::StoreError;
 use tollgate_store::model::{
@@ -18,6 +18,9 @@ use tollgate_store::postgres::PgLedger;
 use tollgate_store::sqlite::SqliteLedger;
 use tollgate_store::verify::check_account;
 
+mod support;
+use support::{event, fresh_postgres_url};
+
 async fn sqlite() -> Arc<dyn Ledger> {
     let path = std::env::temp_dir().join(format!("tollgate-ledger-{}.db", uuid::Uuid::new_v4().simple()));
     Arc::new(SqliteLedger::connect(&format!("sqlite://{}", path.display()), 4).await.unwrap())
@@ -25,14 +28,7 @@ async fn sqlite() -> Arc<dyn Ledger> {
 
 /// A fresh database on the test server.
 async fn postgres() -> Arc<dyn Ledger> {
-    let url = std::env::var("TOLLGATE_TEST_POSTGRES_URL")
-        .expect("TOLLGATE_TEST_POSTGRES_URL is not set: run scripts/test, which starts PostgreSQL");
-    let name = format!("ledger_{}", uuid::Uuid::new_v4().simple());
-    let admin = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&url).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.unwrap();
-    admin.close().await;
-    let (base, _) = url.rsplit_once('/').unwrap();
-    Arc::new(PgLedger::connect(&format!("{base}/{name}"), 8).await.unwrap())
+    Arc::new(PgLedger::connect(&fresh_postgres_url("ledger").await, 8).await.unwrap())
 }
 
 /// One `#[tokio::test]` per backend for each conformance check.
@@ -88,25 +84,6 @@ async fn deposit(ledger: &dyn Ledger, id: &str, nanos: i64, reference: &str) {
     ledger.confirm_topup(&topup.id).await.unwrap();
 }
 
-fn event(account: &str, request: &str, cost: i64, status: RequestStatus) -> UsageEvent {
-    UsageEvent {
-        request_id: request.into(),
-        account_id: account.into(),
-        api_key_id: "key".into(),
-        provider: "mock".into(),
-        model: "demo-gpt".into(),
-        customer_type: "standard".into(),
-        price_id: None,
-        usage: Usage { input_tokens: 10, output_tokens: 5, ..Usage::default() },
-        usage_source: UsageSource::Upstream,
-        cost: Money::from_nanos(cost),
-        status,
-        latency_ms: 3,
-        created_at_ms: 1_769_903_970_000,
-        hot_balance_after: Money::ZERO,
-        stored_response: None,
-    }
-}
 
 async fn assert_sound(ledger: &dyn Ledger, id: &str) {
     let check = check_account(ledger, id).await.unwrap();

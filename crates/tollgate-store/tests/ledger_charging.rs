@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use tollgate_core::{Money, Usage, UsageSource};
+use tollgate_core::Money;
 use tollgate_store::Ledger;
 use tollgate_store::clock::system_clock;
 use tollgate_store::hot::{Authorization, AuthorizeRequest, BudgetPeriod, Limits, Refusal};
@@ -18,16 +18,13 @@ use tollgate_store::postgres::PgLedger;
 use tollgate_store::queue::channel_log;
 use tollgate_store::verify::check_account;
 
+mod support;
+use support::fresh_postgres_url;
+
 const TENTH: i64 = 100_000_000;
 
 async fn ledger_with_account(nanos: i64) -> (PgLedger, LedgerCharging) {
-    let url = std::env::var("TOLLGATE_TEST_POSTGRES_URL").expect("TOLLGATE_TEST_POSTGRES_URL is not set: run scripts/test, which starts PostgreSQL");
-    let name = format!("charging_{}", uuid::Uuid::new_v4().simple());
-    let admin = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&url).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.unwrap();
-    admin.close().await;
-    let (base, _) = url.rsplit_once('/').unwrap();
-    let ledger = PgLedger::connect(&format!("{base}/{name}"), 8).await.unwrap();
+    let ledger = PgLedger::connect(&fresh_postgres_url("charging").await, 8).await.unwrap();
     let account = NewAccount {
         id: "a".into(),
         kind: AccountKind::User,
@@ -57,24 +54,9 @@ fn request(request_id: &str, hold: i64, limits: Limits) -> AuthorizeRequest {
     }
 }
 
+/// A usage event of account `a`.
 fn event(request_id: &str, cost: i64, status: RequestStatus) -> UsageEvent {
-    UsageEvent {
-        request_id: request_id.into(),
-        account_id: "a".into(),
-        api_key_id: "key".into(),
-        provider: "mock".into(),
-        model: "demo-gpt".into(),
-        customer_type: "standard".into(),
-        price_id: None,
-        usage: Usage { input_tokens: 10, output_tokens: 5, ..Usage::default() },
-        usage_source: UsageSource::Upstream,
-        cost: Money::from_nanos(cost),
-        status,
-        latency_ms: 3,
-        created_at_ms: 1_769_903_970_000,
-        hot_balance_after: Money::ZERO,
-        stored_response: None,
-    }
+    support::event("a", request_id, cost, status)
 }
 
 async fn authorize(charging: &LedgerCharging, request: &AuthorizeRequest) -> Authorization {
