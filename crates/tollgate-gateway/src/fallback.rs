@@ -29,7 +29,8 @@ use tollgate_store::hot::{AccountSnapshot, Authorization, AuthorizeRequest, Bala
 use tollgate_store::ledger_charging::LedgerCharging;
 use tollgate_store::model::{StoredResponse, UsageEvent};
 use tollgate_store::operations::{HotAccountView, UnloggedCharge};
-use tollgate_store::{HotStore, StoreError, StoreResult};
+use tollgate_store::operations::charges_not_in_ledger;
+use tollgate_store::{HotStore, Ledger, StoreError, StoreResult};
 
 /// How often the resync loop looks at Redis and the stale accounts.
 const RESYNC_INTERVAL: Duration = Duration::from_millis(250);
@@ -45,7 +46,9 @@ pub enum Mode {
 /// A hot store that keeps charging in the ledger while it is unreachable.
 pub struct LedgerFallback {
     hot: Arc<dyn HotStore>,
-    ledger: LedgerCharging,
+    charging: LedgerCharging,
+    /// The ledger itself, to tell which charges in Redis's usage log it already has.
+    ledger: Arc<dyn Ledger>,
     mode: AtomicU8,
     /// (account, request id) of the holds this process placed in the ledger: their settle or
     /// void goes there too.
@@ -57,8 +60,8 @@ fn unavailable(result: &StoreResult<impl Sized>) -> bool {
 }
 
 impl LedgerFallback {
-    pub fn new(hot: Arc<dyn HotStore>, ledger: LedgerCharging) -> LedgerFallback {
-        LedgerFallback { hot, ledger, mode: AtomicU8::new(Mode::Hot as u8), ledger_held: Mutex::new(HashSet::new()) }
+    pub fn new(hot: Arc<dyn HotStore>, charging: LedgerCharging, ledger: Arc<dyn Ledger>) -> LedgerFallback {
+        LedgerFallback { hot, charging, ledger, mode: AtomicU8::new(Mode::Hot as u8), ledger_held: Mutex::new(HashSet::new()) }
     }
 
     pub fn mode(&self) -> Mode {
@@ -88,7 +91,7 @@ impl LedgerFallback {
     }
 
     async fn authorize_in_ledger(&self, request: &AuthorizeRequest, only_if_stale: bool) -> StoreResult<Option<Authorization>> {
-        let authorization = self.ledger.authorize(request, only_if_stale).await?;
+        let authorization = self.charging.authorize(request, only_if_stale).await?;
         if let Some(Authorization::Held { .. }) = authorization {
             self.ledger_held().insert((request.account_id.clone(), request.request_id.clone()));
         }
@@ -112,7 +115,7 @@ impl LedgerFallback {
     }
 
     async fn settle_in_ledger(&self, event: &UsageEvent) -> StoreResult<Settlement> {
-        let settlement = self.ledger.settle(event).await?;
+        let settlement = self.charging.settle(event).await?;
         // The account is stale now, whatever the mode was: do not serve it from Redis unchecked.
         if self.mode() == Mode::Hot {
             self.set_mode(Mode::Recovering);
@@ -133,7 +136,7 @@ impl LedgerFallback {
     pub async fn resync_step(&self) -> StoreResult<()> {
         match self.mode() {
             Mode::Hot => {
-                if self.ledger.stale_accounts().await?.is_empty() {
+                if self.charging.stale_accounts().await?.is_empty() {
                     return Ok(());
                 }
                 self.set_mode(Mode::Recovering);
@@ -146,23 +149,21 @@ impl LedgerFallback {
         }
         // Holds of gateways that died in ledger mode would otherwise only go when their
         // account is authorized again (`serve --no-worker` runs no sweeper here).
-        self.ledger.expire_holds().await?;
-        let stale = self.ledger.stale_accounts().await?;
+        self.charging.expire_holds().await?;
+        let mut stale = self.charging.stale_accounts().await?;
         if !stale.is_empty() {
             for account_id in &stale {
                 self.hot.unload_account(account_id).await?;
             }
             // A charge still in the usage log that the ledger lacks would be missed by a load
-            // from the ledger now: its account waits for the worker. (An entry the ledger has
-            // is only waiting to be deleted.)
-            let unlogged: Vec<(String, String)> = self.hot.unlogged_charges().await?.into_iter().map(|charge| (charge.account_id, charge.request_id)).collect();
-            let in_ledger = self.ledger.charged(&unlogged).await?;
-            let waiting: HashSet<String> = unlogged.into_iter().filter(|pair| !in_ledger.contains(pair)).map(|(account_id, _)| account_id).collect();
+            // from the ledger now: its account waits for the worker.
+            let waiting: HashSet<String> = charges_not_in_ledger(&*self.ledger, &*self.hot).await?.into_iter().map(|charge| charge.account_id).collect();
             for account_id in stale.iter().filter(|account_id| !waiting.contains(*account_id)) {
-                self.ledger.release_stale(account_id, &*self.hot).await?;
+                self.charging.release_stale(account_id, &*self.hot).await?;
             }
+            stale = self.charging.stale_accounts().await?;
         }
-        if self.mode() == Mode::Recovering && self.ledger.stale_accounts().await?.is_empty() {
+        if self.mode() == Mode::Recovering && stale.is_empty() {
             self.set_mode(Mode::Hot);
         }
         Ok(())
@@ -242,7 +243,7 @@ impl HotStore for LedgerFallback {
     async fn void(&self, event: UsageEvent) -> StoreResult<()> {
         let key = (event.account_id.clone(), event.request_id.clone());
         if self.ledger_held().remove(&key) {
-            return self.ledger.void(&event).await;
+            return self.charging.void(&event).await;
         }
         // A Redis hold that cannot be released expires on its own.
         self.hot.void(event).await
@@ -254,7 +255,7 @@ impl HotStore for LedgerFallback {
             other => other?,
         };
         // PostgreSQL down must not stop Redis's holds from expiring.
-        let in_ledger = self.ledger.expire_holds().await.unwrap_or_else(|error| {
+        let in_ledger = self.charging.expire_holds().await.unwrap_or_else(|error| {
             tracing::warn!(%error, "releasing expired ledger holds failed; the next sweep retries");
             0
         });
@@ -263,7 +264,7 @@ impl HotStore for LedgerFallback {
 
     /// A stale account is not loaded: the ledger keeps it until the resync releases it.
     async fn load_account(&self, snapshot: AccountSnapshot) -> StoreResult<bool> {
-        if self.ledger.is_stale(&snapshot.account_id).await? {
+        if self.charging.is_stale(&snapshot.account_id).await? {
             return Ok(false);
         }
         self.hot.load_account(snapshot).await
@@ -277,10 +278,10 @@ impl HotStore for LedgerFallback {
     async fn balance(&self, account_id: &str, api_key_id: &str) -> StoreResult<Option<BalanceView>> {
         match self.mode() {
             Mode::Hot => match self.hot.balance(account_id, api_key_id).await? {
-                None if self.ledger.is_stale(account_id).await? => self.ledger.balance_view(account_id, api_key_id).await,
+                None if self.charging.is_stale(account_id).await? => self.charging.balance_view(account_id, api_key_id).await,
                 view => Ok(view),
             },
-            Mode::Ledger | Mode::Recovering => self.ledger.balance_view(account_id, api_key_id).await,
+            Mode::Ledger | Mode::Recovering => self.charging.balance_view(account_id, api_key_id).await,
         }
     }
 

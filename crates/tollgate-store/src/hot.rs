@@ -91,6 +91,61 @@ pub enum Refusal {
     RateLimited { retry_after_secs: u64 },
 }
 
+/// What a request's quotas, key budgets and balance are judged against, as a store counts it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Commitments {
+    pub requests_today: u64,
+    pub requests_this_month: u64,
+    pub key_spent_today: Money,
+    pub key_spent_this_month: Money,
+    pub key_spent_total: Money,
+    /// The key's open holds, counted against every budget period.
+    pub key_held: Money,
+    pub balance: Money,
+    /// The account's open holds.
+    pub held: Money,
+}
+
+/// The first request quota, key budget or balance limit the request would break — the checks
+/// every store makes after idempotency and rate limits, in this order. Read-only.
+///
+/// # Errors
+/// `Overflow` when the sums leave the money range.
+pub fn commitment_refusal(request: &AuthorizeRequest, committed: &Commitments, periods: &crate::clock::Periods) -> crate::error::StoreResult<Option<Refusal>> {
+    use crate::error::StoreError;
+    let limits = &request.limits;
+    if limits.daily_request_quota.is_some_and(|quota| committed.requests_today >= quota) {
+        return Ok(Some(Refusal::DailyQuotaExceeded { retry_after_secs: periods.seconds_to_next_day }));
+    }
+    if limits.monthly_request_quota.is_some_and(|quota| committed.requests_this_month >= quota) {
+        return Ok(Some(Refusal::MonthlyQuotaExceeded { retry_after_secs: periods.seconds_to_next_month }));
+    }
+    let budgets = [
+        (BudgetPeriod::Daily, limits.key_budget_daily, committed.key_spent_today, Some(periods.seconds_to_next_day)),
+        (BudgetPeriod::Monthly, limits.key_budget_monthly, committed.key_spent_this_month, Some(periods.seconds_to_next_month)),
+        (BudgetPeriod::Total, limits.key_budget_total, committed.key_spent_total, None),
+    ];
+    for (period, budget, spent, retry_after_secs) in budgets {
+        let Some(budget) = budget else { continue };
+        let committed = spent
+            .checked_add(committed.key_held)
+            .and_then(|sum| sum.checked_add(request.hold))
+            .ok_or(StoreError::Overflow("key budget"))?;
+        if committed > budget {
+            return Ok(Some(Refusal::KeyBudgetExceeded { period, retry_after_secs }));
+        }
+    }
+    let available = committed
+        .balance
+        .checked_add(limits.credit_limit)
+        .and_then(|limit| limit.checked_sub(committed.held))
+        .ok_or(StoreError::Overflow("available"))?;
+    if available < request.hold {
+        return Ok(Some(Refusal::InsufficientBalance { available, required: request.hold }));
+    }
+    Ok(None)
+}
+
 /// The balance movement a settle made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Settlement {

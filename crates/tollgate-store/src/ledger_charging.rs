@@ -13,8 +13,6 @@
 //! (from the ledger's counters). Not enforced: the per-minute rate limits, which live only in the
 //! hot store.
 
-use std::collections::HashSet;
-
 use sqlx::postgres::PgPool;
 use sqlx::{Postgres, Row, Transaction};
 use tollgate_core::Money;
@@ -22,7 +20,7 @@ use tollgate_core::Money;
 use crate::alerts::{SPEND_COUNTERS_OF_ACCOUNT, counter_seed, period_labels};
 use crate::clock::Periods;
 use crate::error::{StoreError, StoreResult};
-use crate::hot::{Authorization, AuthorizeRequest, BalanceView, BudgetPeriod, CounterSeed, HotStore, Refusal, Settlement};
+use crate::hot::{Authorization, AuthorizeRequest, BalanceView, Commitments, CounterSeed, HotStore, Refusal, Settlement, commitment_refusal};
 use crate::model::{RecordOutcome, UsageEvent};
 use crate::operations::pg;
 use crate::postgres::{balance_for_update, record_usage_in};
@@ -175,23 +173,6 @@ impl LedgerCharging {
         Ok(sqlx::query("SELECT 1 FROM hot_stale_accounts WHERE account_id = $1").bind(account_id).fetch_optional(&self.pool).await?.is_some())
     }
 
-    /// Of these (account, request id) pairs, the ones with a charged row in the ledger.
-    ///
-    /// # Errors
-    /// `Unavailable` when PostgreSQL is.
-    pub async fn charged(&self, pairs: &[(String, String)]) -> StoreResult<HashSet<(String, String)>> {
-        let (account_ids, request_ids): (Vec<&str>, Vec<&str>) = pairs.iter().map(|(account, request)| (account.as_str(), request.as_str())).unzip();
-        let rows = sqlx::query(
-            "SELECT account_id, request_id FROM usage_log WHERE status <> 'failed'
-             AND (account_id, request_id) IN (SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[]))",
-        )
-        .bind(&account_ids)
-        .bind(&request_ids)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(|row| Ok((row.try_get("account_id")?, row.try_get("request_id")?))).collect::<Result<_, sqlx::Error>>().map_err(Into::into)
-    }
-
     /// Unloads a stale account from the hot store and clears its mark, unless a ledger hold of
     /// it is still open (its settle will charge the ledger). Returns whether it was released.
     /// The caller makes sure the hot store's usage log holds no charge of the account: after
@@ -280,34 +261,19 @@ async fn refusal(transaction: &mut Transaction<'static, Postgres>, request: &Aut
     if in_progress.is_some() {
         return Ok(Some(Refusal::InProgress));
     }
-    let periods = Periods::at(now);
     let counters = counters(transaction, &request.account_id, now).await?;
-    let limits = &request.limits;
-    if limits.daily_request_quota.is_some_and(|quota| counters.requests_today >= quota) {
-        return Ok(Some(Refusal::DailyQuotaExceeded { retry_after_secs: periods.seconds_to_next_day }));
-    }
-    if limits.monthly_request_quota.is_some_and(|quota| counters.requests_this_month >= quota) {
-        return Ok(Some(Refusal::MonthlyQuotaExceeded { retry_after_secs: periods.seconds_to_next_month }));
-    }
-    let key = counters.keys.iter().find(|key| key.api_key_id == request.api_key_id);
-    let key_held = held(transaction, KEY_HELD, &request.api_key_id).await?;
-    let budgets = [
-        (BudgetPeriod::Daily, limits.key_budget_daily, key.map(|key| key.spent_today), Some(periods.seconds_to_next_day)),
-        (BudgetPeriod::Monthly, limits.key_budget_monthly, key.map(|key| key.spent_this_month), Some(periods.seconds_to_next_month)),
-        (BudgetPeriod::Total, limits.key_budget_total, key.map(|key| key.spent_total), None),
-    ];
-    for (period, budget, spent, retry_after_secs) in budgets {
-        let Some(budget) = budget else { continue };
-        let committed = spent.unwrap_or(Money::ZERO).checked_add(key_held).and_then(|committed| committed.checked_add(request.hold));
-        if committed.is_none_or(|committed| committed > budget) {
-            return Ok(Some(Refusal::KeyBudgetExceeded { period, retry_after_secs }));
-        }
-    }
-    let available = available(balance, limits.credit_limit, held(transaction, ACCOUNT_HELD, &request.account_id).await?)?;
-    if available < request.hold {
-        return Ok(Some(Refusal::InsufficientBalance { available, required: request.hold }));
-    }
-    Ok(None)
+    let key = counters.keys.iter().find(|key| key.api_key_id == request.api_key_id).cloned().unwrap_or_default();
+    let committed = Commitments {
+        requests_today: counters.requests_today,
+        requests_this_month: counters.requests_this_month,
+        key_spent_today: key.spent_today,
+        key_spent_this_month: key.spent_this_month,
+        key_spent_total: key.spent_total,
+        key_held: held(transaction, KEY_HELD, &request.api_key_id).await?,
+        balance,
+        held: held(transaction, ACCOUNT_HELD, &request.account_id).await?,
+    };
+    commitment_refusal(request, &committed, &Periods::at(now))
 }
 
 async fn counters(transaction: &mut Transaction<'static, Postgres>, account_id: &str, now: i64) -> StoreResult<CounterSeed> {

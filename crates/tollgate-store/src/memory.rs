@@ -11,8 +11,8 @@ use tollgate_core::Money;
 use crate::clock::{Clock, Periods};
 use crate::error::{StoreError, StoreResult};
 use crate::hot::{
-    AccountSnapshot, Authorization, CounterSeed, AuthorizeRequest, BalanceView, BudgetPeriod, FundApplication,
-    HotStore, Refusal, Settlement,
+    AccountSnapshot, Authorization, CounterSeed, AuthorizeRequest, BalanceView, Commitments, FundApplication,
+    HotStore, Refusal, Settlement, commitment_refusal,
 };
 use crate::model::UsageEvent;
 use crate::operations::{HotAccountView, UnloggedCharge};
@@ -149,35 +149,17 @@ fn refusal(
     if limits.key_tokens_per_minute.is_some_and(|limit| tokens_this_minute >= limit) {
         return Ok(Some(Refusal::RateLimited { retry_after_secs }));
     }
-    if limits.daily_request_quota.is_some_and(|quota| account.requests_today.current(periods.day) >= quota) {
-        let retry_after_secs = periods.seconds_to_next_day;
-        return Ok(Some(Refusal::DailyQuotaExceeded { retry_after_secs }));
-    }
-    if limits
-        .monthly_request_quota
-        .is_some_and(|quota| account.requests_this_month.current(periods.month) >= quota)
-    {
-        let retry_after_secs = periods.seconds_to_next_month;
-        return Ok(Some(Refusal::MonthlyQuotaExceeded { retry_after_secs }));
-    }
-    let key_held = key.map_or(Money::ZERO, |key| key.held);
-    let budgets = [
-        (BudgetPeriod::Daily, limits.key_budget_daily, key.map(|k| k.spent_daily.current(periods.day)), Some(periods.seconds_to_next_day)),
-        (BudgetPeriod::Monthly, limits.key_budget_monthly, key.map(|k| k.spent_monthly.current(periods.month)), Some(periods.seconds_to_next_month)),
-        (BudgetPeriod::Total, limits.key_budget_total, key.map(|k| k.spent_total), None),
-    ];
-    for (period, budget, spent, retry_after_secs) in budgets {
-        let Some(budget) = budget else { continue };
-        let committed = add(spent.unwrap_or(Money::ZERO), key_held, "key budget")?;
-        if add(committed, request.hold, "key budget")? > budget {
-            return Ok(Some(Refusal::KeyBudgetExceeded { period, retry_after_secs }));
-        }
-    }
-    let available = sub(add(account.balance, limits.credit_limit, "available")?, account.held, "available")?;
-    if available < request.hold {
-        return Ok(Some(Refusal::InsufficientBalance { available, required: request.hold }));
-    }
-    Ok(None)
+    let committed = Commitments {
+        requests_today: account.requests_today.current(periods.day),
+        requests_this_month: account.requests_this_month.current(periods.month),
+        key_spent_today: key.map_or(Money::ZERO, |key| key.spent_daily.current(periods.day)),
+        key_spent_this_month: key.map_or(Money::ZERO, |key| key.spent_monthly.current(periods.month)),
+        key_spent_total: key.map_or(Money::ZERO, |key| key.spent_total),
+        key_held: key.map_or(Money::ZERO, |key| key.held),
+        balance: account.balance,
+        held: account.held,
+    };
+    commitment_refusal(request, &committed, periods)
 }
 
 #[async_trait]

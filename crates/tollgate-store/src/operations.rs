@@ -46,6 +46,19 @@ pub struct UnloggedCharge {
     pub cost: Money,
 }
 
+/// The hot store's unlogged charges the ledger does not have yet. An entry the ledger already
+/// has is only waiting to be deleted from the log (the worker committed it); it is left out.
+///
+/// # Errors
+/// A store could not be read.
+pub async fn charges_not_in_ledger(ledger: &dyn crate::Ledger, hot: &dyn crate::HotStore) -> StoreResult<Vec<UnloggedCharge>> {
+    let unlogged = hot.unlogged_charges().await?;
+    let pairs: Vec<(String, String)> = unlogged.iter().map(|charge| (charge.account_id.clone(), charge.request_id.clone())).collect();
+    // No account's totals are needed, only which of these charges the ledger has.
+    let (_, in_ledger) = ledger.ledger_snapshot(Some(&[]), &pairs).await?;
+    Ok(unlogged.into_iter().filter(|charge| !in_ledger.contains(&(charge.account_id.clone(), charge.request_id.clone()))).collect())
+}
+
 /// A repair of account_balance to the balance the rows prove, made only if the account is still
 /// where reconciliation saw it. The repair is written as an adjustment of zero at the account's
 /// next ledger position (before = after = the proven balance), so the audit chain records it

@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use serde::Serialize;
 use tollgate_core::Money;
+use tollgate_store::operations::charges_not_in_ledger;
 use tollgate_store::verify::check_account;
 use tollgate_store::{HotStore, Ledger, StoreError, StoreResult};
 
@@ -134,10 +135,7 @@ pub async fn verify(ledger: &dyn Ledger, hot: Option<&dyn HotStore>, client_char
                 }
             }
         }
-        let unlogged: Vec<(String, String)> = hot.unlogged_charges().await?.into_iter().map(|charge| (charge.account_id, charge.request_id)).collect();
-        // No account's totals are needed, only which of these charges the ledger has.
-        let (_, in_ledger) = ledger.ledger_snapshot(Some(&[]), &unlogged).await?;
-        report.queued_events = unlogged.iter().filter(|pair| !in_ledger.contains(*pair)).count() as u64;
+        report.queued_events = charges_not_in_ledger(ledger, hot).await?.len() as u64;
     }
 
     if let Some(pairs) = client_charged {
