@@ -136,6 +136,16 @@ pub struct DegradationConfig {
     pub hot_store_down: HotStoreDown,
 }
 
+/// See [`GatewayConfig::billing`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Billing {
+    #[default]
+    On,
+    /// Forward without holds, charges or usage rows: the benchmark suite's baseline.
+    Off,
+}
+
 /// See [`DegradationConfig::hot_store_down`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -246,6 +256,10 @@ pub struct GatewayConfig {
     /// At start-up, a routed model without a price for a tier in use: `warn` (default) or
     /// `refuse` to start.
     pub pricing_check: PricingCheck,
+    /// `on` (default). `off` forwards requests without holding, charging or recording them —
+    /// only for measuring what billing costs (`scripts/bench`); embedded mode only, and every
+    /// start says so in a warning.
+    pub billing: Billing,
     pub limits: LimitsConfig,
     pub jobs: JobsConfig,
     pub alerts: AlertsConfig,
@@ -267,6 +281,7 @@ impl Default for GatewayConfig {
             worker_name: format!("worker-{}", std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into())),
             run_worker: true,
             pricing_check: PricingCheck::Warn,
+            billing: Billing::On,
             limits: LimitsConfig::default(),
             jobs: JobsConfig::default(),
             alerts: AlertsConfig::default(),
@@ -283,6 +298,9 @@ impl GatewayConfig {
     /// # Errors
     /// A message naming the offending entry.
     pub fn validate(&self) -> Result<(), String> {
+        if self.billing == Billing::Off && self.redis_url.is_some() {
+            return Err("billing = \"off\" is for benchmarks of embedded mode only; remove redis_url or billing".into());
+        }
         let mut provider_names = std::collections::HashSet::new();
         for provider in &self.providers {
             if !provider_names.insert(provider.name.as_str()) {
@@ -341,5 +359,22 @@ impl GatewayConfig {
             return Err("limits.hold_ttl_ms must exceed limits.stream_duration_ms_max, or live streams would lose their holds".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn billing_off_is_accepted_only_in_embedded_mode() {
+        let parse = |text: &str| toml::from_str::<GatewayConfig>(text).map_err(|error| error.to_string());
+        let embedded = parse("billing = \"off\"").unwrap_or_default();
+        assert_eq!(embedded.billing, Billing::Off);
+        assert_eq!(embedded.validate(), Ok(()));
+        let services = parse("billing = \"off\"\nredis_url = \"redis://127.0.0.1:6379\"").unwrap_or_default();
+        assert!(services.validate().is_err_and(|error| error.contains("embedded mode only")));
+        assert_eq!(GatewayConfig::default().billing, Billing::On);
+        assert!(parse("billing = \"maybe\"").is_err());
     }
 }

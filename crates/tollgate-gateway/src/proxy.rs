@@ -176,13 +176,19 @@ async fn handle_request(
             Authorized::Held => {}
             Authorized::AlreadyCharged => return replay(state, &context, &request_id, parsed.stream).await,
         }
-        let client_wants_usage = protocol.prepare_upstream_body(&mut body, &route.upstream_model, parsed.stream);
+        let prepared = protocol.prepare_upstream_body(&mut body, &route.upstream_model, parsed.stream);
+        let client_wants_usage = prepared.client_wants_usage;
         let billing = Billing { context, request_id, route, price, parsed, started: Instant::now() };
-        let upstream_body = match serde_json::to_vec(&body) {
-            Ok(upstream_body) => upstream_body,
-            Err(error) => {
-                charge::void(state, billing.failed_event()).await;
-                return Err(ApiError::Internal(format!("serializing the upstream body: {error}")));
+        // Most bodies go upstream as the client sent them: no second serialization.
+        let upstream_body = if !prepared.rewritten {
+            bytes
+        } else {
+            match serde_json::to_vec(&body) {
+                Ok(upstream_body) => Bytes::from(upstream_body),
+                Err(error) => {
+                    charge::void(state, billing.failed_event()).await;
+                    return Err(ApiError::Internal(format!("serializing the upstream body: {error}")));
+                }
             }
         };
         forward(state, protocol, billing, forward_headers, upstream_body, client_wants_usage).await
@@ -249,7 +255,7 @@ async fn forward(
     protocol: Protocol,
     billing: Billing,
     headers: HeaderMap,
-    body: Vec<u8>,
+    body: Bytes,
     client_wants_usage: bool,
 ) -> Result<Response, ApiError> {
     let provider = &billing.route.provider;

@@ -8,11 +8,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tollgate_store::clock::system_clock;
 use tollgate_store::memory::MemoryHotStore;
+use tollgate_store::unbilled::UnbilledHotStore;
 use tollgate_store::ledger_charging::LedgerCharging;
 use tollgate_store::queue::channel_log;
 use tollgate_store::redis_store::{RedisHotStore, RedisLog, RedisLogConfig};
@@ -21,7 +23,7 @@ use tollgate_store::sqlite::SqliteLedger;
 use tollgate_store::{HotStore, Ledger};
 use tollgate_worker::usage_writer::{UsageWriterConfig, run_usage_writer};
 
-use crate::config::{GatewayConfig, HotStoreDown, PricingCheck};
+use crate::config::{Billing, GatewayConfig, HotStoreDown, PricingCheck};
 use crate::fallback::LedgerFallback;
 use crate::jobs::JobStores;
 use crate::state::AppState;
@@ -60,6 +62,10 @@ impl Gateway {
         let writer_config = UsageWriterConfig { batch_events_max: config.limits.usage_batch_events_max, ..UsageWriterConfig::default() };
         let mut redis_parts = None;
         let hot: Arc<dyn HotStore> = match &config.redis_url {
+            None if config.billing == Billing::Off => {
+                tracing::warn!("billing is OFF: requests are forwarded without holds, charges or usage rows (benchmarks only)");
+                Arc::new(UnbilledHotStore)
+            }
             None => {
                 let (log_sender, log) = channel_log(config.limits.usage_log_events_max);
                 worker_tasks.spawn(run_usage_writer(log, Arc::clone(&ledger), writer_config, worker_shutdown.clone()));
@@ -142,6 +148,10 @@ impl Gateway {
             let shutdown = shutdown.clone();
             async move { shutdown.cancelled().await }
         };
+        // Responses go out in small writes (SSE events, a head then a body): without TCP_NODELAY
+        // each small write after another waits for the client's delayed ACK, up to 40 ms.
+        let public = public.tap_io(no_delay);
+        let internal = internal.map(|internal| internal.tap_io(no_delay));
         let serving = async {
             match internal {
                 None => axum::serve(public, crate::app(self.state.clone())).with_graceful_shutdown(stopping()).await,
@@ -330,4 +340,12 @@ async fn open_stores(config: &GatewayConfig) -> Result<(Arc<dyn Ledger>, Option<
         None => None,
     };
     Ok((ledger, redis))
+}
+
+/// Sets TCP_NODELAY on an accepted connection (see `serve_split`); a socket that refuses is
+/// served anyway, only slower.
+pub fn no_delay(stream: &mut tokio::net::TcpStream) {
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(%error, "could not set TCP_NODELAY on a connection");
+    }
 }

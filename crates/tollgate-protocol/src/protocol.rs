@@ -38,6 +38,15 @@ pub struct UrlFacts {
     pub stream: bool,
 }
 
+/// What [`Protocol::prepare_upstream_body`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UpstreamBody {
+    /// The client asked for stream usage itself (else the gateway's usage chunk is stripped).
+    pub client_wants_usage: bool,
+    /// The body was changed; when not, the client's bytes are forwarded unchanged.
+    pub rewritten: bool,
+}
+
 /// What the charge path needs to know about a request body.
 #[derive(Clone, Debug)]
 pub struct ParsedRequest {
@@ -183,16 +192,19 @@ impl Protocol {
     }
 
     /// Rewrites the body for the upstream: its model name, and (OpenAI streams) a request for
-    /// the usage chunk. Returns whether the client itself asked for stream usage.
-    pub fn prepare_upstream_body(self, body: &mut Map<String, Value>, upstream_model: &str, stream: bool) -> bool {
+    /// the usage chunk. Says whether the client itself asked for stream usage, and whether the
+    /// body changed at all (if not, the bytes the client sent go upstream as they are).
+    pub fn prepare_upstream_body(self, body: &mut Map<String, Value>, upstream_model: &str, stream: bool) -> UpstreamBody {
         if self == Protocol::GeminiGenerate {
             // The URL names the model; a `model` in the body could steer the upstream to another
             // model than the one priced, so it is dropped. Gemini streams always carry usage.
-            body.remove("model");
-            return true;
+            let rewritten = body.remove("model").is_some();
+            return UpstreamBody { client_wants_usage: true, rewritten };
         }
+        let mut rewritten = false;
         if body.get("model").and_then(Value::as_str) != Some(upstream_model) {
             body.insert("model".into(), Value::String(upstream_model.to_string()));
+            rewritten = true;
         }
         match self {
             Protocol::OpenAiChat if stream => {
@@ -204,10 +216,10 @@ impl Protocol {
                 if let Some(options) = options.as_object_mut() {
                     options.insert("include_usage".into(), Value::Bool(true));
                 }
-                client_wants_usage
+                UpstreamBody { client_wants_usage, rewritten: rewritten || !client_wants_usage }
             }
             // Anthropic streams always carry usage; nothing to ask for or strip.
-            _ => true,
+            _ => UpstreamBody { client_wants_usage: true, rewritten },
         }
     }
 
@@ -482,8 +494,9 @@ mod tests {
     #[test]
     fn include_usage_is_injected_and_the_usage_chunk_stripped_when_not_asked() {
         let mut body = json!({"model": "a", "stream": true}).as_object().unwrap().clone();
-        let wants = Protocol::OpenAiChat.prepare_upstream_body(&mut body, "b", true);
-        assert!(!wants);
+        let prepared = Protocol::OpenAiChat.prepare_upstream_body(&mut body, "b", true);
+        assert_eq!(prepared, UpstreamBody { client_wants_usage: false, rewritten: true });
+        let wants = prepared.client_wants_usage;
         assert_eq!(body["stream_options"]["include_usage"], json!(true));
         assert_eq!(body["model"], json!("b"));
         let mut inspector = Protocol::OpenAiChat.stream_inspector(wants);

@@ -10,6 +10,7 @@
 //!   that keeps charging while the hot store is unreachable.
 //! - [`queue`]: the usage log from settle to the worker (`EventLog`), embedded as a channel.
 //! - [`model`]: the records both keep. [`clock`]: the periods quotas count in.
+//! - [`unbilled`]: a hot store that charges nothing, for `billing = "off"` (benchmarks only).
 //! - [`verify`]: checks invariants I2 and I4 for an account from the ledger alone.
 //! - [`operations`]: reconciliation reads and repairs, job leases, the outbox; [`alerts`]: the
 //!   events a money change queues in its own transaction.
@@ -30,6 +31,7 @@ pub mod redis_store;
 pub mod postgres;
 pub mod sqlite;
 mod sql_rows;
+pub mod unbilled;
 pub mod verify;
 
 pub use error::{StoreError, StoreResult};

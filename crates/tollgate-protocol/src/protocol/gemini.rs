@@ -425,8 +425,8 @@ mod tests {
     #[test]
     fn the_body_goes_upstream_as_sent_but_for_a_model_field() {
         let mut request = body(json!({"model": "models/gemini-2.5-pro", "contents": [{"parts": [{"text": "x"}]}], "cachedContent": "cachedContents/a", "futureField": {"x": 1}}));
-        let wants_usage = Protocol::GeminiGenerate.prepare_upstream_body(&mut request, "gemini-2.5-flash", true);
-        assert!(wants_usage);
+        let prepared = Protocol::GeminiGenerate.prepare_upstream_body(&mut request, "gemini-2.5-flash", true);
+        assert!(prepared.client_wants_usage && prepared.rewritten);
         assert_eq!(Value::Object(request), json!({"contents": [{"parts": [{"text": "x"}]}], "cachedContent": "cachedContents/a", "futureField": {"x": 1}}));
         assert_eq!(Protocol::GeminiGenerate.upstream_path("gemini-2.5-flash", false), "/models/gemini-2.5-flash:generateContent");
         assert_eq!(Protocol::GeminiGenerate.upstream_path("gemini-2.5-flash", true), "/models/gemini-2.5-flash:streamGenerateContent?alt=sse");
