@@ -344,7 +344,7 @@ async fn open_stores(config: &GatewayConfig) -> Result<(Arc<dyn Ledger>, Option<
 
 /// Sets TCP_NODELAY on an accepted connection (see `serve_split`); a socket that refuses is
 /// served anyway, only slower.
-pub fn no_delay(stream: &mut tokio::net::TcpStream) {
+fn no_delay(stream: &mut tokio::net::TcpStream) {
     if let Err(error) = stream.set_nodelay(true) {
         tracing::debug!(%error, "could not set TCP_NODELAY on a connection");
     }

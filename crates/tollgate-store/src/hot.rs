@@ -135,15 +135,22 @@ pub fn commitment_refusal(request: &AuthorizeRequest, committed: &Commitments, p
             return Ok(Some(Refusal::KeyBudgetExceeded { period, retry_after_secs }));
         }
     }
-    let available = committed
-        .balance
-        .checked_add(limits.credit_limit)
-        .and_then(|limit| limit.checked_sub(committed.held))
-        .ok_or(StoreError::Overflow("available"))?;
+    let available = available(committed.balance, limits.credit_limit, committed.held)?;
     if available < request.hold {
         return Ok(Some(Refusal::InsufficientBalance { available, required: request.hold }));
     }
     Ok(None)
+}
+
+/// What an account may still hold: balance + credit limit − open holds (I3 keeps it ≥ 0).
+///
+/// # Errors
+/// `Overflow` when the sum leaves the money range.
+pub fn available(balance: Money, credit_limit: Money, held: Money) -> crate::error::StoreResult<Money> {
+    balance
+        .checked_add(credit_limit)
+        .and_then(|limit| limit.checked_sub(held))
+        .ok_or(crate::error::StoreError::Overflow("available"))
 }
 
 /// The balance movement a settle made.

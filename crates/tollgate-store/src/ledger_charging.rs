@@ -20,7 +20,7 @@ use tollgate_core::Money;
 use crate::alerts::{SPEND_COUNTERS_OF_ACCOUNT, counter_seed, period_labels};
 use crate::clock::Periods;
 use crate::error::{StoreError, StoreResult};
-use crate::hot::{Authorization, AuthorizeRequest, BalanceView, Commitments, CounterSeed, HotStore, Refusal, Settlement, commitment_refusal};
+use crate::hot::{Authorization, AuthorizeRequest, BalanceView, Commitments, CounterSeed, HotStore, Refusal, Settlement, available, commitment_refusal};
 use crate::model::{RecordOutcome, UsageEvent};
 use crate::operations::pg;
 use crate::postgres::{balance_for_update, record_usage_in};
@@ -233,13 +233,6 @@ const KEY_HELD: &str = "SELECT COALESCE(SUM(amount), 0)::BIGINT FROM ledger_hold
 async fn held(transaction: &mut Transaction<'static, Postgres>, sql: &'static str, owner: &str) -> StoreResult<Money> {
     let nanos: i64 = sqlx::query_scalar(sql).bind(owner).fetch_one(&mut **transaction).await?;
     Ok(Money::from_nanos(nanos))
-}
-
-fn available(balance: Money, credit_limit: Money, held: Money) -> StoreResult<Money> {
-    balance
-        .checked_add(credit_limit)
-        .and_then(|limit| limit.checked_sub(held))
-        .ok_or(StoreError::Overflow("available"))
 }
 
 /// The first limit the request would break, as the hot stores judge it, from the ledger's

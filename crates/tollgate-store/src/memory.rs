@@ -12,7 +12,7 @@ use crate::clock::{Clock, Periods};
 use crate::error::{StoreError, StoreResult};
 use crate::hot::{
     AccountSnapshot, Authorization, CounterSeed, AuthorizeRequest, BalanceView, Commitments, FundApplication,
-    HotStore, Refusal, Settlement, commitment_refusal,
+    HotStore, Refusal, Settlement, available, commitment_refusal,
 };
 use crate::model::UsageEvent;
 use crate::operations::{HotAccountView, UnloggedCharge};
@@ -204,7 +204,7 @@ impl HotStore for MemoryHotStore {
                 expires_at_ms: now_ms.saturating_add(ttl_ms),
             },
         );
-        let available_after = sub(add(account.balance, request.limits.credit_limit, "available")?, account.held, "available")?;
+        let available_after = available(account.balance, request.limits.credit_limit, account.held)?;
         Ok(Authorization::Held { available_after })
     }
 

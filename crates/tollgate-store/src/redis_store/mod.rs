@@ -101,9 +101,9 @@ pub async fn connect(url: &str) -> StoreResult<Connection> {
     Ok(Connection::Single(client.get_connection_manager_with_config(config).await.map_err(unavailable)?))
 }
 
-/// TCP_NODELAY on every Redis connection. Without it a request written in two segments (a
-/// settle with its usage event, a batch acknowledgement) waits for Redis's delayed ACK, up to
-/// 40 ms per call: the worker spent most of its time so (docs/BENCHMARKS.md).
+/// TCP_NODELAY on every Redis connection (redis-rs leaves Nagle on): a command whose tail goes
+/// out as a small segment behind a full one (a settle with its usage event, a long batch
+/// acknowledgement) must not wait for Redis's delayed ACK.
 fn no_delay() -> redis::io::tcp::TcpSettings {
     redis::io::tcp::TcpSettings::default().set_nodelay(true)
 }
