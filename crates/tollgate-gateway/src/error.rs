@@ -214,6 +214,11 @@ impl ApiError {
             && let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
                 response.headers_mut().insert(header::RETRY_AFTER, value);
             }
+        if matches!(self, ApiError::RequestTooLarge { .. }) {
+            // The rest of the body was never read, so the connection cannot carry another
+            // request: said outright, so a client does not reuse it and meet a reset.
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     }
 }

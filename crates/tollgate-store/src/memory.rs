@@ -441,7 +441,7 @@ mod tests {
     fn store() -> (MemoryHotStore, Arc<AtomicI64>, tokio::task::JoinHandle<Vec<UsageEvent>>) {
         let now = Arc::new(AtomicI64::new(1_769_903_970_000));
         let clock_now = Arc::clone(&now);
-        let (sender, mut log) = channel_log(1024);
+        let (sender, log) = channel_log(1024);
         let acknowledger = tokio::spawn(async move {
             let mut events = Vec::new();
             loop {

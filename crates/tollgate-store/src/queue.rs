@@ -6,7 +6,7 @@
 //! acknowledgement: the usage row is committed before the response's last byte leaves (I1).
 
 use async_trait::async_trait;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot};
 
 use crate::error::{StoreError, StoreResult};
 use crate::model::UsageEvent;
@@ -28,21 +28,25 @@ pub enum Receipt {
 }
 
 /// The consuming side of the usage log, read by the worker in batches.
+///
+/// Every method takes `&self`: the worker writes one batch (and acknowledges it) while it reads
+/// the next, so a log must never hand out an event again while an earlier delivery of it is
+/// still being written (it keeps track of what is in flight until acknowledged or parked).
 #[async_trait]
-pub trait EventLog: Send + 'static {
+pub trait EventLog: Send + Sync + 'static {
     /// Waits for at least one event and returns up to `max` of them; an empty batch means the
     /// log is closed and drained. Must be cancel-safe: the writer drops it when shutdown fires,
     /// and nothing it already took from the log may be lost with it.
-    async fn read_batch(&mut self, max: usize) -> StoreResult<Vec<Delivery>>;
+    async fn read_batch(&self, max: usize) -> StoreResult<Vec<Delivery>>;
     /// Returns up to `max` of the events already in the log without waiting for more; empty
     /// when none is left. The worker drains the log with it on shutdown: a slow read (Redis
     /// under load) is not mistaken for an empty log.
-    async fn read_remaining(&mut self, max: usize) -> StoreResult<Vec<Delivery>>;
+    async fn read_remaining(&self, max: usize) -> StoreResult<Vec<Delivery>>;
     /// Acknowledges deliveries whose events are committed in the ledger.
-    async fn ack(&mut self, deliveries: Vec<Delivery>) -> StoreResult<()>;
+    async fn ack(&self, deliveries: Vec<Delivery>) -> StoreResult<()>;
     /// Takes an event the ledger refuses for good (not an outage) out of the log, keeping it
     /// where an operator can see it (a dead-letter stream), so it cannot block the others.
-    async fn park(&mut self, delivery: Delivery, reason: &str) -> StoreResult<()>;
+    async fn park(&self, delivery: Delivery, reason: &str) -> StoreResult<()>;
 }
 
 /// The producing side of the embedded log (held by the in-process hot store).
@@ -51,16 +55,17 @@ pub struct ChannelLogSender {
     sender: mpsc::Sender<Delivery>,
 }
 
-/// The consuming side of the embedded log.
+/// The consuming side of the embedded log. A delivery leaves the channel once: nothing is
+/// handed out twice, so there is nothing in flight to track.
 #[derive(Debug)]
 pub struct ChannelLog {
-    receiver: mpsc::Receiver<Delivery>,
+    receiver: Mutex<mpsc::Receiver<Delivery>>,
 }
 
 /// A bounded in-process log: when the worker falls `capacity` events behind, settles wait.
 pub fn channel_log(capacity: usize) -> (ChannelLogSender, ChannelLog) {
     let (sender, receiver) = mpsc::channel(capacity.max(1));
-    (ChannelLogSender { sender }, ChannelLog { receiver })
+    (ChannelLogSender { sender }, ChannelLog { receiver: Mutex::new(receiver) })
 }
 
 impl ChannelLogSender {
@@ -90,16 +95,18 @@ impl ChannelLogSender {
 
 #[async_trait]
 impl EventLog for ChannelLog {
-    async fn read_batch(&mut self, max: usize) -> StoreResult<Vec<Delivery>> {
+    async fn read_batch(&self, max: usize) -> StoreResult<Vec<Delivery>> {
         let mut batch = Vec::with_capacity(max.min(1024));
-        self.receiver.recv_many(&mut batch, max.max(1)).await;
+        // Cancel-safe: recv_many takes nothing from the channel unless it returns.
+        self.receiver.lock().await.recv_many(&mut batch, max.max(1)).await;
         Ok(batch)
     }
 
-    async fn read_remaining(&mut self, max: usize) -> StoreResult<Vec<Delivery>> {
+    async fn read_remaining(&self, max: usize) -> StoreResult<Vec<Delivery>> {
         let mut batch = Vec::new();
+        let mut receiver = self.receiver.lock().await;
         while batch.len() < max.max(1) {
-            match self.receiver.try_recv() {
+            match receiver.try_recv() {
                 Ok(delivery) => batch.push(delivery),
                 Err(_) => break,
             }
@@ -107,7 +114,7 @@ impl EventLog for ChannelLog {
         Ok(batch)
     }
 
-    async fn ack(&mut self, deliveries: Vec<Delivery>) -> StoreResult<()> {
+    async fn ack(&self, deliveries: Vec<Delivery>) -> StoreResult<()> {
         for delivery in deliveries {
             match delivery.receipt {
                 // The waiter may have given up (its request was cancelled); the row is committed
@@ -121,7 +128,7 @@ impl EventLog for ChannelLog {
         Ok(())
     }
 
-    async fn park(&mut self, delivery: Delivery, reason: &str) -> StoreResult<()> {
+    async fn park(&self, delivery: Delivery, reason: &str) -> StoreResult<()> {
         // In-process there is nowhere durable to park: the event is logged whole for an operator.
         metrics::counter!("tollgate_usage_dead_letters_total").increment(1);
         tracing::error!(reason, event = ?delivery.event, "usage event refused by the ledger; parked in the log output");

@@ -22,7 +22,7 @@ fn prefix() -> String {
 }
 
 fn memory() -> Arc<dyn HotStore> {
-    let (sender, mut log) = channel_log(1024);
+    let (sender, log) = channel_log(1024);
     // Stands in for the worker: acknowledges every event so settles return.
     tokio::spawn(async move {
         loop {
@@ -247,7 +247,7 @@ async fn stream_log_delivers_once_and_survives_consumer_crashes(url: &str) {
         store.settle(event(&account, "r", 10, RequestStatus::Success)).await.unwrap();
     }
     let shutdown = CancellationToken::new();
-    let mut first = RedisLog::new(store.connection(), keys.clone(), log_config("first"), shutdown.clone()).await.unwrap();
+    let first = RedisLog::new(store.connection(), keys.clone(), log_config("first"), shutdown.clone()).await.unwrap();
     assert_eq!(first.lag().await.unwrap(), 10, "ten settled events not yet delivered");
     let batch = first.read_batch(100).await.unwrap();
     assert_eq!(first.lag().await.unwrap(), 0);
@@ -255,13 +255,13 @@ async fn stream_log_delivers_once_and_survives_consumer_crashes(url: &str) {
     assert!(batch.iter().all(|delivery| delivery.event.hot_balance_after == Money::from_nanos(90)));
     // "first" crashes without acknowledging; restarted under the same name it reads them again.
     drop(first);
-    let mut first = RedisLog::new(store.connection(), keys.clone(), log_config("first"), shutdown.clone()).await.unwrap();
+    let first = RedisLog::new(store.connection(), keys.clone(), log_config("first"), shutdown.clone()).await.unwrap();
     let again = first.read_batch(100).await.unwrap();
     assert_eq!(again.len(), 10, "own pending entries are re-delivered after a restart");
     drop(first);
     // Another consumer takes them over once idle, and acknowledges them.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut second = RedisLog::new(store.connection(), keys.clone(), log_config("second"), shutdown.clone()).await.unwrap();
+    let second = RedisLog::new(store.connection(), keys.clone(), log_config("second"), shutdown.clone()).await.unwrap();
     let taken = second.read_batch(100).await.unwrap();
     assert_eq!(taken.len(), 10, "idle entries of a dead consumer are taken over");
     second.ack(taken).await.unwrap();
@@ -343,11 +343,11 @@ async fn an_entry_delivered_too_often_is_parked() {
     store.settle(event("p", "poison", 10, RequestStatus::Success)).await.unwrap();
     let shutdown = CancellationToken::new();
     for _ in 0..2 {
-        let mut crashing = RedisLog::new(store.connection(), keys.clone(), log_config("crashing"), shutdown.clone()).await.unwrap();
+        let crashing = RedisLog::new(store.connection(), keys.clone(), log_config("crashing"), shutdown.clone()).await.unwrap();
         assert_eq!(crashing.read_batch(10).await.unwrap().len(), 1);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut survivor = RedisLog::new(store.connection(), keys.clone(), log_config("survivor"), shutdown.clone()).await.unwrap();
+    let survivor = RedisLog::new(store.connection(), keys.clone(), log_config("survivor"), shutdown.clone()).await.unwrap();
     let stop = shutdown.clone();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -358,4 +358,83 @@ async fn an_entry_delivered_too_often_is_parked() {
     let mut connection = store.connection();
     let parked: usize = redis::cmd("XLEN").arg(keys.dead_letters(0)).query_async(&mut connection).await.unwrap();
     assert_eq!(parked, 1);
+}
+
+/// The worker reads the next batch while it writes one: no read hands out again an entry still
+/// in flight (read, not yet acknowledged), neither from this consumer's own pending entries
+/// after a restart nor through the reclaim of idle entries, which must not park it either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_in_flight_are_never_handed_out_twice() {
+    let prefix = prefix();
+    let store = RedisHotStore::connect(&redis_url(), &prefix, 1).await.unwrap();
+    let keys = KeySpace::new(&prefix, 1).unwrap();
+    let config = RedisLogConfig { consumer: "writer".into(), poll_idle_ms: 10, claim_idle_ms: 100, deliveries_max: 3 };
+    load(&store, "f", 1_000).await;
+    for index in 0..10 {
+        let id = format!("r{index}");
+        assert!(held(&store.authorize(&request("f", &id, 10)).await.unwrap()));
+        store.settle(event("f", &id, 10, RequestStatus::Success)).await.unwrap();
+    }
+    let shutdown = CancellationToken::new();
+    // A first life reads all ten and dies without acknowledging them.
+    let first = RedisLog::new(store.connection(), keys.clone(), config.clone(), shutdown.clone()).await.unwrap();
+    assert_eq!(first.read_batch(100).await.unwrap().len(), 10);
+    drop(first);
+
+    // Restarted, it reads its own pending entries again: in two batches, each entry once.
+    let log = RedisLog::new(store.connection(), keys.clone(), config, shutdown.clone()).await.unwrap();
+    let one = log.read_batch(4).await.unwrap();
+    let two = log.read_batch(100).await.unwrap();
+    let mut ids: Vec<&str> = one.iter().chain(&two).map(|delivery| delivery.event.request_id.as_str()).collect();
+    assert_eq!((one.len(), two.len()), (4, 6));
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 10, "each entry handed out once");
+
+    // Idle past claim_idle_ms and delivered up to deliveries_max times, they are in flight: not
+    // handed out again, not parked.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.cancel();
+    });
+    assert!(log.read_batch(100).await.unwrap().is_empty(), "nothing is handed out twice");
+    let mut connection = store.connection();
+    let parked: usize = redis::cmd("XLEN").arg(keys.dead_letters(0)).query_async(&mut connection).await.unwrap();
+    assert_eq!(parked, 0, "entries in flight are never parked");
+
+    // Acknowledged, they are gone.
+    log.ack(one).await.unwrap();
+    log.ack(two).await.unwrap();
+    assert_eq!(log.pending().await.unwrap(), 0);
+}
+
+/// Every period counter the scripts write expires after its period, whether the call created it
+/// or added to it (the TTL is set once, at creation); no counter is left without a TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn period_counters_always_carry_their_ttl() {
+    let prefix = prefix();
+    let store = RedisHotStore::connect(&redis_url(), &prefix, 1).await.unwrap();
+    load(&store, "c", 1_000).await;
+    for id in ["one", "two"] {
+        assert!(held(&store.authorize(&request("c", id, 10)).await.unwrap()));
+        store.settle(event("c", id, 7, RequestStatus::Success)).await.unwrap();
+    }
+    let mut connection = store.connection();
+    let counters: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut connection).await.unwrap();
+    let kinds = [(":day:", 2, 2 * 86_400_000), (":month:", 2, 32 * 86_400_000), (":rpm:", 2, 120_000), (":tpm:", 20, 120_000), (":spent_day:", 14, 2 * 86_400_000), (":spent_month:", 14, 32 * 86_400_000)];
+    for (kind, expected_total, ceiling_ms) in kinds {
+        // Two keys of a kind only if the calls straddled a period's end.
+        let keys: Vec<&String> = counters.iter().filter(|key| key.contains(kind)).collect();
+        assert!(matches!(keys.len(), 1 | 2), "{kind}: {counters:?}");
+        let mut total = 0i64;
+        for key in keys {
+            let ttl_ms: i64 = redis::cmd("PTTL").arg(key).query_async(&mut connection).await.unwrap();
+            assert!(ttl_ms > 0 && ttl_ms <= ceiling_ms, "{key}: TTL {ttl_ms} ms");
+            let value: i64 = redis::cmd("GET").arg(key).query_async(&mut connection).await.unwrap();
+            total += value;
+        }
+        assert_eq!(total, expected_total, "{kind}");
+    }
 }

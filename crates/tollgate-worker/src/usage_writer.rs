@@ -26,12 +26,33 @@ impl Default for UsageWriterConfig {
 
 /// Runs until the log is closed and drained, or `shutdown` fires and what is left in the log
 /// is committed. A batch that fails is retried with capped backoff: events are never dropped.
+///
+/// The next batch is read while this one is written and acknowledged, so the log's round trips
+/// overlap the ledger's commit. Batches still commit one after another, in the order read.
 pub async fn run_usage_writer(
-    mut log: impl EventLog,
+    log: impl EventLog,
     ledger: Arc<dyn Ledger>,
     config: UsageWriterConfig,
     shutdown: CancellationToken,
 ) {
+    let mut next = next_batch(&log, &config, &shutdown).await;
+    while let Some(batch) = next {
+        let (committed, following) = tokio::join!(
+            write_until_committed(&log, &*ledger, batch, &config, &shutdown),
+            next_batch(&log, &config, &shutdown),
+        );
+        if !committed {
+            // Shutdown cut the retries short. The batch read ahead is not acknowledged either:
+            // a durable log delivers both again to the next worker.
+            break;
+        }
+        next = following;
+    }
+    tracing::info!("usage writer stopped");
+}
+
+/// The next batch to write; None once the log is closed and drained, or drained after shutdown.
+async fn next_batch(log: &impl EventLog, config: &UsageWriterConfig, shutdown: &CancellationToken) -> Option<Vec<Delivery>> {
     loop {
         let batch = if shutdown.is_cancelled() {
             // Draining: whatever is still queued, then stop.
@@ -42,31 +63,26 @@ pub async fn run_usage_writer(
                 () = shutdown.cancelled() => continue,
             }
         };
-        let batch = match batch {
-            Ok(batch) if batch.is_empty() => break,
-            Ok(batch) => batch,
+        match batch {
+            Ok(batch) if batch.is_empty() => return None,
+            Ok(batch) => return Some(batch),
             Err(error) if shutdown.is_cancelled() => {
                 // The events stay in the log (Redis keeps them) for the next worker.
                 tracing::error!(%error, "reading the usage log failed while draining; leaving the rest to the next worker");
-                break;
+                return None;
             }
             Err(error) => {
                 tracing::error!(%error, "reading the usage log failed");
                 tokio::time::sleep(Duration::from_millis(config.retry_backoff_ms_min)).await;
-                continue;
             }
-        };
-        if !write_until_committed(&mut log, &*ledger, batch, &config, &shutdown).await {
-            break;
         }
     }
-    tracing::info!("usage writer stopped");
 }
 
 /// Writes one batch, retrying until it commits. Returns false if shutdown interrupted the
 /// retries (the batch stays unacknowledged, so a durable log re-delivers it).
 async fn write_until_committed(
-    log: &mut impl EventLog,
+    log: &impl EventLog,
     ledger: &dyn Ledger,
     batch: Vec<Delivery>,
     config: &UsageWriterConfig,

@@ -4,6 +4,8 @@
 //! consumer's pending list, and parks an entry delivered too often in the shard's dead-letter
 //! stream.
 
+use std::collections::HashSet;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -42,6 +44,15 @@ pub struct RedisLog {
     keys: KeySpace,
     config: RedisLogConfig,
     shutdown: CancellationToken,
+    /// What reads keep between calls; one read at a time.
+    reader: tokio::sync::Mutex<ReadState>,
+    /// Entries taken from the streams and not yet acknowledged or parked, as (shard, entry id).
+    /// The writer writes one batch while the next is read: a read of this consumer's pending
+    /// entries, and the reclaim, must skip these, or an event would be written twice.
+    in_flight: Mutex<HashSet<(u16, String)>>,
+}
+
+struct ReadState {
     /// Shards whose own pending entries must be read again (from id 0) before new ones.
     own_pending: Vec<bool>,
     /// Entries read but not yet handed to the writer. Reads happen in futures the writer may
@@ -71,7 +82,8 @@ impl RedisLog {
             }
         }
         let shards = usize::from(keys.shards());
-        Ok(RedisLog { connection, keys, config, shutdown, own_pending: vec![true; shards], read_ahead: Vec::new(), next_claim: Instant::now() })
+        let reader = ReadState { own_pending: vec![true; shards], read_ahead: Vec::new(), next_claim: Instant::now() };
+        Ok(RedisLog { connection, keys, config, shutdown, reader: tokio::sync::Mutex::new(reader), in_flight: Mutex::new(HashSet::new()) })
     }
 
     /// Entries delivered but not yet acknowledged, over all shards (a lag measure).
@@ -91,9 +103,21 @@ impl RedisLog {
         lag(&self.connection, &self.keys).await
     }
 
+    fn is_in_flight(&self, shard: u16, entry_id: &str) -> bool {
+        self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&(shard, entry_id.to_string()))
+    }
+
+    /// Entries are settled (acknowledged or parked): reads may see them again, if they are still there.
+    fn landed(&self, entries: impl IntoIterator<Item = (u16, String)>) {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for entry in entries {
+            in_flight.remove(&entry);
+        }
+    }
+
     /// Takes over entries idle too long in other consumers' pending lists; parks the ones
-    /// delivered too often.
-    async fn reclaim(&mut self) -> StoreResult<()> {
+    /// delivered too often. Entries in flight here are being written: left alone.
+    async fn reclaim(&self, state: &mut ReadState) -> StoreResult<()> {
         let mut connection = self.connection.clone();
         for shard in 0..self.keys.shards() {
             let stream = self.keys.stream(shard);
@@ -109,6 +133,9 @@ impl RedisLog {
                 .await
                 .map_err(unavailable)?;
             for entry in idle.ids {
+                if self.is_in_flight(shard, &entry.id) {
+                    continue;
+                }
                 if entry.times_delivered >= self.config.deliveries_max {
                     let entries: redis::streams::StreamRangeReply = connection.xrange(&stream, &entry.id, &entry.id).await.map_err(unavailable)?;
                     let event: Option<String> = entries.ids.first().and_then(|found| found.get("event"));
@@ -130,9 +157,9 @@ impl RedisLog {
                         .await
                         .map_err(unavailable)?;
                     metrics::counter!("tollgate_usage_reclaimed_total").increment(1);
-                    self.own_pending[usize::from(shard)] = true;
+                    state.own_pending[usize::from(shard)] = true;
                 } else {
-                    self.own_pending[usize::from(shard)] = true;
+                    state.own_pending[usize::from(shard)] = true;
                 }
             }
         }
@@ -143,15 +170,22 @@ impl RedisLog {
     /// are in `read_ahead`, the shard stays marked `own_pending`, so if this future is dropped
     /// (or fails) after Redis delivered them, the next read takes them from this consumer's
     /// pending entries.
-    async fn read_shard(&mut self, shard: u16, max: usize) -> StoreResult<()> {
+    async fn read_shard(&self, state: &mut ReadState, shard: u16, max: usize) -> StoreResult<()> {
         let index = usize::from(shard);
-        let from = if self.own_pending[index] { "0" } else { ">" };
-        let options = StreamReadOptions::default().group(CONSUMER_GROUP, &self.config.consumer).count(max);
+        let from = if state.own_pending[index] { "0" } else { ">" };
+        // Own pending entries include those in flight (skipped below): read past them.
+        let count = if from == "0" { max + self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len() } else { max };
+        let options = StreamReadOptions::default().group(CONSUMER_GROUP, &self.config.consumer).count(count);
         let mut connection = self.connection.clone();
-        self.own_pending[index] = true;
+        state.own_pending[index] = true;
         let reply: Option<StreamReadReply> = connection.xread_options(&[self.keys.stream(shard)], &[from], &options).await.map_err(unavailable)?;
-        let entries: Vec<_> = reply.into_iter().flat_map(|reply| reply.keys).flat_map(|key| key.ids).collect();
-        // Own pending entries are read again until none is left; new ones once.
+        let entries: Vec<_> = reply
+            .into_iter()
+            .flat_map(|reply| reply.keys)
+            .flat_map(|key| key.ids)
+            .filter(|entry| from == ">" || !self.is_in_flight(shard, &entry.id))
+            .collect();
+        // Own pending entries are read again until none is left but those in flight; new ones once.
         let pending_left = from == "0" && !entries.is_empty();
         let mut delivered = Vec::with_capacity(entries.len());
         for entry in entries {
@@ -175,27 +209,48 @@ impl RedisLog {
                 }
             }
         }
-        // No await from here on: the entries and the flag change together.
-        self.read_ahead.extend(delivered);
-        self.own_pending[index] = pending_left;
+        // No await from here on: the entries, what is in flight and the flag change together.
+        self.in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(delivered.iter().filter_map(|delivery| match &delivery.receipt {
+                Receipt::Stream { shard, entry_id } => Some((*shard, entry_id.clone())),
+                Receipt::Channel(_) => None,
+            }));
+        state.read_ahead.extend(delivered);
+        state.own_pending[index] = pending_left;
         Ok(())
+    }
+
+    /// One pass over the shards into `read_ahead`: this consumer's own pending entries first
+    /// (after a crash), then new ones.
+    async fn read_pass(&self, state: &mut ReadState, max: usize) -> StoreResult<Vec<Delivery>> {
+        for shard in 0..self.keys.shards() {
+            let room = max.max(1).saturating_sub(state.read_ahead.len());
+            if room == 0 {
+                break;
+            }
+            self.read_shard(state, shard, room).await?;
+        }
+        Ok(std::mem::take(&mut state.read_ahead))
     }
 }
 
 #[async_trait]
 impl EventLog for RedisLog {
-    async fn read_batch(&mut self, max: usize) -> StoreResult<Vec<Delivery>> {
+    async fn read_batch(&self, max: usize) -> StoreResult<Vec<Delivery>> {
         let max = max.max(1);
+        let mut state = self.reader.lock().await;
         loop {
             let draining = self.shutdown.is_cancelled();
-            if !draining && Instant::now() >= self.next_claim {
-                self.reclaim().await?;
+            if !draining && Instant::now() >= state.next_claim {
+                self.reclaim(&mut state).await?;
                 // Lag: entries delivered and not yet in the ledger, for the alert on a slow worker.
                 metrics::gauge!("tollgate_usage_pending_entries").set(self.pending().await? as f64);
                 metrics::gauge!("tollgate_usage_stream_lag_entries").set(self.lag().await? as f64);
-                self.next_claim = Instant::now() + Duration::from_millis((self.config.claim_idle_ms / 2).max(100));
+                state.next_claim = Instant::now() + Duration::from_millis((self.config.claim_idle_ms / 2).max(100));
             }
-            let batch = self.read_remaining(max).await?;
+            let batch = self.read_pass(&mut state, max).await?;
             // Shutting down: hand over what is already in the streams, then report the end.
             if !batch.is_empty() || draining {
                 return Ok(batch);
@@ -207,20 +262,12 @@ impl EventLog for RedisLog {
         }
     }
 
-    /// One pass over the shards: this consumer's own pending entries first (after a crash),
-    /// then new ones.
-    async fn read_remaining(&mut self, max: usize) -> StoreResult<Vec<Delivery>> {
-        for shard in 0..self.keys.shards() {
-            let room = max.max(1).saturating_sub(self.read_ahead.len());
-            if room == 0 {
-                break;
-            }
-            self.read_shard(shard, room).await?;
-        }
-        Ok(std::mem::take(&mut self.read_ahead))
+    async fn read_remaining(&self, max: usize) -> StoreResult<Vec<Delivery>> {
+        let mut state = self.reader.lock().await;
+        self.read_pass(&mut state, max).await
     }
 
-    async fn ack(&mut self, deliveries: Vec<Delivery>) -> StoreResult<()> {
+    async fn ack(&self, deliveries: Vec<Delivery>) -> StoreResult<()> {
         let mut by_shard: std::collections::BTreeMap<u16, Vec<String>> = std::collections::BTreeMap::new();
         for delivery in deliveries {
             if let Receipt::Stream { shard, entry_id } = delivery.receipt {
@@ -240,11 +287,15 @@ impl EventLog for RedisLog {
                 .query_async(&mut connection)
                 .await
                 .map_err(unavailable)?;
+            // Only now: if the acknowledgement failed, the entries stay in flight, so this
+            // consumer does not write them again (they are committed); after a restart they are
+            // read again and skipped as duplicates.
+            self.landed(entry_ids.into_iter().map(|entry_id| (shard, entry_id)));
         }
         Ok(())
     }
 
-    async fn park(&mut self, delivery: Delivery, reason: &str) -> StoreResult<()> {
+    async fn park(&self, delivery: Delivery, reason: &str) -> StoreResult<()> {
         let Receipt::Stream { shard, ref entry_id } = delivery.receipt else { return Ok(()) };
         let event = serde_json::to_string(&delivery.event).unwrap_or_default();
         let mut connection = self.connection.clone();
@@ -255,6 +306,7 @@ impl EventLog for RedisLog {
         let _: i64 = connection.xack(self.keys.stream(shard), CONSUMER_GROUP, &[entry_id]).await.map_err(unavailable)?;
         // It lives on in the dead letters; the stream keeps only what the workers still owe.
         let _: i64 = connection.xdel(self.keys.stream(shard), &[entry_id]).await.map_err(unavailable)?;
+        self.landed([(shard, entry_id.clone())]);
         metrics::counter!("tollgate_usage_dead_letters_total").increment(1);
         tracing::error!(shard, entry_id, reason, "usage event parked in the dead-letter stream");
         Ok(())

@@ -80,6 +80,12 @@ end
 
 local function number_or_zero(value) return tonumber(value) or 0 end
 
+-- Adds to a period counter; its TTL is set when the call creates it (the value then equals
+-- `by`), not on every call: each write is one more AOF entry fsynced before the reply.
+local function count(key, by, ttl_ms)
+  if redis.call('INCRBY', key, by) == by then redis.call('PEXPIRE', key, ttl_ms) end
+end
+
 -- Returns a hold's funds and its request-count slot (as memory.rs `release`).
 local function release(base, account, request_id, hold, now_periods)
   local amount, key_id, day, month = string.match(hold, '^(-?%d+)|(.*)|(-?%d+)|(-?%d+)$')
@@ -141,14 +147,10 @@ function operations.authorize(base, argv)
   redis.call('HINCRBY', key_base, 'held', hold)
   redis.call('HSET', base .. ':holds:' .. account, request_id, string.format('%d|%s|%d|%d', hold, key_id, p.day, p.month))
   redis.call('ZADD', base .. ':hold_expiry', now + ttl_ms, account .. '\n' .. request_id)
-  redis.call('INCR', day_key)
-  redis.call('PEXPIRE', day_key, 2 * 86400000)
-  redis.call('INCR', month_key)
-  redis.call('PEXPIRE', month_key, 32 * 86400000)
-  redis.call('INCR', rpm_key)
-  redis.call('PEXPIRE', rpm_key, 120000)
-  redis.call('INCRBY', tpm_key, hold_tokens)
-  redis.call('PEXPIRE', tpm_key, 120000)
+  count(day_key, 1, 2 * 86400000)
+  count(month_key, 1, 32 * 86400000)
+  count(rpm_key, 1, 120000)
+  count(tpm_key, hold_tokens, 120000)
   return {'held', string.format('%d', available - hold)}
 end
 
@@ -178,10 +180,8 @@ function operations.settle(base, argv)
   local key_base = base .. ':key:' .. key_id
   redis.call('HINCRBY', key_base, 'spent_total', cost)
   local spent_day, spent_month = key_base .. ':spent_day:' .. p.day, key_base .. ':spent_month:' .. p.month
-  redis.call('INCRBY', spent_day, cost)
-  redis.call('PEXPIRE', spent_day, 2 * 86400000)
-  redis.call('INCRBY', spent_month, cost)
-  redis.call('PEXPIRE', spent_month, 32 * 86400000)
+  count(spent_day, cost, 2 * 86400000)
+  count(spent_month, cost, 32 * 86400000)
   local stored = argv[8]
   if stored == nil or stored == '' then stored = '1' end
   redis.call('SET', charged_key, stored, 'PX', CHARGED_TTL_MS)
