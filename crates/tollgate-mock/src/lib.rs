@@ -168,7 +168,8 @@ pub async fn serve(
     let listener = axum::serve::ListenerExt::tap_io(listener, |stream: &mut tokio::net::TcpStream| {
         let _ = stream.set_nodelay(true);
     });
-    axum::serve(listener, router(config))
+    // A router clone per connection, not a rebuilt route table (see the gateway's server.rs).
+    axum::serve(listener, router(config).into_make_service())
         .with_graceful_shutdown(shutdown)
         .await
 }
