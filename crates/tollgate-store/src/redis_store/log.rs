@@ -188,6 +188,7 @@ impl RedisLog {
         // Own pending entries are read again until none is left but those in flight; new ones once.
         let pending_left = from == "0" && !entries.is_empty();
         let mut delivered = Vec::with_capacity(entries.len());
+        let mut taken = Vec::with_capacity(entries.len());
         for entry in entries {
             let event_text: Option<String> = entry.get("event");
             let balance: Option<i64> = entry.get("hot_balance_after");
@@ -196,6 +197,7 @@ impl RedisLog {
             match parsed {
                 Some(mut event) => {
                     event.hot_balance_after = Money::from_nanos(balance.unwrap_or(0));
+                    taken.push((shard, entry.id.clone()));
                     delivered.push(Delivery { event, receipt });
                 }
                 None => {
@@ -210,13 +212,7 @@ impl RedisLog {
             }
         }
         // No await from here on: the entries, what is in flight and the flag change together.
-        self.in_flight
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .extend(delivered.iter().filter_map(|delivery| match &delivery.receipt {
-                Receipt::Stream { shard, entry_id } => Some((*shard, entry_id.clone())),
-                Receipt::Channel(_) => None,
-            }));
+        self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(taken);
         state.read_ahead.extend(delivered);
         state.own_pending[index] = pending_left;
         Ok(())
