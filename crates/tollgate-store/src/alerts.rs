@@ -11,7 +11,7 @@
 //! at most once. The counters behind `key.budget` are `spend_counters`, kept in the same
 //! transaction as the usage rows.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde_json::json;
 use time::OffsetDateTime;
@@ -132,6 +132,32 @@ pub(crate) fn counter_seed(at_ms: i64, day: &str, month: &str, rows: Vec<(String
         }
     }
     seed
+}
+
+/// The alerts a usage batch raises, from what its statements read back: `counters` are the
+/// upserted counters after the batch (scope, owner id, period, spent), `budgets` the budgets of
+/// its keys that have any, `thresholds` the low-balance thresholds of its accounts that have
+/// one, and `starts`/`ends` the accounts' positions before and after it.
+pub(crate) fn usage_batch_alerts(
+    deltas: &BTreeMap<SpendKey, (i64, i64)>,
+    counters: &[(String, String, String, i64)],
+    budgets: &[KeyBudgets],
+    thresholds: &[(String, Money)],
+    starts: &HashMap<&str, (Money, i64)>,
+    ends: &HashMap<&str, (Money, i64)>,
+) -> Vec<PendingEvent> {
+    let mut events = Vec::new();
+    for (scope, owner, period, after) in counters {
+        let Some(key) = budgets.iter().find(|budgets| scope == "key" && budgets.key_id == *owner) else { continue };
+        let delta = deltas.get(&("key", owner.clone(), period.clone())).map_or(0, |delta| delta.1);
+        events.extend(budget_alerts(key, period, after - delta, *after));
+    }
+    for (account_id, threshold) in thresholds {
+        if let (Some(start), Some(end)) = (starts.get(account_id.as_str()), ends.get(account_id.as_str())) {
+            events.extend(balance_low(account_id, *threshold, start.0, end.0, end.1));
+        }
+    }
+    events
 }
 
 /// A key's budgets, as the ledger holds them.

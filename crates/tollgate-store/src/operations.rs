@@ -306,6 +306,11 @@ pub(crate) fn period_totals_from(opening: &impl Fields, funds: &[impl Fields], u
 
 pub(crate) const THRESHOLD: &str = "SELECT low_balance_threshold FROM accounts WHERE id = ?";
 
+/// (account id, low-balance threshold) from a row of `id, low_balance_threshold`.
+pub(crate) fn threshold_from(row: &impl Fields) -> StoreResult<(String, Money)> {
+    Ok((row.text("id")?, money(row, "low_balance_threshold")?))
+}
+
 pub(crate) fn key_budgets_from(row: &impl Fields) -> StoreResult<crate::alerts::KeyBudgets> {
     let optional = |column: &str| row.optional_int(column).map(|nanos| nanos.map(Money::from_nanos));
     Ok(crate::alerts::KeyBudgets {

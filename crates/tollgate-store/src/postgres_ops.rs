@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use sqlx::{Postgres, Transaction};
 use tollgate_core::Money;
 
-use crate::alerts::{PendingEvent, balance_low, budget_alerts, fund_posted, spend_deltas};
+use crate::alerts::{PendingEvent, balance_low, fund_posted, spend_deltas, usage_batch_alerts};
 use crate::error::StoreResult;
 use crate::model::{FundKind, FundTransaction, NewFund, UsageEvent};
 use crate::operations::{
@@ -15,10 +15,10 @@ use crate::operations::{
     FINISH_RECONCILIATION, FINISH_RUN, INSERT_DELIVERY, INSERT_OUTBOX, INSERT_RUN, JOB_RUNS_KEPT, JobRun, LEDGER_TOTALS,
     LedgerTotals, Operations, OutboxEvent, PERIOD_RAN, PRUNE_RUNS, RECONCILIATIONS, RELEASE_LEASE, RENEW_LEASE,
     ReconciliationRun, SOME_LEDGER_TOTALS, START_RECONCILIATION, TAKE_LEASE, advance, delivery_from, job_run_from, outbox_from, pg,
-    THRESHOLD, key_budgets_from, proven_balance, reconciliation_from, repair_reference, totals_from,
+    THRESHOLD, key_budgets_from, threshold_from, proven_balance, reconciliation_from, repair_reference, totals_from,
 };
 use crate::postgres::{PgLedger, balance_for_update, insert_fund};
-use crate::sql_rows::{Fields, money, now_ms, to_i64};
+use crate::sql_rows::{Fields, now_ms, to_i64};
 
 /// Queues events for the outside world inside the caller's transaction: they exist only if
 /// that transaction commits. A dedupe key already queued adds nothing.
@@ -56,19 +56,15 @@ pub(crate) async fn after_usage_batch(
     ends: &HashMap<&str, (Money, i64)>,
     inserted: &[&UsageEvent],
 ) -> StoreResult<()> {
-    let mut events = Vec::new();
     let deltas = spend_deltas(inserted)?;
+    let (mut counters, mut budgets) = (Vec::new(), Vec::new());
     if !deltas.is_empty() {
-        let mut columns: (Vec<&str>, Vec<&str>, Vec<&str>, Vec<i64>, Vec<i64>) = Default::default();
-        for ((scope, owner, period), (requests, spent)) in &deltas {
-            columns.0.push(scope);
-            columns.1.push(owner);
-            columns.2.push(period);
-            columns.3.push(*requests);
-            columns.4.push(*spent);
-        }
+        let scopes: Vec<&str> = deltas.keys().map(|(scope, _, _)| *scope).collect();
+        let owners: Vec<&str> = deltas.keys().map(|(_, owner, _)| owner.as_str()).collect();
+        let periods: Vec<&str> = deltas.keys().map(|(_, _, period)| period.as_str()).collect();
+        let (requests, spent): (Vec<i64>, Vec<i64>) = deltas.values().copied().unzip();
         let key_ids: Vec<&str> = deltas.keys().filter(|(scope, _, _)| *scope == "key").map(|(_, owner, _)| owner.as_str()).collect();
-        let counters = sqlx::query(
+        counters = sqlx::query_as(
             "INSERT INTO spend_counters (scope, owner_id, period, requests, spent, updated_at)
              SELECT scope, owner_id, period, requests, spent, $6 FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::BIGINT[], $5::BIGINT[])
                  AS delta (scope, owner_id, period, requests, spent)
@@ -76,15 +72,15 @@ pub(crate) async fn after_usage_batch(
                  spent = spend_counters.spent + excluded.spent, updated_at = excluded.updated_at
              RETURNING scope, owner_id, period, spent",
         )
-        .bind(columns.0)
-        .bind(columns.1)
-        .bind(columns.2)
-        .bind(columns.3)
-        .bind(columns.4)
+        .bind(scopes)
+        .bind(owners)
+        .bind(periods)
+        .bind(requests)
+        .bind(spent)
         .bind(now_ms())
         .fetch_all(&mut **transaction)
         .await?;
-        let budgets = sqlx::query(
+        budgets = sqlx::query(
             "SELECT id, account_id, budget_daily, budget_monthly, budget_total FROM api_keys
              WHERE id = ANY($1) AND (budget_daily IS NOT NULL OR budget_monthly IS NOT NULL OR budget_total IS NOT NULL)",
         )
@@ -94,27 +90,16 @@ pub(crate) async fn after_usage_batch(
         .iter()
         .map(key_budgets_from)
         .collect::<StoreResult<Vec<_>>>()?;
-        if !budgets.is_empty() {
-            for counter in &counters {
-                let (scope, owner, period) = (counter.text("scope")?, counter.text("owner_id")?, counter.text("period")?);
-                let Some(key) = budgets.iter().find(|budgets| scope == "key" && budgets.key_id == owner) else { continue };
-                let after = counter.int("spent")?;
-                let delta = deltas.get(&("key", owner, period.clone())).map_or(0, |delta| delta.1);
-                events.extend(budget_alerts(key, &period, after - delta, after));
-            }
-        }
     }
     let account_ids: Vec<&str> = ends.keys().copied().collect();
     let thresholds = sqlx::query("SELECT id, low_balance_threshold FROM accounts WHERE id = ANY($1) AND low_balance_threshold IS NOT NULL")
         .bind(&account_ids)
         .fetch_all(&mut **transaction)
-        .await?;
-    for row in &thresholds {
-        let account_id = row.text("id")?;
-        if let (Some(start), Some(end)) = (starts.get(account_id.as_str()), ends.get(account_id.as_str())) {
-            events.extend(balance_low(&account_id, money(row, "low_balance_threshold")?, start.0, end.0, end.1));
-        }
-    }
+        .await?
+        .iter()
+        .map(threshold_from)
+        .collect::<StoreResult<Vec<_>>>()?;
+    let events = usage_batch_alerts(&deltas, &counters, &budgets, &thresholds, starts, ends);
     queue_events(transaction, &events).await
 }
 

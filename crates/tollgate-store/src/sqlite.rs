@@ -32,10 +32,14 @@ const BUSY_TIMEOUT_MS: u64 = 5_000;
 /// How long a caller waits for a pooled connection.
 const ACQUIRE_TIMEOUT_MS: u64 = 10_000;
 
-/// The SQLite ledger.
+/// The SQLite ledger: readers share a pool; every write transaction goes through one connection
+/// of its own. SQLite lets one writer in at a time anyway, and a connection that alone writes
+/// keeps its page cache: one that sees another connection's commit drops its whole cache and
+/// reads the pages back from the file.
 #[derive(Clone)]
 pub struct SqliteLedger {
     pool: SqlitePool,
+    writer: SqlitePool,
 }
 
 fn options(url: &str) -> StoreResult<SqliteConnectOptions> {
@@ -72,7 +76,12 @@ impl SqliteLedger {
             .connect_with(options(url)?)
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(SqliteLedger { pool })
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_millis(ACQUIRE_TIMEOUT_MS))
+            .connect_with(options(url)?)
+            .await?;
+        Ok(SqliteLedger { pool, writer })
     }
 
     pub(crate) fn pool(&self) -> &SqlitePool {
@@ -80,7 +89,7 @@ impl SqliteLedger {
     }
 
     pub(crate) async fn write(&self) -> StoreResult<Transaction<'static, Sqlite>> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }
 }
 

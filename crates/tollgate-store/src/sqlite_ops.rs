@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use sqlx::{Sqlite, Transaction};
 use tollgate_core::Money;
 
-use crate::alerts::{PendingEvent, balance_low, budget_alerts, fund_posted, spend_deltas};
+use crate::alerts::{PendingEvent, balance_low, fund_posted, spend_deltas, usage_batch_alerts};
 use crate::error::{StoreError, StoreResult};
 use crate::model::{FundKind, FundTransaction, NewFund, UsageEvent};
 use crate::operations::{
@@ -16,7 +16,7 @@ use crate::operations::{
     FINISH_RECONCILIATION, FINISH_RUN, INSERT_DELIVERY, INSERT_OUTBOX, INSERT_RUN, JOB_RUNS_KEPT, JobRun, LEDGER_TOTALS,
     LedgerTotals, Operations, OutboxEvent, PERIOD_RAN, PRUNE_RUNS, RECONCILIATIONS, RELEASE_LEASE, RENEW_LEASE,
     ReconciliationRun, SOME_LEDGER_TOTALS, START_RECONCILIATION, TAKE_LEASE, advance, delivery_from, job_run_from, outbox_from,
-    THRESHOLD, key_budgets_from, proven_balance, reconciliation_from, repair_reference, totals_from,
+    THRESHOLD, key_budgets_from, threshold_from, proven_balance, reconciliation_from, repair_reference, totals_from,
 };
 use crate::sql_rows::{Fields, now_ms, to_i64};
 use crate::sqlite::{SqliteLedger, balance_for_update, insert_fund};
@@ -49,6 +49,11 @@ pub(crate) async fn after_fund(transaction: &mut Transaction<'static, Sqlite>, f
     queue_events(transaction, &events).await
 }
 
+/// A list of ids as one JSON text, for `json_each(?)`: one bound parameter whatever its length.
+fn json_list(ids: &[&str]) -> String {
+    serde_json::Value::from(ids).to_string()
+}
+
 /// Spend counters and the events of a usage batch, in its transaction: `starts` and `ends` are
 /// the accounts' positions before and after it, `inserted` the rows it inserted.
 pub(crate) async fn after_usage_batch(
@@ -57,43 +62,45 @@ pub(crate) async fn after_usage_batch(
     ends: &HashMap<&str, (Money, i64)>,
     inserted: &[&UsageEvent],
 ) -> StoreResult<()> {
-    let mut events = Vec::new();
-    let now = now_ms();
-    for ((scope, owner, period), (requests, spent)) in spend_deltas(inserted)? {
-        let after: i64 = sqlx::query_scalar(
-            "INSERT INTO spend_counters (scope, owner_id, period, requests, spent, updated_at) VALUES (?, ?, ?, ?, ?, ?)
+    // Three statements whatever the batch: embedded mode often writes batches of one, and each
+    // statement is a round trip to SQLite's worker thread.
+    let deltas = spend_deltas(inserted)?;
+    let (mut counters, mut budgets) = (Vec::new(), Vec::new());
+    if !deltas.is_empty() {
+        let rows: Vec<serde_json::Value> =
+            deltas.iter().map(|((scope, owner, period), (requests, spent))| serde_json::json!([scope, owner, period, requests, spent])).collect();
+        counters = sqlx::query_as(
+            "INSERT INTO spend_counters (scope, owner_id, period, requests, spent, updated_at)
+             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, ? FROM json_each(?) WHERE true
              ON CONFLICT (scope, owner_id, period) DO UPDATE SET requests = spend_counters.requests + excluded.requests,
                  spent = spend_counters.spent + excluded.spent, updated_at = excluded.updated_at
-             RETURNING spent",
+             RETURNING scope, owner_id, period, spent",
         )
-        .bind(scope)
-        .bind(&owner)
-        .bind(&period)
-        .bind(requests)
-        .bind(spent)
-        .bind(now)
-        .fetch_one(&mut **transaction)
+        .bind(now_ms())
+        .bind(serde_json::Value::Array(rows).to_string())
+        .fetch_all(&mut **transaction)
         .await?;
-        if scope != "key" {
-            continue;
-        }
-        let budgets = sqlx::query(
+        let key_ids: Vec<&str> = deltas.keys().filter(|(scope, _, _)| *scope == "key").map(|(_, owner, _)| owner.as_str()).collect();
+        budgets = sqlx::query(
             "SELECT id, account_id, budget_daily, budget_monthly, budget_total FROM api_keys
-             WHERE id = ? AND (budget_daily IS NOT NULL OR budget_monthly IS NOT NULL OR budget_total IS NOT NULL)",
+             WHERE id IN (SELECT value FROM json_each(?)) AND (budget_daily IS NOT NULL OR budget_monthly IS NOT NULL OR budget_total IS NOT NULL)",
         )
-        .bind(&owner)
-        .fetch_optional(&mut **transaction)
-        .await?;
-        if let Some(budgets) = budgets {
-            events.extend(budget_alerts(&key_budgets_from(&budgets)?, &period, after - spent, after));
-        }
+        .bind(json_list(&key_ids))
+        .fetch_all(&mut **transaction)
+        .await?
+        .iter()
+        .map(key_budgets_from)
+        .collect::<StoreResult<Vec<_>>>()?;
     }
-    for (account_id, end) in ends {
-        let threshold: Option<i64> = sqlx::query_scalar(THRESHOLD).bind(*account_id).fetch_one(&mut **transaction).await?;
-        if let (Some(threshold), Some(start)) = (threshold, starts.get(account_id)) {
-            events.extend(balance_low(account_id, Money::from_nanos(threshold), start.0, end.0, end.1));
-        }
-    }
+    let account_ids: Vec<&str> = ends.keys().copied().collect();
+    let thresholds = sqlx::query("SELECT id, low_balance_threshold FROM accounts WHERE id IN (SELECT value FROM json_each(?)) AND low_balance_threshold IS NOT NULL")
+        .bind(json_list(&account_ids))
+        .fetch_all(&mut **transaction)
+        .await?
+        .iter()
+        .map(threshold_from)
+        .collect::<StoreResult<Vec<_>>>()?;
+    let events = usage_batch_alerts(&deltas, &counters, &budgets, &thresholds, starts, ends);
     queue_events(transaction, &events).await
 }
 
