@@ -209,11 +209,16 @@ async fn usage_batches_skip_duplicates_and_failures_do_not_block_retries(ledger:
     assert_eq!(ledger.record_usage_batch(&[with_body]).await.unwrap(), vec![RecordOutcome::Duplicate], "a re-delivered batch applies nothing");
     assert_eq!(ledger.record_usage_batch(&[event("a", "r2", 25, RequestStatus::Success)]).await.unwrap(), vec![RecordOutcome::Inserted]);
     assert_eq!(ledger.account_balance("a").await.unwrap().unwrap().balance, Money::from_nanos(965));
+    // A re-delivered charge between new ones: it is skipped, and the new ones take the next
+    // ledger positions with no gap.
+    let mixed = [event("a", "r3", 5, RequestStatus::Success), event("a", "r1", 10, RequestStatus::Success), event("a", "r4", 5, RequestStatus::Success)];
+    assert_eq!(ledger.record_usage_batch(&mixed).await.unwrap(), vec![RecordOutcome::Inserted, RecordOutcome::Duplicate, RecordOutcome::Inserted]);
+    assert_eq!(ledger.account_balance("a").await.unwrap().unwrap().balance, Money::from_nanos(955));
     assert_eq!(ledger.stored_response("a", "r1").await.unwrap().unwrap().body, b"{\"ok\":1}".to_vec());
     assert!(ledger.stored_response("a", "r2").await.unwrap().is_none());
     let mut charged = ledger.charged_request_ids_since("a", time::OffsetDateTime::UNIX_EPOCH).await.unwrap();
     charged.sort();
-    assert_eq!(charged, vec!["r1".to_string(), "r2".to_string()]);
+    assert_eq!(charged, vec!["r1".to_string(), "r2".to_string(), "r3".to_string(), "r4".to_string()]);
     assert_sound(&*ledger, "a").await;
 }
 
