@@ -70,16 +70,18 @@ impl SqliteLedger {
     /// # Errors
     /// The database cannot be opened or migrated.
     pub async fn connect(url: &str, max_connections: u32) -> StoreResult<SqliteLedger> {
+        // One parse for both pools: each parse of `sqlite::memory:` names a new database.
+        let options = options(url)?;
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(Duration::from_millis(ACQUIRE_TIMEOUT_MS))
-            .connect_with(options(url)?)
+            .connect_with(options.clone())
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_millis(ACQUIRE_TIMEOUT_MS))
-            .connect_with(options(url)?)
+            .connect_with(options)
             .await?;
         Ok(SqliteLedger { pool, writer })
     }

@@ -440,3 +440,14 @@ async fn counter_seeds_hold_the_current_periods(ledger: Arc<dyn Ledger>) {
         (Money::from_nanos(25), Money::from_nanos(25), Money::from_nanos(125))
     );
 }
+
+/// Writes go through a connection of their own; with `sqlite::memory:` both must open the same
+/// database, or the writer would find no tables and the readers none of its rows.
+#[tokio::test]
+async fn an_in_memory_sqlite_ledger_reads_what_it_writes() {
+    let ledger: Arc<dyn Ledger> = Arc::new(SqliteLedger::connect("sqlite::memory:", 4).await.unwrap());
+    account(&*ledger, "a").await;
+    deposit(&*ledger, "a", 1_000, "d").await;
+    assert_eq!(ledger.account_balance("a").await.unwrap().unwrap().balance, Money::from_nanos(1_000));
+    assert_sound(&*ledger, "a").await;
+}
