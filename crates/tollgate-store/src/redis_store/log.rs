@@ -226,7 +226,14 @@ impl RedisLog {
             if room == 0 {
                 break;
             }
+            let (pending_first, before) = (state.own_pending[usize::from(shard)], state.read_ahead.len());
             self.read_shard(state, shard, room).await?;
+            // Own pending entries all in flight (a read cancelled at shutdown leaves the flag
+            // up): nothing came back and the flag is down. Read the new entries in the same
+            // pass, or a drain, which stops at the first empty pass, would leave them behind.
+            if pending_first && state.read_ahead.len() == before {
+                self.read_shard(state, shard, room).await?;
+            }
         }
         Ok(std::mem::take(&mut state.read_ahead))
     }
