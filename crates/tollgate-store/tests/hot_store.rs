@@ -410,6 +410,50 @@ async fn entries_in_flight_are_never_handed_out_twice() {
     assert_eq!(log.pending().await.unwrap(), 0);
 }
 
+/// A drain (shutdown) reads until a pass comes back empty. A pass that finds this consumer's own
+/// pending entries all in flight must go on to the new ones, or the drain stops short of them:
+/// a clean shutdown once left the last charges of 50 streams in the stream this way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_reads_past_own_pending_entries_in_flight() {
+    let prefix = prefix();
+    let store = RedisHotStore::connect(&redis_url(), &prefix, 1).await.unwrap();
+    let keys = KeySpace::new(&prefix, 1).unwrap();
+    let config = RedisLogConfig { consumer: "drainer".into(), poll_idle_ms: 10, claim_idle_ms: 60_000, deliveries_max: 3 };
+    load(&store, "d", 1_000).await;
+    let settle = |id: &'static str| {
+        let store = &store;
+        async move {
+            assert!(held(&store.authorize(&request("d", id, 10)).await.unwrap()));
+            store.settle(event("d", id, 10, RequestStatus::Success)).await.unwrap();
+        }
+    };
+    for id in ["old-1", "old-2", "old-3"] {
+        settle(id).await;
+    }
+    let shutdown = CancellationToken::new();
+    // A first life takes three entries and dies without acknowledging them.
+    let first = RedisLog::new(store.connection(), keys.clone(), config.clone(), shutdown.clone()).await.unwrap();
+    assert_eq!(first.read_batch(100).await.unwrap().len(), 3);
+    drop(first);
+    // Restarted, it takes them again from its own pending entries; they are being written when
+    // two new charges arrive and shutdown begins.
+    let log = RedisLog::new(store.connection(), keys, config, shutdown.clone()).await.unwrap();
+    let in_flight = log.read_batch(100).await.unwrap();
+    assert_eq!(in_flight.len(), 3);
+    for id in ["new-1", "new-2"] {
+        settle(id).await;
+    }
+    shutdown.cancel();
+    let drained = log.read_remaining(100).await.unwrap();
+    let mut ids: Vec<&str> = drained.iter().map(|delivery| delivery.event.request_id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["new-1", "new-2"], "the drain's pass hands out the new entries");
+    log.ack(in_flight).await.unwrap();
+    log.ack(drained).await.unwrap();
+    assert!(log.read_remaining(100).await.unwrap().is_empty());
+    assert_eq!(log.pending().await.unwrap(), 0);
+}
+
 /// Every period counter the scripts write expires after its period, whether the call created it
 /// or added to it (the TTL is set once, at creation); no counter is left without a TTL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

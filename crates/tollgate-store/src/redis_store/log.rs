@@ -170,23 +170,34 @@ impl RedisLog {
     /// are in `read_ahead`, the shard stays marked `own_pending`, so if this future is dropped
     /// (or fails) after Redis delivered them, the next read takes them from this consumer's
     /// pending entries.
+    /// Own pending entries come first; when none is left but those in flight, the new ones are
+    /// read in the same call, so one empty call means the shard has nothing to hand out (a
+    /// drain stops at the first empty pass).
     async fn read_shard(&self, state: &mut ReadState, shard: u16, max: usize) -> StoreResult<()> {
         let index = usize::from(shard);
-        let from = if state.own_pending[index] { "0" } else { ">" };
-        // Own pending entries include those in flight (skipped below): read past them.
-        let count = if from == "0" { max + self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len() } else { max };
-        let options = StreamReadOptions::default().group(CONSUMER_GROUP, &self.config.consumer).count(count);
+        let mut from = if state.own_pending[index] { "0" } else { ">" };
         let mut connection = self.connection.clone();
-        state.own_pending[index] = true;
-        let reply: Option<StreamReadReply> = connection.xread_options(&[self.keys.stream(shard)], &[from], &options).await.map_err(unavailable)?;
-        let entries: Vec<_> = reply
-            .into_iter()
-            .flat_map(|reply| reply.keys)
-            .flat_map(|key| key.ids)
-            .filter(|entry| from == ">" || !self.is_in_flight(shard, &entry.id))
-            .collect();
-        // Own pending entries are read again until none is left but those in flight; new ones once.
-        let pending_left = from == "0" && !entries.is_empty();
+        let entries = loop {
+            // Own pending entries include those in flight (skipped below): read past them.
+            let count = if from == "0" { max + self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len() } else { max };
+            let options = StreamReadOptions::default().group(CONSUMER_GROUP, &self.config.consumer).count(count);
+            state.own_pending[index] = true;
+            let reply: Option<StreamReadReply> = connection.xread_options(&[self.keys.stream(shard)], &[from], &options).await.map_err(unavailable)?;
+            let entries: Vec<_> = reply
+                .into_iter()
+                .flat_map(|reply| reply.keys)
+                .flat_map(|key| key.ids)
+                .filter(|entry| from == ">" || !self.is_in_flight(shard, &entry.id))
+                .collect();
+            if from == "0" && entries.is_empty() {
+                from = ">";
+                continue;
+            }
+            break entries;
+        };
+        // Own pending entries (found: the loop reads new ones only once none is left) are read
+        // again next time, until none is left but those in flight; new ones once.
+        let pending_left = from == "0";
         let mut delivered = Vec::with_capacity(entries.len());
         let mut taken = Vec::with_capacity(entries.len());
         for entry in entries {
@@ -226,14 +237,7 @@ impl RedisLog {
             if room == 0 {
                 break;
             }
-            let (pending_first, before) = (state.own_pending[usize::from(shard)], state.read_ahead.len());
             self.read_shard(state, shard, room).await?;
-            // Own pending entries all in flight (a read cancelled at shutdown leaves the flag
-            // up): nothing came back and the flag is down. Read the new entries in the same
-            // pass, or a drain, which stops at the first empty pass, would leave them behind.
-            if pending_first && state.read_ahead.len() == before {
-                self.read_shard(state, shard, room).await?;
-            }
         }
         Ok(std::mem::take(&mut state.read_ahead))
     }
