@@ -145,19 +145,20 @@ pub(crate) fn usage_batch_alerts(
     thresholds: &[(String, Money)],
     starts: &HashMap<&str, (Money, i64)>,
     ends: &HashMap<&str, (Money, i64)>,
-) -> Vec<PendingEvent> {
+) -> StoreResult<Vec<PendingEvent>> {
     let mut events = Vec::new();
     for (scope, owner, period, after) in counters {
         let Some(key) = budgets.iter().find(|budgets| scope == "key" && budgets.key_id == *owner) else { continue };
         let delta = deltas.get(&("key", owner.clone(), period.clone())).map_or(0, |delta| delta.1);
-        events.extend(budget_alerts(key, period, after - delta, *after));
+        let before = after.checked_sub(delta).ok_or(StoreError::Overflow("spend counter"))?;
+        events.extend(budget_alerts(key, period, before, *after));
     }
     for (account_id, threshold) in thresholds {
         if let (Some(start), Some(end)) = (starts.get(account_id.as_str()), ends.get(account_id.as_str())) {
             events.extend(balance_low(account_id, *threshold, start.0, end.0, end.1));
         }
     }
-    events
+    Ok(events)
 }
 
 /// A key's budgets, as the ledger holds them.

@@ -99,7 +99,7 @@ pub(crate) async fn after_usage_batch(
         .iter()
         .map(threshold_from)
         .collect::<StoreResult<Vec<_>>>()?;
-    let events = usage_batch_alerts(&deltas, &counters, &budgets, &thresholds, starts, ends);
+    let events = usage_batch_alerts(&deltas, &counters, &budgets, &thresholds, starts, ends)?;
     queue_events(transaction, &events).await
 }
 

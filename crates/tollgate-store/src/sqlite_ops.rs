@@ -8,7 +8,7 @@ use sqlx::{Sqlite, Transaction};
 use tollgate_core::Money;
 
 use crate::alerts::{PendingEvent, balance_low, fund_posted, spend_deltas, usage_batch_alerts};
-use crate::error::{StoreError, StoreResult};
+use crate::error::StoreResult;
 use crate::model::{FundKind, FundTransaction, NewFund, UsageEvent};
 use crate::operations::{
     BALANCE_BEFORE, PERIOD_FUNDS, PERIOD_USAGE, PeriodTotals, period_totals_from,
@@ -50,8 +50,8 @@ pub(crate) async fn after_fund(transaction: &mut Transaction<'static, Sqlite>, f
 }
 
 /// A list of ids as one JSON text, for `json_each(?)`: one bound parameter whatever its length.
-fn json_list(ids: &[&str]) -> String {
-    serde_json::Value::from(ids).to_string()
+fn json_list(ids: &[impl AsRef<str>]) -> String {
+    serde_json::Value::from_iter(ids.iter().map(AsRef::as_ref)).to_string()
 }
 
 /// Spend counters and the events of a usage batch, in its transaction: `starts` and `ends` are
@@ -100,7 +100,7 @@ pub(crate) async fn after_usage_batch(
         .iter()
         .map(threshold_from)
         .collect::<StoreResult<Vec<_>>>()?;
-    let events = usage_batch_alerts(&deltas, &counters, &budgets, &thresholds, starts, ends);
+    let events = usage_batch_alerts(&deltas, &counters, &budgets, &thresholds, starts, ends)?;
     queue_events(transaction, &events).await
 }
 
@@ -112,9 +112,8 @@ impl Operations for SqliteLedger {
         let rows = match accounts {
             None => sqlx::query(LEDGER_TOTALS).fetch_all(&mut *transaction).await?,
             Some(accounts) => {
-                let names = serde_json::to_string(accounts).map_err(|error| StoreError::Invalid(format!("account ids: {error}")))?;
                 let sql = sqlx::AssertSqlSafe(format!("{SOME_LEDGER_TOTALS} IN (SELECT value FROM json_each(?)) ORDER BY b.account_id"));
-                sqlx::query(sql).bind(names).fetch_all(&mut *transaction).await?
+                sqlx::query(sql).bind(json_list(accounts)).fetch_all(&mut *transaction).await?
             }
         };
         let totals = rows.iter().map(totals_from).collect::<StoreResult<Vec<_>>>()?;
