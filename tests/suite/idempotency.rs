@@ -38,6 +38,14 @@ async fn a_retry_after_success_is_replayed_not_charged() {
     assert_eq!(streamed.status(), 409);
     let error: Value = streamed.json().await.unwrap();
     assert_eq!(error["error"]["code"], "duplicate_request");
+
+    // The ledger has the row now (checked above): a retry is still replayed, byte for byte. In
+    // services mode the worker's acknowledgement has left Redis only the record, not the body,
+    // so the body comes from the ledger.
+    let later = gateway.chat(&key, chat_body("once"), Some("retry-me")).await;
+    assert_eq!(later.headers()["idempotent-replayed"], "true");
+    assert_eq!(later.text().await.unwrap(), first_body);
+    assert_eq!(gateway.balance_of(&key).await, balance);
     gateway.stop().await;
 }
 

@@ -13,7 +13,7 @@ use tollgate_core::{Money, Usage, UsageSource};
 use tollgate_store::HotStore;
 use tollgate_store::hot::{AccountSnapshot, Authorization, AuthorizeRequest, CounterSeed, FundApplication, KeySpendSeed, Limits, Refusal};
 use tollgate_store::memory::MemoryHotStore;
-use tollgate_store::model::{RequestStatus, UsageEvent};
+use tollgate_store::model::{RequestStatus, StoredResponse, UsageEvent};
 use tollgate_store::queue::{EventLog, channel_log};
 use tollgate_store::redis_store::{KeySpace, RedisHotStore, RedisLog, RedisLogConfig};
 
@@ -481,4 +481,38 @@ async fn period_counters_always_carry_their_ttl() {
         }
         assert_eq!(total, expected_total, "{kind}");
     }
+}
+
+/// A response kept for replay stays in Redis only until the ledger has it: the worker's ack
+/// trims the idempotency record to "1", keeping its TTL, and the request stays charged. What
+/// is not acknowledged (not in the ledger) keeps its body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_charge_keeps_its_record_but_not_its_body() {
+    let prefix = prefix();
+    let store = RedisHotStore::connect(&redis_url(), &prefix, 1).await.unwrap();
+    let keys = KeySpace::new(&prefix, 1).unwrap();
+    let config = RedisLogConfig { consumer: "trimmer".into(), poll_idle_ms: 10, claim_idle_ms: 60_000, deliveries_max: 3 };
+    load(&store, "s", 1_000).await;
+    let body = StoredResponse { status: 200, content_type: "application/json".into(), body: br#"{"id":"chatcmpl-1"}"#.to_vec() };
+    for id in ["kept", "written"] {
+        assert!(held(&store.authorize(&request("s", id, 10)).await.unwrap()));
+        store.settle(UsageEvent { stored_response: Some(body.clone()), ..event("s", id, 10, RequestStatus::Success) }).await.unwrap();
+        assert_eq!(store.stored_response("s", id).await.unwrap(), Some(body.clone()), "replayable before the ledger has it");
+    }
+    let log = RedisLog::new(store.connection(), keys.clone(), config, CancellationToken::new()).await.unwrap();
+    let (written, kept): (Vec<_>, Vec<_>) = log.read_batch(10).await.unwrap().into_iter().partition(|delivery| delivery.event.request_id == "written");
+    assert_eq!((written.len(), kept.len()), (1, 1));
+    log.ack(written).await.unwrap();
+
+    let mut connection = store.connection();
+    let record: String = redis::cmd("GET").arg(keys.charged_key("s", "written")).query_async(&mut connection).await.unwrap();
+    assert_eq!(record, "1", "the body is gone from Redis once acknowledged");
+    let ttl_ms: i64 = redis::cmd("PTTL").arg(keys.charged_key("s", "written")).query_async(&mut connection).await.unwrap();
+    assert!(ttl_ms > 86_000_000 && ttl_ms <= 86_400_000, "the record keeps its 24 h TTL: {ttl_ms} ms");
+    assert_eq!(store.stored_response("s", "written").await.unwrap(), None, "a replay now reads the ledger");
+    assert_eq!(store.authorize(&request("s", "written", 10)).await.unwrap(), Authorization::Refused(Refusal::AlreadyCharged));
+    assert_eq!(store.stored_response("s", "kept").await.unwrap(), Some(body), "what is not in the ledger keeps its body");
+    let missing: Option<String> = redis::cmd("GET").arg(keys.charged_key("s", "never")).query_async(&mut connection).await.unwrap();
+    assert_eq!(missing, None);
+    log.ack(kept).await.unwrap();
 }

@@ -190,8 +190,9 @@ impl HotStore for RedisHotStore {
             return Err(StoreError::Invalid(format!("negative cost for request {}", event.request_id)));
         }
         let base = self.keys.account_base(&event.account_id);
-        // Kept as the idempotency record (24 h) for replays before the ledger has the row; a
-        // body that is not UTF-8 is replayed from the ledger only.
+        // Kept in the idempotency record for replays before the ledger has the row (the worker's
+        // ack then trims the record to "1"); a body that is not UTF-8 is replayed from the
+        // ledger only.
         let stored = event.stored_response.as_ref().and_then(|stored| String::from_utf8(encode_stored(stored)).ok()).unwrap_or_default();
         let json = event_json(&event)?;
         let cost = event.cost.nanos().to_string();

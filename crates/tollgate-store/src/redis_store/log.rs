@@ -4,7 +4,7 @@
 //! consumer's pending list, and parks an entry delivered too often in the shard's dead-letter
 //! stream.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -275,25 +275,33 @@ impl EventLog for RedisLog {
     }
 
     async fn ack(&self, deliveries: Vec<Delivery>) -> StoreResult<()> {
-        let mut by_shard: std::collections::BTreeMap<u16, Vec<String>> = std::collections::BTreeMap::new();
+        // Per shard: the entries, and the idempotency records that still hold a response body.
+        let mut by_shard: BTreeMap<u16, (Vec<String>, Vec<String>)> = BTreeMap::new();
         for delivery in deliveries {
             if let Receipt::Stream { shard, entry_id } = delivery.receipt {
-                by_shard.entry(shard).or_default().push(entry_id);
+                let (entry_ids, stored) = by_shard.entry(shard).or_default();
+                entry_ids.push(entry_id);
+                if delivery.event.stored_response.is_some() {
+                    stored.push(self.keys.charged_key(&delivery.event.account_id, &delivery.event.request_id));
+                }
             }
         }
         let mut connection = self.connection.clone();
-        for (shard, entry_ids) in by_shard {
+        for (shard, (entry_ids, stored)) in by_shard {
             let stream = self.keys.stream(shard);
             // Acknowledged entries are in the ledger; the stream need not keep them. One
             // MULTI/EXEC: an entry acknowledged but left in the stream would be read by no
             // consumer again yet still look unlogged to whoever scans the stream.
-            let _: (i64, i64) = redis::pipe()
-                .atomic()
-                .xack(&stream, CONSUMER_GROUP, &entry_ids)
-                .xdel(&stream, &entry_ids)
-                .query_async(&mut connection)
-                .await
-                .map_err(unavailable)?;
+            let mut pipeline = redis::pipe();
+            pipeline.atomic().xack(&stream, CONSUMER_GROUP, &entry_ids).xdel(&stream, &entry_ids);
+            // The ledger now has each stored response, and a replay falls back to it: the
+            // idempotency record keeps only "1" for the rest of its 24 h. The bodies were most
+            // of what Redis kept per request (`SET … XX KEEPTTL`: never creates a record, never
+            // extends one).
+            for key in &stored {
+                pipeline.cmd("SET").arg(key).arg("1").arg("XX").arg("KEEPTTL").ignore();
+            }
+            let _: (i64, i64) = pipeline.query_async(&mut connection).await.map_err(unavailable)?;
             // Only now: if the acknowledgement failed, the entries stay in flight, so this
             // consumer does not write them again (they are committed); after a restart they are
             // read again and skipped as duplicates.

@@ -154,6 +154,11 @@ impl KeySpace {
         format!("{}:acct:{account_id}", self.account_base(account_id))
     }
 
+    /// The idempotency record of a charged request (as `tollgate.lua` names it).
+    pub fn charged_key(&self, account_id: &str, request_id: &str) -> String {
+        format!("{}:charged:{account_id}:{request_id}", self.account_base(account_id))
+    }
+
     pub fn stream(&self, shard: u16) -> String {
         format!("{}:usage", self.base(shard))
     }

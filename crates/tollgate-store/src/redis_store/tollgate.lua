@@ -9,7 +9,8 @@ Keys (B = key base, A = account id, K = key id, R = request id):
   B:acct:A                 hash  balance, held, fund_seq          no TTL: the hot balance is state
   B:holds:A                hash  R -> "amount|K|day|month"         no TTL: released by settle/void/expire
   B:hold_expiry            zset  "A\nR" scored by expiry (ms)      no TTL: emptied by expire
-  B:charged:A:R            "1", or the stored response to replay   TTL 24 h: idempotency
+  B:charged:A:R            "1", or the stored response to replay   TTL 24 h: idempotency; the worker's
+                           until the ledger has it                 ack sets it to "1" (KEEPTTL)
   B:day:A:<day>, B:month:A:<month>        request counters          TTL past their period
   B:key:K                  hash  held, spent_total                 no TTL: a budget never resets
   B:key:K:spent_day:<day>, B:key:K:spent_month:<month>             TTL past their period
