@@ -31,6 +31,24 @@ async fn postgres() -> Arc<dyn Ledger> {
     Arc::new(PgLedger::connect(&fresh_postgres_url("ledger").await, 8).await.unwrap())
 }
 
+/// A usage row names the price row it was priced with; one that names a price the ledger lacks
+/// is refused with the whole batch (the usage writer then isolates and parks that event).
+async fn an_unknown_price_rolls_back_the_whole_batch(ledger: Arc<dyn Ledger>) {
+    account(&*ledger, "a").await;
+    let price = Price { input_per_mtok: Money::from_nanos(1), output_per_mtok: Money::from_nanos(1), cached_input_per_mtok: None, cache_write_per_mtok: None, per_request: Money::ZERO };
+    let known = ledger.put_prices(vec![NewPrice { provider: "mock".into(), model: "demo-gpt".into(), customer_type: "standard".into(), price }]).await.unwrap()[0].id;
+    let priced = |request: &str, price_id: i64| UsageEvent { price_id: Some(price_id), ..event("a", request, 10, RequestStatus::Success) };
+    let result = ledger.record_usage_batch(&[priced("r1", known), priced("r2", known + 1_000)]).await;
+    assert!(matches!(result, Err(StoreError::Invalid(_))), "{result:?}");
+    assert!(ledger.usage_rows(UsageQuery { limit: 10, ..UsageQuery::default() }).await.unwrap().is_empty());
+    assert_eq!(ledger.account_balance("a").await.unwrap().unwrap().balance, Money::ZERO);
+
+    assert_eq!(ledger.record_usage_batch(&[priced("r1", known), priced("r3", known)]).await.unwrap(), vec![RecordOutcome::Inserted; 2]);
+    let rows = ledger.usage_rows(UsageQuery { limit: 10, ..UsageQuery::default() }).await.unwrap();
+    assert_eq!(rows.iter().map(|row| row.price_id).collect::<Vec<_>>(), vec![Some(known); 2]);
+    assert_sound(&*ledger, "a").await;
+}
+
 /// One `#[tokio::test]` per backend for each conformance check.
 macro_rules! conformance {
     ($($check:ident),* $(,)?) => {
@@ -55,6 +73,7 @@ conformance!(
     a_refund_cannot_exceed_the_balance,
     usage_batches_skip_duplicates_and_failures_do_not_block_retries,
     an_unknown_account_rolls_back_the_whole_batch,
+    an_unknown_price_rolls_back_the_whole_batch,
     concurrent_writers_keep_the_chain_and_the_sum,
     pages_return_each_row_once,
     summaries_match_the_rows,
