@@ -15,7 +15,8 @@ use tollgate_store::hot::{AccountSnapshot, Authorization, AuthorizeRequest, Coun
 use tollgate_store::memory::MemoryHotStore;
 use tollgate_store::model::{RequestStatus, StoredResponse, UsageEvent};
 use tollgate_store::queue::{EventLog, channel_log};
-use tollgate_store::redis_store::{KeySpace, RedisHotStore, RedisLog, RedisLogConfig};
+use tollgate_store::StoreError;
+use tollgate_store::redis_store::{Connection, KeySpace, RedisHotStore, RedisLog, RedisLogConfig};
 
 fn prefix() -> String {
     format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
@@ -515,4 +516,85 @@ async fn an_acknowledged_charge_keeps_its_record_but_not_its_body() {
     let missing: Option<String> = redis::cmd("GET").arg(keys.charged_key("s", "never")).query_async(&mut connection).await.unwrap();
     assert_eq!(missing, None);
     log.ack(kept).await.unwrap();
+}
+
+/// A Redis of its own, started for one test (the shared one cannot be filled without disturbing
+/// the others): `redis-server` from PATH (scripts/test installs it), killed on drop.
+struct OwnRedis {
+    process: std::process::Child,
+    url: String,
+}
+
+impl OwnRedis {
+    fn start(arguments: &[&str]) -> OwnRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let process = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(arguments)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is not on PATH: run scripts/test, which installs it");
+        OwnRedis { process, url: format!("redis://127.0.0.1:{port}") }
+    }
+
+    async fn store(&self, prefix: &str) -> RedisHotStore {
+        for _ in 0..100 {
+            if let Ok(store) = RedisHotStore::connect(&self.url, prefix, 1).await {
+                return store;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("redis-server on {} did not start", self.url);
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// An account's balance and held funds, and the events in its shard's stream, read directly.
+async fn balance_held_and_events(connection: &mut Connection, keys: &KeySpace, account: &str) -> ((i64, i64), i64) {
+    let fields: (i64, i64) = redis::cmd("HMGET").arg(keys.account_key(account)).arg("balance").arg("held").query_async(connection).await.unwrap();
+    let events: i64 = redis::cmd("XLEN").arg(keys.stream(keys.shard_of(account))).query_async(connection).await.unwrap();
+    (fields, events)
+}
+
+/// A Redis at `maxmemory` with `noeviction` (as DEPLOYMENT.md asks) refuses the scripts whole:
+/// the store reports it as unavailable, so the gateway's `hot_store_down` policy applies, and
+/// nothing is half done (no hold, no charge, no event). Freed, it works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_redis_refuses_whole_calls_and_changes_nothing() {
+    let redis = OwnRedis::start(&["--maxmemory", "8mb", "--maxmemory-policy", "noeviction"]);
+    let store = redis.store("full").await;
+    let keys = KeySpace::new("full", 1).unwrap();
+    load(&store, "f", 1_000).await;
+    assert!(held(&store.authorize(&request("f", "before", 10)).await.unwrap()));
+    let mut connection = store.connection();
+    let filler = "x".repeat(64 * 1024);
+    let mut filled = 0;
+    loop {
+        let set: redis::RedisResult<()> = redis::cmd("SET").arg(format!("filler:{filled}")).arg(&filler).query_async(&mut connection).await;
+        match set {
+            Ok(()) => filled += 1,
+            Err(error) if error.to_string().contains("OOM") => break,
+            Err(error) => panic!("filling Redis: {error}"),
+        }
+        assert!(filled < 1_000, "8 MB never filled");
+    }
+    let before = balance_held_and_events(&mut connection, &keys, "f").await;
+    assert_eq!(before, ((1_000, 10), 0));
+
+    let refused = store.authorize(&request("f", "during", 10)).await;
+    assert!(matches!(&refused, Err(StoreError::Unavailable(message)) if message.contains("OOM")), "{refused:?}");
+    let refused = store.settle(event("f", "before", 7, RequestStatus::Success)).await;
+    assert!(matches!(&refused, Err(StoreError::Unavailable(message)) if message.contains("OOM")), "{refused:?}");
+    assert_eq!(balance_held_and_events(&mut connection, &keys, "f").await, before, "a refused call changes nothing");
+
+    let _: i64 = redis::cmd("DEL").arg((0..filled).map(|index| format!("filler:{index}")).collect::<Vec<_>>()).query_async(&mut connection).await.unwrap();
+    let settled = store.settle(event("f", "before", 7, RequestStatus::Success)).await.unwrap();
+    assert_eq!((settled.balance_before, settled.balance_after), (Money::from_nanos(1_000), Money::from_nanos(993)));
+    assert_eq!(balance_held_and_events(&mut connection, &keys, "f").await, ((993, 0), 1));
 }
