@@ -119,6 +119,14 @@ fn event(account: &str, id: &str, cost: i64, status: RequestStatus) -> UsageEven
     }
 }
 
+/// A Redis store on one shard (its own key prefix) with `account` loaded, and its key space.
+async fn one_shard_store(account: &str) -> (RedisHotStore, KeySpace) {
+    let prefix = prefix();
+    let store = RedisHotStore::connect(&redis_url(), &prefix, 1).await.unwrap();
+    load(&store, account, 1_000).await;
+    (store, KeySpace::new(&prefix, 1).unwrap())
+}
+
 fn held(outcome: &Authorization) -> bool {
     matches!(outcome, Authorization::Held { .. })
 }
@@ -366,11 +374,8 @@ async fn an_entry_delivered_too_often_is_parked() {
 /// after a restart nor through the reclaim of idle entries, which must not park it either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_in_flight_are_never_handed_out_twice() {
-    let prefix = prefix();
-    let store = RedisHotStore::connect(&redis_url(), &prefix, 1).await.unwrap();
-    let keys = KeySpace::new(&prefix, 1).unwrap();
+    let (store, keys) = one_shard_store("f").await;
     let config = RedisLogConfig { consumer: "writer".into(), poll_idle_ms: 10, claim_idle_ms: 100, deliveries_max: 3 };
-    load(&store, "f", 1_000).await;
     for index in 0..10 {
         let id = format!("r{index}");
         assert!(held(&store.authorize(&request("f", &id, 10)).await.unwrap()));
@@ -416,11 +421,8 @@ async fn entries_in_flight_are_never_handed_out_twice() {
 /// a clean shutdown once left the last charges of 50 streams in the stream this way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_reads_past_own_pending_entries_in_flight() {
-    let prefix = prefix();
-    let store = RedisHotStore::connect(&redis_url(), &prefix, 1).await.unwrap();
-    let keys = KeySpace::new(&prefix, 1).unwrap();
+    let (store, keys) = one_shard_store("d").await;
     let config = RedisLogConfig { consumer: "drainer".into(), poll_idle_ms: 10, claim_idle_ms: 60_000, deliveries_max: 3 };
-    load(&store, "d", 1_000).await;
     let settle = |id: &'static str| {
         let store = &store;
         async move {
@@ -489,11 +491,8 @@ async fn period_counters_always_carry_their_ttl() {
 /// is not acknowledged (not in the ledger) keeps its body.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acknowledged_charge_keeps_its_record_but_not_its_body() {
-    let prefix = prefix();
-    let store = RedisHotStore::connect(&redis_url(), &prefix, 1).await.unwrap();
-    let keys = KeySpace::new(&prefix, 1).unwrap();
+    let (store, keys) = one_shard_store("s").await;
     let config = RedisLogConfig { consumer: "trimmer".into(), poll_idle_ms: 10, claim_idle_ms: 60_000, deliveries_max: 3 };
-    load(&store, "s", 1_000).await;
     let body = StoredResponse { status: 200, content_type: "application/json".into(), body: br#"{"id":"chatcmpl-1"}"#.to_vec() };
     for id in ["kept", "written"] {
         assert!(held(&store.authorize(&request("s", id, 10)).await.unwrap()));
