@@ -152,11 +152,17 @@ impl TestGateway {
     }
 
     /// Stops the gateway the way SIGTERM does and waits until it is down.
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        self.stop_keeping_ledger().await;
+    }
+
+    /// [`stop`](Self::stop), handing back the ledger (its directory and URL) for a next gateway.
+    pub async fn stop_keeping_ledger(mut self) -> (TempDir, String) {
         self.shutdown.cancel();
         if let Some(served) = self.served.take() {
             served.await.unwrap();
         }
+        (self.dir, self.database_url)
     }
 
     pub async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {

@@ -49,6 +49,46 @@ async fn a_retry_after_success_is_replayed_not_charged() {
     gateway.stop().await;
 }
 
+/// The hot store remembers charged ids for 24 h; the ledger, for good. A client that sends an id
+/// again after the hot store has forgotten it is still answered from the ledger: not forwarded,
+/// not charged. (A gateway on a fresh hot store, with the charge dated 25 h back, is that day.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_the_hot_stores_window_is_still_not_charged() {
+    let gateway = TestGateway::start().await;
+    let account = gateway.account("1", json!({})).await;
+    let key = gateway.key(&account, json!({})).await;
+    let first = gateway.chat(&key, chat_body("long ago"), Some("last-week")).await;
+    assert_eq!(first.status(), 200);
+    let first_body = first.text().await.unwrap();
+    gateway.assert_ledger_sound(&account).await;
+    let (dir, database_url) = gateway.stop_keeping_ledger().await;
+
+    let later = TestGateway::start_on(dir, database_url, |_| {}).await;
+    edit_ledger(&later, "UPDATE usage_log SET created_at = created_at - 90000000 WHERE account_id = ?", &account).await;
+    let balance = later.balance_of(&key).await;
+    let retry = later.chat(&key, chat_body("long ago"), Some("last-week")).await;
+    assert_eq!(retry.status(), 200);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(header_money(&retry, "x-tollgate-cost"), Money::ZERO);
+    assert_eq!(retry.text().await.unwrap(), first_body, "the ledger's stored response");
+    let mut stream_body = chat_body("long ago");
+    stream_body["stream"] = json!(true);
+    let streamed = later.chat(&key, stream_body, Some("last-week")).await;
+    assert_eq!(streamed.status(), 409);
+    let error: Value = streamed.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "duplicate_request");
+    assert_eq!(later.upstream_requests().await, 0, "nothing was forwarded");
+    assert_eq!(later.balance_of(&key).await, balance, "nothing was charged");
+
+    // A new id the client names is forwarded and charged as ever.
+    let new = later.chat(&key, chat_body("new"), Some("this-week")).await;
+    assert_eq!(new.status(), 200);
+    assert!(new.headers().get("idempotent-replayed").is_none());
+    let statement = later.assert_ledger_sound(&account).await;
+    assert_eq!(usage_rows(&statement).len(), 2);
+    later.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_request_while_the_first_is_in_flight_gets_409() {
     let gateway = TestGateway::start().await;

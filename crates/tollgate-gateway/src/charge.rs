@@ -70,6 +70,25 @@ pub async fn authorize(state: &AppState, request: &AuthorizeRequest) -> Result<A
     })
 }
 
+/// Whether the ledger already has a charge for this request id, which the hot store may have
+/// forgotten (it remembers charged ids for [`CHARGED_ID_TTL_MS`]; the ledger, for good). Asked
+/// for ids the client sent: an id made for this request cannot have been charged.
+///
+/// A ledger that cannot answer leaves the hot store's window as the only check: a client
+/// reusing an id older than the window while the ledger is away is charged in the hot store,
+/// its row is refused as a duplicate and the reconciliation reports the drift. Refusing every
+/// client-named request for a ledger outage would stop what services mode is built to serve.
+pub async fn charged_in_ledger(state: &AppState, request: &AuthorizeRequest) -> bool {
+    match state.ledger.request_charged(&request.account_id, &request.request_id).await {
+        Ok(charged) => charged,
+        Err(error) => {
+            metrics::counter!("tollgate_idempotency_ledger_unchecked_total").increment(1);
+            tracing::warn!(%error, request_id = request.request_id, "the ledger could not say whether this request id was charged; the hot store's window decides");
+            false
+        }
+    }
+}
+
 fn refusal_reason(refusal: &Refusal) -> &'static str {
     match refusal {
         Refusal::AccountNotLoaded => "account_not_loaded",

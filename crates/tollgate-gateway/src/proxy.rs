@@ -24,7 +24,7 @@ use crate::auth::authenticate;
 use crate::charge::{self, Authorized};
 use crate::context::BillingContext;
 use crate::error::{ApiError, ErrorShape};
-use crate::request_id::REQUEST_ID_HEADER;
+use crate::request_id::{REQUEST_ID_HEADER, RequestId};
 use crate::routes::read_limited_body;
 use crate::state::AppState;
 use crate::upstream::Route;
@@ -104,12 +104,12 @@ fn now_ms() -> i64 {
 }
 
 /// Handles one LLM request of the given protocol.
-pub async fn handle(state: AppState, protocol: Protocol, request_id: String, headers: HeaderMap, body: Body) -> Response {
+pub async fn handle(state: AppState, protocol: Protocol, request_id: RequestId, headers: HeaderMap, body: Body) -> Response {
     handle_at(state, protocol, UrlFacts::default(), request_id, headers, body).await
 }
 
 /// [`handle`], for a protocol whose URL carries request facts (Gemini: the model, streaming).
-pub async fn handle_at(state: AppState, protocol: Protocol, url: UrlFacts, request_id: String, headers: HeaderMap, body: Body) -> Response {
+pub async fn handle_at(state: AppState, protocol: Protocol, url: UrlFacts, request_id: RequestId, headers: HeaderMap, body: Body) -> Response {
     match handle_request(&state, protocol, &url, request_id, &headers, body).await {
         Ok(response) => response,
         Err(error) => {
@@ -123,7 +123,7 @@ async fn handle_request(
     state: &AppState,
     protocol: Protocol,
     url: &UrlFacts,
-    request_id: String,
+    RequestId { id: request_id, presented }: RequestId,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -172,6 +172,10 @@ async fn handle_request(
     // handler, but the hold is still settled or voided (see the module doc).
     let task = state.tasks.spawn(async move {
         let state = &task_state;
+        // The hot store remembers charged ids for a window; a client's id may be older.
+        if presented && charge::charged_in_ledger(state, &authorize_request).await {
+            return replay(state, &context, &request_id, parsed.stream).await;
+        }
         match charge::authorize(state, &authorize_request).await? {
             Authorized::Held => {}
             Authorized::AlreadyCharged => return replay(state, &context, &request_id, parsed.stream).await,

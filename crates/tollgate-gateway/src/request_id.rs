@@ -16,7 +16,11 @@ pub const REQUEST_ID_CHARS_MAX: usize = 128;
 
 /// The id of the request being handled.
 #[derive(Clone, Debug)]
-pub struct RequestId(pub String);
+pub struct RequestId {
+    pub id: String,
+    /// Sent by the client, so it may name a request charged long ago; an id made here is new.
+    pub presented: bool,
+}
 
 fn valid(id: &str) -> bool {
     !id.is_empty() && id.len() <= REQUEST_ID_CHARS_MAX && id.bytes().all(|byte| byte.is_ascii_graphic())
@@ -50,8 +54,8 @@ pub async fn assign(mut request: Request, next: Next) -> Response {
         .or_else(|| headers.get(TRACE_ID_HEADER))
         .map(|value| value.to_str().map(str::to_string));
     let request_id = match presented {
-        None => new_request_id(),
-        Some(Ok(id)) if valid(&id) && !repeated => id,
+        None => RequestId { id: new_request_id(), presented: false },
+        Some(Ok(id)) if valid(&id) && !repeated => RequestId { id, presented: true },
         Some(_) => {
             let error = ApiError::InvalidRequest(format!(
                 "X-Request-ID must be sent once, as 1 to {REQUEST_ID_CHARS_MAX} visible ASCII characters"
@@ -64,9 +68,10 @@ pub async fn assign(mut request: Request, next: Next) -> Response {
             return response;
         }
     };
-    request.extensions_mut().insert(RequestId(request_id.clone()));
+    let header = HeaderValue::from_str(&request_id.id);
+    request.extensions_mut().insert(request_id);
     let mut response = next.run(request).await;
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
+    if let Ok(value) = header {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }
     response

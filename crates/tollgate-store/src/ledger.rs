@@ -78,6 +78,9 @@ pub trait Ledger: crate::operations::Operations + Send + Sync + 'static {
         account_id: &str,
         request_id: &str,
     ) -> StoreResult<Option<StoredResponse>>;
+    /// Whether a request id has a charged (not failed) usage row for the account: the ledger
+    /// remembers every charge, the hot store only a window of them.
+    async fn request_charged(&self, account_id: &str, request_id: &str) -> StoreResult<bool>;
     /// Request ids charged for an account since a time: a hot store loading the account cold
     /// must not charge them again.
     async fn charged_request_ids_since(

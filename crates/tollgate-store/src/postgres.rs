@@ -691,6 +691,11 @@ impl Ledger for PgLedger {
             .transpose()
     }
 
+    async fn request_charged(&self, account_id: &str, request_id: &str) -> StoreResult<bool> {
+        let charged = sqlx::query(pg(crate::operations::CHARGED_ONE)).bind(account_id).bind(request_id).fetch_optional(&self.pool).await?;
+        Ok(charged.is_some())
+    }
+
     async fn charged_request_ids_since(&self, account_id: &str, since: OffsetDateTime) -> StoreResult<Vec<String>> {
         Ok(sqlx::query_scalar("SELECT request_id FROM usage_log WHERE account_id = $1 AND created_at >= $2 AND status <> 'failed'")
             .bind(account_id)

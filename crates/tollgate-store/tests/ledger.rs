@@ -225,8 +225,13 @@ async fn usage_batches_skip_duplicates_and_failures_do_not_block_retries(ledger:
         .await
         .unwrap();
     assert_eq!(outcomes, vec![RecordOutcome::Inserted, RecordOutcome::Duplicate, RecordOutcome::Inserted]);
+    // A failed attempt does not count as charged, and a request id is charged per account.
+    assert!(ledger.request_charged("a", "r1").await.unwrap());
+    assert!(!ledger.request_charged("a", "r2").await.unwrap(), "only a failed row");
+    assert!(!ledger.request_charged("b", "r1").await.unwrap());
     assert_eq!(ledger.record_usage_batch(&[with_body]).await.unwrap(), vec![RecordOutcome::Duplicate], "a re-delivered batch applies nothing");
     assert_eq!(ledger.record_usage_batch(&[event("a", "r2", 25, RequestStatus::Success)]).await.unwrap(), vec![RecordOutcome::Inserted]);
+    assert!(ledger.request_charged("a", "r2").await.unwrap());
     assert_eq!(ledger.account_balance("a").await.unwrap().unwrap().balance, Money::from_nanos(965));
     // A re-delivered charge between new ones: it is skipped, and the new ones take the next
     // ledger positions with no gap.

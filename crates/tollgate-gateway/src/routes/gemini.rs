@@ -30,7 +30,7 @@ pub struct GeminiQuery {
 /// `generateContent` and `streamGenerateContent` of one model.
 pub async fn generate(
     State(state): State<AppState>,
-    Extension(RequestId(request_id)): Extension<RequestId>,
+    Extension(request_id): Extension<RequestId>,
     model_method: Result<Path<String>, PathRejection>,
     query: Result<Query<GeminiQuery>, QueryRejection>,
     mut headers: HeaderMap,
