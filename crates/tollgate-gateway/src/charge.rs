@@ -7,9 +7,8 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tollgate_core::Money;
 use tollgate_store::hot::{
-    AccountSnapshot, Authorization, AuthorizeRequest, FundApplication, Limits, Refusal, Settlement,
+    AccountSnapshot, Authorization, AuthorizeRequest, FundApplication, Limits, RECENT_CHARGE_MS, Refusal, Settlement,
 };
-use tollgate_store::memory::CHARGED_ID_TTL_MS;
 use tollgate_store::model::UsageEvent;
 
 use crate::context::BillingContext;
@@ -71,7 +70,7 @@ pub async fn authorize(state: &AppState, request: &AuthorizeRequest) -> Result<A
 }
 
 /// Whether the ledger already has a charge for this request id, which the hot store may have
-/// forgotten (it remembers charged ids for [`CHARGED_ID_TTL_MS`]; the ledger, for good). Asked
+/// forgotten (it remembers charged ids for [`RECENT_CHARGE_MS`]; the ledger, for good). Asked
 /// for ids the client sent: an id made for this request cannot have been charged.
 ///
 /// A ledger that cannot answer leaves the hot store's window as the only check: a client
@@ -148,7 +147,7 @@ pub async fn load_account(state: &AppState, account_id: &str) -> Result<(), ApiE
         .account_balance(account_id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("account {account_id} not found")))?;
-    let since = OffsetDateTime::now_utc() - time::Duration::milliseconds(CHARGED_ID_TTL_MS);
+    let since = OffsetDateTime::now_utc() - time::Duration::milliseconds(RECENT_CHARGE_MS);
     let charged_request_ids = state.ledger.charged_request_ids_since(account_id, since).await?;
     let counters = state.ledger.counter_seed(account_id, (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64).await?;
     let snapshot = AccountSnapshot {

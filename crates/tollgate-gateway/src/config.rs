@@ -358,6 +358,12 @@ impl GatewayConfig {
         if limits.hold_ttl_ms <= limits.stream_duration_ms_max {
             return Err("limits.hold_ttl_ms must exceed limits.stream_duration_ms_max, or live streams would lose their holds".into());
         }
+        // A second settle of one request id comes within this of the first; the hot store
+        // remembers a charge that long (tollgate_store::hot::RECENT_CHARGE_MS says why).
+        let recent_ms = u64::try_from(tollgate_store::hot::RECENT_CHARGE_MS).unwrap_or(u64::MAX);
+        if limits.hold_ttl_ms.saturating_add(limits.settle_timeout_ms) >= recent_ms {
+            return Err(format!("limits.hold_ttl_ms + limits.settle_timeout_ms must stay below {recent_ms} ms, how long the hot store remembers a charge"));
+        }
         Ok(())
     }
 }
@@ -376,5 +382,13 @@ mod tests {
         assert!(services.validate().is_err_and(|error| error.contains("embedded mode only")));
         assert_eq!(GatewayConfig::default().billing, Billing::On);
         assert!(parse("billing = \"maybe\"").is_err());
+    }
+
+    #[test]
+    fn holds_must_end_before_the_hot_store_forgets_a_charge() {
+        let mut config = GatewayConfig::default();
+        assert_eq!(config.validate(), Ok(()));
+        config.limits.hold_ttl_ms = 3_580_000;
+        assert!(config.validate().is_err_and(|error| error.contains("hold_ttl_ms + limits.settle_timeout_ms")));
     }
 }

@@ -21,6 +21,15 @@ use crate::error::StoreResult;
 use crate::model::UsageEvent;
 use crate::operations::{HotAccountView, UnloggedCharge};
 
+/// How long a hot store remembers a charged request id once the ledger has the charge (and how
+/// far back a cold load reads them). The ledger remembers every charge, and the gateway asks it
+/// about ids a client sends; the hot store's record is for what the ledger cannot answer yet: a
+/// second settle of the same id, from a request authorized before the first settle (its hold
+/// had expired). Such a settle comes within `hold_ttl_ms + settle_timeout_ms` of the first,
+/// which the gateway's configuration keeps below this. Until the ledger has a charge, its
+/// record stays however long that takes (Redis: 24 h, the worker's lag it covers).
+pub const RECENT_CHARGE_MS: i64 = 60 * 60 * 1000;
+
 /// The limits that apply to one request, from the billing context. Passing them in keeps the hot
 /// store free of configuration that would need its own invalidation.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -168,7 +177,8 @@ pub struct AccountSnapshot {
     pub account_id: String,
     pub balance: Money,
     pub last_fund_seq: i64,
-    /// Request ids already charged recently: they must never be charged again.
+    /// Request ids charged in the last [`RECENT_CHARGE_MS`]: see there why earlier ones are
+    /// the ledger's to answer.
     pub charged_request_ids: Vec<String>,
     /// Quota and budget counters as the ledger last recorded them.
     pub counters: CounterSeed,

@@ -12,14 +12,11 @@ use crate::clock::{Clock, Periods};
 use crate::error::{StoreError, StoreResult};
 use crate::hot::{
     AccountSnapshot, Authorization, CounterSeed, AuthorizeRequest, BalanceView, Commitments, FundApplication,
-    HotStore, Refusal, Settlement, available, commitment_refusal,
+    HotStore, RECENT_CHARGE_MS, Refusal, Settlement, available, commitment_refusal,
 };
 use crate::model::UsageEvent;
 use crate::operations::{HotAccountView, UnloggedCharge};
 use crate::queue::ChannelLogSender;
-
-/// How long a charged request id is remembered, so a retry is never charged twice.
-pub const CHARGED_ID_TTL_MS: i64 = 24 * 60 * 60 * 1000;
 
 /// A counter that belongs to one period (minute, day or month) and resets when it changes.
 #[derive(Clone, Copy, Debug, Default)]
@@ -67,13 +64,21 @@ struct AccountState {
     held: Money,
     last_fund_seq: i64,
     holds: HashMap<String, Hold>,
-    /// Charged request id → when the record may be forgotten (ms).
+    /// Charged request id → when the record may be forgotten (ms): [`RECENT_CHARGE_MS`] after
+    /// its settle. The ledger has it by then (a settle waits for the commit; one that could not
+    /// is still in `unlogged`, which counts as charged too).
     charged: HashMap<String, i64>,
     requests_today: PeriodCount<u64>,
     requests_this_month: PeriodCount<u64>,
     keys: HashMap<String, KeyState>,
     /// Settled request id → cost, until the ledger has committed the charge.
     unlogged: HashMap<String, Money>,
+}
+
+impl AccountState {
+    fn already_charged(&self, request_id: &str) -> bool {
+        self.charged.contains_key(request_id) || self.unlogged.contains_key(request_id)
+    }
 }
 
 /// Starts a freshly loaded account's counters from the ledger's, for the periods still current.
@@ -132,7 +137,7 @@ fn refusal(
     request: &AuthorizeRequest,
     periods: &Periods,
 ) -> StoreResult<Option<Refusal>> {
-    if account.charged.contains_key(&request.request_id) {
+    if account.already_charged(&request.request_id) {
         return Ok(Some(Refusal::AlreadyCharged));
     }
     if account.holds.contains_key(&request.request_id) {
@@ -220,7 +225,7 @@ impl HotStore for MemoryHotStore {
                 entity: "hot account",
                 id: event.account_id.clone(),
             })?;
-            if account.charged.contains_key(&event.request_id) {
+            if account.already_charged(&event.request_id) {
                 let balance = account.balance;
                 return Ok(Settlement { balance_before: balance, balance_after: balance, already_settled: true });
             }
@@ -247,7 +252,7 @@ impl HotStore for MemoryHotStore {
             account.holds.remove(&event.request_id);
             account.held = held_after;
             account.balance = balance_after;
-            account.charged.insert(event.request_id.clone(), now_ms.saturating_add(CHARGED_ID_TTL_MS));
+            account.charged.insert(event.request_id.clone(), now_ms.saturating_add(RECENT_CHARGE_MS));
             if event.cost.is_positive() {
                 account.unlogged.insert(event.request_id.clone(), event.cost);
             }
@@ -309,7 +314,7 @@ impl HotStore for MemoryHotStore {
         if accounts.contains_key(&snapshot.account_id) {
             return Ok(false);
         }
-        let forget_at_ms = now_ms.saturating_add(CHARGED_ID_TTL_MS);
+        let forget_at_ms = now_ms.saturating_add(RECENT_CHARGE_MS);
         let mut account = AccountState {
             balance: snapshot.balance,
             last_fund_seq: snapshot.last_fund_seq,
@@ -496,6 +501,39 @@ mod tests {
 
     async fn view(store: &MemoryHotStore) -> BalanceView {
         store.balance("a", "k").await.unwrap().unwrap()
+    }
+
+    /// Charged ids are kept RECENT_CHARGE_MS after their settle (the ledger answers for older
+    /// ones, asked by the gateway); a charge the ledger has not committed is kept however long.
+    #[tokio::test]
+    async fn charged_ids_are_kept_for_the_recent_window_and_until_committed() {
+        let (store, now, _) = store();
+        loaded(&store, 100).await;
+        assert!(matches!(store.authorize(&request("r", 10)).await.unwrap(), Authorization::Held { .. }));
+        store.settle(event("r", 10, RequestStatus::Success)).await.unwrap();
+        now.fetch_add(RECENT_CHARGE_MS - 1, Ordering::SeqCst);
+        store.expire_holds().await.unwrap();
+        assert_eq!(store.authorize(&request("r", 10)).await.unwrap(), Authorization::Refused(Refusal::AlreadyCharged));
+        now.fetch_add(1, Ordering::SeqCst);
+        store.expire_holds().await.unwrap();
+        for id in ["r", "old"] {
+            assert!(matches!(store.authorize(&request(id, 10)).await.unwrap(), Authorization::Held { .. }), "{id} is the ledger's to answer now");
+        }
+
+        // A log nobody commits: the settle gives up waiting (as the gateway's timeout does), the
+        // charge stays unlogged, and its id stays charged past the window.
+        let now = Arc::new(AtomicI64::new(1_769_903_970_000));
+        let clock_now = Arc::clone(&now);
+        let (sender, _uncommitted) = channel_log(16);
+        let store = MemoryHotStore::new(sender, Arc::new(move || clock_now.load(Ordering::SeqCst)));
+        loaded(&store, 100).await;
+        assert!(matches!(store.authorize(&request("stuck", 10)).await.unwrap(), Authorization::Held { .. }));
+        let settle = tokio::time::timeout(std::time::Duration::from_millis(50), store.settle(event("stuck", 10, RequestStatus::Success)));
+        assert!(settle.await.is_err(), "no commit comes");
+        now.fetch_add(RECENT_CHARGE_MS + 1, Ordering::SeqCst);
+        store.expire_holds().await.unwrap();
+        assert_eq!(store.authorize(&request("stuck", 10)).await.unwrap(), Authorization::Refused(Refusal::AlreadyCharged));
+        assert_eq!(view(&store).await.balance, Money::from_nanos(90), "charged once");
     }
 
     #[tokio::test]

@@ -486,34 +486,41 @@ async fn period_counters_always_carry_their_ttl() {
     }
 }
 
-/// A response kept for replay stays in Redis only until the ledger has it: the worker's ack
-/// trims the idempotency record to "1", keeping its TTL, and the request stays charged. What
-/// is not acknowledged (not in the ledger) keeps its body.
+/// A charge's record in Redis outlives the worker's lag (24 h) until the ledger has the charge;
+/// the worker's ack then leaves "1" for `RECENT_CHARGE_MS` (1 h): without the response body, which
+/// a replay reads from the ledger, and with the TTL after which the ledger alone answers. A
+/// record loaded from the ledger gets the same 1 h. What is not acknowledged keeps its body.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_acknowledged_charge_keeps_its_record_but_not_its_body() {
+async fn an_acknowledged_charge_keeps_a_recent_record_without_its_body() {
     let (store, keys) = one_shard_store("s").await;
     let config = RedisLogConfig { consumer: "trimmer".into(), poll_idle_ms: 10, claim_idle_ms: 60_000, deliveries_max: 3 };
     let body = StoredResponse { status: 200, content_type: "application/json".into(), body: br#"{"id":"chatcmpl-1"}"#.to_vec() };
-    for id in ["kept", "written"] {
+    for id in ["kept", "written", "streamed"] {
         assert!(held(&store.authorize(&request("s", id, 10)).await.unwrap()));
-        store.settle(UsageEvent { stored_response: Some(body.clone()), ..event("s", id, 10, RequestStatus::Success) }).await.unwrap();
-        assert_eq!(store.stored_response("s", id).await.unwrap(), Some(body.clone()), "replayable before the ledger has it");
+        let stored_response = (id != "streamed").then(|| body.clone());
+        store.settle(UsageEvent { stored_response: stored_response.clone(), ..event("s", id, 10, RequestStatus::Success) }).await.unwrap();
+        assert_eq!(store.stored_response("s", id).await.unwrap(), stored_response, "{id}: replayable before the ledger has it");
     }
     let log = RedisLog::new(store.connection(), keys.clone(), config, CancellationToken::new()).await.unwrap();
-    let (written, kept): (Vec<_>, Vec<_>) = log.read_batch(10).await.unwrap().into_iter().partition(|delivery| delivery.event.request_id == "written");
-    assert_eq!((written.len(), kept.len()), (1, 1));
-    log.ack(written).await.unwrap();
+    let (acknowledged, kept): (Vec<_>, Vec<_>) = log.read_batch(10).await.unwrap().into_iter().partition(|delivery| delivery.event.request_id != "kept");
+    assert_eq!((acknowledged.len(), kept.len()), (2, 1));
+    log.ack(acknowledged).await.unwrap();
 
     let mut connection = store.connection();
-    let record: String = redis::cmd("GET").arg(keys.charged_key("s", "written")).query_async(&mut connection).await.unwrap();
-    assert_eq!(record, "1", "the body is gone from Redis once acknowledged");
-    let ttl_ms: i64 = redis::cmd("PTTL").arg(keys.charged_key("s", "written")).query_async(&mut connection).await.unwrap();
-    assert!(ttl_ms > 86_000_000 && ttl_ms <= 86_400_000, "the record keeps its 24 h TTL: {ttl_ms} ms");
+    let recent_ms = tollgate_store::hot::RECENT_CHARGE_MS;
+    for id in ["written", "streamed", "old"] {
+        let record: String = redis::cmd("GET").arg(keys.charged_key("s", id)).query_async(&mut connection).await.unwrap();
+        assert_eq!(record, "1", "{id}: no body once the ledger has it");
+        let ttl_ms: i64 = redis::cmd("PTTL").arg(keys.charged_key("s", id)).query_async(&mut connection).await.unwrap();
+        assert!(ttl_ms > recent_ms - 60_000 && ttl_ms <= recent_ms, "{id}: the record lives RECENT_CHARGE_MS more: {ttl_ms} ms");
+        assert_eq!(store.authorize(&request("s", id, 10)).await.unwrap(), Authorization::Refused(Refusal::AlreadyCharged), "{id}");
+    }
     assert_eq!(store.stored_response("s", "written").await.unwrap(), None, "a replay now reads the ledger");
-    assert_eq!(store.authorize(&request("s", "written", 10)).await.unwrap(), Authorization::Refused(Refusal::AlreadyCharged));
     assert_eq!(store.stored_response("s", "kept").await.unwrap(), Some(body), "what is not in the ledger keeps its body");
+    let ttl_ms: i64 = redis::cmd("PTTL").arg(keys.charged_key("s", "kept")).query_async(&mut connection).await.unwrap();
+    assert!(ttl_ms > 86_000_000 && ttl_ms <= 86_400_000, "a queued charge's record covers the worker's lag: {ttl_ms} ms");
     let missing: Option<String> = redis::cmd("GET").arg(keys.charged_key("s", "never")).query_async(&mut connection).await.unwrap();
-    assert_eq!(missing, None);
+    assert_eq!(missing, None, "the ack never creates a record");
     log.ack(kept).await.unwrap();
 }
 

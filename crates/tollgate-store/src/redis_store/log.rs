@@ -16,7 +16,8 @@ use tollgate_core::Money;
 
 use super::{CONSUMER_GROUP, Connection, KeySpace};
 use crate::error::{StoreError, StoreResult};
-use crate::model::UsageEvent;
+use crate::hot::RECENT_CHARGE_MS;
+use crate::model::{RequestStatus, UsageEvent};
 use crate::queue::{Delivery, EventLog, Receipt};
 
 /// Limits of the stream reader.
@@ -275,31 +276,31 @@ impl EventLog for RedisLog {
     }
 
     async fn ack(&self, deliveries: Vec<Delivery>) -> StoreResult<()> {
-        // Per shard: the entries, and the idempotency records that still hold a response body.
+        // Per shard: the entries, and the idempotency records of their charges.
         let mut by_shard: BTreeMap<u16, (Vec<String>, Vec<String>)> = BTreeMap::new();
         for delivery in deliveries {
             if let Receipt::Stream { shard, entry_id } = delivery.receipt {
-                let (entry_ids, stored) = by_shard.entry(shard).or_default();
+                let (entry_ids, charged) = by_shard.entry(shard).or_default();
                 entry_ids.push(entry_id);
-                if delivery.event.stored_response.is_some() {
-                    stored.push(self.keys.charged_key(&delivery.event.account_id, &delivery.event.request_id));
+                if delivery.event.status != RequestStatus::Failed {
+                    charged.push(self.keys.charged_key(&delivery.event.account_id, &delivery.event.request_id));
                 }
             }
         }
         let mut connection = self.connection.clone();
-        for (shard, (entry_ids, stored)) in by_shard {
+        for (shard, (entry_ids, charged)) in by_shard {
             let stream = self.keys.stream(shard);
             // Acknowledged entries are in the ledger; the stream need not keep them. One
             // MULTI/EXEC: an entry acknowledged but left in the stream would be read by no
             // consumer again yet still look unlogged to whoever scans the stream.
             let mut pipeline = redis::pipe();
             pipeline.atomic().xack(&stream, CONSUMER_GROUP, &entry_ids).xdel(&stream, &entry_ids);
-            // The ledger now has each stored response, and a replay falls back to it: the
-            // idempotency record keeps only "1" for the rest of its 24 h. The bodies were most
-            // of what Redis kept per request (`SET … XX KEEPTTL`: never creates a record, never
-            // extends one).
-            for key in &stored {
-                pipeline.cmd("SET").arg(key).arg("1").arg("XX").arg("KEEPTTL").ignore();
+            // The ledger now has each charge and its stored response, and answers for them
+            // (hot::RECENT_CHARGE_MS says why the record stays that long and no longer): the
+            // record keeps "1", without the body that was most of what Redis kept per request.
+            // `XX`: never creates a record.
+            for key in &charged {
+                pipeline.cmd("SET").arg(key).arg("1").arg("XX").arg("PX").arg(RECENT_CHARGE_MS).ignore();
             }
             let _: (i64, i64) = pipeline.query_async(&mut connection).await.map_err(unavailable)?;
             // Only now: if the acknowledgement failed, the entries stay in flight, so this

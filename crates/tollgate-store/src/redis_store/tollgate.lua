@@ -9,8 +9,9 @@ Keys (B = key base, A = account id, K = key id, R = request id):
   B:acct:A                 hash  balance, held, fund_seq          no TTL: the hot balance is state
   B:holds:A                hash  R -> "amount|K|day|month"         no TTL: released by settle/void/expire
   B:hold_expiry            zset  "A\nR" scored by expiry (ms)      no TTL: emptied by expire
-  B:charged:A:R            "1", or the stored response to replay   TTL 24 h: idempotency; the worker's
-                           until the ledger has it                 ack sets it to "1" (KEEPTTL)
+  B:charged:A:R            "1", or the stored response to replay   TTL 24 h while queued; the worker's
+                           until the ledger has it                 ack sets "1" with TTL 1 h (hot.rs
+                                                                   RECENT_CHARGE_MS); a load, 1 h
   B:day:A:<day>, B:month:A:<month>        request counters          TTL past their period
   B:key:K                  hash  held, spent_total                 no TTL: a budget never resets
   B:key:K:spent_day:<day>, B:key:K:spent_month:<month>             TTL past their period
@@ -24,7 +25,10 @@ Time comes from the server's TIME, periods are UTC (as crates/tollgate-store/src
 --]]
 
 local MONEY_MAX = 9007199254740992
-local CHARGED_TTL_MS = 86400000
+-- A charge's record outlives the worker's lag (24 h) until the ledger has it; a record loaded
+-- from the ledger lives RECENT_CHARGE_MS (crates/tollgate-store/src/hot.rs), as the ack leaves it.
+local QUEUED_CHARGE_TTL_MS = 86400000
+local RECENT_CHARGE_MS = 3600000
 
 local function now_ms()
   local time = redis.call('TIME')
@@ -185,7 +189,7 @@ function operations.settle(base, argv)
   count(spent_month, cost, 32 * 86400000)
   local stored = argv[8]
   if stored == nil or stored == '' then stored = '1' end
-  redis.call('SET', charged_key, stored, 'PX', CHARGED_TTL_MS)
+  redis.call('SET', charged_key, stored, 'PX', QUEUED_CHARGE_TTL_MS)
   redis.call('XADD', base .. ':usage', '*', 'event', event, 'hot_balance_after', string.format('%d', after))
   return {'settled', string.format('%d', before), string.format('%d', after)}
 end
@@ -254,7 +258,7 @@ function operations.load(base, argv)
     next = next + 4
   end
   for index = next, #argv do
-    redis.call('SET', base .. ':charged:' .. account .. ':' .. argv[index], '1', 'PX', CHARGED_TTL_MS)
+    redis.call('SET', base .. ':charged:' .. account .. ':' .. argv[index], '1', 'PX', RECENT_CHARGE_MS)
   end
   return 1
 end
