@@ -3,7 +3,7 @@
 //! await: a settle updates the state under the lock, then waits for the ledger commit outside it.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use tollgate_core::Money;
@@ -17,6 +17,7 @@ use crate::hot::{
 use crate::model::UsageEvent;
 use crate::operations::{HotAccountView, UnloggedCharge};
 use crate::queue::ChannelLogSender;
+use tokio::sync::oneshot;
 
 /// A counter that belongs to one period (minute, day or month) and resets when it changes.
 #[derive(Clone, Copy, Debug, Default)]
@@ -104,14 +105,14 @@ fn seed_counters(account: &mut AccountState, seed: &CounterSeed, periods: &Perio
 
 /// The embedded hot store. Settled events go to the embedded usage log.
 pub struct MemoryHotStore {
-    accounts: Mutex<HashMap<String, AccountState>>,
+    accounts: Arc<Mutex<HashMap<String, AccountState>>>,
     log: ChannelLogSender,
     clock: Clock,
 }
 
 impl MemoryHotStore {
     pub fn new(log: ChannelLogSender, clock: Clock) -> MemoryHotStore {
-        MemoryHotStore { accounts: Mutex::new(HashMap::new()), log, clock }
+        MemoryHotStore { accounts: Arc::new(Mutex::new(HashMap::new())), log, clock }
     }
 
     fn lock(&self) -> StoreResult<std::sync::MutexGuard<'_, HashMap<String, AccountState>>> {
@@ -120,6 +121,51 @@ impl MemoryHotStore {
         self.accounts
             .lock()
             .map_err(|_| StoreError::Corrupt("hot store lock poisoned".into()))
+    }
+}
+
+/// A settled charge waiting for its ledger commit, after which it leaves `unlogged`. If the
+/// settle is cancelled first (the gateway's settle timeout), the wait goes on in a task of its
+/// own: the charge stays unlogged until it is committed, and no longer (an entry left behind
+/// would keep its id charged and block the account's balance repairs for good).
+struct PendingCommit {
+    accounts: Arc<Mutex<HashMap<String, AccountState>>>,
+    account_id: String,
+    request_id: String,
+    committed: Option<oneshot::Receiver<()>>,
+}
+
+impl PendingCommit {
+    async fn wait(mut self) -> StoreResult<()> {
+        let Some(committed) = self.committed.as_mut() else { return Ok(()) };
+        let result = committed.await;
+        self.committed = None;
+        result.map_err(|_| StoreError::Unavailable("worker stopped before committing the charge".into()))?;
+        forget_unlogged(&self.accounts, &self.account_id, &self.request_id);
+        Ok(())
+    }
+}
+
+impl Drop for PendingCommit {
+    fn drop(&mut self) {
+        let Some(committed) = self.committed.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let accounts = Arc::clone(&self.accounts);
+        let (account_id, request_id) = (std::mem::take(&mut self.account_id), std::mem::take(&mut self.request_id));
+        runtime.spawn(async move {
+            // An error means the worker stopped first: not committed, so it stays unlogged.
+            if committed.await.is_ok() {
+                forget_unlogged(&accounts, &account_id, &request_id);
+            }
+        });
+    }
+}
+
+fn forget_unlogged(accounts: &Mutex<HashMap<String, AccountState>>, account_id: &str, request_id: &str) {
+    if let Ok(mut accounts) = accounts.lock()
+        && let Some(account) = accounts.get_mut(account_id)
+    {
+        account.unlogged.remove(request_id);
     }
 }
 
@@ -217,6 +263,9 @@ impl HotStore for MemoryHotStore {
         if event.cost.is_negative() {
             return Err(StoreError::Invalid(format!("negative cost for request {}", event.request_id)));
         }
+        // The event's place in the log first: a settle cancelled while the log is full has
+        // changed nothing, and one past this point cannot lose its event.
+        let slot = self.log.reserve().await?;
         let now_ms = (self.clock)();
         let periods = Periods::at(now_ms);
         let settlement = {
@@ -261,19 +310,14 @@ impl HotStore for MemoryHotStore {
         };
         event.hot_balance_after = settlement.balance_after;
         let (account_id, request_id) = (event.account_id.clone(), event.request_id.clone());
-        let committed = self.log.append(event, true).await?;
-        if let Some(committed) = committed {
-            committed
-                .await
-                .map_err(|_| StoreError::Unavailable("worker stopped before committing the charge".into()))?;
-        }
-        if let Some(account) = self.lock()?.get_mut(&account_id) {
-            account.unlogged.remove(&request_id);
+        if let Some(committed) = slot.append(event, true) {
+            PendingCommit { accounts: Arc::clone(&self.accounts), account_id, request_id, committed: Some(committed) }.wait().await?;
         }
         Ok(settlement)
     }
 
     async fn void(&self, event: UsageEvent) -> StoreResult<()> {
+        let slot = self.log.reserve().await?;
         let periods = Periods::at((self.clock)());
         {
             let mut accounts = self.lock()?;
@@ -281,7 +325,7 @@ impl HotStore for MemoryHotStore {
             let Some(hold) = account.holds.remove(&event.request_id) else { return Ok(()) };
             release(account, &hold, &periods)?;
         }
-        let _ = self.log.append(event, false).await?;
+        let _ = slot.append(event, false);
         Ok(())
     }
 
@@ -534,6 +578,48 @@ mod tests {
         store.expire_holds().await.unwrap();
         assert_eq!(store.authorize(&request("stuck", 10)).await.unwrap(), Authorization::Refused(Refusal::AlreadyCharged));
         assert_eq!(view(&store).await.balance, Money::from_nanos(90), "charged once");
+    }
+
+    /// The gateway gives up on a settle after `settle_timeout_ms`. Cancelled while the log is
+    /// full, a settle has changed nothing (its event cannot be lost after a charge); cancelled
+    /// while it waits for the commit, its charge still leaves `unlogged` once committed.
+    #[tokio::test]
+    async fn a_cancelled_settle_loses_no_event_and_leaves_nothing_unlogged() {
+        let now = Arc::new(AtomicI64::new(1_769_903_970_000));
+        let clock_now = Arc::clone(&now);
+        let (sender, log) = channel_log(1);
+        let store = Arc::new(MemoryHotStore::new(sender, Arc::new(move || clock_now.load(Ordering::SeqCst))));
+        loaded(&store, 100).await;
+        for id in ["a", "b"] {
+            assert!(matches!(store.authorize(&request(id, 10)).await.unwrap(), Authorization::Held { .. }));
+        }
+        let short = std::time::Duration::from_millis(50);
+        assert!(tokio::time::timeout(short, store.settle(event("a", 10, RequestStatus::Success))).await.is_err(), "a waits for its commit");
+        assert!(tokio::time::timeout(short, store.settle(event("b", 20, RequestStatus::Success))).await.is_err(), "b waits for a place");
+        let seen = view(&store).await;
+        assert_eq!((seen.balance, seen.held), (Money::from_nanos(90), Money::from_nanos(10)), "only a is charged; b still holds");
+
+        let batch = log.read_batch(10).await.unwrap();
+        assert_eq!(batch.iter().map(|delivery| delivery.event.request_id.as_str()).collect::<Vec<_>>(), vec!["a"]);
+        assert_eq!(store.unlogged_charges().await.unwrap().len(), 1);
+        log.ack(batch).await.unwrap();
+        let started = std::time::Instant::now();
+        while !store.unlogged_charges().await.unwrap().is_empty() {
+            assert!(started.elapsed() < std::time::Duration::from_secs(1), "a's commit took it out of unlogged");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+
+        let settling = tokio::spawn({
+            let store = Arc::clone(&store);
+            async move { store.settle(event("b", 20, RequestStatus::Success)).await.unwrap() }
+        });
+        let batch = log.read_batch(10).await.unwrap();
+        assert_eq!(batch.len(), 1);
+        log.ack(batch).await.unwrap();
+        assert!(!settling.await.unwrap().already_settled);
+        let seen = view(&store).await;
+        assert_eq!((seen.balance, seen.held), (Money::from_nanos(70), Money::ZERO), "b charged once, when it settled again");
+        assert!(store.unlogged_charges().await.unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -69,27 +69,35 @@ pub fn channel_log(capacity: usize) -> (ChannelLogSender, ChannelLog) {
 }
 
 impl ChannelLogSender {
-    /// Appends an event; when `durable` the returned receiver fires once it is committed.
+    /// Takes a place in the log for one event; waits while the log is full. Taken before the
+    /// hot state changes, so that a caller cancelled while it waits has changed nothing, and one
+    /// that got its place cannot lose the event after changing the state.
     ///
     /// # Errors
     /// `Unavailable` when the worker is gone (the process is shutting down).
-    pub async fn append(
-        &self,
-        event: UsageEvent,
-        durable: bool,
-    ) -> StoreResult<Option<oneshot::Receiver<()>>> {
+    pub async fn reserve(&self) -> StoreResult<LogSlot<'_>> {
+        let permit = self.sender.reserve().await.map_err(|_| StoreError::Unavailable("usage log closed: worker stopped".into()))?;
+        Ok(LogSlot { permit })
+    }
+}
+
+/// A place in the embedded log, held between [`ChannelLogSender::reserve`] and the append.
+pub struct LogSlot<'a> {
+    permit: mpsc::Permit<'a, Delivery>,
+}
+
+impl LogSlot<'_> {
+    /// Appends the event, at once; when `durable` the returned receiver fires once it is
+    /// committed.
+    pub fn append(self, event: UsageEvent, durable: bool) -> Option<oneshot::Receiver<()>> {
         let (sender, receiver) = if durable {
             let (sender, receiver) = oneshot::channel();
             (Some(sender), Some(receiver))
         } else {
             (None, None)
         };
-        let delivery = Delivery { event, receipt: Receipt::Channel(sender) };
-        self.sender
-            .send(delivery)
-            .await
-            .map_err(|_| StoreError::Unavailable("usage log closed: worker stopped".into()))?;
-        Ok(receiver)
+        self.permit.send(Delivery { event, receipt: Receipt::Channel(sender) });
+        receiver
     }
 }
 
