@@ -79,6 +79,7 @@ conformance!(
     accounts_on_every_shard_work,
     two_loaders_racing_load_once,
     a_cold_load_starts_from_the_ledger_counters,
+    a_cold_load_remembers_every_charged_id,
 );
 
 async fn load(store: &dyn HotStore, account: &str, balance: i64) {
@@ -282,6 +283,20 @@ async fn stream_log_delivers_once_and_survives_consumer_crashes(url: &str) {
         stop.cancel();
     });
     assert!(second.read_batch(100).await.unwrap().is_empty());
+}
+
+/// A busy account's last hour of charged ids goes in over several calls (Redis:
+/// `LOAD_IDS_PER_CALL` per call): every one of them is refused afterwards, the first and the last.
+async fn a_cold_load_remembers_every_charged_id(store: Arc<dyn HotStore>) {
+    let count = 2 * tollgate_store::redis_store::LOAD_IDS_PER_CALL + 7;
+    let charged_request_ids: Vec<String> = (0..count).map(|index| format!("charged-{index}")).collect();
+    let snapshot = AccountSnapshot { account_id: "busy".into(), balance: Money::from_nanos(1_000), last_fund_seq: 0, charged_request_ids, counters: CounterSeed::default() };
+    assert!(store.load_account(snapshot).await.unwrap());
+    for index in [0, count / 2, count - 1] {
+        let refused = store.authorize(&request("busy", &format!("charged-{index}"), 10)).await.unwrap();
+        assert_eq!(refused, Authorization::Refused(Refusal::AlreadyCharged), "charged-{index}");
+    }
+    assert!(held(&store.authorize(&request("busy", "new", 10)).await.unwrap()));
 }
 
 /// Cold start: two gateways loading the same account at once must not double its balance.

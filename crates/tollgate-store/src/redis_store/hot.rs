@@ -19,6 +19,9 @@ use crate::operations::{HotAccountView, UnloggedCharge};
 
 /// Holds released per shard per sweep call at most.
 const EXPIRE_BATCH_MAX: u32 = 1_000;
+/// Charged request ids per call when an account is loaded: a busy account's last hour can be
+/// millions, and one script call blocks Redis for all of it (about 5 µs per id).
+pub const LOAD_IDS_PER_CALL: usize = 1_000;
 /// Accounts read per pipeline by `hot_views`.
 const VIEW_PIPELINE_MAX: usize = 1_000;
 /// Stream entries read per XRANGE by `unlogged_charges`.
@@ -248,9 +251,21 @@ impl HotStore for RedisHotStore {
             arguments.push(&key.api_key_id);
             arguments.extend(spent.iter().map(String::as_str));
         }
-        arguments.extend(snapshot.charged_request_ids.iter().map(String::as_str));
-        let reply = texts(self.call(&self.account_key(&base, &snapshot.account_id), &arguments).await?)?;
-        Ok(number(&reply, 0)? == 1)
+        let account_key = self.account_key(&base, &snapshot.account_id);
+        let mut chunks = snapshot.charged_request_ids.chunks(LOAD_IDS_PER_CALL);
+        arguments.extend(chunks.next().unwrap_or_default().iter().map(String::as_str));
+        let reply = texts(self.call(&account_key, &arguments).await?)?;
+        if number(&reply, 0)? != 1 {
+            return Ok(false);
+        }
+        // The account serves from here on. Until the rest of its ids are in, the gateway's ledger
+        // lookup still refuses a retry of one (hot::RECENT_CHARGE_MS).
+        for chunk in chunks {
+            let mut arguments = vec!["remember", base.as_str(), snapshot.account_id.as_str()];
+            arguments.extend(chunk.iter().map(String::as_str));
+            self.call(&account_key, &arguments).await?;
+        }
+        Ok(true)
     }
 
     async fn apply_fund(&self, account_id: &str, fund_ledger_seq: i64, amount: Money) -> StoreResult<FundApplication> {

@@ -12,7 +12,7 @@
 mod hot;
 mod log;
 
-pub use hot::RedisHotStore;
+pub use hot::{LOAD_IDS_PER_CALL, RedisHotStore};
 pub use log::{Backlog, RedisLog, RedisLogConfig, backlog};
 
 use std::time::Duration;
