@@ -248,11 +248,23 @@ async fn postgres_stopped_30_s_under_load_fails_no_request_and_all_usage_lands()
             .await;
         assert_eq!(status, 503, "{error}");
         assert_eq!(error["error"]["code"], "billing_unavailable");
+        // A request whose id the client names is served too: the ledger cannot say whether the
+        // id was charged before the hot store's window, so the window decides, after at most
+        // `ledger_lookup_timeout_ms` (not the pool's 10 s wait for a connection). Its retry is
+        // replayed from Redis.
+        let asked_at = std::time::Instant::now();
+        let named = gateway.chat(&key, chat_body("named"), Some("named-during-outage")).await;
+        assert_eq!(named.status(), 200, "a client-named request while the ledger is away");
+        assert!(asked_at.elapsed() < Duration::from_secs(5), "served without waiting for the pool: {:?}", asked_at.elapsed());
+        let retry = gateway.chat(&key, chat_body("named"), Some("named-during-outage")).await;
+        assert_eq!(retry.status(), 200);
+        assert_eq!(retry.headers()["idempotent-replayed"], "true");
         tokio::time::sleep_until(down_at + outage).await;
         postgres.pg_ctl_start().await;
     };
     let (served, ()) = tokio::join!(futures_util::future::try_join_all(clients), fault);
-    let served: u64 = served.expect("no request fails while PostgreSQL is away").iter().sum::<u64>() + 1;
+    // The first request before the load, and the named one.
+    let served: u64 = served.expect("no request fails while PostgreSQL is away").iter().sum::<u64>() + 2;
 
     // Every charge reaches the ledger, once: the usage rows are exactly the served requests.
     let statement = gateway.assert_ledger_sound(&account).await;

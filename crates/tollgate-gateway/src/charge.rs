@@ -11,6 +11,7 @@ use tollgate_store::hot::{
 };
 use tollgate_store::model::UsageEvent;
 
+use crate::config::Billing;
 use crate::context::BillingContext;
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -73,20 +74,39 @@ pub async fn authorize(state: &AppState, request: &AuthorizeRequest) -> Result<A
 /// forgotten (it remembers charged ids for [`RECENT_CHARGE_MS`]; the ledger, for good). Asked
 /// for ids the client sent: an id made for this request cannot have been charged.
 ///
-/// A ledger that cannot answer leaves the hot store's window as the only check: a client
-/// reusing an id older than the window while the ledger is away is charged in the hot store,
-/// its row is refused as a duplicate and the reconciliation reports the drift. Refusing every
-/// client-named request for a ledger outage would stop what services mode is built to serve.
+/// A ledger that cannot answer within `ledger_lookup_timeout_ms` leaves the hot store's window
+/// as the only check, and the lookups pause for [`LEDGER_LOOKUP_PAUSE_MS`] so that an outage
+/// costs one request a second that wait, not every one. A client reusing an id older than the
+/// window while the ledger is away is then charged in the hot store, its row is refused as a
+/// duplicate and the reconciliation reports the drift. Refusing every client-named request for
+/// a ledger outage would stop what services mode is built to serve.
 pub async fn charged_in_ledger(state: &AppState, request: &AuthorizeRequest) -> bool {
-    match state.ledger.request_charged(&request.account_id, &request.request_id).await {
-        Ok(charged) => charged,
-        Err(error) => {
-            metrics::counter!("tollgate_idempotency_ledger_unchecked_total").increment(1);
-            tracing::warn!(%error, request_id = request.request_id, "the ledger could not say whether this request id was charged; the hot store's window decides");
-            false
-        }
+    if state.config.billing == Billing::Off {
+        return false;
     }
+    let now_ms = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+    let now_ms = i64::try_from(now_ms).unwrap_or(i64::MAX);
+    let paused_until_ms = state.ledger_lookups_paused_until_ms.load(std::sync::atomic::Ordering::Relaxed);
+    let reason = if now_ms < paused_until_ms {
+        "paused after a failed lookup".to_string()
+    } else {
+        let timeout = Duration::from_millis(state.config.limits.ledger_lookup_timeout_ms);
+        match tokio::time::timeout(timeout, state.ledger.request_charged(&request.account_id, &request.request_id)).await {
+            Ok(Ok(charged)) => return charged,
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => format!("no answer within {} ms", timeout.as_millis()),
+        }
+    };
+    if now_ms >= paused_until_ms {
+        state.ledger_lookups_paused_until_ms.store(now_ms.saturating_add(LEDGER_LOOKUP_PAUSE_MS), std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(reason, request_id = request.request_id, "the ledger could not say whether a client-sent request id was charged; the hot store's window decides");
+    }
+    metrics::counter!("tollgate_idempotency_ledger_unchecked_total").increment(1);
+    false
 }
+
+/// How long ledger lookups of request ids pause after one failed.
+pub const LEDGER_LOOKUP_PAUSE_MS: i64 = 1_000;
 
 fn refusal_reason(refusal: &Refusal) -> &'static str {
     match refusal {

@@ -37,6 +37,9 @@ pub struct LimitsConfig {
     pub hold_sweep_interval_ms: u64,
     /// Longest a settle waits for its charge to become durable.
     pub settle_timeout_ms: u64,
+    /// Longest the ledger may take to say whether a request id the client sent was charged
+    /// before; past it (the ledger away or slow) the hot store's window decides.
+    pub ledger_lookup_timeout_ms: u64,
     /// On SIGTERM, how long in-flight requests and streams may run on before the process gives
     /// up on them (their holds then expire).
     pub shutdown_drain_ms: u64,
@@ -62,6 +65,7 @@ impl Default for LimitsConfig {
             usage_log_events_max: 65_536,
             hold_sweep_interval_ms: 10_000,
             settle_timeout_ms: 30_000,
+            ledger_lookup_timeout_ms: 250,
             shutdown_drain_ms: 30_000,
             startup_wait_ms: 60_000,
         }
@@ -333,6 +337,7 @@ impl GatewayConfig {
             ("usage_log_events_max", limits.usage_log_events_max as u64),
             ("hold_sweep_interval_ms", limits.hold_sweep_interval_ms),
             ("settle_timeout_ms", limits.settle_timeout_ms),
+            ("ledger_lookup_timeout_ms", limits.ledger_lookup_timeout_ms),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, value)| *value == 0) {
             return Err(format!("limits.{name} must be positive"));

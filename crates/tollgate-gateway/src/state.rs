@@ -33,6 +33,8 @@ pub struct Shared {
     /// for them here.
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
+    /// Until when (ms since the epoch) ledger lookups of request ids are skipped after one failed.
+    pub ledger_lookups_paused_until_ms: std::sync::atomic::AtomicI64,
 }
 
 impl std::ops::Deref for AppState {
@@ -78,6 +80,7 @@ impl AppState {
             metrics: crate::metrics::handle(),
             tasks,
             shutdown,
+            ledger_lookups_paused_until_ms: std::sync::atomic::AtomicI64::new(0),
         })))
     }
 
