@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use tollgate_core::{Money, Usage, UsageSource};
 use tollgate_store::Ledger;
-use tollgate_store::model::{AccountKind, NewAccount, RequestStatus, UsageEvent};
+use tollgate_store::model::{AccountKind, NewAccount, RequestStatus, StoredResponse, UsageEvent};
 use tollgate_store::postgres::PgLedger;
 use tollgate_store::sqlite::SqliteLedger;
 
@@ -38,6 +38,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             })
             .await?;
     }
+    let body = format!(r#"{{"id":"chatcmpl-0","object":"chat.completion","model":"demo-gpt","choices":[{{"index":0,"message":{{"role":"assistant","content":"{}"}},"finish_reason":"stop"}}],"usage":{{"prompt_tokens":14,"completion_tokens":16,"total_tokens":30}}}}"#, "hello ".repeat(16)).into_bytes();
     let all: Vec<UsageEvent> = (0..events)
         .map(|index| UsageEvent {
             request_id: format!("r{index}"),
@@ -54,7 +55,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             latency_ms: 2,
             created_at_ms: 1_769_903_970_000,
             hot_balance_after: Money::ZERO,
-            stored_response: None,
+            // A chat completion's body, as embedded mode stores for every non-streaming charge.
+            stored_response: Some(StoredResponse { status: 200, content_type: "application/json".into(), body: body.clone() }),
         })
         .collect();
     let started = Instant::now();

@@ -25,8 +25,8 @@ use crate::model::{
     TopUpStatus, UsageEvent, UsageQuery, UsageRow,
 };
 use crate::sql_rows::{
-    Fields, SUMMARY_SELECT, account_from, allowed_models_text, apply_patch, check_fund_direction, checked_add, fund_from,
-    key_from, kind_text, merge_statement, money, ms_of, now_ms, optional_i64, price_from, push_time_range,
+    Fields, SUMMARY_SELECT, UsagePlan, account_from, allowed_models_text, apply_patch, check_fund_direction, checked_add, fund_from,
+    key_from, kind_text, merge_statement, money, ms_of, now_ms, optional_i64, plan_usage_batch, price_from, push_time_range,
     push_usage_query, status_text, stored_response_from, summarize, to_i64, topup_from, usage_from,
 };
 
@@ -269,23 +269,9 @@ pub(crate) async fn record_usage_in<'a>(transaction: &mut Transaction<'static, P
     let starts = positions.clone();
     // Under the locks no other writer can charge these accounts, so what is charged now is
     // all there is to skip.
-    let mut charged = charged_already(transaction, events).await?;
+    let charged = charged_already(transaction, events).await?;
     let mut columns = UsageColumns::default();
-    let mut inserted_events = Vec::with_capacity(events.len());
-    let mut outcomes = Vec::with_capacity(events.len());
-    for event in events {
-        let first_charge = event.status == RequestStatus::Failed || charged.insert((event.account_id.clone(), event.request_id.clone()));
-        if !first_charge {
-            outcomes.push(RecordOutcome::Duplicate);
-            continue;
-        }
-        let position = positions
-            .get_mut(event.account_id.as_str())
-            .ok_or_else(|| StoreError::Corrupt(format!("account {} not locked", event.account_id)))?;
-        columns.push(event, position)?;
-        inserted_events.push(event);
-        outcomes.push(RecordOutcome::Inserted);
-    }
+    let UsagePlan { inserted: inserted_events, outcomes, .. } = plan_usage_batch(events, &mut positions, charged, |event, position| columns.push(event, position))?;
     columns.insert(transaction).await?;
     insert_stored_responses(transaction, &inserted_events).await?;
     crate::postgres_ops::after_usage_batch(transaction, &starts, &positions, &inserted_events).await?;

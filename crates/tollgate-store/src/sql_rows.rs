@@ -2,7 +2,7 @@
 //! stored forms (INTEGER nano-units, INTEGER Unix milliseconds) and the model types. SQLite and
 //! PostgreSQL store the same columns with the same types, so one mapping serves both.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use sqlx::Row;
 use sqlx::postgres::PgRow;
@@ -13,8 +13,8 @@ use tollgate_core::{Money, Price, Usage, UsageSource};
 use crate::error::{StoreError, StoreResult};
 use crate::model::{
     Account, AccountKind, AccountPatch, AccountStatus, ApiKey, FundKind, FundTransaction, KeyStatus, LedgerEntry,
-    NewFund, PriceRow, RequestStatus, StoredResponse, SummaryGroup, SummaryRow, TopUp, TopUpStatus, UsageQuery,
-    UsageRow,
+    NewFund, PriceRow, RecordOutcome, RequestStatus, StoredResponse, SummaryGroup, SummaryRow, TopUp, TopUpStatus,
+    UsageEvent, UsageQuery, UsageRow,
 };
 
 /// Rows per page at most.
@@ -373,3 +373,36 @@ pub(crate) fn summarize(rows: &[impl Fields], group_by: SummaryGroup) -> StoreRe
 /// The columns a summary reads.
 pub(crate) const SUMMARY_SELECT: &str =
     "SELECT model, api_key_id, created_at, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, cost FROM usage_log WHERE status <> 'failed'";
+
+/// What a usage batch does, decided before any row is written: an outcome per event, and the
+/// events to insert, each `place`d (turned into its row) at its account's next position. A
+/// charge is a duplicate when its (account, request id) is in `charged` (read under the write
+/// lock) or earlier in the batch; failed attempts are always recorded.
+pub(crate) struct UsagePlan<'a, R> {
+    pub rows: Vec<R>,
+    pub inserted: Vec<&'a UsageEvent>,
+    pub outcomes: Vec<RecordOutcome>,
+}
+
+pub(crate) fn plan_usage_batch<'a, R>(
+    events: &'a [UsageEvent],
+    positions: &mut HashMap<&'a str, (Money, i64)>,
+    mut charged: HashSet<(String, String)>,
+    mut place: impl FnMut(&UsageEvent, &mut (Money, i64)) -> StoreResult<R>,
+) -> StoreResult<UsagePlan<'a, R>> {
+    let mut plan = UsagePlan { rows: Vec::with_capacity(events.len()), inserted: Vec::with_capacity(events.len()), outcomes: Vec::with_capacity(events.len()) };
+    for event in events {
+        let first_charge = event.status == RequestStatus::Failed || charged.insert((event.account_id.clone(), event.request_id.clone()));
+        if !first_charge {
+            plan.outcomes.push(RecordOutcome::Duplicate);
+            continue;
+        }
+        let position = positions
+            .get_mut(event.account_id.as_str())
+            .ok_or_else(|| StoreError::Corrupt(format!("account {} has no position in its batch", event.account_id)))?;
+        plan.rows.push(place(event, position)?);
+        plan.inserted.push(event);
+        plan.outcomes.push(RecordOutcome::Inserted);
+    }
+    Ok(plan)
+}

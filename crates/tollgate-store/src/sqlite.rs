@@ -2,7 +2,7 @@
 //! single writer is the per-account sequencer of the audit chain); money is INTEGER nano-units,
 //! times INTEGER Unix milliseconds; every query binds its parameters.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -19,11 +19,12 @@ use crate::ledger::Ledger;
 use crate::model::{
     Account, AccountBalance, AccountPatch, ApiKey, FundKind, FundOutcome, FundTransaction, LedgerEntry, NewAccount,
     NewApiKey, NewFund, NewPrice, PriceRow, RecordOutcome, StoredResponse, SummaryGroup, SummaryRow, TopUp,
-    TopUpStatus, UsageEvent, UsageQuery, UsageRow,
+    RequestStatus, TopUpStatus, UsageEvent, UsageQuery, UsageRow,
 };
+use crate::sqlite_ops::json_list;
 use crate::sql_rows::{
-    Fields, SUMMARY_SELECT, account_from, allowed_models_text, apply_patch, check_fund_direction, checked_add, fund_from,
-    key_from, kind_text, merge_statement, money, ms_of, now_ms, optional_i64, price_from, push_time_range,
+    Fields, SUMMARY_SELECT, UsagePlan, account_from, allowed_models_text, apply_patch, check_fund_direction, checked_add, fund_from,
+    key_from, kind_text, merge_statement, money, ms_of, now_ms, optional_i64, plan_usage_batch, price_from, push_time_range,
     push_usage_query, status_text, stored_response_from, summarize, to_i64, topup_from, usage_from,
 };
 
@@ -156,61 +157,133 @@ async fn fund_by_reference(transaction: &mut Transaction<'static, Sqlite>, kind:
 
 /// Inserts one usage event at the account's running position; returns the new position or
 /// `None` for a duplicate charged request id.
-async fn insert_usage(
-    transaction: &mut Transaction<'static, Sqlite>,
-    event: &UsageEvent,
-    position: &mut (Money, i64),
-) -> StoreResult<RecordOutcome> {
+/// What a usage batch starts from, read in one statement (each is a round trip to SQLite's
+/// worker thread): each account's (balance, ledger_seq), and which of the batch's (account,
+/// request id) pairs are charged already.
+struct BatchStart<'a> {
+    positions: HashMap<&'a str, (Money, i64)>,
+    charged: HashSet<(String, String)>,
+}
+
+async fn batch_start<'a>(transaction: &mut Transaction<'static, Sqlite>, events: &'a [UsageEvent]) -> StoreResult<BatchStart<'a>> {
+    let mut account_ids: Vec<&str> = events.iter().map(|event| event.account_id.as_str()).collect();
+    account_ids.sort_unstable();
+    account_ids.dedup();
+    let pairs: Vec<serde_json::Value> = events
+        .iter()
+        .filter(|event| event.status != RequestStatus::Failed)
+        .map(|event| serde_json::json!([event.account_id, event.request_id]))
+        .collect();
+    // A position row has no request id; a charged row has one.
+    let rows = sqlx::query(
+        "SELECT account_id, balance, ledger_seq, NULL AS request_id FROM account_balance
+             WHERE account_id IN (SELECT value FROM json_each(?))
+         UNION ALL
+         SELECT account_id, NULL, NULL, request_id FROM usage_log WHERE status <> 'failed'
+             AND (account_id, request_id) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?))",
+    )
+    .bind(json_list(&account_ids))
+    .bind(serde_json::Value::Array(pairs).to_string())
+    .fetch_all(&mut **transaction)
+    .await?;
+    let mut start = BatchStart { positions: HashMap::with_capacity(account_ids.len()), charged: HashSet::new() };
+    for row in rows {
+        let account_id = row.text("account_id")?;
+        if let Some(request_id) = row.optional_text("request_id")? {
+            start.charged.insert((account_id, request_id));
+        } else if let Some(key) = account_ids.iter().find(|id| **id == account_id) {
+            start.positions.insert(*key, (money(&row, "balance")?, row.int("ledger_seq")?));
+        }
+    }
+    if let Some(unknown) = account_ids.iter().find(|id| !start.positions.contains_key(**id)) {
+        return Err(StoreError::Invalid(format!("usage event names unknown account {unknown}")));
+    }
+    Ok(start)
+}
+
+/// The usage_log row of an event at the account's running position, which it advances.
+fn usage_row(event: &UsageEvent, position: &mut (Money, i64)) -> StoreResult<serde_json::Value> {
     let (balance_before, ledger_seq) = *position;
     let balance_after = balance_before.checked_sub(event.cost).ok_or(StoreError::Overflow("balance"))?;
-    let inserted = sqlx::query(
+    *position = (balance_after, ledger_seq + 1);
+    Ok(serde_json::json!([
+        event.request_id,
+        event.account_id,
+        event.api_key_id,
+        event.provider,
+        event.model,
+        event.customer_type,
+        event.price_id,
+        to_i64(event.usage.input_tokens, "input_tokens")?,
+        to_i64(event.usage.cached_input_tokens, "cached_input_tokens")?,
+        to_i64(event.usage.cache_write_tokens, "cache_write_tokens")?,
+        to_i64(event.usage.output_tokens, "output_tokens")?,
+        to_i64(event.usage.reasoning_tokens, "reasoning_tokens")?,
+        event.usage_source.as_str(),
+        event.cost.nanos(),
+        balance_before.nanos(),
+        balance_after.nanos(),
+        ledger_seq + 1,
+        event.status.as_str(),
+        to_i64(event.latency_ms, "latency_ms")?,
+        event.created_at_ms,
+    ]))
+}
+
+/// Inserts a batch's usage rows in one statement. The duplicates were filtered out inside the
+/// same `BEGIN IMMEDIATE` transaction, so every row must insert: no `ON CONFLICT`, and the
+/// unique index still refuses a second charge, failing the batch.
+async fn insert_usage_rows(transaction: &mut Transaction<'static, Sqlite>, rows: Vec<serde_json::Value>) -> StoreResult<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
         "INSERT INTO usage_log (request_id, account_id, api_key_id, provider, model, customer_type, price_id,
              input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
              usage_source, cost, balance_before, balance_after, ledger_seq, status, latency_ms, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-         ON CONFLICT (account_id, request_id) WHERE status <> 'failed' DO NOTHING",
+         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6,
+             value ->> 7, value ->> 8, value ->> 9, value ->> 10, value ->> 11,
+             value ->> 12, value ->> 13, value ->> 14, value ->> 15, value ->> 16, value ->> 17, value ->> 18, value ->> 19
+         FROM json_each(?) ORDER BY key",
     )
-    .bind(&event.request_id)
-    .bind(&event.account_id)
-    .bind(&event.api_key_id)
-    .bind(&event.provider)
-    .bind(&event.model)
-    .bind(&event.customer_type)
-    .bind(event.price_id)
-    .bind(to_i64(event.usage.input_tokens, "input_tokens")?)
-    .bind(to_i64(event.usage.cached_input_tokens, "cached_input_tokens")?)
-    .bind(to_i64(event.usage.cache_write_tokens, "cache_write_tokens")?)
-    .bind(to_i64(event.usage.output_tokens, "output_tokens")?)
-    .bind(to_i64(event.usage.reasoning_tokens, "reasoning_tokens")?)
-    .bind(event.usage_source.as_str())
-    .bind(event.cost.nanos())
-    .bind(balance_before.nanos())
-    .bind(balance_after.nanos())
-    .bind(ledger_seq + 1)
-    .bind(event.status.as_str())
-    .bind(to_i64(event.latency_ms, "latency_ms")?)
-    .bind(event.created_at_ms)
+    .bind(serde_json::Value::Array(rows).to_string())
     .execute(&mut **transaction)
     .await?;
-    if inserted.rows_affected() == 0 {
-        return Ok(RecordOutcome::Duplicate);
+    Ok(())
+}
+
+/// Inserts the stored responses of a batch's charged events in one statement (bodies as hex:
+/// JSON carries text, a body is bytes).
+async fn insert_stored_responses(transaction: &mut Transaction<'static, Sqlite>, events: &[&UsageEvent]) -> StoreResult<()> {
+    let rows: Vec<serde_json::Value> = events
+        .iter()
+        .filter_map(|event| {
+            let stored = event.stored_response.as_ref()?;
+            Some(serde_json::json!([event.account_id, event.request_id, stored.status, stored.content_type, hex(&stored.body), event.created_at_ms]))
+        })
+        .collect();
+    if rows.is_empty() {
+        return Ok(());
     }
-    *position = (balance_after, ledger_seq + 1);
-    if let Some(stored) = &event.stored_response {
-        sqlx::query(
-            "INSERT INTO stored_responses (account_id, request_id, status, content_type, body, created_at)
-             VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (account_id, request_id) DO NOTHING",
-        )
-        .bind(&event.account_id)
-        .bind(&event.request_id)
-        .bind(i64::from(stored.status))
-        .bind(&stored.content_type)
-        .bind(&stored.body)
-        .bind(event.created_at_ms)
-        .execute(&mut **transaction)
-        .await?;
+    sqlx::query(
+        "INSERT INTO stored_responses (account_id, request_id, status, content_type, body, created_at)
+         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, unhex(value ->> 4), value ->> 5 FROM json_each(?) WHERE true
+         ON CONFLICT (account_id, request_id) DO NOTHING",
+    )
+    .bind(serde_json::Value::Array(rows).to_string())
+    .execute(&mut **transaction)
+    .await?;
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        text.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        text.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
     }
-    Ok(RecordOutcome::Inserted)
+    text
 }
 
 #[async_trait]
@@ -490,41 +563,27 @@ impl Ledger for SqliteLedger {
             .collect()
     }
 
+    /// A batch in a fixed number of statements, whatever its size: each statement is a round
+    /// trip to SQLite's worker thread, and embedded mode's settles wait for this commit.
     async fn record_usage_batch(&self, events: &[UsageEvent]) -> StoreResult<Vec<RecordOutcome>> {
         let mut transaction = self.write().await?;
-        let mut positions: HashMap<&str, (Money, i64)> = HashMap::new();
-        let mut starts: HashMap<&str, (Money, i64)> = HashMap::new();
-        let mut inserted = Vec::with_capacity(events.len());
-        let mut outcomes = Vec::with_capacity(events.len());
-        for event in events {
-            let position = match positions.get_mut(event.account_id.as_str()) {
-                Some(position) => position,
-                None => {
-                    let position = balance_for_update(&mut transaction, &event.account_id).await.map_err(|error| match error {
-                        StoreError::NotFound { .. } => StoreError::Invalid(format!("usage event {} names unknown account {}", event.request_id, event.account_id)),
-                        other => other,
-                    })?;
-                    starts.insert(event.account_id.as_str(), position);
-                    positions.entry(event.account_id.as_str()).or_insert(position)
-                }
-            };
-            let outcome = insert_usage(&mut transaction, event, position).await?;
-            if outcome == RecordOutcome::Inserted {
-                inserted.push(event);
-            }
-            outcomes.push(outcome);
-        }
+        // BEGIN IMMEDIATE holds SQLite's one write lock: what is charged now is all there is to skip.
+        let BatchStart { mut positions, charged } = batch_start(&mut transaction, events).await?;
+        let starts = positions.clone();
+        let UsagePlan { rows, inserted, outcomes } = plan_usage_batch(events, &mut positions, charged, usage_row)?;
+        insert_usage_rows(&mut transaction, rows).await?;
+        insert_stored_responses(&mut transaction, &inserted).await?;
         crate::sqlite_ops::after_usage_batch(&mut transaction, &starts, &positions, &inserted).await?;
-        let now = now_ms();
-        for (account_id, (balance, ledger_seq)) in positions {
-            sqlx::query("UPDATE account_balance SET balance = ?, ledger_seq = ?, updated_at = ? WHERE account_id = ?")
-                .bind(balance.nanos())
-                .bind(ledger_seq)
-                .bind(now)
-                .bind(account_id)
-                .execute(&mut *transaction)
-                .await?;
-        }
+        let balances: Vec<serde_json::Value> =
+            positions.iter().map(|(account_id, (balance, ledger_seq))| serde_json::json!([account_id, balance.nanos(), ledger_seq])).collect();
+        sqlx::query(
+            "UPDATE account_balance SET balance = batch.value ->> 1, ledger_seq = batch.value ->> 2, updated_at = ?
+             FROM json_each(?) AS batch WHERE account_balance.account_id = batch.value ->> 0",
+        )
+        .bind(now_ms())
+        .bind(serde_json::Value::Array(balances).to_string())
+        .execute(&mut *transaction)
+        .await?;
         transaction.commit().await?;
         Ok(outcomes)
     }

@@ -50,7 +50,7 @@ pub(crate) async fn after_fund(transaction: &mut Transaction<'static, Sqlite>, f
 }
 
 /// A list of ids as one JSON text, for `json_each(?)`: one bound parameter whatever its length.
-fn json_list(ids: &[impl AsRef<str>]) -> String {
+pub(crate) fn json_list(ids: &[impl AsRef<str>]) -> String {
     serde_json::Value::from_iter(ids.iter().map(AsRef::as_ref)).to_string()
 }
 
