@@ -252,20 +252,16 @@ impl HotStore for RedisHotStore {
             arguments.extend(spent.iter().map(String::as_str));
         }
         let account_key = self.account_key(&base, &snapshot.account_id);
-        let mut chunks = snapshot.charged_request_ids.chunks(LOAD_IDS_PER_CALL);
-        arguments.extend(chunks.next().unwrap_or_default().iter().map(String::as_str));
-        let reply = texts(self.call(&account_key, &arguments).await?)?;
-        if number(&reply, 0)? != 1 {
-            return Ok(false);
-        }
-        // The account serves from here on. Until the rest of its ids are in, the gateway's ledger
-        // lookup still refuses a retry of one (hot::RECENT_CHARGE_MS).
-        for chunk in chunks {
+        // The charged ids go in before the account does: a call failing half-way leaves the
+        // account unloaded, and the next load sends them all again (records already there are
+        // kept: they may hold a queued charge's body).
+        for chunk in snapshot.charged_request_ids.chunks(LOAD_IDS_PER_CALL) {
             let mut arguments = vec!["remember", base.as_str(), snapshot.account_id.as_str()];
             arguments.extend(chunk.iter().map(String::as_str));
             self.call(&account_key, &arguments).await?;
         }
-        Ok(true)
+        let reply = texts(self.call(&account_key, &arguments).await?)?;
+        Ok(number(&reply, 0)? == 1)
     }
 
     async fn apply_fund(&self, account_id: &str, fund_ledger_seq: i64, amount: Money) -> StoreResult<FundApplication> {

@@ -228,15 +228,9 @@ function operations.expire(base, argv)
   return released
 end
 
--- Records charged ids read from the ledger: argv[first..].
-local function remember(base, account, argv, first)
-  for index = first, #argv do
-    redis.call('SET', base .. ':charged:' .. account .. ':' .. argv[index], '1', 'PX', RECENT_CHARGE_MS)
-  end
-end
-
 -- ARGV: op, base, account, balance, fund_seq, day, month, day requests, month requests, key count,
---       (key, spent day, spent month, spent total) per key, charged request ids (the first chunk)...
+--       (key, spent day, spent month, spent total) per key. The account's charged ids went in
+--       before, by `remember`.
 -- Reply: 1 if loaded, 0 if the account was already there (two loaders cannot double a balance).
 function operations.load(base, argv)
   local account = argv[3]
@@ -264,14 +258,17 @@ function operations.load(base, argv)
     end
     next = next + 4
   end
-  remember(base, account, argv, next)
   return 1
 end
 
--- ARGV: op, base, account, charged request ids... The rest of a load's ids, in chunks, so that
--- a busy account's hour of ids is never one long call. Reply: how many.
+-- ARGV: op, base, account, charged request ids... A loading account's ids read from the ledger,
+-- in chunks, so that a busy account's hour of ids is never one long call. NX: a record already
+-- there is newer (it may hold a queued charge's body). Reply: how many.
 function operations.remember(base, argv)
-  remember(base, argv[3], argv, 4)
+  local account = argv[3]
+  for index = 4, #argv do
+    redis.call('SET', base .. ':charged:' .. account .. ':' .. argv[index], '1', 'PX', RECENT_CHARGE_MS, 'NX')
+  end
   return #argv - 3
 end
 
