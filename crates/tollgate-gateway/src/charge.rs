@@ -84,25 +84,25 @@ pub async fn charged_in_ledger(state: &AppState, request: &AuthorizeRequest) -> 
     if state.config.billing == Billing::Off {
         return false;
     }
-    let now_ms = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
-    let now_ms = i64::try_from(now_ms).unwrap_or(i64::MAX);
-    let paused_until_ms = state.ledger_lookups_paused_until_ms.load(std::sync::atomic::Ordering::Relaxed);
-    let reason = if now_ms < paused_until_ms {
-        "paused after a failed lookup".to_string()
-    } else {
+    let now_ms = now_ms();
+    let paused = now_ms < state.ledger_lookups_paused_until_ms.load(std::sync::atomic::Ordering::Relaxed);
+    if !paused {
         let timeout = Duration::from_millis(state.config.limits.ledger_lookup_timeout_ms);
-        match tokio::time::timeout(timeout, state.ledger.request_charged(&request.account_id, &request.request_id)).await {
+        let reason = match tokio::time::timeout(timeout, state.ledger.request_charged(&request.account_id, &request.request_id)).await {
             Ok(Ok(charged)) => return charged,
             Ok(Err(error)) => error.to_string(),
             Err(_) => format!("no answer within {} ms", timeout.as_millis()),
-        }
-    };
-    if now_ms >= paused_until_ms {
+        };
         state.ledger_lookups_paused_until_ms.store(now_ms.saturating_add(LEDGER_LOOKUP_PAUSE_MS), std::sync::atomic::Ordering::Relaxed);
         tracing::warn!(reason, request_id = request.request_id, "the ledger could not say whether a client-sent request id was charged; the hot store's window decides");
     }
     metrics::counter!("tollgate_idempotency_ledger_unchecked_total").increment(1);
     false
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }
 
 /// How long ledger lookups of request ids pause after one failed.
@@ -169,7 +169,7 @@ pub async fn load_account(state: &AppState, account_id: &str) -> Result<(), ApiE
         .ok_or_else(|| ApiError::NotFound(format!("account {account_id} not found")))?;
     let since = OffsetDateTime::now_utc() - time::Duration::milliseconds(RECENT_CHARGE_MS);
     let charged_request_ids = state.ledger.charged_request_ids_since(account_id, since).await?;
-    let counters = state.ledger.counter_seed(account_id, (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64).await?;
+    let counters = state.ledger.counter_seed(account_id, now_ms()).await?;
     let snapshot = AccountSnapshot {
         account_id: account_id.to_string(),
         balance: balance.balance,

@@ -59,7 +59,7 @@ impl Billing {
             cost,
             status,
             latency_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            created_at_ms: now_ms(),
+            created_at_ms: charge::now_ms(),
             hot_balance_after: tollgate_core::Money::ZERO,
             stored_response: None,
         }
@@ -97,10 +97,6 @@ impl Billing {
         }
         (checked.usage, checked.source())
     }
-}
-
-fn now_ms() -> i64 {
-    i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }
 
 /// Handles one LLM request of the given protocol.
