@@ -23,7 +23,7 @@ use crate::error::{StoreError, StoreResult};
 use crate::hot::{Authorization, AuthorizeRequest, BalanceView, Commitments, CounterSeed, HotStore, Refusal, Settlement, available, commitment_refusal};
 use crate::model::{RecordOutcome, UsageEvent};
 use crate::operations::pg;
-use crate::postgres::{balance_for_update, record_usage_in};
+use crate::postgres::{DuplicateCheck, balance_for_update, record_usage_in};
 use crate::sql_rows::now_ms;
 
 /// Authorize, settle and void against the PostgreSQL ledger.
@@ -91,7 +91,7 @@ impl LedgerCharging {
         let mut transaction = self.pool.begin().await?;
         release_hold(&mut transaction, event).await?;
         let events = std::slice::from_ref(event);
-        let recorded = record_usage_in(&mut transaction, events).await?;
+        let recorded = record_usage_in(&mut transaction, events, DuplicateCheck::Read).await?;
         let position = |positions: &std::collections::HashMap<&str, (Money, i64)>| {
             positions.get(event.account_id.as_str()).map(|(balance, _)| *balance).ok_or_else(|| StoreError::Corrupt("settled account not locked".into()))
         };
@@ -113,7 +113,7 @@ impl LedgerCharging {
     pub async fn void(&self, event: &UsageEvent) -> StoreResult<()> {
         let mut transaction = self.pool.begin().await?;
         release_hold(&mut transaction, event).await?;
-        record_usage_in(&mut transaction, std::slice::from_ref(event)).await?;
+        record_usage_in(&mut transaction, std::slice::from_ref(event), DuplicateCheck::Read).await?;
         transaction.commit().await?;
         metrics::counter!("tollgate_ledger_charging_total", "step" => "void").increment(1);
         Ok(())

@@ -16,6 +16,7 @@ use crate::alerts::{SPEND_COUNTERS_OF_ACCOUNT, counter_seed, period_labels};
 use crate::error::{StoreError, StoreResult};
 use crate::hot::CounterSeed;
 use crate::ledger::Ledger;
+use crate::operations::STORED_RESPONSE;
 use crate::model::{
     Account, AccountBalance, AccountPatch, ApiKey, FundKind, FundOutcome, FundTransaction, LedgerEntry, NewAccount,
     NewApiKey, NewFund, NewPrice, PriceRow, RecordOutcome, StoredResponse, SummaryGroup, SummaryRow, TopUp,
@@ -252,8 +253,9 @@ async fn insert_usage_rows(transaction: &mut Transaction<'static, Sqlite>, rows:
     Ok(())
 }
 
-/// Inserts the stored responses of a batch's charged events in one statement (bodies as hex:
-/// JSON carries text, a body is bytes).
+/// Inserts the stored responses of a batch's charged events in one statement, each keyed by its
+/// usage row's id (migration 0004), found by (account, request id) (bodies as hex: JSON carries
+/// text, a body is bytes).
 async fn insert_stored_responses(transaction: &mut Transaction<'static, Sqlite>, events: &[&UsageEvent]) -> StoreResult<()> {
     let rows: Vec<serde_json::Value> = events
         .iter()
@@ -266,9 +268,11 @@ async fn insert_stored_responses(transaction: &mut Transaction<'static, Sqlite>,
         return Ok(());
     }
     sqlx::query(
-        "INSERT INTO stored_responses (account_id, request_id, status, content_type, body, created_at)
-         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, unhex(value ->> 4), value ->> 5 FROM json_each(?) WHERE true
-         ON CONFLICT (account_id, request_id) DO NOTHING",
+        "INSERT INTO stored_responses (usage_id, status, content_type, body, created_at)
+         SELECT usage_log.id, stored.value ->> 2, stored.value ->> 3, unhex(stored.value ->> 4), stored.value ->> 5
+         FROM json_each(?) AS stored
+         JOIN usage_log ON usage_log.account_id = stored.value ->> 0 AND usage_log.request_id = stored.value ->> 1
+             AND usage_log.status <> 'failed'",
     )
     .bind(serde_json::Value::Array(rows).to_string())
     .execute(&mut **transaction)
@@ -589,7 +593,7 @@ impl Ledger for SqliteLedger {
     }
 
     async fn stored_response(&self, account_id: &str, request_id: &str) -> StoreResult<Option<StoredResponse>> {
-        let row = sqlx::query("SELECT status, content_type, body FROM stored_responses WHERE account_id = ? AND request_id = ?")
+        let row = sqlx::query(STORED_RESPONSE)
             .bind(account_id)
             .bind(request_id)
             .fetch_optional(&self.pool)

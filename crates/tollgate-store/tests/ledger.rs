@@ -235,14 +235,26 @@ async fn usage_batches_skip_duplicates_and_failures_do_not_block_retries(ledger:
     assert_eq!(ledger.account_balance("a").await.unwrap().unwrap().balance, Money::from_nanos(965));
     // A re-delivered charge between new ones: it is skipped, and the new ones take the next
     // ledger positions with no gap.
-    let mixed = [event("a", "r3", 5, RequestStatus::Success), event("a", "r1", 10, RequestStatus::Success), event("a", "r4", 5, RequestStatus::Success)];
+    // Its stored responses go with the rows that were written, each to its own request.
+    let with_body_as = |request_id: &str, body: &[u8]| {
+        let mut charged = event("a", request_id, 5, RequestStatus::Success);
+        charged.stored_response = Some(StoredResponse { status: 200, content_type: "application/json".into(), body: body.to_vec() });
+        charged
+    };
+    let mixed = [with_body_as("r3", b"three"), event("a", "r1", 10, RequestStatus::Success), with_body_as("r4", b"four")];
     assert_eq!(ledger.record_usage_batch(&mixed).await.unwrap(), vec![RecordOutcome::Inserted, RecordOutcome::Duplicate, RecordOutcome::Inserted]);
     assert_eq!(ledger.account_balance("a").await.unwrap().unwrap().balance, Money::from_nanos(955));
     assert_eq!(ledger.stored_response("a", "r1").await.unwrap().unwrap().body, b"{\"ok\":1}".to_vec());
-    assert!(ledger.stored_response("a", "r2").await.unwrap().is_none());
+    assert_eq!(ledger.stored_response("a", "r3").await.unwrap().unwrap().body, b"three".to_vec());
+    assert_eq!(ledger.stored_response("a", "r4").await.unwrap().unwrap().body, b"four".to_vec());
+    assert!(ledger.stored_response("a", "r2").await.unwrap().is_none(), "a failed attempt's row has no body, its charged retry stored none");
+    // A failed attempt and its charged retry in one batch: the body belongs to the charged row.
+    let retried = [event("a", "r5", 0, RequestStatus::Failed), with_body_as("r5", b"five")];
+    assert_eq!(ledger.record_usage_batch(&retried).await.unwrap(), vec![RecordOutcome::Inserted, RecordOutcome::Inserted]);
+    assert_eq!(ledger.stored_response("a", "r5").await.unwrap().unwrap().body, b"five".to_vec());
     let mut charged = ledger.charged_request_ids_since("a", time::OffsetDateTime::UNIX_EPOCH).await.unwrap();
     charged.sort();
-    assert_eq!(charged, vec!["r1".to_string(), "r2".to_string(), "r3".to_string(), "r4".to_string()]);
+    assert_eq!(charged, vec!["r1".to_string(), "r2".to_string(), "r3".to_string(), "r4".to_string(), "r5".to_string()]);
     assert_sound(&*ledger, "a").await;
 }
 
