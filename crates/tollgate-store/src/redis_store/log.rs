@@ -201,10 +201,15 @@ impl RedisLog {
         let pending_left = from == "0";
         let mut delivered = Vec::with_capacity(entries.len());
         let mut taken = Vec::with_capacity(entries.len());
-        for entry in entries {
-            let event_text: Option<String> = entry.get("event");
+        for mut entry in entries {
+            // Taken out of the entry, not copied: it holds the response body, most of its bytes.
+            let event_bytes: Option<Vec<u8>> = match entry.map.remove("event") {
+                Some(redis::Value::BulkString(bytes)) => Some(bytes),
+                Some(other) => redis::from_redis_value::<String>(other).ok().map(String::into_bytes),
+                None => None,
+            };
             let balance: Option<i64> = entry.get("hot_balance_after");
-            let parsed = event_text.as_deref().and_then(|text| serde_json::from_str::<UsageEvent>(text).ok());
+            let parsed = event_bytes.as_deref().and_then(|bytes| serde_json::from_slice::<UsageEvent>(bytes).ok());
             let receipt = Receipt::Stream { shard, entry_id: entry.id.clone() };
             match parsed {
                 Some(mut event) => {
@@ -215,7 +220,7 @@ impl RedisLog {
                 None => {
                     // Unreadable: never retried forever, parked as it is.
                     let _: String = connection
-                        .xadd(self.keys.dead_letters(shard), "*", &[("event", event_text.unwrap_or_default()), ("reason", "unreadable".to_string()), ("entry_id", entry.id.clone())])
+                        .xadd(self.keys.dead_letters(shard), "*", &[("event", String::from_utf8_lossy(&event_bytes.unwrap_or_default()).into_owned()), ("reason", "unreadable".to_string()), ("entry_id", entry.id.clone())])
                         .await
                         .map_err(unavailable)?;
                     let _: i64 = connection.xack(self.keys.stream(shard), CONSUMER_GROUP, &[&entry.id]).await.map_err(unavailable)?;
