@@ -255,7 +255,8 @@ async fn insert_usage_rows(transaction: &mut Transaction<'static, Sqlite>, rows:
 
 /// Inserts the stored responses of a batch's charged events in one statement, each keyed by its
 /// usage row's id (migration 0004), found by (account, request id) (bodies as hex: JSON carries
-/// text, a body is bytes).
+/// text, a body is bytes). `CROSS JOIN` keeps the batch as the outer loop: on a small table the
+/// planner would rather scan `usage_log` once per stored body than look each one up.
 async fn insert_stored_responses(transaction: &mut Transaction<'static, Sqlite>, events: &[&UsageEvent]) -> StoreResult<()> {
     let rows: Vec<serde_json::Value> = events
         .iter()
@@ -271,7 +272,7 @@ async fn insert_stored_responses(transaction: &mut Transaction<'static, Sqlite>,
         "INSERT INTO stored_responses (usage_id, status, content_type, body, created_at)
          SELECT usage_log.id, stored.value ->> 2, stored.value ->> 3, unhex(stored.value ->> 4), stored.value ->> 5
          FROM json_each(?) AS stored
-         JOIN usage_log ON usage_log.account_id = stored.value ->> 0 AND usage_log.request_id = stored.value ->> 1
+         CROSS JOIN usage_log ON usage_log.account_id = stored.value ->> 0 AND usage_log.request_id = stored.value ->> 1
              AND usage_log.status <> 'failed'",
     )
     .bind(serde_json::Value::Array(rows).to_string())

@@ -75,6 +75,7 @@ conformance!(
     an_unknown_account_rolls_back_the_whole_batch,
     an_unknown_price_rolls_back_the_whole_batch,
     concurrent_writers_keep_the_chain_and_the_sum,
+    writers_racing_on_the_same_events_charge_each_once,
     pages_return_each_row_once,
     summaries_match_the_rows,
     monthly_totals_chain_from_one_month_to_the_next,
@@ -289,6 +290,48 @@ async fn concurrent_writers_keep_the_chain_and_the_sum(ledger: Arc<dyn Ledger>) 
     }
     assert_eq!(ledger.account_balance("a").await.unwrap().unwrap().balance, Money::from_nanos(60 * (100 - 7)));
     assert_eq!(ledger.account_balance("b").await.unwrap().unwrap().balance, Money::from_nanos(-60 * 3));
+    assert_sound(&*ledger, "a").await;
+    assert_sound(&*ledger, "b").await;
+}
+
+/// Two writers handed the same events at once (a batch re-delivered to another consumer while
+/// the first still writes it): each charge lands once, whichever writer wins, and the loser
+/// skips what the winner wrote (in PostgreSQL it inserts first and reads only when refused).
+async fn writers_racing_on_the_same_events_charge_each_once(ledger: Arc<dyn Ledger>) {
+    account(&*ledger, "a").await;
+    account(&*ledger, "b").await;
+    let mut tasks = Vec::new();
+    for writer in 0..4 {
+        let ledger = Arc::clone(&ledger);
+        tasks.push(tokio::spawn(async move {
+            let mut inserted = 0;
+            for round in 0..10 {
+                let mut batch = vec![
+                    event("a", &format!("shared-{round}"), 7, RequestStatus::Success),
+                    event("b", &format!("shared-{round}"), 3, RequestStatus::Success),
+                    event("a", &format!("own-{writer}-{round}"), 1, RequestStatus::Success),
+                ];
+                let mut body = event("b", &format!("body-{round}"), 2, RequestStatus::Success);
+                body.stored_response = Some(StoredResponse { status: 200, content_type: "application/json".into(), body: format!("{round}").into_bytes() });
+                batch.push(body);
+                let outcomes = ledger.record_usage_batch(&batch).await.unwrap();
+                assert_eq!(outcomes[2], RecordOutcome::Inserted, "a writer's own event is new");
+                inserted += outcomes.iter().filter(|outcome| **outcome == RecordOutcome::Inserted).count();
+            }
+            inserted
+        }));
+    }
+    let mut inserted = 0;
+    for task in tasks {
+        inserted += task.await.unwrap();
+    }
+    // Each round: three shared charges once, and each writer's own one.
+    assert_eq!(inserted, 10 * (3 + 4));
+    assert_eq!(ledger.account_balance("a").await.unwrap().unwrap().balance, Money::from_nanos(-10 * (7 + 4)));
+    assert_eq!(ledger.account_balance("b").await.unwrap().unwrap().balance, Money::from_nanos(-10 * (3 + 2)));
+    for round in 0..10 {
+        assert_eq!(ledger.stored_response("b", &format!("body-{round}")).await.unwrap().unwrap().body, format!("{round}").into_bytes());
+    }
     assert_sound(&*ledger, "a").await;
     assert_sound(&*ledger, "b").await;
 }
