@@ -31,6 +31,9 @@ pub struct LimitsConfig {
     pub context_cache_ttl_ms: u64,
     /// Usage events per ledger transaction.
     pub usage_batch_events_max: usize,
+    /// Services mode: how long the usage writer waits to fill a short batch before writing it
+    /// (the events are durable in Redis meanwhile; the ledger lags by this much more at most).
+    pub usage_batch_linger_ms: u64,
     /// Embedded usage log capacity; settles wait when the worker is this far behind.
     pub usage_log_events_max: usize,
     /// How often the hold sweeper runs.
@@ -48,6 +51,9 @@ pub struct LimitsConfig {
     pub startup_wait_ms: u64,
 }
 
+/// The longest a services-mode writer may wait to fill a batch (the stream lag target is 1 s).
+const USAGE_BATCH_LINGER_MS_MAX: u64 = 500;
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
@@ -62,6 +68,7 @@ impl Default for LimitsConfig {
             default_max_output_tokens: 4_096,
             context_cache_ttl_ms: 300_000,
             usage_batch_events_max: 500,
+            usage_batch_linger_ms: 20,
             usage_log_events_max: 65_536,
             hold_sweep_interval_ms: 10_000,
             settle_timeout_ms: 30_000,
@@ -360,6 +367,9 @@ impl GatewayConfig {
         {
             return Err("degradation.hot_store_down = \"charge_ledger\" needs the production backends: redis_url and a postgres:// database_url".into());
         }
+        if limits.usage_batch_linger_ms > USAGE_BATCH_LINGER_MS_MAX {
+            return Err(format!("limits.usage_batch_linger_ms must be at most {USAGE_BATCH_LINGER_MS_MAX}: the ledger would lag the hot store by that much"));
+        }
         if limits.hold_ttl_ms <= limits.stream_duration_ms_max {
             return Err("limits.hold_ttl_ms must exceed limits.stream_duration_ms_max, or live streams would lose their holds".into());
         }
@@ -395,5 +405,14 @@ mod tests {
         assert_eq!(config.validate(), Ok(()));
         config.limits.hold_ttl_ms = 3_580_000;
         assert!(config.validate().is_err_and(|error| error.contains("hold_ttl_ms + limits.settle_timeout_ms")));
+    }
+
+    #[test]
+    fn the_writer_lingers_half_a_second_at_most() {
+        let mut config = GatewayConfig::default();
+        config.limits.usage_batch_linger_ms = 500;
+        assert_eq!(config.validate(), Ok(()));
+        config.limits.usage_batch_linger_ms = 501;
+        assert!(config.validate().is_err_and(|error| error.contains("usage_batch_linger_ms")));
     }
 }

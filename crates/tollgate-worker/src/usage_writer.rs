@@ -14,6 +14,10 @@ use tollgate_store::queue::{Delivery, EventLog, Receipt};
 pub struct UsageWriterConfig {
     /// Events written in one ledger transaction at most.
     pub batch_events_max: usize,
+    /// When a read finds fewer than `batch_events_max` events, how long to wait for more before
+    /// writing them: a batch of a few rows costs the ledger nearly what a full one does. Only for
+    /// a durable log (Redis), where a settle does not wait for the commit; 0 writes at once.
+    pub batch_linger_ms: u64,
     /// First wait after a failed write; doubles up to `retry_backoff_ms_max`.
     pub retry_backoff_ms_min: u64,
     pub retry_backoff_ms_max: u64,
@@ -21,7 +25,7 @@ pub struct UsageWriterConfig {
 
 impl Default for UsageWriterConfig {
     fn default() -> Self {
-        UsageWriterConfig { batch_events_max: 500, retry_backoff_ms_min: 50, retry_backoff_ms_max: 5_000 }
+        UsageWriterConfig { batch_events_max: 500, batch_linger_ms: 0, retry_backoff_ms_min: 50, retry_backoff_ms_max: 5_000 }
     }
 }
 
@@ -88,7 +92,7 @@ async fn next_batch(log: &impl EventLog, config: &UsageWriterConfig, shutdown: &
         };
         match batch {
             Ok(batch) if batch.is_empty() => return None,
-            Ok(batch) => return Some(batch),
+            Ok(batch) => return Some(linger(log, config, shutdown, batch).await),
             Err(error) if shutdown.is_cancelled() => {
                 // The events stay in the log (Redis keeps them) for the next worker.
                 tracing::error!(%error, "reading the usage log failed while draining; leaving the rest to the next worker");
@@ -100,6 +104,24 @@ async fn next_batch(log: &impl EventLog, config: &UsageWriterConfig, shutdown: &
             }
         }
     }
+}
+
+/// Tops a short batch up with what arrives within `batch_linger_ms` (see [`UsageWriterConfig`]).
+async fn linger(log: &impl EventLog, config: &UsageWriterConfig, shutdown: &CancellationToken, mut batch: Vec<Delivery>) -> Vec<Delivery> {
+    let room = config.batch_events_max.saturating_sub(batch.len());
+    if config.batch_linger_ms == 0 || room == 0 || shutdown.is_cancelled() {
+        return batch;
+    }
+    tokio::select! {
+        () = tokio::time::sleep(Duration::from_millis(config.batch_linger_ms)) => {}
+        () = shutdown.cancelled() => {}
+    }
+    match log.read_remaining(room).await {
+        Ok(more) => batch.extend(more),
+        // What the failed read took stays pending in the log, and is read again.
+        Err(error) => tracing::warn!(%error, "topping up a usage batch failed; writing what was read"),
+    }
+    batch
 }
 
 /// What became of a batch: the deliveries committed (to acknowledge), and whether every one
@@ -200,11 +222,8 @@ mod tests {
         }
     }
 
-    /// Each committed batch is acknowledged while the log stays open and quiet: the writer's
-    /// read of the next batch waits for events that may never come, and a settle waits for its
-    /// acknowledgement. Acknowledging only once that read returned left them waiting for good.
-    #[tokio::test]
-    async fn a_committed_batch_is_acknowledged_while_the_log_is_quiet() {
+    /// A SQLite ledger in a file of its own, with account "a".
+    async fn ledger_with_account() -> (Arc<dyn Ledger>, std::path::PathBuf) {
         let path = std::env::temp_dir().join(format!("tollgate-writer-{}.db", uuid::Uuid::new_v4().simple()));
         let ledger = SqliteLedger::connect(&format!("sqlite://{}", path.display()), 2).await.unwrap();
         ledger
@@ -220,7 +239,15 @@ mod tests {
             })
             .await
             .unwrap();
-        let ledger: Arc<dyn Ledger> = Arc::new(ledger);
+        (Arc::new(ledger), path)
+    }
+
+    /// Each committed batch is acknowledged while the log stays open and quiet: the writer's
+    /// read of the next batch waits for events that may never come, and a settle waits for its
+    /// acknowledgement. Acknowledging only once that read returned left them waiting for good.
+    #[tokio::test]
+    async fn a_committed_batch_is_acknowledged_while_the_log_is_quiet() {
+        let (ledger, path) = ledger_with_account().await;
         let (sender, log) = channel_log(16);
         let shutdown = CancellationToken::new();
         let writer = tokio::spawn(run_usage_writer(log, Arc::clone(&ledger), UsageWriterConfig::default(), shutdown.clone()));
@@ -234,6 +261,27 @@ mod tests {
         drop(sender);
         writer.await.unwrap();
         assert_eq!(ledger.account_balance("a").await.unwrap().unwrap().balance, Money::from_nanos(-14));
+        let _ = std::fs::remove_file(&path);
+    }
+
+    /// With a linger, a short batch waits for company: what arrives meanwhile is written with it.
+    #[tokio::test]
+    async fn a_short_batch_waits_for_company_when_lingering() {
+        let (ledger, path) = ledger_with_account().await;
+        let (sender, log) = channel_log(16);
+        let shutdown = CancellationToken::new();
+        let config = UsageWriterConfig { batch_linger_ms: 2_000, ..UsageWriterConfig::default() };
+        let writer = tokio::spawn(run_usage_writer(log, Arc::clone(&ledger), config, shutdown.clone()));
+        let mut first = sender.reserve().await.unwrap().append(charge("r1"), true).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(first.try_recv().is_err(), "written before the linger ran out");
+        assert!(!ledger.request_charged("a", "r1").await.unwrap());
+        let second = sender.reserve().await.unwrap().append(charge("r2"), true).unwrap();
+        tokio::time::timeout(Duration::from_secs(30), second).await.expect("the batch was never written").unwrap();
+        assert!(ledger.request_charged("a", "r1").await.unwrap() && ledger.request_charged("a", "r2").await.unwrap());
+        shutdown.cancel();
+        drop(sender);
+        writer.await.unwrap();
         let _ = std::fs::remove_file(&path);
     }
 }
