@@ -9,6 +9,7 @@ use tollgate_core::Money;
 use tollgate_store::hot::{
     AccountSnapshot, Authorization, AuthorizeRequest, FundApplication, Limits, RECENT_CHARGE_MS, Refusal, Settlement,
 };
+use tollgate_store::clock::now_ms;
 use tollgate_store::model::UsageEvent;
 
 use crate::config::Billing;
@@ -98,11 +99,6 @@ pub async fn charged_in_ledger(state: &AppState, request: &AuthorizeRequest) -> 
     }
     metrics::counter!("tollgate_idempotency_ledger_unchecked_total").increment(1);
     false
-}
-
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> i64 {
-    i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }
 
 /// How long ledger lookups of request ids pause after one failed.

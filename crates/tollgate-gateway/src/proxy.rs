@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tollgate_core::tokens;
 use tollgate_core::{Usage, UsageSource};
+use tollgate_store::clock::now_ms;
 use tollgate_store::hot::AuthorizeRequest;
 use tollgate_protocol::{EventAction, ParsedRequest, Protocol, SseSplitter, StreamInspector, UrlFacts};
 use tollgate_store::model::{PriceRow, RequestStatus, StoredResponse, UsageEvent};
@@ -59,7 +60,7 @@ impl Billing {
             cost,
             status,
             latency_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            created_at_ms: charge::now_ms(),
+            created_at_ms: now_ms(),
             hot_balance_after: tollgate_core::Money::ZERO,
             stored_response: None,
         }

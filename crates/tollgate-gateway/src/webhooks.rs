@@ -14,6 +14,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde_json::json;
 use sha2::Sha256;
 use tollgate_store::Ledger;
+use tollgate_store::clock::now_ms;
 use tollgate_store::operations::{DeliveryAttempt, DeliveryNext, OutboxEvent};
 use tollgate_worker::jobs::JobWork;
 
@@ -140,10 +141,6 @@ fn backoff_ms(alerts: &AlertsConfig, attempt: u64) -> i64 {
     let doublings = u32::try_from(attempt.saturating_sub(1)).unwrap_or(u32::MAX).min(32);
     let wait = alerts.retry_base_ms.saturating_mul(1u64 << doublings).min(alerts.retry_max_ms.max(alerts.retry_base_ms));
     i64::try_from(wait).unwrap_or(i64::MAX)
-}
-
-fn now_ms() -> i64 {
-    i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]

@@ -7,10 +7,13 @@ pub type Clock = std::sync::Arc<dyn Fn() -> i64 + Send + Sync>;
 
 /// The system clock.
 pub fn system_clock() -> Clock {
-    std::sync::Arc::new(|| {
-        let nanos = OffsetDateTime::now_utc().unix_timestamp_nanos();
-        i64::try_from(nanos / 1_000_000).unwrap_or(i64::MAX)
-    })
+    std::sync::Arc::new(now_ms)
+}
+
+/// Milliseconds since the Unix epoch, now: the one reading of the wall clock every part of the
+/// project takes its times from.
+pub fn now_ms() -> i64 {
+    i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }
 
 const MS_PER_MINUTE: i64 = 60_000;

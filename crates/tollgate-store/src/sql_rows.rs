@@ -54,9 +54,7 @@ macro_rules! fields_for {
 fields_for!(SqliteRow);
 fields_for!(PgRow);
 
-pub(crate) fn now_ms() -> i64 {
-    ms_of(OffsetDateTime::now_utc())
-}
+pub(crate) use crate::clock::now_ms;
 
 pub(crate) fn ms_of(time: OffsetDateTime) -> i64 {
     i64::try_from(time.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use tollgate_store::clock::now_ms;
 use tollgate_store::{HotStore, Ledger};
 
 /// What a job's one run returns: an outcome for `job_runs`, or an error.
@@ -123,10 +124,6 @@ async fn sleep_or_shutdown(duration: Duration, shutdown: &CancellationToken) -> 
         () = tokio::time::sleep(duration) => false,
         () = shutdown.cancelled() => true,
     }
-}
-
-fn now_ms() -> i64 {
-    i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|elapsed| elapsed.as_millis()).unwrap_or(0)).unwrap_or(i64::MAX)
 }
 
 /// The hold sweep as a job: releases expired holds, reports how many.
