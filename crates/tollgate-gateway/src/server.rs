@@ -59,9 +59,6 @@ impl Gateway {
         let (ledger, postgres_pool) = until_available("the ledger", wait, || open_ledger(&config.database_url)).await?;
         let worker_shutdown = CancellationToken::new();
         let worker_tasks = TaskTracker::new();
-        // Embedded settles wait for their commit: no lingering there.
-        let writer_config = UsageWriterConfig { batch_events_max: config.limits.usage_batch_events_max, ..UsageWriterConfig::default() };
-        let durable_writer_config = UsageWriterConfig { batch_linger_ms: config.limits.usage_batch_linger_ms, ..writer_config.clone() };
         let mut redis_parts = None;
         let hot: Arc<dyn HotStore> = match &config.redis_url {
             None if config.billing == Billing::Off => {
@@ -70,14 +67,14 @@ impl Gateway {
             }
             None => {
                 let (log_sender, log) = channel_log(config.limits.usage_log_events_max);
-                worker_tasks.spawn(run_usage_writer(log, Arc::clone(&ledger), writer_config, worker_shutdown.clone()));
+                worker_tasks.spawn(run_usage_writer(log, Arc::clone(&ledger), writer_config(&config), worker_shutdown.clone()));
                 Arc::new(MemoryHotStore::new(log_sender, system_clock()))
             }
             Some(url) => {
                 let redis = connect_redis(url, &config).await?;
                 if config.run_worker {
                     let log = until_available("redis", wait, || redis_log(&redis, &config, worker_shutdown.clone())).await?;
-                    worker_tasks.spawn(run_usage_writer(log, Arc::clone(&ledger), durable_writer_config, worker_shutdown.clone()));
+                    worker_tasks.spawn(run_usage_writer(log, Arc::clone(&ledger), writer_config(&config), worker_shutdown.clone()));
                 }
                 redis_parts = Some((redis.connection(), redis.keys().clone()));
                 match (&postgres_pool, config.degradation.hot_store_down) {
@@ -258,18 +255,22 @@ pub async fn run_worker(config: GatewayConfig, shutdown: CancellationToken) -> R
     let (ledger, _) = until_available("the ledger", wait, || open_ledger(&config.database_url)).await?;
     let redis = connect_redis(url, &config).await?;
     let log = until_available("redis", wait, || redis_log(&redis, &config, shutdown.clone())).await?;
-    let writer_config = UsageWriterConfig {
-        batch_events_max: config.limits.usage_batch_events_max,
-        batch_linger_ms: config.limits.usage_batch_linger_ms,
-        ..UsageWriterConfig::default()
-    };
     let tasks = TaskTracker::new();
-    tasks.spawn(run_usage_writer(log, Arc::clone(&ledger), writer_config, shutdown.clone()));
+    tasks.spawn(run_usage_writer(log, Arc::clone(&ledger), writer_config(&config), shutdown.clone()));
     let stores = JobStores { ledger, redis: Some((redis.connection(), redis.keys().clone())), hot: Arc::new(redis) };
     crate::jobs::spawn(&tasks, &stores, &config, &shutdown);
     tasks.close();
     tasks.wait().await;
     Ok(())
+}
+
+/// The usage writer's limits, the same for every log (the writer lingers only on a durable one).
+fn writer_config(config: &GatewayConfig) -> UsageWriterConfig {
+    UsageWriterConfig {
+        batch_events_max: config.limits.usage_batch_events_max,
+        batch_linger_ms: config.limits.usage_batch_linger_ms,
+        ..UsageWriterConfig::default()
+    }
 }
 
 /// Connections the PostgreSQL ledger pool keeps at most.

@@ -56,13 +56,6 @@ pub async fn migrate(url: &str) -> StoreResult<()> {
 }
 
 impl PgLedger {
-    async fn record_usage_checked(&self, events: &[UsageEvent], check: DuplicateCheck) -> StoreResult<Vec<RecordOutcome>> {
-        let mut transaction = self.pool.begin().await?;
-        let recorded = record_usage_in(&mut transaction, events, check).await?;
-        transaction.commit().await?;
-        Ok(recorded.outcomes)
-    }
-
     /// Connects with an explicit pool size and acquire timeout, and migrates.
     ///
     /// # Errors
@@ -80,6 +73,14 @@ impl PgLedger {
     /// The pool, for the LISTEN connection and the worker.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// One usage batch in a transaction of its own (see [`DuplicateCheck`]).
+    async fn record_usage_checked(&self, events: &[UsageEvent], check: DuplicateCheck) -> StoreResult<Vec<RecordOutcome>> {
+        let mut transaction = self.pool.begin().await?;
+        let recorded = record_usage_in(&mut transaction, events, check).await?;
+        transaction.commit().await?;
+        Ok(recorded.outcomes)
     }
 }
 

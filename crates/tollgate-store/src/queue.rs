@@ -47,6 +47,9 @@ pub trait EventLog: Send + Sync + 'static {
     /// Takes an event the ledger refuses for good (not an outage) out of the log, keeping it
     /// where an operator can see it (a dead-letter stream), so it cannot block the others.
     async fn park(&self, delivery: Delivery, reason: &str) -> StoreResult<()>;
+    /// Whether an event is durable in the log itself (Redis's AOF). When not, its settle waits
+    /// for the ledger's commit, and the writer must write what it has at once.
+    fn durable(&self) -> bool;
 }
 
 /// The producing side of the embedded log (held by the in-process hot store).
@@ -141,5 +144,9 @@ impl EventLog for ChannelLog {
         metrics::counter!("tollgate_usage_dead_letters_total").increment(1);
         tracing::error!(reason, event = ?delivery.event, "usage event refused by the ledger; parked in the log output");
         self.ack(vec![delivery]).await
+    }
+
+    fn durable(&self) -> bool {
+        false
     }
 }

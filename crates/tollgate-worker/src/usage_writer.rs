@@ -15,8 +15,9 @@ pub struct UsageWriterConfig {
     /// Events written in one ledger transaction at most.
     pub batch_events_max: usize,
     /// When a read finds fewer than `batch_events_max` events, how long to wait for more before
-    /// writing them: a batch of a few rows costs the ledger nearly what a full one does. Only for
-    /// a durable log (Redis), where a settle does not wait for the commit; 0 writes at once.
+    /// writing them: a batch of a few rows costs the ledger nearly what a full one does. Only
+    /// with a durable log (`EventLog::durable`, Redis): with the in-process log a settle waits
+    /// for the commit, and the writer never lingers. 0 writes at once.
     pub batch_linger_ms: u64,
     /// First wait after a failed write; doubles up to `retry_backoff_ms_max`.
     pub retry_backoff_ms_min: u64,
@@ -109,7 +110,7 @@ async fn next_batch(log: &impl EventLog, config: &UsageWriterConfig, shutdown: &
 /// Tops a short batch up with what arrives within `batch_linger_ms` (see [`UsageWriterConfig`]).
 async fn linger(log: &impl EventLog, config: &UsageWriterConfig, shutdown: &CancellationToken, mut batch: Vec<Delivery>) -> Vec<Delivery> {
     let room = config.batch_events_max.saturating_sub(batch.len());
-    if config.batch_linger_ms == 0 || room == 0 || shutdown.is_cancelled() {
+    if config.batch_linger_ms == 0 || room == 0 || !log.durable() || shutdown.is_cancelled() {
         return batch;
     }
     tokio::select! {
@@ -197,7 +198,7 @@ async fn write_until_committed(
 mod tests {
     use tollgate_core::{Money, Usage, UsageSource};
     use tollgate_store::model::{AccountKind, NewAccount, RequestStatus};
-    use tollgate_store::queue::channel_log;
+    use tollgate_store::queue::{ChannelLog, channel_log};
     use tollgate_store::sqlite::SqliteLedger;
 
     use super::*;
@@ -264,14 +265,37 @@ mod tests {
         let _ = std::fs::remove_file(&path);
     }
 
-    /// With a linger, a short batch waits for company: what arrives meanwhile is written with it.
+    /// The in-process log, standing in for a durable one (Redis) to show the linger in-process.
+    struct Durable(ChannelLog);
+
+    #[async_trait::async_trait]
+    impl EventLog for Durable {
+        async fn read_batch(&self, max: usize) -> tollgate_store::StoreResult<Vec<Delivery>> {
+            self.0.read_batch(max).await
+        }
+        async fn read_remaining(&self, max: usize) -> tollgate_store::StoreResult<Vec<Delivery>> {
+            self.0.read_remaining(max).await
+        }
+        async fn ack(&self, deliveries: Vec<Delivery>) -> tollgate_store::StoreResult<()> {
+            self.0.ack(deliveries).await
+        }
+        async fn park(&self, delivery: Delivery, reason: &str) -> tollgate_store::StoreResult<()> {
+            self.0.park(delivery, reason).await
+        }
+        fn durable(&self) -> bool {
+            true
+        }
+    }
+
+    /// With a linger and a durable log, a short batch waits for company: what arrives meanwhile
+    /// is written with it.
     #[tokio::test]
     async fn a_short_batch_waits_for_company_when_lingering() {
         let (ledger, path) = ledger_with_account().await;
         let (sender, log) = channel_log(16);
         let shutdown = CancellationToken::new();
         let config = UsageWriterConfig { batch_linger_ms: 2_000, ..UsageWriterConfig::default() };
-        let writer = tokio::spawn(run_usage_writer(log, Arc::clone(&ledger), config, shutdown.clone()));
+        let writer = tokio::spawn(run_usage_writer(Durable(log), Arc::clone(&ledger), config, shutdown.clone()));
         let mut first = sender.reserve().await.unwrap().append(charge("r1"), true).unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(first.try_recv().is_err(), "written before the linger ran out");
@@ -279,6 +303,24 @@ mod tests {
         let second = sender.reserve().await.unwrap().append(charge("r2"), true).unwrap();
         tokio::time::timeout(Duration::from_secs(30), second).await.expect("the batch was never written").unwrap();
         assert!(ledger.request_charged("a", "r1").await.unwrap() && ledger.request_charged("a", "r2").await.unwrap());
+        shutdown.cancel();
+        drop(sender);
+        writer.await.unwrap();
+        let _ = std::fs::remove_file(&path);
+    }
+
+    /// The in-process log is not durable: its settles wait for the commit, so a configured
+    /// linger is not applied to it (a minute here, against an answer within half of one).
+    #[tokio::test]
+    async fn the_in_process_log_is_written_at_once_whatever_the_linger() {
+        let (ledger, path) = ledger_with_account().await;
+        let (sender, log) = channel_log(16);
+        let shutdown = CancellationToken::new();
+        let config = UsageWriterConfig { batch_linger_ms: 60_000, ..UsageWriterConfig::default() };
+        let writer = tokio::spawn(run_usage_writer(log, Arc::clone(&ledger), config, shutdown.clone()));
+        let committed = sender.reserve().await.unwrap().append(charge("r1"), true).unwrap();
+        tokio::time::timeout(Duration::from_secs(30), committed).await.expect("the in-process log lingered").unwrap();
+        assert!(ledger.request_charged("a", "r1").await.unwrap());
         shutdown.cancel();
         drop(sender);
         writer.await.unwrap();

@@ -332,6 +332,10 @@ impl EventLog for RedisLog {
         tracing::error!(shard, entry_id, reason, "usage event parked in the dead-letter stream");
         Ok(())
     }
+
+    fn durable(&self) -> bool {
+        true
+    }
 }
 
 /// How far the workers are behind, over all shards.
