@@ -12,11 +12,11 @@ use sqlx::{QueryBuilder, Sqlite, SqlitePool, Transaction};
 use time::OffsetDateTime;
 use tollgate_core::Money;
 
-use crate::alerts::{SPEND_COUNTERS_OF_ACCOUNT, counter_seed, period_labels};
+use crate::alerts::{KeyBudgets, SPEND_COUNTERS_OF_ACCOUNT, counter_seed, period_labels, spend_deltas, usage_batch_alerts};
 use crate::error::{StoreError, StoreResult};
 use crate::hot::CounterSeed;
 use crate::ledger::Ledger;
-use crate::operations::STORED_RESPONSE;
+use crate::operations::{STORED_RESPONSE, key_budgets_from, threshold_from};
 use crate::model::{
     Account, AccountBalance, AccountPatch, ApiKey, FundKind, FundOutcome, FundTransaction, LedgerEntry, NewAccount,
     NewApiKey, NewFund, NewPrice, PriceRow, RecordOutcome, StoredResponse, SummaryGroup, SummaryRow, TopUp,
@@ -74,15 +74,19 @@ impl SqliteLedger {
     pub async fn connect(url: &str, max_connections: u32) -> StoreResult<SqliteLedger> {
         // One parse for both pools: each parse of `sqlite::memory:` names a new database.
         let options = options(url)?;
+        // No ping before each use (sqlx's default): a file has no far end to hang up, and the
+        // ping was one more round trip to the connection's worker thread per transaction.
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(Duration::from_millis(ACQUIRE_TIMEOUT_MS))
+            .test_before_acquire(false)
             .connect_with(options.clone())
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_millis(ACQUIRE_TIMEOUT_MS))
+            .test_before_acquire(false)
             .connect_with(options)
             .await?;
         Ok(SqliteLedger { pool, writer })
@@ -231,54 +235,96 @@ fn usage_row(event: &UsageEvent, position: &mut (Money, i64)) -> StoreResult<ser
     ]))
 }
 
-/// Inserts a batch's usage rows in one statement. The duplicates were filtered out inside the
-/// same `BEGIN IMMEDIATE` transaction, so every row must insert: no `ON CONFLICT`, and the
-/// unique index still refuses a second charge, failing the batch.
-async fn insert_usage_rows(transaction: &mut Transaction<'static, Sqlite>, rows: Vec<serde_json::Value>) -> StoreResult<()> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "INSERT INTO usage_log (request_id, account_id, api_key_id, provider, model, customer_type, price_id,
-             input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
-             usage_source, cost, balance_before, balance_after, ledger_seq, status, latency_ms, created_at)
-         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6,
-             value ->> 7, value ->> 8, value ->> 9, value ->> 10, value ->> 11,
-             value ->> 12, value ->> 13, value ->> 14, value ->> 15, value ->> 16, value ->> 17, value ->> 18, value ->> 19
-         FROM json_each(?) ORDER BY key",
-    )
-    .bind(serde_json::Value::Array(rows).to_string())
-    .execute(&mut **transaction)
-    .await?;
-    Ok(())
-}
+/// A usage batch's writes, and what its alerts read back, as one list of statements: the usage
+/// rows (in batch order, so ids follow ledger positions); the stored responses of the charged
+/// ones, each keyed by its usage row's id (migration 0004), found by (account, request id) —
+/// `CROSS JOIN` keeps the batch the outer loop, where the planner of a small table would scan
+/// `usage_log` once per body; the spend counters, returning their new totals; the budgets of the
+/// batch's keys and the low-balance thresholds of its accounts; the balances moved.
+///
+/// SQLite's worker thread runs the list in one round trip (sqlx hands the bound values to its
+/// statements in order: plain `?` only, since sqlx takes the unused numbers below a `?NNN` for
+/// parameters and shifts every later statement's values): each round trip is two switches between threads, and embedded mode's
+/// settles wait for this commit. Duplicates were filtered out inside the same `BEGIN IMMEDIATE`
+/// transaction, so every usage row must insert: no `ON CONFLICT`, and the unique index still
+/// refuses a second charge, failing the batch. Bodies travel as hex: JSON carries text.
+const WRITE_USAGE_BATCH: &str = "
+INSERT INTO usage_log (request_id, account_id, api_key_id, provider, model, customer_type, price_id,
+    input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
+    usage_source, cost, balance_before, balance_after, ledger_seq, status, latency_ms, created_at)
+SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6,
+    value ->> 7, value ->> 8, value ->> 9, value ->> 10, value ->> 11,
+    value ->> 12, value ->> 13, value ->> 14, value ->> 15, value ->> 16, value ->> 17, value ->> 18, value ->> 19
+FROM json_each(?) ORDER BY key;
+INSERT INTO stored_responses (usage_id, status, content_type, body, created_at)
+SELECT usage_log.id, stored.value ->> 2, stored.value ->> 3, unhex(stored.value ->> 4), stored.value ->> 5
+FROM json_each(?) AS stored
+CROSS JOIN usage_log ON usage_log.account_id = stored.value ->> 0 AND usage_log.request_id = stored.value ->> 1
+    AND usage_log.status <> 'failed';
+INSERT INTO spend_counters (scope, owner_id, period, requests, spent, updated_at)
+SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, ? FROM json_each(?) WHERE true
+ON CONFLICT (scope, owner_id, period) DO UPDATE SET requests = spend_counters.requests + excluded.requests,
+    spent = spend_counters.spent + excluded.spent, updated_at = excluded.updated_at
+RETURNING 'counter' AS row_kind, scope, owner_id, period, spent;
+SELECT 'budget' AS row_kind, id, account_id, budget_daily, budget_monthly, budget_total FROM api_keys
+WHERE id IN (SELECT value FROM json_each(?)) AND (budget_daily IS NOT NULL OR budget_monthly IS NOT NULL OR budget_total IS NOT NULL);
+SELECT 'threshold' AS row_kind, id, low_balance_threshold FROM accounts
+WHERE id IN (SELECT value FROM json_each(?)) AND low_balance_threshold IS NOT NULL;
+UPDATE account_balance SET balance = batch.value ->> 1, ledger_seq = batch.value ->> 2, updated_at = ?
+FROM json_each(?) AS batch WHERE account_balance.account_id = batch.value ->> 0";
 
-/// Inserts the stored responses of a batch's charged events in one statement, each keyed by its
-/// usage row's id (migration 0004), found by (account, request id) (bodies as hex: JSON carries
-/// text, a body is bytes). `CROSS JOIN` keeps the batch as the outer loop: on a small table the
-/// planner would rather scan `usage_log` once per stored body than look each one up.
-async fn insert_stored_responses(transaction: &mut Transaction<'static, Sqlite>, events: &[&UsageEvent]) -> StoreResult<()> {
-    let rows: Vec<serde_json::Value> = events
+/// Writes a planned usage batch ([`WRITE_USAGE_BATCH`]) and queues the alerts it raises.
+async fn write_usage_batch(
+    transaction: &mut Transaction<'static, Sqlite>,
+    rows: Vec<serde_json::Value>,
+    inserted: &[&UsageEvent],
+    starts: &HashMap<&str, (Money, i64)>,
+    ends: &HashMap<&str, (Money, i64)>,
+) -> StoreResult<()> {
+    let stored: Vec<serde_json::Value> = inserted
         .iter()
         .filter_map(|event| {
             let stored = event.stored_response.as_ref()?;
             Some(serde_json::json!([event.account_id, event.request_id, stored.status, stored.content_type, hex(&stored.body), event.created_at_ms]))
         })
         .collect();
-    if rows.is_empty() {
-        return Ok(());
+    let deltas = spend_deltas(inserted)?;
+    let counter_rows: Vec<serde_json::Value> =
+        deltas.iter().map(|((scope, owner, period), (requests, spent))| serde_json::json!([scope, owner, period, requests, spent])).collect();
+    let key_ids: Vec<&str> = deltas.keys().filter(|(scope, _, _)| *scope == "key").map(|(_, owner, _)| owner.as_str()).collect();
+    let account_ids: Vec<&str> = ends.keys().copied().collect();
+    let balances: Vec<serde_json::Value> =
+        ends.iter().map(|(account_id, (balance, ledger_seq))| serde_json::json!([account_id, balance.nanos(), ledger_seq])).collect();
+    let read_back = sqlx::query(WRITE_USAGE_BATCH)
+        .bind(serde_json::Value::Array(rows).to_string())
+        .bind(serde_json::Value::Array(stored).to_string())
+        .bind(now_ms())
+        .bind(serde_json::Value::Array(counter_rows).to_string())
+        .bind(json_list(&key_ids))
+        .bind(json_list(&account_ids))
+        .bind(now_ms())
+        .bind(serde_json::Value::Array(balances).to_string())
+        .fetch_all(&mut **transaction)
+        .await?;
+    let mut batch = UsageReadBack::default();
+    for row in &read_back {
+        match row.text("row_kind")?.as_str() {
+            "counter" => batch.counters.push((row.text("scope")?, row.text("owner_id")?, row.text("period")?, row.int("spent")?)),
+            "budget" => batch.budgets.push(key_budgets_from(row)?),
+            "threshold" => batch.thresholds.push(threshold_from(row)?),
+            other => return Err(StoreError::Corrupt(format!("a usage batch read back an unexpected row kind {other:?}"))),
+        }
     }
-    sqlx::query(
-        "INSERT INTO stored_responses (usage_id, status, content_type, body, created_at)
-         SELECT usage_log.id, stored.value ->> 2, stored.value ->> 3, unhex(stored.value ->> 4), stored.value ->> 5
-         FROM json_each(?) AS stored
-         CROSS JOIN usage_log ON usage_log.account_id = stored.value ->> 0 AND usage_log.request_id = stored.value ->> 1
-             AND usage_log.status <> 'failed'",
-    )
-    .bind(serde_json::Value::Array(rows).to_string())
-    .execute(&mut **transaction)
-    .await?;
-    Ok(())
+    let events = usage_batch_alerts(&deltas, &batch.counters, &batch.budgets, &batch.thresholds, starts, ends)?;
+    crate::sqlite_ops::queue_events(transaction, &events).await
+}
+
+/// What a usage batch's statement list reads back for its alerts.
+#[derive(Default)]
+struct UsageReadBack {
+    counters: Vec<(String, String, String, i64)>,
+    budgets: Vec<KeyBudgets>,
+    thresholds: Vec<(String, Money)>,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -568,27 +614,16 @@ impl Ledger for SqliteLedger {
             .collect()
     }
 
-    /// A batch in a fixed number of statements, whatever its size: each statement is a round
-    /// trip to SQLite's worker thread, and embedded mode's settles wait for this commit.
+    /// A batch in four round trips to SQLite's worker thread whatever its size (begin, read the
+    /// start, write, commit; a fifth when it raises alerts): embedded mode's settles wait for
+    /// this commit.
     async fn record_usage_batch(&self, events: &[UsageEvent]) -> StoreResult<Vec<RecordOutcome>> {
         let mut transaction = self.write().await?;
         // BEGIN IMMEDIATE holds SQLite's one write lock: what is charged now is all there is to skip.
         let BatchStart { mut positions, charged } = batch_start(&mut transaction, events).await?;
         let starts = positions.clone();
         let UsagePlan { rows, inserted, outcomes } = plan_usage_batch(events, &mut positions, charged, usage_row)?;
-        insert_usage_rows(&mut transaction, rows).await?;
-        insert_stored_responses(&mut transaction, &inserted).await?;
-        crate::sqlite_ops::after_usage_batch(&mut transaction, &starts, &positions, &inserted).await?;
-        let balances: Vec<serde_json::Value> =
-            positions.iter().map(|(account_id, (balance, ledger_seq))| serde_json::json!([account_id, balance.nanos(), ledger_seq])).collect();
-        sqlx::query(
-            "UPDATE account_balance SET balance = batch.value ->> 1, ledger_seq = batch.value ->> 2, updated_at = ?
-             FROM json_each(?) AS batch WHERE account_balance.account_id = batch.value ->> 0",
-        )
-        .bind(now_ms())
-        .bind(serde_json::Value::Array(balances).to_string())
-        .execute(&mut *transaction)
-        .await?;
+        write_usage_batch(&mut transaction, rows, &inserted, &starts, &positions).await?;
         transaction.commit().await?;
         Ok(outcomes)
     }

@@ -1,29 +1,29 @@
 //! `Operations` on SQLite (embedded mode): the statements of `operations.rs`. Writes take the
 //! database's one write lock (`BEGIN IMMEDIATE`), which orders them as PostgreSQL's row locks do.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use async_trait::async_trait;
 use sqlx::{Sqlite, Transaction};
 use tollgate_core::Money;
 
-use crate::alerts::{PendingEvent, balance_low, fund_posted, spend_deltas, usage_batch_alerts};
+use crate::alerts::{PendingEvent, balance_low, fund_posted};
 use crate::error::StoreResult;
-use crate::model::{FundKind, FundTransaction, NewFund, UsageEvent};
+use crate::model::{FundKind, FundTransaction, NewFund};
 use crate::operations::{
     BALANCE_BEFORE, PERIOD_FUNDS, PERIOD_USAGE, PeriodTotals, period_totals_from,
     ACCOUNT_TOTALS, ADVANCE_OUTBOX, BalanceRepair, CHARGED_ONE, DUE_OUTBOX, DeliveryAttempt, DeliveryNext, ENSURE_LEASE,
     FINISH_RECONCILIATION, FINISH_RUN, INSERT_DELIVERY, INSERT_OUTBOX, INSERT_RUN, JOB_RUNS_KEPT, JobRun, LEDGER_TOTALS,
     LedgerTotals, Operations, OutboxEvent, PERIOD_RAN, PRUNE_RUNS, RECONCILIATIONS, RELEASE_LEASE, RENEW_LEASE,
     ReconciliationRun, SOME_LEDGER_TOTALS, START_RECONCILIATION, TAKE_LEASE, advance, delivery_from, job_run_from, outbox_from,
-    THRESHOLD, key_budgets_from, threshold_from, proven_balance, reconciliation_from, repair_reference, totals_from,
+    THRESHOLD, proven_balance, reconciliation_from, repair_reference, totals_from,
 };
 use crate::sql_rows::{Fields, now_ms, to_i64};
 use crate::sqlite::{SqliteLedger, balance_for_update, insert_fund};
 
 /// Queues events for the outside world inside the caller's transaction: they exist only if
 /// that transaction commits. A dedupe key already queued adds nothing.
-async fn queue_events(transaction: &mut Transaction<'static, Sqlite>, events: &[PendingEvent]) -> StoreResult<()> {
+pub(crate) async fn queue_events(transaction: &mut Transaction<'static, Sqlite>, events: &[PendingEvent]) -> StoreResult<()> {
     let now = now_ms();
     for event in events {
         sqlx::query(INSERT_OUTBOX)
@@ -52,56 +52,6 @@ pub(crate) async fn after_fund(transaction: &mut Transaction<'static, Sqlite>, f
 /// A list of ids as one JSON text, for `json_each(?)`: one bound parameter whatever its length.
 pub(crate) fn json_list(ids: &[impl AsRef<str>]) -> String {
     serde_json::Value::from_iter(ids.iter().map(AsRef::as_ref)).to_string()
-}
-
-/// Spend counters and the events of a usage batch, in its transaction: `starts` and `ends` are
-/// the accounts' positions before and after it, `inserted` the rows it inserted.
-pub(crate) async fn after_usage_batch(
-    transaction: &mut Transaction<'static, Sqlite>,
-    starts: &HashMap<&str, (Money, i64)>,
-    ends: &HashMap<&str, (Money, i64)>,
-    inserted: &[&UsageEvent],
-) -> StoreResult<()> {
-    // Three statements whatever the batch: embedded mode often writes batches of one, and each
-    // statement is a round trip to SQLite's worker thread.
-    let deltas = spend_deltas(inserted)?;
-    let (mut counters, mut budgets) = (Vec::new(), Vec::new());
-    if !deltas.is_empty() {
-        let rows: Vec<serde_json::Value> =
-            deltas.iter().map(|((scope, owner, period), (requests, spent))| serde_json::json!([scope, owner, period, requests, spent])).collect();
-        counters = sqlx::query_as(
-            "INSERT INTO spend_counters (scope, owner_id, period, requests, spent, updated_at)
-             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, ? FROM json_each(?) WHERE true
-             ON CONFLICT (scope, owner_id, period) DO UPDATE SET requests = spend_counters.requests + excluded.requests,
-                 spent = spend_counters.spent + excluded.spent, updated_at = excluded.updated_at
-             RETURNING scope, owner_id, period, spent",
-        )
-        .bind(now_ms())
-        .bind(serde_json::Value::Array(rows).to_string())
-        .fetch_all(&mut **transaction)
-        .await?;
-        let key_ids: Vec<&str> = deltas.keys().filter(|(scope, _, _)| *scope == "key").map(|(_, owner, _)| owner.as_str()).collect();
-        budgets = sqlx::query(
-            "SELECT id, account_id, budget_daily, budget_monthly, budget_total FROM api_keys
-             WHERE id IN (SELECT value FROM json_each(?)) AND (budget_daily IS NOT NULL OR budget_monthly IS NOT NULL OR budget_total IS NOT NULL)",
-        )
-        .bind(json_list(&key_ids))
-        .fetch_all(&mut **transaction)
-        .await?
-        .iter()
-        .map(key_budgets_from)
-        .collect::<StoreResult<Vec<_>>>()?;
-    }
-    let account_ids: Vec<&str> = ends.keys().copied().collect();
-    let thresholds = sqlx::query("SELECT id, low_balance_threshold FROM accounts WHERE id IN (SELECT value FROM json_each(?)) AND low_balance_threshold IS NOT NULL")
-        .bind(json_list(&account_ids))
-        .fetch_all(&mut **transaction)
-        .await?
-        .iter()
-        .map(threshold_from)
-        .collect::<StoreResult<Vec<_>>>()?;
-    let events = usage_batch_alerts(&deltas, &counters, &budgets, &thresholds, starts, ends)?;
-    queue_events(transaction, &events).await
 }
 
 #[async_trait]
