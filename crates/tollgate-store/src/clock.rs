@@ -13,7 +13,12 @@ pub fn system_clock() -> Clock {
 /// Milliseconds since the Unix epoch, now: the one reading of the wall clock every part of the
 /// project takes its times from.
 pub fn now_ms() -> i64 {
-    i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+    ms_of(OffsetDateTime::now_utc())
+}
+
+/// A time as milliseconds since the Unix epoch, the unit every stored time is kept in.
+pub fn ms_of(time: OffsetDateTime) -> i64 {
+    i64::try_from(time.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }
 
 const MS_PER_MINUTE: i64 = 60_000;

@@ -54,11 +54,7 @@ macro_rules! fields_for {
 fields_for!(SqliteRow);
 fields_for!(PgRow);
 
-pub(crate) use crate::clock::now_ms;
-
-pub(crate) fn ms_of(time: OffsetDateTime) -> i64 {
-    i64::try_from(time.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
-}
+pub(crate) use crate::clock::{ms_of, now_ms};
 
 pub(crate) fn time_of(ms: i64) -> StoreResult<OffsetDateTime> {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)

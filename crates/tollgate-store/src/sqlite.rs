@@ -12,7 +12,7 @@ use sqlx::{QueryBuilder, Sqlite, SqlitePool, Transaction};
 use time::OffsetDateTime;
 use tollgate_core::Money;
 
-use crate::alerts::{KeyBudgets, SPEND_COUNTERS_OF_ACCOUNT, counter_seed, period_labels, spend_deltas, usage_batch_alerts};
+use crate::alerts::{SPEND_COUNTERS_OF_ACCOUNT, counter_seed, period_labels, spend_deltas, usage_batch_alerts};
 use crate::error::{StoreError, StoreResult};
 use crate::hot::CounterSeed;
 use crate::ledger::Ledger;
@@ -242,10 +242,10 @@ fn usage_row(event: &UsageEvent, position: &mut (Money, i64)) -> StoreResult<ser
 /// `usage_log` once per body; the spend counters, returning their new totals; the budgets of the
 /// batch's keys and the low-balance thresholds of its accounts; the balances moved.
 ///
-/// SQLite's worker thread runs the list in one round trip (sqlx hands the bound values to its
+/// SQLite's worker thread runs the list in one round trip (each is two switches between threads,
+/// and embedded mode's settles wait for this commit). sqlx hands the bound values to the
 /// statements in order: plain `?` only, since sqlx takes the unused numbers below a `?NNN` for
-/// parameters and shifts every later statement's values): each round trip is two switches between threads, and embedded mode's
-/// settles wait for this commit. Duplicates were filtered out inside the same `BEGIN IMMEDIATE`
+/// parameters and shifts every later statement's values. Duplicates were filtered out inside the same `BEGIN IMMEDIATE`
 /// transaction, so every usage row must insert: no `ON CONFLICT`, and the unique index still
 /// refuses a second charge, failing the batch. Bodies travel as hex: JSON carries text.
 const WRITE_USAGE_BATCH: &str = "
@@ -295,36 +295,29 @@ async fn write_usage_batch(
     let account_ids: Vec<&str> = ends.keys().copied().collect();
     let balances: Vec<serde_json::Value> =
         ends.iter().map(|(account_id, (balance, ledger_seq))| serde_json::json!([account_id, balance.nanos(), ledger_seq])).collect();
+    let now = now_ms();
     let read_back = sqlx::query(WRITE_USAGE_BATCH)
         .bind(serde_json::Value::Array(rows).to_string())
         .bind(serde_json::Value::Array(stored).to_string())
-        .bind(now_ms())
+        .bind(now)
         .bind(serde_json::Value::Array(counter_rows).to_string())
         .bind(json_list(&key_ids))
         .bind(json_list(&account_ids))
-        .bind(now_ms())
+        .bind(now)
         .bind(serde_json::Value::Array(balances).to_string())
         .fetch_all(&mut **transaction)
         .await?;
-    let mut batch = UsageReadBack::default();
+    let (mut counters, mut budgets, mut thresholds) = (Vec::new(), Vec::new(), Vec::new());
     for row in &read_back {
         match row.text("row_kind")?.as_str() {
-            "counter" => batch.counters.push((row.text("scope")?, row.text("owner_id")?, row.text("period")?, row.int("spent")?)),
-            "budget" => batch.budgets.push(key_budgets_from(row)?),
-            "threshold" => batch.thresholds.push(threshold_from(row)?),
+            "counter" => counters.push((row.text("scope")?, row.text("owner_id")?, row.text("period")?, row.int("spent")?)),
+            "budget" => budgets.push(key_budgets_from(row)?),
+            "threshold" => thresholds.push(threshold_from(row)?),
             other => return Err(StoreError::Corrupt(format!("a usage batch read back an unexpected row kind {other:?}"))),
         }
     }
-    let events = usage_batch_alerts(&deltas, &batch.counters, &batch.budgets, &batch.thresholds, starts, ends)?;
+    let events = usage_batch_alerts(&deltas, &counters, &budgets, &thresholds, starts, ends)?;
     crate::sqlite_ops::queue_events(transaction, &events).await
-}
-
-/// What a usage batch's statement list reads back for its alerts.
-#[derive(Default)]
-struct UsageReadBack {
-    counters: Vec<(String, String, String, i64)>,
-    budgets: Vec<KeyBudgets>,
-    thresholds: Vec<(String, Money)>,
 }
 
 fn hex(bytes: &[u8]) -> String {

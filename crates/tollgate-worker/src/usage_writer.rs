@@ -198,7 +198,7 @@ async fn write_until_committed(
 mod tests {
     use tollgate_core::{Money, Usage, UsageSource};
     use tollgate_store::model::{AccountKind, NewAccount, RequestStatus};
-    use tollgate_store::queue::{ChannelLog, channel_log};
+    use tollgate_store::queue::{ChannelLog, ChannelLogSender, channel_log};
     use tollgate_store::sqlite::SqliteLedger;
 
     use super::*;
@@ -243,6 +243,21 @@ mod tests {
         (Arc::new(ledger), path)
     }
 
+    /// A writer on `log` into `ledger`, and the token that stops it.
+    fn spawn_writer(log: impl EventLog, ledger: &Arc<dyn Ledger>, config: UsageWriterConfig) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        let shutdown = CancellationToken::new();
+        let writer = tokio::spawn(run_usage_writer(log, Arc::clone(ledger), config, shutdown.clone()));
+        (shutdown, writer)
+    }
+
+    /// Stops the writer (with the sender gone the log drains and ends) and removes the ledger's file.
+    async fn stop_writer(shutdown: CancellationToken, sender: ChannelLogSender, writer: tokio::task::JoinHandle<()>, path: &std::path::Path) {
+        shutdown.cancel();
+        drop(sender);
+        writer.await.unwrap();
+        let _ = std::fs::remove_file(path);
+    }
+
     /// Each committed batch is acknowledged while the log stays open and quiet: the writer's
     /// read of the next batch waits for events that may never come, and a settle waits for its
     /// acknowledgement. Acknowledging only once that read returned left them waiting for good.
@@ -250,19 +265,15 @@ mod tests {
     async fn a_committed_batch_is_acknowledged_while_the_log_is_quiet() {
         let (ledger, path) = ledger_with_account().await;
         let (sender, log) = channel_log(16);
-        let shutdown = CancellationToken::new();
-        let writer = tokio::spawn(run_usage_writer(log, Arc::clone(&ledger), UsageWriterConfig::default(), shutdown.clone()));
+        let (shutdown, writer) = spawn_writer(log, &ledger, UsageWriterConfig::default());
         for request_id in ["r1", "r2"] {
             let committed = sender.reserve().await.unwrap().append(charge(request_id), true).unwrap();
             // The sender stays open and nothing else is sent: only the commit can answer.
             tokio::time::timeout(Duration::from_secs(30), committed).await.expect("the commit was never acknowledged").unwrap();
             assert!(ledger.request_charged("a", request_id).await.unwrap(), "acknowledged before its commit");
         }
-        shutdown.cancel();
-        drop(sender);
-        writer.await.unwrap();
+        stop_writer(shutdown, sender, writer, &path).await;
         assert_eq!(ledger.account_balance("a").await.unwrap().unwrap().balance, Money::from_nanos(-14));
-        let _ = std::fs::remove_file(&path);
     }
 
     /// The in-process log, standing in for a durable one (Redis) to show the linger in-process.
@@ -293,9 +304,7 @@ mod tests {
     async fn a_short_batch_waits_for_company_when_lingering() {
         let (ledger, path) = ledger_with_account().await;
         let (sender, log) = channel_log(16);
-        let shutdown = CancellationToken::new();
-        let config = UsageWriterConfig { batch_linger_ms: 2_000, ..UsageWriterConfig::default() };
-        let writer = tokio::spawn(run_usage_writer(Durable(log), Arc::clone(&ledger), config, shutdown.clone()));
+        let (shutdown, writer) = spawn_writer(Durable(log), &ledger, UsageWriterConfig { batch_linger_ms: 2_000, ..UsageWriterConfig::default() });
         let mut first = sender.reserve().await.unwrap().append(charge("r1"), true).unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(first.try_recv().is_err(), "written before the linger ran out");
@@ -303,10 +312,7 @@ mod tests {
         let second = sender.reserve().await.unwrap().append(charge("r2"), true).unwrap();
         tokio::time::timeout(Duration::from_secs(30), second).await.expect("the batch was never written").unwrap();
         assert!(ledger.request_charged("a", "r1").await.unwrap() && ledger.request_charged("a", "r2").await.unwrap());
-        shutdown.cancel();
-        drop(sender);
-        writer.await.unwrap();
-        let _ = std::fs::remove_file(&path);
+        stop_writer(shutdown, sender, writer, &path).await;
     }
 
     /// The in-process log is not durable: its settles wait for the commit, so a configured
@@ -315,15 +321,10 @@ mod tests {
     async fn the_in_process_log_is_written_at_once_whatever_the_linger() {
         let (ledger, path) = ledger_with_account().await;
         let (sender, log) = channel_log(16);
-        let shutdown = CancellationToken::new();
-        let config = UsageWriterConfig { batch_linger_ms: 60_000, ..UsageWriterConfig::default() };
-        let writer = tokio::spawn(run_usage_writer(log, Arc::clone(&ledger), config, shutdown.clone()));
+        let (shutdown, writer) = spawn_writer(log, &ledger, UsageWriterConfig { batch_linger_ms: 60_000, ..UsageWriterConfig::default() });
         let committed = sender.reserve().await.unwrap().append(charge("r1"), true).unwrap();
         tokio::time::timeout(Duration::from_secs(30), committed).await.expect("the in-process log lingered").unwrap();
         assert!(ledger.request_charged("a", "r1").await.unwrap());
-        shutdown.cancel();
-        drop(sender);
-        writer.await.unwrap();
-        let _ = std::fs::remove_file(&path);
+        stop_writer(shutdown, sender, writer, &path).await;
     }
 }

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use time::format_description::well_known::Rfc3339;
 use time::{Date, Month, OffsetDateTime, Time};
 use tollgate_core::Money;
+use tollgate_store::clock::ms_of;
 use tollgate_store::model::SummaryGroup;
 
 use crate::auth::require_operator;
@@ -45,10 +46,6 @@ fn month_bounds(month: &str) -> Result<(OffsetDateTime, OffsetDateTime), ApiErro
     Ok((start.with_time(Time::MIDNIGHT).assume_utc(), end.with_time(Time::MIDNIGHT).assume_utc()))
 }
 
-fn unix_ms(at: OffsetDateTime) -> i64 {
-    i64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
-}
-
 fn rfc3339(at: OffsetDateTime) -> String {
     at.format(&Rfc3339).unwrap_or_default()
 }
@@ -70,7 +67,7 @@ async fn monthly_statement(
         return Err(ApiError::NotFound(format!("account {account_id} not found")));
     }
     let as_of = OffsetDateTime::now_utc();
-    let totals = state.ledger.period_totals(&account_id, unix_ms(start), unix_ms(end)).await?;
+    let totals = state.ledger.period_totals(&account_id, ms_of(start), ms_of(end)).await?;
     let by_model = state.ledger.summary(Some(&account_id), Some(start), Some(end), SummaryGroup::Model).await?;
     if format == "csv" {
         let mut csv = String::from("line,model,count,input_tokens,cached_input_tokens,cache_write_tokens,output_tokens,amount\n");
