@@ -272,8 +272,10 @@ mod tests {
             tokio::time::timeout(Duration::from_secs(30), committed).await.expect("the commit was never acknowledged").unwrap();
             assert!(ledger.request_charged("a", request_id).await.unwrap(), "acknowledged before its commit");
         }
-        stop_writer(shutdown, sender, writer, &path).await;
+        // Read before stop_writer removes the file: a pooled connection opened after that would
+        // find a new, empty database.
         assert_eq!(ledger.account_balance("a").await.unwrap().unwrap().balance, Money::from_nanos(-14));
+        stop_writer(shutdown, sender, writer, &path).await;
     }
 
     /// The in-process log, standing in for a durable one (Redis) to show the linger in-process.
