@@ -1,5 +1,7 @@
 //! Fund changes apply once, and the audit chain stays whole.
 
+use std::str::FromStr;
+
 use serde_json::{Value, json};
 
 use crate::common::*;
@@ -84,5 +86,46 @@ async fn amounts_are_strict_decimal_strings() {
     let (status, body): (u16, Value) = gateway.admin(reqwest::Method::GET, &format!("/internal/accounts/{account}"), None).await;
     assert_eq!(status, 200);
     assert_eq!(body["balance"], "0");
+    gateway.stop().await;
+}
+
+/// Funds out only from free funds: while a stream holds most of the balance, a refund of the
+/// balance is refused (402 insufficient_balance, nothing recorded), a refund of what is free
+/// goes through, and once the stream settles the balance is exactly what the ledger says — never
+/// below zero. Before the rule a refund of 1 was accepted here and the balance ended negative.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_cannot_take_funds_held_for_a_request_in_flight() {
+    let gateway = TestGateway::start().await;
+    let account = gateway.account("1", json!({})).await;
+    let key = gateway.key(&account, json!({})).await;
+    // A hold of about 0.9: 90,000 output tokens at 10 per million.
+    let body = json!({"model": "demo-gpt", "stream": true, "max_tokens": 90_000, "messages": [{"role": "user", "content": "slow"}],
+        "mock": {"output_tokens": 40, "chunk_interval_ms": 50}});
+    let stream = gateway.http.post(format!("{}/v1/chat/completions", gateway.url)).bearer_auth(&key).json(&body).send().await.unwrap();
+    assert_eq!(stream.status(), 200);
+    let held = money(&gateway.balance(&key).await["held"]);
+    assert!(held > Money::from_str("0.9").unwrap(), "the stream holds {held}");
+    let refunds = format!("/internal/accounts/{account}/refunds");
+    let refund = |amount: &str, reference: &str| {
+        gateway.admin(reqwest::Method::POST, &refunds, Some(json!({"amount": amount, "reason": "test", "reference_id": reference})))
+    };
+    let (status, refused) = refund("1", &format!("all-{account}")).await;
+    assert_eq!((status, refused["error"]["code"].as_str()), (402, Some("insufficient_balance")), "{refused}");
+    let (status, refused) = gateway
+        .admin(reqwest::Method::POST, &format!("/internal/accounts/{account}/adjustments"), Some(json!({"amount": "-0.5", "reason": "test", "operator_id": "ops", "reference_id": format!("adj-{account}")})))
+        .await;
+    assert_eq!((status, refused["error"]["code"].as_str()), (402, Some("insufficient_balance")), "a negative adjustment too: {refused}");
+    let free = Money::from_str("1").unwrap().checked_sub(held).unwrap();
+    let (status, _) = refund(&free.to_string(), &format!("free-{account}")).await;
+    assert_eq!(status, 201, "what is free can leave");
+    let text = stream.text().await.unwrap();
+    assert!(text.contains("[DONE]"), "the stream completed");
+    assert!(!gateway.balance_of(&key).await.is_negative());
+    let statement = gateway.assert_ledger_sound(&account).await;
+    let kinds: Vec<&str> = statement["rows"].as_array().unwrap().iter().map(|row| row["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, vec!["deposit", "refund", "usage"], "the refused ones left nothing");
+    // Retrying the refund that went through answers it as recorded, whatever is free now.
+    let (status, again) = refund(&free.to_string(), &format!("free-{account}")).await;
+    assert_eq!(status, 200, "{again}");
     gateway.stop().await;
 }

@@ -8,9 +8,10 @@ use time::OffsetDateTime;
 use tollgate_core::Money;
 use tollgate_store::hot::{
     AccountSnapshot, Authorization, AuthorizeRequest, FundApplication, Limits, RECENT_CHARGE_MS, Refusal, Settlement,
+    WithdrawalHold, withdrawal_id,
 };
 use tollgate_store::clock::now_ms;
-use tollgate_store::model::UsageEvent;
+use tollgate_store::model::{FundOutcome, NewFund, UsageEvent};
 
 use crate::config::Billing;
 use crate::context::BillingContext;
@@ -201,7 +202,9 @@ async fn apply_funds_in_order(state: &AppState, account_id: &str) -> Result<(), 
         return Ok(());
     };
     for fund in state.ledger.fund_transactions_after(account_id, view.last_fund_seq).await? {
-        match state.hot.apply_fund(account_id, fund.ledger_seq, fund.amount).await? {
+        // A withdrawal's hold is released in the step that applies it.
+        let withdrawal = fund.amount.is_negative().then(|| withdrawal_id(fund.kind.as_str(), &fund.reference_id));
+        match state.hot.apply_fund(account_id, fund.ledger_seq, fund.amount, withdrawal.as_deref()).await? {
             FundApplication::Applied { balance_after } => {
                 tracing::info!(account_id, fund_seq = fund.seq, amount = %fund.amount, %balance_after, "fund applied to hot balance");
             }
@@ -209,6 +212,60 @@ async fn apply_funds_in_order(state: &AppState, account_id: &str) -> Result<(), 
         }
     }
     Ok(())
+}
+
+/// How long a withdrawal's hold lasts if the gateway dies between holding and applying it.
+/// The ledger commit it covers takes milliseconds; another gateway (NOTIFY) or the next load
+/// applies a committed one long before this.
+const WITHDRAWAL_HOLD_TTL_MS: u64 = 60_000;
+
+/// Funds out — a refund or a negative adjustment — only from free funds (DESIGN "Funds out only
+/// from free funds"): the amount is first held in the hot store, atomically against every open
+/// hold and every charge (the hot balance already lacks the charges the ledger does not have
+/// yet); only then is the fund transaction written, and applying it releases the hold in the
+/// same step. A ledger that refuses it releases the hold. A reference already recorded is
+/// answered from the ledger, whatever the free funds are now.
+///
+/// # Errors
+/// 402 `insufficient_balance` beyond the free funds; 409 while the same reference is being
+/// written; the ledger's refusal; 503 when a store is unavailable.
+pub async fn record_withdrawal(state: &AppState, fund: NewFund) -> Result<FundOutcome, ApiError> {
+    debug_assert!(fund.amount.is_negative(), "a withdrawal takes money out");
+    if let Some(existing) = state.ledger.fund_by_reference(fund.kind, &fund.reference_id).await? {
+        // The ledger decides: same transaction → answered as recorded; otherwise a conflict.
+        return Ok(state.ledger.record_fund(fund).await.map(|outcome| FundOutcome { transaction: existing, ..outcome })?);
+    }
+    let amount = fund.amount.checked_neg().ok_or_else(|| ApiError::InvalidRequest("amount out of range".into()))?;
+    let hold_id = withdrawal_id(fund.kind.as_str(), &fund.reference_id);
+    let mut held = state.hot.hold_withdrawal(&fund.account_id, &hold_id, amount, WITHDRAWAL_HOLD_TTL_MS).await?;
+    if held == WithdrawalHold::AccountNotLoaded {
+        load_account(state, &fund.account_id).await?;
+        held = state.hot.hold_withdrawal(&fund.account_id, &hold_id, amount, WITHDRAWAL_HOLD_TTL_MS).await?;
+    }
+    match held {
+        WithdrawalHold::Held => {}
+        WithdrawalHold::Insufficient { free } => {
+            metrics::counter!("tollgate_withdrawals_refused_total").increment(1);
+            return Err(ApiError::InsufficientFreeFunds { free, amount });
+        }
+        WithdrawalHold::InProgress => return Err(ApiError::RequestInProgress(fund.reference_id)),
+        WithdrawalHold::AccountNotLoaded => {
+            return Err(ApiError::BillingUnavailable("account could not be loaded into the hot store".into()));
+        }
+    }
+    let account_id = fund.account_id.clone();
+    let recorded = state.ledger.record_fund(fund).await;
+    if recorded.is_err()
+        && let Err(error) = state.hot.release_withdrawal(&account_id, &hold_id).await
+    {
+        tracing::error!(account_id, hold_id, %error, "releasing a withdrawal the ledger refused failed; it expires on its own");
+    }
+    let outcome = recorded?;
+    if let Err(error) = apply_pending_funds(state, &account_id).await {
+        // Committed; the retry loop applies it (and releases its hold) each second until done.
+        tracing::warn!(account_id, %error, "withdrawal committed but not yet applied to the hot balance");
+    }
+    Ok(outcome)
 }
 
 /// The cost a settle charges for an event, as the usage row will say. Shared with the quote

@@ -41,6 +41,8 @@ pub enum ApiError {
     InvalidApiKey(&'static str),
     #[error("insufficient balance: available {available}, this request needs up to {required}")]
     InsufficientBalance { available: Money, required: Money },
+    #[error("the account's free funds (balance - held - charges not yet in the ledger) are {free}; taking out {amount} is refused")]
+    InsufficientFreeFunds { free: Money, amount: Money },
     #[error("model {0} is not allowed for this key")]
     ModelNotAllowed(String),
     #[error("this API key has expired")]
@@ -93,7 +95,7 @@ impl ApiError {
             ApiError::PriceNotConfigured { .. } => (StatusCode::BAD_REQUEST, "price_not_configured"),
             ApiError::InvalidApiKey(_) => (StatusCode::UNAUTHORIZED, "invalid_api_key"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            ApiError::InsufficientBalance { .. } => (StatusCode::PAYMENT_REQUIRED, "insufficient_balance"),
+            ApiError::InsufficientBalance { .. } | ApiError::InsufficientFreeFunds { .. } => (StatusCode::PAYMENT_REQUIRED, "insufficient_balance"),
             ApiError::ModelNotAllowed(_) => (StatusCode::FORBIDDEN, "model_not_allowed"),
             ApiError::KeyExpired => (StatusCode::FORBIDDEN, "key_expired"),
             ApiError::AccountSuspended => (StatusCode::FORBIDDEN, "account_suspended"),

@@ -25,7 +25,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 use tollgate_core::Money;
-use tollgate_store::hot::{AccountSnapshot, Authorization, AuthorizeRequest, BalanceView, FundApplication, Refusal, Settlement};
+use tollgate_store::hot::{AccountSnapshot, Authorization, AuthorizeRequest, BalanceView, FundApplication, Refusal, Settlement, WithdrawalHold};
 use tollgate_store::ledger_charging::LedgerCharging;
 use tollgate_store::model::{StoredResponse, UsageEvent};
 use tollgate_store::operations::{HotAccountView, UnloggedCharge};
@@ -270,8 +270,22 @@ impl HotStore for LedgerFallback {
         self.hot.load_account(snapshot).await
     }
 
-    async fn apply_fund(&self, account_id: &str, fund_ledger_seq: i64, amount: Money) -> StoreResult<FundApplication> {
-        self.hot.apply_fund(account_id, fund_ledger_seq, amount).await
+    async fn apply_fund(&self, account_id: &str, fund_ledger_seq: i64, amount: Money, withdrawal_id: Option<&str>) -> StoreResult<FundApplication> {
+        self.hot.apply_fund(account_id, fund_ledger_seq, amount, withdrawal_id).await
+    }
+
+    /// Only in `Hot` mode and for an account Redis keeps: elsewhere the account's free funds
+    /// are split between Redis and the ledger, and no one step sees them all. A refund waits
+    /// for the recovery rather than risk taking held or spent money.
+    async fn hold_withdrawal(&self, account_id: &str, withdrawal_id: &str, amount: Money, ttl_ms: u64) -> StoreResult<WithdrawalHold> {
+        if self.mode() != Mode::Hot || self.charging.is_stale(account_id).await? {
+            return Err(StoreError::Unavailable("funds cannot leave an account while the hot store is degraded; retry once it has recovered".into()));
+        }
+        self.hot.hold_withdrawal(account_id, withdrawal_id, amount, ttl_ms).await
+    }
+
+    async fn release_withdrawal(&self, account_id: &str, withdrawal_id: &str) -> StoreResult<()> {
+        self.hot.release_withdrawal(account_id, withdrawal_id).await
     }
 
     /// Outside `Hot` mode the ledger's view: Redis may be down, or stale for this account.

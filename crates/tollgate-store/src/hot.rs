@@ -218,6 +218,28 @@ pub enum FundApplication {
     AccountNotLoaded,
 }
 
+/// What `hold_withdrawal` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WithdrawalHold {
+    /// The amount is reserved: write the fund transaction, then apply it (which releases the
+    /// hold) or release it if the ledger refused.
+    Held,
+    /// The account's free funds (balance − held, the credit limit not counted) are less than
+    /// the amount. Nothing changed.
+    Insufficient { free: Money },
+    /// A withdrawal with this id is being written right now. Nothing changed.
+    InProgress,
+    /// The account is not loaded: load it and ask again.
+    AccountNotLoaded,
+}
+
+/// The hold id of a fund withdrawal (refund or negative adjustment): its kind and reference,
+/// which the ledger keeps with the fund transaction, so whoever applies the transaction (this
+/// gateway, or another one told by NOTIFY) releases the hold in the same step.
+pub fn withdrawal_id(kind: &str, reference_id: &str) -> String {
+    format!("{kind}:{reference_id}")
+}
+
 /// Live balance and counters of an account (and one of its keys), for `/v1/balance`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BalanceView {
@@ -257,13 +279,27 @@ pub trait HotStore: Send + Sync + 'static {
     async fn load_account(&self, snapshot: AccountSnapshot) -> StoreResult<bool>;
 
     /// Applies a committed fund transaction once, by its `ledger_seq`: a seq at or below the last
-    /// applied one is skipped, so callers apply an account's fund transactions in order.
+    /// applied one is skipped, so callers apply an account's fund transactions in order. In the
+    /// same step it releases the withdrawal hold `withdrawal_id` names, if it is still there
+    /// (whether or not this call applied the transaction): the hold and the debit it reserved
+    /// for never both count.
     async fn apply_fund(
         &self,
         account_id: &str,
         fund_ledger_seq: i64,
         amount: Money,
+        withdrawal_id: Option<&str>,
     ) -> StoreResult<FundApplication>;
+
+    /// One atomic step before a refund or negative adjustment is written to the ledger ("funds
+    /// out only from free funds"): reserves `amount` of the account's free funds — the balance,
+    /// which already lacks every settled charge the ledger may not have yet, less every open
+    /// hold; never the credit limit — under `withdrawal_id`, until `apply_fund` or
+    /// `release_withdrawal` releases it or `ttl_ms` passes. While held, authorize sees it as held.
+    async fn hold_withdrawal(&self, account_id: &str, withdrawal_id: &str, amount: Money, ttl_ms: u64) -> StoreResult<WithdrawalHold>;
+
+    /// Releases a withdrawal hold whose fund transaction was not written (the ledger refused it).
+    async fn release_withdrawal(&self, account_id: &str, withdrawal_id: &str) -> StoreResult<()>;
 
     /// Live state, or `None` if the account is not loaded.
     async fn balance(&self, account_id: &str, api_key_id: &str)

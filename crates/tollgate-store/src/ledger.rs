@@ -12,7 +12,7 @@ use tollgate_core::Money;
 
 use crate::error::StoreResult;
 use crate::model::{
-    Account, AccountBalance, AccountPatch, ApiKey, FundOutcome, FundTransaction, LedgerEntry,
+    Account, AccountBalance, AccountPatch, ApiKey, FundKind, FundOutcome, FundTransaction, LedgerEntry,
     NewAccount, NewApiKey, NewFund, NewPrice, PriceRow, RecordOutcome, StoredResponse,
     SummaryGroup, SummaryRow, TopUp, UsageEvent, UsageQuery, UsageRow,
 };
@@ -60,6 +60,10 @@ pub trait Ledger: crate::operations::Operations + Send + Sync + 'static {
     /// Records a refund or adjustment. A reference id already used for the same kind returns the
     /// original transaction with `newly_applied: false` (or `Conflict` if it differs).
     async fn record_fund(&self, fund: NewFund) -> StoreResult<FundOutcome>;
+
+    /// The fund transaction of this kind recorded under `reference_id`, if any (a reference is
+    /// applied at most once per kind).
+    async fn fund_by_reference(&self, kind: FundKind, reference_id: &str) -> StoreResult<Option<FundTransaction>>;
     /// Fund transactions of an account with `ledger_seq > after_ledger_seq`, oldest first: a hot
     /// store that missed notifications catches up from them.
     async fn fund_transactions_after(

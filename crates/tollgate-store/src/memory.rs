@@ -12,7 +12,7 @@ use crate::clock::{Clock, Periods};
 use crate::error::{StoreError, StoreResult};
 use crate::hot::{
     AccountSnapshot, Authorization, CounterSeed, AuthorizeRequest, BalanceView, Commitments, FundApplication,
-    HotStore, RECENT_CHARGE_MS, Refusal, Settlement, available, commitment_refusal,
+    HotStore, RECENT_CHARGE_MS, Refusal, Settlement, WithdrawalHold, available, commitment_refusal,
 };
 use crate::model::UsageEvent;
 use crate::operations::{HotAccountView, UnloggedCharge};
@@ -47,6 +47,13 @@ struct Hold {
     expires_at_ms: i64,
 }
 
+/// Funds reserved for a refund or negative adjustment being written to the ledger.
+#[derive(Clone, Copy, Debug)]
+struct Withdrawal {
+    amount: Money,
+    expires_at_ms: i64,
+}
+
 #[derive(Debug, Default)]
 struct KeyState {
     /// Sum of this key's open holds: counted against every budget period.
@@ -61,10 +68,12 @@ struct KeyState {
 #[derive(Debug, Default)]
 struct AccountState {
     balance: Money,
-    /// Sum of `holds`; kept beside them so `available` costs nothing to compute.
+    /// Sum of `holds` and `withdrawals`; kept beside them so `available` costs nothing to compute.
     held: Money,
     last_fund_seq: i64,
     holds: HashMap<String, Hold>,
+    /// Withdrawal id → funds reserved for a fund transaction not applied yet.
+    withdrawals: HashMap<String, Withdrawal>,
     /// Charged request id → when the record may be forgotten (ms): [`RECENT_CHARGE_MS`] after
     /// its settle. The ledger has it by then (a settle waits for the commit; one that could not
     /// is still in `unlogged`, which counts as charged too).
@@ -79,6 +88,14 @@ struct AccountState {
 impl AccountState {
     fn already_charged(&self, request_id: &str) -> bool {
         self.charged.contains_key(request_id) || self.unlogged.contains_key(request_id)
+    }
+
+    fn release_withdrawal(&mut self, withdrawal_id: &str) -> StoreResult<()> {
+        if let Some(withdrawal) = self.withdrawals.remove(withdrawal_id) {
+            self.held = sub(self.held, withdrawal.amount, "held")?;
+        }
+        debug_assert!(!self.held.is_negative(), "held never goes below zero");
+        Ok(())
     }
 }
 
@@ -347,6 +364,16 @@ impl HotStore for MemoryHotStore {
                     expired += 1;
                 }
             }
+            let due: Vec<String> = account
+                .withdrawals
+                .iter()
+                .filter(|(_, withdrawal)| withdrawal.expires_at_ms <= now_ms)
+                .map(|(withdrawal_id, _)| withdrawal_id.clone())
+                .collect();
+            for withdrawal_id in due {
+                account.release_withdrawal(&withdrawal_id)?;
+                expired += 1;
+            }
             account.charged.retain(|_, forget_at_ms| *forget_at_ms > now_ms);
         }
         Ok(expired)
@@ -370,17 +397,52 @@ impl HotStore for MemoryHotStore {
         Ok(true)
     }
 
-    async fn apply_fund(&self, account_id: &str, fund_ledger_seq: i64, amount: Money) -> StoreResult<FundApplication> {
+    async fn apply_fund(&self, account_id: &str, fund_ledger_seq: i64, amount: Money, withdrawal_id: Option<&str>) -> StoreResult<FundApplication> {
         let mut accounts = self.lock()?;
         let Some(account) = accounts.get_mut(account_id) else {
             return Ok(FundApplication::AccountNotLoaded);
         };
         if fund_ledger_seq <= account.last_fund_seq {
+            if let Some(withdrawal_id) = withdrawal_id {
+                account.release_withdrawal(withdrawal_id)?;
+            }
             return Ok(FundApplication::AlreadyApplied);
         }
-        account.balance = add(account.balance, amount, "balance")?;
+        let balance = add(account.balance, amount, "balance")?;
+        if let Some(withdrawal_id) = withdrawal_id {
+            account.release_withdrawal(withdrawal_id)?;
+        }
+        account.balance = balance;
         account.last_fund_seq = fund_ledger_seq;
         Ok(FundApplication::Applied { balance_after: account.balance })
+    }
+
+    async fn hold_withdrawal(&self, account_id: &str, withdrawal_id: &str, amount: Money, ttl_ms: u64) -> StoreResult<WithdrawalHold> {
+        debug_assert!(amount.is_positive(), "a withdrawal reserves a positive amount");
+        let now_ms = (self.clock)();
+        let mut accounts = self.lock()?;
+        let Some(account) = accounts.get_mut(account_id) else {
+            return Ok(WithdrawalHold::AccountNotLoaded);
+        };
+        if account.withdrawals.contains_key(withdrawal_id) {
+            return Ok(WithdrawalHold::InProgress);
+        }
+        let free = sub(account.balance, account.held, "free funds")?;
+        if free < amount {
+            return Ok(WithdrawalHold::Insufficient { free });
+        }
+        account.held = add(account.held, amount, "held")?;
+        let expires_at_ms = now_ms.saturating_add(i64::try_from(ttl_ms).unwrap_or(i64::MAX));
+        account.withdrawals.insert(withdrawal_id.to_string(), Withdrawal { amount, expires_at_ms });
+        Ok(WithdrawalHold::Held)
+    }
+
+    async fn release_withdrawal(&self, account_id: &str, withdrawal_id: &str) -> StoreResult<()> {
+        let mut accounts = self.lock()?;
+        if let Some(account) = accounts.get_mut(account_id) {
+            account.release_withdrawal(withdrawal_id)?;
+        }
+        Ok(())
     }
 
     async fn balance(&self, account_id: &str, api_key_id: &str) -> StoreResult<Option<BalanceView>> {

@@ -642,6 +642,17 @@ impl Ledger for PgLedger {
         Ok((confirmed, fund))
     }
 
+    async fn fund_by_reference(&self, kind: FundKind, reference_id: &str) -> StoreResult<Option<FundTransaction>> {
+        sqlx::query("SELECT * FROM fund_transactions WHERE kind = $1 AND reference_id = $2")
+            .bind(kind.as_str())
+            .bind(reference_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(fund_from)
+            .transpose()
+    }
+
     async fn record_fund(&self, fund: NewFund) -> StoreResult<FundOutcome> {
         check_fund_direction(&fund)?;
         let mut transaction = self.pool.begin().await?;

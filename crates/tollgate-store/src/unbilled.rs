@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use tollgate_core::Money;
 
 use crate::error::StoreResult;
-use crate::hot::{AccountSnapshot, Authorization, AuthorizeRequest, BalanceView, FundApplication, HotStore, Settlement};
+use crate::hot::{AccountSnapshot, Authorization, AuthorizeRequest, BalanceView, FundApplication, HotStore, Settlement, WithdrawalHold};
 use crate::model::{StoredResponse, UsageEvent};
 use crate::operations::{HotAccountView, UnloggedCharge};
 
@@ -40,8 +40,17 @@ impl HotStore for UnbilledHotStore {
         Ok(false)
     }
 
-    async fn apply_fund(&self, _account_id: &str, _fund_ledger_seq: i64, _amount: Money) -> StoreResult<FundApplication> {
+    async fn apply_fund(&self, _account_id: &str, _fund_ledger_seq: i64, _amount: Money, _withdrawal_id: Option<&str>) -> StoreResult<FundApplication> {
         Ok(FundApplication::AlreadyApplied)
+    }
+
+    /// No hot balance to check: the ledger's own checks are all there is with billing off.
+    async fn hold_withdrawal(&self, _account_id: &str, _withdrawal_id: &str, _amount: Money, _ttl_ms: u64) -> StoreResult<WithdrawalHold> {
+        Ok(WithdrawalHold::Held)
+    }
+
+    async fn release_withdrawal(&self, _account_id: &str, _withdrawal_id: &str) -> StoreResult<()> {
+        Ok(())
     }
 
     async fn balance(&self, _account_id: &str, _api_key_id: &str) -> StoreResult<Option<BalanceView>> {

@@ -80,6 +80,7 @@ conformance!(
     two_loaders_racing_load_once,
     a_cold_load_starts_from_the_ledger_counters,
     a_cold_load_remembers_every_charged_id,
+    withdrawals_take_only_free_funds,
 );
 
 async fn load(store: &dyn HotStore, account: &str, balance: i64) {
@@ -191,16 +192,59 @@ async fn quotas_budgets_and_rate_limits_refuse_with_their_reason(store: Arc<dyn 
 }
 
 async fn fund_changes_apply_once_and_in_order(store: Arc<dyn HotStore>) {
-    assert_eq!(store.apply_fund("a", 1, Money::from_nanos(5)).await.unwrap(), FundApplication::AccountNotLoaded);
+    assert_eq!(store.apply_fund("a", 1, Money::from_nanos(5), None).await.unwrap(), FundApplication::AccountNotLoaded);
     load(&*store, "a", 0).await;
-    assert_eq!(store.apply_fund("a", 2, Money::from_nanos(5)).await.unwrap(), FundApplication::Applied { balance_after: Money::from_nanos(5) });
-    assert_eq!(store.apply_fund("a", 2, Money::from_nanos(5)).await.unwrap(), FundApplication::AlreadyApplied);
-    assert_eq!(store.apply_fund("a", 1, Money::from_nanos(5)).await.unwrap(), FundApplication::AlreadyApplied);
-    assert_eq!(store.apply_fund("a", 3, Money::from_nanos(-2)).await.unwrap(), FundApplication::Applied { balance_after: Money::from_nanos(3) });
+    assert_eq!(store.apply_fund("a", 2, Money::from_nanos(5), None).await.unwrap(), FundApplication::Applied { balance_after: Money::from_nanos(5) });
+    assert_eq!(store.apply_fund("a", 2, Money::from_nanos(5), None).await.unwrap(), FundApplication::AlreadyApplied);
+    assert_eq!(store.apply_fund("a", 1, Money::from_nanos(5), None).await.unwrap(), FundApplication::AlreadyApplied);
+    assert_eq!(store.apply_fund("a", 3, Money::from_nanos(-2), None).await.unwrap(), FundApplication::Applied { balance_after: Money::from_nanos(3) });
     let view = store.balance("a", "k").await.unwrap().unwrap();
     assert_eq!((view.balance, view.last_fund_seq), (Money::from_nanos(3), 3));
     store.unload_account("a").await.unwrap();
     assert!(store.balance("a", "k").await.unwrap().is_none());
+}
+
+/// Funds out only from free funds: a withdrawal holds against the balance less every open hold
+/// (never the credit limit), is seen by authorize while held, and is released by the apply of
+/// its fund transaction (exactly once, even when applied before), by a release, or by expiry.
+async fn withdrawals_take_only_free_funds(store: Arc<dyn HotStore>) {
+    use tollgate_store::hot::WithdrawalHold;
+    assert_eq!(store.hold_withdrawal("a", "refund:r0", Money::from_nanos(1), 60_000).await.unwrap(), WithdrawalHold::AccountNotLoaded);
+    load(&*store, "a", 100).await;
+    let credit = Limits { credit_limit: Money::from_nanos(1_000), ..Limits::default() };
+    assert!(held(&store.authorize(&AuthorizeRequest { limits: credit.clone(), ..request("a", "q1", 70) }).await.unwrap()));
+    assert_eq!(
+        store.hold_withdrawal("a", "refund:r1", Money::from_nanos(31), 60_000).await.unwrap(),
+        WithdrawalHold::Insufficient { free: Money::from_nanos(30) },
+        "the open hold is not free, nor is the credit limit"
+    );
+    assert_eq!(store.hold_withdrawal("a", "refund:r1", Money::from_nanos(30), 60_000).await.unwrap(), WithdrawalHold::Held);
+    assert_eq!(store.hold_withdrawal("a", "refund:r1", Money::from_nanos(30), 60_000).await.unwrap(), WithdrawalHold::InProgress);
+    assert_eq!(store.balance("a", "key-a").await.unwrap().unwrap().held, Money::from_nanos(100));
+    let refused = store.authorize(&request("a", "q2", 1)).await.unwrap();
+    assert_eq!(refused, Authorization::Refused(Refusal::InsufficientBalance { available: Money::ZERO, required: Money::from_nanos(1) }), "held for the withdrawal");
+    // Applying the fund transaction releases its hold in the same step; a second apply of it
+    // releases nothing more.
+    let applied = store.apply_fund("a", 1, Money::from_nanos(-30), Some("refund:r1")).await.unwrap();
+    assert_eq!(applied, FundApplication::Applied { balance_after: Money::from_nanos(70) });
+    assert_eq!(store.apply_fund("a", 1, Money::from_nanos(-30), Some("refund:r1")).await.unwrap(), FundApplication::AlreadyApplied);
+    assert_eq!(store.balance("a", "key-a").await.unwrap().unwrap().held, Money::from_nanos(70));
+    // The charge settles; nothing is free until it does, then what it left is.
+    store.settle(event("a", "q1", 60, RequestStatus::Success)).await.unwrap();
+    assert_eq!(store.hold_withdrawal("a", "refund:r2", Money::from_nanos(11), 60_000).await.unwrap(), WithdrawalHold::Insufficient { free: Money::from_nanos(10) });
+    // A withdrawal the ledger refused is released; one whose gateway died expires.
+    assert_eq!(store.hold_withdrawal("a", "refund:r2", Money::from_nanos(10), 60_000).await.unwrap(), WithdrawalHold::Held);
+    store.release_withdrawal("a", "refund:r2").await.unwrap();
+    store.release_withdrawal("a", "refund:r2").await.unwrap();
+    assert_eq!(store.balance("a", "key-a").await.unwrap().unwrap().held, Money::ZERO);
+    assert_eq!(store.hold_withdrawal("a", "adjustment:r3", Money::from_nanos(10), 100).await.unwrap(), WithdrawalHold::Held);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(store.expire_holds().await.unwrap(), 1);
+    let view = store.balance("a", "key-a").await.unwrap().unwrap();
+    assert_eq!((view.balance, view.held), (Money::from_nanos(10), Money::ZERO));
+    // A withdrawal applied after its hold expired is applied, and releases nothing twice.
+    assert_eq!(store.apply_fund("a", 2, Money::from_nanos(-10), Some("adjustment:r3")).await.unwrap(), FundApplication::Applied { balance_after: Money::ZERO });
+    assert_eq!(store.balance("a", "key-a").await.unwrap().unwrap().held, Money::ZERO);
 }
 
 async fn concurrent_authorizations_never_overspend(store: Arc<dyn HotStore>) {

@@ -390,8 +390,13 @@ async fn adjust(State(state): State<AppState>, headers: HeaderMap, Path(account_
 
 async fn record_fund(state: &AppState, fund: NewFund) -> Result<Response, ApiError> {
     let account_id = fund.account_id.clone();
-    let outcome = state.ledger.record_fund(fund).await?;
-    apply_funds(state, &account_id).await;
+    let outcome = if fund.amount.is_negative() {
+        charge::record_withdrawal(state, fund).await?
+    } else {
+        let outcome = state.ledger.record_fund(fund).await?;
+        apply_funds(state, &account_id).await;
+        outcome
+    };
     let status = if outcome.newly_applied { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(outcome.transaction)).into_response())
 }

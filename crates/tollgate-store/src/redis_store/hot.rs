@@ -12,7 +12,7 @@ use super::{Connection, KeySpace, connect};
 use crate::error::{StoreError, StoreResult};
 use crate::hot::{
     AccountSnapshot, Authorization, AuthorizeRequest, BalanceView, BudgetPeriod, FundApplication, HotStore, Refusal,
-    Settlement,
+    Settlement, WithdrawalHold,
 };
 use crate::model::{StoredResponse, UsageEvent};
 use crate::operations::{HotAccountView, UnloggedCharge};
@@ -264,16 +264,38 @@ impl HotStore for RedisHotStore {
         Ok(number(&reply, 0)? == 1)
     }
 
-    async fn apply_fund(&self, account_id: &str, fund_ledger_seq: i64, amount: Money) -> StoreResult<FundApplication> {
+    async fn apply_fund(&self, account_id: &str, fund_ledger_seq: i64, amount: Money, withdrawal_id: Option<&str>) -> StoreResult<FundApplication> {
         let base = self.keys.account_base(account_id);
         let (seq, amount) = (fund_ledger_seq.to_string(), amount.nanos().to_string());
-        let reply = texts(self.call(&self.account_key(&base, account_id), &["apply_fund", &base, account_id, &seq, &amount]).await?)?;
+        let arguments = ["apply_fund", &base, account_id, &seq, &amount, withdrawal_id.unwrap_or("")];
+        let reply = texts(self.call(&self.account_key(&base, account_id), &arguments).await?)?;
         match reply.first().map(String::as_str) {
             Some("applied") => Ok(FundApplication::Applied { balance_after: money_at(&reply, 1)? }),
             Some("already") => Ok(FundApplication::AlreadyApplied),
             Some("not_loaded") => Ok(FundApplication::AccountNotLoaded),
             _ => Err(StoreError::Corrupt(format!("unexpected apply_fund reply {reply:?}"))),
         }
+    }
+
+    async fn hold_withdrawal(&self, account_id: &str, withdrawal_id: &str, amount: Money, ttl_ms: u64) -> StoreResult<WithdrawalHold> {
+        debug_assert!(amount.is_positive(), "a withdrawal reserves a positive amount");
+        let base = self.keys.account_base(account_id);
+        let (amount, ttl_ms) = (amount.nanos().to_string(), ttl_ms.to_string());
+        let arguments = ["hold_withdrawal", &base, account_id, withdrawal_id, &amount, &ttl_ms];
+        let reply = texts(self.call(&self.account_key(&base, account_id), &arguments).await?)?;
+        match reply.first().map(String::as_str) {
+            Some("held") => Ok(WithdrawalHold::Held),
+            Some("insufficient") => Ok(WithdrawalHold::Insufficient { free: money_at(&reply, 1)? }),
+            Some("in_progress") => Ok(WithdrawalHold::InProgress),
+            Some("not_loaded") => Ok(WithdrawalHold::AccountNotLoaded),
+            _ => Err(StoreError::Corrupt(format!("unexpected hold_withdrawal reply {reply:?}"))),
+        }
+    }
+
+    async fn release_withdrawal(&self, account_id: &str, withdrawal_id: &str) -> StoreResult<()> {
+        let base = self.keys.account_base(account_id);
+        self.call(&self.account_key(&base, account_id), &["release_withdrawal", &base, account_id, withdrawal_id]).await?;
+        Ok(())
     }
 
     async fn balance(&self, account_id: &str, api_key_id: &str) -> StoreResult<Option<BalanceView>> {

@@ -8,7 +8,9 @@ hash, or the shard's hold-expiry set for `expire`).
 Keys (B = key base, A = account id, K = key id, R = request id):
   B:acct:A                 hash  balance, held, fund_seq          no TTL: the hot balance is state
   B:holds:A                hash  R -> "amount|K|day|month"         no TTL: released by settle/void/expire
-  B:hold_expiry            zset  "A\nR" scored by expiry (ms)      no TTL: emptied by expire
+  B:withdrawals:A          hash  W -> amount                       no TTL: released by apply_fund/expire
+  B:hold_expiry            zset  "A\nR" (a hold) or "A\n\nW" (a      no TTL: emptied by expire
+                           withdrawal) scored by expiry (ms)
   B:charged:A:R            "1", or the stored response to replay   TTL 24 h while queued; the worker's
                            until the ledger has it                 ack sets "1" with TTL 1 h (hot.rs
                                                                    RECENT_CHARGE_MS); a load, 1 h
@@ -106,6 +108,22 @@ local function release(base, account, request_id, hold, now_periods)
   end
   redis.call('HDEL', base .. ':holds:' .. account, request_id)
   redis.call('ZREM', base .. ':hold_expiry', account .. '\n' .. request_id)
+end
+
+-- Returns a withdrawal's funds (as memory.rs `release_withdrawal`). An account not loaded has
+-- no balance to return them to: its hash is never created here (a hash without a balance would
+-- read as loaded to `load` and block the account for good).
+local function release_withdrawal(base, account, withdrawal_id)
+  local withdrawals_key = base .. ':withdrawals:' .. account
+  local amount = redis.call('HGET', withdrawals_key, withdrawal_id)
+  if amount then
+    local account_key = base .. ':acct:' .. account
+    if redis.call('EXISTS', account_key) == 1 then
+      redis.call('HINCRBY', account_key, 'held', -tonumber(amount))
+    end
+    redis.call('HDEL', withdrawals_key, withdrawal_id)
+  end
+  redis.call('ZREM', base .. ':hold_expiry', account .. '\n\n' .. withdrawal_id)
 end
 
 local operations = {}
@@ -218,7 +236,10 @@ function operations.expire(base, argv)
   for _, member in ipairs(due) do
     local account, request_id = string.match(member, '^(.-)\n(.*)$')
     local hold = redis.call('HGET', base .. ':holds:' .. account, request_id)
-    if hold then
+    if string.sub(request_id, 1, 1) == '\n' then
+      release_withdrawal(base, account, string.sub(request_id, 2))
+      released = released + 1
+    elseif hold then
       release(base, account, request_id, hold, p)
       released = released + 1
     else
@@ -272,17 +293,51 @@ function operations.remember(base, argv)
   return #argv - 3
 end
 
--- ARGV: op, base, account, fund_ledger_seq, amount.
--- Reply: {"applied", balance} | {"already"} | {"not_loaded"}. Applies a fund change once, in order.
+-- ARGV: op, base, account, fund_ledger_seq, amount, withdrawal id ("" if none).
+-- Reply: {"applied", balance} | {"already"} | {"not_loaded"}. Applies a fund change once, in
+-- order, and releases the withdrawal hold that reserved it in the same step, applied now or
+-- before (the debit and its hold never both count).
 function operations.apply_fund(base, argv)
   local account_key = base .. ':acct:' .. argv[3]
   local fund_seq = redis.call('HGET', account_key, 'fund_seq')
   if not fund_seq then return {'not_loaded'} end
-  if tonumber(argv[4]) <= tonumber(fund_seq) then return {'already'} end
+  local withdrawal_id = argv[6] or ''
+  if tonumber(argv[4]) <= tonumber(fund_seq) then
+    if withdrawal_id ~= '' then release_withdrawal(base, argv[3], withdrawal_id) end
+    return {'already'}
+  end
   checked(argv[5])
+  checked(checked(redis.call('HGET', account_key, 'balance')) + tonumber(argv[5]))
+  if withdrawal_id ~= '' then release_withdrawal(base, argv[3], withdrawal_id) end
   local balance = redis.call('HINCRBY', account_key, 'balance', argv[5])
   redis.call('HSET', account_key, 'fund_seq', argv[4])
   return {'applied', string.format('%d', balance)}
+end
+
+-- ARGV: op, base, account, withdrawal id, amount, ttl_ms.
+-- Reply: {"held"} | {"insufficient", free} | {"in_progress"} | {"not_loaded"}.
+-- Keeps "funds out only from free funds": a refund or negative adjustment reserves at most
+-- balance − held (never the credit limit), atomically with every hold and charge of the
+-- account; the balance already lacks every settled charge the ledger may not have yet.
+function operations.hold_withdrawal(base, argv)
+  local account, withdrawal_id, amount, ttl_ms = argv[3], argv[4], checked(argv[5]), tonumber(argv[6])
+  local account_key = base .. ':acct:' .. account
+  local state = redis.call('HMGET', account_key, 'balance', 'held')
+  if not state[1] then return {'not_loaded'} end
+  local withdrawals_key = base .. ':withdrawals:' .. account
+  if redis.call('HEXISTS', withdrawals_key, withdrawal_id) == 1 then return {'in_progress'} end
+  local free = checked(state[1]) - checked(state[2] or 0)
+  if free < amount then return {'insufficient', string.format('%d', free)} end
+  redis.call('HINCRBY', account_key, 'held', amount)
+  redis.call('HSET', withdrawals_key, withdrawal_id, string.format('%d', amount))
+  redis.call('ZADD', base .. ':hold_expiry', now_ms() + ttl_ms, account .. '\n\n' .. withdrawal_id)
+  return {'held'}
+end
+
+-- ARGV: op, base, account, withdrawal id. Releases a withdrawal the ledger did not write.
+function operations.release_withdrawal(base, argv)
+  release_withdrawal(base, argv[3], argv[4])
+  return 1
 end
 
 -- ARGV: op, base, account, key. Reply: {} if not loaded, else
@@ -305,7 +360,7 @@ end
 
 -- ARGV: op, base, account. Forgets the account (after a repair, when quiet).
 function operations.unload(base, argv)
-  redis.call('DEL', base .. ':acct:' .. argv[3], base .. ':holds:' .. argv[3])
+  redis.call('DEL', base .. ':acct:' .. argv[3], base .. ':holds:' .. argv[3], base .. ':withdrawals:' .. argv[3])
   return 1
 end
 
