@@ -349,8 +349,13 @@ impl Model {
         account.fund_seq = account.last_fund_seq;
         account.charged = account.ledger_charged.clone();
         account.charged.extend(account.log.iter().chain(&account.dead).filter(|event| !event.failed).map(|event| event.request_id.clone()));
-        account.requests = account.ledger_requests;
-        let spent = account.ledger_key_spent.clone();
+        let mut spent = account.ledger_key_spent.clone();
+        let mut requests = account.ledger_requests;
+        for event in account.unlogged() {
+            *spent.entry(event.key.clone()).or_default() += event.cost;
+            requests += 1;
+        }
+        account.requests = requests;
         for (key, state) in &mut account.keys {
             state.spent = spent.get(key).copied().unwrap_or(0);
             state.held = 0;
@@ -384,6 +389,10 @@ impl Model {
             let mut log = std::mem::take(&mut account.log);
             for event in &mut log {
                 if event.delivered == Some(true) {
+                    // Committed already: a charge is skipped, a failure written again.
+                    if committed && event.failed {
+                        account.record(event);
+                    }
                     continue;
                 }
                 if committed && !event.poison {

@@ -73,10 +73,15 @@ pub struct Families {
     /// the hot count stays one below the ledger's until a reload (found by this checker). Off:
     /// the model counts as the stores do.
     pub late_settle_counts_request: bool,
+    /// Zero amounts on Redis — a settle of cost 0, the settle, void or expiry of a hold of 0
+    /// (a free model prices both at 0): `tollgate.lua` passes `-cost` and `-amount` to HINCRBY,
+    /// which Lua formats as "-0" and Redis refuses ("value is not an integer"), so the step
+    /// fails (found by this checker). The in-process store always runs them.
+    pub zero_amounts_on_redis: bool,
 }
 
 impl Families {
-    pub const NAMES: [&'static str; 7] = [
+    pub const NAMES: [&'static str; 8] = [
         "funds_out_beyond_free",
         "unload_with_open_holds",
         "settle_under_other_key",
@@ -84,6 +89,7 @@ impl Families {
         "embedded_dead_letters",
         "reload_with_dead_letters",
         "late_settle_counts_request",
+        "zero_amounts_on_redis",
     ];
 
     /// The families a backend runs in CI: those whose fixes have landed.
@@ -105,6 +111,7 @@ impl Families {
             if all || name == "embedded_dead_letters" { families.embedded_dead_letters = true }
             if all || name == "reload_with_dead_letters" { families.reload_with_dead_letters = true }
             if all || name == "late_settle_counts_request" { families.late_settle_counts_request = true }
+            if all || name == "zero_amounts_on_redis" { families.zero_amounts_on_redis = true }
         }
         families
     }
