@@ -38,7 +38,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tollgate_core::Money;
-use tollgate_store::hot::{Authorization, AuthorizeRequest, FundApplication, Limits, Refusal};
+use tollgate_store::hot::{Authorization, AuthorizeRequest, FundApplication, Limits, Refusal, WithdrawalHold, withdrawal_id};
 use tollgate_store::model::{FundKind, LedgerEntry, NewFund, RecordOutcome, RequestStatus};
 use tollgate_store::postgres::PgLedger;
 use tollgate_store::sqlite::SqliteLedger;
@@ -282,17 +282,19 @@ async fn apply(system: &mut System, model: &mut Model, written: &mut Vec<(String
         Op::Withdraw { account, amount, refund } => {
             let account = account_name(*account);
             let kind = if *refund { FundKind::Refund } else { FundKind::Adjustment };
-            let ledger_seq = match model.withdraw(&account, *amount) {
-                WithdrawOutcome::Refused { .. } => None,
-                WithdrawOutcome::Recorded { ledger_seq } => Some(ledger_seq),
-            };
-            fund(system, model, &account, kind, -amount, ledger_seq).await?;
+            // As the gateway does it (charge::record_withdrawal): load a cold account first.
+            if !model.account(&account).loaded {
+                model.load(&account);
+                system.load(&account).await.map_err(store_error("load"))?;
+            }
+            let outcome = model.withdraw(&account, *amount);
+            withdraw(system, model, &account, kind, *amount, outcome).await?;
         }
         Op::ReapplyFund { account } => {
             let account = account_name(*account);
             let state = model.account(&account);
             let expected = if state.loaded { FundApplication::AlreadyApplied } else { FundApplication::AccountNotLoaded };
-            let actual = system.store().apply_fund(&system.account_id(&account), state.last_fund_seq, Money::from_nanos(1)).await.map_err(store_error("apply_fund"))?;
+            let actual = system.store().apply_fund(&system.account_id(&account), state.last_fund_seq, Money::from_nanos(1), None).await.map_err(store_error("apply_fund"))?;
             if actual != expected {
                 return Err(("apply_fund once by ledger_seq", format!("expected {expected:?}, store answered {actual:?}")));
             }
@@ -371,7 +373,36 @@ async fn fund(system: &mut System, model: &Model, account: &str, kind: FundKind,
     }
     let state = model.account(account);
     let expected = if state.loaded { FundApplication::Applied { balance_after: Money::from_nanos(state.balance) } } else { FundApplication::AccountNotLoaded };
-    let actual = system.store().apply_fund(&account_id, transaction.ledger_seq, transaction.amount).await.map_err(store_error("apply_fund"))?;
+    let actual = system.store().apply_fund(&account_id, transaction.ledger_seq, transaction.amount, None).await.map_err(store_error("apply_fund"))?;
+    if actual != expected {
+        return Err(("apply_fund", format!("expected {expected:?}, store answered {actual:?}")));
+    }
+    Ok(())
+}
+
+/// A refund or negative adjustment the gateway's way: hold the amount in the hot store (only
+/// free funds), write it to the ledger, apply it (which releases the hold in the same step).
+async fn withdraw(system: &mut System, model: &Model, account: &str, kind: FundKind, amount: i64, outcome: WithdrawOutcome) -> Result<(), Broken> {
+    let reference_id = system.next_reference();
+    let account_id = system.account_id(account);
+    let hold_id = withdrawal_id(kind.as_str(), &reference_id);
+    let held = system.store().hold_withdrawal(&account_id, &hold_id, Money::from_nanos(amount), LONG_TTL_MS).await.map_err(store_error("hold_withdrawal"))?;
+    let rule = "funds out only from free funds (DESIGN)";
+    let ledger_seq = match (outcome, held) {
+        (WithdrawOutcome::Refused { free }, WithdrawalHold::Insufficient { free: store_free }) if store_free.nanos() == free => return Ok(()),
+        (WithdrawOutcome::Recorded { ledger_seq }, WithdrawalHold::Held) => ledger_seq,
+        (expected, actual) => {
+            let state = model.account(account);
+            return Err((rule, format!("{} of {amount}: model {expected:?}, store {actual:?} (balance {}, held {})", kind.as_str(), state.balance, state.held)));
+        }
+    };
+    let new = NewFund { account_id: account_id.clone(), kind, amount: Money::from_nanos(-amount), reference_id, reason: None, operator_id: None };
+    let transaction = system.ledger.record_fund(new).await.map_err(store_error("record_fund"))?.transaction;
+    if transaction.ledger_seq != ledger_seq {
+        return Err(("I4 audit chain (fund position)", format!("fund at ledger_seq {}, expected {ledger_seq}", transaction.ledger_seq)));
+    }
+    let expected = FundApplication::Applied { balance_after: Money::from_nanos(model.account(account).balance) };
+    let actual = system.store().apply_fund(&account_id, transaction.ledger_seq, transaction.amount, Some(&hold_id)).await.map_err(store_error("apply_fund"))?;
     if actual != expected {
         return Err(("apply_fund", format!("expected {expected:?}, store answered {actual:?}")));
     }

@@ -207,7 +207,7 @@ impl System {
         let store = self.store();
         let loaded = store.load_account(AccountSnapshot { account_id: account_id.clone(), balance: balance.balance, last_fund_seq: balance.last_fund_seq, charged_request_ids, counters }).await?;
         for fund in self.ledger.fund_transactions_after(&account_id, balance.last_fund_seq).await? {
-            store.apply_fund(&account_id, fund.ledger_seq, fund.amount).await?;
+            store.apply_fund(&account_id, fund.ledger_seq, fund.amount, None).await?;
         }
         Ok(loaded)
     }
