@@ -79,7 +79,7 @@ impl ProcessGateway {
         let mock_url = start_mock(tollgate_mock::MockConfig::default(), mock_shutdown.clone()).await;
         let config_path = dir.0.join("tollgate.toml");
         let config = format!(
-            "{}database_url = \"{}\"\n[limits]\nhold_ttl_ms = 3000\nstream_duration_ms_max = 2000\nhold_sweep_interval_ms = 200\n[[providers]]\nname = \"mock\"\nkind = \"mock\"\nbase_url = \"{mock_url}\"\n[[models]]\nmodel = \"demo-gpt\"\nprovider = \"mock\"\n",
+            "{}database_url = \"{}\"\n[limits]\nhold_ttl_ms = 5000\nstream_duration_ms_max = 2000\nupstream_timeout_ms = 2000\nsettle_timeout_ms = 2000\nhold_sweep_interval_ms = 200\n[[providers]]\nname = \"mock\"\nkind = \"mock\"\nbase_url = \"{mock_url}\"\n[[models]]\nmodel = \"demo-gpt\"\nprovider = \"mock\"\n",
             backend_toml(),
             test_database_url(&dir).await
         );
@@ -168,7 +168,7 @@ async fn sigkill_mid_load_loses_and_doubles_nothing() {
 
     // Restart on the same ledger and check every invariant from the outside.
     gateway.restart().await;
-    // Embedded: holds died with the process. Redis: they expire (hold_ttl_ms 3 s) and the worker
+    // Embedded: holds died with the process. Redis: they expire (hold_ttl_ms 5 s) and the worker
     // drains the streams; wait until quiet.
     let started = std::time::Instant::now();
     let account: Value = loop {

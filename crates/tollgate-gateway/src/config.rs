@@ -51,6 +51,10 @@ pub struct LimitsConfig {
     pub startup_wait_ms: u64,
 }
 
+/// What a request does besides waiting for its upstream and its settle (authorize, reading the
+/// body, counting its output), with room to spare, for the hold's lifetime check.
+const HOLD_MARGIN_MS: u64 = 1_000;
+
 /// The longest a services-mode writer may wait to fill a batch (the stream lag target is 1 s).
 const USAGE_BATCH_LINGER_MS_MAX: u64 = 500;
 
@@ -225,6 +229,33 @@ pub struct ProviderConfig {
     pub base_url: String,
     /// The environment variable holding the upstream API key (never the key itself).
     pub api_key_env: Option<String>,
+    /// OpenAI protocol: the field that carries the output cap the gateway adds to a request
+    /// without one (I7), `max_tokens` or `max_completion_tokens`. Default: `max_completion_tokens`
+    /// for `api.openai.com` (its reasoning models refuse `max_tokens`), `max_tokens` elsewhere
+    /// (what OpenAI-compatible servers read).
+    #[serde(default)]
+    pub output_cap_field: Option<OutputCapField>,
+}
+
+/// The configuration's name for [`tollgate_protocol::OpenAiCapField`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputCapField {
+    MaxTokens,
+    MaxCompletionTokens,
+}
+
+impl ProviderConfig {
+    /// The output cap field this provider's OpenAI-protocol requests get (see the field).
+    pub fn openai_cap_field(&self) -> tollgate_protocol::OpenAiCapField {
+        use tollgate_protocol::OpenAiCapField;
+        match self.output_cap_field {
+            Some(OutputCapField::MaxTokens) => OpenAiCapField::MaxTokens,
+            Some(OutputCapField::MaxCompletionTokens) => OpenAiCapField::MaxCompletionTokens,
+            None if self.base_url.contains("://api.openai.com") => OpenAiCapField::MaxCompletionTokens,
+            None => OpenAiCapField::MaxTokens,
+        }
+    }
 }
 
 /// A model clients may ask for, and where it goes.
@@ -370,8 +401,15 @@ impl GatewayConfig {
         if limits.usage_batch_linger_ms > USAGE_BATCH_LINGER_MS_MAX {
             return Err(format!("limits.usage_batch_linger_ms must be at most {USAGE_BATCH_LINGER_MS_MAX}: the ledger would lag the hot store by that much"));
         }
-        if limits.hold_ttl_ms <= limits.stream_duration_ms_max {
-            return Err("limits.hold_ttl_ms must exceed limits.stream_duration_ms_max, or live streams would lose their holds".into());
+        // A hold must outlive the longest request: its answer (upstream_timeout_ms) or stream
+        // (stream_duration_ms_max, which also bounds a client that stops reading), then its
+        // settle; else it expires under a live request, whose funds, request slot and id are
+        // then spent again.
+        let request_ms_max = limits.upstream_timeout_ms.max(limits.stream_duration_ms_max).saturating_add(limits.settle_timeout_ms).saturating_add(HOLD_MARGIN_MS);
+        if limits.hold_ttl_ms < request_ms_max {
+            return Err(format!(
+                "limits.hold_ttl_ms must be at least max(upstream_timeout_ms, stream_duration_ms_max) + settle_timeout_ms + {HOLD_MARGIN_MS} = {request_ms_max}, or a hold could expire under a live request"
+            ));
         }
         // A second settle of one request id comes within this of the first; the hot store
         // remembers a charge that long (tollgate_store::hot::RECENT_CHARGE_MS says why).
@@ -405,6 +443,23 @@ mod tests {
         assert_eq!(config.validate(), Ok(()));
         config.limits.hold_ttl_ms = 3_580_000;
         assert!(config.validate().is_err_and(|error| error.contains("hold_ttl_ms + limits.settle_timeout_ms")));
+    }
+
+    /// Issue 19 item 10: the hold outlives a non-streaming request as well as a stream, each
+    /// with its settle (only the stream's duration was checked).
+    #[test]
+    fn a_hold_outlives_the_longest_request_and_its_settle() {
+        let mut config = GatewayConfig::default();
+        config.limits.stream_duration_ms_max = 60_000;
+        config.limits.upstream_timeout_ms = 120_000;
+        config.limits.settle_timeout_ms = 30_000;
+        config.limits.hold_ttl_ms = 151_000;
+        assert_eq!(config.validate(), Ok(()));
+        config.limits.hold_ttl_ms = 150_999;
+        assert!(config.validate().is_err_and(|error| error.contains("151000")), "upstream_timeout_ms + settle_timeout_ms");
+        config.limits.hold_ttl_ms = 900_000;
+        config.limits.stream_duration_ms_max = 870_000;
+        assert!(config.validate().is_err_and(|error| error.contains("901000")), "stream_duration_ms_max + settle_timeout_ms");
     }
 
     #[test]

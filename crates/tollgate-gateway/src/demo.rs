@@ -24,6 +24,7 @@ pub fn configure(config: &mut GatewayConfig, mock_base_url: &str) {
         kind: ProviderKind::Mock,
         base_url: mock_base_url.to_string(),
         api_key_env: None,
+        output_cap_field: None,
     });
     for model in ["demo-gpt", "demo-claude", "demo-embedding"] {
         config.models.retain(|route| route.model != model);

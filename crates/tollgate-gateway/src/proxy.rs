@@ -42,6 +42,9 @@ struct Billing {
     route: Route,
     price: PriceRow,
     parsed: ParsedRequest,
+    /// The output tokens the hold was sized for, all choices together; the upstream was sent
+    /// this cap (I7) and no charge counts more output than this.
+    output_tokens_max: u64,
     started: Instant,
 }
 
@@ -82,21 +85,28 @@ impl Billing {
     }
 
     /// The usage to charge, best source first: the upstream's report checked against the
-    /// tokenizer's count (and corrected, flagged, when it is absurd), else that count.
-    fn usage_to_charge(&self, protocol: Protocol, reported: Option<Usage>, output_text: &str) -> (Usage, UsageSource) {
-        let counted = self.counted_usage(output_text);
-        let Some(reported) = reported else { return (counted, UsageSource::Tokenizer) };
-        let output_cap = if protocol.output_cap_includes_reasoning() {
-            self.parsed.output_tokens_max.map(|cap| cap.saturating_mul(self.parsed.choices))
-        } else {
-            None
+    /// tokenizer's count (and corrected, flagged, when it is absurd), else that count. Either
+    /// way the output charged stays within the cap the hold was sized for and the upstream was
+    /// sent (I7): more is an upstream that ignored the cap, counted as an anomaly.
+    fn usage_to_charge(&self, reported: Option<Usage>, output_text: &str) -> (Usage, UsageSource) {
+        let mut counted = self.counted_usage(output_text);
+        let Some(reported) = reported else {
+            if counted.output_tokens > self.output_tokens_max {
+                self.record_anomaly(tollgate_core::UsageAnomaly::OverCap, &counted);
+                counted.output_tokens = self.output_tokens_max;
+            }
+            return (counted, UsageSource::Tokenizer);
         };
-        let checked = tollgate_core::check_reported(reported, counted, output_cap);
+        let checked = tollgate_core::check_reported(reported, counted, Some(self.output_tokens_max));
         for anomaly in &checked.anomalies {
-            metrics::counter!("tollgate_usage_anomalies_total", "kind" => anomaly.as_str()).increment(1);
-            tracing::warn!(request_id = self.request_id, provider = self.route.provider.name, anomaly = anomaly.as_str(), ?reported, charged = ?checked.usage, "implausible upstream usage corrected");
+            self.record_anomaly(*anomaly, &reported);
         }
         (checked.usage, checked.source())
+    }
+
+    fn record_anomaly(&self, anomaly: tollgate_core::UsageAnomaly, measured: &Usage) {
+        metrics::counter!("tollgate_usage_anomalies_total", "kind" => anomaly.as_str()).increment(1);
+        tracing::warn!(request_id = self.request_id, provider = self.route.provider.name, anomaly = anomaly.as_str(), ?measured, output_tokens_max = self.output_tokens_max, "implausible usage corrected");
     }
 }
 
@@ -147,10 +157,12 @@ async fn handle_request(
             model: route.model.clone(),
             customer_type: context.account.customer_type.clone(),
         })?;
-    let output_tokens_max = parsed
-        .output_tokens_max
-        .unwrap_or(state.config.limits.default_max_output_tokens)
-        .saturating_mul(parsed.choices);
+    // I7: the cap that sizes the hold is the one the upstream gets — the client's, or the
+    // default, added to the body.
+    let output_tokens_max_per_choice = parsed.output_tokens_max.unwrap_or(state.config.limits.default_max_output_tokens);
+    let cap_added = parsed.output_tokens_max.is_none()
+        && protocol.insert_output_cap(&mut body, output_tokens_max_per_choice, route.provider.openai_cap_field);
+    let output_tokens_max = output_tokens_max_per_choice.saturating_mul(parsed.choices);
     let hold = tollgate_core::hold_estimate(&price.price, parsed.prompt_tokens, output_tokens_max)
         .map_err(|error| ApiError::InvalidRequest(format!("the request cannot be priced: {error}")))?;
     let authorize_request = AuthorizeRequest {
@@ -179,9 +191,9 @@ async fn handle_request(
         }
         let prepared = protocol.prepare_upstream_body(&mut body, &route.upstream_model, parsed.stream);
         let client_wants_usage = prepared.client_wants_usage;
-        let billing = Billing { context, request_id, route, price, parsed, started: Instant::now() };
+        let billing = Billing { context, request_id, route, price, parsed, output_tokens_max, started: Instant::now() };
         // Most bodies go upstream as the client sent them: no second serialization.
-        let upstream_body = if !prepared.rewritten {
+        let upstream_body = if !prepared.rewritten && !cap_added {
             bytes
         } else {
             match serde_json::to_vec(&body) {
@@ -288,7 +300,7 @@ async fn forward(
     let Ok(json) = serde_json::from_slice::<Value>(&bytes) else {
         return void_with(state, &billing, ApiError::Upstream("upstream sent a response that is not JSON".into())).await;
     };
-    let (usage, source) = billing.usage_to_charge(protocol, protocol.response_usage(&json), &protocol.response_output_text(&json));
+    let (usage, source) = billing.usage_to_charge(protocol.response_usage(&json), &protocol.response_output_text(&json));
     let cost = match charge::price_usage(&billing.price.price, &usage) {
         Ok(cost) => cost,
         Err(error) => return void_with(state, &billing, error).await,
@@ -345,9 +357,71 @@ enum StreamEnd {
     /// The terminal event arrived.
     Completed,
     ClientGone,
+    /// The client read nothing for `stream_idle_timeout_ms`.
+    ClientStalled,
     UpstreamCut,
     UpstreamIdle,
     DurationExceeded,
+    /// The upstream went on past the output cap it was sent ([`OutputWatch`]).
+    OutputCapExceeded,
+}
+
+/// Hands one event to the client within the stream's limits, whatever the client does: a
+/// client that stops reading fills the channel, and a send that waited for it without bound
+/// would outlive the stream's deadline and its hold (issue 19 item 4) — the hold would expire
+/// under a live request and its funds, request slot and id be spent again.
+async fn deliver(
+    sender: &mpsc::Sender<Result<Bytes, std::io::Error>>,
+    event: Bytes,
+    deadline: tokio::time::Instant,
+    stall: Duration,
+) -> Result<(), StreamEnd> {
+    tokio::select! {
+        sent = sender.send(Ok(event)) => sent.map_err(|_| StreamEnd::ClientGone),
+        () = tokio::time::sleep_until(deadline) => Err(StreamEnd::DurationExceeded),
+        () = tokio::time::sleep(stall) => Err(StreamEnd::ClientStalled),
+    }
+}
+
+/// Output tokens an upstream may go past its cap, by the gateway's count, before the stream is
+/// cut: the gateway's tokenizer is exact for OpenAI models only, so an honest upstream that
+/// stopped at the cap by its own count must never be cut (a quarter more, plus this).
+const OUTPUT_CAP_SLACK_TOKENS: u64 = 64;
+/// Tokens counted piece by piece between two exact counts of the whole output.
+const OUTPUT_RECOUNT_TOKENS: u64 = 256;
+
+/// Watches the output relayed so far against the cap the upstream was sent (I7). An upstream
+/// that ignores the cap is cut once clearly past it; what it generated beyond the cap is the
+/// operator's cost, at most a quarter of the cap plus [`OUTPUT_CAP_SLACK_TOKENS`] per request,
+/// never the customer's (the charge stops at the cap). Each event's text is counted on its own
+/// (cheap, and a little above the exact count); only past the cutoff is the whole counted.
+struct OutputWatch {
+    encoding: tokens::Encoding,
+    cutoff: u64,
+    counted_bytes: usize,
+    tokens: u64,
+    recount_at: u64,
+}
+
+impl OutputWatch {
+    fn new(encoding: tokens::Encoding, output_tokens_max: u64) -> OutputWatch {
+        let cutoff = output_tokens_max.saturating_add(output_tokens_max / 4).saturating_add(OUTPUT_CAP_SLACK_TOKENS);
+        OutputWatch { encoding, cutoff, counted_bytes: 0, tokens: 0, recount_at: cutoff.saturating_add(1) }
+    }
+
+    /// Whether `output_text` (the whole output so far, only ever appended to) is past the cutoff.
+    fn exceeded(&mut self, output_text: &str) -> bool {
+        if let Some(new_text) = output_text.get(self.counted_bytes..).filter(|text| !text.is_empty()) {
+            self.tokens = self.tokens.saturating_add(tokens::count_text(self.encoding, new_text));
+            self.counted_bytes = output_text.len();
+        }
+        if self.tokens < self.recount_at {
+            return false;
+        }
+        self.tokens = tokens::count_text(self.encoding, output_text);
+        self.recount_at = self.tokens.max(self.cutoff).saturating_add(OUTPUT_RECOUNT_TOKENS);
+        self.tokens > self.cutoff
+    }
 }
 
 fn start_stream(
@@ -387,6 +461,7 @@ async fn pump(
     // An event that may be the stream's last (`EventAction::MaybeTerminal`), until the next one.
     let mut kept_back: Option<Bytes> = None;
     let mut forwarded_events = 0u64;
+    let mut watch = OutputWatch::new(billing.parsed.encoding, billing.output_tokens_max);
     let end = 'stream: loop {
         let next = tokio::select! {
             next = tokio::time::timeout(idle, chunks.next()) => next,
@@ -406,10 +481,13 @@ async fn pump(
         let Ok(events) = splitter.push(&chunk) else { break StreamEnd::UpstreamCut };
         for event in events {
             let action = inspector.inspect(&event);
+            if watch.exceeded(inspector.output_text()) {
+                break 'stream StreamEnd::OutputCapExceeded;
+            }
             if action != EventAction::Strip
                 && let Some(previous) = kept_back.take() {
-                    if sender.send(Ok(previous)).await.is_err() {
-                        break 'stream StreamEnd::ClientGone;
+                    if let Err(end) = deliver(&sender, previous, deadline, idle).await {
+                        break 'stream end;
                     }
                     forwarded_events += 1;
                 }
@@ -421,8 +499,8 @@ async fn pump(
                     break 'stream StreamEnd::Completed;
                 }
                 EventAction::Forward => {
-                    if sender.send(Ok(event.raw)).await.is_err() {
-                        break 'stream StreamEnd::ClientGone;
+                    if let Err(end) = deliver(&sender, event.raw, deadline, idle).await {
+                        break 'stream end;
                     }
                     forwarded_events += 1;
                 }
@@ -432,7 +510,7 @@ async fn pump(
     // A stream that did not complete still delivers, once charged, the event it kept back.
     let terminal = terminal.or(kept_back);
     metrics::counter!("tollgate_stream_ends_total", "end" => stream_end_label(end)).increment(1);
-    let (usage, source) = billing.usage_to_charge(inspector.protocol(), inspector.usage(), inspector.output_text());
+    let (usage, source) = billing.usage_to_charge(inspector.usage(), inspector.output_text());
     if end != StreamEnd::Completed && inspector.output_text().is_empty() && inspector.usage().is_none() {
         tracing::warn!(request_id = billing.request_id, ?end, forwarded_events, "stream ended before any output; voided");
         charge::void(state, billing.failed_event()).await;
@@ -440,8 +518,10 @@ async fn pump(
     }
     let status = match end {
         StreamEnd::Completed => RequestStatus::Success,
-        StreamEnd::ClientGone => RequestStatus::ClientDisconnected,
-        StreamEnd::UpstreamCut | StreamEnd::UpstreamIdle | StreamEnd::DurationExceeded => RequestStatus::UpstreamInterrupted,
+        StreamEnd::ClientGone | StreamEnd::ClientStalled => RequestStatus::ClientDisconnected,
+        StreamEnd::UpstreamCut | StreamEnd::UpstreamIdle | StreamEnd::DurationExceeded | StreamEnd::OutputCapExceeded => {
+            RequestStatus::UpstreamInterrupted
+        }
     };
     let settled = match charge::price_usage(&billing.price.price, &usage) {
         Ok(cost) => {
@@ -454,7 +534,8 @@ async fn pump(
         Ok((cost, settlement)) => {
             tracing::info!(request_id = billing.request_id, account_id = billing.context.account.id, model = billing.route.model, %cost, balance_after = %settlement.balance_after, usage_source = source.as_str(), status = status.as_str(), "stream charged");
             if let Some(terminal) = terminal {
-                let _ = sender.send(Ok(terminal)).await;
+                // Charged already; a client that does not read it only keeps this task a while.
+                let _ = tokio::time::timeout(idle, sender.send(Ok(terminal))).await;
             }
         }
         Err(error) => {
@@ -469,9 +550,11 @@ fn stream_end_label(end: StreamEnd) -> &'static str {
     match end {
         StreamEnd::Completed => "completed",
         StreamEnd::ClientGone => "client_gone",
+        StreamEnd::ClientStalled => "client_stalled",
         StreamEnd::UpstreamCut => "upstream_cut",
         StreamEnd::UpstreamIdle => "upstream_idle",
         StreamEnd::DurationExceeded => "duration_exceeded",
+        StreamEnd::OutputCapExceeded => "output_cap_exceeded",
     }
 }
 

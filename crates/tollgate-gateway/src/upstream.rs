@@ -12,6 +12,8 @@ pub struct Provider {
     pub name: String,
     pub kind: ProviderKind,
     pub base_url: String,
+    /// OpenAI protocol: where the gateway's output cap goes when a client sets none.
+    pub openai_cap_field: tollgate_protocol::OpenAiCapField,
     /// Never logged; `Debug` is not derived for this reason.
     api_key: Option<String>,
 }
@@ -76,6 +78,7 @@ impl Upstreams {
                     name: provider.name.clone(),
                     kind: provider.kind,
                     base_url: provider.base_url.trim_end_matches('/').to_string(),
+                    openai_cap_field: provider.openai_cap_field(),
                     api_key,
                 },
             );

@@ -116,10 +116,8 @@ pub(crate) async fn messages(
     let mut behaviour = Behaviour::resolve(&state.config, &headers, req.mock.take(), F)?;
     behaviour.check_api_key(crate::common::header_text(&headers, "x-api-key"), F)?;
     behaviour.check_injected_failure(F)?;
-    let (tokens, stop_reason) = match req.max_tokens {
-        Some(cap) if cap < behaviour.output_tokens => (cap, "max_tokens"),
-        _ => (behaviour.output_tokens, "end_turn"),
-    };
+    let (tokens, capped) = behaviour.capped_output(req.max_tokens);
+    let stop_reason = if capped { "max_tokens" } else { "end_turn" };
     let stream = req.stream.unwrap_or(false);
     if !stream && tokens > MAX_NON_STREAM_TOKENS {
         return Err(ApiError::bad_request(

@@ -101,6 +101,10 @@ pub struct MockOverrides {
     /// JSON, lines without a field name, an event with no terminating blank line).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub malformed_sse: Option<String>,
+    /// Generate `output_tokens` whatever the request's output cap says, as some upstreams do
+    /// (and a gateway must then bound the stream and the charge itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ignore_output_cap: Option<bool>,
 }
 
 /// Effective behaviour for one request.
@@ -120,6 +124,18 @@ pub(crate) struct Behaviour {
     pub(crate) expect_api_key: Option<String>,
     /// Raw bytes sent after a stream's opening frames (see [`MockOverrides::malformed_sse`]).
     pub(crate) malformed_sse: Option<Bytes>,
+    /// See [`MockOverrides::ignore_output_cap`].
+    pub(crate) ignore_output_cap: bool,
+}
+
+impl Behaviour {
+    /// The output tokens to generate under the request's cap, and whether the cap stopped them.
+    pub(crate) fn capped_output(&self, cap: Option<u64>) -> (u64, bool) {
+        match cap {
+            Some(cap) if cap < self.output_tokens && !self.ignore_output_cap => (cap, true),
+            _ => (self.output_tokens, false),
+        }
+    }
 }
 
 impl Behaviour {
@@ -183,6 +199,7 @@ impl Behaviour {
             thoughts_tokens,
             cached_tokens,
             cache_write_tokens: body.cache_write_tokens.unwrap_or(0),
+            ignore_output_cap: body.ignore_output_cap.unwrap_or(false),
             expect_api_key: body.expect_api_key,
             malformed_sse: body.malformed_sse.map(Bytes::from),
         })

@@ -174,10 +174,8 @@ async fn respond(
             format!("generationConfig.candidateCount must be within 1..={MAX_CANDIDATES}, got {candidates}"),
         ));
     }
-    let (tokens, finish_reason) = match config.max_output_tokens {
-        Some(cap) if cap < behaviour.output_tokens => (cap, "MAX_TOKENS"),
-        _ => (behaviour.output_tokens, "STOP"),
-    };
+    let (tokens, capped) = behaviour.capped_output(config.max_output_tokens);
+    let finish_reason = if capped { "MAX_TOKENS" } else { "STOP" };
     let candidates_tokens = tokens.saturating_mul(candidates);
     if !stream && candidates_tokens > MAX_NON_STREAM_TOKENS {
         return Err(ApiError::bad_request(

@@ -90,10 +90,8 @@ pub(crate) async fn chat_completions(
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
-    let (tokens, mut finish_reason) = match cap {
-        Some(cap) if cap < behaviour.output_tokens => (cap, "length"),
-        _ => (behaviour.output_tokens, "stop"),
-    };
+    let (tokens, capped) = behaviour.capped_output(cap);
+    let mut finish_reason = if capped { "length" } else { "stop" };
     let tool_call = forced_function(&req.tools, req.tool_choice.as_ref());
     if tool_call.is_some() {
         finish_reason = "tool_calls";

@@ -13,5 +13,5 @@ pub mod protocol;
 pub mod sse;
 
 pub use error::ProtocolError;
-pub use protocol::{EventAction, ParsedRequest, Protocol, StreamInspector, UpstreamBody, UrlFacts, gemini};
+pub use protocol::{EventAction, OpenAiCapField, ParsedRequest, Protocol, StreamInspector, UpstreamBody, UrlFacts, gemini};
 pub use sse::{EventTooLarge, SseEvent, SseSplitter};

@@ -52,7 +52,7 @@ pub struct UpstreamBody {
 pub struct ParsedRequest {
     pub model: String,
     pub stream: bool,
-    /// The request's own cap on output tokens across all choices, if it set one.
+    /// The request's own cap on output tokens per choice, if it set one (at least 1).
     pub output_tokens_max: Option<u64>,
     /// Choices requested (`n`), which multiplies the output.
     pub choices: u64,
@@ -79,6 +79,36 @@ fn invalid(message: impl Into<String>) -> ProtocolError {
     ProtocolError::InvalidRequest(message.into())
 }
 
+/// Which field of an OpenAI-protocol body carries the output cap the gateway adds when a client
+/// sets none (I7: the cap that sized the hold is the one the upstream gets). OpenAI's own API
+/// reads `max_completion_tokens` (its reasoning models refuse `max_tokens`); most compatible
+/// servers read `max_tokens`, and some read only it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OpenAiCapField {
+    #[default]
+    MaxTokens,
+    MaxCompletionTokens,
+}
+
+impl OpenAiCapField {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpenAiCapField::MaxTokens => "max_tokens",
+            OpenAiCapField::MaxCompletionTokens => "max_completion_tokens",
+        }
+    }
+}
+
+/// An output cap the client set: a positive integer. A cap of 0 is refused: some servers read 0
+/// as "unset" (vLLM: `max_completion_tokens or max_tokens`) and generate without bound while the
+/// hold was sized for none.
+fn optional_cap(body: &Map<String, Value>, field: &str) -> Result<Option<u64>, ProtocolError> {
+    match optional_u64(body, field)? {
+        Some(0) => Err(invalid(format!("{field} must be at least 1"))),
+        cap => Ok(cap),
+    }
+}
+
 fn optional_u64(body: &Map<String, Value>, field: &str) -> Result<Option<u64>, ProtocolError> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
@@ -90,12 +120,6 @@ fn optional_u64(body: &Map<String, Value>, field: &str) -> Result<Option<u64>, P
 }
 
 impl Protocol {
-    /// Whether the request's output cap (`max_tokens`, `max_completion_tokens`) bounds every
-    /// generated token, reasoning and thinking included, so a report beyond it is wrong.
-    pub fn output_cap_includes_reasoning(self) -> bool {
-        matches!(self, Protocol::OpenAiChat | Protocol::AnthropicMessages | Protocol::OpenAiEmbeddings)
-    }
-
     /// The path (and query) under the provider's base URL.
     pub fn upstream_path(self, upstream_model: &str, stream: bool) -> String {
         match self {
@@ -152,9 +176,13 @@ impl Protocol {
         let mut prompt_tokens = tokens::count_chat_prompt(encoding, messages);
         let (output_tokens_max, choices) = match self {
             Protocol::OpenAiChat => {
-                let cap = match optional_u64(body, "max_completion_tokens")? {
-                    Some(cap) => Some(cap),
-                    None => optional_u64(body, "max_tokens")?,
+                // Servers differ in which one wins when both are set: the hold could only cover
+                // the larger, so they must agree.
+                let cap = match (optional_cap(body, "max_completion_tokens")?, optional_cap(body, "max_tokens")?) {
+                    (Some(completion), Some(tokens)) if completion != tokens => {
+                        return Err(invalid("max_completion_tokens and max_tokens differ; send one of them"));
+                    }
+                    (completion, tokens) => completion.or(tokens),
                 };
                 let choices = optional_u64(body, "n")?.unwrap_or(1);
                 if choices == 0 || choices > CHOICES_MAX {
@@ -165,7 +193,7 @@ impl Protocol {
             // Parsed by their own functions above; never reached.
             Protocol::OpenAiEmbeddings | Protocol::GeminiGenerate => (Some(0), 1),
             Protocol::AnthropicMessages => {
-                let cap = optional_u64(body, "max_tokens")?.ok_or_else(|| invalid("max_tokens is required"))?;
+                let cap = optional_cap(body, "max_tokens")?.ok_or_else(|| invalid("max_tokens is required"))?;
                 match body.get("system") {
                     None | Some(Value::Null) => {}
                     Some(Value::String(system)) => prompt_tokens += tokens::count_text(encoding, system),
@@ -220,6 +248,21 @@ impl Protocol {
             }
             // Anthropic streams always carry usage; nothing to ask for or strip.
             _ => UpstreamBody { client_wants_usage: true, rewritten },
+        }
+    }
+
+    /// Adds the output cap the hold was sized with to a body whose client set none (I7), in the
+    /// field the upstream reads: per choice, as every protocol counts it. Returns whether the
+    /// body changed. Anthropic requires a cap, and embeddings generate nothing: no change.
+    pub fn insert_output_cap(self, body: &mut Map<String, Value>, cap: u64, openai_field: OpenAiCapField) -> bool {
+        debug_assert!(cap > 0, "a cap of 0 is refused at parse");
+        match self {
+            Protocol::OpenAiChat => {
+                body.insert(openai_field.as_str().into(), Value::from(cap));
+                true
+            }
+            Protocol::GeminiGenerate => gemini::insert_output_cap(body, cap),
+            Protocol::AnthropicMessages | Protocol::OpenAiEmbeddings => false,
         }
     }
 
@@ -507,6 +550,35 @@ mod tests {
         assert_eq!(inspector.usage().unwrap().output_tokens, 1);
     }
 
+    /// I7, issue 19 item 1: a cap of 0 (which vLLM reads as unset) and two caps that disagree
+    /// are refused, since the hold could cover neither; a request without a cap gets the hold's
+    /// in the field its upstream reads.
+    #[test]
+    fn the_output_cap_is_positive_single_and_sent_upstream() {
+        let messages = json!([{"role": "user", "content": "x"}]);
+        let parse = |extra: Value| {
+            let mut body = json!({"model": "m", "messages": messages});
+            body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            Protocol::OpenAiChat.parse(body.as_object().unwrap()).map(|parsed| parsed.output_tokens_max).map_err(|error| error.to_string())
+        };
+        assert_eq!(parse(json!({"max_completion_tokens": 0, "max_tokens": 50})), Err("max_completion_tokens must be at least 1".into()));
+        assert_eq!(parse(json!({"max_tokens": 0})), Err("max_tokens must be at least 1".into()));
+        assert_eq!(parse(json!({"max_completion_tokens": 10, "max_tokens": 50})), Err("max_completion_tokens and max_tokens differ; send one of them".into()));
+        assert_eq!(parse(json!({"max_completion_tokens": 10, "max_tokens": 10})), Ok(Some(10)));
+        assert_eq!(parse(json!({"max_tokens": null})), Ok(None));
+        let mut body = json!({"model": "m", "messages": messages}).as_object().unwrap().clone();
+        assert!(Protocol::OpenAiChat.insert_output_cap(&mut body, 4096, OpenAiCapField::MaxCompletionTokens));
+        assert_eq!(body["max_completion_tokens"], json!(4096));
+        assert_eq!(Protocol::OpenAiChat.parse(&body).unwrap().output_tokens_max, Some(4096), "what goes upstream reads back as the hold's cap");
+        let mut gemini = json!({"contents": [{"parts": [{"text": "x"}]}], "generation_config": {"temperature": 0.1}}).as_object().unwrap().clone();
+        assert!(Protocol::GeminiGenerate.insert_output_cap(&mut gemini, 77, OpenAiCapField::MaxTokens));
+        assert_eq!(gemini["generation_config"], json!({"temperature": 0.1, "maxOutputTokens": 77}));
+        let facts = UrlFacts { model: Some("g".into()), stream: false };
+        assert_eq!(Protocol::GeminiGenerate.parse_at(&gemini, &facts).unwrap().output_tokens_max, Some(77));
+        let zero = json!({"contents": [{"parts": [{"text": "x"}]}], "generationConfig": {"maxOutputTokens": 0}});
+        assert!(Protocol::GeminiGenerate.parse_at(zero.as_object().unwrap(), &facts).is_err());
+    }
+
     #[test]
     fn anthropic_stream_usage_combines_start_and_delta() {
         let mut inspector = Protocol::AnthropicMessages.stream_inspector(true);
@@ -534,6 +606,8 @@ mod tests {
             assert_eq!(error.to_string(), message);
         }
         let missing_max = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
+        let zero_cap = json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0});
+        assert_eq!(Protocol::AnthropicMessages.parse(zero_cap.as_object().unwrap()).unwrap_err().to_string(), "max_tokens must be at least 1");
         assert_eq!(Protocol::AnthropicMessages.parse(missing_max.as_object().unwrap()).unwrap_err().to_string(), "max_tokens is required");
     }
 }

@@ -126,6 +126,9 @@ pub(super) fn parse(body: &Map<String, Value>, url: &UrlFacts) -> Result<ParsedR
         None => (None, 1),
         Some(Value::Object(config)) => {
             let cap = optional_count(config, "maxOutputTokens", "max_output_tokens")?;
+            if cap == Some(0) {
+                return Err(invalid("generationConfig.maxOutputTokens must be at least 1"));
+            }
             let choices = optional_count(config, "candidateCount", "candidate_count")?.unwrap_or(1);
             if choices == 0 || choices > CHOICES_MAX {
                 return Err(invalid(format!("generationConfig.candidateCount must be between 1 and {CHOICES_MAX}")));
@@ -135,6 +138,26 @@ pub(super) fn parse(body: &Map<String, Value>, url: &UrlFacts) -> Result<ParsedR
         Some(_) => return Err(invalid("generationConfig must be an object")),
     };
     Ok(ParsedRequest { model, stream: url.stream, output_tokens_max, choices, prompt_tokens, encoding })
+}
+
+/// Sets `generationConfig.maxOutputTokens` (in the object the client sent, whichever its name)
+/// to the cap the hold was sized with. Returns whether the body changed.
+pub(super) fn insert_output_cap(body: &mut Map<String, Value>, cap: u64) -> bool {
+    let name = if body.get("generationConfig").is_none() && body.get("generation_config").is_some_and(Value::is_object) {
+        "generation_config"
+    } else {
+        "generationConfig"
+    };
+    let config = body.entry(name).or_insert_with(|| Value::Object(Map::new()));
+    if !config.is_object() {
+        // parse refused a non-object config; null is the only other value that reaches here.
+        *config = Value::Object(Map::new());
+    }
+    if let Some(config) = config.as_object_mut() {
+        config.remove("max_output_tokens");
+        config.insert("maxOutputTokens".into(), Value::from(cap));
+    }
+    true
 }
 
 /// Tokens of one `Content` (`{role, parts: [...]}`): text parts as text, media parts at a flat
