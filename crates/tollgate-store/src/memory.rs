@@ -285,7 +285,10 @@ impl HotStore for MemoryHotStore {
                 Some(hold) => sub(account.held, hold.amount, "held")?,
                 None => account.held,
             };
-            let key = account.keys.entry(event.api_key_id.clone()).or_default();
+            // The key the hold was placed for gets its funds back and bears the spend (as void
+            // and expire release from it); the event's key counts only when the hold is gone.
+            let key_id = hold.as_ref().map_or(&event.api_key_id, |hold| &hold.api_key_id);
+            let key = account.keys.entry(key_id.clone()).or_default();
             let key_held_after = match &hold {
                 Some(hold) => sub(key.held, hold.amount, "key held")?,
                 None => key.held,

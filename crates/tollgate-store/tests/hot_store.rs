@@ -80,6 +80,7 @@ conformance!(
     two_loaders_racing_load_once,
     a_cold_load_starts_from_the_ledger_counters,
     a_cold_load_remembers_every_charged_id,
+    a_settle_releases_the_hold_of_the_key_it_was_placed_for,
 );
 
 async fn load(store: &dyn HotStore, account: &str, balance: i64) {
@@ -229,6 +230,31 @@ async fn accounts_on_every_shard_work(store: Arc<dyn HotStore>) {
         assert_eq!(settlement.balance_after, Money::from_nanos(30));
     }
     assert_eq!(store.expire_holds().await.unwrap(), 0);
+}
+
+/// Issue 19 item 7: a settle gives the funds back to the key its hold was placed for, as void
+/// and expire do, and counts the spend there; an event naming another key leaves that key's
+/// held alone (it once went below zero, and the hold's key kept its funds held for good).
+async fn a_settle_releases_the_hold_of_the_key_it_was_placed_for(store: Arc<dyn HotStore>) {
+    load(&*store, "a", 10_000).await;
+    let on_key = |key: &str, id: &str, hold: i64, budget_total: i64| AuthorizeRequest {
+        api_key_id: key.into(),
+        limits: Limits { key_budget_total: Some(Money::from_nanos(budget_total)), ..Limits::default() },
+        ..request("a", id, hold)
+    };
+    assert!(held(&store.authorize(&on_key("key-one", "r1", 100, 1_000)).await.unwrap()));
+    assert!(held(&store.authorize(&on_key("key-two", "r2", 50, 1_000)).await.unwrap()));
+    let mismatched = UsageEvent { api_key_id: "key-two".into(), ..event("a", "r1", 30, RequestStatus::Success) };
+    store.settle(mismatched).await.unwrap();
+    let spent = |view: Option<tollgate_store::hot::BalanceView>| view.unwrap().key_spent_total;
+    assert_eq!(spent(store.balance("a", "key-one").await.unwrap()), Money::from_nanos(30), "the authorized key bears the spend");
+    assert_eq!(spent(store.balance("a", "key-two").await.unwrap()), Money::ZERO);
+    // key-one: spent 30 + held 0 + 970 fits a budget of 1,000 only if r1's hold left it.
+    assert!(held(&store.authorize(&on_key("key-one", "r3", 970, 1_000)).await.unwrap()), "r1's hold still counts against key-one");
+    // key-two: r2 still holds 50, so 51 more breaks a budget of 100 and 50 more fits it.
+    assert!(!held(&store.authorize(&on_key("key-two", "r4", 51, 100)).await.unwrap()), "key-two's held was lowered by r1's settle");
+    assert!(held(&store.authorize(&on_key("key-two", "r5", 50, 100)).await.unwrap()));
+    assert_eq!(store.balance("a", "key-one").await.unwrap().unwrap().balance, Money::from_nanos(9_970));
 }
 
 /// The stream log: settled events arrive once, an unacknowledged batch comes back to the same

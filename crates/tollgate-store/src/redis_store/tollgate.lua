@@ -174,8 +174,11 @@ function operations.settle(base, argv)
   local p = periods(now_ms())
   local hold = redis.call('HGET', base .. ':holds:' .. account, request_id)
   if hold then
-    -- The request happened: release the funds but keep its request-count slot.
-    local amount = string.match(hold, '^(-?%d+)|')
+    -- The request happened: release the funds but keep its request-count slot. The funds go
+    -- back to the key the hold was placed for (as void and expire do), and the spend is that
+    -- key's too: an event naming another key must not lower that key's held.
+    local amount, hold_key_id = string.match(hold, '^(-?%d+)|(.*)|(-?%d+)|(-?%d+)$')
+    key_id = hold_key_id
     redis.call('HINCRBY', account_key, 'held', -tonumber(amount))
     redis.call('HINCRBY', base .. ':key:' .. key_id, 'held', -tonumber(amount))
     redis.call('HDEL', base .. ':holds:' .. account, request_id)
