@@ -81,6 +81,7 @@ conformance!(
     a_cold_load_starts_from_the_ledger_counters,
     a_cold_load_remembers_every_charged_id,
     a_settle_releases_the_hold_of_the_key_it_was_placed_for,
+    an_unload_releases_what_its_holds_kept_of_the_key,
 );
 
 async fn load(store: &dyn HotStore, account: &str, balance: i64) {
@@ -255,6 +256,20 @@ async fn a_settle_releases_the_hold_of_the_key_it_was_placed_for(store: Arc<dyn 
     assert!(!held(&store.authorize(&on_key("key-two", "r4", 51, 100)).await.unwrap()), "key-two's held was lowered by r1's settle");
     assert!(held(&store.authorize(&on_key("key-two", "r5", 50, 100)).await.unwrap()));
     assert_eq!(store.balance("a", "key-one").await.unwrap().unwrap().balance, Money::from_nanos(9_970));
+}
+
+/// Issue 19 item 6: unloading an account (the resync after ledger charging) drops its holds,
+/// and with them what they kept of the key's held: left behind (the key's state outlives the
+/// account in Redis), it refused the key's budgets early after every resync.
+async fn an_unload_releases_what_its_holds_kept_of_the_key(store: Arc<dyn HotStore>) {
+    load(&*store, "a", 1_000).await;
+    let budgeted = |id: &str| AuthorizeRequest { limits: Limits { key_budget_total: Some(Money::from_nanos(150)), ..Limits::default() }, ..request("a", id, 100) };
+    assert!(held(&store.authorize(&budgeted("r1")).await.unwrap()));
+    store.unload_account("a").await.unwrap();
+    load(&*store, "a", 1_000).await;
+    assert!(held(&store.authorize(&budgeted("r2")).await.unwrap()), "the unloaded hold still counts against the key budget");
+    assert_eq!(store.balance("a", "key-a").await.unwrap().unwrap().held, Money::from_nanos(100));
+    assert_eq!(store.expire_holds().await.unwrap(), 0);
 }
 
 /// The stream log: settled events arrive once, an unacknowledged batch comes back to the same

@@ -307,8 +307,24 @@ function operations.balance(base, argv)
 end
 
 -- ARGV: op, base, account. Forgets the account (after a repair, when quiet).
+-- Its holds go with it, and so does what they kept of their keys' held: the key hashes outlive
+-- the account, and a hold left counted there would refuse the key's budgets early for good
+-- (their expiry entries go too, rather than wait for a sweep to find them empty). The unload
+-- is not refused while holds are open: its caller (the resync after ledger charging) unloads
+-- because this state misses the ledger's charges, and must not go on serving it. A request
+-- whose hold goes here still settles (as after an expiry); its request-count slot is kept, as
+-- a settle keeps it.
 function operations.unload(base, argv)
-  redis.call('DEL', base .. ':acct:' .. argv[3], base .. ':holds:' .. argv[3])
+  local account = argv[3]
+  local holds_key = base .. ':holds:' .. account
+  local holds = redis.call('HGETALL', holds_key)
+  for index = 1, #holds, 2 do
+    local request_id, hold = holds[index], holds[index + 1]
+    local amount, key_id = string.match(hold, '^(-?%d+)|(.*)|(-?%d+)|(-?%d+)$')
+    redis.call('HINCRBY', base .. ':key:' .. key_id, 'held', -tonumber(amount))
+    redis.call('ZREM', base .. ':hold_expiry', account .. '\n' .. request_id)
+  end
+  redis.call('DEL', base .. ':acct:' .. account, holds_key)
   return 1
 end
 
