@@ -425,6 +425,56 @@ async fn an_entry_delivered_too_often_is_parked() {
     assert_eq!(parked, 1);
 }
 
+/// Issue 19 item 8: a parked entry leaves the usage stream in the same step that puts it in the
+/// dead letters, whichever path parks it (delivered too often, unreadable, refused by the
+/// ledger), so `unlogged_charges` counts its charge once (the reclaim once left it in both:
+/// reconciliation saw false drift and its fix debited twice); and an unreadable entry is
+/// reported, not an error that stops reconciliation, verify and the stale release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_charge_is_owed_once_and_an_unreadable_entry_stops_nothing() {
+    let (store, keys) = one_shard_store("p").await;
+    let log_config = |consumer: &str| RedisLogConfig { consumer: consumer.into(), poll_idle_ms: 10, claim_idle_ms: 100, deliveries_max: 2 };
+    assert!(held(&store.authorize(&request("p", "poison", 10)).await.unwrap()));
+    store.settle(event("p", "poison", 10, RequestStatus::Success)).await.unwrap();
+    let mut connection = store.connection();
+    for stream in [keys.stream(0), keys.dead_letters(0)] {
+        let _: String = redis::cmd("XADD").arg(&stream).arg("*").arg("event").arg("{not json").query_async(&mut connection).await.unwrap();
+    }
+    // Two lives of a consumer read "poison" and die; the first parks the unreadable entry.
+    for _ in 0..2 {
+        let crashing = RedisLog::new(store.connection(), keys.clone(), log_config("crashing"), CancellationToken::new()).await.unwrap();
+        assert_eq!(crashing.read_batch(10).await.unwrap().len(), 1);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let reclaiming = CancellationToken::new();
+    let survivor = RedisLog::new(store.connection(), keys.clone(), log_config("survivor"), reclaiming.clone()).await.unwrap();
+    let stop = reclaiming.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.cancel();
+    });
+    assert!(survivor.read_batch(10).await.unwrap().is_empty(), "poison was parked, not delivered again");
+
+    // A charge the ledger refuses, parked by the writer.
+    assert!(held(&store.authorize(&request("p", "refused", 20)).await.unwrap()));
+    store.settle(event("p", "refused", 20, RequestStatus::Success)).await.unwrap();
+    let writer = RedisLog::new(store.connection(), keys.clone(), log_config("writer"), CancellationToken::new()).await.unwrap();
+    let mut batch = writer.read_batch(10).await.unwrap();
+    assert_eq!(batch.len(), 1);
+    writer.park(batch.remove(0), "refused by the ledger").await.unwrap();
+
+    let length = |stream: String| {
+        let mut connection = store.connection();
+        async move { redis::cmd("XLEN").arg(stream).query_async::<usize>(&mut connection).await.unwrap() }
+    };
+    assert_eq!(length(keys.stream(0)).await, 0, "every parked entry left the usage stream");
+    assert_eq!(length(keys.dead_letters(0)).await, 4, "two unreadable entries, poison and refused");
+    assert_eq!(writer.pending().await.unwrap(), 0);
+    let mut owed: Vec<(String, Money)> = store.unlogged_charges().await.unwrap().into_iter().map(|charge| (charge.request_id, charge.cost)).collect();
+    owed.sort();
+    assert_eq!(owed, [("poison".to_string(), Money::from_nanos(10)), ("refused".to_string(), Money::from_nanos(20))], "each parked charge owed once");
+}
+
 /// The worker reads the next batch while it writes one: no read hands out again an entry still
 /// in flight (read, not yet acknowledged), neither from this consumer's own pending entries
 /// after a restart nor through the reclaim of idle entries, which must not park it either.
