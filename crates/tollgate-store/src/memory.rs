@@ -140,7 +140,9 @@ impl PendingCommit {
         let Some(committed) = self.committed.as_mut() else { return Ok(()) };
         let result = committed.await;
         self.committed = None;
-        result.map_err(|_| StoreError::Unavailable("worker stopped before committing the charge".into()))?;
+        // No commit: the worker stopped, or the ledger refused the usage row and it was parked.
+        // The charge stays in `unlogged`, where reconciliation sees it as owed.
+        result.map_err(|_| StoreError::Unavailable("the charge was not committed to the ledger (worker stopped, or the usage row was refused and parked)".into()))?;
         forget_unlogged(&self.accounts, &self.account_id, &self.request_id);
         Ok(())
     }
