@@ -24,6 +24,8 @@ every amount a call reads or receives is checked against that range and refused 
 Time comes from the server's TIME, periods are UTC (as crates/tollgate-store/src/clock.rs).
 --]]
 
+-- 2^53: amounts stay within ±(2^53 − 1), tollgate-core's Money::HOT_STORE_MAX, which the ledger
+-- and the operator API check before anything reaches this script.
 local MONEY_MAX = 9007199254740992
 -- A charge's record outlives the worker's lag (24 h) until the ledger has it; a record loaded
 -- from the ledger lives RECENT_CHARGE_MS (crates/tollgate-store/src/hot.rs), as the ack leaves it.
