@@ -196,6 +196,7 @@ async fn write_until_committed(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use tollgate_core::{Money, Usage, UsageSource};
     use tollgate_store::model::{AccountKind, NewAccount, RequestStatus};
     use tollgate_store::queue::{ChannelLog, ChannelLogSender, channel_log};
