@@ -291,6 +291,13 @@ async fn malformed_operator_input_is_refused_and_moves_no_money() {
         case("account name with a newline", new_account(json!({"name": "a\nb"})), 400, "invalid_request"),
         case("account credit limit negative", new_account(json!({"credit_limit": "-100"})), 400, "invalid_request"),
         case("account credit limit as a JSON number", new_account(json!({"credit_limit": 100})), 400, "invalid_request"),
+        // Issue 19 item 11: past ±(2^53 − 1) nano-units the hot store cannot hold an amount; it
+        // is refused here, not committed to fail on every apply or authorize after.
+        case("top-up beyond what the hot store holds", topup(json!("9007199.254740992")), 400, "invalid_request"),
+        case("refund beyond what the hot store holds", refund(json!("9007199.254740992")), 400, "invalid_request"),
+        case("adjustment beyond what the hot store holds", adjustment(json!("-9007199.254740992")), 400, "invalid_request"),
+        case("key budget beyond what the hot store holds", new_key(json!({"budget_total": "9007199.254740992"})), 400, "invalid_request"),
+        case("credit limit beyond what the hot store holds", new_account(json!({"credit_limit": "9007199.254740992"})), 400, "invalid_request"),
         // Quotes with impossible usage; oversized and ambiguous operator requests.
         case(
             "quote with negative tokens",

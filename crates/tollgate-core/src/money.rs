@@ -60,6 +60,19 @@ impl Money {
         Money(nanos)
     }
 
+    /// The largest amount every store holds exactly: ±(2^53 − 1) nano-units, about 9,007,199.25
+    /// currency units. Redis's scripts compare money as doubles, exact only this far, and refuse
+    /// beyond it (`MONEY_MAX` in `tollgate.lua`), while SQL and Rust go on to i64. So this is the
+    /// one range for whatever reaches the hot store (fund amounts and the balances they make,
+    /// credit limits, key budgets), checked before the ledger commits: past it, a committed top-up
+    /// would fail to apply for good, and a balance or limit would make every authorize fail.
+    pub const HOT_STORE_MAX: Money = Money((1 << 53) - 1);
+
+    /// Whether the amount lies within ±[`Money::HOT_STORE_MAX`].
+    pub const fn in_hot_store_range(self) -> bool {
+        -Money::HOT_STORE_MAX.0 <= self.0 && self.0 <= Money::HOT_STORE_MAX.0
+    }
+
     /// The exact nano-unit count, for storage and integer arithmetic elsewhere.
     pub const fn nanos(self) -> i64 {
         self.0
@@ -430,6 +443,22 @@ mod tests {
         assert_eq!(Money::from_nanos(i64::MAX).checked_neg(), Some(Money::from_nanos(-i64::MAX)));
         assert_eq!(Money::from_nanos(5).checked_sub(Money::from_nanos(7)), Some(Money::from_nanos(-2)));
         assert_eq!(Money::from_nanos(5).checked_add(Money::from_nanos(7)), Some(Money::from_nanos(12)));
+    }
+
+    /// The hot store's range is ±(2^53 − 1), the last integers a double holds exactly with
+    /// their neighbours (tollgate.lua refuses |x| ≥ 2^53).
+    #[test]
+    fn the_hot_store_range_ends_where_doubles_stop_being_exact() {
+        let max = Money::HOT_STORE_MAX.nanos();
+        assert_eq!(max, 9_007_199_254_740_991);
+        assert_eq!(max as f64 + 1.0, (max + 1) as f64, "exact up to here");
+        assert_eq!((max + 1) as f64 + 1.0, (max + 1) as f64, "2^53 + 1 is not");
+        for inside in [0, 1, -1, max, -max] {
+            assert!(Money::from_nanos(inside).in_hot_store_range(), "{inside}");
+        }
+        for outside in [max + 1, -max - 1, i64::MAX, i64::MIN] {
+            assert!(!Money::from_nanos(outside).in_hot_store_range(), "{outside}");
+        }
     }
 
     #[test]

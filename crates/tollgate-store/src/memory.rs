@@ -157,7 +157,9 @@ impl PendingCommit {
         let Some(committed) = self.committed.as_mut() else { return Ok(()) };
         let result = committed.await;
         self.committed = None;
-        result.map_err(|_| StoreError::Unavailable("worker stopped before committing the charge".into()))?;
+        // No commit: the worker stopped, or the ledger refused the usage row and it was parked.
+        // The charge stays in `unlogged`, where reconciliation sees it as owed.
+        result.map_err(|_| StoreError::Unavailable("the charge was not committed to the ledger (worker stopped, or the usage row was refused and parked)".into()))?;
         forget_unlogged(&self.accounts, &self.account_id, &self.request_id);
         Ok(())
     }
@@ -302,7 +304,10 @@ impl HotStore for MemoryHotStore {
                 Some(hold) => sub(account.held, hold.amount, "held")?,
                 None => account.held,
             };
-            let key = account.keys.entry(event.api_key_id.clone()).or_default();
+            // The key the hold was placed for gets its funds back and bears the spend (as void
+            // and expire release from it); the event's key counts only when the hold is gone.
+            let key_id = hold.as_ref().map_or(&event.api_key_id, |hold| &hold.api_key_id);
+            let key = account.keys.entry(key_id.clone()).or_default();
             let key_held_after = match &hold {
                 Some(hold) => sub(key.held, hold.amount, "key held")?,
                 None => key.held,

@@ -25,7 +25,7 @@ use crate::model::{
     TopUpStatus, UsageEvent, UsageQuery, UsageRow,
 };
 use crate::sql_rows::{
-    Fields, SUMMARY_SELECT, UsagePlan, account_from, allowed_models_text, apply_patch, check_fund_direction, checked_add, fund_from,
+    Fields, SUMMARY_SELECT, UsagePlan, account_from, allowed_models_text, apply_patch, check_fund_direction, check_hot_store_range, checked_add, fund_from,
     key_from, kind_text, merge_statement, money, ms_of, now_ms, optional_i64, plan_usage_batch, price_from, push_time_range,
     push_usage_query, status_text, stored_response_from, summarize, to_i64, topup_from, usage_from,
 };
@@ -119,6 +119,7 @@ async fn fund_by_reference(transaction: &mut Transaction<'static, Postgres>, kin
 pub(crate) async fn insert_fund(transaction: &mut Transaction<'static, Postgres>, fund: &NewFund, position: (Money, i64)) -> StoreResult<FundTransaction> {
     let (balance_before, ledger_seq) = position;
     let balance_after = checked_add(balance_before, fund.amount)?;
+    check_hot_store_range(fund, balance_after)?;
     if fund.kind == FundKind::Refund && balance_after.is_negative() {
         return Err(StoreError::Invalid(format!("refund exceeds balance {balance_before}")));
     }

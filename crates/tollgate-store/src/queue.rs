@@ -143,7 +143,11 @@ impl EventLog for ChannelLog {
         // In-process there is nowhere durable to park: the event is logged whole for an operator.
         metrics::counter!("tollgate_usage_dead_letters_total").increment(1);
         tracing::error!(reason, event = ?delivery.event, "usage event refused by the ledger; parked in the log output");
-        self.ack(vec![delivery]).await
+        // Not acknowledged: the waiting settle must not take a refused charge for a committed
+        // one, or the response would leave with no usage row behind it (I1). Dropping its
+        // waiter fails the settle; the hot store keeps the charge unlogged.
+        drop(delivery);
+        Ok(())
     }
 
     fn durable(&self) -> bool {

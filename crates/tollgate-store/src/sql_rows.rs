@@ -291,6 +291,20 @@ pub(crate) fn check_fund_direction(fund: &NewFund) -> StoreResult<()> {
     if direction_ok { Ok(()) } else { Err(StoreError::Invalid(format!("a {} cannot move {}", fund.kind.as_str(), fund.amount))) }
 }
 
+/// Refuses a fund transaction the hot store could not apply: its amount, or the balance it
+/// leaves, outside ±[`Money::HOT_STORE_MAX`]. Committed, it would fail to apply every time it
+/// is tried and hold back every later fund change of the account.
+pub(crate) fn check_hot_store_range(fund: &NewFund, balance_after: Money) -> StoreResult<()> {
+    let max = Money::HOT_STORE_MAX;
+    if !fund.amount.in_hot_store_range() {
+        return Err(StoreError::Invalid(format!("a {} of {} is beyond the largest amount the hot store holds, ±{max}", fund.kind.as_str(), fund.amount)));
+    }
+    if !balance_after.in_hot_store_range() {
+        return Err(StoreError::Invalid(format!("a {} of {} would leave a balance of {balance_after}, beyond the largest the hot store holds, ±{max}", fund.kind.as_str(), fund.amount)));
+    }
+    Ok(())
+}
+
 /// Adds `created_at` bounds to a query (either database: the builder picks the placeholders).
 pub(crate) fn push_time_range<DB: sqlx::Database>(builder: &mut sqlx::QueryBuilder<DB>, start: Option<OffsetDateTime>, end: Option<OffsetDateTime>)
 where

@@ -24,7 +24,7 @@ use crate::model::{
 };
 use crate::sqlite_ops::json_list;
 use crate::sql_rows::{
-    Fields, SUMMARY_SELECT, UsagePlan, account_from, allowed_models_text, apply_patch, check_fund_direction, checked_add, fund_from,
+    Fields, SUMMARY_SELECT, UsagePlan, account_from, allowed_models_text, apply_patch, check_fund_direction, check_hot_store_range, checked_add, fund_from,
     key_from, kind_text, merge_statement, money, ms_of, now_ms, optional_i64, plan_usage_batch, price_from, push_time_range,
     push_usage_query, status_text, stored_response_from, summarize, to_i64, topup_from, usage_from,
 };
@@ -115,6 +115,7 @@ pub(crate) async fn balance_for_update(transaction: &mut Transaction<'static, Sq
 pub(crate) async fn insert_fund(transaction: &mut Transaction<'static, Sqlite>, fund: &NewFund) -> StoreResult<FundTransaction> {
     let (balance_before, ledger_seq) = balance_for_update(transaction, &fund.account_id).await?;
     let balance_after = checked_add(balance_before, fund.amount)?;
+    check_hot_store_range(fund, balance_after)?;
     if fund.kind == FundKind::Refund && balance_after.is_negative() {
         return Err(StoreError::Invalid(format!("refund exceeds balance {balance_before}")));
     }

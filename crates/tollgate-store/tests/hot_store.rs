@@ -81,6 +81,8 @@ conformance!(
     a_cold_load_starts_from_the_ledger_counters,
     a_cold_load_remembers_every_charged_id,
     withdrawals_take_only_free_funds,
+    a_settle_releases_the_hold_of_the_key_it_was_placed_for,
+    an_unload_releases_what_its_holds_kept_of_the_key,
 );
 
 async fn load(store: &dyn HotStore, account: &str, balance: i64) {
@@ -275,6 +277,45 @@ async fn accounts_on_every_shard_work(store: Arc<dyn HotStore>) {
     assert_eq!(store.expire_holds().await.unwrap(), 0);
 }
 
+/// Issue 19 item 7: a settle gives the funds back to the key its hold was placed for, as void
+/// and expire do, and counts the spend there; an event naming another key leaves that key's
+/// held alone (it once went below zero, and the hold's key kept its funds held for good).
+async fn a_settle_releases_the_hold_of_the_key_it_was_placed_for(store: Arc<dyn HotStore>) {
+    load(&*store, "a", 10_000).await;
+    let on_key = |key: &str, id: &str, hold: i64, budget_total: i64| AuthorizeRequest {
+        api_key_id: key.into(),
+        limits: Limits { key_budget_total: Some(Money::from_nanos(budget_total)), ..Limits::default() },
+        ..request("a", id, hold)
+    };
+    assert!(held(&store.authorize(&on_key("key-one", "r1", 100, 1_000)).await.unwrap()));
+    assert!(held(&store.authorize(&on_key("key-two", "r2", 50, 1_000)).await.unwrap()));
+    let mismatched = UsageEvent { api_key_id: "key-two".into(), ..event("a", "r1", 30, RequestStatus::Success) };
+    store.settle(mismatched).await.unwrap();
+    let spent = |view: Option<tollgate_store::hot::BalanceView>| view.unwrap().key_spent_total;
+    assert_eq!(spent(store.balance("a", "key-one").await.unwrap()), Money::from_nanos(30), "the authorized key bears the spend");
+    assert_eq!(spent(store.balance("a", "key-two").await.unwrap()), Money::ZERO);
+    // key-one: spent 30 + held 0 + 970 fits a budget of 1,000 only if r1's hold left it.
+    assert!(held(&store.authorize(&on_key("key-one", "r3", 970, 1_000)).await.unwrap()), "r1's hold still counts against key-one");
+    // key-two: r2 still holds 50, so 51 more breaks a budget of 100 and 50 more fits it.
+    assert!(!held(&store.authorize(&on_key("key-two", "r4", 51, 100)).await.unwrap()), "key-two's held was lowered by r1's settle");
+    assert!(held(&store.authorize(&on_key("key-two", "r5", 50, 100)).await.unwrap()));
+    assert_eq!(store.balance("a", "key-one").await.unwrap().unwrap().balance, Money::from_nanos(9_970));
+}
+
+/// Issue 19 item 6: unloading an account (the resync after ledger charging) drops its holds,
+/// and with them what they kept of the key's held: left behind (the key's state outlives the
+/// account in Redis), it refused the key's budgets early after every resync.
+async fn an_unload_releases_what_its_holds_kept_of_the_key(store: Arc<dyn HotStore>) {
+    load(&*store, "a", 1_000).await;
+    let budgeted = |id: &str| AuthorizeRequest { limits: Limits { key_budget_total: Some(Money::from_nanos(150)), ..Limits::default() }, ..request("a", id, 100) };
+    assert!(held(&store.authorize(&budgeted("r1")).await.unwrap()));
+    store.unload_account("a").await.unwrap();
+    load(&*store, "a", 1_000).await;
+    assert!(held(&store.authorize(&budgeted("r2")).await.unwrap()), "the unloaded hold still counts against the key budget");
+    assert_eq!(store.balance("a", "key-a").await.unwrap().unwrap().held, Money::from_nanos(100));
+    assert_eq!(store.expire_holds().await.unwrap(), 0);
+}
+
 /// The stream log: settled events arrive once, an unacknowledged batch comes back to the same
 /// consumer after a restart, another consumer takes over idle entries, and an entry delivered
 /// too often is parked.
@@ -426,6 +467,56 @@ async fn an_entry_delivered_too_often_is_parked() {
     let mut connection = store.connection();
     let parked: usize = redis::cmd("XLEN").arg(keys.dead_letters(0)).query_async(&mut connection).await.unwrap();
     assert_eq!(parked, 1);
+}
+
+/// Issue 19 item 8: a parked entry leaves the usage stream in the same step that puts it in the
+/// dead letters, whichever path parks it (delivered too often, unreadable, refused by the
+/// ledger), so `unlogged_charges` counts its charge once (the reclaim once left it in both:
+/// reconciliation saw false drift and its fix debited twice); and an unreadable entry is
+/// reported, not an error that stops reconciliation, verify and the stale release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_charge_is_owed_once_and_an_unreadable_entry_stops_nothing() {
+    let (store, keys) = one_shard_store("p").await;
+    let log_config = |consumer: &str| RedisLogConfig { consumer: consumer.into(), poll_idle_ms: 10, claim_idle_ms: 100, deliveries_max: 2 };
+    assert!(held(&store.authorize(&request("p", "poison", 10)).await.unwrap()));
+    store.settle(event("p", "poison", 10, RequestStatus::Success)).await.unwrap();
+    let mut connection = store.connection();
+    for stream in [keys.stream(0), keys.dead_letters(0)] {
+        let _: String = redis::cmd("XADD").arg(&stream).arg("*").arg("event").arg("{not json").query_async(&mut connection).await.unwrap();
+    }
+    // Two lives of a consumer read "poison" and die; the first parks the unreadable entry.
+    for _ in 0..2 {
+        let crashing = RedisLog::new(store.connection(), keys.clone(), log_config("crashing"), CancellationToken::new()).await.unwrap();
+        assert_eq!(crashing.read_batch(10).await.unwrap().len(), 1);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let reclaiming = CancellationToken::new();
+    let survivor = RedisLog::new(store.connection(), keys.clone(), log_config("survivor"), reclaiming.clone()).await.unwrap();
+    let stop = reclaiming.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.cancel();
+    });
+    assert!(survivor.read_batch(10).await.unwrap().is_empty(), "poison was parked, not delivered again");
+
+    // A charge the ledger refuses, parked by the writer.
+    assert!(held(&store.authorize(&request("p", "refused", 20)).await.unwrap()));
+    store.settle(event("p", "refused", 20, RequestStatus::Success)).await.unwrap();
+    let writer = RedisLog::new(store.connection(), keys.clone(), log_config("writer"), CancellationToken::new()).await.unwrap();
+    let mut batch = writer.read_batch(10).await.unwrap();
+    assert_eq!(batch.len(), 1);
+    writer.park(batch.remove(0), "refused by the ledger").await.unwrap();
+
+    let length = |stream: String| {
+        let mut connection = store.connection();
+        async move { redis::cmd("XLEN").arg(stream).query_async::<usize>(&mut connection).await.unwrap() }
+    };
+    assert_eq!(length(keys.stream(0)).await, 0, "every parked entry left the usage stream");
+    assert_eq!(length(keys.dead_letters(0)).await, 4, "two unreadable entries, poison and refused");
+    assert_eq!(writer.pending().await.unwrap(), 0);
+    let mut owed: Vec<(String, Money)> = store.unlogged_charges().await.unwrap().into_iter().map(|charge| (charge.request_id, charge.cost)).collect();
+    owed.sort();
+    assert_eq!(owed, [("poison".to_string(), Money::from_nanos(10)), ("refused".to_string(), Money::from_nanos(20))], "each parked charge owed once");
 }
 
 /// The worker reads the next batch while it writes one: no read hands out again an entry still

@@ -81,6 +81,7 @@ conformance!(
     monthly_totals_chain_from_one_month_to_the_next,
     operations_claim_each_job_period_once_and_keep_the_outbox,
     counter_seeds_hold_the_current_periods,
+    a_fund_change_beyond_the_hot_store_range_is_refused_before_commit,
 );
 
 async fn account(ledger: &dyn Ledger, id: &str) {
@@ -214,6 +215,35 @@ async fn a_refund_cannot_exceed_the_balance(ledger: Arc<dyn Ledger>) {
     ledger.record_fund(refund(-100, "r3")).await.unwrap();
     assert_eq!(ledger.account_balance("a").await.unwrap().unwrap().balance, Money::ZERO);
     assert_sound(&*ledger, "a").await;
+}
+
+/// Issue 19 item 11: the ledger refuses a fund transaction whose amount or resulting balance the
+/// hot store cannot hold (±`Money::HOT_STORE_MAX`), before it commits. It once committed them;
+/// the hot store then refused to apply them every second for good, and every later fund change
+/// of the account waited behind them.
+async fn a_fund_change_beyond_the_hot_store_range_is_refused_before_commit(ledger: Arc<dyn Ledger>) {
+    let max = Money::HOT_STORE_MAX.nanos();
+    let adjustment = |account: &str, nanos: i64, reference: &str| NewFund { account_id: account.into(), kind: FundKind::Adjustment, amount: Money::from_nanos(nanos), reference_id: reference.into(), reason: Some("r".into()), operator_id: Some("ops".into()) };
+    fn refused<T>(result: Result<T, StoreError>) -> bool {
+        matches!(result, Err(StoreError::Invalid(_)))
+    }
+    account(&*ledger, "a").await;
+    deposit(&*ledger, "a", max - 10, "d").await;
+    assert!(refused(ledger.record_fund(adjustment("a", max + 1, "too-big")).await), "an amount beyond the range");
+    assert!(refused(ledger.record_fund(adjustment("a", -max - 1, "too-small")).await), "a negative amount beyond the range");
+    assert!(refused(ledger.record_fund(adjustment("a", 11, "over")).await), "a balance beyond the range");
+    let topup = ledger.create_topup("a", Money::from_nanos(11), "pay-over").await.unwrap();
+    assert!(refused(ledger.confirm_topup(&topup.id).await), "a confirmed top-up is a fund transaction too");
+    ledger.record_fund(adjustment("a", 10, "to-the-edge")).await.unwrap();
+    assert_eq!(ledger.account_balance("a").await.unwrap().unwrap().balance, Money::HOT_STORE_MAX);
+    assert_eq!(ledger.fund_transactions_after("a", 0).await.unwrap().len(), 2, "nothing refused was committed");
+    assert_sound(&*ledger, "a").await;
+
+    account(&*ledger, "b").await;
+    ledger.record_fund(adjustment("b", -max, "down-to-the-edge")).await.unwrap();
+    assert!(refused(ledger.record_fund(adjustment("b", -1, "under")).await), "a balance below the range");
+    assert_eq!(ledger.account_balance("b").await.unwrap().unwrap().balance, Money::from_nanos(-max));
+    assert_sound(&*ledger, "b").await;
 }
 
 async fn usage_batches_skip_duplicates_and_failures_do_not_block_retries(ledger: Arc<dyn Ledger>) {

@@ -196,6 +196,7 @@ async fn write_until_committed(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use tollgate_core::{Money, Usage, UsageSource};
     use tollgate_store::model::{AccountKind, NewAccount, RequestStatus};
     use tollgate_store::queue::{ChannelLog, ChannelLogSender, channel_log};
@@ -275,6 +276,38 @@ mod tests {
         // Read before stop_writer removes the file: a pooled connection opened after that would
         // find a new, empty database.
         assert_eq!(ledger.account_balance("a").await.unwrap().unwrap().balance, Money::from_nanos(-14));
+        stop_writer(shutdown, sender, writer, &path).await;
+    }
+
+    /// Issue 19 item 9: a usage row the ledger refuses for good is parked, and a park is not a
+    /// commit. The settle waiting for it fails (the gateway then withholds the response), and
+    /// the hot store keeps the charge as owed; it once took the park for the commit, and the
+    /// response left with no usage row behind it.
+    #[tokio::test]
+    async fn a_parked_charge_fails_its_settle_and_stays_owed() {
+        use tollgate_store::HotStore;
+        use tollgate_store::hot::{AccountSnapshot, CounterSeed};
+        use tollgate_store::memory::MemoryHotStore;
+
+        let (ledger, path) = ledger_with_account().await;
+        let (sender, log) = channel_log(16);
+        let (shutdown, writer) = spawn_writer(log, &ledger, UsageWriterConfig::default());
+        let store = MemoryHotStore::new(sender.clone(), tollgate_store::clock::system_clock());
+        // Account "b" is in the hot store only: the ledger refuses its usage rows.
+        for account_id in ["a", "b"] {
+            let snapshot = AccountSnapshot { account_id: account_id.into(), balance: Money::from_nanos(100), last_fund_seq: 0, charged_request_ids: Vec::new(), counters: CounterSeed::default() };
+            assert!(store.load_account(snapshot).await.unwrap());
+        }
+        let refused = UsageEvent { account_id: "b".into(), ..charge("r1") };
+        let settled = tokio::time::timeout(Duration::from_secs(30), store.settle(refused)).await.expect("the settle never returned");
+        assert!(settled.is_err(), "a parked charge was acknowledged as committed: {settled:?}");
+        let owed = store.unlogged_charges().await.unwrap();
+        assert_eq!(owed.iter().map(|charge| (charge.account_id.as_str(), charge.cost)).collect::<Vec<_>>(), [("b", Money::from_nanos(7))], "the charge stays owed");
+        assert_eq!(store.balance("b", "key").await.unwrap().unwrap().balance, Money::from_nanos(93));
+        // The writer goes on: the next charge commits and its settle returns.
+        tokio::time::timeout(Duration::from_secs(30), store.settle(charge("r2"))).await.expect("the settle never returned").unwrap();
+        assert!(ledger.request_charged("a", "r2").await.unwrap());
+        drop(store);
         stop_writer(shutdown, sender, writer, &path).await;
     }
 

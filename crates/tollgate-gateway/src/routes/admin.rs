@@ -76,7 +76,19 @@ fn positive(field: &str, amount: Money) -> Result<Money, ApiError> {
 /// A money field that must be written without a sign (amounts whose direction the endpoint
 /// fixes): parsed from the raw string, so "+5" and "-5" are refused, not reinterpreted.
 fn unsigned_amount(field: &str, text: &str) -> Result<Money, ApiError> {
-    Money::parse_non_negative(text).map_err(|error| ApiError::InvalidRequest(format!("{field}: {error}")))
+    let amount = Money::parse_non_negative(text).map_err(|error| ApiError::InvalidRequest(format!("{field}: {error}")))?;
+    in_hot_store_range(field, amount)
+}
+
+/// Every money field an operator sets ends up in the hot store (a fund amount, a credit limit,
+/// a key budget) or beside one: refused here beyond what it holds exactly, rather than failing
+/// later on every authorize or every apply ([`Money::HOT_STORE_MAX`] says why the range).
+fn in_hot_store_range(field: &str, amount: Money) -> Result<Money, ApiError> {
+    if amount.in_hot_store_range() {
+        Ok(amount)
+    } else {
+        Err(ApiError::InvalidRequest(format!("{field}: {amount} is out of range; amounts must lie between -{max} and {max}", max = Money::HOT_STORE_MAX)))
+    }
 }
 
 async fn apply_funds(state: &AppState, account_id: &str) {
@@ -377,6 +389,7 @@ async fn adjust(State(state): State<AppState>, headers: HeaderMap, Path(account_
     if request.amount.is_zero() {
         return Err(ApiError::InvalidRequest("amount must not be zero".into()));
     }
+    in_hot_store_range("amount", request.amount)?;
     let fund = NewFund {
         account_id,
         kind: FundKind::Adjustment,

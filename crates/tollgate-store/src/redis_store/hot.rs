@@ -364,7 +364,21 @@ impl HotStore for RedisHotStore {
     }
 
     async fn unlogged_charges(&self) -> StoreResult<Vec<UnloggedCharge>> {
+        /// What an event charged: all this reads of it, so that an event this build cannot
+        /// read whole (a field or variant of a newer gateway) still counts.
+        #[derive(serde::Deserialize)]
+        struct Charged {
+            account_id: String,
+            request_id: String,
+            cost: Money,
+        }
         let mut charges = Vec::new();
+        // A charge is owed once, whether in the usage stream or the dead letters: one an older
+        // worker parked without deleting it from the stream is in both.
+        let mut counted = std::collections::HashSet::new();
+        // Reported, not fatal: one bad entry must not stop reconciliation, verify and the stale
+        // release for every account.
+        let mut unreadable = 0u64;
         let mut connection = self.connection.clone();
         for shard in 0..self.keys.shards() {
             for stream in [self.keys.stream(shard), self.keys.dead_letters(shard)] {
@@ -380,11 +394,14 @@ impl HotStore for RedisHotStore {
                         .await
                         .map_err(|error| StoreError::Unavailable(format!("redis: {error}")))?;
                     for entry in &page.ids {
-                        let Some(json) = entry.get::<String>("event") else { continue };
-                        let event: UsageEvent = serde_json::from_str(&json)
-                            .map_err(|error| StoreError::Corrupt(format!("usage event {} in {stream}: {error}", entry.id)))?;
-                        if event.cost.is_positive() {
-                            charges.push(UnloggedCharge { account_id: event.account_id, request_id: event.request_id, cost: event.cost });
+                        let charged = entry.get::<Vec<u8>>("event").and_then(|json| serde_json::from_slice::<Charged>(&json).ok());
+                        let Some(charged) = charged else {
+                            unreadable += 1;
+                            tracing::error!(stream, entry_id = entry.id, "unreadable usage entry: a charge it may hold is not counted as unlogged");
+                            continue;
+                        };
+                        if charged.cost.is_positive() && counted.insert((charged.account_id.clone(), charged.request_id.clone())) {
+                            charges.push(UnloggedCharge { account_id: charged.account_id, request_id: charged.request_id, cost: charged.cost });
                         }
                     }
                     match page.ids.last() {
@@ -394,6 +411,7 @@ impl HotStore for RedisHotStore {
                 }
             }
         }
+        metrics::gauge!("tollgate_usage_unreadable_entries").set(unreadable as f64);
         Ok(charges)
     }
 

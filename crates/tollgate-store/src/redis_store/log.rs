@@ -116,6 +116,21 @@ impl RedisLog {
         }
     }
 
+    /// Moves one entry from the shard's stream to its dead letters in one atomic step
+    /// (`park.lua` says why). `event` empty: the entry's own event is kept. Returns false when
+    /// the entry was no longer pending: acknowledged after its commit, so nothing is parked.
+    async fn park_entry(&self, shard: u16, entry_id: &str, reason: &str, event: &[u8]) -> StoreResult<bool> {
+        let script = redis::Script::new(include_str!("park.lua"));
+        let mut invocation = script.key(self.keys.stream(shard));
+        invocation.key(self.keys.dead_letters(shard)).arg(CONSUMER_GROUP).arg(entry_id).arg(reason).arg(event);
+        let mut connection = self.connection.clone();
+        let parked: i64 = invocation.invoke_async(&mut connection).await.map_err(unavailable)?;
+        if parked == 1 {
+            metrics::counter!("tollgate_usage_dead_letters_total").increment(1);
+        }
+        Ok(parked == 1)
+    }
+
     /// Takes over entries idle too long in other consumers' pending lists; parks the ones
     /// delivered too often. Entries in flight here are being written: left alone.
     async fn reclaim(&self, state: &mut ReadState) -> StoreResult<()> {
@@ -138,14 +153,10 @@ impl RedisLog {
                     continue;
                 }
                 if entry.times_delivered >= self.config.deliveries_max {
-                    let entries: redis::streams::StreamRangeReply = connection.xrange(&stream, &entry.id, &entry.id).await.map_err(unavailable)?;
-                    let event: Option<String> = entries.ids.first().and_then(|found| found.get("event"));
-                    let _: String = connection
-                        .xadd(self.keys.dead_letters(shard), "*", &[("event", event.unwrap_or_default()), ("reason", "delivered too often".to_string()), ("entry_id", entry.id.clone())])
-                        .await
-                        .map_err(unavailable)?;
-                    let _: i64 = connection.xack(&stream, CONSUMER_GROUP, &[&entry.id]).await.map_err(unavailable)?;
-                    metrics::counter!("tollgate_usage_dead_letters_total").increment(1);
+                    // The entry's own event, parked as it is (the script reads it).
+                    if !self.park_entry(shard, &entry.id, "delivered too often", b"").await? {
+                        continue;
+                    }
                     tracing::error!(shard, entry_id = entry.id, deliveries = entry.times_delivered, "usage entry parked in the dead-letter stream");
                 } else if entry.consumer != self.config.consumer {
                     let _: redis::Value = redis::cmd("XCLAIM")
@@ -218,13 +229,11 @@ impl RedisLog {
                     delivered.push(Delivery { event, receipt });
                 }
                 None => {
-                    // Unreadable: never retried forever, parked as it is.
-                    let _: String = connection
-                        .xadd(self.keys.dead_letters(shard), "*", &[("event", String::from_utf8_lossy(&event_bytes.unwrap_or_default()).into_owned()), ("reason", "unreadable".to_string()), ("entry_id", entry.id.clone())])
-                        .await
-                        .map_err(unavailable)?;
-                    let _: i64 = connection.xack(self.keys.stream(shard), CONSUMER_GROUP, &[&entry.id]).await.map_err(unavailable)?;
-                    metrics::counter!("tollgate_usage_dead_letters_total").increment(1);
+                    // Unreadable: never retried forever, parked as it is (the script keeps the
+                    // entry's own bytes).
+                    if self.park_entry(shard, &entry.id, "unreadable", b"").await? {
+                        tracing::error!(shard, entry_id = entry.id, "unreadable usage entry parked in the dead-letter stream");
+                    }
                 }
             }
         }
@@ -318,18 +327,14 @@ impl EventLog for RedisLog {
 
     async fn park(&self, delivery: Delivery, reason: &str) -> StoreResult<()> {
         let Receipt::Stream { shard, ref entry_id } = delivery.receipt else { return Ok(()) };
-        let event = serde_json::to_string(&delivery.event).unwrap_or_default();
-        let mut connection = self.connection.clone();
-        let _: String = connection
-            .xadd(self.keys.dead_letters(shard), "*", &[("event", event), ("reason", reason.to_string()), ("entry_id", entry_id.clone())])
-            .await
-            .map_err(unavailable)?;
-        let _: i64 = connection.xack(self.keys.stream(shard), CONSUMER_GROUP, &[entry_id]).await.map_err(unavailable)?;
+        // Should it not serialize, empty keeps the entry's own event, as the gateway wrote it.
+        let event = serde_json::to_vec(&delivery.event).unwrap_or_default();
         // It lives on in the dead letters; the stream keeps only what the workers still owe.
-        let _: i64 = connection.xdel(self.keys.stream(shard), &[entry_id]).await.map_err(unavailable)?;
+        let parked = self.park_entry(shard, entry_id, reason, &event).await?;
         self.landed([(shard, entry_id.clone())]);
-        metrics::counter!("tollgate_usage_dead_letters_total").increment(1);
-        tracing::error!(shard, entry_id, reason, "usage event parked in the dead-letter stream");
+        if parked {
+            tracing::error!(shard, entry_id, reason, "usage event parked in the dead-letter stream");
+        }
         Ok(())
     }
 

@@ -26,7 +26,11 @@ every amount a call reads or receives is checked against that range and refused 
 Time comes from the server's TIME, periods are UTC (as crates/tollgate-store/src/clock.rs).
 --]]
 
+-- 2^53: amounts stay within ±(2^53 − 1), tollgate-core's Money::HOT_STORE_MAX, which the ledger
+-- and the operator API check before anything reaches this script.
 local MONEY_MAX = 9007199254740992
+-- Every negation is written `0 - x`: Lua's -x of a zero is -0, formatted "-0", which HINCRBY
+-- refuses, so a hold or a cost of zero (a free model) failed its settle, void and expiry.
 -- A charge's record outlives the worker's lag (24 h) until the ledger has it; a record loaded
 -- from the ledger lives RECENT_CHARGE_MS (crates/tollgate-store/src/hot.rs), as the ack leaves it.
 local QUEUED_CHARGE_TTL_MS = 86400000
@@ -96,8 +100,8 @@ end
 -- Returns a hold's funds and its request-count slot (as memory.rs `release`).
 local function release(base, account, request_id, hold, now_periods)
   local amount, key_id, day, month = string.match(hold, '^(-?%d+)|(.*)|(-?%d+)|(-?%d+)$')
-  redis.call('HINCRBY', base .. ':acct:' .. account, 'held', -tonumber(amount))
-  redis.call('HINCRBY', base .. ':key:' .. key_id, 'held', -tonumber(amount))
+  redis.call('HINCRBY', base .. ':acct:' .. account, 'held', 0 - tonumber(amount))
+  redis.call('HINCRBY', base .. ':key:' .. key_id, 'held', 0 - tonumber(amount))
   if tonumber(day) == now_periods.day then
     local day_key = base .. ':day:' .. account .. ':' .. day
     if number_or_zero(redis.call('GET', day_key)) > 0 then redis.call('DECR', day_key) end
@@ -119,7 +123,7 @@ local function release_withdrawal(base, account, withdrawal_id)
   if amount then
     local account_key = base .. ':acct:' .. account
     if redis.call('EXISTS', account_key) == 1 then
-      redis.call('HINCRBY', account_key, 'held', -tonumber(amount))
+      redis.call('HINCRBY', account_key, 'held', 0 - tonumber(amount))
     end
     redis.call('HDEL', withdrawals_key, withdrawal_id)
   end
@@ -192,14 +196,17 @@ function operations.settle(base, argv)
   local p = periods(now_ms())
   local hold = redis.call('HGET', base .. ':holds:' .. account, request_id)
   if hold then
-    -- The request happened: release the funds but keep its request-count slot.
-    local amount = string.match(hold, '^(-?%d+)|')
-    redis.call('HINCRBY', account_key, 'held', -tonumber(amount))
-    redis.call('HINCRBY', base .. ':key:' .. key_id, 'held', -tonumber(amount))
+    -- The request happened: release the funds but keep its request-count slot. The funds go
+    -- back to the key the hold was placed for (as void and expire do), and the spend is that
+    -- key's too: an event naming another key must not lower that key's held.
+    local amount, hold_key_id = string.match(hold, '^(-?%d+)|(.*)|(-?%d+)|(-?%d+)$')
+    key_id = hold_key_id
+    redis.call('HINCRBY', account_key, 'held', 0 - tonumber(amount))
+    redis.call('HINCRBY', base .. ':key:' .. key_id, 'held', 0 - tonumber(amount))
     redis.call('HDEL', base .. ':holds:' .. account, request_id)
     redis.call('ZREM', base .. ':hold_expiry', account .. '\n' .. request_id)
   end
-  local after = redis.call('HINCRBY', account_key, 'balance', -cost)
+  local after = redis.call('HINCRBY', account_key, 'balance', 0 - cost)
   local key_base = base .. ':key:' .. key_id
   redis.call('HINCRBY', key_base, 'spent_total', cost)
   local spent_day, spent_month = key_base .. ':spent_day:' .. p.day, key_base .. ':spent_month:' .. p.month
@@ -359,8 +366,24 @@ function operations.balance(base, argv)
 end
 
 -- ARGV: op, base, account. Forgets the account (after a repair, when quiet).
+-- Its holds go with it, and so does what they kept of their keys' held: the key hashes outlive
+-- the account, and a hold left counted there would refuse the key's budgets early for good
+-- (their expiry entries go too, rather than wait for a sweep to find them empty). The unload
+-- is not refused while holds are open: its caller (the resync after ledger charging) unloads
+-- because this state misses the ledger's charges, and must not go on serving it. A request
+-- whose hold goes here still settles (as after an expiry); its request-count slot is kept, as
+-- a settle keeps it.
 function operations.unload(base, argv)
-  redis.call('DEL', base .. ':acct:' .. argv[3], base .. ':holds:' .. argv[3], base .. ':withdrawals:' .. argv[3])
+  local account = argv[3]
+  local holds_key = base .. ':holds:' .. account
+  local holds = redis.call('HGETALL', holds_key)
+  for index = 1, #holds, 2 do
+    local request_id, hold = holds[index], holds[index + 1]
+    local amount, key_id = string.match(hold, '^(-?%d+)|(.*)|(-?%d+)|(-?%d+)$')
+    redis.call('HINCRBY', base .. ':key:' .. key_id, 'held', 0 - tonumber(amount))
+    redis.call('ZREM', base .. ':hold_expiry', account .. '\n' .. request_id)
+  end
+  redis.call('DEL', base .. ':acct:' .. account, holds_key, base .. ':withdrawals:' .. account)
   return 1
 end
 

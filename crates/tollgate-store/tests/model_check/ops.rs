@@ -95,7 +95,15 @@ impl Families {
     /// The families a backend runs in CI: those whose fixes have landed.
     pub fn ci_default() -> Families {
         // On once its fix landed; the rest wait for theirs (see each field).
-        Families { funds_out_beyond_free: true, ..Families::default() }
+        Families {
+            funds_out_beyond_free: true,
+            unload_with_open_holds: true,
+            settle_under_other_key: true,
+            reclaim_parking: true,
+            embedded_dead_letters: true,
+            zero_amounts_on_redis: true,
+            ..Families::default()
+        }
     }
 
     /// Defaults plus what `TOLLGATE_MODEL_FAMILIES` switches on.
