@@ -153,3 +153,36 @@ async fn anthropic_streams_are_charged_from_message_delta_usage() {
     assert_eq!(before.checked_sub(after).unwrap(), expected_cost(input, 12));
     gateway.stop().await;
 }
+
+/// Issue 19 item 4: a client that stops reading a stream cannot hold it past its limits. The
+/// pump used to wait for such a client outside the deadline, so the stream ran on until the
+/// hold expired under it (its funds, request slot and id then spent again). Now the stream is
+/// cut at `stream_duration_ms_max` and charged, with the client still connected and silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_at_the_stream_deadline() {
+    let gateway = TestGateway::start_with(|config| {
+        config.limits.stream_duration_ms_max = 1_500;
+        config.limits.upstream_timeout_ms = 1_500;
+        config.limits.settle_timeout_ms = 1_500;
+        config.limits.hold_ttl_ms = 20_000;
+        config.limits.hold_sweep_interval_ms = 200;
+    })
+    .await;
+    let account = gateway.account("10", json!({})).await;
+    let key = gateway.key(&account, json!({})).await;
+    let body = json!({"model": "demo-gpt", "stream": true, "max_tokens": 400_000, "messages": [{"role": "user", "content": "x"}],
+        "mock": {"output_tokens": 400_000, "chunk_interval_ms": 0}});
+    // Headers only: the body is never read, so the gateway's channel and the sockets fill.
+    let silent = gateway.http.post(format!("{}/v1/chat/completions", gateway.url)).bearer_auth(&key).json(&body).send().await.unwrap();
+    assert_eq!(silent.status(), 200);
+    assert!(money(&gateway.balance(&key).await["held"]).is_positive());
+    tokio::time::sleep(std::time::Duration::from_millis(3_500)).await;
+    let balance = gateway.balance(&key).await;
+    assert_eq!(money(&balance["held"]), Money::ZERO, "settled at the deadline, long before the hold's 20 s: {balance}");
+    assert!(money(&balance["balance"]) < Money::from_nanos(10_000_000_000), "and charged for what was generated");
+    drop(silent);
+    let statement = gateway.assert_ledger_sound(&account).await;
+    let usage = statement["rows"].as_array().unwrap().iter().find(|row| row["kind"] == "usage").unwrap().clone();
+    assert_eq!(usage["status"], "upstream_interrupted", "{usage}");
+    gateway.stop().await;
+}

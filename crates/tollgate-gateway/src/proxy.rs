@@ -45,6 +45,7 @@ struct Billing {
     /// The output tokens the hold was sized for, all choices together; the upstream was sent
     /// this cap (I7) and no charge counts more output than this.
     output_tokens_max: u64,
+    protocol: Protocol,
     started: Instant,
 }
 
@@ -97,7 +98,11 @@ impl Billing {
             }
             return (counted, UsageSource::Tokenizer);
         };
-        let checked = tollgate_core::check_reported(reported, counted, Some(self.output_tokens_max));
+        let mut output_cap = self.output_tokens_max;
+        if self.protocol.reasoning_outside_output_cap() {
+            output_cap = output_cap.saturating_add(reported.reasoning_tokens);
+        }
+        let checked = tollgate_core::check_reported(reported, counted, Some(output_cap));
         for anomaly in &checked.anomalies {
             self.record_anomaly(*anomaly, &reported);
         }
@@ -191,7 +196,7 @@ async fn handle_request(
         }
         let prepared = protocol.prepare_upstream_body(&mut body, &route.upstream_model, parsed.stream);
         let client_wants_usage = prepared.client_wants_usage;
-        let billing = Billing { context, request_id, route, price, parsed, output_tokens_max, started: Instant::now() };
+        let billing = Billing { context, request_id, route, price, parsed, output_tokens_max, protocol, started: Instant::now() };
         // Most bodies go upstream as the client sent them: no second serialization.
         let upstream_body = if !prepared.rewritten && !cap_added {
             bytes

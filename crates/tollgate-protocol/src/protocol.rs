@@ -120,6 +120,14 @@ fn optional_u64(body: &Map<String, Value>, field: &str) -> Result<Option<u64>, P
 }
 
 impl Protocol {
+    /// Whether reported reasoning (Gemini's `thoughtsTokenCount`) comes on top of the output cap
+    /// rather than inside it, as the Gemini API reports it; for OpenAI and Anthropic the cap
+    /// bounds every generated token. (Gemini's thinking budget is not yet held: issue 19's
+    /// I7 stays open for it.)
+    pub fn reasoning_outside_output_cap(self) -> bool {
+        self == Protocol::GeminiGenerate
+    }
+
     /// The path (and query) under the provider's base URL.
     pub fn upstream_path(self, upstream_model: &str, stream: bool) -> String {
         match self {

@@ -304,22 +304,24 @@ impl HotStore for MemoryHotStore {
                 Some(hold) => sub(account.held, hold.amount, "held")?,
                 None => account.held,
             };
-            // The key the hold was placed for gets its funds back and bears the spend (as void
-            // and expire release from it); the event's key counts only when the hold is gone.
-            let key_id = hold.as_ref().map_or(&event.api_key_id, |hold| &hold.api_key_id);
-            let key = account.keys.entry(key_id.clone()).or_default();
-            let key_held_after = match &hold {
-                Some(hold) => sub(key.held, hold.amount, "key held")?,
-                None => key.held,
+            // The key the hold was placed for gets its funds back (as void and expire release
+            // from it); the spend is the event's key's, as its usage row says, so a reload from
+            // the ledger's counters finds it where this left it.
+            let hold_key_held_after = match &hold {
+                Some(hold) => Some(sub(account.keys.get(&hold.api_key_id).map_or(Money::ZERO, |key| key.held), hold.amount, "key held")?),
+                None => None,
             };
+            let key = account.keys.entry(event.api_key_id.clone()).or_default();
             let spent_daily = add(key.spent_daily.current(periods.day), event.cost, "key spend")?;
             let spent_monthly = add(key.spent_monthly.current(periods.month), event.cost, "key spend")?;
             let spent_total = add(key.spent_total, event.cost, "key spend")?;
             // All checked; now write.
-            key.held = key_held_after;
             key.spent_daily.set(periods.day, spent_daily);
             key.spent_monthly.set(periods.month, spent_monthly);
             key.spent_total = spent_total;
+            if let (Some(hold), Some(held)) = (&hold, hold_key_held_after) {
+                account.keys.entry(hold.api_key_id.clone()).or_default().held = held;
+            }
             account.holds.remove(&event.request_id);
             account.held = held_after;
             account.balance = balance_after;

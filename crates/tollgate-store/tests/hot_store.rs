@@ -278,8 +278,9 @@ async fn accounts_on_every_shard_work(store: Arc<dyn HotStore>) {
 }
 
 /// Issue 19 item 7: a settle gives the funds back to the key its hold was placed for, as void
-/// and expire do, and counts the spend there; an event naming another key leaves that key's
-/// held alone (it once went below zero, and the hold's key kept its funds held for good).
+/// and expire do; an event naming another key leaves that key's held alone (it once went below
+/// zero, and the hold's key kept its funds held for good). The spend is the event's key's, as
+/// the usage row and so the ledger's counters say.
 async fn a_settle_releases_the_hold_of_the_key_it_was_placed_for(store: Arc<dyn HotStore>) {
     load(&*store, "a", 10_000).await;
     let on_key = |key: &str, id: &str, hold: i64, budget_total: i64| AuthorizeRequest {
@@ -292,13 +293,13 @@ async fn a_settle_releases_the_hold_of_the_key_it_was_placed_for(store: Arc<dyn 
     let mismatched = UsageEvent { api_key_id: "key-two".into(), ..event("a", "r1", 30, RequestStatus::Success) };
     store.settle(mismatched).await.unwrap();
     let spent = |view: Option<tollgate_store::hot::BalanceView>| view.unwrap().key_spent_total;
-    assert_eq!(spent(store.balance("a", "key-one").await.unwrap()), Money::from_nanos(30), "the authorized key bears the spend");
-    assert_eq!(spent(store.balance("a", "key-two").await.unwrap()), Money::ZERO);
-    // key-one: spent 30 + held 0 + 970 fits a budget of 1,000 only if r1's hold left it.
-    assert!(held(&store.authorize(&on_key("key-one", "r3", 970, 1_000)).await.unwrap()), "r1's hold still counts against key-one");
-    // key-two: r2 still holds 50, so 51 more breaks a budget of 100 and 50 more fits it.
-    assert!(!held(&store.authorize(&on_key("key-two", "r4", 51, 100)).await.unwrap()), "key-two's held was lowered by r1's settle");
-    assert!(held(&store.authorize(&on_key("key-two", "r5", 50, 100)).await.unwrap()));
+    assert_eq!(spent(store.balance("a", "key-one").await.unwrap()), Money::ZERO);
+    assert_eq!(spent(store.balance("a", "key-two").await.unwrap()), Money::from_nanos(30), "the spend is where the usage row puts it");
+    // key-one: held 0 + 1,000 fits a budget of 1,000 only if r1's hold left it.
+    assert!(held(&store.authorize(&on_key("key-one", "r3", 1_000, 1_000)).await.unwrap()), "r1's hold still counts against key-one");
+    // key-two: spent 30, and r2 still holds 50, so 21 more breaks a budget of 100 and 20 fits.
+    assert!(!held(&store.authorize(&on_key("key-two", "r4", 21, 100)).await.unwrap()), "key-two's held was lowered by r1's settle");
+    assert!(held(&store.authorize(&on_key("key-two", "r5", 20, 100)).await.unwrap()));
     assert_eq!(store.balance("a", "key-one").await.unwrap().unwrap().balance, Money::from_nanos(9_970));
 }
 

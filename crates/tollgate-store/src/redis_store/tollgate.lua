@@ -197,12 +197,12 @@ function operations.settle(base, argv)
   local hold = redis.call('HGET', base .. ':holds:' .. account, request_id)
   if hold then
     -- The request happened: release the funds but keep its request-count slot. The funds go
-    -- back to the key the hold was placed for (as void and expire do), and the spend is that
-    -- key's too: an event naming another key must not lower that key's held.
+    -- back to the key the hold was placed for (as void and expire do): an event naming another
+    -- key must not lower that key's held. The spend is the event's key's, as its usage row
+    -- says, so a reload from the ledger's counters finds it where this left it.
     local amount, hold_key_id = string.match(hold, '^(-?%d+)|(.*)|(-?%d+)|(-?%d+)$')
-    key_id = hold_key_id
     redis.call('HINCRBY', account_key, 'held', 0 - tonumber(amount))
-    redis.call('HINCRBY', base .. ':key:' .. key_id, 'held', 0 - tonumber(amount))
+    redis.call('HINCRBY', base .. ':key:' .. hold_key_id, 'held', 0 - tonumber(amount))
     redis.call('HDEL', base .. ':holds:' .. account, request_id)
     redis.call('ZREM', base .. ':hold_expiry', account .. '\n' .. request_id)
   end
@@ -370,18 +370,17 @@ end
 -- the account, and a hold left counted there would refuse the key's budgets early for good
 -- (their expiry entries go too, rather than wait for a sweep to find them empty). The unload
 -- is not refused while holds are open: its caller (the resync after ledger charging) unloads
--- because this state misses the ledger's charges, and must not go on serving it. A request
--- whose hold goes here still settles (as after an expiry); its request-count slot is kept, as
--- a settle keeps it.
+-- because this state misses the ledger's charges, and must not go on serving it. Each hold is
+-- released as an expiry releases it, request-count slot included (the in-process store drops
+-- its counters with the account); a request whose hold goes here still settles, in the ledger,
+-- whose counters then count it.
 function operations.unload(base, argv)
   local account = argv[3]
   local holds_key = base .. ':holds:' .. account
   local holds = redis.call('HGETALL', holds_key)
+  local now_periods = periods(now_ms())
   for index = 1, #holds, 2 do
-    local request_id, hold = holds[index], holds[index + 1]
-    local amount, key_id = string.match(hold, '^(-?%d+)|(.*)|(-?%d+)|(-?%d+)$')
-    redis.call('HINCRBY', base .. ':key:' .. key_id, 'held', 0 - tonumber(amount))
-    redis.call('ZREM', base .. ':hold_expiry', account .. '\n' .. request_id)
+    release(base, account, holds[index], holds[index + 1], now_periods)
   end
   redis.call('DEL', base .. ':acct:' .. account, holds_key, base .. ':withdrawals:' .. account)
   return 1
