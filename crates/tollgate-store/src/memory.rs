@@ -322,6 +322,14 @@ impl HotStore for MemoryHotStore {
             if let (Some(hold), Some(held)) = (&hold, hold_key_held_after) {
                 account.keys.entry(hold.api_key_id.clone()).or_default().held = held;
             }
+            if hold.is_none() {
+                // Its hold expired and gave its request slot back: the request happened all
+                // the same, and counts, as the ledger's counters count it.
+                let today = account.requests_today.current(periods.day).saturating_add(1);
+                account.requests_today.set(periods.day, today);
+                let this_month = account.requests_this_month.current(periods.month).saturating_add(1);
+                account.requests_this_month.set(periods.month, this_month);
+            }
             account.holds.remove(&event.request_id);
             account.held = held_after;
             account.balance = balance_after;

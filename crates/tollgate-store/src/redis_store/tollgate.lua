@@ -205,6 +205,11 @@ function operations.settle(base, argv)
     redis.call('HINCRBY', base .. ':key:' .. hold_key_id, 'held', 0 - tonumber(amount))
     redis.call('HDEL', base .. ':holds:' .. account, request_id)
     redis.call('ZREM', base .. ':hold_expiry', account .. '\n' .. request_id)
+  else
+    -- Its hold expired (or went with an unload) and gave its request slot back: the request
+    -- happened all the same, and counts, as the ledger's counters count it.
+    count(base .. ':day:' .. account .. ':' .. p.day, 1, 2 * 86400000)
+    count(base .. ':month:' .. account .. ':' .. p.month, 1, 32 * 86400000)
   end
   local after = redis.call('HINCRBY', account_key, 'balance', 0 - cost)
   local key_base = base .. ':key:' .. key_id

@@ -47,36 +47,37 @@ impl Rng {
 
 /// Operation families that current code is known to get wrong, each off until its fix lands
 /// (issue 19). With a family off, its operations are skipped where they would reach the known
-/// bug; `TOLLGATE_MODEL_FAMILIES=all` (or a comma list of names) switches them on to hunt.
+/// bug (each says whether its fix landed; `ci_default` switches on those that did);
+/// `TOLLGATE_MODEL_FAMILIES=all` (or a comma list of names) switches them on to hunt.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Families {
     /// Refunds and negative adjustments while holds are open or charges are unlogged, or beyond
-    /// the free funds: DESIGN's funds-out rule, issue 19 "What to build" 2 (`hold_withdrawal`).
+    /// the free funds: DESIGN's funds-out rule, issue 19 "What to build" 2 (`hold_withdrawal`). Fixed.
     pub funds_out_beyond_free: bool,
     /// Unloading an account while it has open holds: issue 19 item 6 (Redis `unload` leaves
-    /// the key's held, and the request slots, up).
+    /// the key's held, and the request slots, up). Fixed.
     pub unload_with_open_holds: bool,
     /// A settle whose event names another key than the hold's: issue 19 item 7 (settle
-    /// releases from the event's key, void/expire from the hold's).
+    /// releases from the event's key, void/expire from the hold's). Fixed.
     pub settle_under_other_key: bool,
     /// The sweeper parking entries of a crashed worker: issue 19 item 8 (reclaim XADDs and
-    /// XACKs without XDEL, so a parked charge is counted twice as unlogged).
+    /// XACKs without XDEL, so a parked charge is counted twice as unlogged). Fixed.
     pub reclaim_parking: bool,
     /// Usage events the embedded ledger refuses: issue 19 item 9 (the park acknowledges the
-    /// waiting settle; the charge is in no ledger and no log).
+    /// waiting settle; the charge is in no ledger and no log). Fixed: the settle fails.
     pub embedded_dead_letters: bool,
     /// Unloading (and reloading) an account with dead-lettered charges: a cold load takes the
-    /// ledger's balance, which lacks them (found by this checker; see the report).
+    /// ledger's balance, which lacks them (found by this checker). Not fixed: off.
     pub reload_with_dead_letters: bool,
     /// A settle whose hold is gone (expired, or lost with an unload) counts its request against
-    /// the quotas, as DESIGN's settle says; the stores count a request only at authorize, so
-    /// the hot count stays one below the ledger's until a reload (found by this checker). Off:
-    /// the model counts as the stores do.
+    /// the quotas, as DESIGN's settle says; the stores counted a request only at authorize, so
+    /// the hot count stayed one below the ledger's until a reload (found by this checker).
+    /// Fixed. Off: the model counts as the stores once did.
     pub late_settle_counts_request: bool,
     /// Zero amounts on Redis — a settle of cost 0, the settle, void or expiry of a hold of 0
     /// (a free model prices both at 0): `tollgate.lua` passes `-cost` and `-amount` to HINCRBY,
     /// which Lua formats as "-0" and Redis refuses ("value is not an integer"), so the step
-    /// fails (found by this checker). The in-process store always runs them.
+    /// fails (found by this checker). Fixed (`0 - x`). The in-process store always runs them.
     pub zero_amounts_on_redis: bool,
 }
 
@@ -102,6 +103,7 @@ impl Families {
             reclaim_parking: true,
             embedded_dead_letters: true,
             zero_amounts_on_redis: true,
+            late_settle_counts_request: true,
             ..Families::default()
         }
     }
