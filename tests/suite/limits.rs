@@ -130,3 +130,31 @@ async fn bad_requests_get_clear_errors() {
     assert_eq!(balance["held"], "0");
     gateway.stop().await;
 }
+
+/// Issue 19 item 3: a feature the provider bills beyond token prices (OpenAI's priority tier,
+/// Anthropic's server tools and long-context beta) is refused as price_not_configured, naming
+/// it, before anything is held or forwarded; the operator never pays for it unseen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn features_billed_beyond_token_prices_are_refused_by_name() {
+    let gateway = TestGateway::start().await;
+    let account = gateway.account("1", json!({})).await;
+    let key = gateway.key(&account, json!({})).await;
+    let forwarded = gateway.upstream_requests().await;
+    let mut body = chat_body("hi");
+    body["service_tier"] = json!("priority");
+    let (status, code) = error_code(gateway.chat(&key, body, None).await).await;
+    assert_eq!((status, code.as_str()), (400, "price_not_configured"));
+    let search = json!({"model": "demo-claude", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}]});
+    let response = gateway.messages_request(&key).json(&search).send().await.unwrap();
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert!(error["error"]["message"].as_str().unwrap().contains("web_search_20250305"), "{error}");
+    let plain = json!({"model": "demo-claude", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]});
+    let response = gateway.messages_request(&key).header("anthropic-beta", "context-1m-2025-08-07").json(&plain).send().await.unwrap();
+    assert_eq!(response.status(), 400);
+    assert_eq!(gateway.upstream_requests().await, forwarded, "nothing was forwarded");
+    assert_eq!(gateway.balance_of(&key).await, Money::from_nanos(1_000_000_000), "nothing was held or charged");
+    assert_eq!(gateway.chat(&key, chat_body("hi"), None).await.status(), 200, "the same request without it is served");
+    gateway.stop().await;
+}

@@ -37,6 +37,8 @@ pub enum ApiError {
     InvalidRequest(String),
     #[error("no price configured for {provider}:{model} and customer type {customer_type}")]
     PriceNotConfigured { provider: String, model: String, customer_type: String },
+    #[error("{feature} is billed by the provider beyond token prices, and no price is configured for it on {provider}:{model}; send the request without it")]
+    FeatureNotPriced { feature: String, provider: String, model: String },
     #[error("{0}")]
     InvalidApiKey(&'static str),
     #[error("insufficient balance: available {available}, this request needs up to {required}")]
@@ -92,7 +94,7 @@ impl ApiError {
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
-            ApiError::PriceNotConfigured { .. } => (StatusCode::BAD_REQUEST, "price_not_configured"),
+            ApiError::PriceNotConfigured { .. } | ApiError::FeatureNotPriced { .. } => (StatusCode::BAD_REQUEST, "price_not_configured"),
             ApiError::InvalidApiKey(_) => (StatusCode::UNAUTHORIZED, "invalid_api_key"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::InsufficientBalance { .. } | ApiError::InsufficientFreeFunds { .. } => (StatusCode::PAYMENT_REQUIRED, "insufficient_balance"),

@@ -162,6 +162,11 @@ async fn handle_request(
             model: route.model.clone(),
             customer_type: context.account.customer_type.clone(),
         })?;
+    // Lossy, not to_str: a header with one odd byte must not slip a beta past the check.
+    let anthropic_beta = headers.get("anthropic-beta").map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
+    if let Some(feature) = protocol.unpriced_feature(&body, anthropic_beta.as_deref()) {
+        return Err(ApiError::FeatureNotPriced { feature, provider: route.provider.name.clone(), model: route.model.clone() });
+    }
     // I7: the cap that sizes the hold is the one the upstream gets — the client's, or the
     // default, added to the body.
     let output_tokens_max_per_choice = parsed.output_tokens_max.unwrap_or(state.config.limits.default_max_output_tokens);

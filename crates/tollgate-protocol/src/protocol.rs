@@ -12,6 +12,11 @@ use crate::sse::SseEvent;
 
 pub mod gemini;
 
+/// Anthropic server tool types (`web_search_20250305`, …) billed per use, by prefix.
+const ANTHROPIC_SERVER_TOOLS: [&str; 3] = ["web_search", "web_fetch", "code_execution"];
+/// Gemini tools billed per grounded prompt, by their JSON and proto names.
+const GEMINI_BILLED_TOOLS: [&str; 6] = ["googleSearch", "google_search", "googleSearchRetrieval", "google_search_retrieval", "enterpriseWebSearch", "enterprise_web_search"];
+
 /// Upper bound on `n` (choices per request), so a hold cannot be multiplied without limit.
 const CHOICES_MAX: u64 = 128;
 
@@ -126,6 +131,42 @@ impl Protocol {
     /// I7 stays open for it.)
     pub fn reasoning_outside_output_cap(self) -> bool {
         self == Protocol::GeminiGenerate
+    }
+
+    /// A feature of the request that the provider bills beyond token prices — per use, or at a
+    /// premium — which the price table has no field for, if the request asks for one (issue 19
+    /// item 3: passed through, the operator would pay it and the customer not). Named as the
+    /// client wrote it, for the error. `anthropic_beta` is the `anthropic-beta` header.
+    pub fn unpriced_feature(self, body: &Map<String, Value>, anthropic_beta: Option<&str>) -> Option<String> {
+        match self {
+            Protocol::OpenAiChat => {
+                // OpenAI prices priority and flex tiers apart; "auto" and "default" are the standard price.
+                let tier = body.get("service_tier").and_then(Value::as_str);
+                if let Some(tier) = tier.filter(|tier| !matches!(*tier, "auto" | "default")) {
+                    return Some(format!("service_tier \"{tier}\""));
+                }
+                body.get("web_search_options").filter(|options| !options.is_null()).map(|_| "web_search_options".to_string())
+            }
+            Protocol::AnthropicMessages => {
+                // Server tools are billed per use (web search, web fetch, code execution hours).
+                let server_tool = body.get("tools").and_then(Value::as_array).into_iter().flatten().find_map(|tool| {
+                    let kind = tool.get("type").and_then(Value::as_str)?;
+                    ANTHROPIC_SERVER_TOOLS.iter().any(|prefix| kind.starts_with(prefix)).then(|| format!("server tool {kind}"))
+                });
+                if server_tool.is_some() {
+                    return server_tool;
+                }
+                // Long-context betas bill the whole request at a premium past 200k input tokens.
+                anthropic_beta?.split(',').map(str::trim).find(|beta| beta.starts_with("context-")).map(|beta| format!("anthropic-beta {beta}"))
+            }
+            Protocol::GeminiGenerate => {
+                body.get("tools").and_then(Value::as_array).into_iter().flatten().find_map(|tool| {
+                    let fields = tool.as_object()?;
+                    GEMINI_BILLED_TOOLS.iter().find(|name| fields.contains_key(**name)).map(|name| format!("tool {name}"))
+                })
+            }
+            Protocol::OpenAiEmbeddings => None,
+        }
     }
 
     /// The path (and query) under the provider's base URL.
@@ -585,6 +626,29 @@ mod tests {
         assert_eq!(Protocol::GeminiGenerate.parse_at(&gemini, &facts).unwrap().output_tokens_max, Some(77));
         let zero = json!({"contents": [{"parts": [{"text": "x"}]}], "generationConfig": {"maxOutputTokens": 0}});
         assert!(Protocol::GeminiGenerate.parse_at(zero.as_object().unwrap(), &facts).is_err());
+    }
+
+    /// Issue 19 item 3: what a provider bills beyond token prices is refused by name, never
+    /// passed through for the operator to pay.
+    #[test]
+    fn features_billed_beyond_tokens_are_named() {
+        let openai = |extra: Value| {
+            let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
+            body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            Protocol::OpenAiChat.unpriced_feature(body.as_object().unwrap(), None)
+        };
+        assert_eq!(openai(json!({"service_tier": "priority"})), Some("service_tier \"priority\"".into()));
+        assert_eq!(openai(json!({"service_tier": "flex"})), Some("service_tier \"flex\"".into()));
+        assert_eq!(openai(json!({"service_tier": "default"})), None);
+        assert_eq!(openai(json!({"service_tier": "auto", "web_search_options": {}})), Some("web_search_options".into()));
+        assert_eq!(openai(json!({})), None);
+        let anthropic = json!({"model": "m", "max_tokens": 5, "messages": [], "tools": [{"name": "f", "input_schema": {}}, {"type": "web_search_20250305", "name": "web_search"}]});
+        assert_eq!(Protocol::AnthropicMessages.unpriced_feature(anthropic.as_object().unwrap(), None), Some("server tool web_search_20250305".into()));
+        let plain = json!({"model": "m", "max_tokens": 5, "messages": [], "tools": [{"name": "f", "input_schema": {}}]});
+        assert_eq!(Protocol::AnthropicMessages.unpriced_feature(plain.as_object().unwrap(), Some("prompt-caching-2024-07-31")), None);
+        assert_eq!(Protocol::AnthropicMessages.unpriced_feature(plain.as_object().unwrap(), Some("x, context-1m-2025-08-07")), Some("anthropic-beta context-1m-2025-08-07".into()));
+        let grounded = json!({"contents": [], "tools": [{"functionDeclarations": []}, {"google_search": {}}]});
+        assert_eq!(Protocol::GeminiGenerate.unpriced_feature(grounded.as_object().unwrap(), None), Some("tool google_search".into()));
     }
 
     #[test]
