@@ -231,9 +231,9 @@ const WITHDRAWAL_HOLD_TTL_MS: u64 = 60_000;
 /// written; the ledger's refusal; 503 when a store is unavailable.
 pub async fn record_withdrawal(state: &AppState, fund: NewFund) -> Result<FundOutcome, ApiError> {
     debug_assert!(fund.amount.is_negative(), "a withdrawal takes money out");
-    if let Some(existing) = state.ledger.fund_by_reference(fund.kind, &fund.reference_id).await? {
-        // The ledger decides: same transaction → answered as recorded; otherwise a conflict.
-        return Ok(state.ledger.record_fund(fund).await.map(|outcome| FundOutcome { transaction: existing, ..outcome })?);
+    if state.ledger.fund_by_reference(fund.kind, &fund.reference_id).await?.is_some() {
+        // The ledger decides: the same transaction is answered as recorded, another a conflict.
+        return Ok(state.ledger.record_fund(fund).await?);
     }
     let amount = fund.amount.checked_neg().ok_or_else(|| ApiError::InvalidRequest("amount out of range".into()))?;
     let hold_id = withdrawal_id(fund.kind.as_str(), &fund.reference_id);

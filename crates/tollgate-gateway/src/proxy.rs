@@ -421,6 +421,11 @@ impl OutputWatch {
 
     /// Whether `output_text` (the whole output so far, only ever appended to) is past the cutoff.
     fn exceeded(&mut self, output_text: &str) -> bool {
+        // A token is at least one byte: until the text is longer than the cutoff, nothing needs
+        // counting (most streams never get there).
+        if output_text.len() as u64 <= self.cutoff {
+            return false;
+        }
         if let Some(new_text) = output_text.get(self.counted_bytes..).filter(|text| !text.is_empty()) {
             self.tokens = self.tokens.saturating_add(tokens::count_text(self.encoding, new_text));
             self.counted_bytes = output_text.len();
