@@ -49,6 +49,64 @@ async fn a_retry_after_success_is_replayed_not_charged() {
     gateway.stop().await;
 }
 
+/// An id belongs to the key that first used it and to that request (issue 19 item 5): another
+/// key sending it, or the same key with another body, gets 422 `request_id_reused` — not the
+/// stored answer (which would hand key B what key A asked, past B's `allowed_models`), not a
+/// forward, not a charge. The same request from the same key is still replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_is_bound_to_its_key_and_its_request() {
+    let gateway = TestGateway::start().await;
+    let account = gateway.account("1", json!({})).await;
+    let first_key = gateway.key(&account, json!({})).await;
+    let other_key = gateway.key(&account, json!({})).await;
+    let claude_only_key = gateway.key(&account, json!({"allowed_models": ["demo-claude"]})).await;
+    let first = gateway.chat(&first_key, chat_body("mine"), Some("bound")).await;
+    assert_eq!(first.status(), 200);
+    let first_body = first.text().await.unwrap();
+    let (balance, forwarded) = (gateway.balance_of(&first_key).await, gateway.upstream_requests().await);
+
+    let mut streamed = chat_body("mine");
+    streamed["stream"] = json!(true);
+    let mut other_cap = chat_body("mine");
+    other_cap["max_tokens"] = json!(7);
+    let attempts = [
+        (&other_key, chat_body("mine"), "the same request from another key"),
+        (&other_key, streamed.clone(), "its streaming retry from another key"),
+        (&first_key, chat_body("not mine"), "another body"),
+        (&first_key, other_cap, "another cap"),
+    ];
+    for (key, body, what) in attempts {
+        let response = gateway.chat(key, body, Some("bound")).await;
+        assert_eq!(response.status(), 422, "{what}");
+        assert!(response.headers().get("idempotent-replayed").is_none(), "{what}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["code"], "request_id_reused", "{what}");
+        assert!(!error.to_string().contains("chatcmpl"), "{what}: nothing of the stored answer");
+    }
+    // A key allowed only another model, on another endpoint: the stored demo-gpt answer would
+    // pass its allowed_models by. Anthropic's shape for the refusal.
+    let messages = gateway
+        .messages_request(&claude_only_key)
+        .header("X-Request-ID", "bound")
+        .json(&json!({"model": "demo-claude", "max_tokens": 8, "messages": [{"role": "user", "content": "mine"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(messages.status(), 422);
+    let error: Value = messages.json().await.unwrap();
+    assert_eq!((error["type"].as_str(), error["error"]["type"].as_str()), (Some("error"), Some("invalid_request_error")));
+
+    let streamed_retry = gateway.chat(&first_key, streamed, Some("bound")).await;
+    assert_eq!(streamed_retry.status(), 409, "a streaming retry of the same request, as ever");
+    let retry = gateway.chat(&first_key, chat_body("mine"), Some("bound")).await;
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(retry.text().await.unwrap(), first_body);
+    assert_eq!(gateway.upstream_requests().await, forwarded, "nothing was forwarded");
+    assert_eq!(gateway.balance_of(&first_key).await, balance, "nothing was charged");
+    assert_eq!(usage_rows(&gateway.assert_ledger_sound(&account).await).len(), 1);
+    gateway.stop().await;
+}
+
 /// The hot store remembers a charged id for an hour once the ledger has it; the ledger, for good.
 /// A client that sends an id again after the hot store has forgotten it is still answered from
 /// the ledger: not forwarded, not charged. (A gateway on a fresh hot store, with the charge

@@ -61,6 +61,8 @@ pub enum ApiError {
     RequestInProgress(String),
     #[error("request {0} was already completed and charged; streaming responses are not replayed")]
     DuplicateRequest(String),
+    #[error("request id {0} names another request (sent by another key, or with another body or endpoint); a retry must repeat the request exactly, a new request needs a new X-Request-ID")]
+    RequestIdReused(String),
     #[error("{0}")]
     Conflict(String),
     #[error("request body exceeds {limit_bytes} bytes")]
@@ -105,6 +107,7 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::RequestInProgress(_) => (StatusCode::CONFLICT, "request_in_progress"),
             ApiError::DuplicateRequest(_) => (StatusCode::CONFLICT, "duplicate_request"),
+            ApiError::RequestIdReused(_) => (StatusCode::UNPROCESSABLE_ENTITY, "request_id_reused"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::RequestTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"),
             ApiError::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "invalid_request"),
@@ -134,7 +137,7 @@ impl ApiError {
     /// The OpenAI error `type` field; SDKs show it, few branch on it.
     fn openai_type(status: StatusCode) -> &'static str {
         match status.as_u16() {
-            400 | 404 | 409 | 413 => "invalid_request_error",
+            400 | 404 | 409 | 413 | 422 => "invalid_request_error",
             401 => "authentication_error",
             402 => "insufficient_quota",
             403 => "permission_error",
@@ -146,7 +149,7 @@ impl ApiError {
     /// The Anthropic error `type` field.
     fn anthropic_type(status: StatusCode) -> &'static str {
         match status.as_u16() {
-            400 | 409 | 402 => "invalid_request_error",
+            400 | 409 | 402 | 422 => "invalid_request_error",
             401 => "authentication_error",
             403 => "permission_error",
             404 => "not_found_error",
@@ -161,7 +164,7 @@ impl ApiError {
     /// SDKs show and branch on.
     fn google_status(status: StatusCode) -> &'static str {
         match status.as_u16() {
-            400 | 413 | 431 => "INVALID_ARGUMENT",
+            400 | 413 | 422 | 431 => "INVALID_ARGUMENT",
             401 => "UNAUTHENTICATED",
             402 => "FAILED_PRECONDITION",
             403 => "PERMISSION_DENIED",

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tollgate_core::Money;
 use tollgate_store::hot::{AccountSnapshot, Authorization, AuthorizeRequest, BalanceView, FundApplication, Refusal, Settlement, WithdrawalHold};
 use tollgate_store::ledger_charging::LedgerCharging;
-use tollgate_store::model::{StoredResponse, UsageEvent};
+use tollgate_store::model::{ChargedRequest, UsageEvent};
 use tollgate_store::operations::{HotAccountView, UnloggedCharge};
 use tollgate_store::operations::charges_not_in_ledger;
 use tollgate_store::{HotStore, Ledger, StoreError, StoreResult};
@@ -300,10 +300,11 @@ impl HotStore for LedgerFallback {
     }
 
     /// Outside `Hot` mode `None`: the caller then reads the ledger, where a request charged in
-    /// the ledger keeps its response (and one charged in Redis does once the worker wrote it).
-    async fn stored_response(&self, account_id: &str, request_id: &str) -> StoreResult<Option<StoredResponse>> {
+    /// the ledger keeps its binding and response (and one charged in Redis does once the worker
+    /// wrote it).
+    async fn charged_request(&self, account_id: &str, request_id: &str) -> StoreResult<Option<ChargedRequest>> {
         match self.mode() {
-            Mode::Hot => self.hot.stored_response(account_id, request_id).await,
+            Mode::Hot => self.hot.charged_request(account_id, request_id).await,
             Mode::Ledger | Mode::Recovering => Ok(None),
         }
     }

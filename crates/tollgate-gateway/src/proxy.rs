@@ -25,7 +25,7 @@ use crate::auth::authenticate;
 use crate::charge::{self, Authorized};
 use crate::context::BillingContext;
 use crate::error::{ApiError, ErrorShape};
-use crate::request_id::{REQUEST_ID_HEADER, RequestId};
+use crate::request_id::{REQUEST_ID_HEADER, RequestId, request_fingerprint};
 use crate::routes::read_limited_body;
 use crate::state::AppState;
 use crate::upstream::Route;
@@ -46,6 +46,8 @@ struct Billing {
     /// this cap (I7) and no charge counts more output than this.
     output_tokens_max: u64,
     protocol: Protocol,
+    /// What the request id is bound to with the key ([`request_fingerprint`]).
+    request_fingerprint: String,
     started: Instant,
 }
 
@@ -67,6 +69,7 @@ impl Billing {
             created_at_ms: now_ms(),
             hot_balance_after: tollgate_core::Money::ZERO,
             stored_response: None,
+            request_fingerprint: Some(self.request_fingerprint.clone()),
         }
     }
 
@@ -144,6 +147,7 @@ async fn handle_request(
     let mut body: Map<String, Value> = serde_json::from_slice(&bytes)
         .map_err(|error| ApiError::InvalidRequest(format!("request body is not a valid JSON object: {error}")))?;
     let parsed = protocol.parse_at(&body, url)?;
+    let fingerprint = request_fingerprint(protocol, url, &body);
     let route = state
         .upstreams
         .route(&parsed.model)
@@ -193,15 +197,25 @@ async fn handle_request(
         let state = &task_state;
         // The hot store remembers charged ids for a window; a client's id may be older.
         if presented && charge::charged_in_ledger(state, &authorize_request).await {
-            return replay(state, &context, &request_id, parsed.stream).await;
+            return replay(state, &context, &request_id, &fingerprint, parsed.stream).await;
         }
         match charge::authorize(state, &authorize_request).await? {
             Authorized::Held => {}
-            Authorized::AlreadyCharged => return replay(state, &context, &request_id, parsed.stream).await,
+            Authorized::AlreadyCharged => return replay(state, &context, &request_id, &fingerprint, parsed.stream).await,
         }
         let prepared = protocol.prepare_upstream_body(&mut body, &route.upstream_model, parsed.stream);
         let client_wants_usage = prepared.client_wants_usage;
-        let billing = Billing { context, request_id, route, price, parsed, output_tokens_max, protocol, started: Instant::now() };
+        let billing = Billing {
+            context,
+            request_id,
+            route,
+            price,
+            parsed,
+            output_tokens_max,
+            protocol,
+            request_fingerprint: fingerprint,
+            started: Instant::now(),
+        };
         // Most bodies go upstream as the client sent them: no second serialization.
         let upstream_body = if !prepared.rewritten && !cap_added {
             bytes
@@ -240,17 +254,33 @@ fn forwarded_headers(protocol: Protocol, headers: &HeaderMap) -> HeaderMap {
     forwarded
 }
 
-/// Answers a retry of an already charged request without forwarding or charging it.
-async fn replay(state: &AppState, context: &BillingContext, request_id: &str, stream: bool) -> Result<Response, ApiError> {
-    if stream {
-        return Err(ApiError::DuplicateRequest(request_id.to_string()));
-    }
-    // The hot store keeps it when the ledger may not have it yet (services mode).
-    let stored = match state.hot.stored_response(&context.account.id, request_id).await? {
-        Some(stored) => Some(stored),
-        None => state.ledger.stored_response(&context.account.id, request_id).await?,
+/// Answers a retry of an already charged request without forwarding or charging it — only if it
+/// is the same request from the same key: an id is bound to both when first charged.
+async fn replay(state: &AppState, context: &BillingContext, request_id: &str, fingerprint: &str, stream: bool) -> Result<Response, ApiError> {
+    let account_id = &context.account.id;
+    let duplicate = || ApiError::DuplicateRequest(request_id.to_string());
+    // The hot store keeps the record while the ledger may not have the row yet (services mode).
+    let record = match state.hot.charged_request(account_id, request_id).await? {
+        Some(record) => Some(record),
+        None => state.ledger.charged_request(account_id, request_id).await?,
     };
-    let stored = stored.ok_or_else(|| ApiError::DuplicateRequest(request_id.to_string()))?;
+    // Charged, but neither store can show the record yet: nothing to check it against, so
+    // nothing is replayed.
+    let record = record.ok_or_else(duplicate)?;
+    // Rows from before fingerprints were kept are bound to their key alone.
+    let same_request = record.api_key_id == context.key.id
+        && record.request_fingerprint.as_deref().is_none_or(|bound| bound == fingerprint);
+    if !same_request {
+        return Err(ApiError::RequestIdReused(request_id.to_string()));
+    }
+    if stream {
+        return Err(duplicate());
+    }
+    let stored = match record.response {
+        Some(stored) => stored,
+        // A body the hot store could not keep (not UTF-8) is in the ledger once its row is.
+        None => state.ledger.charged_request(account_id, request_id).await?.and_then(|record| record.response).ok_or_else(duplicate)?,
+    };
     metrics::counter!("tollgate_idempotent_replays_total").increment(1);
     let balance = state.hot.balance(&context.account.id, &context.key.id).await?.map(|view| view.balance);
     let mut response = stored_response(stored);

@@ -57,6 +57,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             hot_balance_after: Money::ZERO,
             // A chat completion's body, as embedded mode stores for every non-streaming charge.
             stored_response: Some(StoredResponse { status: 200, content_type: "application/json".into(), body: body.clone() }),
+            request_fingerprint: None,
         })
         .collect();
     let started = Instant::now();

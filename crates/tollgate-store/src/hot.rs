@@ -305,9 +305,11 @@ pub trait HotStore: Send + Sync + 'static {
     async fn balance(&self, account_id: &str, api_key_id: &str)
     -> StoreResult<Option<BalanceView>>;
 
-    /// The response kept with a charged request id for replay, if this store keeps responses
-    /// (the in-process store does not: its ledger commit happens before the response).
-    async fn stored_response(&self, account_id: &str, request_id: &str) -> StoreResult<Option<crate::model::StoredResponse>>;
+    /// What a charged request id is bound to, with its response if one was kept, while this
+    /// store holds it for the ledger; `None` sends the caller to the ledger (the in-process store
+    /// keeps nothing: its ledger commit happens before the response; Redis keeps it until the
+    /// ledger has the row).
+    async fn charged_request(&self, account_id: &str, request_id: &str) -> StoreResult<Option<crate::model::ChargedRequest>>;
 
     /// Forgets an account so the next request loads it from the ledger again (used after a repair).
     async fn unload_account(&self, account_id: &str) -> StoreResult<()>;

@@ -13,7 +13,7 @@ use tollgate_core::Money;
 use crate::error::StoreResult;
 use crate::model::{
     Account, AccountBalance, AccountPatch, ApiKey, FundKind, FundOutcome, FundTransaction, LedgerEntry,
-    NewAccount, NewApiKey, NewFund, NewPrice, PriceRow, RecordOutcome, StoredResponse,
+    ChargedRequest, NewAccount, NewApiKey, NewFund, NewPrice, PriceRow, RecordOutcome,
     SummaryGroup, SummaryRow, TopUp, UsageEvent, UsageQuery, UsageRow,
 };
 
@@ -76,12 +76,9 @@ pub trait Ledger: crate::operations::Operations + Send + Sync + 'static {
     /// (skipped as `Duplicate` if its (account, request id) already has one) and the per-account
     /// sums are applied to account_balance.
     async fn record_usage_batch(&self, events: &[UsageEvent]) -> StoreResult<Vec<RecordOutcome>>;
-    /// The response stored with a charged non-streaming request, for idempotent replay.
-    async fn stored_response(
-        &self,
-        account_id: &str,
-        request_id: &str,
-    ) -> StoreResult<Option<StoredResponse>>;
+    /// A charged request id: the key and request it is bound to, and the response stored with
+    /// it (a non-streaming success), for idempotent replay.
+    async fn charged_request(&self, account_id: &str, request_id: &str) -> StoreResult<Option<ChargedRequest>>;
     /// Whether a request id has a charged (not failed) usage row for the account: the ledger
     /// remembers every charge, the hot store only a window of them.
     async fn request_charged(&self, account_id: &str, request_id: &str) -> StoreResult<bool>;

@@ -477,7 +477,7 @@ impl HotStore for MemoryHotStore {
         }))
     }
 
-    async fn stored_response(&self, _account_id: &str, _request_id: &str) -> StoreResult<Option<crate::model::StoredResponse>> {
+    async fn charged_request(&self, _account_id: &str, _request_id: &str) -> StoreResult<Option<crate::model::ChargedRequest>> {
         Ok(None)
     }
 
@@ -617,6 +617,7 @@ mod tests {
             created_at_ms: 0,
             hot_balance_after: Money::ZERO,
             stored_response: None,
+            request_fingerprint: None,
         }
     }
 

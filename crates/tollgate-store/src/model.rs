@@ -324,6 +324,22 @@ pub struct UsageEvent {
     pub hot_balance_after: Money,
     /// For a non-streaming success: the response to replay to a retry.
     pub stored_response: Option<StoredResponse>,
+    /// For a request id the client sent: the fingerprint of the request it names, so a retry
+    /// with another body is told apart from a retry (see [`ChargedRequest`]). `None` for an id
+    /// the gateway made, which no client can send again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_fingerprint: Option<String>,
+}
+
+/// What a charged request id is bound to: the key that sent it and the request's fingerprint, so
+/// that only the same request from the same key is answered as a retry; and the response kept
+/// for replay, if one was.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChargedRequest {
+    pub api_key_id: String,
+    /// `None` for an id the gateway made, and for rows written before fingerprints were kept.
+    pub request_fingerprint: Option<String>,
+    pub response: Option<StoredResponse>,
 }
 
 /// A persisted usage row, with its place in the account's ledger chain.

@@ -244,10 +244,11 @@ pub(crate) const SOME_LEDGER_TOTALS: &str = "SELECT b.account_id, b.balance, b.l
 pub(crate) const ACCOUNT_TOTALS: &str = "SELECT
         CAST((SELECT COALESCE(SUM(amount), 0) FROM fund_transactions WHERE account_id = ?) AS BIGINT) AS funds,
         CAST((SELECT COALESCE(SUM(cost), 0) FROM usage_log WHERE account_id = ?) AS BIGINT) AS costs";
-/// The stored response of a charged request: its usage row by (account, request id), then the
-/// body by the row's id (migration 0006).
-pub(crate) const STORED_RESPONSE: &str = "SELECT s.status, s.content_type, s.body FROM usage_log u
-    JOIN stored_responses s ON s.usage_id = u.id WHERE u.account_id = ? AND u.request_id = ? AND u.status <> 'failed'";
+/// A charged request: its usage row by (account, request id), with what the id is bound to, then
+/// the stored body, if any, by the row's id (migration 0006).
+pub(crate) const CHARGED_REQUEST: &str = "SELECT u.api_key_id, u.request_fingerprint, s.status, s.content_type, s.body
+    FROM usage_log u LEFT JOIN stored_responses s ON s.usage_id = u.id
+    WHERE u.account_id = ? AND u.request_id = ? AND u.status <> 'failed'";
 pub(crate) const CHARGED_ONE: &str = "SELECT 1 FROM usage_log WHERE account_id = ? AND request_id = ? AND status <> 'failed'";
 pub(crate) const START_RECONCILIATION: &str = "INSERT INTO reconciliation_log (started_at, fix) VALUES (?, ?) RETURNING id";
 pub(crate) const FINISH_RECONCILIATION: &str = "UPDATE reconciliation_log SET finished_at = ?, accounts_checked = ?, accounts_busy = ?,

@@ -18,16 +18,16 @@ use crate::alerts::{SPEND_COUNTERS_OF_ACCOUNT, counter_seed, period_labels};
 use crate::error::{StoreError, StoreResult};
 use crate::hot::CounterSeed;
 use crate::ledger::Ledger;
-use crate::operations::{STORED_RESPONSE, pg};
+use crate::operations::{CHARGED_REQUEST, pg};
 use crate::model::{
     Account, AccountBalance, AccountPatch, ApiKey, FundKind, FundOutcome, FundTransaction, LedgerEntry, NewAccount,
-    NewApiKey, NewFund, NewPrice, PriceRow, RecordOutcome, RequestStatus, StoredResponse, SummaryGroup, SummaryRow, TopUp,
+    ChargedRequest, NewApiKey, NewFund, NewPrice, PriceRow, RecordOutcome, RequestStatus, StoredResponse, SummaryGroup, SummaryRow, TopUp,
     TopUpStatus, UsageEvent, UsageQuery, UsageRow,
 };
 use crate::sql_rows::{
     Fields, SUMMARY_SELECT, UsagePlan, account_from, allowed_models_text, apply_patch, check_fund_direction, check_hot_store_range, checked_add, fund_from,
     key_from, kind_text, merge_statement, money, ms_of, now_ms, optional_i64, plan_usage_batch, price_from, push_time_range,
-    push_usage_query, status_text, stored_response_from, summarize, to_i64, topup_from, usage_from,
+    push_usage_query, status_text, charged_request_from, summarize, to_i64, topup_from, usage_from,
 };
 
 /// Channel of fund changes: `{account_id, customer_type, amount, old_balance, new_balance,
@@ -185,6 +185,7 @@ struct UsageColumns {
     status: Vec<String>,
     latency_ms: Vec<i64>,
     created_at: Vec<i64>,
+    request_fingerprint: Vec<Option<String>>,
 }
 
 impl UsageColumns {
@@ -212,6 +213,7 @@ impl UsageColumns {
         self.status.push(event.status.as_str().to_string());
         self.latency_ms.push(to_i64(event.latency_ms, "latency_ms")?);
         self.created_at.push(event.created_at_ms);
+        self.request_fingerprint.push(event.request_fingerprint.clone());
         *position = (balance_after, ledger_seq + 1);
         Ok(())
     }
@@ -232,14 +234,15 @@ impl UsageColumns {
             "WITH inserted AS (
                  INSERT INTO usage_log (request_id, account_id, api_key_id, provider, model, customer_type, price_id,
                      input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
-                     usage_source, cost, balance_before, balance_after, ledger_seq, status, latency_ms, created_at)
+                     usage_source, cost, balance_before, balance_after, ledger_seq, status, latency_ms, created_at,
+                     request_fingerprint)
                  SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::BIGINT[],
                      $8::BIGINT[], $9::BIGINT[], $10::BIGINT[], $11::BIGINT[], $12::BIGINT[], $13::TEXT[], $14::BIGINT[],
-                     $15::BIGINT[], $16::BIGINT[], $17::BIGINT[], $18::TEXT[], $19::BIGINT[], $20::BIGINT[])
+                     $15::BIGINT[], $16::BIGINT[], $17::BIGINT[], $18::TEXT[], $19::BIGINT[], $20::BIGINT[], $21::TEXT[])
                  RETURNING id, account_id, request_id, status)
              INSERT INTO stored_responses (usage_id, status, content_type, body, created_at)
              SELECT inserted.id, stored.status, stored.content_type, stored.body, stored.created_at
-             FROM UNNEST($21::TEXT[], $22::TEXT[], $23::BIGINT[], $24::TEXT[], $25::BYTEA[], $26::BIGINT[])
+             FROM UNNEST($22::TEXT[], $23::TEXT[], $24::BIGINT[], $25::TEXT[], $26::BYTEA[], $27::BIGINT[])
                  AS stored (account_id, request_id, status, content_type, body, created_at)
              JOIN inserted ON inserted.account_id = stored.account_id AND inserted.request_id = stored.request_id
                  AND inserted.status <> 'failed'",
@@ -264,6 +267,7 @@ impl UsageColumns {
         .bind(self.status)
         .bind(self.latency_ms)
         .bind(self.created_at)
+        .bind(self.request_fingerprint)
         .bind(text(|(event, _)| event.account_id.as_str()))
         .bind(text(|(event, _)| event.request_id.as_str()))
         .bind(column(|(_, response)| i64::from(response.status)))
@@ -692,14 +696,14 @@ impl Ledger for PgLedger {
         }
     }
 
-    async fn stored_response(&self, account_id: &str, request_id: &str) -> StoreResult<Option<StoredResponse>> {
-        sqlx::query(pg(STORED_RESPONSE))
+    async fn charged_request(&self, account_id: &str, request_id: &str) -> StoreResult<Option<ChargedRequest>> {
+        sqlx::query(pg(CHARGED_REQUEST))
             .bind(account_id)
             .bind(request_id)
             .fetch_optional(&self.pool)
             .await?
             .as_ref()
-            .map(stored_response_from)
+            .map(charged_request_from)
             .transpose()
     }
 

@@ -12,7 +12,7 @@ use tollgate_core::{Money, Price, Usage, UsageSource};
 
 use crate::error::{StoreError, StoreResult};
 use crate::model::{
-    Account, AccountKind, AccountPatch, AccountStatus, ApiKey, FundKind, FundTransaction, KeyStatus, LedgerEntry,
+    Account, AccountKind, AccountPatch, AccountStatus, ApiKey, ChargedRequest, FundKind, FundTransaction, KeyStatus, LedgerEntry,
     NewFund, PriceRow, RecordOutcome, RequestStatus, StoredResponse, SummaryGroup, SummaryRow, TopUp, TopUpStatus,
     UsageEvent, UsageQuery, UsageRow,
 };
@@ -241,13 +241,17 @@ pub(crate) fn usage_from(row: &impl Fields) -> StoreResult<UsageRow> {
     })
 }
 
-pub(crate) fn stored_response_from(row: &impl Fields) -> StoreResult<StoredResponse> {
-    let status = row.int("status")?;
-    Ok(StoredResponse {
-        status: u16::try_from(status).map_err(|_| StoreError::Corrupt(format!("stored status {status}")))?,
-        content_type: row.text("content_type")?,
-        body: row.bytes("body")?,
-    })
+/// A charged request's binding and, when a body was kept (the LEFT JOIN found one), its response.
+pub(crate) fn charged_request_from(row: &impl Fields) -> StoreResult<ChargedRequest> {
+    let response = match row.optional_int("status")? {
+        None => None,
+        Some(status) => Some(StoredResponse {
+            status: u16::try_from(status).map_err(|_| StoreError::Corrupt(format!("stored status {status}")))?,
+            content_type: row.text("content_type")?,
+            body: row.bytes("body")?,
+        }),
+    };
+    Ok(ChargedRequest { api_key_id: row.text("api_key_id")?, request_fingerprint: row.optional_text("request_fingerprint")?, response })
 }
 
 /// The UTC day "YYYY-MM-DD" of a stored time, for summaries by day.

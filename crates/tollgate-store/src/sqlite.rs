@@ -16,17 +16,17 @@ use crate::alerts::{SPEND_COUNTERS_OF_ACCOUNT, counter_seed, period_labels, spen
 use crate::error::{StoreError, StoreResult};
 use crate::hot::CounterSeed;
 use crate::ledger::Ledger;
-use crate::operations::{STORED_RESPONSE, key_budgets_from, threshold_from};
+use crate::operations::{CHARGED_REQUEST, key_budgets_from, threshold_from};
 use crate::model::{
     Account, AccountBalance, AccountPatch, ApiKey, FundKind, FundOutcome, FundTransaction, LedgerEntry, NewAccount,
-    NewApiKey, NewFund, NewPrice, PriceRow, RecordOutcome, StoredResponse, SummaryGroup, SummaryRow, TopUp,
+    ChargedRequest, NewApiKey, NewFund, NewPrice, PriceRow, RecordOutcome, SummaryGroup, SummaryRow, TopUp,
     RequestStatus, TopUpStatus, UsageEvent, UsageQuery, UsageRow,
 };
 use crate::sqlite_ops::json_list;
 use crate::sql_rows::{
     Fields, SUMMARY_SELECT, UsagePlan, account_from, allowed_models_text, apply_patch, check_fund_direction, check_hot_store_range, checked_add, fund_from,
     key_from, kind_text, merge_statement, money, ms_of, now_ms, optional_i64, plan_usage_batch, price_from, push_time_range,
-    push_usage_query, status_text, stored_response_from, summarize, to_i64, topup_from, usage_from,
+    push_usage_query, status_text, charged_request_from, summarize, to_i64, topup_from, usage_from,
 };
 
 /// How long a connection waits for SQLite's write lock before failing.
@@ -233,6 +233,7 @@ fn usage_row(event: &UsageEvent, position: &mut (Money, i64)) -> StoreResult<ser
         event.status.as_str(),
         to_i64(event.latency_ms, "latency_ms")?,
         event.created_at_ms,
+        event.request_fingerprint,
     ]))
 }
 
@@ -252,10 +253,11 @@ fn usage_row(event: &UsageEvent, position: &mut (Money, i64)) -> StoreResult<ser
 const WRITE_USAGE_BATCH: &str = "
 INSERT INTO usage_log (request_id, account_id, api_key_id, provider, model, customer_type, price_id,
     input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
-    usage_source, cost, balance_before, balance_after, ledger_seq, status, latency_ms, created_at)
+    usage_source, cost, balance_before, balance_after, ledger_seq, status, latency_ms, created_at, request_fingerprint)
 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6,
     value ->> 7, value ->> 8, value ->> 9, value ->> 10, value ->> 11,
-    value ->> 12, value ->> 13, value ->> 14, value ->> 15, value ->> 16, value ->> 17, value ->> 18, value ->> 19
+    value ->> 12, value ->> 13, value ->> 14, value ->> 15, value ->> 16, value ->> 17, value ->> 18, value ->> 19,
+    value ->> 20
 FROM json_each(?) ORDER BY key;
 INSERT INTO stored_responses (usage_id, status, content_type, body, created_at)
 SELECT usage_log.id, stored.value ->> 2, stored.value ->> 3, unhex(stored.value ->> 4), stored.value ->> 5
@@ -633,13 +635,13 @@ impl Ledger for SqliteLedger {
         Ok(outcomes)
     }
 
-    async fn stored_response(&self, account_id: &str, request_id: &str) -> StoreResult<Option<StoredResponse>> {
-        let row = sqlx::query(STORED_RESPONSE)
+    async fn charged_request(&self, account_id: &str, request_id: &str) -> StoreResult<Option<ChargedRequest>> {
+        let row = sqlx::query(CHARGED_REQUEST)
             .bind(account_id)
             .bind(request_id)
             .fetch_optional(&self.pool)
             .await?;
-        row.as_ref().map(stored_response_from).transpose()
+        row.as_ref().map(charged_request_from).transpose()
     }
 
     async fn request_charged(&self, account_id: &str, request_id: &str) -> StoreResult<bool> {

@@ -8,7 +8,7 @@ use tollgate_core::Money;
 
 use crate::error::StoreResult;
 use crate::hot::{AccountSnapshot, Authorization, AuthorizeRequest, BalanceView, FundApplication, HotStore, Settlement, WithdrawalHold};
-use crate::model::{StoredResponse, UsageEvent};
+use crate::model::{ChargedRequest, UsageEvent};
 use crate::operations::{HotAccountView, UnloggedCharge};
 
 /// See the module doc.
@@ -57,7 +57,7 @@ impl HotStore for UnbilledHotStore {
         Ok(None)
     }
 
-    async fn stored_response(&self, _account_id: &str, _request_id: &str) -> StoreResult<Option<StoredResponse>> {
+    async fn charged_request(&self, _account_id: &str, _request_id: &str) -> StoreResult<Option<ChargedRequest>> {
         Ok(None)
     }
 

@@ -13,7 +13,7 @@ use tollgate_core::{Money, Usage, UsageSource};
 use tollgate_store::HotStore;
 use tollgate_store::hot::{AccountSnapshot, Authorization, AuthorizeRequest, CounterSeed, FundApplication, KeySpendSeed, Limits, Refusal};
 use tollgate_store::memory::MemoryHotStore;
-use tollgate_store::model::{RequestStatus, StoredResponse, UsageEvent};
+use tollgate_store::model::{ChargedRequest, RequestStatus, StoredResponse, UsageEvent};
 use tollgate_store::queue::{EventLog, channel_log};
 use tollgate_store::StoreError;
 use tollgate_store::redis_store::{Connection, KeySpace, RedisHotStore, RedisLog, RedisLogConfig};
@@ -120,6 +120,7 @@ fn event(account: &str, id: &str, cost: i64, status: RequestStatus) -> UsageEven
         created_at_ms: 0,
         hot_balance_after: Money::ZERO,
         stored_response: None,
+        request_fingerprint: None,
     }
 }
 
@@ -649,8 +650,11 @@ async fn an_acknowledged_charge_keeps_a_recent_record_without_its_body() {
     for id in ["kept", "written", "streamed"] {
         assert!(held(&store.authorize(&request("s", id, 10)).await.unwrap()));
         let stored_response = (id != "streamed").then(|| body.clone());
-        store.settle(UsageEvent { stored_response: stored_response.clone(), ..event("s", id, 10, RequestStatus::Success) }).await.unwrap();
-        assert_eq!(store.stored_response("s", id).await.unwrap(), stored_response, "{id}: replayable before the ledger has it");
+        let fingerprint = (id != "written").then(|| format!("fp-{id}"));
+        let charged = UsageEvent { stored_response: stored_response.clone(), request_fingerprint: fingerprint.clone(), ..event("s", id, 10, RequestStatus::Success) };
+        store.settle(charged).await.unwrap();
+        let bound = ChargedRequest { api_key_id: "key-s".into(), request_fingerprint: fingerprint, response: stored_response };
+        assert_eq!(store.charged_request("s", id).await.unwrap(), Some(bound), "{id}: bound and replayable before the ledger has it");
     }
     let log = RedisLog::new(store.connection(), keys.clone(), config, CancellationToken::new()).await.unwrap();
     let (acknowledged, kept): (Vec<_>, Vec<_>) = log.read_batch(10).await.unwrap().into_iter().partition(|delivery| delivery.event.request_id != "kept");
@@ -666,8 +670,9 @@ async fn an_acknowledged_charge_keeps_a_recent_record_without_its_body() {
         assert!(ttl_ms > recent_ms - 60_000 && ttl_ms <= recent_ms, "{id}: the record lives RECENT_CHARGE_MS more: {ttl_ms} ms");
         assert_eq!(store.authorize(&request("s", id, 10)).await.unwrap(), Authorization::Refused(Refusal::AlreadyCharged), "{id}");
     }
-    assert_eq!(store.stored_response("s", "written").await.unwrap(), None, "a replay now reads the ledger");
-    assert_eq!(store.stored_response("s", "kept").await.unwrap(), Some(body), "what is not in the ledger keeps its body");
+    assert_eq!(store.charged_request("s", "written").await.unwrap(), None, "a replay now reads the ledger");
+    let record = store.charged_request("s", "kept").await.unwrap().unwrap();
+    assert_eq!((record.request_fingerprint.as_deref(), record.response), (Some("fp-kept"), Some(body)), "what is not in the ledger keeps its binding and body");
     let ttl_ms: i64 = redis::cmd("PTTL").arg(keys.charged_key("s", "kept")).query_async(&mut connection).await.unwrap();
     assert!(ttl_ms > 86_000_000 && ttl_ms <= 86_400_000, "a queued charge's record covers the worker's lag: {ttl_ms} ms");
     let missing: Option<String> = redis::cmd("GET").arg(keys.charged_key("s", "never")).query_async(&mut connection).await.unwrap();

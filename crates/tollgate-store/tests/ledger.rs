@@ -246,11 +246,17 @@ async fn a_fund_change_beyond_the_hot_store_range_is_refused_before_commit(ledge
     assert_sound(&*ledger, "b").await;
 }
 
+/// The body stored with a charged request, if any.
+async fn stored_body(ledger: &dyn Ledger, account_id: &str, request_id: &str) -> Option<Vec<u8>> {
+    ledger.charged_request(account_id, request_id).await.unwrap()?.response.map(|stored| stored.body)
+}
+
 async fn usage_batches_skip_duplicates_and_failures_do_not_block_retries(ledger: Arc<dyn Ledger>) {
     account(&*ledger, "a").await;
     deposit(&*ledger, "a", 1_000, "d").await;
     let mut with_body = event("a", "r1", 10, RequestStatus::Success);
     with_body.stored_response = Some(StoredResponse { status: 200, content_type: "application/json".into(), body: b"{\"ok\":1}".to_vec() });
+    with_body.request_fingerprint = Some("f1".into());
     let outcomes = ledger
         .record_usage_batch(&[with_body.clone(), event("a", "r1", 10, RequestStatus::Success), event("a", "r2", 0, RequestStatus::Failed)])
         .await
@@ -275,17 +281,27 @@ async fn usage_batches_skip_duplicates_and_failures_do_not_block_retries(ledger:
     let mixed = [with_body_as("r3", b"three"), event("a", "r1", 10, RequestStatus::Success), with_body_as("r4", b"four")];
     assert_eq!(ledger.record_usage_batch(&mixed).await.unwrap(), vec![RecordOutcome::Inserted, RecordOutcome::Duplicate, RecordOutcome::Inserted]);
     assert_eq!(ledger.account_balance("a").await.unwrap().unwrap().balance, Money::from_nanos(955));
-    assert_eq!(ledger.stored_response("a", "r1").await.unwrap().unwrap().body, b"{\"ok\":1}".to_vec());
-    assert_eq!(ledger.stored_response("a", "r3").await.unwrap().unwrap().body, b"three".to_vec());
-    assert_eq!(ledger.stored_response("a", "r4").await.unwrap().unwrap().body, b"four".to_vec());
-    assert!(ledger.stored_response("a", "r2").await.unwrap().is_none(), "a failed attempt's row has no body, its charged retry stored none");
+    assert_eq!(stored_body(&*ledger, "a", "r1").await.unwrap(), b"{\"ok\":1}".to_vec());
+    assert_eq!(stored_body(&*ledger, "a", "r3").await.unwrap(), b"three".to_vec());
+    assert_eq!(stored_body(&*ledger, "a", "r4").await.unwrap(), b"four".to_vec());
+    assert!(stored_body(&*ledger, "a", "r2").await.is_none(), "a failed attempt's row has no body, its charged retry stored none");
     // A failed attempt and its charged retry in one batch: the body belongs to the charged row.
     let retried = [event("a", "r5", 0, RequestStatus::Failed), with_body_as("r5", b"five")];
     assert_eq!(ledger.record_usage_batch(&retried).await.unwrap(), vec![RecordOutcome::Inserted, RecordOutcome::Inserted]);
-    assert_eq!(ledger.stored_response("a", "r5").await.unwrap().unwrap().body, b"five".to_vec());
+    assert_eq!(stored_body(&*ledger, "a", "r5").await.unwrap(), b"five".to_vec());
+    // A charged id is bound to its key and request fingerprint, with or without a body; a row
+    // written without a fingerprint (an older gateway's) is bound to its key alone.
+    let bound = ledger.charged_request("a", "r1").await.unwrap().unwrap();
+    assert_eq!((bound.api_key_id.as_str(), bound.request_fingerprint.as_deref()), ("key", Some("f1")));
+    let streamed = UsageEvent { api_key_id: "key-2".into(), request_fingerprint: Some("f6".into()), ..event("a", "r6", 5, RequestStatus::Success) };
+    ledger.record_usage_batch(&[streamed]).await.unwrap();
+    let bound = ledger.charged_request("a", "r6").await.unwrap().unwrap();
+    assert_eq!((bound.api_key_id.as_str(), bound.request_fingerprint.as_deref(), bound.response), ("key-2", Some("f6"), None));
+    assert_eq!(ledger.charged_request("a", "r3").await.unwrap().unwrap().request_fingerprint, None);
+    assert_eq!(ledger.charged_request("b", "r1").await.unwrap(), None, "an id is charged per account");
     let mut charged = ledger.charged_request_ids_since("a", time::OffsetDateTime::UNIX_EPOCH).await.unwrap();
     charged.sort();
-    assert_eq!(charged, vec!["r1".to_string(), "r2".to_string(), "r3".to_string(), "r4".to_string(), "r5".to_string()]);
+    assert_eq!(charged, ["r1", "r2", "r3", "r4", "r5", "r6"].map(String::from).to_vec());
     assert_sound(&*ledger, "a").await;
 }
 
@@ -360,7 +376,7 @@ async fn writers_racing_on_the_same_events_charge_each_once(ledger: Arc<dyn Ledg
     assert_eq!(ledger.account_balance("a").await.unwrap().unwrap().balance, Money::from_nanos(-10 * (7 + 4)));
     assert_eq!(ledger.account_balance("b").await.unwrap().unwrap().balance, Money::from_nanos(-10 * (3 + 2)));
     for round in 0..10 {
-        assert_eq!(ledger.stored_response("b", &format!("body-{round}")).await.unwrap().unwrap().body, format!("{round}").into_bytes());
+        assert_eq!(stored_body(&*ledger, "b", &format!("body-{round}")).await.unwrap(), format!("{round}").into_bytes());
     }
     assert_sound(&*ledger, "a").await;
     assert_sound(&*ledger, "b").await;

@@ -221,6 +221,7 @@ mod tests {
             created_at_ms: 1_769_903_970_000,
             hot_balance_after: Money::ZERO,
             stored_response: None,
+            request_fingerprint: None,
         }
     }
 

@@ -14,7 +14,7 @@ use crate::hot::{
     AccountSnapshot, Authorization, AuthorizeRequest, BalanceView, BudgetPeriod, FundApplication, HotStore, Refusal,
     Settlement, WithdrawalHold,
 };
-use crate::model::{StoredResponse, UsageEvent};
+use crate::model::{ChargedRequest, StoredResponse, UsageEvent};
 use crate::operations::{HotAccountView, UnloggedCharge};
 
 /// Holds released per shard per sweep call at most.
@@ -117,6 +117,34 @@ fn encode_stored(stored: &StoredResponse) -> Vec<u8> {
     encoded
 }
 
+/// The idempotency record a settle leaves while the ledger lacks the row: "B<key id>\n<request
+/// fingerprint>\n" then the stored response, if any (a body that is not UTF-8 is replayed from
+/// the ledger only). The worker's ack trims it to "1": the ledger then answers.
+fn encode_charged(event: &UsageEvent) -> String {
+    let mut record = format!("B{}\n{}\n", event.api_key_id, event.request_fingerprint.as_deref().unwrap_or_default());
+    if let Some(stored) = event.stored_response.as_ref().and_then(|stored| String::from_utf8(encode_stored(stored)).ok()) {
+        record.push_str(&stored);
+    }
+    record
+}
+
+/// A record [`encode_charged`] wrote; `None` for "1" (and the bare responses of older
+/// versions), which send the caller to the ledger.
+fn decode_charged(bytes: &[u8]) -> Option<ChargedRequest> {
+    let rest = bytes.strip_prefix(b"B")?;
+    let key_end = rest.iter().position(|byte| *byte == b'\n')?;
+    let api_key_id = std::str::from_utf8(&rest[..key_end]).ok()?.to_string();
+    let rest = &rest[key_end + 1..];
+    let fingerprint_end = rest.iter().position(|byte| *byte == b'\n')?;
+    let fingerprint = std::str::from_utf8(&rest[..fingerprint_end]).ok()?;
+    let rest = &rest[fingerprint_end + 1..];
+    Some(ChargedRequest {
+        api_key_id,
+        request_fingerprint: (!fingerprint.is_empty()).then(|| fingerprint.to_string()),
+        response: if rest.is_empty() { None } else { Some(decode_stored(rest)?) },
+    })
+}
+
 fn decode_stored(bytes: &[u8]) -> Option<StoredResponse> {
     let rest = bytes.strip_prefix(b"R")?;
     let status_end = rest.iter().position(|byte| *byte == b'\n')?;
@@ -193,10 +221,8 @@ impl HotStore for RedisHotStore {
             return Err(StoreError::Invalid(format!("negative cost for request {}", event.request_id)));
         }
         let base = self.keys.account_base(&event.account_id);
-        // Kept in the idempotency record for replays before the ledger has the row (the worker's
-        // ack then trims the record to "1"); a body that is not UTF-8 is replayed from the
-        // ledger only.
-        let stored = event.stored_response.as_ref().and_then(|stored| String::from_utf8(encode_stored(stored)).ok()).unwrap_or_default();
+        // The binding and the response, for retries before the ledger has the row.
+        let stored = encode_charged(&event);
         let json = event_json(&event)?;
         let cost = event.cost.nanos().to_string();
         let arguments = ["settle", &base, &event.account_id, &event.api_key_id, &event.request_id, &cost, &json, &stored];
@@ -316,11 +342,11 @@ impl HotStore for RedisHotStore {
         }))
     }
 
-    async fn stored_response(&self, account_id: &str, request_id: &str) -> StoreResult<Option<StoredResponse>> {
+    async fn charged_request(&self, account_id: &str, request_id: &str) -> StoreResult<Option<ChargedRequest>> {
         let base = self.keys.account_base(account_id);
         let reply = self.call(&self.account_key(&base, account_id), &["stored", &base, account_id, request_id]).await?;
         match reply {
-            Value::BulkString(bytes) => Ok(decode_stored(&bytes)),
+            Value::BulkString(bytes) => Ok(decode_charged(&bytes)),
             _ => Ok(None),
         }
     }

@@ -11,9 +11,10 @@ Keys (B = key base, A = account id, K = key id, R = request id):
   B:withdrawals:A          hash  W -> amount                       no TTL: released by apply_fund/expire
   B:hold_expiry            zset  "A\nR" (a hold) or "A\n\nW" (a      no TTL: emptied by expire
                            withdrawal) scored by expiry (ms)
-  B:charged:A:R            "1", or the stored response to replay   TTL 24 h while queued; the worker's
-                           until the ledger has it                 ack sets "1" with TTL 1 h (hot.rs
-                                                                   RECENT_CHARGE_MS); a load, 1 h
+  B:charged:A:R            "1", or the key and request it is bound TTL 24 h while queued; the worker's
+                           to and the response to replay, until    ack sets "1" with TTL 1 h (hot.rs
+                           the ledger has them (redis hot.rs        RECENT_CHARGE_MS); a load, 1 h
+                           encode_charged)
   B:day:A:<day>, B:month:A:<month>        request counters          TTL past their period
   B:key:K                  hash  held, spent_total                 no TTL: a budget never resets
   B:key:K:spent_day:<day>, B:key:K:spent_month:<month>             TTL past their period
@@ -181,7 +182,7 @@ function operations.authorize(base, argv)
   return {'held', string.format('%d', available - hold)}
 end
 
--- ARGV: op, base, account, key, request_id, cost, event_json, stored_response ("" if none).
+-- ARGV: op, base, account, key, request_id, cost, event_json, charged record ("" for "1").
 -- Reply: {"settled", before, after} or {"already", balance}.
 -- Keeps I1: the charge and its usage event (XADD) happen in this one call, or neither does.
 function operations.settle(base, argv)
@@ -224,7 +225,8 @@ function operations.settle(base, argv)
   return {'settled', string.format('%d', before), string.format('%d', after)}
 end
 
--- ARGV: op, base, account, request_id. Reply: the charged record ("1" or a stored response), or nil.
+-- ARGV: op, base, account, request_id. Reply: the charged record ("1" or a binding with its
+-- stored response), or nil.
 function operations.stored(base, argv)
   return redis.call('GET', base .. ':charged:' .. argv[3] .. ':' .. argv[4])
 end

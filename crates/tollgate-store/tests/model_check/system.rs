@@ -116,6 +116,7 @@ impl System {
             created_at_ms: self.now_ms(),
             hot_balance_after: Money::ZERO,
             stored_response: None,
+            request_fingerprint: None,
         }
     }
 

@@ -35,5 +35,6 @@ pub fn event(account: &str, request: &str, cost: i64, status: RequestStatus) -> 
         created_at_ms: 1_769_903_970_000,
         hot_balance_after: Money::ZERO,
         stored_response: None,
+        request_fingerprint: None,
     }
 }
