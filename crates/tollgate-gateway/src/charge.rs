@@ -4,12 +4,12 @@
 
 use std::time::Duration;
 
-use time::OffsetDateTime;
 use tollgate_core::Money;
 use tollgate_store::hot::{
-    AccountSnapshot, Authorization, AuthorizeRequest, FundApplication, Limits, RECENT_CHARGE_MS, Refusal, Settlement,
-    WithdrawalHold, withdrawal_id,
+    Authorization, AuthorizeRequest, FundApplication, Limits, Refusal, Settlement, WithdrawalHold,
+    withdrawal_id,
 };
+use tollgate_store::operations::load_snapshot;
 use tollgate_store::clock::now_ms;
 use tollgate_store::model::{FundOutcome, NewFund, UsageEvent};
 
@@ -73,7 +73,7 @@ pub async fn authorize(state: &AppState, request: &AuthorizeRequest) -> Result<A
 }
 
 /// Whether the ledger already has a charge for this request id, which the hot store may have
-/// forgotten (it remembers charged ids for [`RECENT_CHARGE_MS`]; the ledger, for good). Asked
+/// forgotten (it remembers charged ids for [`RECENT_CHARGE_MS`](tollgate_store::hot::RECENT_CHARGE_MS); the ledger, for good). Asked
 /// for ids the client sent: an id made for this request cannot have been charged.
 ///
 /// A ledger that cannot answer within `ledger_lookup_timeout_ms` leaves the hot store's window
@@ -152,28 +152,19 @@ pub async fn void(state: &AppState, event: UsageEvent) {
     }
 }
 
-/// Loads an account into the hot store from the ledger, then applies any fund transaction that
-/// committed after the snapshot (the load races with fund changes; applying by sequence makes
+/// Loads an account into the hot store from the ledger (less what it still owes: see
+/// [`load_snapshot`]), then applies any fund transaction that committed after the snapshot (the load races with fund changes; applying by sequence makes
 /// the race harmless).
 ///
 /// # Errors
 /// `NotFound` for an unknown account; 503 when a store fails.
 pub async fn load_account(state: &AppState, account_id: &str) -> Result<(), ApiError> {
-    let balance = state
-        .ledger
-        .account_balance(account_id)
+    let snapshot = load_snapshot(&*state.ledger, &*state.hot, account_id, now_ms())
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("account {account_id} not found")))?;
-    let since = OffsetDateTime::now_utc() - time::Duration::milliseconds(RECENT_CHARGE_MS);
-    let charged_request_ids = state.ledger.charged_request_ids_since(account_id, since).await?;
-    let counters = state.ledger.counter_seed(account_id, now_ms()).await?;
-    let snapshot = AccountSnapshot {
-        account_id: account_id.to_string(),
-        balance: balance.balance,
-        last_fund_seq: balance.last_fund_seq,
-        charged_request_ids,
-        counters,
-    };
+    if !snapshot.unlogged.is_empty() {
+        tracing::info!(account_id, charges = snapshot.unlogged.len(), "loading an account that still owes charges the ledger does not have yet");
+    }
     if state.hot.load_account(snapshot).await? {
         metrics::counter!("tollgate_hot_account_loads_total").increment(1);
     }

@@ -10,8 +10,8 @@
 //! - `Ledger`: every new request is authorized in the ledger.
 //! - `Recovering` (Redis answers again): a request for an account still marked stale is
 //!   charged in the ledger, any other in Redis; [`run_resync`] releases each stale account once
-//!   it has no open ledger hold and no charge left in Redis's usage log. When none is left:
-//!   `Hot`.
+//!   it has no open ledger hold (its next load subtracts the charges Redis made that the ledger
+//!   does not have yet). When none is left: `Hot`.
 //!
 //! A request settles or voids where it was authorized. A Redis settle that fails is charged in
 //! the ledger instead (the ledger's per-request-id uniqueness keeps it to one charge even if
@@ -29,8 +29,7 @@ use tollgate_store::hot::{AccountSnapshot, Authorization, AuthorizeRequest, Bala
 use tollgate_store::ledger_charging::LedgerCharging;
 use tollgate_store::model::{ChargedRequest, UsageEvent};
 use tollgate_store::operations::{HotAccountView, UnloggedCharge};
-use tollgate_store::operations::charges_not_in_ledger;
-use tollgate_store::{HotStore, Ledger, StoreError, StoreResult};
+use tollgate_store::{HotStore, StoreError, StoreResult};
 
 /// How often the resync loop looks at Redis and the stale accounts.
 const RESYNC_INTERVAL: Duration = Duration::from_millis(250);
@@ -47,8 +46,6 @@ pub enum Mode {
 pub struct LedgerFallback {
     hot: Arc<dyn HotStore>,
     charging: LedgerCharging,
-    /// The ledger itself, to tell which charges in Redis's usage log it already has.
-    ledger: Arc<dyn Ledger>,
     mode: AtomicU8,
     /// (account, request id) of the holds this process placed in the ledger: their settle or
     /// void goes there too.
@@ -60,8 +57,8 @@ fn unavailable(result: &StoreResult<impl Sized>) -> bool {
 }
 
 impl LedgerFallback {
-    pub fn new(hot: Arc<dyn HotStore>, charging: LedgerCharging, ledger: Arc<dyn Ledger>) -> LedgerFallback {
-        LedgerFallback { hot, charging, ledger, mode: AtomicU8::new(Mode::Hot as u8), ledger_held: Mutex::new(HashSet::new()) }
+    pub fn new(hot: Arc<dyn HotStore>, charging: LedgerCharging) -> LedgerFallback {
+        LedgerFallback { hot, charging, mode: AtomicU8::new(Mode::Hot as u8), ledger_held: Mutex::new(HashSet::new()) }
     }
 
     pub fn mode(&self) -> Mode {
@@ -152,13 +149,10 @@ impl LedgerFallback {
         self.charging.expire_holds().await?;
         let mut stale = self.charging.stale_accounts().await?;
         if !stale.is_empty() {
+            // The next request loads each from the ledger, less the charges Redis made that the
+            // ledger does not have yet (operations::load_snapshot): none waits for the worker,
+            // nor for good on a charge parked in the dead letters.
             for account_id in &stale {
-                self.hot.unload_account(account_id).await?;
-            }
-            // A charge still in the usage log that the ledger lacks would be missed by a load
-            // from the ledger now: its account waits for the worker.
-            let waiting: HashSet<String> = charges_not_in_ledger(&*self.ledger, &*self.hot).await?.into_iter().map(|charge| charge.account_id).collect();
-            for account_id in stale.iter().filter(|account_id| !waiting.contains(*account_id)) {
                 self.charging.release_stale(account_id, &*self.hot).await?;
             }
             stale = self.charging.stale_accounts().await?;
@@ -319,6 +313,10 @@ impl HotStore for LedgerFallback {
 
     async fn unlogged_charges(&self) -> StoreResult<Vec<UnloggedCharge>> {
         self.hot.unlogged_charges().await
+    }
+
+    async fn unlogged_charges_of(&self, account_id: &str) -> StoreResult<Vec<UnloggedCharge>> {
+        self.hot.unlogged_charges_of(account_id).await
     }
 
     async fn repair_balance(&self, seen: &HotAccountView, balance: Money) -> StoreResult<bool> {

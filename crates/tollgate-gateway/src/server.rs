@@ -79,7 +79,7 @@ impl Gateway {
                 redis_parts = Some((redis.connection(), redis.keys().clone()));
                 match (&postgres_pool, config.degradation.hot_store_down) {
                     (Some(pool), HotStoreDown::ChargeLedger) => {
-                        let fallback = Arc::new(LedgerFallback::new(Arc::new(redis), LedgerCharging::new(pool.clone()), Arc::clone(&ledger)));
+                        let fallback = Arc::new(LedgerFallback::new(Arc::new(redis), LedgerCharging::new(pool.clone())));
                         // Accounts left stale by an earlier outage are unloaded before serving.
                         if let Err(error) = fallback.resync_step().await {
                             tracing::warn!(%error, "resynchronising at start failed; the resync task retries");

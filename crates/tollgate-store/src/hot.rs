@@ -182,6 +182,10 @@ pub struct AccountSnapshot {
     pub charged_request_ids: Vec<String>,
     /// Quota and budget counters as the ledger last recorded them.
     pub counters: CounterSeed,
+    /// Charges this hot store made that the ledger does not have yet (in the usage log or its
+    /// dead letters, from before an unload): `balance` already lacks them and
+    /// `charged_request_ids` names them; a store that forgot them on unload counts them again.
+    pub unlogged: Vec<UnloggedCharge>,
 }
 
 /// The ledger's quota and budget counters (`spend_counters`) for the day and month of one
@@ -320,6 +324,10 @@ pub trait HotStore: Send + Sync + 'static {
     /// Charges made here whose usage events may not be in the ledger yet: what the usage log
     /// still holds (and its dead letters), with a cost above zero.
     async fn unlogged_charges(&self) -> StoreResult<Vec<UnloggedCharge>>;
+
+    /// [`HotStore::unlogged_charges`] of one account, loaded or not (an unload keeps them: they
+    /// are still owed), free ones included, read by an index rather than by a scan of the log.
+    async fn unlogged_charges_of(&self, account_id: &str) -> StoreResult<Vec<UnloggedCharge>>;
 
     /// Sets the balance to `balance` only if the account is exactly as `seen` (balance, fund
     /// position) and holds nothing: no charge or fund change slipped in since reconciliation

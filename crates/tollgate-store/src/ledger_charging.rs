@@ -175,8 +175,8 @@ impl LedgerCharging {
 
     /// Unloads a stale account from the hot store and clears its mark, unless a ledger hold of
     /// it is still open (its settle will charge the ledger). Returns whether it was released.
-    /// The caller makes sure the hot store's usage log holds no charge of the account: after
-    /// the unload the account is reloaded from the ledger, which must then have every charge.
+    /// After the unload the account is reloaded from the ledger, less the charges the hot store
+    /// made that the ledger does not have yet (`operations::load_snapshot`).
     ///
     /// # Errors
     /// `Unavailable` when PostgreSQL or the hot store is; the mark stays.

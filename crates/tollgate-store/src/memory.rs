@@ -81,8 +81,41 @@ struct AccountState {
     requests_today: PeriodCount<u64>,
     requests_this_month: PeriodCount<u64>,
     keys: HashMap<String, KeyState>,
-    /// Settled request id → cost, until the ledger has committed the charge.
-    unlogged: HashMap<String, Money>,
+    /// Settled request id → its charge, until the ledger has committed it.
+    unlogged: HashMap<String, Unlogged>,
+}
+
+/// A charge the ledger has not committed yet, with what a reload needs to count it again.
+#[derive(Clone, Debug)]
+struct Unlogged {
+    cost: Money,
+    api_key_id: String,
+    day: i64,
+    month: i64,
+}
+
+/// Every account's state, behind the one mutex.
+#[derive(Debug, Default)]
+struct Accounts {
+    loaded: HashMap<String, AccountState>,
+    /// The unlogged charges of accounts unloaded before the ledger had them (a parked charge
+    /// may wait for good): still owed, so a reload counts them again (see
+    /// `operations::load_snapshot`), and a commit takes them out as it does from a loaded one.
+    unloaded_unlogged: HashMap<String, HashMap<String, Unlogged>>,
+}
+
+impl std::ops::Deref for Accounts {
+    type Target = HashMap<String, AccountState>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.loaded
+    }
+}
+
+impl std::ops::DerefMut for Accounts {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.loaded
+    }
 }
 
 impl AccountState {
@@ -122,17 +155,17 @@ fn seed_counters(account: &mut AccountState, seed: &CounterSeed, periods: &Perio
 
 /// The embedded hot store. Settled events go to the embedded usage log.
 pub struct MemoryHotStore {
-    accounts: Arc<Mutex<HashMap<String, AccountState>>>,
+    accounts: Arc<Mutex<Accounts>>,
     log: ChannelLogSender,
     clock: Clock,
 }
 
 impl MemoryHotStore {
     pub fn new(log: ChannelLogSender, clock: Clock) -> MemoryHotStore {
-        MemoryHotStore { accounts: Arc::new(Mutex::new(HashMap::new())), log, clock }
+        MemoryHotStore { accounts: Arc::new(Mutex::new(Accounts::default())), log, clock }
     }
 
-    fn lock(&self) -> StoreResult<std::sync::MutexGuard<'_, HashMap<String, AccountState>>> {
+    fn lock(&self) -> StoreResult<std::sync::MutexGuard<'_, Accounts>> {
         // A poisoned lock means a panic mid-update: the state may be half-changed, so refuse to
         // charge from it rather than guess.
         self.accounts
@@ -146,7 +179,7 @@ impl MemoryHotStore {
 /// own: the charge stays unlogged until it is committed, and no longer (an entry left behind
 /// would keep its id charged and block the account's balance repairs for good).
 struct PendingCommit {
-    accounts: Arc<Mutex<HashMap<String, AccountState>>>,
+    accounts: Arc<Mutex<Accounts>>,
     account_id: String,
     request_id: String,
     committed: Option<oneshot::Receiver<()>>,
@@ -180,11 +213,15 @@ impl Drop for PendingCommit {
     }
 }
 
-fn forget_unlogged(accounts: &Mutex<HashMap<String, AccountState>>, account_id: &str, request_id: &str) {
-    if let Ok(mut accounts) = accounts.lock()
-        && let Some(account) = accounts.get_mut(account_id)
-    {
+fn forget_unlogged(accounts: &Mutex<Accounts>, account_id: &str, request_id: &str) {
+    let Ok(mut accounts) = accounts.lock() else { return };
+    if let Some(account) = accounts.get_mut(account_id) {
         account.unlogged.remove(request_id);
+    } else if let Some(unlogged) = accounts.unloaded_unlogged.get_mut(account_id) {
+        unlogged.remove(request_id);
+        if unlogged.is_empty() {
+            accounts.unloaded_unlogged.remove(account_id);
+        }
     }
 }
 
@@ -334,9 +371,9 @@ impl HotStore for MemoryHotStore {
             account.held = held_after;
             account.balance = balance_after;
             account.charged.insert(event.request_id.clone(), now_ms.saturating_add(RECENT_CHARGE_MS));
-            if event.cost.is_positive() {
-                account.unlogged.insert(event.request_id.clone(), event.cost);
-            }
+            // A free charge too: a reload must still count its request and know its id.
+            let unlogged = Unlogged { cost: event.cost, api_key_id: event.api_key_id.clone(), day: periods.day, month: periods.month };
+            account.unlogged.insert(event.request_id.clone(), unlogged);
             debug_assert!(!account.held.is_negative(), "held never goes below zero");
             Settlement { balance_before, balance_after, already_settled: false }
         };
@@ -407,7 +444,31 @@ impl HotStore for MemoryHotStore {
             charged: snapshot.charged_request_ids.into_iter().map(|id| (id, forget_at_ms)).collect(),
             ..AccountState::default()
         };
-        seed_counters(&mut account, &snapshot.counters, &Periods::at(now_ms));
+        let periods = Periods::at(now_ms);
+        seed_counters(&mut account, &snapshot.counters, &periods);
+        // Charges still owed from before an unload: unlogged again, counted as the ledger's
+        // counters will count them (the snapshot's balance already lacks them).
+        let retained = accounts.unloaded_unlogged.remove(&snapshot.account_id).unwrap_or_default();
+        for (request_id, charge) in retained {
+            if !snapshot.unlogged.iter().any(|owed| owed.request_id == request_id) {
+                continue; // the ledger has it: its commit only has to take it out
+            }
+            if charge.day == periods.day {
+                account.requests_today.set(periods.day, account.requests_today.current(periods.day).saturating_add(1));
+            }
+            if charge.month == periods.month {
+                account.requests_this_month.set(periods.month, account.requests_this_month.current(periods.month).saturating_add(1));
+            }
+            let key = account.keys.entry(charge.api_key_id.clone()).or_default();
+            key.spent_total = add(key.spent_total, charge.cost, "key spend")?;
+            if charge.day == periods.day {
+                key.spent_daily.set(periods.day, add(key.spent_daily.current(periods.day), charge.cost, "key spend")?);
+            }
+            if charge.month == periods.month {
+                key.spent_monthly.set(periods.month, add(key.spent_monthly.current(periods.month), charge.cost, "key spend")?);
+            }
+            account.unlogged.insert(request_id, charge);
+        }
         accounts.insert(snapshot.account_id, account);
         Ok(true)
     }
@@ -482,7 +543,12 @@ impl HotStore for MemoryHotStore {
     }
 
     async fn unload_account(&self, account_id: &str) -> StoreResult<()> {
-        self.lock()?.remove(account_id);
+        let mut accounts = self.lock()?;
+        if let Some(account) = accounts.remove(account_id)
+            && !account.unlogged.is_empty()
+        {
+            accounts.unloaded_unlogged.insert(account_id.to_string(), account.unlogged);
+        }
         Ok(())
     }
 
@@ -503,15 +569,29 @@ impl HotStore for MemoryHotStore {
 
     async fn unlogged_charges(&self) -> StoreResult<Vec<UnloggedCharge>> {
         let accounts = self.lock()?;
-        Ok(accounts
-            .iter()
-            .flat_map(|(account_id, account)| {
-                account.unlogged.iter().map(|(request_id, cost)| UnloggedCharge {
+        let loaded = accounts.iter().map(|(account_id, account)| (account_id, &account.unlogged));
+        Ok(loaded
+            .chain(&accounts.unloaded_unlogged)
+            .flat_map(|(account_id, unlogged)| {
+                unlogged.iter().filter(|(_, charge)| charge.cost.is_positive()).map(|(request_id, charge)| UnloggedCharge {
                     account_id: account_id.clone(),
                     request_id: request_id.clone(),
-                    cost: *cost,
+                    cost: charge.cost,
                 })
             })
+            .collect())
+    }
+
+    async fn unlogged_charges_of(&self, account_id: &str) -> StoreResult<Vec<UnloggedCharge>> {
+        let accounts = self.lock()?;
+        let unlogged = match accounts.get(account_id) {
+            Some(account) => Some(&account.unlogged),
+            None => accounts.unloaded_unlogged.get(account_id),
+        };
+        Ok(unlogged
+            .into_iter()
+            .flatten()
+            .map(|(request_id, charge)| UnloggedCharge { account_id: account_id.to_string(), request_id: request_id.clone(), cost: charge.cost })
             .collect())
     }
 
@@ -583,7 +663,7 @@ mod tests {
     }
 
     async fn loaded(store: &MemoryHotStore, balance: i64) {
-        let snapshot = AccountSnapshot { account_id: "a".into(), balance: Money::from_nanos(balance), last_fund_seq: 0, charged_request_ids: vec!["old".into()], counters: CounterSeed::default() };
+        let snapshot = AccountSnapshot { unlogged: Vec::new(), account_id: "a".into(), balance: Money::from_nanos(balance), last_fund_seq: 0, charged_request_ids: vec!["old".into()], counters: CounterSeed::default() };
         assert!(store.load_account(snapshot.clone()).await.unwrap());
         assert!(!store.load_account(snapshot).await.unwrap(), "a second load changes nothing");
     }

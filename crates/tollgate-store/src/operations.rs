@@ -59,6 +59,51 @@ pub async fn charges_not_in_ledger(ledger: &dyn crate::Ledger, hot: &dyn crate::
     Ok(unlogged.into_iter().filter(|charge| !in_ledger.contains(&(charge.account_id.clone(), charge.request_id.clone()))).collect())
 }
 
+/// What a cold load puts in the hot store, or `None` if the ledger has no such account: the
+/// ledger's balance less the charges this hot store made that the ledger does not have yet (in
+/// the usage log or its dead letters: an account unloaded and loaded again still owes them, and
+/// a balance without them could be spent twice), the fund position, the request ids charged in
+/// the last [`RECENT_CHARGE_MS`](crate::hot::RECENT_CHARGE_MS) and those still on their way, the
+/// ledger's counters.
+///
+/// The reads go in this order so that a commit racing the load is never lost: the hot store's
+/// unlogged charges first (an unloaded account gets no new ones; the worker only takes them
+/// away), then which of them the ledger has, then the balance. A charge committed between the
+/// last two is subtracted twice — the balance errs low, and reconciliation repairs it. In the
+/// other order a charge committed and acknowledged in between would be in neither read, and the
+/// account could spend its cost again.
+///
+/// # Errors
+/// A store could not be read, or the balance less what is owed leaves the money range.
+pub async fn load_snapshot(
+    ledger: &dyn crate::Ledger,
+    hot: &dyn crate::HotStore,
+    account_id: &str,
+    now_ms: i64,
+) -> StoreResult<Option<crate::hot::AccountSnapshot>> {
+    let mut unlogged = hot.unlogged_charges_of(account_id).await?;
+    if !unlogged.is_empty() {
+        let pairs: Vec<(String, String)> = unlogged.iter().map(|charge| (account_id.to_string(), charge.request_id.clone())).collect();
+        let (_, in_ledger) = ledger.ledger_snapshot(Some(&[]), &pairs).await?;
+        unlogged.retain(|charge| !in_ledger.contains(&(account_id.to_string(), charge.request_id.clone())));
+    }
+    let Some(position) = ledger.account_balance(account_id).await? else { return Ok(None) };
+    let owed = unlogged.iter().try_fold(Money::ZERO, |sum, charge| sum.checked_add(charge.cost)).ok_or(StoreError::Overflow("unlogged charges"))?;
+    let balance = position.balance.checked_sub(owed).ok_or(StoreError::Overflow("balance"))?;
+    let since = time_of(now_ms.saturating_sub(crate::hot::RECENT_CHARGE_MS))?;
+    let mut charged_request_ids = ledger.charged_request_ids_since(account_id, since).await?;
+    charged_request_ids.extend(unlogged.iter().map(|charge| charge.request_id.clone()));
+    let counters = ledger.counter_seed(account_id, now_ms).await?;
+    Ok(Some(crate::hot::AccountSnapshot {
+        account_id: account_id.to_string(),
+        balance,
+        last_fund_seq: position.last_fund_seq,
+        charged_request_ids,
+        counters,
+        unlogged,
+    }))
+}
+
 /// A repair of account_balance to the balance the rows prove, made only if the account is still
 /// where reconciliation saw it. The repair is written as an adjustment of zero at the account's
 /// next ledger position (before = after = the proven balance), so the audit chain records it

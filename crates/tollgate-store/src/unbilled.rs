@@ -73,6 +73,10 @@ impl HotStore for UnbilledHotStore {
         Ok(Vec::new())
     }
 
+    async fn unlogged_charges_of(&self, _account_id: &str) -> StoreResult<Vec<UnloggedCharge>> {
+        Ok(Vec::new())
+    }
+
     async fn repair_balance(&self, _seen: &HotAccountView, _balance: Money) -> StoreResult<bool> {
         Ok(false)
     }

@@ -86,7 +86,7 @@ conformance!(
 );
 
 async fn load(store: &dyn HotStore, account: &str, balance: i64) {
-    let snapshot = AccountSnapshot { account_id: account.into(), balance: Money::from_nanos(balance), last_fund_seq: 0, charged_request_ids: vec!["old".into()], counters: CounterSeed::default() };
+    let snapshot = AccountSnapshot { unlogged: Vec::new(), account_id: account.into(), balance: Money::from_nanos(balance), last_fund_seq: 0, charged_request_ids: vec!["old".into()], counters: CounterSeed::default() };
     assert!(store.load_account(snapshot.clone()).await.unwrap());
     assert!(!store.load_account(snapshot).await.unwrap(), "a second load changes nothing");
 }
@@ -377,7 +377,7 @@ async fn stream_log_delivers_once_and_survives_consumer_crashes(url: &str) {
 async fn a_cold_load_remembers_every_charged_id(store: Arc<dyn HotStore>) {
     let count = 2 * tollgate_store::redis_store::LOAD_IDS_PER_CALL + 7;
     let charged_request_ids: Vec<String> = (0..count).map(|index| format!("charged-{index}")).collect();
-    let snapshot = AccountSnapshot { account_id: "busy".into(), balance: Money::from_nanos(1_000), last_fund_seq: 0, charged_request_ids, counters: CounterSeed::default() };
+    let snapshot = AccountSnapshot { unlogged: Vec::new(), account_id: "busy".into(), balance: Money::from_nanos(1_000), last_fund_seq: 0, charged_request_ids, counters: CounterSeed::default() };
     assert!(store.load_account(snapshot).await.unwrap());
     for index in [0, count / 2, count - 1] {
         let refused = store.authorize(&request("busy", &format!("charged-{index}"), 10)).await.unwrap();
@@ -392,7 +392,7 @@ async fn two_loaders_racing_load_once(store: Arc<dyn HotStore>) {
     for _ in 0..8 {
         let store = Arc::clone(&store);
         loaders.push(tokio::spawn(async move {
-            let snapshot = AccountSnapshot { account_id: "cold".into(), balance: Money::from_nanos(500), last_fund_seq: 4, charged_request_ids: Vec::new(), counters: CounterSeed::default() };
+            let snapshot = AccountSnapshot { unlogged: Vec::new(), account_id: "cold".into(), balance: Money::from_nanos(500), last_fund_seq: 4, charged_request_ids: Vec::new(), counters: CounterSeed::default() };
             store.load_account(snapshot).await.unwrap()
         }));
     }
@@ -418,7 +418,7 @@ async fn a_cold_load_starts_from_the_ledger_counters(store: Arc<dyn HotStore>) {
         spent_total: Money::from_nanos(90),
     };
     let counters = CounterSeed { day: now.day, month: now.month, requests_today: 3, requests_this_month: 5, keys: vec![key] };
-    let snapshot = AccountSnapshot { account_id: "s".into(), balance: Money::from_nanos(1_000), last_fund_seq: 1, charged_request_ids: Vec::new(), counters };
+    let snapshot = AccountSnapshot { unlogged: Vec::new(), account_id: "s".into(), balance: Money::from_nanos(1_000), last_fund_seq: 1, charged_request_ids: Vec::new(), counters };
     assert!(store.load_account(snapshot).await.unwrap());
     let view = store.balance("s", "key-s").await.unwrap().unwrap();
     assert_eq!((view.daily_requests_used, view.monthly_requests_used), (3, 5));
@@ -435,7 +435,7 @@ async fn a_cold_load_starts_from_the_ledger_counters(store: Arc<dyn HotStore>) {
 
     // Yesterday's counts are not today's.
     let stale = CounterSeed { day: now.day - 1, month: now.month - 1, requests_today: 9, requests_this_month: 9, keys: Vec::new() };
-    let snapshot = AccountSnapshot { account_id: "y".into(), balance: Money::from_nanos(1_000), last_fund_seq: 1, charged_request_ids: Vec::new(), counters: stale };
+    let snapshot = AccountSnapshot { unlogged: Vec::new(), account_id: "y".into(), balance: Money::from_nanos(1_000), last_fund_seq: 1, charged_request_ids: Vec::new(), counters: stale };
     assert!(store.load_account(snapshot).await.unwrap());
     let view = store.balance("y", "key-y").await.unwrap().unwrap();
     assert_eq!((view.daily_requests_used, view.monthly_requests_used), (0, 0));

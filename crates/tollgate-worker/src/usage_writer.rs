@@ -296,7 +296,7 @@ mod tests {
         let store = MemoryHotStore::new(sender.clone(), tollgate_store::clock::system_clock());
         // Account "b" is in the hot store only: the ledger refuses its usage rows.
         for account_id in ["a", "b"] {
-            let snapshot = AccountSnapshot { account_id: account_id.into(), balance: Money::from_nanos(100), last_fund_seq: 0, charged_request_ids: Vec::new(), counters: CounterSeed::default() };
+            let snapshot = AccountSnapshot { unlogged: Vec::new(), account_id: account_id.into(), balance: Money::from_nanos(100), last_fund_seq: 0, charged_request_ids: Vec::new(), counters: CounterSeed::default() };
             assert!(store.load_account(snapshot).await.unwrap());
         }
         let refused = UsageEvent { account_id: "b".into(), ..charge("r1") };

@@ -389,6 +389,22 @@ impl HotStore for RedisHotStore {
         Ok(views)
     }
 
+    async fn unlogged_charges_of(&self, account_id: &str) -> StoreResult<Vec<UnloggedCharge>> {
+        let base = self.keys.account_base(account_id);
+        let reply = texts(self.call(&self.account_key(&base, account_id), &["unlogged", &base, account_id]).await?)?;
+        reply
+            .chunks(2)
+            .map(|pair| match pair {
+                [request_id, cost] => Ok(UnloggedCharge {
+                    account_id: account_id.to_string(),
+                    request_id: request_id.clone(),
+                    cost: Money::from_nanos(cost.parse().map_err(|_| StoreError::Corrupt(format!("unlogged cost {cost:?}")))?),
+                }),
+                _ => Err(StoreError::Corrupt("unlogged index reply of odd length".into())),
+            })
+            .collect()
+    }
+
     async fn unlogged_charges(&self) -> StoreResult<Vec<UnloggedCharge>> {
         /// What an event charged: all this reads of it, so that an event this build cannot
         /// read whole (a field or variant of a newer gateway) still counts.

@@ -290,14 +290,16 @@ impl EventLog for RedisLog {
     }
 
     async fn ack(&self, deliveries: Vec<Delivery>) -> StoreResult<()> {
-        // Per shard: the entries, and the idempotency records of their charges.
-        let mut by_shard: BTreeMap<u16, (Vec<String>, Vec<String>)> = BTreeMap::new();
+        // Per shard: the entries, and the idempotency records and unlogged-index fields of their
+        // charges.
+        let mut by_shard: BTreeMap<u16, (Vec<String>, Vec<(String, String, String)>)> = BTreeMap::new();
         for delivery in deliveries {
             if let Receipt::Stream { shard, entry_id } = delivery.receipt {
                 let (entry_ids, charged) = by_shard.entry(shard).or_default();
                 entry_ids.push(entry_id);
-                if delivery.event.status != RequestStatus::Failed {
-                    charged.push(self.keys.charged_key(&delivery.event.account_id, &delivery.event.request_id));
+                let event = &delivery.event;
+                if event.status != RequestStatus::Failed {
+                    charged.push((self.keys.charged_key(&event.account_id, &event.request_id), self.keys.unlogged_key(&event.account_id), event.request_id.clone()));
                 }
             }
         }
@@ -313,8 +315,10 @@ impl EventLog for RedisLog {
             // (hot::RECENT_CHARGE_MS says why the record stays that long and no longer): the
             // record keeps "1", without the body that was most of what Redis kept per request.
             // `XX`: never creates a record.
-            for key in &charged {
-                pipeline.cmd("SET").arg(key).arg("1").arg("XX").arg("PX").arg(RECENT_CHARGE_MS).ignore();
+            // The ledger has the charge: the account no longer owes it to a reload.
+            for (record, unlogged, request_id) in &charged {
+                pipeline.cmd("SET").arg(record).arg("1").arg("XX").arg("PX").arg(RECENT_CHARGE_MS).ignore();
+                pipeline.cmd("HDEL").arg(unlogged).arg(request_id).ignore();
             }
             let _: (i64, i64) = pipeline.query_async(&mut connection).await.map_err(unavailable)?;
             // Only now: if the acknowledgement failed, the entries stay in flight, so this

@@ -159,6 +159,11 @@ impl KeySpace {
         format!("{}:charged:{account_id}:{request_id}", self.account_base(account_id))
     }
 
+    /// The index of an account's charges the ledger may not have yet (as `tollgate.lua` names it).
+    pub fn unlogged_key(&self, account_id: &str) -> String {
+        format!("{}:unlogged:{account_id}", self.account_base(account_id))
+    }
+
     pub fn stream(&self, shard: u16) -> String {
         format!("{}:usage", self.base(shard))
     }

@@ -20,6 +20,9 @@ Keys (B = key base, A = account id, K = key id, R = request id):
   B:key:K:spent_day:<day>, B:key:K:spent_month:<month>             TTL past their period
   B:key:K:rpm:<minute>, B:key:K:tpm:<minute>                       TTL 120 s
   B:usage                  stream of usage events for the worker   trimmed by the worker's acks
+  B:unlogged:A             hash  R -> cost: charges whose event    no TTL: the worker's ack takes each
+                           the ledger may not have (stream or      out; kept by unload (still owed:
+                           dead letters)                           operations::load_snapshot)
 
 Money is integer nano-units. Every change goes through HINCRBY/INCRBY (exact 64-bit integers in
 Redis); Lua compares them as doubles, exact up to 2^53 nano-units (9,007,199 currency units), so
@@ -221,6 +224,8 @@ function operations.settle(base, argv)
   local stored = argv[8]
   if stored == nil or stored == '' then stored = '1' end
   redis.call('SET', charged_key, stored, 'PX', QUEUED_CHARGE_TTL_MS)
+  -- A free charge too: a reload must still know its id and count its request.
+  redis.call('HSET', base .. ':unlogged:' .. account, request_id, argv[6])
   redis.call('XADD', base .. ':usage', '*', 'event', event, 'hot_balance_after', string.format('%d', after))
   return {'settled', string.format('%d', before), string.format('%d', after)}
 end
@@ -229,6 +234,12 @@ end
 -- stored response), or nil.
 function operations.stored(base, argv)
   return redis.call('GET', base .. ':charged:' .. argv[3] .. ':' .. argv[4])
+end
+
+-- ARGV: op, base, account. Reply: request_id, cost, ... of the account's charges whose usage
+-- event the ledger may not have yet.
+function operations.unlogged(base, argv)
+  return redis.call('HGETALL', base .. ':unlogged:' .. argv[3])
 end
 
 -- ARGV: op, base, account, request_id, event_json. Reply: 1 if a hold was released, else 0.

@@ -351,7 +351,9 @@ impl Model {
         account.charged.extend(account.log.iter().chain(&account.dead).filter(|event| !event.failed).map(|event| event.request_id.clone()));
         let mut spent = account.ledger_key_spent.clone();
         let mut requests = account.ledger_requests;
-        for event in account.unlogged() {
+        // Every charge the ledger does not have yet counts as a request, a free one too.
+        let owed = account.log.iter().chain(&account.dead).filter(|event| !event.failed && event.delivered != Some(true));
+        for event in owed {
             *spent.entry(event.key.clone()).or_default() += event.cost;
             requests += 1;
         }

@@ -66,8 +66,9 @@ pub struct Families {
     /// Usage events the embedded ledger refuses: issue 19 item 9 (the park acknowledges the
     /// waiting settle; the charge is in no ledger and no log). Fixed: the settle fails.
     pub embedded_dead_letters: bool,
-    /// Unloading (and reloading) an account with dead-lettered charges: a cold load takes the
-    /// ledger's balance, which lacks them (found by this checker). Not fixed: off.
+    /// Unloading (and reloading) an account with dead-lettered charges: a cold load took the
+    /// ledger's balance, which lacks them, so the account could spend them again (found by this
+    /// checker). Fixed: the load subtracts what the account still owes (load_snapshot).
     pub reload_with_dead_letters: bool,
     /// A settle whose hold is gone (expired, or lost with an unload) counts its request against
     /// the quotas, as DESIGN's settle says; the stores counted a request only at authorize, so
@@ -104,7 +105,7 @@ impl Families {
             embedded_dead_letters: true,
             zero_amounts_on_redis: true,
             late_settle_counts_request: true,
-            ..Families::default()
+            reload_with_dead_letters: true,
         }
     }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tollgate_core::{Money, Usage, UsageSource};
-use tollgate_store::hot::{AccountSnapshot, RECENT_CHARGE_MS};
+use tollgate_store::operations::load_snapshot;
 use tollgate_store::memory::MemoryHotStore;
 use tollgate_store::model::{AccountKind, NewAccount, NewApiKey, RequestStatus, UsageEvent};
 use tollgate_store::queue::{ChannelLog, Delivery, EventLog, channel_log};
@@ -197,17 +197,17 @@ impl System {
         }
     }
 
-    /// A cold load as the gateway does it (`charge::load_account`): the ledger's balance, fund
-    /// position, recently charged ids and counters, then any fund change after the snapshot.
+    /// A cold load as the gateway does it (`charge::load_account`): the ledger's snapshot less
+    /// what the account still owes (`operations::load_snapshot`), then any fund change after it.
     pub async fn load(&self, account: &str) -> Result<bool, StoreError> {
         let account_id = self.account_id(account);
-        let balance = self.ledger.account_balance(&account_id).await?.ok_or(StoreError::NotFound { entity: "account", id: account_id.clone() })?;
-        let since = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.now_ms() - RECENT_CHARGE_MS) * 1_000_000).expect("time");
-        let charged_request_ids = self.ledger.charged_request_ids_since(&account_id, since).await?;
-        let counters = self.ledger.counter_seed(&account_id, self.now_ms()).await?;
         let store = self.store();
-        let loaded = store.load_account(AccountSnapshot { account_id: account_id.clone(), balance: balance.balance, last_fund_seq: balance.last_fund_seq, charged_request_ids, counters }).await?;
-        for fund in self.ledger.fund_transactions_after(&account_id, balance.last_fund_seq).await? {
+        let snapshot = load_snapshot(&*self.ledger, &*store, &account_id, self.now_ms())
+            .await?
+            .ok_or(StoreError::NotFound { entity: "account", id: account_id.clone() })?;
+        let last_fund_seq = snapshot.last_fund_seq;
+        let loaded = store.load_account(snapshot).await?;
+        for fund in self.ledger.fund_transactions_after(&account_id, last_fund_seq).await? {
             store.apply_fund(&account_id, fund.ledger_seq, fund.amount, None).await?;
         }
         Ok(loaded)
