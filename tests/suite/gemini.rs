@@ -217,7 +217,8 @@ async fn a_stream_cut_by_the_upstream_is_charged_for_what_was_streamed() {
     assert!(!text.contains("finishReason"));
     let rows = usage_rows_at_least(&gateway, &account, 2).await;
     let cut = rows.iter().find(|row| row["status"] == "upstream_interrupted").unwrap_or_else(|| panic!("{rows:?}"));
-    // The early chunks' prompt-only metadata is no usage report: the tokenizer counted.
+    // The early chunks' prompt-only metadata is no usage report: their prompt count is kept,
+    // the output is the tokenizer's count of what was relayed.
     assert_eq!(cut["usage_source"], "tokenizer");
     assert_eq!((cut["input_tokens"].as_u64(), cut["output_tokens"].as_u64()), (Some(prompt), Some(5)));
     let after = gateway.balance_of(&key).await;
