@@ -132,9 +132,10 @@ impl Billing {
     }
 
     /// Counts and logs a charge above its hold (I7: input estimated from above, any excess
-    /// counted): a provider counting more than the gateway's ceilings, or an unsized part above
-    /// `limits.unsized_media_part_tokens`. The charge itself stands; the overrun is bounded by
-    /// one request (DESIGN, settle).
+    /// counted): a provider counting media above the gateway's ceilings, an unsized part above
+    /// `limits.unsized_media_part_tokens`, or a provider's tokenizer counting text above
+    /// tiktoken's. The charge itself stands; the overrun is bounded by one request (DESIGN,
+    /// settle).
     fn record_hold_excess(&self, cost: tollgate_core::Money) {
         let Some(excess) = cost.checked_sub(self.hold).filter(|excess| excess.is_positive()) else {
             return;
