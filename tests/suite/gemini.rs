@@ -217,12 +217,39 @@ async fn a_stream_cut_by_the_upstream_is_charged_for_what_was_streamed() {
     assert!(!text.contains("finishReason"));
     let rows = usage_rows_at_least(&gateway, &account, 2).await;
     let cut = rows.iter().find(|row| row["status"] == "upstream_interrupted").unwrap_or_else(|| panic!("{rows:?}"));
-    // The early chunks' prompt-only metadata is no usage report: the tokenizer counted.
+    // The early chunks' prompt-only metadata is no usage report: their prompt count is kept,
+    // the output is the tokenizer's count of what was relayed.
     assert_eq!(cut["usage_source"], "tokenizer");
     assert_eq!((cut["input_tokens"].as_u64(), cut["output_tokens"].as_u64()), (Some(prompt), Some(5)));
     let after = gateway.balance_of(&key).await;
     assert_eq!(before.checked_sub(after).unwrap(), expected_cost(prompt, 5));
     assert_eq!(gateway.balance(&key).await["held"], "0");
+    gateway.assert_ledger_sound(&account).await;
+    gateway.stop().await;
+}
+
+/// Issue 19 item 2: a stream with an image, cut before its finishing chunk, is charged the
+/// prompt count of the latest `usageMetadata` it carried (the mock counts the text alone), not
+/// the gateway's estimate from above (the text plus the image's ceiling of 4,128).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_stream_keeps_the_prompt_count_its_chunks_reported() {
+    let (gateway, _) = start().await;
+    let account = gateway.account("1", json!({})).await;
+    let key = gateway.key(&account, json!({})).await;
+    let mut body = gemini_body("What is in this picture?");
+    body["contents"][0]["parts"].as_array_mut().unwrap().push(json!({"inlineData": {"mimeType": "image/png", "data": "iVBORw0KGgo="}}));
+    let reference: Value = gemini_call(&gateway, &key, "demo-gemini:generateContent", &body).await.json().await.unwrap();
+    let prompt = reference["usageMetadata"]["promptTokenCount"].as_u64().unwrap();
+    let before = gateway.balance_of(&key).await;
+    body["mock"] = json!({"output_tokens": 50, "fail_after_chunks": 3});
+    let response = gemini_call(&gateway, &key, "demo-gemini:streamGenerateContent?alt=sse", &body).await;
+    assert_eq!(response.status(), 200);
+    let text = String::from_utf8_lossy(&response.bytes().await.unwrap_or_default()).into_owned();
+    assert!(!text.contains("finishReason"), "cut before the finish: {text}");
+    let rows = usage_rows_at_least(&gateway, &account, 2).await;
+    let cut = rows.iter().find(|row| row["status"] == "upstream_interrupted").unwrap_or_else(|| panic!("{rows:?}"));
+    assert_eq!((cut["input_tokens"].as_u64(), cut["output_tokens"].as_u64()), (Some(prompt), Some(3)), "{cut}");
+    assert_eq!(before.checked_sub(gateway.balance_of(&key).await).unwrap(), expected_cost(prompt, 3));
     gateway.assert_ledger_sound(&account).await;
     gateway.stop().await;
 }

@@ -80,3 +80,89 @@ async fn an_upstream_that_ignores_the_cap_is_charged_at_the_cap() {
     assert_eq!(outputs, vec![500, 500, 300]);
     gateway.stop().await;
 }
+
+/// A counter of the gateway's `/metrics`, 0 while it has never moved.
+async fn metric(gateway: &TestGateway, name: &str) -> u64 {
+    let text = gateway.http.get(format!("{}/metrics", gateway.url)).send().await.unwrap().text().await.unwrap();
+    text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0)
+}
+
+/// Sends an Anthropic request whose upstream answers after a pause, and reads the amount held
+/// for it while it is in flight: the hold itself, as the hot store placed it.
+async fn hold_and_response(gateway: &TestGateway, key: &str, body: Value) -> (Money, reqwest::Response) {
+    let request = gateway.messages_request(key).json(&body).send();
+    let watch = async {
+        loop {
+            let held = money(&gateway.balance(key).await["held"]);
+            if held.is_positive() {
+                return held;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    let (response, held) = tokio::join!(request, watch);
+    (held, response.unwrap())
+}
+
+/// Issue 19 item 2: an Anthropic stream cut after `message_start` (before `message_delta`) is
+/// charged the input counts `message_start` carried — uncached, cache reads, cache writes —
+/// plus the tokenizer's count of the output relayed, not the gateway's count of the prompt
+/// text. Before, the provider's 5,000 input tokens were thrown away and the 10 of the text
+/// charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_anthropic_stream_cut_after_message_start_is_charged_the_input_it_reported() {
+    let gateway = TestGateway::start().await;
+    let account = gateway.account("10", json!({})).await;
+    let key = gateway.key(&account, json!({})).await;
+    let reported = json!({"input_tokens": 5_000, "cache_read_input_tokens": 300, "cache_creation_input_tokens": 200, "output_tokens": 1});
+    let body = json!({"model": "demo-claude", "max_tokens": 100, "stream": true, "messages": [{"role": "user", "content": "cut me"}],
+        "mock": {"output_tokens": 50, "fail_after_chunks": 3, "usage_override": reported}});
+    let before = gateway.balance_of(&key).await;
+    let text = gateway.messages_request(&key).json(&body).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("message_start") && !text.contains("message_stop"), "cut before its end: {text}");
+    assert_eq!(text.matches("text_delta").count(), 3);
+    // Input 2.5, cache reads 1.25, cache writes at the input price (unset), output 10 per million.
+    let expected = Money::from_nanos(5_000 * 2_500 + 300 * 1_250 + 200 * 2_500 + 3 * 10_000);
+    assert_eq!(before.checked_sub(gateway.balance_of(&key).await).unwrap(), expected);
+    let statement = gateway.assert_ledger_sound(&account).await;
+    let row = statement["rows"].as_array().unwrap().iter().find(|row| row["kind"] == "usage").unwrap().clone();
+    let counts = ["input_tokens", "cached_input_tokens", "cache_write_tokens", "output_tokens"].map(|field| row[field].as_u64().unwrap());
+    assert_eq!(counts, [5_000, 300, 200, 3], "{row}");
+    assert_eq!((row["status"].as_str(), row["usage_source"].as_str()), (Some("upstream_interrupted"), Some("tokenizer")));
+    gateway.stop().await;
+}
+
+/// Issue 19 item 2: a request with an image holds at least what the provider then charges for
+/// it (an image counted at 1,500 tokens, under Anthropic's ceiling of about 1,600; before, the
+/// hold counted it at 85). A document sent by URL shows no size: it is held at
+/// `limits.unsized_media_part_tokens`, and a provider counting more is charged in full and the
+/// excess counted on `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_a_non_text_part_holds_what_it_is_charged_or_counts_the_excess() {
+    let gateway = TestGateway::start_with(|config| config.limits.unsized_media_part_tokens = 10_000).await;
+    let account = gateway.account("10", json!({})).await;
+    let key = gateway.key(&account, json!({})).await;
+    let image = json!({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}});
+    let body = json!({"model": "demo-claude", "max_tokens": 16, "messages": [{"role": "user", "content": [image, {"type": "text", "text": "What is this?"}]}],
+        "mock": {"output_tokens": 16, "latency_ms": 300, "usage_override": {"input_tokens": 1_500, "output_tokens": 16}}});
+    let (held, response) = hold_and_response(&gateway, &key, body).await;
+    assert_eq!(response.status(), 200);
+    let cost = header_money(&response, "x-tollgate-cost");
+    assert_eq!(cost, Money::from_nanos(1_500 * 2_500 + 16 * 10_000));
+    assert!(cost <= held, "the charge {cost} stays inside its hold {held}");
+
+    let (exceeded, exceeded_nanos) = (metric(&gateway, "tollgate_hold_exceeded_total").await, metric(&gateway, "tollgate_hold_exceeded_nanos_total").await);
+    let document = json!({"type": "document", "source": {"type": "url", "url": "https://example.com/report.pdf"}});
+    let body = json!({"model": "demo-claude", "max_tokens": 16, "messages": [{"role": "user", "content": [document, {"type": "text", "text": "Summarise."}]}],
+        "mock": {"output_tokens": 16, "latency_ms": 300, "usage_override": {"input_tokens": 40_000, "output_tokens": 16}}});
+    let (held, response) = hold_and_response(&gateway, &key, body).await;
+    assert_eq!(response.status(), 200);
+    assert!(held >= Money::from_nanos(10_000 * 2_500), "the unsized document is held at the configured default: {held}");
+    let cost = header_money(&response, "x-tollgate-cost");
+    assert_eq!(cost, Money::from_nanos(40_000 * 2_500 + 16 * 10_000), "charged what the provider counted");
+    let excess = u64::try_from(cost.checked_sub(held).unwrap().nanos()).unwrap();
+    assert!(metric(&gateway, "tollgate_hold_exceeded_total").await > exceeded);
+    assert!(metric(&gateway, "tollgate_hold_exceeded_nanos_total").await >= exceeded_nanos + excess, "the excess {excess} is counted");
+    gateway.assert_ledger_sound(&account).await;
+    gateway.stop().await;
+}

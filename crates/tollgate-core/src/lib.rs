@@ -12,6 +12,8 @@
 //! - [`estimate`]: [`hold_estimate`], the amount reserved before forwarding a request.
 //! - [`price_import`]: OpenRouter's and LiteLLM's published price lists read exactly (per-token
 //!   decimal text to nano-units per million tokens, never through a float); [`PriceList`].
+//! - [`media`]: what input the tokenizer cannot read (images, audio, video, documents) is held
+//!   at, per protocol, each ceiling with its source; [`PromptEstimate`].
 //! - [`tokens`]: tiktoken counting for hold estimates and for the fallback when an upstream
 //!   reports no usage.
 //!
@@ -19,6 +21,7 @@
 
 pub mod cost;
 pub mod estimate;
+pub mod media;
 pub mod money;
 pub mod price;
 pub mod price_import;
@@ -27,6 +30,7 @@ pub mod usage;
 
 pub use cost::{CostBreakdown, CostError, cost};
 pub use estimate::hold_estimate;
+pub use media::{MediaBounds, PromptEstimate};
 pub use money::{Money, MoneyError};
 pub use price::{Price, PriceError};
 pub use price_import::{PriceList, PriceListFormat};

@@ -12,6 +12,8 @@ use std::sync::OnceLock;
 use serde_json::Value;
 use tiktoken_rs::CoreBPE;
 
+use crate::media::{self, MediaBounds, PromptEstimate};
+
 /// The BPE encodings Tollgate counts with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Encoding {
@@ -21,8 +23,6 @@ pub enum Encoding {
     O200k,
 }
 
-/// Flat token charge for an image part, as OpenAI counts a low-detail image.
-const IMAGE_PART_TOKENS: u64 = 85;
 /// OpenAI's chat format: tokens framing every message.
 const TOKENS_PER_MESSAGE: u64 = 3;
 /// OpenAI's chat format: one more for a message with a `name`.
@@ -31,7 +31,7 @@ const TOKENS_PER_NAME: u64 = 1;
 const TOKENS_PRIMING_REPLY: u64 = 3;
 /// Model-name prefixes counted with o200k.
 const O200K_PREFIXES: [&str; 7] = ["gpt-4o", "gpt-4.1", "gpt-5", "o1", "o3", "o4", "chatgpt-4o"];
-/// Content-part types that are images, charged a flat amount.
+/// Content-part types that are images, held at the protocol's per-image ceiling.
 const IMAGE_PART_TYPES: [&str; 3] = ["image_url", "image", "input_image"];
 
 static CL100K: OnceLock<Option<CoreBPE>> = OnceLock::new();
@@ -77,54 +77,133 @@ pub fn count_text(encoding: Encoding, text: &str) -> u64 {
     }
 }
 
-/// Tokens of a message's `content`: a string, or an array of parts whose `text` is counted and
-/// whose images count a flat [`IMAGE_PART_TOKENS`].
-fn count_content(encoding: Encoding, content: &Value) -> u64 {
+/// Adds a message's `content` to the estimate: a string, or an array of parts.
+fn estimate_content(encoding: Encoding, content: &Value, bounds: &MediaBounds, estimate: &mut PromptEstimate) {
     match content {
-        Value::String(text) => count_text(encoding, text),
-        Value::Array(parts) => parts.iter().fold(0, |tokens: u64, part| tokens.saturating_add(count_part(encoding, part))),
-        _ => 0,
+        Value::String(text) => estimate.add_text(count_text(encoding, text)),
+        Value::Array(parts) => {
+            for part in parts {
+                estimate_part(encoding, part, bounds, estimate);
+            }
+        }
+        _ => {}
     }
 }
 
-fn count_part(encoding: Encoding, part: &Value) -> u64 {
-    if let Value::String(text) = part {
-        return count_text(encoding, text);
+/// One content part of the OpenAI or Anthropic protocol (their part types do not overlap):
+/// text as text, wherever it is nested; media at the protocol's ceilings; any other part as
+/// its JSON text, so that nothing the upstream bills is free.
+fn estimate_part(encoding: Encoding, part: &Value, bounds: &MediaBounds, estimate: &mut PromptEstimate) {
+    let text = |text: &str| count_text(encoding, text);
+    if let Value::String(part_text) = part {
+        estimate.add_text(text(part_text));
+        return;
     }
-    let is_image = part.get("type").and_then(Value::as_str).is_some_and(|kind| IMAGE_PART_TYPES.contains(&kind));
-    if is_image {
-        return IMAGE_PART_TOKENS;
+    let kind = part.get("type").and_then(Value::as_str).unwrap_or_default();
+    match kind {
+        _ if IMAGE_PART_TYPES.contains(&kind) => {
+            let low_detail = part.pointer("/image_url/detail").or_else(|| part.get("detail")).and_then(Value::as_str) == Some("low");
+            estimate.add_media(if low_detail { bounds.low_detail_image_tokens_max } else { bounds.image_tokens_max });
+        }
+        // OpenAI: base64 audio in `data`, its format (wav, mp3) in `format`.
+        "input_audio" => match part.pointer("/input_audio/data").and_then(Value::as_str) {
+            Some(data) => estimate.add_media(bounds.inline_tokens_max("audio/", data.len())),
+            None => estimate.add_unsized(),
+        },
+        // OpenAI: a file inline (`file_data`, a data URL or bare base64) or by `file_id`.
+        "file" => {
+            let file = part.get("file").unwrap_or(&Value::Null);
+            match file.get("file_data").and_then(Value::as_str) {
+                Some(data) => {
+                    let (mime_type, payload) = media::data_url(data).unwrap_or(("application/pdf", data));
+                    estimate.add_media(bounds.inline_tokens_max(mime_type, payload.len()));
+                }
+                None => estimate.add_unsized(),
+            }
+            if let Some(filename) = file.get("filename").and_then(Value::as_str) {
+                estimate.add_text(text(filename));
+            }
+        }
+        "document" => estimate_document(encoding, part, bounds, estimate),
+        "tool_result" => {
+            estimate_content(encoding, part.get("content").unwrap_or(&Value::Null), bounds, estimate);
+            if let Some(id) = part.get("tool_use_id").and_then(Value::as_str) {
+                estimate.add_text(text(id));
+            }
+        }
+        "tool_use" => {
+            let name = part.get("name").and_then(Value::as_str).unwrap_or_default();
+            let input = part.get("input").map(Value::to_string).unwrap_or_default();
+            estimate.add_text(text(name).saturating_add(text(&input)));
+        }
+        "thinking" => estimate.add_text(part.get("thinking").and_then(Value::as_str).map_or(0, text)),
+        _ => match part.get("text").and_then(Value::as_str) {
+            Some(part_text) => estimate.add_text(text(part_text)),
+            None if part.is_object() => estimate.add_text(text(&part.to_string())),
+            None => {}
+        },
     }
-    part.get("text").and_then(Value::as_str).map_or(0, |text| count_text(encoding, text))
+}
+
+/// An Anthropic `document` block: its source is text, content blocks, base64 bytes (a PDF),
+/// or a URL or file id whose size the gateway cannot see.
+fn estimate_document(encoding: Encoding, part: &Value, bounds: &MediaBounds, estimate: &mut PromptEstimate) {
+    let source = part.get("source").unwrap_or(&Value::Null);
+    let data = source.get("data").and_then(Value::as_str);
+    match (source.get("type").and_then(Value::as_str), data) {
+        (Some("text"), Some(text)) => estimate.add_text(count_text(encoding, text)),
+        (Some("content"), _) => estimate_content(encoding, source.get("content").unwrap_or(&Value::Null), bounds, estimate),
+        (Some("base64"), Some(data)) => {
+            let mime_type = source.get("media_type").and_then(Value::as_str).unwrap_or("application/pdf");
+            estimate.add_media(bounds.inline_tokens_max(mime_type, data.len()));
+        }
+        _ => estimate.add_unsized(),
+    }
+    for field in ["title", "context"] {
+        if let Some(text) = part.get(field).and_then(Value::as_str) {
+            estimate.add_text(count_text(encoding, text));
+        }
+    }
 }
 
 /// Prompt tokens of a chat request by OpenAI's documented formula: 3 tokens per message, +1 if
 /// the message has "name", the tokens of every string field value of the message (role, content,
-/// name, and any other string field such as `tool_call_id`) where content may be a string or an
-/// array of parts whose "text" fields are counted (image parts: a flat 85 tokens each), plus 3
-/// tokens priming the reply. Non-string fields other than content (e.g. `tool_calls`) are not
-/// counted. Saturating, so no input can make it wrap.
+/// name, and any other string field such as `tool_call_id`), plus 3 tokens priming the reply —
+/// with media held at gpt-4o's ceilings ([`estimate_chat_prompt`] says what it does with parts).
 pub fn count_chat_prompt(encoding: Encoding, messages: &[Value]) -> u64 {
-    messages.iter().fold(TOKENS_PRIMING_REPLY, |tokens, message| tokens.saturating_add(count_message(encoding, message)))
+    estimate_chat_prompt(encoding, messages, &MediaBounds::openai("gpt-4o")).tokens_max()
 }
 
-fn count_message(encoding: Encoding, message: &Value) -> u64 {
-    let mut tokens = TOKENS_PER_MESSAGE;
+/// The prompt of a chat request (OpenAI or Anthropic messages) estimated from above (I7): text
+/// counted by OpenAI's formula (see [`count_chat_prompt`]), with text nested in content parts
+/// (tool results, tool calls' inputs, text documents) counted as text, the tool calls of
+/// earlier turns (`tool_calls`, `function_call`) as their JSON, and media parts at `bounds`.
+/// Saturating, so no input can make it wrap.
+pub fn estimate_chat_prompt(encoding: Encoding, messages: &[Value], bounds: &MediaBounds) -> PromptEstimate {
+    let mut estimate = PromptEstimate { text_tokens: TOKENS_PRIMING_REPLY, ..PromptEstimate::default() };
+    for message in messages {
+        estimate_message(encoding, message, bounds, &mut estimate);
+    }
+    estimate
+}
+
+fn estimate_message(encoding: Encoding, message: &Value, bounds: &MediaBounds, estimate: &mut PromptEstimate) {
+    estimate.add_text(TOKENS_PER_MESSAGE);
     let Some(fields) = message.as_object() else {
-        return tokens;
+        return;
     };
     for (key, value) in fields {
-        let field_tokens = match (key.as_str(), value) {
-            ("content", content) => count_content(encoding, content),
-            (_, Value::String(text)) => count_text(encoding, text),
-            _ => 0,
-        };
-        tokens = tokens.saturating_add(field_tokens);
+        match (key.as_str(), value) {
+            ("content", content) => estimate_content(encoding, content, bounds, estimate),
+            // The calls the model made in earlier turns come back as prompt.
+            ("tool_calls" | "function_call", calls) if !calls.is_null() => estimate.add_text(count_text(encoding, &calls.to_string())),
+            (_, Value::String(text)) => estimate.add_text(count_text(encoding, text)),
+            _ => {}
+        }
         if key == "name" {
-            tokens = tokens.saturating_add(TOKENS_PER_NAME);
+            estimate.add_text(TOKENS_PER_NAME);
         }
     }
-    tokens
 }
 
 /// OpenAI's framing of function definitions, per encoding, as its cookbook measured them
@@ -293,19 +372,21 @@ mod tests {
         for encoding in BOTH {
             // 3 priming + 3 per message + "user" (1) + "hello world" (2).
             assert_eq!(count_chat_prompt(encoding, &[json!({"role": "user", "content": "hello world"})]), 9);
-            // + "name" flag (1) + "bob" (1) + text part (2) + image part (85).
+            // + "name" flag (1) + "bob" (1) + text part (2) + image part (gpt-4o's ceiling).
             let named = json!({"role": "user", "name": "bob", "content": [
                 {"type": "text", "text": "hello world"},
                 {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
             ]});
-            assert_eq!(count_chat_prompt(encoding, &[named]), 3 + 3 + 1 + 1 + 1 + 2 + 85);
+            assert_eq!(count_chat_prompt(encoding, &[named]), 3 + 3 + 1 + 1 + 1 + 2 + 1_445);
             assert_eq!(count_chat_prompt(encoding, &[]), 3);
             // Two messages: each framed.
             let two = [json!({"role": "system", "content": "hello"}), json!({"role": "user", "content": "hello world"})];
             assert_eq!(count_chat_prompt(encoding, &two), 3 + (3 + 1 + 1) + (3 + 1 + 2));
-            // Null content (assistant tool call) counts nothing; non-string fields are skipped.
-            let tool_call = json!({"role": "assistant", "content": null, "tool_calls": [{"id": "x"}]});
-            assert_eq!(count_chat_prompt(encoding, &[tool_call]), 3 + 3 + 1);
+            // Null content counts nothing; earlier tool calls count as their JSON; other
+            // non-string fields are skipped.
+            let tool_calls = json!([{"id": "x"}]);
+            let tool_call = json!({"role": "assistant", "content": null, "tool_calls": tool_calls, "refusal": null});
+            assert_eq!(count_chat_prompt(encoding, &[tool_call]), 3 + 3 + 1 + count_text(encoding, &tool_calls.to_string()));
             // Any other string field counts, as in OpenAI's reference implementation.
             let tool_result = json!({"role": "tool", "tool_call_id": "hello", "content": "hello world"});
             assert_eq!(count_chat_prompt(encoding, &[tool_result]), 3 + 3 + 1 + 1 + 2);
@@ -319,13 +400,63 @@ mod tests {
         let encoding = Encoding::Cl100k;
         for kind in IMAGE_PART_TYPES {
             let message = json!({"role": "user", "content": [{"type": kind, "text": "ignored caption words here"}]});
-            assert_eq!(count_chat_prompt(encoding, &[message]), 3 + 3 + 1 + 85, "{kind}");
+            assert_eq!(count_chat_prompt(encoding, &[message]), 3 + 3 + 1 + 1_445, "{kind}");
         }
-        // A text part (2), an unknown part without text (nothing), a bare string part (1).
-        let message = json!({"role": "user", "content": [{"type": "input_text", "text": "hello world"}, {"type": "unknown"}, "hello"]});
-        assert_eq!(count_chat_prompt(encoding, &[message]), 3 + 3 + 1 + 2 + 1);
+        // A text part (2), an unknown part without text (its JSON), a bare string part (1).
+        let unknown = json!({"type": "unknown"});
+        let message = json!({"role": "user", "content": [{"type": "input_text", "text": "hello world"}, unknown, "hello"]});
+        assert_eq!(count_chat_prompt(encoding, &[message]), 3 + 3 + 1 + 2 + count_text(encoding, &unknown.to_string()) + 1);
         let message = json!({"role": "user", "content": 42});
         assert_eq!(count_chat_prompt(encoding, &[message]), 3 + 3 + 1);
+    }
+
+    /// Issue 19 item 2: what the tokenizer cannot read was free (tool results, tool inputs,
+    /// documents, audio, files) or flat (an image at 85 whatever the model); text nested in
+    /// structured parts is text, media is held at the protocol's ceiling.
+    #[test]
+    fn nested_text_is_text_and_media_is_held_at_its_ceiling() {
+        let encoding = Encoding::Cl100k;
+        let text = |text: &str| count_text(encoding, text);
+        let estimate = |content: Value, bounds: &MediaBounds| estimate_chat_prompt(encoding, &[json!({"role": "user", "content": content})], bounds);
+        let framing = 3 + 3 + text("user");
+        let long = "the quick brown fox jumps over the lazy dog ".repeat(50);
+        let anthropic = MediaBounds::ANTHROPIC;
+
+        let tool_result = json!([{"type": "tool_result", "tool_use_id": "toolu_1", "content": [
+            {"type": "text", "text": long},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}},
+        ]}, {"type": "tool_result", "tool_use_id": "toolu_2", "content": long}]);
+        let counted = estimate(tool_result, &anthropic);
+        assert_eq!(counted, PromptEstimate { text_tokens: framing + 2 * text(&long) + text("toolu_1") + text("toolu_2"), media_tokens_max: 1_600, unsized_parts: 0 });
+
+        let input = json!({"query": long});
+        let tool_use = estimate(json!([{"type": "tool_use", "id": "toolu_1", "name": "search", "input": input}]), &anthropic);
+        assert_eq!(tool_use.text_tokens, framing + text("search") + text(&input.to_string()));
+
+        let documents = json!([
+            {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": long}, "title": "Notes"},
+            {"type": "document", "source": {"type": "content", "content": [{"type": "text", "text": long}]}},
+            {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "A".repeat(4 * 1_024)}},
+            {"type": "document", "source": {"type": "url", "url": "https://example.com/a.pdf"}},
+        ]);
+        let counted = estimate(documents, &anthropic);
+        assert_eq!(counted, PromptEstimate { text_tokens: framing + 2 * text(&long) + text("Notes"), media_tokens_max: 3 * 1_024, unsized_parts: 1 });
+
+        // OpenAI: audio bounded by its bytes, a file inline by its bytes or unsized by id, an
+        // image at the model's ceiling (low detail: the base), earlier tool calls as their JSON.
+        let gpt_4o = MediaBounds::openai("gpt-4o");
+        let parts = json!([
+            {"type": "input_audio", "input_audio": {"data": "A".repeat(10_000), "format": "mp3"}},
+            {"type": "file", "file": {"file_data": format!("data:application/pdf;base64,{}", "A".repeat(4 * 512)), "filename": "a.pdf"}},
+            {"type": "file", "file": {"file_id": "file-abc"}},
+            {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+            {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "low"}},
+        ]);
+        let counted = estimate(parts, &gpt_4o);
+        assert_eq!(counted, PromptEstimate { text_tokens: framing + text("a.pdf"), media_tokens_max: 320 + 2 * 1_024 + 1_445 + 85, unsized_parts: 1 });
+        assert_eq!(counted.tokens_max(), counted.text_tokens + counted.media_tokens_max);
+        let mini = estimate(json!([{"type": "image_url", "image_url": {"url": "x"}}]), &MediaBounds::openai("gpt-4o-mini"));
+        assert_eq!(mini.media_tokens_max, 48_169);
     }
 
     #[test]

@@ -27,6 +27,11 @@ pub struct LimitsConfig {
     pub hold_ttl_ms: u64,
     /// Output tokens assumed for the hold when a request sets no maximum.
     pub default_max_output_tokens: u64,
+    /// Input tokens held for each media part whose size the request does not show (a file by
+    /// id or URL: OpenAI `file_id`, Anthropic `url`/`file` documents, Gemini `fileData` that is
+    /// not an image). An estimate, not a bound: a charge above its hold is counted
+    /// (`tollgate_hold_exceeded_total`).
+    pub unsized_media_part_tokens: u64,
     /// Billing contexts are re-read after this long even without an invalidation.
     pub context_cache_ttl_ms: u64,
     /// Usage events per ledger transaction.
@@ -70,6 +75,7 @@ impl Default for LimitsConfig {
             stream_duration_ms_max: 600_000,
             hold_ttl_ms: 900_000,
             default_max_output_tokens: 4_096,
+            unsized_media_part_tokens: 32_768,
             context_cache_ttl_ms: 300_000,
             usage_batch_events_max: 500,
             usage_batch_linger_ms: 20,

@@ -45,6 +45,8 @@ struct Billing {
     /// The output tokens the hold was sized for, all choices together; the upstream was sent
     /// this cap (I7) and no charge counts more output than this.
     output_tokens_max: u64,
+    /// The amount held for this request, which its charge should not exceed (I7).
+    hold: tollgate_core::Money,
     protocol: Protocol,
     /// What the request id is bound to with the key ([`request_fingerprint`]).
     request_fingerprint: String,
@@ -79,7 +81,8 @@ impl Billing {
         event
     }
 
-    /// Usage measured by the tokenizer: the counted prompt plus the generated text.
+    /// Usage measured by the tokenizer: the prompt estimated from above (media at their
+    /// ceilings, I7) plus the generated text.
     fn counted_usage(&self, output_text: &str) -> Usage {
         Usage {
             input_tokens: self.parsed.prompt_tokens,
@@ -105,11 +108,44 @@ impl Billing {
         if self.protocol.reasoning_outside_output_cap() {
             output_cap = output_cap.saturating_add(reported.reasoning_tokens);
         }
-        let checked = tollgate_core::check_reported(reported, counted, Some(output_cap));
+        // A report is checked against the text the tokenizer read, not the media ceilings: a
+        // provider counting an image below its ceiling is not under-reporting.
+        let measured = Usage { input_tokens: self.parsed.prompt_text_tokens, ..counted };
+        let checked = tollgate_core::check_reported(reported, measured, Some(output_cap));
         for anomaly in &checked.anomalies {
             self.record_anomaly(*anomaly, &reported);
         }
         (checked.usage, checked.source())
+    }
+
+    /// The usage of a stream: its full report when it came; else, for a stream cut before it,
+    /// the input counts the upstream already sent (Anthropic's `message_start`, Gemini's latest
+    /// `usageMetadata`) with the tokenizer's count of the output relayed (within the cap, as
+    /// any output); else the tokenizer's count of both.
+    fn stream_usage_to_charge(&self, inspector: &StreamInspector) -> (Usage, UsageSource) {
+        let output_text = inspector.output_text();
+        match (inspector.usage(), inspector.input_usage()) {
+            (None, Some(input)) => {
+                let output_tokens = tokens::count_text(self.parsed.encoding, output_text);
+                let (usage, _) = self.usage_to_charge(Some(Usage { output_tokens, ..input }), output_text);
+                (usage, UsageSource::Tokenizer)
+            }
+            (reported, _) => self.usage_to_charge(reported, output_text),
+        }
+    }
+
+    /// Counts and logs a charge above its hold (I7: input estimated from above, any excess
+    /// counted): a provider counting media above the gateway's ceilings, an unsized part above
+    /// `limits.unsized_media_part_tokens`, or a provider's tokenizer counting text above
+    /// tiktoken's. The charge itself stands; the overrun is bounded by one request (DESIGN,
+    /// settle).
+    fn record_hold_excess(&self, cost: tollgate_core::Money) {
+        let Some(excess) = cost.checked_sub(self.hold).filter(|excess| excess.is_positive()) else {
+            return;
+        };
+        metrics::counter!("tollgate_hold_exceeded_total").increment(1);
+        metrics::counter!("tollgate_hold_exceeded_nanos_total").increment(excess.nanos().unsigned_abs());
+        tracing::warn!(request_id = self.request_id, provider = self.route.provider.name, model = self.route.model, hold = %self.hold, %cost, %excess, "charge exceeds its hold");
     }
 
     fn record_anomaly(&self, anomaly: tollgate_core::UsageAnomaly, measured: &Usage) {
@@ -146,8 +182,11 @@ async fn handle_request(
     let bytes = read_limited_body(&state.config.limits, headers, body).await?;
     let mut body: Map<String, Value> = serde_json::from_slice(&bytes)
         .map_err(|error| ApiError::InvalidRequest(format!("request body is not a valid JSON object: {error}")))?;
-    let parsed = protocol.parse_at(&body, url)?;
+    let mut parsed = protocol.parse_at(&body, url)?;
     let fingerprint = request_fingerprint(protocol, url, &body);
+    // A file sent by id or URL shows no size: held at the operator's default (I7).
+    let unsized_tokens = parsed.unsized_media_parts.saturating_mul(state.config.limits.unsized_media_part_tokens);
+    parsed.prompt_tokens = parsed.prompt_tokens.saturating_add(unsized_tokens);
     let route = state
         .upstreams
         .route(&parsed.model)
@@ -212,6 +251,7 @@ async fn handle_request(
             price,
             parsed,
             output_tokens_max,
+            hold,
             protocol,
             request_fingerprint: fingerprint,
             started: Instant::now(),
@@ -345,6 +385,7 @@ async fn forward(
         Ok(cost) => cost,
         Err(error) => return void_with(state, &billing, error).await,
     };
+    billing.record_hold_excess(cost);
     let mut event = billing.event(usage, source, cost, RequestStatus::Success);
     event.stored_response = Some(StoredResponse { status: 200, content_type: "application/json".into(), body: bytes.to_vec() });
     let settlement = charge::settle(state, event).await?;
@@ -555,7 +596,7 @@ async fn pump(
     // A stream that did not complete still delivers, once charged, the event it kept back.
     let terminal = terminal.or(kept_back);
     metrics::counter!("tollgate_stream_ends_total", "end" => stream_end_label(end)).increment(1);
-    let (usage, source) = billing.usage_to_charge(inspector.usage(), inspector.output_text());
+    let (usage, source) = billing.stream_usage_to_charge(&inspector);
     if end != StreamEnd::Completed && inspector.output_text().is_empty() && inspector.usage().is_none() {
         tracing::warn!(request_id = billing.request_id, ?end, forwarded_events, "stream ended before any output; voided");
         charge::void(state, billing.failed_event()).await;
@@ -570,6 +611,7 @@ async fn pump(
     };
     let settled = match charge::price_usage(&billing.price.price, &usage) {
         Ok(cost) => {
+            billing.record_hold_excess(cost);
             let event = billing.event(usage, source, cost, status);
             charge::settle(state, event).await.map(|settlement| (cost, settlement))
         }

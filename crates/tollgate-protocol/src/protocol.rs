@@ -4,7 +4,7 @@
 //! body passes through untouched.
 
 use serde_json::{Map, Value};
-use tollgate_core::Usage;
+use tollgate_core::{MediaBounds, PromptEstimate, Usage};
 use tollgate_core::tokens::{self, Encoding};
 
 use crate::error::ProtocolError;
@@ -61,9 +61,31 @@ pub struct ParsedRequest {
     pub output_tokens_max: Option<u64>,
     /// Choices requested (`n`), which multiplies the output.
     pub choices: u64,
-    /// Counted with the model's tokenizer.
+    /// The prompt estimated from above (I7): text counted with the model's tokenizer, media
+    /// at the protocol's ceilings; what the hold is sized with and the tokenizer fallback
+    /// charges, before the gateway adds its default for each unsized part.
     pub prompt_tokens: u64,
+    /// The part of `prompt_tokens` the tokenizer read: what an upstream's report is checked
+    /// against (a report below the media ceilings is no under-report).
+    pub prompt_text_tokens: u64,
+    /// Media parts whose size the request does not show (a file by id or URL).
+    pub unsized_media_parts: u64,
     pub encoding: Encoding,
+}
+
+impl ParsedRequest {
+    fn new(model: String, stream: bool, output_tokens_max: Option<u64>, choices: u64, prompt: PromptEstimate, encoding: Encoding) -> ParsedRequest {
+        ParsedRequest {
+            model,
+            stream,
+            output_tokens_max,
+            choices,
+            prompt_tokens: prompt.tokens_max(),
+            prompt_text_tokens: prompt.text_tokens,
+            unsized_media_parts: prompt.unsized_parts,
+            encoding,
+        }
+    }
 }
 
 /// What to do with one event of an upstream stream.
@@ -222,7 +244,8 @@ impl Protocol {
             Some(_) => return Err(invalid("stream must be a boolean")),
         };
         let encoding = tokens::encoding_for_model(&model);
-        let mut prompt_tokens = tokens::count_chat_prompt(encoding, messages);
+        let bounds = if self == Protocol::AnthropicMessages { MediaBounds::ANTHROPIC } else { MediaBounds::openai(&model) };
+        let mut prompt = tokens::estimate_chat_prompt(encoding, messages, &bounds);
         let (output_tokens_max, choices) = match self {
             Protocol::OpenAiChat => {
                 // Servers differ in which one wins when both are set: the hold could only cover
@@ -245,11 +268,11 @@ impl Protocol {
                 let cap = optional_cap(body, "max_tokens")?.ok_or_else(|| invalid("max_tokens is required"))?;
                 match body.get("system") {
                     None | Some(Value::Null) => {}
-                    Some(Value::String(system)) => prompt_tokens += tokens::count_text(encoding, system),
+                    Some(Value::String(system)) => prompt.add_text(tokens::count_text(encoding, system)),
                     Some(Value::Array(parts)) => {
                         for part in parts {
                             if let Some(text) = part.get("text").and_then(Value::as_str) {
-                                prompt_tokens += tokens::count_text(encoding, text);
+                                prompt.add_text(tokens::count_text(encoding, text));
                             }
                         }
                     }
@@ -260,12 +283,12 @@ impl Protocol {
         };
         // Tool definitions are part of the prompt the provider bills.
         if let Some(tools) = body.get("tools").filter(|tools| !tools.is_null()) {
-            prompt_tokens += match self {
+            prompt.add_text(match self {
                 Protocol::OpenAiChat => tokens::count_openai_tools(encoding, tools),
                 _ => tokens::count_text(encoding, &tools.to_string()),
-            };
+            });
         }
-        Ok(ParsedRequest { model, stream, output_tokens_max, choices, prompt_tokens, encoding })
+        Ok(ParsedRequest::new(model, stream, output_tokens_max, choices, prompt, encoding))
     }
 
     /// Rewrites the body for the upstream: its model name, and (OpenAI streams) a request for
@@ -354,7 +377,15 @@ impl Protocol {
     }
 
     pub fn stream_inspector(self, client_wants_usage: bool) -> StreamInspector {
-        StreamInspector { protocol: self, client_wants_usage, usage: None, anthropic_start: None, output_text: String::new(), finish_reason_seen: false }
+        StreamInspector {
+            protocol: self,
+            client_wants_usage,
+            usage: None,
+            anthropic_start: None,
+            input_reported: None,
+            output_text: String::new(),
+            finish_reason_seen: false,
+        }
     }
 }
 
@@ -386,7 +417,8 @@ fn parse_embeddings(model: String, body: &Map<String, Value>) -> Result<ParsedRe
         Some(Value::Array(inputs)) => inputs.iter().map(count_one).sum::<Result<u64, ProtocolError>>()?,
         Some(single) => count_one(single)?,
     };
-    Ok(ParsedRequest { model, stream: false, output_tokens_max: Some(0), choices: 1, prompt_tokens, encoding })
+    let prompt = PromptEstimate { text_tokens: prompt_tokens, ..PromptEstimate::default() };
+    Ok(ParsedRequest::new(model, false, Some(0), 1, prompt, encoding))
 }
 
 fn openai_usage(usage: &Value) -> Option<Usage> {
@@ -458,6 +490,10 @@ pub struct StreamInspector {
     usage: Option<Usage>,
     /// Anthropic: the usage of `message_start`, completed by `message_delta`.
     anthropic_start: Option<Value>,
+    /// The input counts the upstream reported before its full report (Anthropic's
+    /// `message_start`, Gemini's latest `usageMetadata`), output left at 0: a stream cut before
+    /// the full report is still charged the input the provider counted.
+    input_reported: Option<Usage>,
     output_text: String,
     /// Gemini: a candidate carried a `finishReason`, so the stream is complete if it ends now.
     finish_reason_seen: bool,
@@ -510,6 +546,7 @@ impl StreamInspector {
         match kind {
             Some("message_start") => {
                 self.anthropic_start = payload.pointer("/message/usage").cloned();
+                self.input_reported = self.anthropic_start.as_ref().and_then(|usage| anthropic_usage(usage, Some(0)));
             }
             Some("content_block_start") => {
                 if let Some(block) = payload.get("content_block") {
@@ -549,6 +586,12 @@ impl StreamInspector {
     /// The upstream's usage, once its stream reported it in full.
     pub fn usage(&self) -> Option<Usage> {
         self.usage
+    }
+
+    /// The input counts (uncached, cache reads, cache writes) the upstream reported so far,
+    /// with no output: what a stream cut before its full report still owes for its prompt.
+    pub fn input_usage(&self) -> Option<Usage> {
+        self.input_reported
     }
 
     /// Everything generated so far, for the tokenizer fallback.
@@ -661,6 +704,32 @@ mod tests {
         assert_eq!(inspector.inspect(&event(Some("message_stop"), r#"{"type":"message_stop"}"#)), EventAction::Terminal);
         assert_eq!(inspector.usage(), Some(Usage { input_tokens: 10, cached_input_tokens: 4, cache_write_tokens: 2, output_tokens: 7, reasoning_tokens: 0 }));
         assert_eq!(inspector.output_text(), " hello");
+    }
+
+    /// Issue 19 item 2: a stream cut before `message_delta` keeps the input counts
+    /// `message_start` carried (cache reads and writes too), with no output of its own.
+    #[test]
+    fn anthropic_input_counts_are_kept_from_message_start() {
+        let mut inspector = Protocol::AnthropicMessages.stream_inspector(true);
+        assert_eq!(inspector.input_usage(), None);
+        inspector.inspect(&event(Some("message_start"), r#"{"type":"message_start","message":{"usage":{"input_tokens":5000,"cache_read_input_tokens":300,"cache_creation_input_tokens":200,"output_tokens":1}}}"#));
+        inspector.inspect(&event(Some("content_block_delta"), r#"{"type":"content_block_delta","delta":{"type":"text_delta","text":" hello"}}"#));
+        assert_eq!(inspector.usage(), None, "no full report yet");
+        assert_eq!(inspector.input_usage(), Some(Usage { input_tokens: 5000, cached_input_tokens: 300, cache_write_tokens: 200, ..Usage::default() }));
+    }
+
+    /// The hold counts what the tokenizer cannot see from above, per protocol; what an upstream
+    /// report is checked against stays the text alone.
+    #[test]
+    fn media_parts_are_held_from_above_per_protocol() {
+        let image = json!({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}});
+        let anthropic = json!({"model": "claude-sonnet-4", "max_tokens": 5, "messages": [{"role": "user", "content": [image, {"type": "text", "text": "hi"}]}]});
+        let parsed = Protocol::AnthropicMessages.parse(anthropic.as_object().unwrap()).unwrap();
+        assert_eq!(parsed.prompt_tokens, parsed.prompt_text_tokens + 1_600);
+        let openai = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}, {"type": "file", "file": {"file_id": "file-1"}}]}]});
+        let parsed = Protocol::OpenAiChat.parse(openai.as_object().unwrap()).unwrap();
+        assert_eq!((parsed.prompt_tokens - parsed.prompt_text_tokens, parsed.unsized_media_parts), (48_169, 1));
     }
 
     #[test]

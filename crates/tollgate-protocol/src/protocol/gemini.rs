@@ -10,27 +10,20 @@
 //!   `finishReason`. Chunks from that one on are [`EventAction::MaybeTerminal`], so the pump keeps
 //!   the last one back until the charge is settled (I1). Earlier chunks may carry a partial
 //!   `usageMetadata` (the prompt count alone), so only the metadata of finishing chunks is taken
-//!   as the request's usage; a stream cut before it is billed by the tokenizer.
+//!   as the request's usage; a stream cut before it is billed the latest prompt count received
+//!   plus the tokenizer's count of the output relayed.
 //!
 //! Google's JSON parser accepts a field by its JSON name or by its proto name
 //! (`generationConfig` or `generation_config`), so billing reads both.
 
 use serde_json::{Map, Value};
-use tollgate_core::Usage;
+use tollgate_core::{MediaBounds, PromptEstimate, Usage};
 use tollgate_core::tokens::{self, Encoding};
 
 use super::{CHOICES_MAX, EventAction, ParsedRequest, StreamInspector, UrlFacts, invalid};
 use crate::error::ProtocolError;
 use crate::sse::SseEvent;
 
-/// Tokens Gemini counts for one image; used for every inline or file part (image, audio,
-/// video, document) in the hold and the tokenizer fallback. What is charged is the upstream's
-/// count whenever it reports one.
-const MEDIA_PART_TOKENS: u64 = 258;
-
-/// Parts of a `Content` whose JSON is not counted as such: text is counted as text, media at
-/// the flat [`MEDIA_PART_TOKENS`].
-const MEDIA_PART_FIELDS: [&str; 4] = ["inlineData", "inline_data", "fileData", "file_data"];
 
 /// The model methods Tollgate serves and bills.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,22 +98,22 @@ pub(super) fn parse(body: &Map<String, Value>, url: &UrlFacts) -> Result<ParsedR
         None => return Err(invalid("contents is required")),
     };
     let encoding = tokens::encoding_for_model(&model);
-    let mut prompt_tokens: u64 = 0;
+    let mut prompt = PromptEstimate::default();
     for content in contents {
         if !content.is_object() {
             return Err(invalid(format!("every content must be an object, got {content}")));
         }
-        prompt_tokens = prompt_tokens.saturating_add(count_content(encoding, content)?);
+        estimate_content(encoding, content, &mut prompt)?;
     }
     match field(body, "systemInstruction", "system_instruction") {
         None => {}
-        Some(Value::String(text)) => prompt_tokens = prompt_tokens.saturating_add(tokens::count_text(encoding, text)),
-        Some(system @ Value::Object(_)) => prompt_tokens = prompt_tokens.saturating_add(count_content(encoding, system)?),
+        Some(Value::String(text)) => prompt.add_text(tokens::count_text(encoding, text)),
+        Some(system @ Value::Object(_)) => estimate_content(encoding, system, &mut prompt)?,
         Some(_) => return Err(invalid("systemInstruction must be a Content object")),
     }
     // Tool declarations are part of the prompt the provider bills.
     if let Some(tools) = field(body, "tools", "tools") {
-        prompt_tokens = prompt_tokens.saturating_add(tokens::count_text(encoding, &tools.to_string()));
+        prompt.add_text(tokens::count_text(encoding, &tools.to_string()));
     }
     let (output_tokens_max, choices) = match field(body, "generationConfig", "generation_config") {
         None => (None, 1),
@@ -137,7 +130,7 @@ pub(super) fn parse(body: &Map<String, Value>, url: &UrlFacts) -> Result<ParsedR
         }
         Some(_) => return Err(invalid("generationConfig must be an object")),
     };
-    Ok(ParsedRequest { model, stream: url.stream, output_tokens_max, choices, prompt_tokens, encoding })
+    Ok(ParsedRequest::new(model, url.stream, output_tokens_max, choices, prompt, encoding))
 }
 
 /// Sets `generationConfig.maxOutputTokens` (in the object the client sent, whichever its name)
@@ -160,29 +153,38 @@ pub(super) fn insert_output_cap(body: &mut Map<String, Value>, cap: u64) -> bool
     true
 }
 
-/// Tokens of one `Content` (`{role, parts: [...]}`): text parts as text, media parts at a flat
-/// count, any other part (function calls and responses, code) as its JSON.
-fn count_content(encoding: Encoding, content: &Value) -> Result<u64, ProtocolError> {
+/// Adds one `Content` (`{role, parts: [...]}`) to the estimate: text parts as text, media at
+/// Gemini's ceilings ([`MediaBounds::GEMINI`]: inline data by its MIME type and bytes, a file
+/// by URI at the image ceiling if it is an image, else unsized), any other part (function
+/// calls and responses, code) as its JSON.
+fn estimate_content(encoding: Encoding, content: &Value, prompt: &mut PromptEstimate) -> Result<(), ProtocolError> {
     let parts = match content.get("parts") {
-        None | Some(Value::Null) => return Ok(0),
+        None | Some(Value::Null) => return Ok(()),
         Some(Value::Array(parts)) => parts,
         Some(_) => return Err(invalid("parts must be an array")),
     };
-    let mut count: u64 = 0;
+    let bounds = MediaBounds::GEMINI;
     for part in parts {
         let Some(fields) = part.as_object() else {
             return Err(invalid(format!("every part must be an object, got {part}")));
         };
-        let part_tokens = if let Some(text) = fields.get("text").and_then(Value::as_str) {
-            tokens::count_text(encoding, text)
-        } else if MEDIA_PART_FIELDS.iter().any(|name| fields.contains_key(*name)) {
-            MEDIA_PART_TOKENS
+        let mime_type = |media: &Map<String, Value>| field(media, "mimeType", "mime_type").and_then(Value::as_str).unwrap_or_default().to_string();
+        if let Some(text) = fields.get("text").and_then(Value::as_str) {
+            prompt.add_text(tokens::count_text(encoding, text));
+        } else if let Some(inline) = field(fields, "inlineData", "inline_data").and_then(Value::as_object) {
+            let data = inline.get("data").and_then(Value::as_str).unwrap_or_default();
+            prompt.add_media(bounds.inline_tokens_max(&mime_type(inline), data.len()));
+        } else if let Some(file) = field(fields, "fileData", "file_data").and_then(Value::as_object) {
+            if mime_type(file).to_ascii_lowercase().starts_with("image/") {
+                prompt.add_media(bounds.image_tokens_max);
+            } else {
+                prompt.add_unsized();
+            }
         } else {
-            tokens::count_text(encoding, &part.to_string())
-        };
-        count = count.saturating_add(part_tokens);
+            prompt.add_text(tokens::count_text(encoding, &part.to_string()));
+        }
     }
-    Ok(count)
+    Ok(())
 }
 
 /// The request's usage from a `usageMetadata` object, if it reports one and every count in it
@@ -271,6 +273,11 @@ impl StreamInspector {
             }
         }
         if !self.finish_reason_seen {
+            // Early metadata may carry the prompt count alone: not the request's usage, but
+            // what a stream cut before its finish still owes for its input.
+            if let Some(metadata) = chunk.as_ref().and_then(|chunk| chunk.get("usageMetadata")).filter(|metadata| reports_usage(metadata)) {
+                self.input_reported = usage(metadata).map(|reported| Usage { output_tokens: 0, reasoning_tokens: 0, ..reported });
+            }
             return EventAction::Forward;
         }
         // From the finishing chunk on, metadata is final (and cumulative: the last one wins).
@@ -337,8 +344,10 @@ mod tests {
         for event in &events[..3] {
             assert_eq!(inspector.inspect(event), EventAction::Forward);
         }
-        // The early chunks' prompt-only metadata is not the request's usage.
+        // The early chunks' prompt-only metadata is not the request's usage, but its input
+        // count is kept for the charge of the cut stream.
         assert_eq!(inspector.usage(), None);
+        assert_eq!(inspector.input_usage(), Some(Usage { input_tokens: 12, ..Usage::default() }));
         assert!(!inspector.completed_at_end_of_stream());
         assert_eq!(inspector.output_text(), "Paris is the capital of France. It lies");
     }
@@ -412,7 +421,7 @@ mod tests {
         assert!(parsed.stream);
         assert_eq!(parsed.output_tokens_max, Some(100));
         assert_eq!(parsed.choices, 3);
-        let expected = count("What is a ledger?") + MEDIA_PART_TOKENS + count(&call.to_string()) + count("Be brief.") + count(&tools.to_string());
+        let expected = count("What is a ledger?") + MediaBounds::GEMINI.image_tokens_max + count(&call.to_string()) + count("Be brief.") + count(&tools.to_string());
         assert_eq!(parsed.prompt_tokens, expected);
         // Proto names work as well as JSON names; a bare string system instruction is counted.
         let snake = body(json!({"contents": [{"parts": [{"text": "hi"}]}], "system_instruction": "Be brief.",
