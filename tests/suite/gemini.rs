@@ -355,18 +355,55 @@ async fn refusals_come_back_in_google_error_shape_and_reach_no_upstream() {
             assert!(error["error"]["message"].as_str().unwrap().contains("alt=sse"), "{error}");
         }
     }
-    // The hold is maxOutputTokens × candidateCount: eight candidates do not fit in the balance.
+    // The hold is (maxOutputTokens + thinkingBudget) × candidateCount: eight candidates do not
+    // fit in the balance.
     let mut many = body.clone();
-    many["generationConfig"] = json!({"maxOutputTokens": 8, "candidateCount": 8});
+    many["generationConfig"] = json!({"maxOutputTokens": 8, "candidateCount": 8, "thinkingConfig": {"thinkingBudget": 0}});
     let response = gateway.http.post(format!("{}/v1/models/demo-gemini:generateContent", gateway.url)).bearer_auth(&key).json(&many).send().await.unwrap();
     assert_eq!(response.status(), 402);
     let error: Value = response.json().await.unwrap();
     assert_eq!(google_error(&error), (402, "FAILED_PRECONDITION", "insufficient_balance"));
     assert_eq!(gateway.upstream_requests().await, upstream_before, "nothing refused reached the upstream");
     // One candidate fits, and is served under /v1 as well.
-    many["generationConfig"] = json!({"maxOutputTokens": 8});
+    many["generationConfig"] = json!({"maxOutputTokens": 8, "thinkingConfig": {"thinkingBudget": 0}});
     let response = gateway.http.post(format!("{}/v1/models/demo-gemini:generateContent", gateway.url)).bearer_auth(&key).json(&many).send().await.unwrap();
     assert_eq!(response.status(), 200);
+    gateway.assert_ledger_sound(&account).await;
+    gateway.stop().await;
+}
+
+/// Gemini reports thinking on top of `maxOutputTokens` (I7): the hold covers the request's
+/// thinking budget, or `limits.default_thinking_tokens` (32,768) where it sets none, and no
+/// charge counts more output than the cap and the budget together, whatever the upstream says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thinking_is_held_and_charged_within_its_budget() {
+    let (gateway, _) = start().await;
+    // 0.1 covers 50 output tokens and a budget of 100 (1,500 nano-units), not 32,768 of thinking
+    // at 10 per million (0.33).
+    let account = gateway.account("0.1", json!({})).await;
+    let key = gateway.key(&account, json!({})).await;
+    let mut unbudgeted = gemini_body("Think it over");
+    unbudgeted["generationConfig"] = json!({"maxOutputTokens": 50});
+    let refused = gemini_call(&gateway, &key, "demo-gemini:generateContent", &unbudgeted).await;
+    assert_eq!(refused.status(), 402, "the default thinking budget is held");
+    assert_eq!(gateway.upstream_requests().await, 0);
+
+    let mut budgeted = gemini_body("Think it over");
+    budgeted["generationConfig"] = json!({"maxOutputTokens": 50, "thinkingConfig": {"thinkingBudget": 100}});
+    // An upstream that thinks past the budget it was sent.
+    budgeted["mock"] = json!({"output_tokens": 20, "thoughts_tokens": 500});
+    let response = gemini_call(&gateway, &key, "demo-gemini:generateContent", &budgeted).await;
+    assert_eq!(response.status(), 200);
+    let reply: Value = response.json().await.unwrap();
+    assert_eq!(reply["usageMetadata"]["thoughtsTokenCount"], 500, "the upstream reported past the budget");
+    let rows = usage_rows_at_least(&gateway, &account, 1).await;
+    assert_eq!(rows[0]["output_tokens"].as_u64(), Some(150), "charged at most the cap and the budget: {}", rows[0]);
+    assert_eq!(rows[0]["usage_source"], "adjusted");
+
+    let mut malformed = gemini_body("x");
+    malformed["generationConfig"] = json!({"thinkingConfig": {"thinkingBudget": -2}});
+    let response = gemini_call(&gateway, &key, "demo-gemini:generateContent", &malformed).await;
+    assert_eq!(response.status(), 400);
     gateway.assert_ledger_sound(&account).await;
     gateway.stop().await;
 }

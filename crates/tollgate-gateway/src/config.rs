@@ -32,6 +32,11 @@ pub struct LimitsConfig {
     /// not an image). An estimate, not a bound: a charge above its hold is counted
     /// (`tollgate_hold_exceeded_total`).
     pub unsized_media_part_tokens: u64,
+    /// Thinking tokens held per choice, on top of the output cap, for a Gemini request that sets
+    /// no `thinkingConfig.thinkingBudget` (Gemini reports thinking outside `maxOutputTokens`).
+    /// The default covers the Gemini 2.5 models' own maximum (Pro 32,768, Flash 24,576); below
+    /// it, thinking past it is charged at most this (I7) and the rest is the operator's cost.
+    pub default_thinking_tokens: u64,
     /// Billing contexts are re-read after this long even without an invalidation.
     pub context_cache_ttl_ms: u64,
     /// Usage events per ledger transaction.
@@ -76,6 +81,7 @@ impl Default for LimitsConfig {
             hold_ttl_ms: 900_000,
             default_max_output_tokens: 4_096,
             unsized_media_part_tokens: 32_768,
+            default_thinking_tokens: 32_768,
             context_cache_ttl_ms: 300_000,
             usage_batch_events_max: 500,
             usage_batch_linger_ms: 20,

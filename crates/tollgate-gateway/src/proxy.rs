@@ -42,12 +42,14 @@ struct Billing {
     route: Route,
     price: PriceRow,
     parsed: ParsedRequest,
-    /// The output tokens the hold was sized for, all choices together; the upstream was sent
-    /// this cap (I7) and no charge counts more output than this.
+    /// The output cap, all choices together: the upstream was sent it (I7), and a stream whose
+    /// visible output runs past it is cut.
     output_tokens_max: u64,
+    /// Thinking the hold covers beyond the output cap, all choices together (Gemini; 0 where
+    /// the cap bounds thinking too). No charge counts more output than the two together.
+    thinking_tokens_max: u64,
     /// The amount held for this request, which its charge should not exceed (I7).
     hold: tollgate_core::Money,
-    protocol: Protocol,
     /// What the request id is bound to with the key ([`request_fingerprint`]).
     request_fingerprint: String,
     started: Instant,
@@ -104,10 +106,7 @@ impl Billing {
             }
             return (counted, UsageSource::Tokenizer);
         };
-        let mut output_cap = self.output_tokens_max;
-        if self.protocol.reasoning_outside_output_cap() {
-            output_cap = output_cap.saturating_add(reported.reasoning_tokens);
-        }
+        let output_cap = self.output_tokens_max.saturating_add(self.thinking_tokens_max);
         // A report is checked against the text the tokenizer read, not the media ceilings: a
         // provider counting an image below its ceiling is not under-reporting.
         let measured = Usage { input_tokens: self.parsed.prompt_text_tokens, ..counted };
@@ -216,14 +215,22 @@ async fn handle_request(
     let cap_added = parsed.output_tokens_max.is_none()
         && protocol.insert_output_cap(&mut body, output_tokens_max_per_choice, route.provider.openai_cap_field);
     let output_tokens_max = output_tokens_max_per_choice.saturating_mul(parsed.choices);
-    let hold = tollgate_core::hold_estimate(&price.price, parsed.prompt_tokens, output_tokens_max)
+    // Gemini reports thinking on top of maxOutputTokens: the hold covers the request's thinking
+    // budget too, or the default where it sets none (I7).
+    let thinking_tokens_max = if protocol.reasoning_outside_output_cap() {
+        parsed.thinking_budget.unwrap_or(state.config.limits.default_thinking_tokens).saturating_mul(parsed.choices)
+    } else {
+        0
+    };
+    let held_output_tokens = output_tokens_max.saturating_add(thinking_tokens_max);
+    let hold = tollgate_core::hold_estimate(&price.price, parsed.prompt_tokens, held_output_tokens)
         .map_err(|error| ApiError::InvalidRequest(format!("the request cannot be priced: {error}")))?;
     let authorize_request = AuthorizeRequest {
         account_id: context.account.id.clone(),
         api_key_id: context.key.id.clone(),
         request_id: request_id.clone(),
         hold,
-        hold_tokens: parsed.prompt_tokens.saturating_add(output_tokens_max),
+        hold_tokens: parsed.prompt_tokens.saturating_add(held_output_tokens),
         limits: charge::limits(&context),
         hold_ttl_ms: state.config.limits.hold_ttl_ms,
     };
@@ -251,8 +258,8 @@ async fn handle_request(
             price,
             parsed,
             output_tokens_max,
+            thinking_tokens_max,
             hold,
-            protocol,
             request_fingerprint: fingerprint,
             started: Instant::now(),
         };

@@ -70,6 +70,10 @@ pub struct ParsedRequest {
     pub prompt_text_tokens: u64,
     /// Media parts whose size the request does not show (a file by id or URL).
     pub unsized_media_parts: u64,
+    /// For a protocol whose thinking is outside the output cap (Gemini): the tokens per choice
+    /// the request lets the model think (`thinkingConfig.thinkingBudget` of 0 or more); `None`
+    /// when it leaves that to the model (no budget, or -1 for dynamic).
+    pub thinking_budget: Option<u64>,
     pub encoding: Encoding,
 }
 
@@ -83,6 +87,7 @@ impl ParsedRequest {
             prompt_tokens: prompt.tokens_max(),
             prompt_text_tokens: prompt.text_tokens,
             unsized_media_parts: prompt.unsized_parts,
+            thinking_budget: None,
             encoding,
         }
     }
@@ -149,8 +154,8 @@ fn optional_u64(body: &Map<String, Value>, field: &str) -> Result<Option<u64>, P
 impl Protocol {
     /// Whether reported reasoning (Gemini's `thoughtsTokenCount`) comes on top of the output cap
     /// rather than inside it, as the Gemini API reports it; for OpenAI and Anthropic the cap
-    /// bounds every generated token. (Gemini's thinking budget is not yet held: issue 19's
-    /// I7 stays open for it.)
+    /// bounds every generated token. The hold then covers the thinking budget too
+    /// ([`ParsedRequest::thinking_budget`]).
     pub fn reasoning_outside_output_cap(self) -> bool {
         self == Protocol::GeminiGenerate
     }

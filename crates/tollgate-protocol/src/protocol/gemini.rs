@@ -115,8 +115,8 @@ pub(super) fn parse(body: &Map<String, Value>, url: &UrlFacts) -> Result<ParsedR
     if let Some(tools) = field(body, "tools", "tools") {
         prompt.add_text(tokens::count_text(encoding, &tools.to_string()));
     }
-    let (output_tokens_max, choices) = match field(body, "generationConfig", "generation_config") {
-        None => (None, 1),
+    let (output_tokens_max, choices, thinking_budget) = match field(body, "generationConfig", "generation_config") {
+        None => (None, 1, None),
         Some(Value::Object(config)) => {
             let cap = optional_count(config, "maxOutputTokens", "max_output_tokens")?;
             if cap == Some(0) {
@@ -126,11 +126,33 @@ pub(super) fn parse(body: &Map<String, Value>, url: &UrlFacts) -> Result<ParsedR
             if choices == 0 || choices > CHOICES_MAX {
                 return Err(invalid(format!("generationConfig.candidateCount must be between 1 and {CHOICES_MAX}")));
             }
-            (cap, choices)
+            (cap, choices, thinking_budget(config)?)
         }
         Some(_) => return Err(invalid("generationConfig must be an object")),
     };
-    Ok(ParsedRequest::new(model, url.stream, output_tokens_max, choices, prompt, encoding))
+    let mut parsed = ParsedRequest::new(model, url.stream, output_tokens_max, choices, prompt, encoding);
+    parsed.thinking_budget = thinking_budget;
+    Ok(parsed)
+}
+
+/// `generationConfig.thinkingConfig.thinkingBudget`: tokens of thinking (0 turns it off), or
+/// -1 (or none) for the model to decide, which leaves it to the gateway's default hold.
+fn thinking_budget(config: &Map<String, Value>) -> Result<Option<u64>, ProtocolError> {
+    let thinking = match field(config, "thinkingConfig", "thinking_config") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(thinking)) => thinking,
+        Some(_) => return Err(invalid("generationConfig.thinkingConfig must be an object")),
+    };
+    let Some(budget) = field(thinking, "thinkingBudget", "thinking_budget") else { return Ok(None) };
+    let budget = match budget {
+        Value::String(text) => text.parse::<i64>().ok(),
+        other => other.as_i64(),
+    };
+    match budget {
+        Some(-1) => Ok(None),
+        Some(budget) if budget >= 0 => Ok(u64::try_from(budget).ok()),
+        _ => Err(invalid("generationConfig.thinkingConfig.thinkingBudget must be an integer of at least -1")),
+    }
 }
 
 /// Sets `generationConfig.maxOutputTokens` (in the object the client sent, whichever its name)
@@ -428,6 +450,22 @@ mod tests {
             "generation_config": {"max_output_tokens": "7", "candidate_count": 2}}));
         let parsed = Protocol::GeminiGenerate.parse_at(&snake, &facts("m", false)).unwrap();
         assert_eq!((parsed.output_tokens_max, parsed.choices, parsed.prompt_tokens), (Some(7), 2, count("hi") + count("Be brief.")));
+    }
+
+    #[test]
+    fn a_thinking_budget_is_read_by_either_name_and_dynamic_is_none() {
+        let budget = |config: Value| {
+            let body = json!({"contents": [{"parts": [{"text": "x"}]}], "generationConfig": config});
+            parse(body.as_object().unwrap(), &facts("m", false)).map(|parsed| parsed.thinking_budget)
+        };
+        assert_eq!(budget(json!({"thinkingConfig": {"thinkingBudget": 1024}})).unwrap(), Some(1024));
+        assert_eq!(budget(json!({"thinking_config": {"thinking_budget": "0"}})).unwrap(), Some(0));
+        assert_eq!(budget(json!({"thinkingConfig": {"thinkingBudget": -1}})).unwrap(), None, "dynamic");
+        assert_eq!(budget(json!({"thinkingConfig": {"thinkingLevel": "high"}})).unwrap(), None);
+        assert_eq!(budget(json!({"maxOutputTokens": 5})).unwrap(), None);
+        for bad in [json!({"thinkingConfig": {"thinkingBudget": -2}}), json!({"thinkingConfig": {"thinkingBudget": 1.5}}), json!({"thinkingConfig": 3})] {
+            assert!(budget(bad.clone()).is_err(), "{bad}");
+        }
     }
 
     #[test]
