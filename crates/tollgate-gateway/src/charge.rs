@@ -214,8 +214,14 @@ const WITHDRAWAL_HOLD_TTL_MS: u64 = 60_000;
 /// from free funds"): the amount is first held in the hot store, atomically against every open
 /// hold and every charge (the hot balance already lacks the charges the ledger does not have
 /// yet); only then is the fund transaction written, and applying it releases the hold in the
-/// same step. A ledger that refuses it releases the hold. A reference already recorded is
-/// answered from the ledger, whatever the free funds are now.
+/// same step. A ledger that refuses it releases the hold; one that does not answer leaves it to
+/// the apply (if it committed) or to its expiry. A reference already recorded is answered from
+/// the ledger, whatever the free funds are now.
+///
+/// A committed withdrawal whose apply keeps failing past the hold's expiry (60 s, retried each
+/// second) would show its funds as free again until applied; both steps go to the same hot
+/// store key, so one failing for a minute while authorizes of that account succeed is not
+/// expected, and reconciliation reports the drift if it happens.
 ///
 /// # Errors
 /// 402 `insufficient_balance` beyond the free funds; 409 while the same reference is being
@@ -245,13 +251,22 @@ pub async fn record_withdrawal(state: &AppState, fund: NewFund) -> Result<FundOu
         }
     }
     let account_id = fund.account_id.clone();
-    let recorded = state.ledger.record_fund(fund).await;
-    if recorded.is_err()
-        && let Err(error) = state.hot.release_withdrawal(&account_id, &hold_id).await
-    {
-        tracing::error!(account_id, hold_id, %error, "releasing a withdrawal the ledger refused failed; it expires on its own");
-    }
-    let outcome = recorded?;
+    let outcome = match state.ledger.record_fund(fund).await {
+        Ok(outcome) => outcome,
+        // No answer: the transaction may have committed, and releasing the hold would free
+        // funds already taken out until it is applied. The hold stays; the retry loop applies
+        // the transaction if it is there (which releases the hold), else the hold expires.
+        Err(error @ tollgate_store::StoreError::Unavailable(_)) => {
+            state.unapplied_funds.mark(&account_id);
+            return Err(error.into());
+        }
+        Err(refused) => {
+            if let Err(error) = state.hot.release_withdrawal(&account_id, &hold_id).await {
+                tracing::error!(account_id, hold_id, %error, "releasing a withdrawal the ledger refused failed; it expires on its own");
+            }
+            return Err(refused.into());
+        }
+    };
     if let Err(error) = apply_pending_funds(state, &account_id).await {
         // Committed; the retry loop applies it (and releases its hold) each second until done.
         tracing::warn!(account_id, %error, "withdrawal committed but not yet applied to the hot balance");

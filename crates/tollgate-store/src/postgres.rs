@@ -103,11 +103,12 @@ pub(crate) async fn balance_for_update(transaction: &mut Transaction<'static, Po
     Ok((money(&row, "balance")?, row.int("ledger_seq")?))
 }
 
-async fn fund_by_reference(transaction: &mut Transaction<'static, Postgres>, kind: FundKind, reference_id: &str) -> StoreResult<Option<FundTransaction>> {
+/// A fund transaction by its reference, in a transaction or straight from the pool.
+async fn fund_by_reference<'e>(executor: impl sqlx::Executor<'e, Database = Postgres>, kind: FundKind, reference_id: &str) -> StoreResult<Option<FundTransaction>> {
     sqlx::query("SELECT * FROM fund_transactions WHERE kind = $1 AND reference_id = $2")
         .bind(kind.as_str())
         .bind(reference_id)
-        .fetch_optional(&mut **transaction)
+        .fetch_optional(executor)
         .await?
         .as_ref()
         .map(fund_from)
@@ -621,7 +622,7 @@ impl Ledger for PgLedger {
             .ok_or_else(|| StoreError::NotFound { entity: "top-up", id: topup_id.to_string() })?;
         let topup = topup_from(&row)?;
         if topup.status == TopUpStatus::Confirmed {
-            let fund = fund_by_reference(&mut transaction, FundKind::Deposit, &topup.reference_id)
+            let fund = fund_by_reference(&mut *transaction, FundKind::Deposit, &topup.reference_id)
                 .await?
                 .ok_or_else(|| StoreError::Corrupt(format!("confirmed top-up {topup_id} has no deposit")))?;
             return Ok((topup, fund));
@@ -648,14 +649,7 @@ impl Ledger for PgLedger {
     }
 
     async fn fund_by_reference(&self, kind: FundKind, reference_id: &str) -> StoreResult<Option<FundTransaction>> {
-        sqlx::query("SELECT * FROM fund_transactions WHERE kind = $1 AND reference_id = $2")
-            .bind(kind.as_str())
-            .bind(reference_id)
-            .fetch_optional(&self.pool)
-            .await?
-            .as_ref()
-            .map(fund_from)
-            .transpose()
+        fund_by_reference(&self.pool, kind, reference_id).await
     }
 
     async fn record_fund(&self, fund: NewFund) -> StoreResult<FundOutcome> {
@@ -664,7 +658,7 @@ impl Ledger for PgLedger {
         // The account lock first: the same reference sent twice at once serialises on it, and
         // the second sees the first's row.
         let position = balance_for_update(&mut transaction, &fund.account_id).await?;
-        if let Some(existing) = fund_by_reference(&mut transaction, fund.kind, &fund.reference_id).await? {
+        if let Some(existing) = fund_by_reference(&mut *transaction, fund.kind, &fund.reference_id).await? {
             if existing.account_id != fund.account_id || existing.amount != fund.amount {
                 return Err(StoreError::Conflict(format!("reference_id {} was used for a different {}", fund.reference_id, fund.kind.as_str())));
             }

@@ -150,11 +150,12 @@ pub(crate) async fn insert_fund(transaction: &mut Transaction<'static, Sqlite>, 
     Ok(inserted)
 }
 
-async fn fund_by_reference(transaction: &mut Transaction<'static, Sqlite>, kind: FundKind, reference_id: &str) -> StoreResult<Option<FundTransaction>> {
+/// A fund transaction by its reference, in a transaction or straight from the pool.
+async fn fund_by_reference<'e>(executor: impl sqlx::Executor<'e, Database = Sqlite>, kind: FundKind, reference_id: &str) -> StoreResult<Option<FundTransaction>> {
     sqlx::query("SELECT * FROM fund_transactions WHERE kind = ? AND reference_id = ?")
         .bind(kind.as_str())
         .bind(reference_id)
-        .fetch_optional(&mut **transaction)
+        .fetch_optional(executor)
         .await?
         .as_ref()
         .map(fund_from)
@@ -557,7 +558,7 @@ impl Ledger for SqliteLedger {
             .ok_or_else(|| StoreError::NotFound { entity: "top-up", id: topup_id.to_string() })?;
         let topup = topup_from(&row)?;
         if topup.status == TopUpStatus::Confirmed {
-            let fund = fund_by_reference(&mut transaction, FundKind::Deposit, &topup.reference_id)
+            let fund = fund_by_reference(&mut *transaction, FundKind::Deposit, &topup.reference_id)
                 .await?
                 .ok_or_else(|| StoreError::Corrupt(format!("confirmed top-up {topup_id} has no deposit")))?;
             return Ok((topup, fund));
@@ -586,20 +587,13 @@ impl Ledger for SqliteLedger {
     }
 
     async fn fund_by_reference(&self, kind: FundKind, reference_id: &str) -> StoreResult<Option<FundTransaction>> {
-        sqlx::query("SELECT * FROM fund_transactions WHERE kind = ? AND reference_id = ?")
-            .bind(kind.as_str())
-            .bind(reference_id)
-            .fetch_optional(&self.pool)
-            .await?
-            .as_ref()
-            .map(fund_from)
-            .transpose()
+        fund_by_reference(&self.pool, kind, reference_id).await
     }
 
     async fn record_fund(&self, fund: NewFund) -> StoreResult<FundOutcome> {
         check_fund_direction(&fund)?;
         let mut transaction = self.write().await?;
-        if let Some(existing) = fund_by_reference(&mut transaction, fund.kind, &fund.reference_id).await? {
+        if let Some(existing) = fund_by_reference(&mut *transaction, fund.kind, &fund.reference_id).await? {
             if existing.account_id != fund.account_id || existing.amount != fund.amount {
                 return Err(StoreError::Conflict(format!("reference_id {} was used for a different {}", fund.reference_id, fund.kind.as_str())));
             }

@@ -281,7 +281,7 @@ async fn apply(system: &mut System, model: &mut Model, written: &mut Vec<(String
         Op::Deposit { account, amount } => {
             let account = account_name(*account);
             let ledger_seq = model.deposit(&account, *amount);
-            fund(system, model, &account, FundKind::Deposit, *amount, Some(ledger_seq)).await?;
+            deposit(system, model, &account, *amount, ledger_seq).await?;
         }
         Op::Withdraw { account, amount, refund } => {
             let account = account_name(*account);
@@ -359,24 +359,13 @@ async fn apply(system: &mut System, model: &mut Model, written: &mut Vec<(String
     Ok(())
 }
 
-/// A fund change: recorded in the ledger (or refused, `expected_seq` None), then applied to
-/// the hot store by its ledger position.
-async fn fund(system: &mut System, model: &Model, account: &str, kind: FundKind, amount: i64, expected_seq: Option<i64>) -> Result<(), Broken> {
+/// A deposit: recorded in the ledger at the position the model expects, then applied to the hot
+/// store by it.
+async fn deposit(system: &mut System, model: &Model, account: &str, amount: i64, expected_seq: i64) -> Result<(), Broken> {
     let reference_id = system.next_reference();
     let account_id = system.account_id(account);
-    let new = NewFund { account_id: account_id.clone(), kind, amount: Money::from_nanos(amount), reference_id, reason: None, operator_id: None };
-    let recorded = system.ledger.record_fund(new).await;
-    let rule = "funds out only from free funds (DESIGN)";
-    let transaction = match (recorded, expected_seq) {
-        (Err(StoreError::Invalid(_)), None) => return Ok(()),
-        (Ok(outcome), None) => {
-            let state = model.account(account);
-            return Err((rule, format!("{} of {} recorded (ledger_seq {}) while free funds are {} (balance {}, held {}, unlogged {})", kind.as_str(), -amount, outcome.transaction.ledger_seq, state.free_funds(), state.balance, state.held, state.unlogged().map(|event| event.cost).sum::<i64>())));
-        }
-        (Err(error), _) => return Err(("record_fund", format!("{} of {amount}: {error}", kind.as_str()))),
-        (Ok(outcome), Some(_)) => outcome.transaction,
-    };
-    let expected_seq = expected_seq.unwrap_or_default();
+    let new = NewFund { account_id: account_id.clone(), kind: FundKind::Deposit, amount: Money::from_nanos(amount), reference_id, reason: None, operator_id: None };
+    let transaction = system.ledger.record_fund(new).await.map_err(|error| ("record_fund", format!("deposit of {amount}: {error}")))?.transaction;
     if transaction.ledger_seq != expected_seq {
         return Err(("I4 audit chain (fund position)", format!("fund at ledger_seq {}, expected {expected_seq}", transaction.ledger_seq)));
     }
