@@ -115,6 +115,8 @@ pub async fn assign(mut request: Request, next: Next) -> Response {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
     use serde_json::json;
 
     use super::*;

@@ -140,7 +140,7 @@ async fn load(ledger: &PgLedger, hot: Arc<RedisHotStore>, accounts: i64) -> Resu
         loaders.spawn(async move {
             loop {
                 let Some((account_id, balance, last_fund_seq)) = queue.lock().await.pop() else { return Ok::<(), tollgate_store::StoreError>(()) };
-                hot.load_account(AccountSnapshot { account_id, balance: Money::from_nanos(balance), last_fund_seq, charged_request_ids: Vec::new(), counters: CounterSeed::default() }).await?;
+                hot.load_account(AccountSnapshot { unlogged: Vec::new(), account_id, balance: Money::from_nanos(balance), last_fund_seq, charged_request_ids: Vec::new(), counters: CounterSeed::default() }).await?;
             }
         });
     }

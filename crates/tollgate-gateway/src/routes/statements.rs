@@ -107,7 +107,6 @@ async fn monthly_statement(
 }
 
 #[cfg(test)]
-#[allow(clippy::panic)]
 mod tests {
     #![allow(clippy::panic)]
     use super::month_bounds;
