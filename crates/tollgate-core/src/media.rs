@@ -102,8 +102,7 @@ impl MediaBounds {
     pub fn openai(model: &str) -> MediaBounds {
         const PATCH_PREFIXES: [&str; 5] = ["gpt-4.1-mini", "gpt-4.1-nano", "gpt-5-mini", "gpt-5-nano", "o4-mini"];
         const TILE_PREFIXES: [&str; 8] = ["gpt-4o", "chatgpt-4o", "gpt-4.1", "gpt-4.5", "gpt-4-turbo", "gpt-5", "o1", "o3"];
-        let model = model.rsplit('/').next().unwrap_or(model).to_ascii_lowercase();
-        let model = model.strip_prefix("ft:").unwrap_or(&model);
+        let model = crate::tokens::model_family_name(model);
         if model.starts_with("gpt-4o-mini") {
             MediaBounds::OPENAI_4O_MINI
         } else if PATCH_PREFIXES.iter().any(|prefix| model.starts_with(prefix)) {

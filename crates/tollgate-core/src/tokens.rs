@@ -57,9 +57,15 @@ pub fn tokenizer_ready() -> bool {
 /// A routing prefix ("openai/gpt-4o") and a fine-tune prefix ("ft:gpt-4o-mini:org::id") are
 /// ignored, and case does not matter, so aliases count like the model they name.
 pub fn encoding_for_model(model: &str) -> Encoding {
-    let model = model.rsplit('/').next().unwrap_or(model).to_ascii_lowercase();
-    let model = model.strip_prefix("ft:").unwrap_or(&model);
+    let model = model_family_name(model);
     if O200K_PREFIXES.iter().any(|prefix| model.starts_with(prefix)) { Encoding::O200k } else { Encoding::Cl100k }
+}
+
+/// A model's name as its family prefixes are matched: without a routing prefix
+/// ("openai/gpt-4o") or a fine-tune prefix ("ft:gpt-4o-mini:org::id"), lower case.
+pub fn model_family_name(model: &str) -> String {
+    let model = model.rsplit('/').next().unwrap_or(model).to_ascii_lowercase();
+    model.strip_prefix("ft:").map(str::to_string).unwrap_or(model)
 }
 
 /// The fallback when an encoding cannot be loaded: one token per two bytes, rounded up, which is

@@ -307,9 +307,9 @@ async fn replay(state: &AppState, context: &BillingContext, request_id: &str, fi
     let account_id = &context.account.id;
     let duplicate = || ApiError::DuplicateRequest(request_id.to_string());
     // The hot store keeps the record while the ledger may not have the row yet (services mode).
-    let record = match state.hot.charged_request(account_id, request_id).await? {
-        Some(record) => Some(record),
-        None => state.ledger.charged_request(account_id, request_id).await?,
+    let (record, from_hot) = match state.hot.charged_request(account_id, request_id).await? {
+        Some(record) => (Some(record), true),
+        None => (state.ledger.charged_request(account_id, request_id).await?, false),
     };
     // Charged, but neither store can show the record yet: nothing to check it against, so
     // nothing is replayed.
@@ -326,7 +326,8 @@ async fn replay(state: &AppState, context: &BillingContext, request_id: &str, fi
     let stored = match record.response {
         Some(stored) => stored,
         // A body the hot store could not keep (not UTF-8) is in the ledger once its row is.
-        None => state.ledger.charged_request(account_id, request_id).await?.and_then(|record| record.response).ok_or_else(duplicate)?,
+        None if from_hot => state.ledger.charged_request(account_id, request_id).await?.and_then(|record| record.response).ok_or_else(duplicate)?,
+        None => return Err(duplicate()),
     };
     metrics::counter!("tollgate_idempotent_replays_total").increment(1);
     let balance = state.hot.balance(&context.account.id, &context.key.id).await?.map(|view| view.balance);
