@@ -62,8 +62,9 @@ enum Command {
     Verify {
         #[arg(long)]
         config: Option<std::path::PathBuf>,
-        /// A file of `ACCOUNT_ID REQUEST_ID` lines: requests clients saw served, each of which
-        /// must have its charge in the ledger (the `lost` count).
+        /// A file of `ACCOUNT_ID REQUEST_ID [EXPECTED_COST]` lines: requests clients saw served,
+        /// each of which must have its charge in the ledger (the `lost` count), at the cost
+        /// given when there is one (the `wrong amount` count).
         #[arg(long)]
         charged: Option<std::path::PathBuf>,
         /// Print the report as JSON.

@@ -416,3 +416,23 @@ pub async fn terminate(child: &mut tokio::process::Child) -> Option<i32> {
     let status = tokio::time::timeout(std::time::Duration::from_secs(60), child.wait()).await.expect("no exit within 60 s of SIGTERM").unwrap();
     status.code()
 }
+
+/// The fixture of token counts made by OpenAI's Python `tiktoken` (scripts/tiktoken-fixtures):
+/// the independent oracle the charges are checked against, not the gateway's own tokenizer.
+fn tiktoken_fixture() -> &'static Value {
+    static FIXTURE: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    FIXTURE.get_or_init(|| serde_json::from_str(include_str!("../fixtures/tiktoken.json")).unwrap())
+}
+
+/// The prompt tokens of `messages` for the demo models (cl100k_base), by OpenAI's chat formula,
+/// as Python tiktoken counted them: what the mock upstream must report and the gateway charge.
+pub fn tiktoken_prompt_tokens(messages: &Value) -> u64 {
+    let found = tiktoken_fixture()["prompts"].as_array().unwrap().iter().find(|case| case["encoding"] == "cl100k_base" && case["messages"] == *messages);
+    found.unwrap_or_else(|| panic!("{messages} is not in tests/fixtures/tiktoken.json: add it to scripts/tiktoken-fixtures and run it"))["tokens"].as_u64().unwrap()
+}
+
+/// The tokens of a text for the demo models (cl100k_base), as Python tiktoken counted them.
+pub fn tiktoken_text_tokens(text: &str) -> u64 {
+    let found = tiktoken_fixture()["texts"].as_array().unwrap().iter().find(|case| case["encoding"] == "cl100k_base" && case["text"] == text);
+    found.unwrap_or_else(|| panic!("{text:?} is not in tests/fixtures/tiktoken.json: add it to scripts/tiktoken-fixtures and run it"))["tokens"].as_u64().unwrap()
+}

@@ -200,16 +200,15 @@ async fn serve_one(gateway: &TestGateway, key: &str, stream: bool) -> Result<(),
 /// PostgreSQL stopped for 30 s under load (services mode): no request fails for it — charges go
 /// on in Redis, their events wait in the streams — top-ups are refused 503 meanwhile, and once
 /// PostgreSQL is back the worker catches up and every charge lands: I2 exact.
+///
+/// It sets up services mode itself, whatever the pass, and takes over 30 s: ignored by default
+/// (shown as such), run once by scripts/test in the services pass with `--include-ignored`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "30 s; scripts/test runs it once, in the services pass (--include-ignored)"]
 async fn postgres_stopped_30_s_under_load_fails_no_request_and_all_usage_lands() {
     let Ok(redis_url) = std::env::var("TOLLGATE_TEST_REDIS_URL") else {
         panic!("TOLLGATE_TEST_REDIS_URL is not set: run scripts/test, which starts Redis");
     };
-    if services_redis_url().is_none() {
-        // Services mode whatever the pass; run once, in the services pass, to keep CI short.
-        eprintln!("runs in the services pass only (TOLLGATE_TEST_HOT=redis)");
-        return;
-    }
     let postgres = OwnPostgres::start().await;
     let gateway = TestGateway::start_on(TempDir::new(), postgres.url(), |config| {
         config.redis_url = Some(redis_url.clone());

@@ -100,8 +100,13 @@ async fn hold_and_response(gateway: &TestGateway, key: &str, body: Value) -> (Mo
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     };
-    let (response, held) = tokio::join!(request, watch);
-    (held, response.unwrap())
+    // Answered before the hold was seen: fail, rather than watch for ever a hold that is gone.
+    tokio::pin!(request);
+    let held = tokio::select! {
+        held = watch => held,
+        response = &mut request => panic!("answered ({:?}) before its hold was seen", response.map(|response| response.status())),
+    };
+    (held, request.await.unwrap())
 }
 
 /// Issue 19 item 2: an Anthropic stream cut after `message_start` (before `message_delta`) is

@@ -101,6 +101,14 @@ async fn a_redis_cluster_charges_accounts_on_every_shard() {
     gateway.stop().await;
 }
 
+/// Usage rows of an account in a PostgreSQL ledger, read directly.
+async fn usage_rows(database_url: &str, account_id: &str) -> i64 {
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(database_url).await.unwrap();
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_log WHERE account_id = $1").bind(account_id).fetch_one(&pool).await.unwrap();
+    pool.close().await;
+    count
+}
+
 /// SIGKILL the standalone worker while it writes, restart it: every charge reaches the ledger
 /// exactly once (I1), and the ledger agrees with Redis (I2, I4).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,21 +139,33 @@ async fn a_worker_killed_mid_batch_loses_and_doubles_nothing() {
     let mut worker = spawn_worker();
     let mut request_ids = Vec::new();
     let mut load = Vec::new();
-    for index in 0..400 {
+    let send = |index: usize, request_ids: &mut Vec<String>| {
         let request_id = format!("w-{index}");
         request_ids.push(request_id.clone());
         let request = gateway.http.post(format!("{}/v1/chat/completions", gateway.url)).bearer_auth(&key).header("X-Request-ID", request_id).json(&chat_body("worker crash"));
-        load.push(tokio::spawn(async move { request.send().await.unwrap().status().as_u16() }));
-        if index == 200 {
-            // Killed while events stream in and batches are being written.
-            tokio::time::sleep(Duration::from_millis(30)).await;
-            worker.start_kill().unwrap();
-            worker.wait().await.unwrap();
-        }
+        tokio::spawn(async move { request.send().await.unwrap().status().as_u16() })
+    };
+    for index in 0..200 {
+        load.push(send(index, &mut request_ids));
+    }
+    // Killed once it has written some of the charges and while events still stream in: the
+    // ledger holds some but not all of them at the kill, or the kill proved nothing.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while usage_rows(&database_url, &account).await == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the worker wrote nothing in 30 s");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    worker.start_kill().unwrap();
+    worker.wait().await.unwrap();
+    let at_kill = usage_rows(&database_url, &account).await;
+    for index in 200..400 {
+        load.push(send(index, &mut request_ids));
     }
     for request in load {
         assert_eq!(request.await.unwrap(), 200);
     }
+    assert!(0 < at_kill && at_kill < 400, "{at_kill} of 400 charges in the ledger at the kill");
+    assert_eq!(usage_rows(&database_url, &account).await, at_kill, "nothing is written while the worker is down");
     let mut worker = spawn_worker();
     let statement = gateway.assert_ledger_sound(&account).await;
     let mut charged: Vec<String> = statement["rows"].as_array().unwrap().iter().filter(|row| row["kind"] == "usage").map(|row| row["request_id"].as_str().unwrap().to_string()).collect();

@@ -323,6 +323,29 @@ mod tests {
         assert_eq!(count_openai_tools(Encoding::O200k, &odd), count_text(Encoding::O200k, &odd[0].to_string()) + 12);
     }
 
+    /// Counts from OpenAI's Python `tiktoken` run on its own BPE files (regenerated and checked
+    /// by scripts/tiktoken-fixtures), for texts and prompts the test suite sends.
+    #[test]
+    fn counts_match_the_pinned_python_tiktoken_run() {
+        let fixture: Value = serde_json::from_str(include_str!("../../../tests/fixtures/tiktoken.json")).unwrap();
+        let encoding = |name: &Value| match name.as_str() {
+            Some("cl100k_base") => Encoding::Cl100k,
+            Some("o200k_base") => Encoding::O200k,
+            other => panic!("encoding {other:?}"),
+        };
+        let texts = fixture["texts"].as_array().unwrap();
+        assert!(texts.len() >= 20);
+        for case in texts {
+            let text = case["text"].as_str().unwrap();
+            assert_eq!(count_text(encoding(&case["encoding"]), text), case["tokens"].as_u64().unwrap(), "{case}");
+        }
+        let prompts = fixture["prompts"].as_array().unwrap();
+        for case in prompts {
+            let messages = case["messages"].as_array().unwrap();
+            assert_eq!(count_chat_prompt(encoding(&case["encoding"]), messages), case["tokens"].as_u64().unwrap(), "{case}");
+        }
+    }
+
     #[test]
     fn texts_match_published_tiktoken_counts() {
         // Token ids published in tiktoken's own examples and tutorials.

@@ -336,10 +336,10 @@ pub async fn reconcile(config: &GatewayConfig, fix: bool) -> Result<tollgate_sto
 ///
 /// # Errors
 /// A store that cannot be opened or read.
-pub async fn verify(config: &GatewayConfig, client_charged: Option<&[(String, String)]>) -> Result<tollgate_worker::verify::VerifyReport, ServerError> {
+pub async fn verify(config: &GatewayConfig, served: Option<&[tollgate_worker::verify::ServedRequest]>) -> Result<tollgate_worker::verify::VerifyReport, ServerError> {
     let (ledger, redis) = open_stores(config).await?;
     let hot = redis.as_ref().map(|redis| redis as &dyn HotStore);
-    Ok(tollgate_worker::verify::verify(&*ledger, hot, client_charged).await?)
+    Ok(tollgate_worker::verify::verify(&*ledger, hot, served).await?)
 }
 
 /// The stores a command-line check reads: the ledger and, in services mode, Redis.

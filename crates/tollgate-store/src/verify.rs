@@ -1,7 +1,7 @@
 //! Checks invariants I2 (conservation) and I4 (audit chain) for an account from the ledger
 //! alone, through the `Ledger` trait, so it works on every backend.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use tollgate_core::Money;
 
@@ -24,6 +24,9 @@ pub struct AccountCheck {
     pub chain_breaks: Vec<i64>,
     /// Request ids with more than one charged row.
     pub duplicate_request_ids: Vec<String>,
+    /// The cost of every charged (not failed) request id of the account, as its row says (the
+    /// first row, for a doubled id).
+    pub charged: HashMap<String, Money>,
     /// Usage rows of the account, failed ones included.
     pub usage_rows: u64,
 }
@@ -50,7 +53,7 @@ pub async fn check_account(ledger: &dyn Ledger, account_id: &str) -> StoreResult
     let mut previous_after = Money::ZERO;
     let mut previous_seq = 0;
     let mut chain_breaks = Vec::new();
-    let mut charged = HashSet::new();
+    let mut charged = HashMap::new();
     let mut duplicate_request_ids = Vec::new();
     let mut usage_rows = 0;
     for entry in &entries {
@@ -61,9 +64,14 @@ pub async fn check_account(ledger: &dyn Ledger, account_id: &str) -> StoreResult
             usage_rows += 1;
         }
         if let LedgerEntry::Usage(row) = entry
-            && row.status != RequestStatus::Failed && !charged.insert(row.request_id.clone()) {
+            && row.status != RequestStatus::Failed
+        {
+            if charged.contains_key(&row.request_id) {
                 duplicate_request_ids.push(row.request_id.clone());
+            } else {
+                charged.insert(row.request_id.clone(), row.cost);
             }
+        }
         previous_after = entry.balance_after();
         previous_seq = entry.ledger_seq();
     }
@@ -74,6 +82,7 @@ pub async fn check_account(ledger: &dyn Ledger, account_id: &str) -> StoreResult
         chain_balance: previous_after,
         chain_breaks,
         duplicate_request_ids,
+        charged,
         usage_rows,
     })
 }

@@ -3,13 +3,15 @@
 //! nothing).
 //!
 //! - I1 (exactly once): no request id has two charged rows (`doubled`); given the request ids
-//!   clients saw succeed, each has its charged row (`lost`).
+//!   clients saw succeed, each has its charged row (`lost`), at the cost the client expected
+//!   when it says one (`wrong amount`).
 //! - I2 (conservation): for every account, account_balance = Σ fund − Σ usage, and the hot
 //!   balance agrees once the usage log is drained (reconciliation's comparison, read-only).
 //! - I3 (no hold outlives its request): nothing is held once quiet.
 //! - I4 (audit chain): every row's balance_before is the previous row's balance_after.
 
 use std::collections::{BTreeMap, HashSet};
+use std::str::FromStr;
 
 use serde::Serialize;
 use tollgate_core::Money;
@@ -22,6 +24,15 @@ use crate::reconcile::Reconciler;
 /// Lost request ids listed by name in a report; the count covers all of them.
 const LISTED_MAX: usize = 20;
 
+/// A request a client saw served: the account it was charged to, its id and, when the client
+/// can tell (a deterministic request at known prices), what it must have cost.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServedRequest {
+    pub account_id: String,
+    pub request_id: String,
+    pub expected_cost: Option<Money>,
+}
+
 /// What `verify` found. Sound when every count below `accounts` is zero.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct VerifyReport {
@@ -31,6 +42,9 @@ pub struct VerifyReport {
     pub client_charged: Option<u64>,
     /// Of those, the ones without a charged row in the ledger.
     pub lost: u64,
+    /// Of those with an expected cost, the ones charged another amount (an estimate where the
+    /// response was served whole, a disconnect's partial charge, a wrong price).
+    pub wrong_amount: u64,
     /// Request ids with more than one charged row.
     pub doubled: u64,
     /// Rows whose balance_before is not the previous row's balance_after.
@@ -48,13 +62,21 @@ pub struct VerifyReport {
     pub unapplied_funds: u64,
     /// Accounts that kept changing while read: the system was not quiet.
     pub busy_accounts: u64,
-    /// A few of the lost and doubled request ids, for the operator to look up.
+    /// A few of the lost, doubled and wrongly charged request ids and of the chain breaks, for
+    /// the operator to look up.
     pub examples: Vec<String>,
 }
 
 impl VerifyReport {
+    fn example(&mut self, text: String) {
+        if self.examples.len() < LISTED_MAX {
+            self.examples.push(text);
+        }
+    }
+
     pub fn is_sound(&self) -> bool {
         self.lost == 0
+            && self.wrong_amount == 0
             && self.doubled == 0
             && self.chain_breaks == 0
             && self.drifted_accounts == 0
@@ -72,6 +94,7 @@ impl VerifyReport {
             ("usage rows", self.usage_rows.to_string()),
             ("charged per the client", client),
             ("lost (I1)", self.lost.to_string()),
+            ("charged a wrong amount", self.wrong_amount.to_string()),
             ("doubled (I1)", self.doubled.to_string()),
             ("drifted accounts (I2)", self.drifted_accounts.to_string()),
             ("max drift (I2)", self.max_drift.to_string()),
@@ -93,23 +116,48 @@ impl VerifyReport {
     }
 }
 
-/// Verifies every account. `client_charged` lists (account id, request id) pairs a client saw
-/// served and charged; `hot` is the hot store when the caller can reach it (services mode).
+/// Verifies every account. `served` lists the requests a client saw served and charged; `hot`
+/// is the hot store when the caller can reach it (services mode).
 ///
 /// # Errors
 /// A store could not be read.
-pub async fn verify(ledger: &dyn Ledger, hot: Option<&dyn HotStore>, client_charged: Option<&[(String, String)]>) -> StoreResult<VerifyReport> {
-    let mut report = VerifyReport::default();
+pub async fn verify(ledger: &dyn Ledger, hot: Option<&dyn HotStore>, served: Option<&[ServedRequest]>) -> StoreResult<VerifyReport> {
+    let mut report = VerifyReport { client_charged: served.map(|served| served.len() as u64), ..VerifyReport::default() };
+    let mut served_by_account: BTreeMap<&str, Vec<&ServedRequest>> = BTreeMap::new();
+    for request in served.unwrap_or_default() {
+        served_by_account.entry(&request.account_id).or_default().push(request);
+    }
     let account_ids = ledger.account_ids().await?;
     report.accounts = account_ids.len() as u64;
     for account_id in &account_ids {
         let check = check_account(ledger, account_id).await?;
         report.chain_breaks += check.chain_breaks.len() as u64;
+        for seq in &check.chain_breaks {
+            report.example(format!("chain break: {account_id} at ledger_seq {seq}"));
+        }
         report.doubled += check.duplicate_request_ids.len() as u64;
-        for request_id in check.duplicate_request_ids.iter().take(LISTED_MAX.saturating_sub(report.examples.len())) {
-            report.examples.push(format!("doubled: {account_id} {request_id}"));
+        for request_id in &check.duplicate_request_ids {
+            report.example(format!("doubled: {account_id} {request_id}"));
         }
         report.usage_rows += check.usage_rows;
+        for request in served_by_account.remove(account_id.as_str()).unwrap_or_default() {
+            match (check.charged.get(&request.request_id), request.expected_cost) {
+                (None, _) => {
+                    report.lost += 1;
+                    report.example(format!("lost: {account_id} {}", request.request_id));
+                }
+                (Some(cost), Some(expected)) if *cost != expected => {
+                    report.wrong_amount += 1;
+                    report.example(format!("wrong amount: {account_id} {} charged {cost}, expected {expected}", request.request_id));
+                }
+                (Some(_), _) => {}
+            }
+        }
+    }
+    // Served for accounts the ledger does not have at all.
+    for request in served_by_account.into_values().flatten() {
+        report.lost += 1;
+        report.example(format!("lost: {} {} (no such account)", request.account_id, request.request_id));
     }
 
     // I2 across the stores, exactly as reconciliation judges it (read-only here).
@@ -130,53 +178,38 @@ pub async fn verify(ledger: &dyn Ledger, hot: Option<&dyn HotStore>, client_char
             let ledger_fund_seq = ledger.account_balance(&view.account_id).await?.map_or(0, |balance| balance.last_fund_seq);
             if view.last_fund_seq < ledger_fund_seq {
                 report.unapplied_funds += 1;
-                if report.examples.len() < LISTED_MAX {
-                    report.examples.push(format!("fund not applied: {} (hot at fund seq {}, ledger at {ledger_fund_seq})", view.account_id, view.last_fund_seq));
-                }
+                report.example(format!("fund not applied: {} (hot at fund seq {}, ledger at {ledger_fund_seq})", view.account_id, view.last_fund_seq));
             }
         }
         report.queued_events = charges_not_in_ledger(ledger, hot).await?.len() as u64;
     }
-
-    if let Some(pairs) = client_charged {
-        report.client_charged = Some(pairs.len() as u64);
-        // By account, so each snapshot reads few accounts' totals.
-        let mut by_account: BTreeMap<&str, Vec<(String, String)>> = BTreeMap::new();
-        for (account_id, request_id) in pairs {
-            by_account.entry(account_id).or_default().push((account_id.clone(), request_id.clone()));
-        }
-        for (account_id, pairs) in by_account {
-            let (_, charged) = ledger.ledger_snapshot(Some(&[account_id.to_string()]), &pairs).await?;
-            for pair in pairs.iter().filter(|pair| !charged.contains(*pair)) {
-                report.lost += 1;
-                if report.examples.len() < LISTED_MAX {
-                    report.examples.push(format!("lost: {} {}", pair.0, pair.1));
-                }
-            }
-        }
-    }
     Ok(report)
 }
 
-/// Parses a list of charged request ids: one `ACCOUNT_ID REQUEST_ID` pair per line (blank
-/// lines and `#` comments skipped).
+/// Parses a list of served requests: one `ACCOUNT_ID REQUEST_ID [EXPECTED_COST]` per line, the
+/// cost in currency units as the API writes money (blank lines and `#` comments skipped).
 ///
 /// # Errors
-/// A line without exactly two fields, named by its number.
-pub fn parse_charged_list(text: &str) -> Result<Vec<(String, String)>, String> {
-    let mut pairs = Vec::new();
+/// A line with too few or too many fields, or a cost that is not an amount, named by its number.
+pub fn parse_charged_list(text: &str) -> Result<Vec<ServedRequest>, String> {
+    let mut served = Vec::new();
     for (index, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
         let fields: Vec<&str> = line.split_whitespace().collect();
-        let [account_id, request_id] = fields[..] else {
-            return Err(format!("line {}: expected `ACCOUNT_ID REQUEST_ID`, got {line:?}", index + 1));
+        let (account_id, request_id, cost) = match fields[..] {
+            [account_id, request_id] => (account_id, request_id, None),
+            [account_id, request_id, cost] => (account_id, request_id, Some(cost)),
+            _ => return Err(format!("line {}: expected `ACCOUNT_ID REQUEST_ID [EXPECTED_COST]`, got {line:?}", index + 1)),
         };
-        pairs.push((account_id.to_string(), request_id.to_string()));
+        let expected_cost = cost
+            .map(|cost| Money::from_str(cost).map_err(|error| format!("line {}: expected cost {cost:?}: {error}", index + 1)))
+            .transpose()?;
+        served.push(ServedRequest { account_id: account_id.to_string(), request_id: request_id.to_string(), expected_cost });
     }
-    Ok(pairs)
+    Ok(served)
 }
 
 #[cfg(test)]
@@ -185,11 +218,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn charged_lists_are_pairs_per_line() {
-        let pairs = parse_charged_list("# served\nacct_1 req-1\n\n  acct_2   req-2  \n").unwrap();
-        assert_eq!(pairs, vec![("acct_1".into(), "req-1".into()), ("acct_2".into(), "req-2".into())]);
-        assert_eq!(parse_charged_list("acct_1\n").unwrap_err(), "line 1: expected `ACCOUNT_ID REQUEST_ID`, got \"acct_1\"");
-        assert!(parse_charged_list("a b c").is_err());
+    fn charged_lists_are_pairs_per_line_with_an_optional_cost() {
+        let served = parse_charged_list("# served\nacct_1 req-1\n\n  acct_2   req-2  0.000123 \n").unwrap();
+        let request = |account: &str, request: &str, cost: Option<Money>| ServedRequest { account_id: account.into(), request_id: request.into(), expected_cost: cost };
+        assert_eq!(served, vec![request("acct_1", "req-1", None), request("acct_2", "req-2", Some(Money::from_nanos(123_000)))]);
+        assert_eq!(parse_charged_list("acct_1\n").unwrap_err(), "line 1: expected `ACCOUNT_ID REQUEST_ID [EXPECTED_COST]`, got \"acct_1\"");
+        assert!(parse_charged_list("a b c d").is_err());
+        assert!(parse_charged_list("a b 1.2.3").unwrap_err().starts_with("line 1: expected cost \"1.2.3\""));
     }
 
     #[test]
@@ -199,6 +234,7 @@ mod tests {
         assert!(sound.table().contains("verdict                    sound"));
         for broken in [
             VerifyReport { lost: 1, ..sound.clone() },
+            VerifyReport { wrong_amount: 1, ..sound.clone() },
             VerifyReport { doubled: 1, ..sound.clone() },
             VerifyReport { chain_breaks: 1, ..sound.clone() },
             VerifyReport { drifted_accounts: 1, ..sound.clone() },
