@@ -436,3 +436,15 @@ pub fn tiktoken_text_tokens(text: &str) -> u64 {
     let found = tiktoken_fixture()["texts"].as_array().unwrap().iter().find(|case| case["encoding"] == "cl100k_base" && case["text"] == text);
     found.unwrap_or_else(|| panic!("{text:?} is not in tests/fixtures/tiktoken.json: add it to scripts/tiktoken-fixtures and run it"))["tokens"].as_u64().unwrap()
 }
+
+/// A set environment variable whose value a header can carry, standing in for an upstream key:
+/// tests cannot set variables (`unsafe` is forbidden), and the gateway reads keys from them.
+pub fn upstream_key_variable() -> (String, String) {
+    let usable = |value: &str| !value.is_empty() && value.len() <= 256 && value.bytes().all(|byte| byte.is_ascii_graphic());
+    let preferred = ["CARGO_PKG_NAME", "USER", "HOME", "PATH"];
+    preferred
+        .iter()
+        .find_map(|name| std::env::var(name).ok().filter(|value| usable(value)).map(|value| (name.to_string(), value)))
+        .or_else(|| std::env::vars().find(|(_, value)| usable(value)))
+        .expect("some environment variable is set")
+}

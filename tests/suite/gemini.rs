@@ -14,18 +14,6 @@ use crate::common::*;
 /// Nano-units per cached input token at the test prices (1.25 per million).
 const CACHED_INPUT_NANOS: i64 = 1_250;
 
-/// A set environment variable whose value a header can carry, standing in for an upstream key:
-/// tests cannot set variables (`unsafe` is forbidden), and the gateway reads keys from them.
-fn upstream_key_variable() -> (String, String) {
-    let usable = |value: &str| !value.is_empty() && value.len() <= 256 && value.bytes().all(|byte| byte.is_ascii_graphic());
-    let preferred = ["CARGO_PKG_NAME", "USER", "HOME", "PATH"];
-    preferred
-        .iter()
-        .find_map(|name| std::env::var(name).ok().filter(|value| usable(value)).map(|value| (name.to_string(), value)))
-        .or_else(|| std::env::vars().find(|(_, value)| usable(value)))
-        .expect("some environment variable is set")
-}
-
 fn provider(name: &str, kind: &str, base_url: &str, api_key_env: &str) -> ProviderConfig {
     serde_json::from_value(json!({"name": name, "kind": kind, "base_url": base_url, "api_key_env": api_key_env})).unwrap()
 }

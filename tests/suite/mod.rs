@@ -7,6 +7,7 @@ mod degradation;
 mod fidelity;
 mod funds;
 mod gemini;
+mod hardening;
 mod hold_bound;
 mod idempotency;
 mod jobs;

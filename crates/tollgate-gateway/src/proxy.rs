@@ -29,6 +29,7 @@ use crate::request_id::{REQUEST_ID_HEADER, RequestId, request_fingerprint};
 use crate::routes::read_limited_body;
 use crate::state::AppState;
 use crate::upstream::Route;
+use crate::upstream_errors;
 
 /// Largest single server-sent event accepted from an upstream.
 const SSE_EVENT_BYTES_MAX: usize = 1024 * 1024;
@@ -371,8 +372,10 @@ async fn forward(
     };
     let status = response.status();
     if !status.is_success() {
-        let detail = upstream_error_message(response).await;
-        return void_with(state, &billing, ApiError::UpstreamStatus { status: status.as_u16(), message: detail }).await;
+        let body = upstream_errors::read_error_body(response, Duration::from_secs(5)).await;
+        let refusal = upstream_errors::refusal(status.as_u16(), &body);
+        tracing::warn!(request_id = billing.request_id, status = status.as_u16(), upstream_said = refusal.logged, "upstream refused the request");
+        return void_with(state, &billing, ApiError::UpstreamStatus { status: status.as_u16(), message: refusal.client_message }).await;
     }
     let upstream_headers = passthrough_response_headers(response.headers());
     if billing.parsed.stream {
@@ -423,15 +426,6 @@ fn passthrough_response_headers(upstream: &HeaderMap) -> HeaderMap {
         }
     }
     headers
-}
-
-async fn upstream_error_message(response: reqwest::Response) -> String {
-    let bytes = tokio::time::timeout(Duration::from_secs(5), response.bytes()).await;
-    let Ok(Ok(bytes)) = bytes else { return "no error body".into() };
-    let message = serde_json::from_slice::<Value>(&bytes).ok().and_then(|json| {
-        json.pointer("/error/message").and_then(Value::as_str).map(str::to_string)
-    });
-    message.unwrap_or_else(|| String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned())
 }
 
 async fn void_with(state: &AppState, billing: &Billing, error: ApiError) -> Result<Response, ApiError> {

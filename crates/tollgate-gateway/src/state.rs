@@ -63,6 +63,10 @@ impl AppState {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(1024)
             .tcp_nodelay(true)
+            // A redirect is not followed: reqwest's default would carry x-api-key and
+            // x-goog-api-key (it strips only Authorization) to whatever host it names. An
+            // upstream answering 3xx is an upstream error.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|error| format!("building the upstream client: {error}"))?;
         let prices = PriceTable::default();

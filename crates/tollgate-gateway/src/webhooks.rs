@@ -39,7 +39,12 @@ pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
 /// The delivery job's work: drains every due event once per run.
 pub fn deliver_work(ledger: Arc<dyn Ledger>, alerts: AlertsConfig) -> Option<JobWork> {
     let (url, secret) = (alerts.webhook_url.clone()?, alerts.webhook_secret.clone()?);
-    let http = reqwest::Client::builder().timeout(Duration::from_millis(alerts.timeout_ms)).build().ok()?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_millis(alerts.timeout_ms))
+        // The receiver is the URL configured, not wherever it redirects.
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .ok()?;
     let deliverer = Arc::new(Deliverer { ledger, http, alerts, url, secret });
     Some(Arc::new(move || {
         let deliverer = Arc::clone(&deliverer);

@@ -70,6 +70,10 @@ pub struct MockOverrides {
     /// Fail immediately with this HTTP status (200..=599) and a provider-shaped error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fail_status: Option<u16>,
+    /// The error message of an injected failure (default: "mock: injected failure with status
+    /// N"), e.g. the text of a real provider's error naming the operator's organization.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_message: Option<String>,
     /// Cut the connection after this many content chunks (non-streaming: the
     /// JSON body is truncated mid-way).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -115,6 +119,7 @@ pub(crate) struct Behaviour {
     pub(crate) chunk_interval: Duration,
     pub(crate) omit_usage: bool,
     pub(crate) fail_status: Option<StatusCode>,
+    pub(crate) fail_message: Option<String>,
     pub(crate) fail_after_chunks: Option<u64>,
     /// Pre-serialised usage override.
     pub(crate) usage_override: Option<String>,
@@ -194,6 +199,7 @@ impl Behaviour {
             chunk_interval: Duration::from_millis(chunk_interval_ms).min(MAX_DELAY),
             omit_usage,
             fail_status,
+            fail_message: body.fail_message,
             fail_after_chunks,
             usage_override,
             thoughts_tokens,
@@ -221,11 +227,8 @@ impl Behaviour {
             None => Ok(()),
             Some(status) => {
                 tracing::debug!(%status, "tollgate-mock: injected failure");
-                Err(ApiError::new(
-                    flavor,
-                    status,
-                    format!("mock: injected failure with status {}", status.as_u16()),
-                ))
+                let message = self.fail_message.clone().unwrap_or_else(|| format!("mock: injected failure with status {}", status.as_u16()));
+                Err(ApiError::new(flavor, status, message))
             }
         }
     }
