@@ -39,25 +39,47 @@ async fn wait_ready(http: &reqwest::Client, url: &str) {
     panic!("gateway at {url} never became ready");
 }
 
-/// Sends one request; returns true only if the client received the whole response.
+/// Sends one request; returns true once the client has received the whole response: a
+/// non-streaming body in full, or a stream's terminal event. A stream is served from its
+/// terminal event on, even if the connection is lost after it: the gateway sends that event only
+/// once the charge is durable (I1), so this is the window a late settle would lose a charge in.
 async fn one_request(http: &reqwest::Client, url: &str, key: &str, request_id: &str, stream: bool) -> bool {
-    let mut body = chat_body("crash test");
-    body["max_tokens"] = json!(16);
+    let mut body = chat_body(&" hello".repeat(PROMPT_WORDS));
+    body["max_tokens"] = json!(OUTPUT_TOKENS);
+    body["mock"] = json!({"output_tokens": OUTPUT_TOKENS});
     if stream {
         body["stream"] = json!(true);
-        body["mock"] = json!({"chunk_interval_ms": 3});
+        body["mock"]["chunk_interval_ms"] = json!(3);
     }
     let sent = http.post(format!("{url}/v1/chat/completions")).bearer_auth(key).header("X-Request-ID", request_id).json(&body).send().await;
-    let Ok(response) = sent else { return false };
+    let Ok(mut response) = sent else { return false };
     if response.status() != 200 {
         return false;
     }
-    match response.text().await {
-        Ok(text) if stream => text.contains("data: [DONE]"),
-        Ok(text) => serde_json::from_str::<Value>(&text).is_ok(),
-        Err(_) => false,
+    if !stream {
+        return matches!(response.text().await, Ok(text) if serde_json::from_str::<Value>(&text).is_ok());
     }
+    let mut received = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        received.extend_from_slice(&chunk);
+        if received.windows(DONE.len()).any(|window| window == DONE) {
+            return true;
+        }
+    }
+    false
 }
+
+/// The terminal event of an OpenAI stream.
+const DONE: &[u8] = b"data: [DONE]";
+
+/// Every request's prompt is " hello" this many times: as many tokens in every encoding.
+const PROMPT_WORDS: usize = 4;
+/// Its prompt tokens by OpenAI's rule for chat messages, which the mock follows: 3 priming the
+/// reply, 3 for the message, 1 for its role ("user"), then the content. Counted here, not by the
+/// gateway's tokenizer, so a completed request's charge is known in advance.
+const PROMPT_TOKENS: u64 = PROMPT_WORDS as u64 + 7;
+/// Its completion: the mock generates this many tokens, and the request's cap is the same.
+const OUTPUT_TOKENS: u64 = 16;
 
 /// A gateway as its own process (so it can be killed), on a fresh ledger, with the mock upstream
 /// in this process.
@@ -180,7 +202,7 @@ async fn sigkill_mid_load_loses_and_doubles_nothing() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(account["held"], "0", "holds of killed requests are released");
-    let mut rows_per_request: HashMap<String, usize> = HashMap::new();
+    let mut rows_per_request: HashMap<String, Vec<Value>> = HashMap::new();
     let mut cursor: Option<i64> = None;
     loop {
         let mut path = "/internal/billing/transactions?account_id=crash&limit=1000".to_string();
@@ -189,8 +211,10 @@ async fn sigkill_mid_load_loses_and_doubles_nothing() {
         }
         let page: Value = admin(reqwest::Method::GET, &path, None).await.unwrap().json().await.unwrap();
         for row in page["data"].as_array().unwrap() {
-            if row["status"] != "failed" {
-                *rows_per_request.entry(row["request_id"].as_str().unwrap().to_string()).or_default() += 1;
+            if row["status"] == "failed" {
+                assert_eq!(money(&row["cost"]), Money::ZERO, "a failed request costs nothing: {row}");
+            } else {
+                rows_per_request.entry(row["request_id"].as_str().unwrap().to_string()).or_default().push(row.clone());
             }
         }
         match page["next_cursor"].as_i64() {
@@ -198,10 +222,20 @@ async fn sigkill_mid_load_loses_and_doubles_nothing() {
             None => break,
         }
     }
+    // A row is not enough: a completed request is charged in full, as served, from the
+    // upstream's usage — not as a client that went away, not by estimate.
+    let full = expected_cost(PROMPT_TOKENS, OUTPUT_TOKENS);
     for request_id in &completed {
-        assert_eq!(rows_per_request.get(request_id), Some(&1), "I1: completed request {request_id} is charged exactly once");
+        let rows = rows_per_request.get(request_id).map_or(&[][..], Vec::as_slice);
+        assert_eq!(rows.len(), 1, "I1: completed request {request_id} is charged exactly once: {rows:?}");
+        let row = &rows[0];
+        let charged = (row["status"].as_str(), row["usage_source"].as_str(), row["usage"]["input_tokens"].as_u64(), row["usage"]["output_tokens"].as_u64(), money(&row["cost"]));
+        assert_eq!(charged, (Some("success"), Some("upstream"), Some(PROMPT_TOKENS), Some(OUTPUT_TOKENS), full), "completed request {request_id} is charged its full answer: {row}");
     }
-    assert!(rows_per_request.values().all(|count| *count == 1), "nothing is charged twice");
+    for (request_id, rows) in &rows_per_request {
+        assert_eq!(rows.len(), 1, "nothing is charged twice: {request_id} {rows:?}");
+        assert!(money(&rows[0]["cost"]) <= full, "a request the kill cut off is charged at most its full answer: {}", rows[0]);
+    }
     assert!(rows_per_request.keys().all(|id| sent.contains(id)));
 
     assert_eq!(money(&account["balance"]), money(&account["ledger_balance"]), "I2 after restart");
