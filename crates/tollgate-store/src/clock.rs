@@ -1,13 +1,63 @@
 //! Wall-clock periods the hot store counts quotas and budgets in: UTC minutes, days and months.
+//!
+//! Production reads the system clock (the Redis store, the server's `TIME`). A test injects a
+//! [`ManualClock`] instead, into the gateway and its hot store together, to put a request at a
+//! chosen moment — 23:59:59.999, then 00:00:00.000 — rather than hope a run never crosses one.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use time::{Date, Month, OffsetDateTime};
 
 /// Milliseconds since the Unix epoch; injectable so tests can move time.
-pub type Clock = std::sync::Arc<dyn Fn() -> i64 + Send + Sync>;
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
 /// The system clock.
 pub fn system_clock() -> Clock {
-    std::sync::Arc::new(now_ms)
+    Arc::new(now_ms)
+}
+
+/// A clock that stands still where it is set: a test puts a request at an exact moment (a period's
+/// last millisecond, then the next period's first) and moves past a hold's expiry without
+/// sleeping. Clones share one moment, so the test keeps one and the stores read another.
+#[derive(Clone, Debug)]
+pub struct ManualClock {
+    /// Milliseconds since the Unix epoch.
+    now_ms: Arc<AtomicI64>,
+}
+
+impl ManualClock {
+    /// A clock standing at `now_ms`.
+    pub fn at(now_ms: i64) -> ManualClock {
+        ManualClock { now_ms: Arc::new(AtomicI64::new(now_ms)) }
+    }
+
+    /// A clock standing at `time`.
+    pub fn at_time(time: OffsetDateTime) -> ManualClock {
+        ManualClock::at(ms_of(time))
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.now_ms.load(Ordering::SeqCst)
+    }
+
+    pub fn set(&self, now_ms: i64) {
+        self.now_ms.store(now_ms, Ordering::SeqCst);
+    }
+
+    pub fn set_time(&self, time: OffsetDateTime) {
+        self.set(ms_of(time));
+    }
+
+    pub fn advance_ms(&self, by_ms: i64) {
+        self.now_ms.fetch_add(by_ms, Ordering::SeqCst);
+    }
+
+    /// This clock as a [`Clock`] a store or a gateway reads.
+    pub fn clock(&self) -> Clock {
+        let now_ms = Arc::clone(&self.now_ms);
+        Arc::new(move || now_ms.load(Ordering::SeqCst))
+    }
 }
 
 /// Milliseconds since the Unix epoch, now: the one reading of the wall clock every part of the
@@ -87,5 +137,16 @@ mod tests {
         assert_eq!(next.day, periods.day + 1);
         assert_eq!(next.month, periods.month + 1);
         assert_eq!(next.seconds_to_next_month, 28 * 86_400);
+    }
+
+    #[test]
+    fn a_manual_clock_is_shared_by_its_clones_and_readers() {
+        let clock = ManualClock::at(1_000);
+        let reader = clock.clock();
+        let other = clock.clone();
+        other.advance_ms(500);
+        assert_eq!((clock.now_ms(), reader()), (1_500, 1_500));
+        clock.set(7);
+        assert_eq!((other.now_ms(), reader()), (7, 7));
     }
 }

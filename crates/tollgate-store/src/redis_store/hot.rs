@@ -9,6 +9,7 @@ use redis::{Script, Value};
 use tollgate_core::Money;
 
 use super::{Connection, KeySpace, connect};
+use crate::clock::Clock;
 use crate::error::{StoreError, StoreResult};
 use crate::hot::{
     AccountSnapshot, Authorization, AuthorizeRequest, BalanceView, BudgetPeriod, FundApplication, HotStore, Refusal,
@@ -32,6 +33,9 @@ pub struct RedisHotStore {
     connection: Connection,
     keys: KeySpace,
     script: Script,
+    /// A test's clock, sent with every call; `None` (production): the server's `TIME` decides,
+    /// one clock for every gateway sharing the Redis.
+    clock: Option<Clock>,
 }
 
 impl RedisHotStore {
@@ -40,7 +44,17 @@ impl RedisHotStore {
     pub async fn connect(url: &str, prefix: &str, shards: u16) -> StoreResult<RedisHotStore> {
         let keys = KeySpace::new(prefix, shards)?;
         let connection = connect(url).await?;
-        Ok(RedisHotStore { connection, keys, script: Script::new(include_str!("tollgate.lua")) })
+        Ok(RedisHotStore { connection, keys, script: Script::new(include_str!("tollgate.lua")), clock: None })
+    }
+
+    /// The same store reading `clock` instead of the server's `TIME`: the moment each call is
+    /// made at (its periods, its holds' expiry) goes with the call (`tollgate.lua`'s header), so
+    /// a test puts requests on either side of a period's end as it does with the in-process
+    /// store. Never set in production.
+    #[must_use]
+    pub fn with_clock(mut self, clock: Clock) -> RedisHotStore {
+        self.clock = Some(clock);
+        self
     }
 
     pub fn keys(&self) -> &KeySpace {
@@ -54,6 +68,14 @@ impl RedisHotStore {
     /// One script call, routed by `route_key`.
     async fn call(&self, route_key: &str, arguments: &[&str]) -> StoreResult<Value> {
         let mut invocation = self.script.key(route_key);
+        let mut arguments = arguments.iter();
+        if let Some(operation) = arguments.next() {
+            match &self.clock {
+                // "<operation>@<ms>": the script's time for this call.
+                Some(clock) => invocation.arg(format!("{operation}@{}", clock())),
+                None => invocation.arg(*operation),
+            };
+        }
         for argument in arguments {
             invocation.arg(*argument);
         }

@@ -28,6 +28,10 @@ Money is integer nano-units. Every change goes through HINCRBY/INCRBY (exact 64-
 Redis); Lua compares them as doubles, exact up to 2^53 nano-units (9,007,199 currency units), so
 every amount a call reads or receives is checked against that range and refused beyond it.
 Time comes from the server's TIME, periods are UTC (as crates/tollgate-store/src/clock.rs).
+A test may fix the time instead: ARGV[1] is then "<operation>@<ms since the epoch>" (redis
+hot.rs `with_clock`), and that moment decides every period and hold expiry of the call, as an
+injected clock does for the in-process store. Production sends the bare name and pays nothing
+for this but the one table lookup it always made. Key TTLs stay Redis's own (real time).
 --]]
 
 -- 2^53: amounts stay within ±(2^53 − 1), tollgate-core's Money::HOT_STORE_MAX, which the ledger
@@ -40,7 +44,11 @@ local MONEY_MAX = 9007199254740992
 local QUEUED_CHARGE_TTL_MS = 86400000
 local RECENT_CHARGE_MS = 3600000
 
+-- The moment a test fixed for this call (see the header), or nil: the server's TIME.
+local fixed_now_ms = nil
+
 local function now_ms()
+  if fixed_now_ms then return fixed_now_ms end
   local time = redis.call('TIME')
   return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 end
@@ -417,5 +425,12 @@ function operations.repair(base, argv)
 end
 
 local operation = operations[ARGV[1]]
+if not operation then
+  local name, at_ms = string.match(tostring(ARGV[1]), '^([%a_]+)@(%d+)$')
+  if name then
+    operation = operations[name]
+    fixed_now_ms = tonumber(at_ms)
+  end
+end
 if not operation then return error('unknown operation ' .. tostring(ARGV[1])) end
 return operation(ARGV[2], ARGV)
