@@ -2,6 +2,12 @@
 //! store, on a single Redis (`TOLLGATE_TEST_REDIS_URL`) and on a Redis Cluster
 //! (`TOLLGATE_TEST_REDIS_CLUSTER_URL`) — both started by `scripts/test`; without them these
 //! tests fail, they do not skip. Each Redis test gets its own key prefix.
+//!
+//! Checks whose answer depends on the calendar (which day, month or minute a count falls in,
+//! whether a hold is due) run on a [`ManualClock`] the check sets — and moves across a
+//! period's end on purpose, where a run on the wall clock would only cross one by chance. The
+//! others run on the stores' own time (the system clock; Redis: the server's `TIME`), the
+//! production path.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -17,12 +23,23 @@ use tollgate_store::model::{ChargedRequest, RequestStatus, StoredResponse, Usage
 use tollgate_store::queue::{EventLog, channel_log};
 use tollgate_store::StoreError;
 use tollgate_store::redis_store::{Connection, KeySpace, RedisHotStore, RedisLog, RedisLogConfig};
+use tollgate_store::clock::{Clock, ManualClock, Periods};
+use tollgate_store::hot::BudgetPeriod;
+use time::macros::datetime;
+
+/// How long a check waits for something that takes real time (a server's clock to pass a TTL)
+/// before it fails: generous, so a loaded machine is slow, not wrong.
+const WAIT_BOUND: Duration = Duration::from_secs(30);
 
 fn prefix() -> String {
     format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
 
 fn memory() -> Arc<dyn HotStore> {
+    memory_on(tollgate_store::clock::system_clock())
+}
+
+fn memory_on(clock: Clock) -> Arc<dyn HotStore> {
     let (sender, log) = channel_log(1024);
     // Stands in for the worker: acknowledges every event so settles return.
     tokio::spawn(async move {
@@ -34,7 +51,7 @@ fn memory() -> Arc<dyn HotStore> {
             log.ack(batch).await.unwrap();
         }
     });
-    Arc::new(MemoryHotStore::new(sender, tollgate_store::clock::system_clock()))
+    Arc::new(MemoryHotStore::new(sender, clock))
 }
 
 fn redis_url() -> String {
@@ -51,6 +68,20 @@ async fn redis() -> Arc<dyn HotStore> {
 
 async fn cluster() -> Arc<dyn HotStore> {
     Arc::new(RedisHotStore::connect(&cluster_url(), &prefix(), 16).await.unwrap())
+}
+
+async fn redis_on(clock: Clock) -> Arc<dyn HotStore> {
+    Arc::new(RedisHotStore::connect(&redis_url(), &prefix(), 16).await.unwrap().with_clock(clock))
+}
+
+async fn cluster_on(clock: Clock) -> Arc<dyn HotStore> {
+    Arc::new(RedisHotStore::connect(&cluster_url(), &prefix(), 16).await.unwrap().with_clock(clock))
+}
+
+/// Where a set clock starts: the middle of a day in the middle of a month (2026-06-15 12:00:00
+/// UTC), 12 h from the day's end and 15.5 days from the month's.
+fn midday() -> ManualClock {
+    ManualClock::at_time(datetime!(2026-06-15 12:00:00 UTC))
 }
 
 macro_rules! conformance {
@@ -70,19 +101,56 @@ macro_rules! conformance {
     };
 }
 
+/// The same, each check with a clock of its own, standing at [`midday`] until the check moves it.
+macro_rules! conformance_on_a_set_clock {
+    ($($check:ident),* $(,)?) => {
+        mod on_a_set_clock {
+            mod on_memory {
+                $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $check() {
+                    let clock = super::super::midday();
+                    super::super::$check(super::super::memory_on(clock.clock()), clock).await;
+                })*
+            }
+            mod on_redis {
+                $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $check() {
+                    let clock = super::super::midday();
+                    super::super::$check(super::super::redis_on(clock.clock()).await, clock).await;
+                })*
+            }
+            mod on_redis_cluster {
+                $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $check() {
+                    let clock = super::super::midday();
+                    super::super::$check(super::super::cluster_on(clock.clock()).await, clock).await;
+                })*
+            }
+        }
+    };
+}
+
 conformance!(
-    authorize_settle_void_and_idempotency,
-    expired_holds_are_released_and_a_late_settle_charges_once,
-    quotas_budgets_and_rate_limits_refuse_with_their_reason,
     fund_changes_apply_once_and_in_order,
     concurrent_authorizations_never_overspend,
     accounts_on_every_shard_work,
     two_loaders_racing_load_once,
-    a_cold_load_starts_from_the_ledger_counters,
     a_cold_load_remembers_every_charged_id,
-    withdrawals_take_only_free_funds,
     a_settle_releases_the_hold_of_the_key_it_was_placed_for,
     an_unload_releases_what_its_holds_kept_of_the_key,
+    without_a_set_clock_the_stores_keep_their_own_time,
+);
+
+conformance_on_a_set_clock!(
+    authorize_settle_void_and_idempotency,
+    expired_holds_are_released_and_a_late_settle_charges_once,
+    quotas_budgets_and_rate_limits_refuse_with_their_reason,
+    a_cold_load_starts_from_the_ledger_counters,
+    withdrawals_take_only_free_funds,
+    the_last_millisecond_of_a_day_and_midnight_count_in_different_days,
+    a_hold_from_before_midnight_leaves_the_new_day_alone,
+    a_month_end_starts_monthly_quotas_and_budgets_afresh,
+    a_minute_boundary_starts_the_rate_limits_afresh,
 );
 
 async fn load(store: &dyn HotStore, account: &str, balance: i64) {
@@ -136,7 +204,7 @@ fn held(outcome: &Authorization) -> bool {
     matches!(outcome, Authorization::Held { .. })
 }
 
-async fn authorize_settle_void_and_idempotency(store: Arc<dyn HotStore>) {
+async fn authorize_settle_void_and_idempotency(store: Arc<dyn HotStore>, _clock: ManualClock) {
     assert_eq!(store.authorize(&request("a", "r1", 10)).await.unwrap(), Authorization::Refused(Refusal::AccountNotLoaded));
     load(&*store, "a", 100).await;
     assert_eq!(store.authorize(&request("a", "old", 1)).await.unwrap(), Authorization::Refused(Refusal::AlreadyCharged));
@@ -159,13 +227,14 @@ async fn authorize_settle_void_and_idempotency(store: Arc<dyn HotStore>) {
     assert!(store.balance("nobody", "k").await.unwrap().is_none());
 }
 
-async fn expired_holds_are_released_and_a_late_settle_charges_once(store: Arc<dyn HotStore>) {
+async fn expired_holds_are_released_and_a_late_settle_charges_once(store: Arc<dyn HotStore>, clock: ManualClock) {
     load(&*store, "a", 100).await;
     let short = AuthorizeRequest { hold_ttl_ms: 150, ..request("a", "slow", 80) };
     assert!(held(&store.authorize(&short).await.unwrap()));
-    assert_eq!(store.expire_holds().await.unwrap(), 0, "not yet due");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(store.expire_holds().await.unwrap(), 1);
+    clock.advance_ms(149);
+    assert_eq!(store.expire_holds().await.unwrap(), 0, "not yet due 1 ms before its TTL ends");
+    clock.advance_ms(1);
+    assert_eq!(store.expire_holds().await.unwrap(), 1, "due when its TTL ends");
     assert_eq!(store.balance("a", "key-a").await.unwrap().unwrap().held, Money::ZERO);
     let settlement = store.settle(event("a", "slow", 30, RequestStatus::Success)).await.unwrap();
     assert!(!settlement.already_settled);
@@ -173,14 +242,15 @@ async fn expired_holds_are_released_and_a_late_settle_charges_once(store: Arc<dy
     assert_eq!((view.balance, view.held), (Money::from_nanos(70), Money::ZERO));
 }
 
-async fn quotas_budgets_and_rate_limits_refuse_with_their_reason(store: Arc<dyn HotStore>) {
+async fn quotas_budgets_and_rate_limits_refuse_with_their_reason(store: Arc<dyn HotStore>, _clock: ManualClock) {
     load(&*store, "a", 1_000).await;
     let limited = |id: &str, limits: Limits| AuthorizeRequest { limits, ..request("a", id, 10) };
     let daily = Limits { daily_request_quota: Some(1), ..Limits::default() };
     assert!(held(&store.authorize(&limited("q1", daily.clone())).await.unwrap()));
-    assert!(matches!(store.authorize(&limited("q2", daily)).await.unwrap(), Authorization::Refused(Refusal::DailyQuotaExceeded { retry_after_secs }) if retry_after_secs > 0 && retry_after_secs <= 86_400));
+    // At midday on 15 June: 12 h to the day's end, 15.5 days to the month's.
+    assert_eq!(store.authorize(&limited("q2", daily)).await.unwrap(), Authorization::Refused(Refusal::DailyQuotaExceeded { retry_after_secs: 43_200 }));
     let monthly = Limits { monthly_request_quota: Some(1), ..Limits::default() };
-    assert!(matches!(store.authorize(&limited("q3", monthly)).await.unwrap(), Authorization::Refused(Refusal::MonthlyQuotaExceeded { retry_after_secs }) if retry_after_secs > 0 && retry_after_secs <= 31 * 86_400));
+    assert_eq!(store.authorize(&limited("q3", monthly)).await.unwrap(), Authorization::Refused(Refusal::MonthlyQuotaExceeded { retry_after_secs: 1_339_200 }));
     let budget = Limits { key_budget_total: Some(Money::from_nanos(15)), ..Limits::default() };
     assert_eq!(
         store.authorize(&limited("b1", budget)).await.unwrap(),
@@ -188,7 +258,7 @@ async fn quotas_budgets_and_rate_limits_refuse_with_their_reason(store: Arc<dyn 
         "the open hold of q1 counts against the key budget"
     );
     let rpm = Limits { key_requests_per_minute: Some(1), ..Limits::default() };
-    assert!(matches!(store.authorize(&limited("m1", rpm)).await.unwrap(), Authorization::Refused(Refusal::RateLimited { .. })));
+    assert_eq!(store.authorize(&limited("m1", rpm)).await.unwrap(), Authorization::Refused(Refusal::RateLimited { retry_after_secs: 60 }));
     let credit = Limits { credit_limit: Money::from_nanos(5), ..Limits::default() };
     let big = AuthorizeRequest { limits: credit, ..request("a", "c1", 995) };
     assert_eq!(store.authorize(&big).await.unwrap(), Authorization::Held { available_after: Money::ZERO }, "credit extends what may be held");
@@ -210,7 +280,7 @@ async fn fund_changes_apply_once_and_in_order(store: Arc<dyn HotStore>) {
 /// Funds out only from free funds: a withdrawal holds against the balance less every open hold
 /// (never the credit limit), is seen by authorize while held, and is released by the apply of
 /// its fund transaction (exactly once, even when applied before), by a release, or by expiry.
-async fn withdrawals_take_only_free_funds(store: Arc<dyn HotStore>) {
+async fn withdrawals_take_only_free_funds(store: Arc<dyn HotStore>, clock: ManualClock) {
     use tollgate_store::hot::WithdrawalHold;
     assert_eq!(store.hold_withdrawal("a", "refund:r0", Money::from_nanos(1), 60_000).await.unwrap(), WithdrawalHold::AccountNotLoaded);
     load(&*store, "a", 100).await;
@@ -241,7 +311,9 @@ async fn withdrawals_take_only_free_funds(store: Arc<dyn HotStore>) {
     store.release_withdrawal("a", "refund:r2").await.unwrap();
     assert_eq!(store.balance("a", "key-a").await.unwrap().unwrap().held, Money::ZERO);
     assert_eq!(store.hold_withdrawal("a", "adjustment:r3", Money::from_nanos(10), 100).await.unwrap(), WithdrawalHold::Held);
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    clock.advance_ms(99);
+    assert_eq!(store.expire_holds().await.unwrap(), 0, "not yet due");
+    clock.advance_ms(1);
     assert_eq!(store.expire_holds().await.unwrap(), 1);
     let view = store.balance("a", "key-a").await.unwrap().unwrap();
     assert_eq!((view.balance, view.held), (Money::from_nanos(10), Money::ZERO));
@@ -409,8 +481,8 @@ async fn two_loaders_racing_load_once(store: Arc<dyn HotStore>) {
 
 /// A lost hot store (or a restarted embedded one) loads counters from the ledger: quotas and
 /// budgets spent before the loss still count; counts of a past period are not applied.
-async fn a_cold_load_starts_from_the_ledger_counters(store: Arc<dyn HotStore>) {
-    let now = tollgate_store::clock::Periods::at(time::OffsetDateTime::now_utc().unix_timestamp() * 1000);
+async fn a_cold_load_starts_from_the_ledger_counters(store: Arc<dyn HotStore>, clock: ManualClock) {
+    let now = Periods::at(clock.now_ms());
     let key = KeySpendSeed {
         api_key_id: "key-s".into(),
         spent_today: Money::from_nanos(40),
@@ -439,6 +511,161 @@ async fn a_cold_load_starts_from_the_ledger_counters(store: Arc<dyn HotStore>) {
     assert!(store.load_account(snapshot).await.unwrap());
     let view = store.balance("y", "key-y").await.unwrap().unwrap();
     assert_eq!((view.daily_requests_used, view.monthly_requests_used), (0, 0));
+}
+
+/// The last millisecond of a day and the first of the next are two days: a request at
+/// 23:59:59.999 counts against that day's quota and key budget, one at 00:00:00.000 against a
+/// fresh day's, while the month's counts go on.
+async fn the_last_millisecond_of_a_day_and_midnight_count_in_different_days(store: Arc<dyn HotStore>, clock: ManualClock) {
+    clock.set_time(datetime!(2026-06-15 23:59:59.999 UTC));
+    load(&*store, "q", 1_000).await;
+    load(&*store, "b", 1_000).await;
+    let quota = |id: &str| AuthorizeRequest { limits: Limits { daily_request_quota: Some(1), ..Limits::default() }, ..request("q", id, 10) };
+    let budget = |id: &str| AuthorizeRequest { limits: Limits { key_budget_daily: Some(Money::from_nanos(15)), ..Limits::default() }, ..request("b", id, 10) };
+    for (account, first) in [("q", quota("late")), ("b", budget("late"))] {
+        assert!(held(&store.authorize(&first).await.unwrap()), "{account}");
+        store.settle(event(account, "late", 10, RequestStatus::Success)).await.unwrap();
+    }
+    // One millisecond before the day's end: a retry after 1 s is a retry tomorrow.
+    assert_eq!(store.authorize(&quota("early")).await.unwrap(), Authorization::Refused(Refusal::DailyQuotaExceeded { retry_after_secs: 1 }));
+    assert_eq!(
+        store.authorize(&budget("early")).await.unwrap(),
+        Authorization::Refused(Refusal::KeyBudgetExceeded { period: BudgetPeriod::Daily, retry_after_secs: Some(1) })
+    );
+    let before = store.balance("b", "key-b").await.unwrap().unwrap();
+    assert_eq!((before.daily_requests_used, before.key_spent_daily), (1, Money::from_nanos(10)));
+
+    clock.advance_ms(1); // 2026-06-16 00:00:00.000
+    let after = store.balance("b", "key-b").await.unwrap().unwrap();
+    assert_eq!((after.daily_requests_used, after.key_spent_daily), (0, Money::ZERO), "a new day counts from zero");
+    assert_eq!(
+        (after.monthly_requests_used, after.key_spent_monthly, after.key_spent_total),
+        (1, Money::from_nanos(10), Money::from_nanos(10)),
+        "the month and the total go on"
+    );
+    assert!(held(&store.authorize(&quota("early")).await.unwrap()), "the new day's quota is free");
+    assert!(held(&store.authorize(&budget("early")).await.unwrap()), "the new day's budget is free");
+    assert_eq!(store.authorize(&quota("later")).await.unwrap(), Authorization::Refused(Refusal::DailyQuotaExceeded { retry_after_secs: 86_400 }));
+}
+
+/// A hold placed at 23:59:59.999 took its request slot from that day: voided or expired after
+/// midnight it gives nothing back to the new day, which it never took from; settled after
+/// midnight, its spend falls in the day the charge is made, the day the ledger dates it by.
+async fn a_hold_from_before_midnight_leaves_the_new_day_alone(store: Arc<dyn HotStore>, clock: ManualClock) {
+    clock.set_time(datetime!(2026-06-15 23:59:59.999 UTC));
+    load(&*store, "a", 1_000).await;
+    let quota = |id: &str, hold_ttl_ms: u64| AuthorizeRequest {
+        limits: Limits { daily_request_quota: Some(3), ..Limits::default() },
+        hold_ttl_ms,
+        ..request("a", id, 10)
+    };
+    for (id, ttl_ms) in [("voided", 60_000), ("expiring", 1), ("settled", 60_000)] {
+        assert!(held(&store.authorize(&quota(id, ttl_ms)).await.unwrap()), "{id}");
+    }
+    clock.advance_ms(1); // 2026-06-16 00:00:00.000: "expiring" is due
+    assert!(held(&store.authorize(&quota("new-1", 60_000)).await.unwrap()));
+    store.void(event("a", "voided", 0, RequestStatus::Failed)).await.unwrap();
+    assert_eq!(store.expire_holds().await.unwrap(), 1);
+    let view = store.balance("a", "key-a").await.unwrap().unwrap();
+    assert_eq!((view.daily_requests_used, view.held), (1, Money::from_nanos(20)), "the new day still counts its own request");
+    store.settle(event("a", "settled", 7, RequestStatus::Success)).await.unwrap();
+    let view = store.balance("a", "key-a").await.unwrap().unwrap();
+    assert_eq!((view.key_spent_daily, view.key_spent_monthly, view.held), (Money::from_nanos(7), Money::from_nanos(7), Money::from_nanos(10)));
+    for id in ["new-2", "new-3"] {
+        assert!(held(&store.authorize(&quota(id, 60_000)).await.unwrap()), "{id}");
+    }
+    assert_eq!(store.authorize(&quota("new-4", 60_000)).await.unwrap(), Authorization::Refused(Refusal::DailyQuotaExceeded { retry_after_secs: 86_400 }));
+}
+
+/// A month's last millisecond and the next month's first: the monthly quota and key budget
+/// start afresh at every kind of month end — a 30-day month, February of a common year, of a
+/// leap year and of a century year that is not leap, a year's end — and not at the end of 28
+/// February in a leap year, which is not the month's.
+async fn a_month_end_starts_monthly_quotas_and_budgets_afresh(store: Arc<dyn HotStore>, clock: ManualClock) {
+    const DAY_SECONDS: u64 = 86_400;
+    // (the last millisecond, the days of the month after it)
+    let ends = [
+        (datetime!(2026-04-30 23:59:59.999 UTC), 31),
+        (datetime!(2026-02-28 23:59:59.999 UTC), 31),
+        (datetime!(2028-02-29 23:59:59.999 UTC), 31),
+        (datetime!(2100-02-28 23:59:59.999 UTC), 31),
+        (datetime!(2026-12-31 23:59:59.999 UTC), 31),
+        (datetime!(2026-01-31 23:59:59.999 UTC), 28),
+    ];
+    for (index, (last_millisecond, next_month_days)) in ends.into_iter().enumerate() {
+        let account = format!("m{index}");
+        clock.set_time(last_millisecond);
+        load(&*store, &account, 1_000).await;
+        let limits = Limits { monthly_request_quota: Some(1), key_budget_monthly: Some(Money::from_nanos(15)), ..Limits::default() };
+        let monthly = |id: &str| AuthorizeRequest { limits: limits.clone(), ..request(&account, id, 10) };
+        let budget_only = AuthorizeRequest { limits: Limits { key_budget_monthly: Some(Money::from_nanos(15)), ..Limits::default() }, ..request(&account, "over", 10) };
+        assert!(held(&store.authorize(&monthly("last")).await.unwrap()), "{last_millisecond}");
+        store.settle(event(&account, "last", 10, RequestStatus::Success)).await.unwrap();
+        assert_eq!(store.authorize(&monthly("refused")).await.unwrap(), Authorization::Refused(Refusal::MonthlyQuotaExceeded { retry_after_secs: 1 }), "{last_millisecond}");
+        assert_eq!(
+            store.authorize(&budget_only).await.unwrap(),
+            Authorization::Refused(Refusal::KeyBudgetExceeded { period: BudgetPeriod::Monthly, retry_after_secs: Some(1) }),
+            "{last_millisecond}"
+        );
+
+        clock.advance_ms(1);
+        let view = store.balance(&account, &format!("key-{account}")).await.unwrap().unwrap();
+        assert_eq!((view.monthly_requests_used, view.key_spent_monthly, view.key_spent_total), (0, Money::ZERO, Money::from_nanos(10)), "{last_millisecond} + 1 ms");
+        assert!(held(&store.authorize(&monthly("first")).await.unwrap()), "{last_millisecond} + 1 ms: a new month");
+        assert_eq!(
+            store.authorize(&monthly("second")).await.unwrap(),
+            Authorization::Refused(Refusal::MonthlyQuotaExceeded { retry_after_secs: next_month_days * DAY_SECONDS }),
+            "{last_millisecond} + 1 ms"
+        );
+    }
+    // 28 February 2028 ends a day, not the month: 29 February follows.
+    clock.set_time(datetime!(2028-02-28 23:59:59.999 UTC));
+    load(&*store, "leap", 1_000).await;
+    let monthly = |id: &str| AuthorizeRequest { limits: Limits { monthly_request_quota: Some(1), ..Limits::default() }, ..request("leap", id, 10) };
+    assert!(held(&store.authorize(&monthly("last")).await.unwrap()));
+    clock.advance_ms(1);
+    assert_eq!(store.authorize(&monthly("next")).await.unwrap(), Authorization::Refused(Refusal::MonthlyQuotaExceeded { retry_after_secs: DAY_SECONDS }));
+}
+
+/// A minute's last millisecond and the next minute's first: the per-minute request and token
+/// limits start afresh.
+async fn a_minute_boundary_starts_the_rate_limits_afresh(store: Arc<dyn HotStore>, clock: ManualClock) {
+    clock.set_time(datetime!(2026-06-15 12:34:59.999 UTC));
+    load(&*store, "a", 1_000).await;
+    let requests = |id: &str| AuthorizeRequest { limits: Limits { key_requests_per_minute: Some(1), ..Limits::default() }, ..request("a", id, 10) };
+    // Each request holds 10 tokens: a limit of 10 lets one through.
+    let tokens = |id: &str| AuthorizeRequest { api_key_id: "key-t".into(), limits: Limits { key_tokens_per_minute: Some(10), ..Limits::default() }, ..request("a", id, 10) };
+    assert!(held(&store.authorize(&requests("r1")).await.unwrap()));
+    assert!(held(&store.authorize(&tokens("t1")).await.unwrap()));
+    assert_eq!(store.authorize(&requests("r2")).await.unwrap(), Authorization::Refused(Refusal::RateLimited { retry_after_secs: 1 }));
+    assert_eq!(store.authorize(&tokens("t2")).await.unwrap(), Authorization::Refused(Refusal::RateLimited { retry_after_secs: 1 }));
+    clock.advance_ms(1); // 12:35:00.000
+    assert!(held(&store.authorize(&requests("r2")).await.unwrap()));
+    assert!(held(&store.authorize(&tokens("t2")).await.unwrap()));
+    assert_eq!(store.authorize(&requests("r3")).await.unwrap(), Authorization::Refused(Refusal::RateLimited { retry_after_secs: 60 }));
+}
+
+/// Without a set clock each store keeps its own time — the system clock in process, the
+/// server's `TIME` in Redis — and it runs: a request counts in the current day, and a hold of
+/// 1 ms comes due without anyone moving a clock.
+async fn without_a_set_clock_the_stores_keep_their_own_time(store: Arc<dyn HotStore>) {
+    load(&*store, "a", 100).await;
+    let day = Periods::at(tollgate_store::clock::now_ms()).day;
+    assert!(held(&store.authorize(&AuthorizeRequest { hold_ttl_ms: 1, ..request("a", "brief", 10) }).await.unwrap()));
+    let view = store.balance("a", "key-a").await.unwrap().unwrap();
+    // Unless midnight passed in between, which leaves the count in the day before.
+    if Periods::at(tollgate_store::clock::now_ms()).day == day {
+        assert_eq!(view.daily_requests_used, 1);
+    }
+    let started = std::time::Instant::now();
+    let mut released = 0;
+    while released == 0 {
+        assert!(started.elapsed() < WAIT_BOUND, "a hold of 1 ms was not released in {WAIT_BOUND:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        released += store.expire_holds().await.unwrap();
+    }
+    assert_eq!(released, 1);
+    assert_eq!(store.balance("a", "key-a").await.unwrap().unwrap().held, Money::ZERO);
 }
 
 /// An entry delivered `deliveries_max` times without an acknowledgement is parked in the shard's
