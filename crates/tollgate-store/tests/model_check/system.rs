@@ -17,7 +17,8 @@ use tollgate_store::{HotStore, Ledger, StoreError};
 
 /// A price id no ledger has: an event naming it is refused for good, and dead-lettered.
 pub const UNKNOWN_PRICE_ID: i64 = 987_654_321;
-/// A moment in the middle of a UTC day (2026-02-01 12:00): the in-process store's clock, still.
+/// A moment in the middle of a UTC day (2026-02-01 12:00): every hot store's clock, still, so a
+/// run never crosses a day's or a month's end (the model counts one period of each).
 const FIXED_CLOCK_MS: i64 = 1_769_947_200_000;
 /// Holds that must not expire during a run.
 pub const LONG_TTL_MS: u64 = 3_600_000;
@@ -45,7 +46,7 @@ impl System {
     pub async fn redis(ledger: Arc<dyn Ledger>, tag: String, url: &str) -> System {
         let prefix = format!("mc{tag}");
         let shards = 4;
-        let store = RedisHotStore::connect(url, &prefix, shards).await.expect("redis");
+        let store = redis_hot(url, &prefix, shards).await;
         System { hot: Hot::Redis { store: Arc::new(store), url: url.to_string(), prefix, shards }, ledger, tag, fund_references: 0 }
     }
 
@@ -62,7 +63,7 @@ impl System {
 
     /// Now, as the hot store counts periods.
     pub fn now_ms(&self) -> i64 {
-        if self.is_memory() { FIXED_CLOCK_MS } else { tollgate_store::clock::now_ms() }
+        FIXED_CLOCK_MS
     }
 
     pub fn account_id(&self, account: &str) -> String {
@@ -190,7 +191,7 @@ impl System {
         match &self.hot {
             Hot::Memory { .. } => self.hot = memory_hot(),
             Hot::Redis { url, prefix, shards, .. } => {
-                let store = RedisHotStore::connect(url, prefix, *shards).await.expect("redis");
+                let store = redis_hot(url, prefix, *shards).await;
                 let (url, prefix, shards) = (url.clone(), prefix.clone(), *shards);
                 self.hot = Hot::Redis { store: Arc::new(store), url, prefix, shards };
             }
@@ -212,6 +213,10 @@ impl System {
         }
         Ok(loaded)
     }
+}
+
+async fn redis_hot(url: &str, prefix: &str, shards: u16) -> RedisHotStore {
+    RedisHotStore::connect(url, prefix, shards).await.expect("redis").with_clock(Arc::new(|| FIXED_CLOCK_MS))
 }
 
 fn memory_hot() -> Hot {
