@@ -159,7 +159,7 @@ pub async fn void(state: &AppState, event: UsageEvent) {
 /// # Errors
 /// `NotFound` for an unknown account; 503 when a store fails.
 pub async fn load_account(state: &AppState, account_id: &str) -> Result<(), ApiError> {
-    let snapshot = load_snapshot(&*state.ledger, &*state.hot, account_id, now_ms())
+    let snapshot = load_snapshot(&*state.ledger, &*state.hot, account_id, state.now_ms())
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("account {account_id} not found")))?;
     if !snapshot.unlogged.is_empty() {

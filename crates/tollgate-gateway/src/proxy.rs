@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tollgate_core::tokens;
 use tollgate_core::{Usage, UsageSource};
-use tollgate_store::clock::now_ms;
+use tollgate_store::clock::Clock;
 use tollgate_store::hot::AuthorizeRequest;
 use tollgate_protocol::{EventAction, ParsedRequest, Protocol, SseSplitter, StreamInspector, UrlFacts};
 use tollgate_store::model::{PriceRow, RequestStatus, StoredResponse, UsageEvent};
@@ -54,6 +54,9 @@ struct Billing {
     /// What the request id is bound to with the key ([`request_fingerprint`]).
     request_fingerprint: String,
     started: Instant,
+    /// The gateway's calendar ([`crate::state::Shared::clock`]): the usage event's time, and so
+    /// the day and month the ledger counts the charge in.
+    clock: Clock,
 }
 
 impl Billing {
@@ -71,7 +74,7 @@ impl Billing {
             cost,
             status,
             latency_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            created_at_ms: now_ms(),
+            created_at_ms: (self.clock)(),
             hot_balance_after: tollgate_core::Money::ZERO,
             stored_response: None,
             request_fingerprint: Some(self.request_fingerprint.clone()),
@@ -263,6 +266,7 @@ async fn handle_request(
             hold,
             request_fingerprint: fingerprint,
             started: Instant::now(),
+            clock: std::sync::Arc::clone(&state.clock),
         };
         // Most bodies go upstream as the client sent them: no second serialization.
         let upstream_body = if !prepared.rewritten && !cap_added {

@@ -12,7 +12,7 @@ use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tollgate_store::clock::system_clock;
+use tollgate_store::clock::{Clock, system_clock};
 use tollgate_store::memory::MemoryHotStore;
 use tollgate_store::unbilled::UnbilledHotStore;
 use tollgate_store::ledger_charging::LedgerCharging;
@@ -50,10 +50,29 @@ pub struct Gateway {
 impl Gateway {
     /// Opens the stores and starts the in-process worker tasks: embedded (in-process hot store,
     /// always with its worker) or services (Redis hot store; worker unless `run_worker` is off).
+    /// Time is the system's (Redis: the server's `TIME`).
     ///
     /// # Errors
     /// Bad configuration or a store that cannot be opened.
     pub async fn start(config: GatewayConfig) -> Result<Gateway, ServerError> {
+        Gateway::start_on_clock(config, None).await
+    }
+
+    /// [`Gateway::start`] on a clock of the caller's: the gateway dates its charges by it and
+    /// its hot store counts periods and expires holds by it, in-process or Redis alike. For
+    /// tests that put requests on both sides of a day's or a month's end; a deployment has no
+    /// way to set it (it is not configuration). The ledger still dates what it writes itself
+    /// (fund transactions, job runs) and what it charges while Redis is down
+    /// (`hot_store_down = "charge_ledger"`) by the system clock, and a key's `expires_at` is
+    /// judged by it.
+    ///
+    /// # Errors
+    /// As [`Gateway::start`].
+    pub async fn start_with_clock(config: GatewayConfig, clock: Clock) -> Result<Gateway, ServerError> {
+        Gateway::start_on_clock(config, Some(clock)).await
+    }
+
+    async fn start_on_clock(config: GatewayConfig, clock: Option<Clock>) -> Result<Gateway, ServerError> {
         config.validate().map_err(ServerError::Config)?;
         let wait = Duration::from_millis(config.limits.startup_wait_ms);
         let (ledger, postgres_pool) = until_available("the ledger", wait, || open_ledger(&config.database_url)).await?;
@@ -68,10 +87,13 @@ impl Gateway {
             None => {
                 let (log_sender, log) = channel_log(config.limits.usage_log_events_max);
                 worker_tasks.spawn(run_usage_writer(log, Arc::clone(&ledger), writer_config(&config), worker_shutdown.clone()));
-                Arc::new(MemoryHotStore::new(log_sender, system_clock()))
+                Arc::new(MemoryHotStore::new(log_sender, clock.clone().unwrap_or_else(system_clock)))
             }
             Some(url) => {
-                let redis = connect_redis(url, &config).await?;
+                let mut redis = connect_redis(url, &config).await?;
+                if let Some(clock) = &clock {
+                    redis = redis.with_clock(Arc::clone(clock));
+                }
                 if config.run_worker {
                     let log = until_available("redis", wait, || redis_log(&redis, &config, worker_shutdown.clone())).await?;
                     worker_tasks.spawn(run_usage_writer(log, Arc::clone(&ledger), writer_config(&config), worker_shutdown.clone()));
@@ -95,7 +117,7 @@ impl Gateway {
             let stores = JobStores { ledger: Arc::clone(&ledger), hot: Arc::clone(&hot), redis: redis_parts };
             crate::jobs::spawn(&worker_tasks, &stores, &config, &worker_shutdown);
         }
-        let state = AppState::new(config, hot, ledger, TaskTracker::new(), CancellationToken::new())
+        let state = AppState::new(config, hot, ledger, TaskTracker::new(), CancellationToken::new(), clock.unwrap_or_else(system_clock))
             .await
             .map_err(ServerError::Config)?;
         worker_tasks.spawn(crate::charge::run_fund_retries(state.clone(), worker_shutdown.clone()));

@@ -7,6 +7,7 @@ use std::time::Duration;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tollgate_store::clock::Clock;
 use tollgate_store::{HotStore, Ledger};
 
 use crate::config::GatewayConfig;
@@ -35,6 +36,11 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Until when (ms since the epoch) ledger lookups of request ids are skipped after one failed.
     pub ledger_lookups_paused_until_ms: std::sync::atomic::AtomicI64,
+    /// The calendar charges are dated by — a usage event's time (the ledger's day and month of
+    /// the charge), a cold load's counter periods: the system clock, or the clock a test gave
+    /// the gateway and its hot store together ([`crate::server::Gateway::start_with_clock`]).
+    /// Timers (pauses, backoffs, deadlines) measure real time and do not read it.
+    pub clock: Clock,
 }
 
 impl std::ops::Deref for AppState {
@@ -55,6 +61,7 @@ impl AppState {
         ledger: Arc<dyn Ledger>,
         tasks: TaskTracker,
         shutdown: CancellationToken,
+        clock: Clock,
     ) -> Result<AppState, String> {
         config.validate()?;
         let upstreams = Upstreams::from_config(&config)?;
@@ -85,7 +92,13 @@ impl AppState {
             tasks,
             shutdown,
             ledger_lookups_paused_until_ms: std::sync::atomic::AtomicI64::new(0),
+            clock,
         })))
+    }
+
+    /// Now, in ms since the epoch, on the gateway's calendar ([`Shared::clock`]).
+    pub fn now_ms(&self) -> i64 {
+        (self.clock)()
     }
 
     /// Re-reads the price table after a change.

@@ -66,7 +66,8 @@ async fn monthly_statement(
     if state.ledger.account(&account_id).await?.is_none() {
         return Err(ApiError::NotFound(format!("account {account_id} not found")));
     }
-    let as_of = OffsetDateTime::now_utc();
+    // On the gateway's calendar, as the usage rows' times are.
+    let as_of = OffsetDateTime::from_unix_timestamp_nanos(i128::from(state.now_ms()) * 1_000_000).unwrap_or_else(|_| OffsetDateTime::now_utc());
     let totals = state.ledger.period_totals(&account_id, ms_of(start), ms_of(end)).await?;
     let by_model = state.ledger.summary(Some(&account_id), Some(start), Some(end), SummaryGroup::Model).await?;
     if format == "csv" {
