@@ -9,6 +9,7 @@ use std::str::FromStr;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 pub use tollgate_core::Money;
+pub use tollgate_store::clock::ManualClock;
 use tollgate_gateway::GatewayConfig;
 use tollgate_gateway::config::{ModelRoute, ProviderConfig, ProviderKind};
 use tollgate_gateway::server::Gateway;
@@ -447,4 +448,64 @@ pub fn upstream_key_variable() -> (String, String) {
         .find_map(|name| std::env::var(name).ok().filter(|value| usable(value)).map(|value| (name.to_string(), value)))
         .or_else(|| std::env::vars().find(|(_, value)| usable(value)))
         .expect("some environment variable is set")
+}
+
+/// How long [`wait_until`] waits before it fails: generous, so that a loaded machine makes a
+/// test slow, not red.
+pub const WAIT_BOUND: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Polls `condition` until it holds, failing with `what` after [`WAIT_BOUND`]: for what takes
+/// its own time (a notification's hop, a job's next period), instead of a sleep and a guess.
+pub async fn wait_until<F, Fut>(what: &str, condition: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    while !condition().await {
+        assert!(started.elapsed() < WAIT_BOUND, "{what}: not so within {WAIT_BOUND:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Gateways on a clock the test sets ([`ManualClock`]): it dates their charges and their hot
+/// store counts periods and expires holds by it, so a test puts requests at 23:59:59.999 and
+/// 00:00:00.000 on purpose. The ledger dates what it writes itself (fund transactions) by the
+/// system clock, so a set clock in the future keeps deposits before the charges.
+impl TestGateway {
+    pub async fn start_with_clock(clock: &ManualClock, adjust: impl FnOnce(&mut GatewayConfig)) -> TestGateway {
+        let dir = TempDir::new();
+        let database_url = test_database_url(&dir).await;
+        Self::start_on_with_clock(dir, database_url, clock, adjust).await
+    }
+
+    /// [`TestGateway::start_on`] on a set clock (a restart on the same ledger: a cold hot store).
+    pub async fn start_on_with_clock(dir: TempDir, database_url: String, clock: &ManualClock, adjust: impl FnOnce(&mut GatewayConfig)) -> TestGateway {
+        let shutdown = CancellationToken::new();
+        let mock = tollgate_mock::MockConfig { record_last_request: true, ..tollgate_mock::MockConfig::default() };
+        let mock_url = start_mock(mock, shutdown.clone()).await;
+        let mut config = test_config(database_url.clone(), &mock_url);
+        adjust(&mut config);
+        let gateway = Gateway::start_with_clock(config.clone(), clock.clock()).await.unwrap();
+        let hot = std::sync::Arc::clone(&gateway.state.hot);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let token = shutdown.clone();
+        let served = tokio::spawn(async move {
+            gateway.serve(listener, token).await.unwrap();
+        });
+        let http = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
+        let gateway = TestGateway { url, mock_url, http, shutdown, served: Some(served), dir, database_url, config, hot };
+        gateway.set_prices(&[("demo-gpt", TIER), ("demo-claude", TIER), ("demo-embedding", TIER)]).await;
+        gateway
+    }
+
+    /// The account's usage in the ledger by UTC day, as (day, requests), oldest first.
+    pub async fn usage_by_day(&self, account_id: &str) -> Vec<(String, u64)> {
+        let summary = self.admin_ok(reqwest::Method::GET, &format!("/internal/billing/summary?group_by=day&account_id={account_id}"), None).await;
+        let mut days: Vec<(String, u64)> =
+            summary["data"].as_array().unwrap().iter().map(|row| (row["group"].as_str().unwrap().to_string(), row["requests"].as_u64().unwrap())).collect();
+        days.sort();
+        days
+    }
 }

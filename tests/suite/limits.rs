@@ -1,8 +1,14 @@
 //! Refusals: each with its contract code, and nothing charged.
 
 use serde_json::{Value, json};
+use time::OffsetDateTime;
+use time::macros::datetime;
 
 use crate::common::*;
+
+fn retry_after(response: &reqwest::Response) -> u64 {
+    response.headers().get("retry-after").expect("a retry-after header").to_str().unwrap().parse().unwrap()
+}
 
 async fn error_code(response: reqwest::Response) -> (u16, String) {
     let status = response.status().as_u16();
@@ -78,7 +84,10 @@ async fn a_revoked_key_is_refused_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daily_quota_and_key_budget_give_their_429_codes() {
-    let gateway = TestGateway::start().await;
+    // At midday, on a clock that stays there: on the wall clock the third request, made after
+    // midnight, was a new day's and was served.
+    let clock = ManualClock::at_time(datetime!(2099-06-15 12:00:00 UTC));
+    let gateway = TestGateway::start_with_clock(&clock, |_| {}).await;
     let account = gateway.account("1", json!({"daily_request_quota": 2})).await;
     let key = gateway.key(&account, json!({})).await;
     for _ in 0..2 {
@@ -86,6 +95,7 @@ async fn daily_quota_and_key_budget_give_their_429_codes() {
     }
     let response = gateway.chat(&key, chat_body("q"), None).await;
     assert!(response.headers().contains_key("retry-after"));
+    assert_eq!(retry_after(&response), 43_200, "12 h to the day's end");
     let (status, code) = error_code(response).await;
     assert_eq!((status, code.as_str()), (429, "daily_quota_exceeded"));
     let balance = gateway.balance(&key).await;
@@ -156,5 +166,123 @@ async fn features_billed_beyond_token_prices_are_refused_by_name() {
     assert_eq!(gateway.upstream_requests().await, forwarded, "nothing was forwarded");
     assert_eq!(gateway.balance_of(&key).await, Money::from_nanos(1_000_000_000), "nothing was held or charged");
     assert_eq!(gateway.chat(&key, chat_body("hi"), None).await.status(), 200, "the same request without it is served");
+    gateway.stop().await;
+}
+
+/// A period whose end a test crosses: the account's request quota and the key's budget of that
+/// period, and the fields and codes the contract names them by.
+struct Period {
+    quota_field: &'static str,
+    quota_code: &'static str,
+    used_field: &'static str,
+    budget_field: &'static str,
+    budget_remaining_field: &'static str,
+    /// Where the request is made: the period's last millisecond.
+    last_millisecond: OffsetDateTime,
+    /// The length of the period after it, in seconds (a new period's retry-after).
+    next_period_secs: u64,
+}
+
+const DAY: Period = Period {
+    quota_field: "daily_request_quota",
+    quota_code: "daily_quota_exceeded",
+    used_field: "daily_requests_used",
+    budget_field: "budget_daily",
+    budget_remaining_field: "budget_daily_remaining",
+    last_millisecond: datetime!(2099-06-15 23:59:59.999 UTC),
+    next_period_secs: 86_400,
+};
+
+/// December's end, a year's too; January has 31 days.
+const MONTH: Period = Period {
+    quota_field: "monthly_request_quota",
+    quota_code: "monthly_quota_exceeded",
+    used_field: "monthly_requests_used",
+    budget_field: "budget_monthly",
+    budget_remaining_field: "budget_monthly_remaining",
+    last_millisecond: datetime!(2099-12-31 23:59:59.999 UTC),
+    next_period_secs: 31 * 86_400,
+};
+
+/// Issue 20 item 12: a request at a period's last millisecond and one at the next period's
+/// first count in two periods — in the hot store (the quota and the key budget refuse before
+/// the end, serve after it) and in the ledger (its usage by day, and the counters a cold hot
+/// store starts from, which a restart at the new period's first millisecond reads).
+async fn a_period_end_starts_quota_and_budget_afresh(period: &Period) {
+    let clock = ManualClock::at_time(period.last_millisecond);
+    let gateway = TestGateway::start_with_clock(&clock, |_| {}).await;
+    let mut capped = chat_body("at the edge");
+    // With max_tokens 16 the hold is the cost: a budget of 1.5 costs covers one request, not two.
+    capped["max_tokens"] = json!(16);
+    let quota_account = gateway.account("1", json!({period.quota_field: 1})).await;
+    let quota_key = gateway.key(&quota_account, json!({})).await;
+    let first = gateway.chat(&quota_key, capped.clone(), None).await;
+    assert_eq!(first.status(), 200);
+    let cost = header_money(&first, "x-tollgate-cost");
+    let refused = gateway.chat(&quota_key, capped.clone(), None).await;
+    assert_eq!(retry_after(&refused), 1, "1 ms before the period's end");
+    assert_eq!(error_code(refused).await, (429, period.quota_code.to_string()));
+    let budget = Money::from_nanos(cost.nanos() + cost.nanos() / 2);
+    let budget_account = gateway.account("1", json!({})).await;
+    let budget_key = gateway.key(&budget_account, json!({period.budget_field: budget.to_string()})).await;
+    assert_eq!(gateway.chat(&budget_key, capped.clone(), None).await.status(), 200);
+    let refused = gateway.chat(&budget_key, capped.clone(), None).await;
+    assert_eq!(retry_after(&refused), 1);
+    assert_eq!(error_code(refused).await, (429, "key_budget_exceeded".to_string()));
+
+    clock.advance_ms(1);
+    assert_eq!(gateway.chat(&quota_key, capped.clone(), None).await.status(), 200, "a new period's quota");
+    let refused = gateway.chat(&quota_key, capped.clone(), None).await;
+    assert_eq!(retry_after(&refused), period.next_period_secs);
+    assert_eq!(error_code(refused).await, (429, period.quota_code.to_string()));
+    assert_eq!(gateway.chat(&budget_key, capped.clone(), None).await.status(), 200, "a new period's budget");
+    let balance = gateway.balance(&quota_key).await;
+    assert_eq!(balance[period.used_field], 1, "{balance}");
+
+    // The ledger dates each charge by the moment it was made.
+    let last_day = period.last_millisecond.date().to_string();
+    let next_day = (period.last_millisecond.date() + time::Duration::days(1)).to_string();
+    for account in [&quota_account, &budget_account] {
+        gateway.assert_ledger_sound(account).await;
+        assert_eq!(gateway.usage_by_day(account).await, [(last_day.clone(), 1), (next_day.clone(), 1)]);
+    }
+    // A cold hot store starts from the ledger's counters of the new period: one request, one
+    // cost, not two.
+    let (dir, database_url) = gateway.stop_keeping_ledger().await;
+    let gateway = TestGateway::start_on_with_clock(dir, database_url, &clock, |_| {}).await;
+    let balance = gateway.balance(&quota_key).await;
+    assert_eq!(balance[period.used_field], 1, "after a restart: {balance}");
+    let remaining = gateway.balance(&budget_key).await["key"][period.budget_remaining_field].clone();
+    assert_eq!(money(&remaining), budget.checked_sub(cost).unwrap(), "after a restart");
+    let refused = gateway.chat(&quota_key, capped, None).await;
+    assert_eq!(error_code(refused).await, (429, period.quota_code.to_string()));
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_at_23_59_59_999_and_one_at_midnight_count_in_different_days() {
+    a_period_end_starts_quota_and_budget_afresh(&DAY).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_month_end_starts_monthly_quota_and_budget_afresh() {
+    a_period_end_starts_quota_and_budget_afresh(&MONTH).await;
+}
+
+/// A key's per-minute request limit, at a minute's last millisecond and the next one's first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minute_boundary_starts_a_keys_rate_limit_afresh() {
+    let clock = ManualClock::at_time(datetime!(2099-06-15 12:34:59.999 UTC));
+    let gateway = TestGateway::start_with_clock(&clock, |_| {}).await;
+    let account = gateway.account("1", json!({})).await;
+    let key = gateway.key(&account, json!({"rpm": 1})).await;
+    assert_eq!(gateway.chat(&key, chat_body("r"), None).await.status(), 200);
+    let refused = gateway.chat(&key, chat_body("r"), None).await;
+    assert_eq!(retry_after(&refused), 1);
+    assert_eq!(error_code(refused).await, (429, "rate_limited".to_string()));
+    clock.advance_ms(1);
+    assert_eq!(gateway.chat(&key, chat_body("r"), None).await.status(), 200);
+    let refused = gateway.chat(&key, chat_body("r"), None).await;
+    assert_eq!(retry_after(&refused), 60);
     gateway.stop().await;
 }
