@@ -11,9 +11,17 @@ fn month_after(month: &str) -> String {
     if number == 12 { format!("{}-01", year + 1) } else { format!("{year}-{:02}", number + 1) }
 }
 
+fn current_month() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    format!("{:04}-{:02}", now.year(), u8::from(now.month()))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_monthly_statement_closes_at_the_ledger_balance_and_opens_the_next_month() {
     let gateway = TestGateway::start().await;
+    // Read before anything is written: every row lands in this month or, if the run crosses
+    // its end, in the next (read after the writes, a crossing run looked one month too late).
+    let month = current_month();
     let account = gateway.account("10", json!({})).await;
     let key = gateway.key(&account, json!({})).await;
     for content in ["one", "two", "three"] {
@@ -24,15 +32,16 @@ async fn a_monthly_statement_closes_at_the_ledger_balance_and_opens_the_next_mon
     gateway.assert_ledger_sound(&account).await;
     let ledger_balance = money(&gateway.admin_ok(reqwest::Method::GET, &format!("/internal/accounts/{account}"), None).await["ledger_balance"]);
 
-    let now = time::OffsetDateTime::now_utc();
-    let month = format!("{:04}-{:02}", now.year(), u8::from(now.month()));
+    let one_month = current_month() == month;
     let statement = gateway.admin_ok(reqwest::Method::GET, &format!("/internal/accounts/{account}/statements/{month}"), None).await;
-    // (A run at the very end of a month may see its rows fall in the next one: read both.)
     let next = gateway.admin_ok(reqwest::Method::GET, &format!("/internal/accounts/{account}/statements/{}", month_after(&month)), None).await;
     assert_eq!(money(&statement["opening_balance"]), Money::ZERO);
     assert_eq!(money(&next["opening_balance"]), money(&statement["closing_balance"]), "closing = next opening");
     assert_eq!(money(&next["closing_balance"]), ledger_balance, "the last closing balance is the ledger's");
-    if next["usage"]["count"] == 0 {
+    // The month's contents, when the run stayed in it (a_statement_across_a_month_end crosses
+    // one on purpose).
+    if one_month {
+        assert_eq!(next["usage"]["count"], 0);
         assert_eq!(money(&statement["closing_balance"]), ledger_balance);
         assert_eq!(statement["deposits"], json!({"count": 1, "amount": "10"}));
         assert_eq!(statement["refunds"], json!({"count": 1, "amount": "-1.25"}));
@@ -68,5 +77,46 @@ async fn a_monthly_statement_closes_at_the_ledger_balance_and_opens_the_next_mon
     }
     let (status, _) = gateway.admin(reqwest::Method::GET, &format!("/internal/accounts/nobody/statements/{month}"), None).await;
     assert_eq!(status, 404);
+    gateway.stop().await;
+}
+
+/// Issue 20 item 12: charges on either side of a month's end, on purpose — at 2099-12-31
+/// 23:59:59.999 and 2100-01-01 00:00:00.000 on the gateway's clock (the deposit, dated by the
+/// ledger's own clock, comes before both): each month's statement has its own charge, and
+/// December's closing balance is January's opening one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_across_a_month_end() {
+    let clock = ManualClock::at_time(time::macros::datetime!(2099-12-31 23:59:59.999 UTC));
+    let gateway = TestGateway::start_with_clock(&clock, |_| {}).await;
+    let account = gateway.account("10", json!({})).await;
+    let key = gateway.key(&account, json!({})).await;
+    let december = gateway.chat(&key, chat_body("the last of the year"), None).await;
+    assert_eq!(december.status(), 200);
+    let december_cost = header_money(&december, "x-tollgate-cost");
+    clock.advance_ms(1);
+    let january = gateway.chat(&key, chat_body("the first of the next one, longer"), None).await;
+    assert_eq!(january.status(), 200);
+    let january_cost = header_money(&january, "x-tollgate-cost");
+    assert_ne!(december_cost, january_cost, "two costs a statement cannot mix up");
+    gateway.assert_ledger_sound(&account).await;
+    let ledger_balance = money(&gateway.admin_ok(reqwest::Method::GET, &format!("/internal/accounts/{account}"), None).await["ledger_balance"]);
+    let statement = |month: &'static str| {
+        let path = format!("/internal/accounts/{account}/statements/{month}");
+        let gateway = &gateway;
+        async move { gateway.admin_ok(reqwest::Method::GET, &path, None).await }
+    };
+    let (december, january) = (statement("2099-12").await, statement("2100-01").await);
+
+    let ten = Money::from_nanos(10 * Money::NANOS_PER_UNIT);
+    assert_eq!(money(&december["opening_balance"]), ten, "{december}");
+    assert_eq!(december["usage"]["count"], 1, "{december}");
+    assert_eq!(money(&december["usage"]["amount"]), december_cost);
+    assert_eq!(money(&december["closing_balance"]), ten.checked_sub(december_cost).unwrap());
+    assert_eq!(january["opening_balance"], december["closing_balance"], "closing = next opening");
+    assert_eq!(january["usage"]["count"], 1, "{january}");
+    assert_eq!(money(&january["usage"]["amount"]), january_cost);
+    assert_eq!(money(&january["closing_balance"]), ledger_balance);
+    assert_eq!(january["deposits"]["count"], 0);
+    assert_eq!(january["as_of"], "2100-01-01T00:00:00Z", "as of the gateway's now");
     gateway.stop().await;
 }
