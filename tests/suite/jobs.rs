@@ -66,7 +66,9 @@ async fn each_period_runs_once_across_instances_and_a_killed_leader_is_replaced(
         let task = tokio::spawn(run_leased(Arc::clone(ledger), holder.to_string(), probe_job(&probe, holder), shutdown.clone()));
         instances.insert(holder, task);
     }
-    tokio::time::sleep(Duration::from_millis(12 * PERIOD_MS as u64)).await;
+    // Eight periods (3.2 s) of runs: waited for, not slept for, so a starved machine is slower,
+    // not failing.
+    wait_until("eight runs of the probe job", || async { runs(&*first, "probe").await.len() >= 8 }).await;
 
     // Every period from the first to the last ran once, by one instance.
     let before_kill = runs(&*first, "probe").await;
@@ -99,9 +101,11 @@ async fn each_period_runs_once_across_instances_and_a_killed_leader_is_replaced(
     instances.remove(leader.holder.as_str()).unwrap().abort();
     probe.running.store(0, Ordering::SeqCst);
     let survivor = if leader.holder == "instance-a" { "instance-b" } else { "instance-a" };
-    tokio::time::sleep(Duration::from_millis(8 * PERIOD_MS as u64)).await;
+    // The killed run's lease runs out (one period), then the survivor runs the next periods.
+    let after = |runs: Vec<JobRun>| runs.into_iter().filter(|run| run.period_start > leader.period_start).collect::<Vec<JobRun>>();
+    wait_until("two runs after the kill", || async { after(runs(&*first, "probe").await).iter().filter(|run| run.finished_at.is_some()).count() >= 2 }).await;
 
-    let after_kill: Vec<JobRun> = runs(&*first, "probe").await.into_iter().filter(|run| run.period_start > leader.period_start).collect();
+    let after_kill = after(runs(&*first, "probe").await);
     assert!(!after_kill.is_empty(), "nobody took the job over");
     assert!(after_kill.iter().all(|run| run.holder == survivor), "{after_kill:?}");
     let killed_run = runs(&*first, "probe").await.into_iter().find(|run| run.period_start == leader.period_start).unwrap();
@@ -145,31 +149,37 @@ async fn killing_the_worker_that_leads_hands_its_jobs_over() {
         workers.insert(name, child);
     }
     let (ledger, _) = tollgate_gateway::server::open_ledger(&database_url).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    const JOBS: [&str; 3] = ["stream_lag", "hold_sweep", "reconcile"];
+    for job in JOBS {
+        wait_until(&format!("two {job} runs"), || async { runs(&*ledger, job).await.len() >= 2 }).await;
+    }
 
-    for job in ["stream_lag", "hold_sweep", "reconcile"] {
+    for job in JOBS {
         let ran = runs(&*ledger, job).await;
-        assert!(ran.len() >= 2, "{job}: {ran:?}");
         for run in &ran[..ran.len() - 1] {
             assert!(run.outcome.as_deref().is_some_and(|outcome| !outcome.starts_with("error")), "{job}: {run:?}");
         }
     }
-    // One reconciliation per claimed period (the newest may be between its two records).
+    // One reconciliation per claimed period (the newest may be between its two records). The
+    // jobs go on meanwhile: a run that finishes between two reads is finished in the later one,
+    // so the finished runs are read before the reconciliations, the claimed ones after.
+    let finished = runs(&*ledger, "reconcile").await.iter().filter(|run| run.finished_at.is_some()).count();
     let reconciliations = ledger.reconciliations(100).await.unwrap().len();
     let claimed = runs(&*ledger, "reconcile").await;
-    let finished = claimed.iter().filter(|run| run.finished_at.is_some()).count();
-    assert!(finished <= reconciliations && reconciliations <= claimed.len(), "{reconciliations} runs for {claimed:?}");
+    assert!(finished <= reconciliations && reconciliations <= claimed.len(), "{finished} finished, {reconciliations} reconciliations, for {claimed:?}");
 
     let leader = runs(&*ledger, "stream_lag").await.pop().unwrap().holder;
     let mut killed = workers.remove(leader.as_str()).unwrap();
     killed.start_kill().unwrap();
     let killed_at = now_ms();
     killed.wait().await.unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-
-    for job in ["stream_lag", "hold_sweep", "reconcile"] {
-        let after: Vec<JobRun> = runs(&*ledger, job).await.into_iter().filter(|run| run.started_at > killed_at).collect();
-        assert!(!after.is_empty(), "{job} was not taken over");
+    let after_kill = |job: &'static str| {
+        let ledger = &ledger;
+        async move { runs(&**ledger, job).await.into_iter().filter(|run| run.started_at > killed_at).collect::<Vec<JobRun>>() }
+    };
+    for job in JOBS {
+        wait_until(&format!("{job} taken over"), || async { !after_kill(job).await.is_empty() }).await;
+        let after = after_kill(job).await;
         assert!(after.iter().all(|run| run.holder != leader), "{job}: {after:?}");
     }
     for (_, mut worker) in workers {
