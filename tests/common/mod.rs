@@ -132,13 +132,21 @@ impl TestGateway {
 
     /// A gateway on a given ledger (several gateways may share one PostgreSQL ledger).
     pub async fn start_on(dir: TempDir, database_url: String, adjust: impl FnOnce(&mut GatewayConfig)) -> TestGateway {
+        Self::start_on_clock(dir, database_url, None, adjust).await
+    }
+
+    /// A gateway on a given ledger, on a set clock or the system's.
+    async fn start_on_clock(dir: TempDir, database_url: String, clock: Option<&ManualClock>, adjust: impl FnOnce(&mut GatewayConfig)) -> TestGateway {
         let shutdown = CancellationToken::new();
         // Recording the last request lets tests see what the gateway forwarded (fidelity suite).
         let mock = tollgate_mock::MockConfig { record_last_request: true, ..tollgate_mock::MockConfig::default() };
         let mock_url = start_mock(mock, shutdown.clone()).await;
         let mut config = test_config(database_url.clone(), &mock_url);
         adjust(&mut config);
-        let gateway = Gateway::start(config.clone()).await.unwrap();
+        let gateway = match clock {
+            Some(clock) => Gateway::start_with_clock(config.clone(), clock.clock()).await.unwrap(),
+            None => Gateway::start(config.clone()).await.unwrap(),
+        };
         let hot = std::sync::Arc::clone(&gateway.state.hot);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -481,23 +489,7 @@ impl TestGateway {
 
     /// [`TestGateway::start_on`] on a set clock (a restart on the same ledger: a cold hot store).
     pub async fn start_on_with_clock(dir: TempDir, database_url: String, clock: &ManualClock, adjust: impl FnOnce(&mut GatewayConfig)) -> TestGateway {
-        let shutdown = CancellationToken::new();
-        let mock = tollgate_mock::MockConfig { record_last_request: true, ..tollgate_mock::MockConfig::default() };
-        let mock_url = start_mock(mock, shutdown.clone()).await;
-        let mut config = test_config(database_url.clone(), &mock_url);
-        adjust(&mut config);
-        let gateway = Gateway::start_with_clock(config.clone(), clock.clock()).await.unwrap();
-        let hot = std::sync::Arc::clone(&gateway.state.hot);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let token = shutdown.clone();
-        let served = tokio::spawn(async move {
-            gateway.serve(listener, token).await.unwrap();
-        });
-        let http = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
-        let gateway = TestGateway { url, mock_url, http, shutdown, served: Some(served), dir, database_url, config, hot };
-        gateway.set_prices(&[("demo-gpt", TIER), ("demo-claude", TIER), ("demo-embedding", TIER)]).await;
-        gateway
+        Self::start_on_clock(dir, database_url, Some(clock), adjust).await
     }
 
     /// The account's usage in the ledger by UTC day, as (day, requests), oldest first.
