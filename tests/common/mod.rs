@@ -97,6 +97,28 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
 
+/// A loopback port for a server the test kills and starts again on the same port. It lies
+/// below the kernel's ephemeral range, so no `bind(0)` elsewhere in the run (clients, other
+/// servers) can take it between the kill and the restart; it is random, free when chosen, and
+/// never handed out twice in this process.
+pub fn restartable_port() -> u16 {
+    static TAKEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let (low, high) = (10_000u16, ephemeral_low.max(10_001));
+    let mut taken = TAKEN.lock().unwrap();
+    loop {
+        let random = u16::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..2].try_into().unwrap());
+        let port = low + random % (high - low);
+        if !taken.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            taken.push(port);
+            return port;
+        }
+    }
+}
+
 /// The TOML lines that put a gateway process on the test backends (see `test_config`).
 pub fn backend_toml() -> String {
     match services_redis_url() {

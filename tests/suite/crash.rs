@@ -10,10 +10,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::common::*;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn spawn_gateway(config_path: &std::path::Path, listen: &str) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(["serve", "--config"])
@@ -106,7 +102,7 @@ impl ProcessGateway {
             test_database_url(&dir).await
         );
         std::fs::write(&config_path, config).unwrap();
-        let listen = format!("127.0.0.1:{}", free_port());
+        let listen = format!("127.0.0.1:{}", restartable_port());
         let url = format!("http://{listen}");
         let http = reqwest::Client::new();
         let child = spawn_gateway(&config_path, &listen);

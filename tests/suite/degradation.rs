@@ -51,7 +51,7 @@ impl OwnRedis {
 
 /// A services-mode gateway on a Redis of the test's own and a fresh PostgreSQL database.
 async fn gateway_on_own_redis(hot_store_down: HotStoreDown) -> (OwnRedis, TestGateway) {
-    let redis = OwnRedis::start(free_port(), TempDir::new()).await;
+    let redis = OwnRedis::start(restartable_port(), TempDir::new()).await;
     let database_url = fresh_postgres_database().await;
     let redis_url = redis.url();
     let gateway = TestGateway::start_on(TempDir::new(), database_url, |config| {
@@ -61,10 +61,6 @@ async fn gateway_on_own_redis(hot_store_down: HotStoreDown) -> (OwnRedis, TestGa
     })
     .await;
     (redis, gateway)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,7 +128,7 @@ impl OwnPostgres {
         let bin = postgres_bin();
         as_postgres(&format!("chown postgres '{}'", root.0.display()), false).await;
         as_postgres(&format!("'{bin}/initdb' -D '{}/data' -A trust -U postgres --no-sync", root.0.display()), true).await;
-        let postgres = OwnPostgres { port: free_port(), root };
+        let postgres = OwnPostgres { port: restartable_port(), root };
         postgres.pg_ctl_start().await;
         postgres
     }
@@ -198,8 +194,10 @@ async fn serve_one(gateway: &TestGateway, key: &str, stream: bool) -> Result<(),
 }
 
 /// PostgreSQL stopped for 30 s under load (services mode): no request fails for it — charges go
-/// on in Redis, their events wait in the streams — top-ups are refused 503 meanwhile, and once
-/// PostgreSQL is back the worker catches up and every charge lands: I2 exact.
+/// on in Redis, their events wait in the streams, and a key whose cached billing context passed
+/// its TTL during the outage is served from the stale copy — top-ups and a key never seen
+/// before are refused 503 meanwhile, and once PostgreSQL is back the worker catches up and
+/// every charge lands: I2 exact.
 ///
 /// It sets up services mode itself, whatever the pass, and takes over 30 s: ignored by default
 /// (shown as such), run once by scripts/test in the services pass with `--include-ignored`.
@@ -213,10 +211,13 @@ async fn postgres_stopped_30_s_under_load_fails_no_request_and_all_usage_lands()
     let gateway = TestGateway::start_on(TempDir::new(), postgres.url(), |config| {
         config.redis_url = Some(redis_url.clone());
         config.redis_prefix = unique_name("t");
+        // Every context expires many times over during the outage.
+        config.limits.context_cache_ttl_ms = 1_000;
     })
     .await;
     let account = gateway.account("10", json!({})).await;
     let key = gateway.key(&account, json!({})).await;
+    let unseen_key = gateway.key(&account, json!({})).await;
     serve_one(&gateway, &key, false).await.unwrap();
 
     // Load from three clients for the whole outage, plus a little before and after.
@@ -247,6 +248,14 @@ async fn postgres_stopped_30_s_under_load_fails_no_request_and_all_usage_lands()
             .await;
         assert_eq!(status, 503, "{error}");
         assert_eq!(error["error"]["code"], "billing_unavailable");
+        // A key this gateway never loaded cannot be checked: refused, within the context lookup
+        // timeout (2 s), not the pool's 10 s wait for a connection.
+        for _ in 0..2 {
+            let asked_at = std::time::Instant::now();
+            let response = gateway.chat(&unseen_key, chat_body("unseen"), None).await;
+            assert_eq!(response.status(), 503, "a key never loaded while the ledger is away");
+            assert!(asked_at.elapsed() < Duration::from_secs(5), "refused without waiting for the pool: {:?}", asked_at.elapsed());
+        }
         // A request whose id the client names is served too: the ledger cannot say whether the
         // id was charged before the hot store's window, so the window decides, after at most
         // `ledger_lookup_timeout_ms` (not the pool's 10 s wait for a connection). Its retry is

@@ -210,7 +210,7 @@ async fn two_gateway_processes_and_a_worker_process_never_overspend() {
     let mut urls = Vec::new();
     let mut processes = Vec::new();
     for _ in 0..2 {
-        let listen = format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+        let listen = format!("127.0.0.1:{}", restartable_port());
         processes.push(spawn(&["serve", "--no-worker", "--listen", &listen]));
         urls.push(format!("http://{listen}"));
     }

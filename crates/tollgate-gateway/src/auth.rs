@@ -1,6 +1,7 @@
 //! Who is calling: a client key resolved to its billing context, or the operator token.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
@@ -8,7 +9,8 @@ use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 use tollgate_store::model::{AccountStatus, KeyStatus};
 
-use crate::context::BillingContext;
+use crate::charge;
+use crate::context::{BillingContext, Cached};
 use crate::error::ApiError;
 use crate::keys::hash_key;
 use crate::state::AppState;
@@ -40,18 +42,23 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Arc<B
         .ok_or(ApiError::InvalidApiKey("missing API key: send Authorization: Bearer <key>"))?;
     let key_hash = hash_key(key);
     let context = match state.contexts.get(&key_hash) {
-        Some(context) => context,
-        None => {
+        Cached::Fresh(context) => context,
+        Cached::UnknownKey => return Err(ApiError::InvalidApiKey("unknown API key")),
+        Cached::Miss { stale } => {
             let generation = state.contexts.generation();
-            let api_key = state.ledger.key_by_hash(&key_hash).await?.ok_or(ApiError::InvalidApiKey("unknown API key"))?;
-            let account = state
-                .ledger
-                .account(&api_key.account_id)
-                .await?
-                .ok_or_else(|| ApiError::Internal(format!("key {} names a missing account", api_key.id)))?;
-            let context = Arc::new(BillingContext { key: api_key, account });
-            state.contexts.insert(key_hash, Arc::clone(&context), generation);
-            context
+            match load_context(state, &key_hash).await {
+                Ok(context) => {
+                    state.contexts.insert(key_hash, context.clone(), generation);
+                    context.ok_or(ApiError::InvalidApiKey("unknown API key"))?
+                }
+                Err(ApiError::BillingUnavailable(detail)) => {
+                    let Some(stale) = stale else { return Err(ApiError::BillingUnavailable(detail)) };
+                    metrics::counter!("tollgate_context_cache_total", "result" => "stale_served").increment(1);
+                    tracing::warn!(detail, key_id = stale.key.id, "the ledger cannot be read; using the key's billing context loaded before its TTL ran out");
+                    stale
+                }
+                Err(error) => return Err(error),
+            }
         }
     };
     if context.key.status == KeyStatus::Revoked {
@@ -70,6 +77,34 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Arc<B
 /// guessed at).
 pub(crate) fn repeated(headers: &HeaderMap, name: &str) -> bool {
     headers.get_all(name).iter().nth(1).is_some()
+}
+
+/// Reads a key and its account from the ledger (`None`: no such key), within
+/// `limits.context_lookup_timeout_ms`. While lookups are paused after a failed one (see
+/// [`charge::ledger_unreachable`]) it fails at once: an outage costs one request a second that
+/// waits, not every one.
+async fn load_context(state: &AppState, key_hash: &str) -> Result<Option<Arc<BillingContext>>, ApiError> {
+    if charge::ledger_lookups_paused(state) {
+        return Err(ApiError::BillingUnavailable("the ledger did not answer a moment ago; lookups paused".into()));
+    }
+    let timeout = Duration::from_millis(state.config.limits.context_lookup_timeout_ms);
+    let lookup = async {
+        let Some(api_key) = state.ledger.key_by_hash(key_hash).await? else { return Ok(None) };
+        let account = state
+            .ledger
+            .account(&api_key.account_id)
+            .await?
+            .ok_or_else(|| ApiError::Internal(format!("key {} names a missing account", api_key.id)))?;
+        Ok(Some(Arc::new(BillingContext { key: api_key, account })))
+    };
+    let result = match tokio::time::timeout(timeout, lookup).await {
+        Ok(result) => result,
+        Err(_) => Err(ApiError::BillingUnavailable(format!("the ledger did not answer within {} ms", timeout.as_millis()))),
+    };
+    if matches!(result, Err(ApiError::BillingUnavailable(_))) {
+        charge::ledger_unreachable(state);
+    }
+    result
 }
 
 /// Checks the operator token in constant time.

@@ -86,24 +86,33 @@ pub async fn charged_in_ledger(state: &AppState, request: &AuthorizeRequest) -> 
     if state.config.billing == Billing::Off {
         return false;
     }
-    let now_ms = now_ms();
-    let paused = now_ms < state.ledger_lookups_paused_until_ms.load(std::sync::atomic::Ordering::Relaxed);
-    if !paused {
+    if !ledger_lookups_paused(state) {
         let timeout = Duration::from_millis(state.config.limits.ledger_lookup_timeout_ms);
         let reason = match tokio::time::timeout(timeout, state.ledger.request_charged(&request.account_id, &request.request_id)).await {
             Ok(Ok(charged)) => return charged,
             Ok(Err(error)) => error.to_string(),
             Err(_) => format!("no answer within {} ms", timeout.as_millis()),
         };
-        state.ledger_lookups_paused_until_ms.store(now_ms.saturating_add(LEDGER_LOOKUP_PAUSE_MS), std::sync::atomic::Ordering::Relaxed);
+        ledger_unreachable(state);
         tracing::warn!(reason, request_id = request.request_id, "the ledger could not say whether a client-sent request id was charged; the hot store's window decides");
     }
     metrics::counter!("tollgate_idempotency_ledger_unchecked_total").increment(1);
     false
 }
 
-/// How long ledger lookups of request ids pause after one failed.
+/// How long ledger lookups on the request path (request ids, billing contexts) pause after
+/// one failed.
 pub const LEDGER_LOOKUP_PAUSE_MS: i64 = 1_000;
+
+/// Whether a request-path ledger lookup failed less than [`LEDGER_LOOKUP_PAUSE_MS`] ago.
+pub fn ledger_lookups_paused(state: &AppState) -> bool {
+    now_ms() < state.ledger_lookups_paused_until_ms.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Pauses request-path ledger lookups: the ledger just failed to answer one.
+pub fn ledger_unreachable(state: &AppState) {
+    state.ledger_lookups_paused_until_ms.store(now_ms().saturating_add(LEDGER_LOOKUP_PAUSE_MS), std::sync::atomic::Ordering::Relaxed);
+}
 
 fn refusal_reason(refusal: &Refusal) -> &'static str {
     match refusal {

@@ -39,6 +39,16 @@ pub struct LimitsConfig {
     pub default_thinking_tokens: u64,
     /// Billing contexts are re-read after this long even without an invalidation.
     pub context_cache_ttl_ms: u64,
+    /// Past its TTL, a billing context is still used for this long (from its load) when the
+    /// ledger cannot be read (PostgreSQL away); 0 refuses instead. Invalidations (a key revoked,
+    /// an account suspended) drop contexts at once, stale or not.
+    pub context_stale_if_error_ms: u64,
+    /// Longest a request waits for the ledger to read a key and its account; past it, the
+    /// stale context or 503 `billing_unavailable`.
+    pub context_lookup_timeout_ms: u64,
+    /// A key the ledger does not know is refused without asking again for this long (any key
+    /// created meanwhile invalidates the cache, so a new key works at once).
+    pub unknown_key_cache_ms: u64,
     /// Usage events per ledger transaction.
     pub usage_batch_events_max: usize,
     /// Services mode: how long the usage writer waits to fill a short batch before writing it
@@ -83,6 +93,9 @@ impl Default for LimitsConfig {
             unsized_media_part_tokens: 32_768,
             default_thinking_tokens: 32_768,
             context_cache_ttl_ms: 300_000,
+            context_stale_if_error_ms: 3_600_000,
+            context_lookup_timeout_ms: 2_000,
+            unknown_key_cache_ms: 10_000,
             usage_batch_events_max: 500,
             usage_batch_linger_ms: 20,
             usage_log_events_max: 65_536,
@@ -388,6 +401,7 @@ impl GatewayConfig {
             ("hold_sweep_interval_ms", limits.hold_sweep_interval_ms),
             ("settle_timeout_ms", limits.settle_timeout_ms),
             ("ledger_lookup_timeout_ms", limits.ledger_lookup_timeout_ms),
+            ("context_lookup_timeout_ms", limits.context_lookup_timeout_ms),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, value)| *value == 0) {
             return Err(format!("limits.{name} must be positive"));

@@ -11,7 +11,7 @@ use tollgate_store::clock::Clock;
 use tollgate_store::{HotStore, Ledger};
 
 use crate::config::GatewayConfig;
-use crate::context::{ContextCache, PriceTable};
+use crate::context::{CacheLifetimes, ContextCache, PriceTable};
 use crate::upstream::Upstreams;
 
 /// Cheap to clone; everything inside is shared.
@@ -78,7 +78,11 @@ impl AppState {
             .map_err(|error| format!("building the upstream client: {error}"))?;
         let prices = PriceTable::default();
         prices.replace(ledger.current_prices().await.map_err(|error| format!("loading prices: {error}"))?);
-        let contexts = ContextCache::new(Duration::from_millis(config.limits.context_cache_ttl_ms));
+        let contexts = ContextCache::new(CacheLifetimes {
+            fresh: Duration::from_millis(config.limits.context_cache_ttl_ms),
+            stale_if_error: Duration::from_millis(config.limits.context_stale_if_error_ms.max(config.limits.context_cache_ttl_ms)),
+            unknown_key: Duration::from_millis(config.limits.unknown_key_cache_ms),
+        });
         Ok(AppState(Arc::new(Shared {
             config,
             hot,
