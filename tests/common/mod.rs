@@ -139,6 +139,8 @@ pub struct TestGateway {
     pub config: GatewayConfig,
     /// The gateway's own hot store, for tests that reach under the HTTP surface.
     pub hot: std::sync::Arc<dyn tollgate_store::HotStore>,
+    /// The gateway's state, for tests that read what it did (not for driving it).
+    pub state: tollgate_gateway::state::AppState,
 }
 
 impl TestGateway {
@@ -170,6 +172,7 @@ impl TestGateway {
             None => Gateway::start(config.clone()).await.unwrap(),
         };
         let hot = std::sync::Arc::clone(&gateway.state.hot);
+        let state = gateway.state.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let token = shutdown.clone();
@@ -177,7 +180,7 @@ impl TestGateway {
             gateway.serve(listener, token).await.unwrap();
         });
         let http = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
-        let gateway = TestGateway { url, mock_url, http, shutdown, served: Some(served), dir, database_url, config, hot };
+        let gateway = TestGateway { url, mock_url, http, shutdown, served: Some(served), dir, database_url, config, hot, state };
         gateway.set_prices(&[("demo-gpt", TIER), ("demo-claude", TIER), ("demo-embedding", TIER)]).await;
         gateway
     }

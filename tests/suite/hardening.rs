@@ -9,6 +9,40 @@ use serde_json::{Value, json};
 
 use crate::common::*;
 
+/// A stranger's big body costs no tokenizing until everything cheap has passed: a 1 MB prompt
+/// naming a model that is not routed, or one the key may not use, is refused after its JSON is
+/// read and before it is counted; one that passes is counted — and any body over 16 KiB is
+/// parsed and counted on the bounded blocking pool, never on the async workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_bodies_are_tokenized_on_the_pool_and_only_after_the_cheap_checks() {
+    let gateway = TestGateway::start_with(|config| config.limits.tokenizer_threads = 1).await;
+    let account = gateway.account("0", json!({})).await;
+    let key = gateway.key(&account, json!({"allowed_models": ["demo-gpt"]})).await;
+    let big = "hello ".repeat(200_000);
+    let pool_runs = || gateway.state.tokenizer.runs().1;
+    let mut expected = pool_runs();
+    for (model, status, code) in [("no-such-model", 404, "model_not_found"), ("demo-claude", 403, "model_not_allowed")] {
+        let mut body = chat_body(&big);
+        body["model"] = json!(model);
+        let response = gateway.chat(&key, body, None).await;
+        assert_eq!(response.status(), status);
+        assert_eq!(response.json::<Value>().await.unwrap()["error"]["code"], code);
+        expected += 1;
+        assert_eq!(pool_runs(), expected, "{model}: the JSON read on the pool, nothing counted");
+    }
+    // Routed and allowed: counted (on the pool), then refused for the empty balance.
+    let response = gateway.chat(&key, chat_body(&big), None).await;
+    assert_eq!(response.status(), 402);
+    expected += 2;
+    assert_eq!(pool_runs(), expected, "the JSON read and the prompt counted on the pool");
+    // A small body is read and counted inline.
+    let (inline_before, _) = gateway.state.tokenizer.runs();
+    let response = gateway.chat(&key, chat_body("hello"), None).await;
+    assert_eq!(response.status(), 402);
+    assert_eq!(gateway.state.tokenizer.runs(), (inline_before + 2, expected));
+    gateway.stop().await;
+}
+
 /// OpenAI's 429 names the organization and its limits; a 401 says which key failed. The client
 /// is told the status and the upstream's code; a refusal about its own request (400) keeps the
 /// upstream's words, identifiers taken out. Nothing is charged for either.

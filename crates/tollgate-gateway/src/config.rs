@@ -49,6 +49,9 @@ pub struct LimitsConfig {
     /// A key the ledger does not know is refused without asking again for this long (any key
     /// created meanwhile invalidates the cache, so a new key works at once).
     pub unknown_key_cache_ms: u64,
+    /// Request bodies above 16 KiB are parsed and tokenized on this many blocking threads at
+    /// most (0: every core but one), never on the async workers.
+    pub tokenizer_threads: usize,
     /// Usage events per ledger transaction.
     pub usage_batch_events_max: usize,
     /// Services mode: how long the usage writer waits to fill a short batch before writing it
@@ -96,6 +99,7 @@ impl Default for LimitsConfig {
             context_stale_if_error_ms: 3_600_000,
             context_lookup_timeout_ms: 2_000,
             unknown_key_cache_ms: 10_000,
+            tokenizer_threads: 0,
             usage_batch_events_max: 500,
             usage_batch_linger_ms: 20,
             usage_log_events_max: 65_536,

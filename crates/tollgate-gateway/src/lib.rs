@@ -33,6 +33,7 @@ pub mod proxy;
 pub mod request_id;
 pub mod routes;
 pub mod state;
+pub mod tokenizer_pool;
 pub mod upstream;
 pub mod upstream_errors;
 pub mod webhooks;

@@ -183,22 +183,26 @@ async fn handle_request(
 ) -> Result<Response, ApiError> {
     let context = authenticate(state, headers).await?;
     let bytes = read_limited_body(&state.config.limits, headers, body).await?;
-    let mut body: Map<String, Value> = serde_json::from_slice(&bytes)
+    // Everything cheap is checked before the tokenizer runs (and the body's JSON is parsed off
+    // the async workers when it is large): a stranger's key naming a model it may not use
+    // costs no counting.
+    let body_bytes = bytes.len();
+    let json = bytes.clone();
+    let body: Map<String, Value> = state
+        .tokenizer
+        .run(body_bytes, move || serde_json::from_slice(&json))
+        .await?
         .map_err(|error| ApiError::InvalidRequest(format!("request body is not a valid JSON object: {error}")))?;
-    let mut parsed = protocol.parse_at(&body, url)?;
-    let fingerprint = request_fingerprint(protocol, url, &body);
-    // A file sent by id or URL shows no size: held at the operator's default (I7).
-    let unsized_tokens = parsed.unsized_media_parts.saturating_mul(state.config.limits.unsized_media_part_tokens);
-    parsed.prompt_tokens = parsed.prompt_tokens.saturating_add(unsized_tokens);
+    let model = protocol.requested_model(&body, url)?;
     let route = state
         .upstreams
-        .route(&parsed.model)
+        .route(&model)
         .filter(|route| route.provider.serves(protocol))
         .cloned()
-        .ok_or_else(|| ApiError::ModelNotFound(parsed.model.clone()))?;
+        .ok_or_else(|| ApiError::ModelNotFound(model.clone()))?;
     if let Some(allowed) = &context.key.allowed_models
-        && !allowed.iter().any(|model| model == &parsed.model) {
-            return Err(ApiError::ModelNotAllowed(parsed.model.clone()));
+        && !allowed.iter().any(|allowed| allowed == &model) {
+            return Err(ApiError::ModelNotAllowed(model));
         }
     let price = state
         .prices
@@ -213,6 +217,19 @@ async fn handle_request(
     if let Some(feature) = protocol.unpriced_feature(&body, anthropic_beta.as_deref()) {
         return Err(ApiError::FeatureNotPriced { feature, provider: route.provider.name.clone(), model: route.model.clone() });
     }
+    let url_facts = url.clone();
+    let (mut body, parsed) = state
+        .tokenizer
+        .run(body_bytes, move || {
+            let parsed = protocol.parse_at(&body, &url_facts);
+            (body, parsed)
+        })
+        .await?;
+    let mut parsed = parsed?;
+    let fingerprint = request_fingerprint(protocol, url, &body);
+    // A file sent by id or URL shows no size: held at the operator's default (I7).
+    let unsized_tokens = parsed.unsized_media_parts.saturating_mul(state.config.limits.unsized_media_part_tokens);
+    parsed.prompt_tokens = parsed.prompt_tokens.saturating_add(unsized_tokens);
     // I7: the cap that sizes the hold is the one the upstream gets — the client's, or the
     // default, added to the body.
     let output_tokens_max_per_choice = parsed.output_tokens_max.unwrap_or(state.config.limits.default_max_output_tokens);

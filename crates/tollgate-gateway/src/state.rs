@@ -12,6 +12,7 @@ use tollgate_store::{HotStore, Ledger};
 
 use crate::config::GatewayConfig;
 use crate::context::{CacheLifetimes, ContextCache, PriceTable};
+use crate::tokenizer_pool::TokenizerPool;
 use crate::upstream::Upstreams;
 
 /// Cheap to clone; everything inside is shared.
@@ -23,6 +24,8 @@ pub struct Shared {
     pub hot: Arc<dyn HotStore>,
     pub ledger: Arc<dyn Ledger>,
     pub contexts: ContextCache,
+    /// Where large request bodies are parsed and tokenized.
+    pub tokenizer: TokenizerPool,
     /// Accounts whose fund change the hot store could not take yet (retried).
     pub unapplied_funds: crate::charge::UnappliedFunds,
     pub prices: PriceTable,
@@ -83,11 +86,16 @@ impl AppState {
             stale_if_error: Duration::from_millis(config.limits.context_stale_if_error_ms.max(config.limits.context_cache_ttl_ms)),
             unknown_key: Duration::from_millis(config.limits.unknown_key_cache_ms),
         });
+        let tokenizer = TokenizerPool::new(match config.limits.tokenizer_threads {
+            0 => crate::tokenizer_pool::default_threads(),
+            threads => threads,
+        });
         Ok(AppState(Arc::new(Shared {
             config,
             hot,
             ledger,
             contexts,
+            tokenizer,
             unapplied_funds: crate::charge::UnappliedFunds::default(),
             prices,
             upstreams,

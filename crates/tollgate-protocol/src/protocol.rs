@@ -218,6 +218,22 @@ impl Protocol {
         }
     }
 
+    /// The model the request names, read without counting anything: the gateway checks the
+    /// route, the key's models and the price with it before it spends CPU on the tokenizer.
+    ///
+    /// # Errors
+    /// `InvalidRequest` as [`Protocol::parse_at`] words it.
+    pub fn requested_model(self, body: &Map<String, Value>, url: &UrlFacts) -> Result<String, ProtocolError> {
+        if self == Protocol::GeminiGenerate {
+            return gemini::requested_model(url);
+        }
+        match body.get("model") {
+            Some(Value::String(model)) if !model.is_empty() => Ok(model.clone()),
+            Some(_) => Err(invalid("model must be a non-empty string")),
+            None => Err(invalid("model is required")),
+        }
+    }
+
     /// Reads and validates what billing needs; the body is otherwise not interpreted.
     ///
     /// # Errors
@@ -226,11 +242,7 @@ impl Protocol {
         if self == Protocol::GeminiGenerate {
             return gemini::parse(body, &UrlFacts::default());
         }
-        let model = match body.get("model") {
-            Some(Value::String(model)) if !model.is_empty() => model.clone(),
-            Some(_) => return Err(invalid("model must be a non-empty string")),
-            None => return Err(invalid("model is required")),
-        };
+        let model = self.requested_model(body, &UrlFacts::default())?;
         if self == Protocol::OpenAiEmbeddings {
             return parse_embeddings(model, body);
         }

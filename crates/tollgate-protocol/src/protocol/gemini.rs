@@ -85,12 +85,16 @@ fn optional_count(object: &Map<String, Value>, json_name: &str, proto_name: &str
 ///
 /// # Errors
 /// `InvalidRequest` naming the field that is missing or malformed.
-pub(super) fn parse(body: &Map<String, Value>, url: &UrlFacts) -> Result<ParsedRequest, ProtocolError> {
-    let model = url
-        .model
+/// The model named in the URL.
+pub(super) fn requested_model(url: &UrlFacts) -> Result<String, ProtocolError> {
+    url.model
         .clone()
         .filter(|model| !model.is_empty())
-        .ok_or_else(|| invalid("the model is named in the URL: …/models/{model}:generateContent"))?;
+        .ok_or_else(|| invalid("the model is named in the URL: …/models/{model}:generateContent"))
+}
+
+pub(super) fn parse(body: &Map<String, Value>, url: &UrlFacts) -> Result<ParsedRequest, ProtocolError> {
+    let model = requested_model(url)?;
     let contents = match field(body, "contents", "contents") {
         Some(Value::Array(contents)) if !contents.is_empty() => contents,
         Some(Value::Array(_)) => return Err(invalid("contents must not be empty")),
