@@ -200,6 +200,7 @@ async fn handle_request(
         && !allowed.iter().any(|model| model == &parsed.model) {
             return Err(ApiError::ModelNotAllowed(parsed.model.clone()));
         }
+    crate::passthrough::check(&route.provider, &parsed.media_references)?;
     let price = state
         .prices
         .get(&route.provider.name, &route.model, &context.account.customer_type)
@@ -387,10 +388,20 @@ async fn forward(
         return Ok(start_stream(state, billing, response, inspector, upstream_headers));
     }
     let remaining = Duration::from_millis(timeout_ms).saturating_sub(billing.started.elapsed());
-    let bytes = match tokio::time::timeout(remaining, response.bytes()).await {
+    let bytes_max = state.config.limits.upstream_response_bytes_max;
+    let mut body = Vec::new();
+    let bytes = match tokio::time::timeout(remaining, upstream_errors::read_body_at_most(response, bytes_max, &mut body)).await {
         Err(_) => return void_with(state, &billing, ApiError::UpstreamTimeout(timeout_ms)).await,
         Ok(Err(error)) => return void_with(state, &billing, ApiError::Upstream(error.without_url().to_string())).await,
-        Ok(Ok(bytes)) => bytes,
+        // Not charged, as any 502 (CONTRACT): the client got none of it, and its usage report
+        // is at the end the gateway did not read. Like a stream cut before any output reached
+        // the client, what the upstream generated is the operator's cost — at most the output
+        // cap it was sent (I7).
+        Ok(Ok(false)) => {
+            let message = format!("the response exceeded {bytes_max} bytes, the gateway's limit; nothing was charged");
+            return void_with(state, &billing, ApiError::Upstream(message)).await;
+        }
+        Ok(Ok(true)) => Bytes::from(body),
     };
     let Ok(json) = serde_json::from_slice::<Value>(&bytes) else {
         return void_with(state, &billing, ApiError::Upstream("upstream sent a response that is not JSON".into())).await;
