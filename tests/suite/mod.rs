@@ -13,6 +13,7 @@ mod idempotency;
 mod jobs;
 mod limits;
 mod notifications;
+mod passthrough;
 mod prices;
 mod reconcile;
 mod security;

@@ -30,7 +30,7 @@ pub mod usage;
 
 pub use cost::{CostBreakdown, CostError, cost};
 pub use estimate::hold_estimate;
-pub use media::{MediaBounds, PromptEstimate};
+pub use media::{MediaBounds, MediaReference, PromptEstimate};
 pub use money::{Money, MoneyError};
 pub use price::{Price, PriceError};
 pub use price_import::{PriceList, PriceListFormat};

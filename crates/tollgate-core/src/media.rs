@@ -7,8 +7,10 @@
 //! for the gateway to hold at its configured default.
 
 
+use serde_json::Value;
+
 /// Tokens of a prompt as the gateway can know them before the upstream answers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PromptEstimate {
     /// Text the tokenizer read (message framing, text nested in tool calls, tool results and
     /// text documents included): what a report far below is checked against.
@@ -17,6 +19,54 @@ pub struct PromptEstimate {
     pub media_tokens_max: u64,
     /// Media parts with neither a documented ceiling nor visible bytes (a file by id or URL).
     pub unsized_parts: u64,
+    /// What the parts name outside the request, for the provider to fetch or open: the walk
+    /// that sizes the prompt finds them, the gateway's pass-through policy judges them.
+    pub references: Vec<MediaReference>,
+}
+
+/// Something a media part names outside the request, which the upstream fetches or opens with
+/// the operator's account or from the operator's network.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MediaReference {
+    /// A URL to fetch; `field` names where it was (`image_url.url`, `source.url`, …).
+    Url { field: &'static str, url: String },
+    /// A file in the provider account: OpenAI and Anthropic `file_id`, a Gemini `fileUri` in
+    /// Cloud Storage (`gs://`) or the Files API.
+    File { field: &'static str, id: String },
+}
+
+impl MediaReference {
+    /// A Gemini `fileData.fileUri`: a file of the account (Cloud Storage, the Files API), or a
+    /// URL for Google to fetch (a public page, a YouTube video).
+    pub fn gemini_file_uri(uri: &str) -> MediaReference {
+        const FILES_API: &str = "https://generativelanguage.googleapis.com/";
+        let field = "fileData.fileUri";
+        if uri.starts_with("gs://") || (uri.starts_with(FILES_API) && uri.contains("/files/")) {
+            MediaReference::File { field, id: uri.to_string() }
+        } else {
+            MediaReference::Url { field, url: uri.to_string() }
+        }
+    }
+
+    /// The references of one OpenAI- or Anthropic-protocol content part: OpenAI's `image_url`
+    /// (and vLLM's `audio_url`, `video_url`), `input_image`, a `file` by id; an Anthropic
+    /// `image` or `document` whose source is a URL or a file. Inline data (`data:` URLs, base64)
+    /// names nothing outside.
+    pub fn of_part(part: &Value, references: &mut Vec<MediaReference>) {
+        let text = |pointer: &str| part.pointer(pointer).and_then(Value::as_str).map(str::to_string);
+        let mut url = |field: &'static str, url: Option<String>| {
+            if let Some(url) = url.filter(|url| !url.starts_with("data:")) {
+                references.push(MediaReference::Url { field, url });
+            }
+        };
+        url("image_url.url", text("/image_url/url"));
+        url("image_url", text("/image_url"));
+        url("audio_url.url", text("/audio_url/url"));
+        url("video_url.url", text("/video_url/url"));
+        url("source.url", text("/source/url"));
+        let files = [("file.file_id", text("/file/file_id")), ("source.file_id", text("/source/file_id")), ("file_id", text("/file_id"))];
+        references.extend(files.into_iter().filter_map(|(field, id)| Some(MediaReference::File { field, id: id? })));
+    }
 }
 
 impl PromptEstimate {

@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use serde_json::Value;
 use tiktoken_rs::CoreBPE;
 
-use crate::media::{self, MediaBounds, PromptEstimate};
+use crate::media::{self, MediaBounds, MediaReference, PromptEstimate};
 
 /// The BPE encodings Tollgate counts with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -105,6 +105,7 @@ fn estimate_part(encoding: Encoding, part: &Value, bounds: &MediaBounds, estimat
         estimate.add_text(text(part_text));
         return;
     }
+    MediaReference::of_part(part, &mut estimate.references);
     let kind = part.get("type").and_then(Value::as_str).unwrap_or_default();
     match kind {
         _ if IMAGE_PART_TYPES.contains(&kind) => {
@@ -450,13 +451,14 @@ mod tests {
         let framing = 3 + 3 + text("user");
         let long = "the quick brown fox jumps over the lazy dog ".repeat(50);
         let anthropic = MediaBounds::ANTHROPIC;
+        let url = |field, url: &str| MediaReference::Url { field, url: url.to_string() };
 
         let tool_result = json!([{"type": "tool_result", "tool_use_id": "toolu_1", "content": [
             {"type": "text", "text": long},
             {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}},
         ]}, {"type": "tool_result", "tool_use_id": "toolu_2", "content": long}]);
         let counted = estimate(tool_result, &anthropic);
-        assert_eq!(counted, PromptEstimate { text_tokens: framing + 2 * text(&long) + text("toolu_1") + text("toolu_2"), media_tokens_max: 1_600, unsized_parts: 0 });
+        assert_eq!(counted, PromptEstimate { text_tokens: framing + 2 * text(&long) + text("toolu_1") + text("toolu_2"), media_tokens_max: 1_600, unsized_parts: 0, references: Vec::new() });
 
         let input = json!({"query": long});
         let tool_use = estimate(json!([{"type": "tool_use", "id": "toolu_1", "name": "search", "input": input}]), &anthropic);
@@ -469,7 +471,7 @@ mod tests {
             {"type": "document", "source": {"type": "url", "url": "https://example.com/a.pdf"}},
         ]);
         let counted = estimate(documents, &anthropic);
-        assert_eq!(counted, PromptEstimate { text_tokens: framing + 2 * text(&long) + text("Notes"), media_tokens_max: 3 * 1_024, unsized_parts: 1 });
+        assert_eq!(counted, PromptEstimate { text_tokens: framing + 2 * text(&long) + text("Notes"), media_tokens_max: 3 * 1_024, unsized_parts: 1, references: vec![url("source.url", "https://example.com/a.pdf")] });
 
         // OpenAI: audio bounded by its bytes, a file inline by its bytes or unsized by id, an
         // image at the model's ceiling (low detail: the base), earlier tool calls as their JSON.
@@ -482,7 +484,12 @@ mod tests {
             {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "low"}},
         ]);
         let counted = estimate(parts, &gpt_4o);
-        assert_eq!(counted, PromptEstimate { text_tokens: framing + text("a.pdf"), media_tokens_max: 320 + 2 * 1_024 + 1_445 + 85, unsized_parts: 1 });
+        let references = vec![
+            MediaReference::File { field: "file.file_id", id: "file-abc".into() },
+            url("image_url.url", "https://example.com/a.png"),
+            url("image_url.url", "https://example.com/a.png"),
+        ];
+        assert_eq!(counted, PromptEstimate { text_tokens: framing + text("a.pdf"), media_tokens_max: 320 + 2 * 1_024 + 1_445 + 85, unsized_parts: 1, references });
         assert_eq!(counted.tokens_max(), counted.text_tokens + counted.media_tokens_max);
         let mini = estimate(json!([{"type": "image_url", "image_url": {"url": "x"}}]), &MediaBounds::openai("gpt-4o-mini"));
         assert_eq!(mini.media_tokens_max, 48_169);

@@ -19,6 +19,14 @@ pub struct LimitsConfig {
     pub upstream_connect_timeout_ms: u64,
     /// A non-streaming upstream response, or a stream's first byte.
     pub upstream_timeout_ms: u64,
+    /// The most of a non-streaming upstream answer read: past it the request ends with 502
+    /// `upstream_error`, not charged (the contract's 502; the client got nothing), and the rest
+    /// is not read. Above every legitimate answer: chat output is bounded by its cap (128
+    /// choices of 32k tokens is some 16 MiB of text), generated images and audio come as base64
+    /// of a few MiB each, and the largest answer is an embeddings batch — 2,048 inputs of 3,072
+    /// dimensions is 32 MiB as base64 (what OpenAI's SDKs ask for) but some 190 MB as JSON
+    /// floats (about 30 bytes each, indented). The gateway holds up to this much per request.
+    pub upstream_response_bytes_max: usize,
     /// Longest silence between two chunks of a stream.
     pub stream_idle_timeout_ms: u64,
     /// Longest a stream may run; then it is cut and billed for what was generated.
@@ -89,6 +97,7 @@ impl Default for LimitsConfig {
             request_body_timeout_ms: 30_000,
             upstream_connect_timeout_ms: 10_000,
             upstream_timeout_ms: 120_000,
+            upstream_response_bytes_max: 256 * 1024 * 1024,
             stream_idle_timeout_ms: 120_000,
             stream_duration_ms_max: 600_000,
             hold_ttl_ms: 900_000,
@@ -264,6 +273,44 @@ pub struct ProviderConfig {
     /// (what OpenAI-compatible servers read).
     #[serde(default)]
     pub output_cap_field: Option<OutputCapField>,
+    /// Files a client names in the provider account (OpenAI and Anthropic `file_id`, Gemini
+    /// `gs://` and Files API URIs): `refuse` (default) or `allow`. See [`ClientFileReferences`].
+    #[serde(default)]
+    pub client_file_references: ClientFileReferences,
+    /// URLs in a client's media parts, which the upstream fetches: `public_only` (default),
+    /// `allow` or `refuse`. See [`ClientUrls`].
+    #[serde(default)]
+    pub client_urls: ClientUrls,
+}
+
+/// Whether a client may name files in the operator's provider account. Tollgate does not pass
+/// the providers' file APIs through, so no client put a file there through it: an id or a
+/// `gs://` URI a client sends names the operator's own files (batch and fine-tuning data, any
+/// bucket the project's account reads — names that can be guessed) or another customer's.
+/// Refused by default; `allow` for an operator who shares files with its clients on purpose.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientFileReferences {
+    #[default]
+    Refuse,
+    Allow,
+}
+
+/// Which URLs a client may have the upstream fetch (`image_url`, an Anthropic `url` source, a
+/// Gemini `fileUri`): a self-hosted server fetches them from the operator's network, next to
+/// its metadata service and databases.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientUrls {
+    /// http(s) URLs whose host is not an address of this machine or of a private network (as
+    /// written, IPv4 in any form a URL parser accepts, IPv6, IPv4-mapped IPv6), nor
+    /// `localhost`, a single-label name or a local-only domain (`.internal`, `.local`, …). A
+    /// name that resolves to a private address cannot be judged without DNS: the operator's
+    /// egress policy must cover that.
+    #[default]
+    PublicOnly,
+    Allow,
+    Refuse,
 }
 
 /// The configuration's name for [`tollgate_protocol::OpenAiCapField`].
@@ -397,6 +444,7 @@ impl GatewayConfig {
             ("request_body_timeout_ms", limits.request_body_timeout_ms),
             ("shutdown_drain_ms", limits.shutdown_drain_ms),
             ("upstream_timeout_ms", limits.upstream_timeout_ms),
+            ("upstream_response_bytes_max", limits.upstream_response_bytes_max as u64),
             ("stream_idle_timeout_ms", limits.stream_idle_timeout_ms),
             ("stream_duration_ms_max", limits.stream_duration_ms_max),
             ("hold_ttl_ms", limits.hold_ttl_ms),

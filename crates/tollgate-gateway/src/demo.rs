@@ -25,6 +25,8 @@ pub fn configure(config: &mut GatewayConfig, mock_base_url: &str) {
         base_url: mock_base_url.to_string(),
         api_key_env: None,
         output_cap_field: None,
+        client_file_references: Default::default(),
+        client_urls: Default::default(),
     });
     for model in ["demo-gpt", "demo-claude", "demo-embedding"] {
         config.models.retain(|route| route.model != model);

@@ -28,6 +28,7 @@ pub mod jobs;
 pub mod keys;
 pub mod metrics;
 pub mod notifications;
+pub mod passthrough;
 pub mod pricing;
 pub mod proxy;
 pub mod request_id;

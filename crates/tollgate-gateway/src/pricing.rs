@@ -243,7 +243,7 @@ mod tests {
     fn config() -> GatewayConfig {
         let mut config = GatewayConfig::default();
         for name in ["openai", "openrouter"] {
-            config.providers.push(ProviderConfig { name: name.into(), kind: ProviderKind::Openai, base_url: "https://example.com/v1".into(), api_key_env: None, output_cap_field: None });
+            config.providers.push(ProviderConfig { name: name.into(), kind: ProviderKind::Openai, base_url: "https://example.com/v1".into(), api_key_env: None, output_cap_field: None, client_file_references: Default::default(), client_urls: Default::default() });
         }
         config.models = vec![route("gpt-4o", "openai", None), route("fast", "openrouter", Some("openai/gpt-4o-mini")), route("missing", "openai", None)];
         config

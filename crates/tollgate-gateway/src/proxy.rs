@@ -226,6 +226,8 @@ async fn handle_request(
         })
         .await?;
     let mut parsed = parsed?;
+    // The media walk that counts the prompt also lists what it points to outside the request.
+    crate::passthrough::check(&route.provider, &parsed.media_references)?;
     let fingerprint = request_fingerprint(protocol, url, &body);
     // A file sent by id or URL shows no size: held at the operator's default (I7).
     let unsized_tokens = parsed.unsized_media_parts.saturating_mul(state.config.limits.unsized_media_part_tokens);
@@ -404,10 +406,20 @@ async fn forward(
         return Ok(start_stream(state, billing, response, inspector, upstream_headers));
     }
     let remaining = Duration::from_millis(timeout_ms).saturating_sub(billing.started.elapsed());
-    let bytes = match tokio::time::timeout(remaining, response.bytes()).await {
+    let bytes_max = state.config.limits.upstream_response_bytes_max;
+    let mut body = Vec::new();
+    let bytes = match tokio::time::timeout(remaining, upstream_errors::read_body_at_most(response, bytes_max, &mut body)).await {
         Err(_) => return void_with(state, &billing, ApiError::UpstreamTimeout(timeout_ms)).await,
         Ok(Err(error)) => return void_with(state, &billing, ApiError::Upstream(error.without_url().to_string())).await,
-        Ok(Ok(bytes)) => bytes,
+        // Not charged, as any 502 (CONTRACT): the client got none of it, and its usage report
+        // is at the end the gateway did not read. Like a stream cut before any output reached
+        // the client, what the upstream generated is the operator's cost — at most the output
+        // cap it was sent (I7).
+        Ok(Ok(false)) => {
+            let message = format!("the response exceeded {bytes_max} bytes, the gateway's limit; nothing was charged");
+            return void_with(state, &billing, ApiError::Upstream(message)).await;
+        }
+        Ok(Ok(true)) => Bytes::from(body),
     };
     let Ok(json) = serde_json::from_slice::<Value>(&bytes) else {
         return void_with(state, &billing, ApiError::Upstream("upstream sent a response that is not JSON".into())).await;

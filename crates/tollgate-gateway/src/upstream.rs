@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use tollgate_protocol::Protocol;
 
-use crate::config::{GatewayConfig, ProviderKind};
+use crate::config::{ClientFileReferences, ClientUrls, GatewayConfig, ProviderKind};
 
 /// A provider ready to call: its base URL and (resolved once from its env var) API key.
 #[derive(Clone)]
@@ -14,6 +14,9 @@ pub struct Provider {
     pub base_url: String,
     /// OpenAI protocol: where the gateway's output cap goes when a client sets none.
     pub openai_cap_field: tollgate_protocol::OpenAiCapField,
+    /// What its clients may name for it to fetch or open ([`crate::passthrough`]).
+    pub client_file_references: ClientFileReferences,
+    pub client_urls: ClientUrls,
     /// Never logged; `Debug` is not derived for this reason.
     api_key: Option<String>,
 }
@@ -79,6 +82,8 @@ impl Upstreams {
                     kind: provider.kind,
                     base_url: provider.base_url.trim_end_matches('/').to_string(),
                     openai_cap_field: provider.openai_cap_field(),
+                    client_file_references: provider.client_file_references,
+                    client_urls: provider.client_urls,
                     api_key,
                 },
             );

@@ -38,18 +38,28 @@ pub struct UpstreamRefusal {
 /// Reads at most [`ERROR_BODY_BYTES_MAX`] of a body, within `timeout`; what was read by then.
 pub async fn read_error_body(response: reqwest::Response, timeout: std::time::Duration) -> Bytes {
     let mut body = Vec::new();
-    let mut chunks = response.bytes_stream();
-    let read = async {
-        while let Some(Ok(chunk)) = chunks.next().await {
-            let room = ERROR_BODY_BYTES_MAX - body.len();
-            body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-            if body.len() >= ERROR_BODY_BYTES_MAX {
-                break;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(timeout, read).await;
+    let _ = tokio::time::timeout(timeout, read_body_at_most(response, ERROR_BODY_BYTES_MAX, &mut body)).await;
     Bytes::from(body)
+}
+
+/// Appends an upstream body to `body` up to `limit` bytes: `Ok(true)` when it ended within
+/// them, `Ok(false)` when it went on past them (the rest is neither read nor waited for, so an
+/// endless body costs `limit` bytes of memory, not all the gateway has).
+///
+/// # Errors
+/// The upstream connection failed mid-body; `body` keeps what was read.
+pub async fn read_body_at_most(response: reqwest::Response, limit: usize, body: &mut Vec<u8>) -> Result<bool, reqwest::Error> {
+    let mut chunks = response.bytes_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk?;
+        let room = limit.saturating_sub(body.len());
+        if chunk.len() > room {
+            body.extend_from_slice(&chunk[..room]);
+            return Ok(false);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(true)
 }
 
 /// Splits an upstream's error `body` with `status` into what the client and the log are told.

@@ -4,7 +4,7 @@
 //! body passes through untouched.
 
 use serde_json::{Map, Value};
-use tollgate_core::{MediaBounds, PromptEstimate, Usage};
+use tollgate_core::{MediaBounds, MediaReference, PromptEstimate, Usage};
 use tollgate_core::tokens::{self, Encoding};
 
 use crate::error::ProtocolError;
@@ -70,6 +70,9 @@ pub struct ParsedRequest {
     pub prompt_text_tokens: u64,
     /// Media parts whose size the request does not show (a file by id or URL).
     pub unsized_media_parts: u64,
+    /// URLs and files the request names for the upstream to fetch or open (the pass-through
+    /// policy's input).
+    pub media_references: Vec<MediaReference>,
     /// For a protocol whose thinking is outside the output cap (Gemini): the tokens per choice
     /// the request lets the model think (`thinkingConfig.thinkingBudget` of 0 or more); `None`
     /// when it leaves that to the model (no budget, or -1 for dynamic).
@@ -87,6 +90,7 @@ impl ParsedRequest {
             prompt_tokens: prompt.tokens_max(),
             prompt_text_tokens: prompt.text_tokens,
             unsized_media_parts: prompt.unsized_parts,
+            media_references: prompt.references,
             thinking_budget: None,
             encoding,
         }

@@ -17,7 +17,7 @@
 //! (`generationConfig` or `generation_config`), so billing reads both.
 
 use serde_json::{Map, Value};
-use tollgate_core::{MediaBounds, PromptEstimate, Usage};
+use tollgate_core::{MediaBounds, MediaReference, PromptEstimate, Usage};
 use tollgate_core::tokens::{self, Encoding};
 
 use super::{CHOICES_MAX, EventAction, ParsedRequest, StreamInspector, UrlFacts, invalid};
@@ -201,6 +201,9 @@ fn estimate_content(encoding: Encoding, content: &Value, prompt: &mut PromptEsti
             let data = inline.get("data").and_then(Value::as_str).unwrap_or_default();
             prompt.add_media(bounds.inline_tokens_max(&mime_type(inline), data.len()));
         } else if let Some(file) = field(fields, "fileData", "file_data").and_then(Value::as_object) {
+            if let Some(uri) = field(file, "fileUri", "file_uri").and_then(Value::as_str) {
+                prompt.references.push(MediaReference::gemini_file_uri(uri));
+            }
             if mime_type(file).to_ascii_lowercase().starts_with("image/") {
                 prompt.add_media(bounds.image_tokens_max);
             } else {
