@@ -2,6 +2,7 @@ mod alerts;
 mod bad_input;
 mod charging;
 mod concurrency;
+mod connections;
 mod crash;
 mod degradation;
 mod fidelity;

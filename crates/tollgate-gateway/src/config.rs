@@ -15,6 +15,15 @@ pub struct LimitsConfig {
     pub request_body_timeout_ms: u64,
     /// Request headers (names and values, all together) above this are refused with 431.
     pub header_bytes_max: usize,
+    /// A connection with no request in flight this long is closed: one still sending its
+    /// request head (or nothing), and one idle between requests (keep-alive) alike.
+    pub header_read_timeout_ms: u64,
+    /// Open client connections per listener; past it a new connection is closed at once,
+    /// unanswered (`tollgate_connections_refused_total{reason="connections_max"}`).
+    pub connections_max: usize,
+    /// Open connections per client IP address per listener; 0: no such bound. For clients that
+    /// connect directly: behind a proxy or load balancer every client shares its address.
+    pub connections_per_address_max: usize,
     /// Connecting to an upstream.
     pub upstream_connect_timeout_ms: u64,
     /// A non-streaming upstream response, or a stream's first byte.
@@ -95,6 +104,9 @@ impl Default for LimitsConfig {
             request_body_bytes_max: 4 * 1024 * 1024,
             header_bytes_max: 32 * 1024,
             request_body_timeout_ms: 30_000,
+            header_read_timeout_ms: 10_000,
+            connections_max: 10_000,
+            connections_per_address_max: 0,
             upstream_connect_timeout_ms: 10_000,
             upstream_timeout_ms: 120_000,
             upstream_response_bytes_max: 256 * 1024 * 1024,
@@ -442,6 +454,8 @@ impl GatewayConfig {
             ("request_body_bytes_max", limits.request_body_bytes_max as u64),
             ("header_bytes_max", limits.header_bytes_max as u64),
             ("request_body_timeout_ms", limits.request_body_timeout_ms),
+            ("header_read_timeout_ms", limits.header_read_timeout_ms),
+            ("connections_max", limits.connections_max as u64),
             ("shutdown_drain_ms", limits.shutdown_drain_ms),
             ("upstream_timeout_ms", limits.upstream_timeout_ms),
             ("upstream_response_bytes_max", limits.upstream_response_bytes_max as u64),
@@ -538,6 +552,18 @@ mod tests {
         config.limits.hold_ttl_ms = 900_000;
         config.limits.stream_duration_ms_max = 870_000;
         assert!(config.validate().is_err_and(|error| error.contains("901000")), "stream_duration_ms_max + settle_timeout_ms");
+    }
+
+    #[test]
+    fn connections_are_bounded_and_timed() {
+        for set in [|limits: &mut LimitsConfig| limits.header_read_timeout_ms = 0, |limits: &mut LimitsConfig| limits.connections_max = 0] {
+            let mut config = GatewayConfig::default();
+            set(&mut config.limits);
+            assert!(config.validate().is_err_and(|error| error.contains("must be positive")));
+        }
+        let mut config = GatewayConfig::default();
+        config.limits.connections_per_address_max = 0;
+        assert_eq!(config.validate(), Ok(()), "no per-address bound is the default");
     }
 
     #[test]

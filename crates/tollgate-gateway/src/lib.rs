@@ -12,7 +12,9 @@
 //!   [`upstream_errors`]: what a client is told of an upstream's refusal (nothing of the
 //!   operator's account).
 //! - [`error`]: the one error type and its contract codes; [`request_id`]; [`metrics`].
-//! - [`server`]: start, serve, shut down in order; [`jobs`]: which periodic jobs run here;
+//! - [`server`]: start, serve, shut down in order; [`listener`]: one listener's accept loop and
+//!   its connection bounds (cap, idle and header-read timeout, client address on each request);
+//!   [`jobs`]: which periodic jobs run here;
 //!   [`webhooks`]: signed delivery of the outbox's alerts; [`demo`]: the offline demo set-up;
 //!   [`notifications`]: LISTEN/NOTIFY from the PostgreSQL ledger; [`pricing`]: routed models
 //!   without a price for a tier in use, and price-list import plans.
@@ -26,6 +28,7 @@ pub mod error;
 pub mod fallback;
 pub mod jobs;
 pub mod keys;
+pub mod listener;
 pub mod metrics;
 pub mod notifications;
 pub mod passthrough;

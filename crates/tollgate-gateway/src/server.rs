@@ -1,14 +1,13 @@
 //! Running the gateway: build the stores, start the worker tasks, serve, shut down in order.
 //!
 //! Shutdown phases (one cancellation token starts them):
-//! 1. stop accepting connections; in-flight handlers finish (axum graceful shutdown);
+//! 1. stop accepting connections; in-flight handlers finish (graceful shutdown, [`crate::listener`]);
 //! 2. wait, bounded, for forward/stream tasks — each ends by settling or voiding its hold;
 //! 3. stop the hold sweeper and the usage writer, which commits the batch it holds first.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -154,36 +153,27 @@ impl Gateway {
     /// Serves on `listener` until `shutdown` fires, then shuts down in order (module doc).
     ///
     /// # Errors
-    /// The listener failed.
+    /// None today: accept errors are logged and retried ([`crate::listener::serve`]).
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
         self.serve_split(listener, None, shutdown).await
     }
 
     /// Serves the client API on `public` and, when given, the operator API and `/metrics` on
-    /// `internal` only (`internal_listen`); shuts down as [`Gateway::serve`] does.
+    /// `internal` only (`internal_listen`); shuts down as [`Gateway::serve`] does. Each listener
+    /// keeps the connection bounds of `[limits]` ([`crate::listener`]).
     ///
     /// # Errors
-    /// A listener failed.
+    /// None today, as [`Gateway::serve`].
     pub async fn serve_split(self, public: TcpListener, internal: Option<TcpListener>, shutdown: CancellationToken) -> std::io::Result<()> {
-        let stopping = || {
-            let shutdown = shutdown.clone();
-            async move { shutdown.cancelled().await }
-        };
-        // Responses go out in small writes (SSE events, a head then a body): without TCP_NODELAY
-        // each small write after another waits for the client's delayed ACK, up to 40 ms.
-        let public = public.tap_io(no_delay);
-        let internal = internal.map(|internal| internal.tap_io(no_delay));
-        // `into_make_service`: each connection gets a clone of the router (an Arc). Served as a
-        // plain Router, axum rebuilds the route table for every connection, about 18 KB that a
-        // long stream keeps for its whole life (measured with heaptrack, 1,000 open streams).
+        let limits = crate::listener::ConnectionLimits::from(&self.state.config.limits);
+        let serve = |listener, router| crate::listener::serve(listener, router, limits, shutdown.clone());
         let serving = async {
             match internal {
-                None => axum::serve(public, crate::app(self.state.clone()).into_make_service()).with_graceful_shutdown(stopping()).await,
+                None => serve(public, crate::app(self.state.clone())).await,
                 Some(internal) => {
-                    let public = axum::serve(public, crate::app::public_app(self.state.clone()).into_make_service()).with_graceful_shutdown(stopping());
-                    let internal = axum::serve(internal, crate::app::internal_app(self.state.clone()).into_make_service()).with_graceful_shutdown(stopping());
-                    let (public, internal) = tokio::join!(public.into_future(), internal.into_future());
-                    public.and(internal)
+                    // Each listener has its own connection cap: a flood on the client API does
+                    // not lock the operator out.
+                    tokio::join!(serve(public, crate::app::public_app(self.state.clone())), serve(internal, crate::app::internal_app(self.state.clone())));
                 }
             }
         };
@@ -198,17 +188,16 @@ impl Gateway {
             let at = *signalled_at.get_or_init(tokio::time::Instant::now);
             tokio::time::sleep_until(at + drain).await;
         };
-        let served = tokio::select! {
-            served = serving => served,
+        tokio::select! {
+            () = serving => {}
             () = deadline => {
                 tracing::warn!(drain_ms = drain.as_millis() as u64, "connections still open after the shutdown drain; closing them");
-                Ok(())
             }
-        };
+        }
         // Serving can end before the deadline branch has seen the signal: start the clock now.
         let deadline = *signalled_at.get_or_init(tokio::time::Instant::now) + drain;
         self.shutdown_until(deadline).await;
-        served
+        Ok(())
     }
 
     /// Phases 2 and 3 of shutdown, with `shutdown_drain_ms` for in-flight requests.
@@ -372,12 +361,4 @@ async fn open_stores(config: &GatewayConfig) -> Result<(Arc<dyn Ledger>, Option<
         None => None,
     };
     Ok((ledger, redis))
-}
-
-/// Sets TCP_NODELAY on an accepted connection (see `serve_split`); a socket that refuses is
-/// served anyway, only slower.
-fn no_delay(stream: &mut tokio::net::TcpStream) {
-    if let Err(error) = stream.set_nodelay(true) {
-        tracing::debug!(%error, "could not set TCP_NODELAY on a connection");
-    }
 }
