@@ -129,7 +129,7 @@ stop_postgres() {
 # --- the demo gateway the SDK tests run against -----------------------------------------------
 
 SDK_DEMO_KEY="tg_sdk_test_key_0123456789abcdef"
-SDK_ADMIN_TOKEN="sdk-admin"
+SDK_ADMIN_TOKEN="sdk-admin-token-0123456789abcdef0"
 
 # Starts `target/release/tollgate serve --demo` on a free loopback port with a fresh SQLite
 # ledger in its own directory; waits until it is up (/healthz) and can charge (/readyz);

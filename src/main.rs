@@ -184,6 +184,9 @@ async fn serve(config_path: Option<&std::path::Path>, demo: bool, listen: Option
             config.admin_token = Some(format!("tgadmin_{}", uuid::Uuid::new_v4().simple()));
         }
     }
+    if !demo && config.internal_listen.is_none() {
+        tracing::warn!(listen = %config.listen, "the operator API (/internal) and /metrics share the public listener: set internal_listen (TOLLGATE_INTERNAL_LISTEN) to an address only operators reach (README \"Security\")");
+    }
     let listener = bind(&config.listen).await?;
     let address = listener.local_addr()?;
     let internal_listener = match &config.internal_listen {
@@ -255,7 +258,7 @@ async fn main() -> Result<()> {
         Command::Migrate { config } => {
             let config = load_config(config.as_deref())?;
             tollgate_gateway::server::migrate(&config.database_url).await?;
-            println!("migrations applied to {}", config.database_url);
+            println!("migrations applied to {}", tollgate_gateway::config::redact_url_password(&config.database_url));
             Ok(())
         }
         Command::Reconcile { config, fix, json } => {

@@ -14,7 +14,7 @@ use tollgate_gateway::GatewayConfig;
 use tollgate_gateway::config::{ModelRoute, ProviderConfig, ProviderKind};
 use tollgate_gateway::server::Gateway;
 
-pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 pub const TIER: &str = "standard";
 /// Demo-like prices: input 2.50, output 10.00, cached input 1.25 per million tokens.
 pub const INPUT_PER_MTOK: &str = "2.5";

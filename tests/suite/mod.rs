@@ -22,4 +22,5 @@ mod services;
 mod shutdown;
 mod statements;
 mod streaming;
+mod strangers;
 mod verify;

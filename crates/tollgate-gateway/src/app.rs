@@ -3,10 +3,11 @@
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request};
-use axum::middleware::Next;
+use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
+use crate::auth;
 use crate::error::ApiError;
 
 use crate::routes::{admin, client, gemini, operations, ops, statements};
@@ -14,20 +15,21 @@ use crate::state::AppState;
 
 /// Everything on one listener (no `internal_listen` configured).
 pub fn app(state: AppState) -> Router {
-    finish(client_routes().nest("/internal", internal_routes()).route("/metrics", get(ops::metrics)), state)
+    finish(client_routes(&state).nest("/internal", internal_routes(&state)).route("/metrics", get(ops::metrics)), state)
 }
 
 /// The client API and health checks, for `listen` when `/internal` has a listener of its own.
 pub fn public_app(state: AppState) -> Router {
-    finish(client_routes(), state)
+    finish(client_routes(&state), state)
 }
 
 /// The operator API, `/metrics` and health checks, for `internal_listen`.
 pub fn internal_app(state: AppState) -> Router {
-    finish(Router::new().nest("/internal", internal_routes()).route("/metrics", get(ops::metrics)), state)
+    finish(Router::new().nest("/internal", internal_routes(&state)).route("/metrics", get(ops::metrics)), state)
 }
 
-fn client_routes() -> Router<AppState> {
+/// Each handler authenticates before it reads a body; the layer throttles refused keys.
+fn client_routes(state: &AppState) -> Router<AppState> {
     Router::new()
         .route("/v1/chat/completions", post(client::chat_completions))
         .route("/v1/messages", post(client::messages))
@@ -37,10 +39,15 @@ fn client_routes() -> Router<AppState> {
         .route("/v1/models", get(client::models))
         .route("/v1/balance", get(client::balance))
         .route("/v1/usage", get(client::usage))
+        .route_layer(from_fn_with_state(state.clone(), auth::key_failures_throttled))
 }
 
-fn internal_routes() -> Router<AppState> {
-    admin::router().merge(operations::router()).merge(statements::router())
+/// The operator API, every route behind the token, checked before any extractor runs.
+fn internal_routes(state: &AppState) -> Router<AppState> {
+    admin::router()
+        .merge(operations::router())
+        .merge(statements::router())
+        .route_layer(from_fn_with_state(state.clone(), auth::operator_only))
 }
 
 /// Health checks, the fallback and the layers every listener has.

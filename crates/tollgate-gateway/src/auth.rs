@@ -1,19 +1,23 @@
 //! Who is calling: a client key resolved to its billing context, or the operator token.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use axum::http::HeaderMap;
+use axum::extract::{Request, State};
 use axum::http::header::AUTHORIZATION;
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 use tollgate_store::model::{AccountStatus, KeyStatus};
 
 use crate::charge;
 use crate::context::{BillingContext, Cached};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorShape};
 use crate::keys::hash_key;
 use crate::state::AppState;
+use crate::throttle::source_address;
 
 /// The key from `Authorization: Bearer <key>`, `x-api-key: <key>` (Anthropic SDKs) or
 /// `x-goog-api-key: <key>` (Gemini SDKs).
@@ -105,6 +109,62 @@ async fn load_context(state: &AppState, key_hash: &str) -> Result<Option<Arc<Bil
         charge::ledger_unreachable(state);
     }
     result
+}
+
+/// The operator API's gate, a layer on every `/internal` route: it runs before any extractor,
+/// so a stranger's body is never read (1,000 of them would otherwise pin 4 MiB each for up to
+/// `request_body_timeout_ms`). A source past its failures this minute is refused without the
+/// token being compared ([`crate::throttle`]); a missing or wrong token is a 401, counted.
+pub async fn operator_only(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let source = source_address(request.extensions());
+    let now = Instant::now();
+    if let Some(retry_after_secs) = state.operator_auth_failures.refused_for_secs(source, now) {
+        metrics::counter!("tollgate_auth_throttled_total", "api" => "operator").increment(1);
+        return ApiError::AuthFailuresThrottled { retry_after_secs }.into_response();
+    }
+    if let Err(error) = require_operator(&state, request.headers()) {
+        state.operator_auth_failures.record_failure(source, now);
+        return error.into_response();
+    }
+    next.run(request).await
+}
+
+/// The client API's throttle on refused keys, a layer on every client route (which each
+/// authenticate before reading a body). A source past its refused keys this minute gets 429
+/// for any key the ledger would have to be asked about; a key whose billing context is cached
+/// costs nothing and still works (clients behind one proxy address are not all locked out by
+/// one of them).
+pub async fn key_failures_throttled(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let source = source_address(request.extensions());
+    let now = Instant::now();
+    if let Some(retry_after_secs) = state.key_auth_failures.refused_for_secs(source, now)
+        && !cached_key(&state, request.headers())
+    {
+        metrics::counter!("tollgate_auth_throttled_total", "api" => "client").increment(1);
+        return ApiError::AuthFailuresThrottled { retry_after_secs }.into_response_shaped(client_error_shape(request.uri().path()));
+    }
+    let response = next.run(request).await;
+    // On the client API a 401 is always a refused key (`invalid_api_key`).
+    if response.status() == StatusCode::UNAUTHORIZED {
+        state.key_auth_failures.record_failure(source, now);
+    }
+    response
+}
+
+/// Whether the presented key's billing context is in the cache, within its TTL.
+fn cached_key(state: &AppState, headers: &HeaderMap) -> bool {
+    presented_key(headers).is_some_and(|key| matches!(state.contexts.get(&hash_key(key)), Cached::Fresh(_)))
+}
+
+/// The error shape of a client route, by its path (as `app` routes them).
+fn client_error_shape(path: &str) -> ErrorShape {
+    if path == "/v1/messages" {
+        ErrorShape::Anthropic
+    } else if path.starts_with("/v1beta/models/") || path.starts_with("/v1/models/") {
+        ErrorShape::Google
+    } else {
+        ErrorShape::OpenAi
+    }
 }
 
 /// Checks the operator token in constant time.

@@ -89,6 +89,11 @@ pub struct LimitsConfig {
     /// At start-up, how long to wait for Redis and PostgreSQL to answer (a process started
     /// while one restarts waits for it) before exiting; 0 gives up at the first failure.
     pub startup_wait_ms: u64,
+    /// Failed authentications one source address may make per minute, counted apart for the
+    /// operator token and for client keys; past it the address gets 429 `rate_limited` for the
+    /// rest of the minute without its credential being checked (client keys already in the
+    /// cache still work). 0 turns it off. See [`crate::throttle`].
+    pub auth_failures_per_address_per_minute: u32,
 }
 
 /// What a request does besides waiting for its upstream and its settle (authorize, reading the
@@ -129,6 +134,7 @@ impl Default for LimitsConfig {
             ledger_lookup_timeout_ms: 250,
             shutdown_drain_ms: 30_000,
             startup_wait_ms: 60_000,
+            auth_failures_per_address_per_minute: 60,
         }
     }
 }
@@ -156,7 +162,8 @@ impl Default for JobsConfig {
 }
 
 /// Alerts (`balance.low`, `key.budget`, `fund.posted`) sent as signed webhooks from the outbox.
-#[derive(Clone, Debug, Deserialize)]
+/// Its `Debug` leaves the secret and the URL (which may carry a token) out.
+#[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AlertsConfig {
     /// Where events are POSTed; none: events stay listable at `/internal/alerts`, unsent.
@@ -222,6 +229,8 @@ pub enum HotStoreDown {
 
 /// Shortest webhook secret accepted.
 const WEBHOOK_SECRET_CHARS_MIN: usize = 16;
+/// Shortest admin token accepted: guessing it must stay hopeless (32 random characters).
+pub const ADMIN_TOKEN_CHARS_MIN: usize = 32;
 
 /// The wire protocol an upstream speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -358,8 +367,9 @@ pub struct ModelRoute {
     pub upstream_model: Option<String>,
 }
 
-/// The gateway's configuration.
-#[derive(Clone, Debug, Deserialize)]
+/// The gateway's configuration. Its `Debug` leaves the admin token out, and the password of
+/// each store URL (see [`redact_url_password`]).
+#[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GatewayConfig {
     pub listen: String,
@@ -428,6 +438,11 @@ impl GatewayConfig {
     /// # Errors
     /// A message naming the offending entry.
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(token) = self.admin_token.as_deref().filter(|token| !token.is_empty())
+            && token.chars().count() < ADMIN_TOKEN_CHARS_MIN
+        {
+            return Err(format!("admin_token (TOLLGATE_ADMIN_TOKEN) must be at least {ADMIN_TOKEN_CHARS_MIN} characters; it has {}: generate one, e.g. `openssl rand -hex 32`", token.chars().count()));
+        }
         if self.billing == Billing::Off && self.redis_url.is_some() {
             return Err("billing = \"off\" is for benchmarks of embedded mode only; remove redis_url or billing".into());
         }
@@ -513,9 +528,147 @@ impl GatewayConfig {
     }
 }
 
+/// What `Debug` prints instead of a secret.
+const REDACTED: &str = "[redacted]";
+
+/// The URL with the password of its user part, and a `password=` query value, replaced by
+/// `***`: for logs and messages (`postgres://user:***@host/db`).
+pub fn redact_url_password(url: &str) -> String {
+    let mut redacted = url.to_string();
+    if let Some(scheme_end) = url.find("://") {
+        let authority_start = scheme_end + 3;
+        let authority_len = url[authority_start..].find(['/', '?', '#']).unwrap_or(url.len() - authority_start);
+        let authority = &url[authority_start..authority_start + authority_len];
+        if let Some(user_end) = authority.rfind('@')
+            && let Some(colon) = authority[..user_end].find(':')
+        {
+            redacted = format!("{}***{}", &url[..authority_start + colon + 1], &url[authority_start + user_end..]);
+        }
+    }
+    if let Some(query_start) = redacted.find('?') {
+        let (base, query) = redacted.split_at(query_start + 1);
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((name, _)) if name.eq_ignore_ascii_case("password") => format!("{name}=***"),
+                _ => pair.to_string(),
+            })
+            .collect();
+        redacted = format!("{base}{}", pairs.join("&"));
+    }
+    redacted
+}
+
+impl std::fmt::Debug for AlertsConfig {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let AlertsConfig { webhook_url, webhook_secret, deliver_interval_ms, timeout_ms, retry_base_ms, retry_max_ms, attempts_max, max_age_ms } = self;
+        formatter
+            .debug_struct("AlertsConfig")
+            .field("webhook_url", &webhook_url.as_ref().map(|_| REDACTED))
+            .field("webhook_secret", &webhook_secret.as_ref().map(|_| REDACTED))
+            .field("deliver_interval_ms", deliver_interval_ms)
+            .field("timeout_ms", timeout_ms)
+            .field("retry_base_ms", retry_base_ms)
+            .field("retry_max_ms", retry_max_ms)
+            .field("attempts_max", attempts_max)
+            .field("max_age_ms", max_age_ms)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for GatewayConfig {
+    /// Every field, by destructuring: a field added later must be placed here, redacted or not.
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let GatewayConfig {
+            listen,
+            internal_listen,
+            admin_token,
+            database_url,
+            redis_url,
+            redis_prefix,
+            redis_shards,
+            worker_name,
+            run_worker,
+            pricing_check,
+            billing,
+            limits,
+            jobs,
+            alerts,
+            degradation,
+            providers,
+            models,
+        } = self;
+        formatter
+            .debug_struct("GatewayConfig")
+            .field("listen", listen)
+            .field("internal_listen", internal_listen)
+            .field("admin_token", &admin_token.as_ref().map(|_| REDACTED))
+            .field("database_url", &redact_url_password(database_url))
+            .field("redis_url", &redis_url.as_deref().map(redact_url_password))
+            .field("redis_prefix", redis_prefix)
+            .field("redis_shards", redis_shards)
+            .field("worker_name", worker_name)
+            .field("run_worker", run_worker)
+            .field("pricing_check", pricing_check)
+            .field("billing", billing)
+            .field("limits", limits)
+            .field("jobs", jobs)
+            .field("alerts", alerts)
+            .field("degradation", degradation)
+            .field("providers", providers)
+            .field("models", models)
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 21 item 4: a configuration printed with `{:?}` (a log line, a panic) shows no
+    /// secret.
+    #[test]
+    fn debug_shows_no_token_secret_or_password() {
+        let mut config = GatewayConfig {
+            admin_token: Some("admin-token-0123456789-abcdefghijkl".into()),
+            database_url: "postgres://tollgate:pg-pass-42@db.internal:5432/tollgate".into(),
+            redis_url: Some("redis://:redis-pass-42@cache.internal:6379".into()),
+            ..GatewayConfig::default()
+        };
+        config.alerts.webhook_url = Some("https://hooks.example.com/services/hook-token-42".into());
+        config.alerts.webhook_secret = Some("webhook-secret-0123456789".into());
+        let printed = format!("{config:?}");
+        for secret in ["admin-token-0123456789", "pg-pass-42", "redis-pass-42", "hook-token-42", "webhook-secret-0123456789"] {
+            assert!(!printed.contains(secret), "{secret} in {printed}");
+        }
+        assert!(printed.contains("postgres://tollgate:***@db.internal:5432/tollgate"), "{printed}");
+        assert!(printed.contains("redis://:***@cache.internal:6379"), "{printed}");
+        assert!(printed.contains("listen: \"127.0.0.1:8080\""), "the rest is shown: {printed}");
+    }
+
+    #[test]
+    fn a_url_keeps_everything_but_its_password() {
+        assert_eq!(redact_url_password("postgres://user:secret@host:5432/db?sslmode=require"), "postgres://user:***@host:5432/db?sslmode=require");
+        assert_eq!(redact_url_password("postgresql://user:p%40ss@host/db"), "postgresql://user:***@host/db");
+        assert_eq!(redact_url_password("postgres://host/db?user=u&password=secret&x=1"), "postgres://host/db?user=u&password=***&x=1");
+        assert_eq!(redact_url_password("redis+cluster://:secret@h1:7000,h2:7001"), "redis+cluster://:***@h1:7000,h2:7001");
+        assert_eq!(redact_url_password("postgres://user@host/db"), "postgres://user@host/db");
+        assert_eq!(redact_url_password("sqlite://tollgate.db"), "sqlite://tollgate.db");
+        assert_eq!(redact_url_password("sqlite:///var/lib/a@b/ledger.db"), "sqlite:///var/lib/a@b/ledger.db");
+    }
+
+    /// Issue 21 item 7: a short admin token is refused, naming the variable.
+    #[test]
+    fn an_admin_token_shorter_than_32_characters_is_refused() {
+        let mut config = GatewayConfig { admin_token: Some("0123456789".into()), ..GatewayConfig::default() };
+        assert!(config.validate().is_err_and(|error| error.contains("TOLLGATE_ADMIN_TOKEN") && error.contains("32")));
+        config.admin_token = Some("x".repeat(ADMIN_TOKEN_CHARS_MIN - 1));
+        assert!(config.validate().is_err());
+        config.admin_token = Some("x".repeat(ADMIN_TOKEN_CHARS_MIN));
+        assert_eq!(config.validate(), Ok(()));
+        config.admin_token = None;
+        assert_eq!(config.validate(), Ok(()), "no token: no operator API, nothing to guess");
+    }
 
     #[test]
     fn billing_off_is_accepted_only_in_embedded_mode() {

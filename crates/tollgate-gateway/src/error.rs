@@ -73,6 +73,8 @@ pub enum ApiError {
     HeadersTooLarge { size: usize, limit: usize },
     #[error("rate limit reached for this key")]
     RateLimited { retry_after_secs: u64 },
+    #[error("too many failed authentications from this address; retry after {retry_after_secs} s")]
+    AuthFailuresThrottled { retry_after_secs: u64 },
     #[error("daily request quota exceeded")]
     DailyQuotaExceeded { retry_after_secs: u64 },
     #[error("monthly request quota exceeded")]
@@ -112,7 +114,7 @@ impl ApiError {
             ApiError::RequestTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"),
             ApiError::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "invalid_request"),
             ApiError::HeadersTooLarge { .. } => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request_too_large"),
-            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::RateLimited { .. } | ApiError::AuthFailuresThrottled { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::DailyQuotaExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "daily_quota_exceeded"),
             ApiError::MonthlyQuotaExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "monthly_quota_exceeded"),
             ApiError::KeyBudgetExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "key_budget_exceeded"),
@@ -127,6 +129,7 @@ impl ApiError {
     fn retry_after_secs(&self) -> Option<u64> {
         match self {
             ApiError::RateLimited { retry_after_secs }
+            | ApiError::AuthFailuresThrottled { retry_after_secs }
             | ApiError::DailyQuotaExceeded { retry_after_secs }
             | ApiError::MonthlyQuotaExceeded { retry_after_secs } => Some(*retry_after_secs),
             ApiError::KeyBudgetExceeded { retry_after_secs, .. } => *retry_after_secs,

@@ -8,7 +8,8 @@
 //!   unreachable (opt-in), and the resync when it returns.
 //! - The protocols themselves (request facts, usage extraction, the event splitter streams go
 //!   through) are the `tollgate-protocol` crate, kept apart so they can be fuzzed on their own.
-//! - [`auth`], [`keys`], [`context`]: who pays, cached; [`upstream`]: providers and routes;
+//! - [`auth`], [`keys`], [`context`]: who pays, cached; [`throttle`]: failed authentications
+//!   per source address; [`upstream`]: providers and routes;
 //!   [`upstream_errors`]: what a client is told of an upstream's refusal (nothing of the
 //!   operator's account).
 //! - [`error`]: the one error type and its contract codes; [`request_id`]; [`metrics`].
@@ -38,6 +39,7 @@ pub mod request_id;
 pub mod routes;
 pub mod state;
 pub mod tokenizer_pool;
+pub mod throttle;
 pub mod upstream;
 pub mod upstream_errors;
 pub mod webhooks;

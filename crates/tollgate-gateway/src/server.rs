@@ -303,7 +303,7 @@ pub async fn open_ledger(url: &str) -> Result<(Arc<dyn Ledger>, Option<sqlx::PgP
     if url.starts_with("sqlite:") {
         return Ok((Arc::new(SqliteLedger::connect(url, SQLITE_POOL_CONNECTIONS_MAX).await?), None));
     }
-    Err(ServerError::Config(format!("unsupported database URL {url:?}: use sqlite://PATH or postgres://…")))
+    Err(ServerError::Config(format!("unsupported database URL {:?}: use sqlite://PATH or postgres://…", crate::config::redact_url_password(url))))
 }
 
 /// Applies the migrations of the ledger the URL names.
@@ -317,7 +317,7 @@ pub async fn migrate(url: &str) -> Result<(), ServerError> {
     if url.starts_with("sqlite:") {
         return Ok(tollgate_store::sqlite::migrate(url).await?);
     }
-    Err(ServerError::Config(format!("unsupported database URL {url:?}: use sqlite://PATH or postgres://…")))
+    Err(ServerError::Config(format!("unsupported database URL {:?}: use sqlite://PATH or postgres://…", crate::config::redact_url_password(url))))
 }
 
 /// Binds the configured address.

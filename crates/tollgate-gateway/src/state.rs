@@ -13,6 +13,7 @@ use tollgate_store::{HotStore, Ledger};
 use crate::config::GatewayConfig;
 use crate::context::{CacheLifetimes, ContextCache, PriceTable};
 use crate::tokenizer_pool::TokenizerPool;
+use crate::throttle::FailureThrottle;
 use crate::upstream::Upstreams;
 
 /// Cheap to clone; everything inside is shared.
@@ -44,6 +45,10 @@ pub struct Shared {
     /// the gateway and its hot store together ([`crate::server::Gateway::start_with_clock`]).
     /// Timers (pauses, backoffs, deadlines) measure real time and do not read it.
     pub clock: Clock,
+    /// Wrong operator tokens per source address ([`crate::throttle`]).
+    pub operator_auth_failures: FailureThrottle,
+    /// Refused client keys per source address: each unknown key costs a ledger query.
+    pub key_auth_failures: FailureThrottle,
 }
 
 impl std::ops::Deref for AppState {
@@ -90,7 +95,10 @@ impl AppState {
             0 => crate::tokenizer_pool::default_threads(),
             threads => threads,
         });
+        let auth_failures_per_minute = config.limits.auth_failures_per_address_per_minute;
         Ok(AppState(Arc::new(Shared {
+            operator_auth_failures: FailureThrottle::new(auth_failures_per_minute),
+            key_auth_failures: FailureThrottle::new(auth_failures_per_minute),
             config,
             hot,
             ledger,

@@ -26,14 +26,26 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// What a caller is told of a unique or foreign-key violation (the database's message is logged).
+const UNIQUE_VIOLATION: &str = "the write conflicts with an existing record (an id or reference that must be unique is taken); read the current state and retry";
+const FOREIGN_KEY_VIOLATION: &str = "the write refers to a record that does not exist (or no longer does)";
+
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
         match error {
             sqlx::Error::RowNotFound => StoreError::NotFound { entity: "row", id: String::new() },
             // A unique constraint caught a race the checks before it could not see (two
-            // writers with the same id or reference): a conflict, not an outage.
-            sqlx::Error::Database(database) if database.is_unique_violation() => StoreError::Conflict(database.message().to_string()),
-            sqlx::Error::Database(database) if database.is_foreign_key_violation() => StoreError::Invalid(database.message().to_string()),
+            // writers with the same id or reference): a conflict, not an outage. The database's
+            // own words name tables, constraints and key values, and reach operator answers:
+            // they go to the log, the caller gets ours.
+            sqlx::Error::Database(database) if database.is_unique_violation() => {
+                tracing::info!(constraint = database.constraint(), detail = database.message(), "a unique constraint refused a write");
+                StoreError::Conflict(UNIQUE_VIOLATION.into())
+            }
+            sqlx::Error::Database(database) if database.is_foreign_key_violation() => {
+                tracing::info!(constraint = database.constraint(), detail = database.message(), "a foreign key refused a write");
+                StoreError::Invalid(FOREIGN_KEY_VIOLATION.into())
+            }
             other => StoreError::Unavailable(other.to_string()),
         }
     }
@@ -47,3 +59,26 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
 
 /// Result alias for store operations.
 pub type StoreResult<T> = Result<T, StoreError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 21 item 4: a constraint's name, its table and the key values stay out of the
+    /// error a caller (an operator answer) gets.
+    #[tokio::test]
+    async fn constraint_violations_are_told_in_our_words() -> Result<(), sqlx::Error> {
+        let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await?;
+        sqlx::query("PRAGMA foreign_keys = ON").execute(&pool).await?;
+        sqlx::query("CREATE TABLE secret_accounts (id TEXT PRIMARY KEY)").execute(&pool).await?;
+        sqlx::query("CREATE TABLE secret_keys (id TEXT PRIMARY KEY, account_id TEXT NOT NULL REFERENCES secret_accounts (id))").execute(&pool).await?;
+        sqlx::query("INSERT INTO secret_accounts VALUES ('acct_1')").execute(&pool).await?;
+        let duplicate = sqlx::query("INSERT INTO secret_accounts VALUES ('acct_1')").execute(&pool).await.map(|_| ());
+        let dangling = sqlx::query("INSERT INTO secret_keys VALUES ('key_1', 'acct_missing')").execute(&pool).await.map(|_| ());
+        let duplicate = duplicate.map_err(StoreError::from);
+        let dangling = dangling.map_err(StoreError::from);
+        assert!(matches!(&duplicate, Err(StoreError::Conflict(message)) if message == UNIQUE_VIOLATION), "{duplicate:?}");
+        assert!(matches!(&dangling, Err(StoreError::Invalid(message)) if message == FOREIGN_KEY_VIOLATION), "{dangling:?}");
+        Ok(())
+    }
+}

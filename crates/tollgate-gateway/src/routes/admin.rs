@@ -1,4 +1,5 @@
-//! The operator API (`/internal`), behind the admin token (compared in constant time). Every
+//! The operator API (`/internal`), behind the admin token: checked for every route, before any
+//! body is read, by the layer `app` puts on them ([`crate::auth::operator_only`]). Every
 //! change to an account, key or price invalidates the billing-context cache at once; every
 //! committed fund change is applied to the hot balance, in order, by its ledger sequence.
 
@@ -6,7 +7,7 @@ use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use serde::Deserialize;
@@ -19,7 +20,6 @@ use tollgate_store::model::{
     SummaryGroup,
 };
 
-use crate::auth::require_operator;
 use crate::charge;
 use crate::error::ApiError;
 use crate::keys::generate_key;
@@ -111,8 +111,7 @@ struct CreateAccount {
     low_balance_threshold: Option<String>,
 }
 
-async fn create_account(State(state): State<AppState>, headers: HeaderMap, LimitedBody(body): LimitedBody) -> Result<Response, ApiError> {
-    require_operator(&state, &headers)?;
+async fn create_account(State(state): State<AppState>, LimitedBody(body): LimitedBody) -> Result<Response, ApiError> {
     let request: CreateAccount = parse_body(&body)?;
     let id = request.id.unwrap_or_else(|| format!("acct_{}", uuid::Uuid::now_v7().simple()));
     check_account_id(&id)?;
@@ -135,8 +134,7 @@ async fn create_account(State(state): State<AppState>, headers: HeaderMap, Limit
     Ok((StatusCode::CREATED, Json(account)).into_response())
 }
 
-async fn get_account(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    require_operator(&state, &headers)?;
+async fn get_account(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let account = state.ledger.account(&id).await?.ok_or_else(|| ApiError::NotFound(format!("account {id} not found")))?;
     let ledger = state.ledger.account_balance(&id).await?.ok_or_else(|| ApiError::Internal(format!("account {id} has no balance row")))?;
     let live = match state.hot.balance(&id, "").await? {
@@ -187,8 +185,7 @@ fn present_text<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Opt
     Option::<String>::deserialize(deserializer).map(Some)
 }
 
-async fn patch_account(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>, LimitedBody(body): LimitedBody) -> Result<Json<Value>, ApiError> {
-    require_operator(&state, &headers)?;
+async fn patch_account(State(state): State<AppState>, Path(id): Path<String>, LimitedBody(body): LimitedBody) -> Result<Json<Value>, ApiError> {
     let request: PatchAccount = parse_body(&body)?;
     if let Some(name) = &request.name {
         check_identifier("name", name)?;
@@ -229,8 +226,7 @@ struct CreateKey {
     expires_at: Option<OffsetDateTime>,
 }
 
-async fn create_key(State(state): State<AppState>, headers: HeaderMap, Path(account_id): Path<String>, LimitedBody(body): LimitedBody) -> Result<Response, ApiError> {
-    require_operator(&state, &headers)?;
+async fn create_key(State(state): State<AppState>, Path(account_id): Path<String>, LimitedBody(body): LimitedBody) -> Result<Response, ApiError> {
     let request: CreateKey = parse_body(&body)?;
     check_identifier("name", &request.name)?;
     let budget = |field: &str, value: Option<String>| value.as_deref().map(|text| unsigned_amount(field, text)).transpose();
@@ -261,8 +257,7 @@ async fn create_key(State(state): State<AppState>, headers: HeaderMap, Path(acco
     Ok((StatusCode::CREATED, Json(value)).into_response())
 }
 
-async fn list_keys(State(state): State<AppState>, headers: HeaderMap, Path(account_id): Path<String>) -> Result<Json<Value>, ApiError> {
-    require_operator(&state, &headers)?;
+async fn list_keys(State(state): State<AppState>, Path(account_id): Path<String>) -> Result<Json<Value>, ApiError> {
     if state.ledger.account(&account_id).await?.is_none() {
         return Err(ApiError::NotFound(format!("account {account_id} not found")));
     }
@@ -270,8 +265,7 @@ async fn list_keys(State(state): State<AppState>, headers: HeaderMap, Path(accou
     Ok(Json(json!({"data": keys})))
 }
 
-async fn revoke_key(State(state): State<AppState>, headers: HeaderMap, Path(key_id): Path<String>) -> Result<Json<Value>, ApiError> {
-    require_operator(&state, &headers)?;
+async fn revoke_key(State(state): State<AppState>, Path(key_id): Path<String>) -> Result<Json<Value>, ApiError> {
     let key = state.ledger.revoke_key(&key_id).await?;
     state.contexts.invalidate_all();
     tracing::info!(key_id, "key revoked");
@@ -291,8 +285,7 @@ struct PutPrice {
     per_request: Option<String>,
 }
 
-async fn put_prices(State(state): State<AppState>, headers: HeaderMap, LimitedBody(body): LimitedBody) -> Result<Json<Value>, ApiError> {
-    require_operator(&state, &headers)?;
+async fn put_prices(State(state): State<AppState>, LimitedBody(body): LimitedBody) -> Result<Json<Value>, ApiError> {
     let request: Vec<PutPrice> = parse_body(&body)?;
     if request.is_empty() || request.len() > PRICES_PER_REQUEST_MAX {
         return Err(ApiError::InvalidRequest(format!("send 1 to {PRICES_PER_REQUEST_MAX} prices")));
@@ -323,8 +316,7 @@ async fn put_prices(State(state): State<AppState>, headers: HeaderMap, LimitedBo
     Ok(Json(json!({"data": rows})))
 }
 
-async fn list_prices(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    require_operator(&state, &headers)?;
+async fn list_prices(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let mut rows = state.prices.all();
     rows.sort_by(|left, right| (&left.provider, &left.model, &left.customer_type).cmp(&(&right.provider, &right.model, &right.customer_type)));
     Ok(Json(json!({"data": rows})))
@@ -338,8 +330,7 @@ struct CreateTopUp {
     reference_id: String,
 }
 
-async fn create_topup(State(state): State<AppState>, headers: HeaderMap, LimitedBody(body): LimitedBody) -> Result<Response, ApiError> {
-    require_operator(&state, &headers)?;
+async fn create_topup(State(state): State<AppState>, LimitedBody(body): LimitedBody) -> Result<Response, ApiError> {
     let request: CreateTopUp = parse_body(&body)?;
     check_identifier("reference_id", &request.reference_id)?;
     let amount = positive("amount", unsigned_amount("amount", &request.amount)?)?;
@@ -347,8 +338,7 @@ async fn create_topup(State(state): State<AppState>, headers: HeaderMap, Limited
     Ok((StatusCode::CREATED, Json(topup)).into_response())
 }
 
-async fn confirm_topup(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    require_operator(&state, &headers)?;
+async fn confirm_topup(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let (topup, transaction) = state.ledger.confirm_topup(&id).await?;
     apply_funds(&state, &topup.account_id).await;
     tracing::info!(topup_id = id, account_id = topup.account_id, amount = %topup.amount, "top-up confirmed");
@@ -363,8 +353,7 @@ struct Refund {
     reference_id: String,
 }
 
-async fn refund(State(state): State<AppState>, headers: HeaderMap, Path(account_id): Path<String>, LimitedBody(body): LimitedBody) -> Result<Response, ApiError> {
-    require_operator(&state, &headers)?;
+async fn refund(State(state): State<AppState>, Path(account_id): Path<String>, LimitedBody(body): LimitedBody) -> Result<Response, ApiError> {
     let request: Refund = parse_body(&body)?;
     check_identifier("reference_id", &request.reference_id)?;
     let amount = positive("amount", unsigned_amount("amount", &request.amount)?)?;
@@ -381,8 +370,7 @@ struct Adjustment {
     reference_id: String,
 }
 
-async fn adjust(State(state): State<AppState>, headers: HeaderMap, Path(account_id): Path<String>, LimitedBody(body): LimitedBody) -> Result<Response, ApiError> {
-    require_operator(&state, &headers)?;
+async fn adjust(State(state): State<AppState>, Path(account_id): Path<String>, LimitedBody(body): LimitedBody) -> Result<Response, ApiError> {
     let request: Adjustment = parse_body(&body)?;
     check_identifier("reference_id", &request.reference_id)?;
     check_identifier("operator_id", &request.operator_id)?;
@@ -477,11 +465,9 @@ const CSV_COLUMNS: [&str; 13] = [
 
 async fn statement(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(account_id): Path<String>,
     params: Result<Query<StatementParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    require_operator(&state, &headers)?;
     let params = parse_query(params)?;
     let start = time_param("start", params.start.as_deref())?;
     let end = time_param("end", params.end.as_deref())?;
@@ -522,8 +508,7 @@ struct Quote {
     usage: Usage,
 }
 
-async fn quote(State(state): State<AppState>, headers: HeaderMap, LimitedBody(body): LimitedBody) -> Result<Json<Value>, ApiError> {
-    require_operator(&state, &headers)?;
+async fn quote(State(state): State<AppState>, LimitedBody(body): LimitedBody) -> Result<Json<Value>, ApiError> {
     let request: Quote = parse_body(&body)?;
     let customer_type = match (request.customer_type, request.account_id) {
         (Some(customer_type), None) => customer_type,
@@ -558,10 +543,8 @@ async fn quote(State(state): State<AppState>, headers: HeaderMap, LimitedBody(bo
 
 async fn transactions(
     State(state): State<AppState>,
-    headers: HeaderMap,
     params: Result<Query<UsagePageParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    require_operator(&state, &headers)?;
     Ok(Json(usage_page(&state, parse_query(params)?).await?))
 }
 
@@ -575,10 +558,8 @@ struct SummaryParams {
 
 async fn summary(
     State(state): State<AppState>,
-    headers: HeaderMap,
     params: Result<Query<SummaryParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    require_operator(&state, &headers)?;
     let params = parse_query(params)?;
     let group_by = params.group_by.unwrap_or(SummaryGroup::Model);
     let start = time_param("start", params.start.as_deref())?;
