@@ -50,7 +50,7 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Arc<B
         Cached::UnknownKey => return Err(ApiError::InvalidApiKey("unknown API key")),
         Cached::Miss { stale } => {
             let generation = state.contexts.generation();
-            match load_context(state, &key_hash).await {
+            match load_context(state, &key_hash, stale.is_some()).await {
                 Ok(context) => {
                     state.contexts.insert(key_hash, context.clone(), generation);
                     context.ok_or(ApiError::InvalidApiKey("unknown API key"))?
@@ -85,10 +85,13 @@ pub(crate) fn repeated(headers: &HeaderMap, name: &str) -> bool {
 
 /// Reads a key and its account from the ledger (`None`: no such key), within
 /// `limits.context_lookup_timeout_ms`. While lookups are paused after a failed one (see
-/// [`charge::ledger_unreachable`]) it fails at once: an outage costs one request a second that
-/// waits, not every one.
-async fn load_context(state: &AppState, key_hash: &str) -> Result<Option<Arc<BillingContext>>, ApiError> {
-    if charge::ledger_lookups_paused(state) {
+/// [`charge::ledger_unreachable`]) a key with a stale copy does not wait: an outage costs one
+/// request a second that waits, not every one.
+async fn load_context(state: &AppState, key_hash: &str, stale_available: bool) -> Result<Option<Arc<BillingContext>>, ApiError> {
+    // The pause only ever trades a wait for a stale copy: a key with none is always asked for
+    // (within the timeout), so a request just after the cache was dropped is not refused for
+    // a failure that preceded the ledger's return.
+    if stale_available && charge::ledger_lookups_paused(state) {
         return Err(ApiError::BillingUnavailable("the ledger did not answer a moment ago; lookups paused".into()));
     }
     let timeout = Duration::from_millis(state.config.limits.context_lookup_timeout_ms);

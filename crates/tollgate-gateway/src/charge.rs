@@ -109,6 +109,11 @@ pub fn ledger_lookups_paused(state: &AppState) -> bool {
     now_ms() < state.ledger_lookups_paused_until_ms.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Ends a pause: the ledger answered (the notification listener reconnected).
+pub fn ledger_reachable(state: &AppState) {
+    state.ledger_lookups_paused_until_ms.store(0, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Pauses request-path ledger lookups: the ledger just failed to answer one.
 pub fn ledger_unreachable(state: &AppState) {
     state.ledger_lookups_paused_until_ms.store(now_ms().saturating_add(LEDGER_LOOKUP_PAUSE_MS), std::sync::atomic::Ordering::Relaxed);

@@ -39,6 +39,9 @@ pub async fn run_listener(state: AppState, pool: PgPool, shutdown: CancellationT
 async fn listen_once(state: &AppState, pool: &PgPool, shutdown: &CancellationToken) -> Result<(), sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
     listener.listen_all([FUND_CHANNEL, CONFIG_CHANNEL]).await?;
+    // The ledger answers again: lookups paused by a failure during the outage resume before
+    // the catch-up drops the cached contexts.
+    charge::ledger_reachable(state);
     // Subscribed first, then caught up: nothing committed in between is missed.
     catch_up(state).await;
     loop {
