@@ -171,7 +171,8 @@ async fn wrong_admin_tokens_are_throttled_per_address() {
 
 /// Item 7: refused client keys are throttled per address the same way, so a stranger cycling
 /// random keys (each one a ledger query) is bounded; a key whose context is cached costs no
-/// query and keeps working from that address, and other addresses are untouched.
+/// query and keeps working from that address (so does a key confirmed before, once its context
+/// was dropped), and other addresses are untouched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_client_keys_are_throttled_per_address() {
     let gateway = AddressedGateway::start(5).await;
@@ -206,6 +207,12 @@ async fn unknown_client_keys_are_throttled_per_address() {
     assert_throttled(status, &headers, &error["error"]["details"][0]["metadata"]["code"], "an unknown key on generateContent");
 
     assert_eq!(balance(&stranger, &key).await.unwrap().status(), 200, "a cached key still works from the throttled address");
+    // A key created drops every cached context; a key the ledger confirmed before is still
+    // looked up for the throttled address (clients behind one proxy are not locked out).
+    assert_eq!(admin(Method::POST, "/accounts/acct_strangers/keys", json!({"name": "k2"})).await.unwrap().status(), 201);
+    assert_eq!(balance(&stranger, &key).await.unwrap().status(), 200, "a confirmed key still works after the cache was dropped");
+    let response = balance(&stranger, &format!("tg_random_7_{}", uuid::Uuid::new_v4().simple())).await.unwrap();
+    assert_eq!(response.status(), 429, "while a new unknown key from the throttled address is still refused");
     assert_eq!(balance(&neighbour, "tg_unknown_neighbour").await.unwrap().status(), 401, "another address is not throttled");
     gateway.stop().await;
 }

@@ -15,12 +15,12 @@ use crate::state::AppState;
 
 /// Everything on one listener (no `internal_listen` configured).
 pub fn app(state: AppState) -> Router {
-    finish(client_routes(&state).nest("/internal", internal_routes(&state)).route("/metrics", get(ops::metrics)), state)
+    finish(client_routes().nest("/internal", internal_routes(&state)).route("/metrics", get(ops::metrics)), state)
 }
 
 /// The client API and health checks, for `listen` when `/internal` has a listener of its own.
 pub fn public_app(state: AppState) -> Router {
-    finish(client_routes(&state), state)
+    finish(client_routes(), state)
 }
 
 /// The operator API, `/metrics` and health checks, for `internal_listen`.
@@ -28,8 +28,9 @@ pub fn internal_app(state: AppState) -> Router {
     finish(Router::new().nest("/internal", internal_routes(&state)).route("/metrics", get(ops::metrics)), state)
 }
 
-/// Each handler authenticates before it reads a body; the layer throttles refused keys.
-fn client_routes(state: &AppState) -> Router<AppState> {
+/// Each handler authenticates (and throttles refused keys, `auth::authenticate`) before it
+/// reads a body.
+fn client_routes() -> Router<AppState> {
     Router::new()
         .route("/v1/chat/completions", post(client::chat_completions))
         .route("/v1/messages", post(client::messages))
@@ -39,7 +40,6 @@ fn client_routes(state: &AppState) -> Router<AppState> {
         .route("/v1/models", get(client::models))
         .route("/v1/balance", get(client::balance))
         .route("/v1/usage", get(client::usage))
-        .route_layer(from_fn_with_state(state.clone(), auth::key_failures_throttled))
 }
 
 /// The operator API, every route behind the token, checked before any extractor runs.

@@ -1,11 +1,14 @@
 //! Who is calling: a client key resolved to its billing context, or the operator token.
 
+use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{Request, State};
+use axum::extract::{FromRequestParts, Request, State};
 use axum::http::header::AUTHORIZATION;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
+use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
@@ -14,7 +17,7 @@ use tollgate_store::model::{AccountStatus, KeyStatus};
 
 use crate::charge;
 use crate::context::{BillingContext, Cached};
-use crate::error::{ApiError, ErrorShape};
+use crate::error::ApiError;
 use crate::keys::hash_key;
 use crate::state::AppState;
 use crate::throttle::source_address;
@@ -30,12 +33,40 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
     value.to_str().ok().map(str::trim)
 }
 
-/// Resolves the caller's key to its billing context, from the cache when warm.
+/// What a client route knows of its caller before it reads a body: the headers and the
+/// address the request came from (for the refused-key throttle, [`crate::throttle`]).
+pub struct Caller {
+    pub headers: HeaderMap,
+    pub source: Option<IpAddr>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Caller, Infallible> {
+        Ok(Caller { headers: parts.headers.clone(), source: source_address(&parts.extensions) })
+    }
+}
+
+/// Resolves the caller's key to its billing context, from the cache when warm. Every refused
+/// key counts against the caller's address; an address past its refusals this minute is
+/// refused (429) any key that would cost a ledger query and was never confirmed to exist — a
+/// stranger cycling random keys is bounded, while clients sharing its address (one proxy)
+/// keep working with their real keys.
 ///
 /// # Errors
 /// 401 for a missing, unknown or revoked key; 403 for an expired key or a suspended account;
-/// 503 if the ledger cannot be read on a cache miss.
-pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Arc<BillingContext>, ApiError> {
+/// 429 for a throttled address; 503 if the ledger cannot be read on a cache miss.
+pub async fn authenticate(state: &AppState, caller: &Caller) -> Result<Arc<BillingContext>, ApiError> {
+    let result = resolve_key(state, caller).await;
+    if matches!(result, Err(ApiError::InvalidApiKey(_))) {
+        state.key_auth_failures.record_failure(caller.source, Instant::now());
+    }
+    result
+}
+
+async fn resolve_key(state: &AppState, caller: &Caller) -> Result<Arc<BillingContext>, ApiError> {
+    let headers = &caller.headers;
     // A key header sent twice is ambiguous (a proxy in front may have checked the other copy):
     // neither is trusted.
     if [AUTHORIZATION.as_str(), "x-api-key", "x-goog-api-key"].iter().any(|name| repeated(headers, name)) {
@@ -45,7 +76,15 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Arc<B
         .filter(|key| !key.is_empty())
         .ok_or(ApiError::InvalidApiKey("missing API key: send Authorization: Bearer <key>"))?;
     let key_hash = hash_key(key);
-    let context = match state.contexts.get(&key_hash) {
+    let cached = state.contexts.get(&key_hash);
+    if !matches!(cached, Cached::Fresh(_))
+        && let Some(retry_after_secs) = state.key_auth_failures.refused_for_secs(caller.source, Instant::now())
+        && !state.contexts.confirmed(&key_hash)
+    {
+        metrics::counter!("tollgate_auth_throttled_total", "api" => "client").increment(1);
+        return Err(ApiError::AuthFailuresThrottled { retry_after_secs });
+    }
+    let context = match cached {
         Cached::Fresh(context) => context,
         Cached::UnknownKey => return Err(ApiError::InvalidApiKey("unknown API key")),
         Cached::Miss { stale } => {
@@ -130,44 +169,6 @@ pub async fn operator_only(State(state): State<AppState>, request: Request, next
         return error.into_response();
     }
     next.run(request).await
-}
-
-/// The client API's throttle on refused keys, a layer on every client route (which each
-/// authenticate before reading a body). A source past its refused keys this minute gets 429
-/// for any key the ledger would have to be asked about; a key whose billing context is cached
-/// costs nothing and still works (clients behind one proxy address are not all locked out by
-/// one of them).
-pub async fn key_failures_throttled(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let source = source_address(request.extensions());
-    let now = Instant::now();
-    if let Some(retry_after_secs) = state.key_auth_failures.refused_for_secs(source, now)
-        && !cached_key(&state, request.headers())
-    {
-        metrics::counter!("tollgate_auth_throttled_total", "api" => "client").increment(1);
-        return ApiError::AuthFailuresThrottled { retry_after_secs }.into_response_shaped(client_error_shape(request.uri().path()));
-    }
-    let response = next.run(request).await;
-    // On the client API a 401 is always a refused key (`invalid_api_key`).
-    if response.status() == StatusCode::UNAUTHORIZED {
-        state.key_auth_failures.record_failure(source, now);
-    }
-    response
-}
-
-/// Whether the presented key's billing context is in the cache, within its TTL.
-fn cached_key(state: &AppState, headers: &HeaderMap) -> bool {
-    presented_key(headers).is_some_and(|key| matches!(state.contexts.get(&hash_key(key)), Cached::Fresh(_)))
-}
-
-/// The error shape of a client route, by its path (as `app` routes them).
-fn client_error_shape(path: &str) -> ErrorShape {
-    if path == "/v1/messages" {
-        ErrorShape::Anthropic
-    } else if path.starts_with("/v1beta/models/") || path.starts_with("/v1/models/") {
-        ErrorShape::Google
-    } else {
-        ErrorShape::OpenAi
-    }
 }
 
 /// Checks the operator token in constant time.

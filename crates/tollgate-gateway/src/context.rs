@@ -7,7 +7,7 @@
 //! request), and a context past its TTL is kept for when the ledger cannot answer — a
 //! PostgreSQL outage then refuses only keys never seen, not every key whose TTL ran out.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -51,6 +51,10 @@ pub enum Cached {
 struct Entries {
     known: HashMap<String, (Arc<BillingContext>, Instant)>,
     unknown: HashMap<String, Instant>,
+    /// Every key the ledger has confirmed exists, kept across invalidations and TTLs: a source
+    /// throttled for refused keys may still have these looked up (see `auth`). Only real keys
+    /// get here, so it is bounded by the keys issued.
+    confirmed: HashSet<String>,
 }
 
 /// Cached billing contexts with lifetimes and a generation counter: an answer read from the
@@ -102,6 +106,7 @@ impl ContextCache {
         match context {
             Some(context) => {
                 entries.unknown.remove(&key_hash);
+                entries.confirmed.insert(key_hash.clone());
                 entries.known.insert(key_hash, (context, Instant::now()));
             }
             None => {
@@ -114,7 +119,13 @@ impl ContextCache {
         }
     }
 
-    /// Drops every cached context and unknown key (a key, account, or tier changed).
+    /// Whether the ledger ever confirmed this key exists (even if its context was dropped since).
+    pub fn confirmed(&self, key_hash: &str) -> bool {
+        self.entries.read().is_ok_and(|entries| entries.confirmed.contains(key_hash))
+    }
+
+    /// Drops every cached context and unknown key (a key, account, or tier changed); which keys
+    /// were confirmed to exist is kept.
     pub fn invalidate_all(&self) {
         if let Ok(mut entries) = self.entries.write() {
             self.generation.fetch_add(1, Ordering::AcqRel);
@@ -219,8 +230,9 @@ mod tests {
         let contexts = cache(0, 3_600, 3_600);
         contexts.insert("h".into(), context(), contexts.generation());
         contexts.invalidate_all();
-        // A revoked key is never served from a stale copy.
+        // A revoked key is never served from a stale copy; that it once existed is remembered.
         assert!(matches!(contexts.get("h"), Cached::Miss { stale: None }));
+        assert!(contexts.confirmed("h") && !contexts.confirmed("u"));
         let read_before = contexts.generation();
         contexts.invalidate_all();
         contexts.insert("h".into(), context(), read_before);

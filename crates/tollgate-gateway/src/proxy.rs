@@ -21,7 +21,7 @@ use tollgate_store::hot::AuthorizeRequest;
 use tollgate_protocol::{EventAction, ParsedRequest, Protocol, SseSplitter, StreamInspector, UrlFacts};
 use tollgate_store::model::{PriceRow, RequestStatus, StoredResponse, UsageEvent};
 
-use crate::auth::authenticate;
+use crate::auth::{Caller, authenticate};
 use crate::charge::{self, Authorized};
 use crate::context::BillingContext;
 use crate::error::{ApiError, ErrorShape};
@@ -158,13 +158,13 @@ impl Billing {
 }
 
 /// Handles one LLM request of the given protocol.
-pub async fn handle(state: AppState, protocol: Protocol, request_id: RequestId, headers: HeaderMap, body: Body) -> Response {
-    handle_at(state, protocol, UrlFacts::default(), request_id, headers, body).await
+pub async fn handle(state: AppState, protocol: Protocol, request_id: RequestId, caller: Caller, body: Body) -> Response {
+    handle_at(state, protocol, UrlFacts::default(), request_id, caller, body).await
 }
 
 /// [`handle`], for a protocol whose URL carries request facts (Gemini: the model, streaming).
-pub async fn handle_at(state: AppState, protocol: Protocol, url: UrlFacts, request_id: RequestId, headers: HeaderMap, body: Body) -> Response {
-    match handle_request(&state, protocol, &url, request_id, &headers, body).await {
+pub async fn handle_at(state: AppState, protocol: Protocol, url: UrlFacts, request_id: RequestId, caller: Caller, body: Body) -> Response {
+    match handle_request(&state, protocol, &url, request_id, &caller, body).await {
         Ok(response) => response,
         Err(error) => {
             metrics::counter!("tollgate_requests_total", "outcome" => error.status_and_code().1).increment(1);
@@ -178,10 +178,11 @@ async fn handle_request(
     protocol: Protocol,
     url: &UrlFacts,
     RequestId { id: request_id, presented }: RequestId,
-    headers: &HeaderMap,
+    caller: &Caller,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let context = authenticate(state, headers).await?;
+    let context = authenticate(state, caller).await?;
+    let headers = &caller.headers;
     let bytes = read_limited_body(&state.config.limits, headers, body).await?;
     // Everything cheap is checked before the tokenizer runs (and the body's JSON is parsed off
     // the async workers when it is large): a stranger's key naming a model it may not use

@@ -3,13 +3,12 @@
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Extension, Query, State};
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tollgate_core::Money;
 use tollgate_protocol::Protocol;
 
-use crate::auth::authenticate;
+use crate::auth::{Caller, authenticate};
 use crate::charge;
 use crate::error::{ApiError, ErrorShape};
 use crate::proxy;
@@ -20,33 +19,33 @@ use crate::state::AppState;
 pub async fn chat_completions(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
-    headers: HeaderMap,
+    caller: Caller,
     body: Body,
 ) -> Response {
-    proxy::handle(state, Protocol::OpenAiChat, request_id, headers, body).await
+    proxy::handle(state, Protocol::OpenAiChat, request_id, caller, body).await
 }
 
 pub async fn messages(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
-    headers: HeaderMap,
+    caller: Caller,
     body: Body,
 ) -> Response {
-    proxy::handle(state, Protocol::AnthropicMessages, request_id, headers, body).await
+    proxy::handle(state, Protocol::AnthropicMessages, request_id, caller, body).await
 }
 
 pub async fn embeddings(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
-    headers: HeaderMap,
+    caller: Caller,
     body: Body,
 ) -> Response {
-    proxy::handle(state, Protocol::OpenAiEmbeddings, request_id, headers, body).await
+    proxy::handle(state, Protocol::OpenAiEmbeddings, request_id, caller, body).await
 }
 
 /// The models this key may use, OpenAI-shaped.
-pub async fn models(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    let context = authenticate(&state, &headers).await?;
+pub async fn models(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    let context = authenticate(&state, &caller).await?;
     let data: Vec<Value> = state
         .upstreams
         .models()
@@ -62,8 +61,8 @@ fn remaining(budget: Option<Money>, spent: Money) -> Option<String> {
 }
 
 /// The caller's live balance and quota use.
-pub async fn balance(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    let context = authenticate(&state, &headers).await?;
+pub async fn balance(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    let context = authenticate(&state, &caller).await?;
     let account_id = &context.account.id;
     let view = match state.hot.balance(account_id, &context.key.id).await? {
         Some(view) => view,
@@ -100,10 +99,10 @@ pub async fn balance(State(state): State<AppState>, headers: HeaderMap) -> Resul
 /// The caller's own usage rows, newest first, with a cursor for the next page.
 pub async fn usage(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    caller: Caller,
     params: Result<Query<UsagePageParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let context = authenticate(&state, &headers).await?;
+    let context = authenticate(&state, &caller).await?;
     let Query(mut params) = params.map_err(|error| ApiError::InvalidRequest(error.body_text()))?;
     // Only the caller's own account, whatever it asked for.
     params.account_id = Some(context.account.id.clone());

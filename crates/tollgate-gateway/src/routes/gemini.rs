@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use tollgate_protocol::{Protocol, UrlFacts, gemini};
 
+use crate::auth::Caller;
 use crate::error::{ApiError, ErrorShape};
 use crate::proxy;
 use crate::request_id::RequestId;
@@ -33,17 +34,17 @@ pub async fn generate(
     Extension(request_id): Extension<RequestId>,
     model_method: Result<Path<String>, PathRejection>,
     query: Result<Query<GeminiQuery>, QueryRejection>,
-    mut headers: HeaderMap,
+    mut caller: Caller,
     body: Body,
 ) -> Response {
-    let facts = match url_facts(model_method, query, &mut headers) {
+    let facts = match url_facts(model_method, query, &mut caller.headers) {
         Ok(facts) => facts,
         Err(error) => {
             metrics::counter!("tollgate_requests_total", "outcome" => error.status_and_code().1).increment(1);
             return error.into_response_shaped(ErrorShape::Google);
         }
     };
-    proxy::handle_at(state, Protocol::GeminiGenerate, facts, request_id, headers, body).await
+    proxy::handle_at(state, Protocol::GeminiGenerate, facts, request_id, caller, body).await
 }
 
 /// Reads the URL; a `?key=` stands in for the key header when no credential header was sent
