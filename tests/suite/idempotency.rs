@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use time::macros::datetime;
 
 use crate::common::*;
 
@@ -201,5 +202,108 @@ async fn a_malformed_request_id_is_refused() {
     assert_eq!(response.status(), 400);
     let error: Value = response.json().await.unwrap();
     assert_eq!(error["error"]["code"], "invalid_request");
+    gateway.stop().await;
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+/// The 409 a retry gets, with its message.
+async fn refused_as_duplicate(response: reqwest::Response) -> String {
+    assert_eq!(response.status(), 409);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "duplicate_request", "{error}");
+    error["error"]["message"].as_str().unwrap().to_string()
+}
+
+/// Issue 22 item 1: within `limits.replay_window_ms` of its charge a retry is replayed; from the
+/// window's end on it gets 409 `duplicate_request` — decided by the charge's time, the body
+/// still stored (no prune job runs here) — and is never forwarded or charged again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_is_replayed_within_the_window_and_refused_after_it() {
+    let clock = ManualClock::at_time(datetime!(2099-06-15 12:00:00 UTC));
+    let gateway = TestGateway::start_with_clock(&clock, |config| {
+        config.limits.replay_window_ms = 86_400_000;
+        config.jobs.prune_interval_ms = 0;
+    })
+    .await;
+    let account = gateway.account("1", json!({})).await;
+    let key = gateway.key(&account, json!({})).await;
+    let first = gateway.chat(&key, chat_body("windowed"), Some("windowed")).await;
+    assert_eq!(first.status(), 200);
+    let first_body = first.text().await.unwrap();
+    let balance = gateway.balance_of(&key).await;
+
+    clock.advance_ms(DAY_MS - 1);
+    let last_moment = gateway.chat(&key, chat_body("windowed"), Some("windowed")).await;
+    assert_eq!(last_moment.status(), 200, "the window's last millisecond");
+    assert_eq!(last_moment.headers()["idempotent-replayed"], "true");
+    assert_eq!(last_moment.text().await.unwrap(), first_body);
+
+    clock.advance_ms(1);
+    let message = refused_as_duplicate(gateway.chat(&key, chat_body("windowed"), Some("windowed")).await).await;
+    assert!(message.contains("replay window"), "{message}");
+    clock.advance_ms(30 * DAY_MS);
+    refused_as_duplicate(gateway.chat(&key, chat_body("windowed"), Some("windowed")).await).await;
+    // Another body under the id is still told apart from a retry, inside the window or not.
+    assert_eq!(gateway.chat(&key, chat_body("other"), Some("windowed")).await.status(), 422);
+    assert_eq!(gateway.upstream_requests().await, 1, "nothing was forwarded again");
+    assert_eq!(gateway.balance_of(&key).await, balance, "nothing was charged again");
+    assert_eq!(usage_rows(&gateway.assert_ledger_sound(&account).await).len(), 1);
+    gateway.stop().await;
+}
+
+/// A window of 0 keeps no bodies: a retry of a charged id gets 409 at once, and is not charged;
+/// a gateway restarted with a window finds no body to replay either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_replay_window_no_response_is_kept() {
+    let gateway = TestGateway::start_with(|config| config.limits.replay_window_ms = 0).await;
+    let account = gateway.account("1", json!({})).await;
+    let key = gateway.key(&account, json!({})).await;
+    assert_eq!(gateway.chat(&key, chat_body("unkept"), Some("unkept")).await.status(), 200);
+    let balance = gateway.balance_of(&key).await;
+    let message = refused_as_duplicate(gateway.chat(&key, chat_body("unkept"), Some("unkept")).await).await;
+    assert!(message.contains("replay window"), "{message}");
+    gateway.assert_ledger_sound(&account).await;
+    let (dir, database_url) = gateway.stop_keeping_ledger().await;
+
+    let windowed = TestGateway::start_on(dir, database_url, |_| {}).await;
+    let message = refused_as_duplicate(windowed.chat(&key, chat_body("unkept"), Some("unkept")).await).await;
+    assert!(message.contains("not available"), "no body was stored: {message}");
+    assert_eq!(windowed.balance_of(&key).await, balance);
+    assert_eq!(windowed.upstream_requests().await, 0);
+    windowed.stop().await;
+}
+
+/// Issue 22 item 2: the `prune` job deletes bodies past the window and says so in its run and
+/// its metrics; the ids stay charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prune_job_deletes_bodies_past_the_window() {
+    let gateway = TestGateway::start_with(|config| {
+        config.limits.replay_window_ms = 1_000;
+        config.jobs.prune_interval_ms = 200;
+        config.jobs.prune_batch_rows = 2;
+    })
+    .await;
+    let account = gateway.account("1", json!({})).await;
+    let key = gateway.key(&account, json!({})).await;
+    for index in 0..5 {
+        assert_eq!(gateway.chat(&key, chat_body("pruned"), Some(&format!("pruned-{index}"))).await.status(), 200);
+    }
+    let balance = gateway.balance_of(&key).await;
+    // Each run says "N stored responses pruned (B bytes) in K batches; …".
+    let pruned_so_far = async || -> (u64, Vec<String>) {
+        let runs = gateway.admin_ok(reqwest::Method::GET, "/internal/jobs?job=prune&limit=1000", None).await;
+        let outcomes: Vec<String> = runs["data"].as_array().unwrap().iter().filter_map(|run| run["outcome"].as_str().map(String::from)).collect();
+        let pruned = outcomes.iter().filter_map(|outcome| outcome.split(' ').next()?.parse::<u64>().ok()).sum();
+        (pruned, outcomes)
+    };
+    wait_until("the prune job deletes the five bodies", || async { pruned_so_far().await.0 >= 5 }).await;
+    let (pruned, outcomes) = pruned_so_far().await;
+    assert_eq!(pruned, 5, "each body pruned once: {outcomes:?}");
+    for index in 0..5 {
+        refused_as_duplicate(gateway.chat(&key, chat_body("pruned"), Some(&format!("pruned-{index}"))).await).await;
+    }
+    assert_eq!(gateway.balance_of(&key).await, balance, "the ids stay charged");
+    assert_eq!(usage_rows(&gateway.assert_ledger_sound(&account).await).len(), 5);
     gateway.stop().await;
 }

@@ -18,6 +18,10 @@ use crate::context::BillingContext;
 use crate::error::ApiError;
 use crate::state::AppState;
 
+/// Why a charged request id is answered 409 `duplicate_request` when no other reason applies:
+/// neither store has its response (a streaming one, a body pruned, or the ledger not caught up).
+pub const NOT_REPLAYABLE: &str = "its response is not available to replay";
+
 /// What authorize decided for a request id that passed every check.
 pub enum Authorized {
     /// Funds are held; forward the request, then settle or void.
@@ -61,7 +65,7 @@ pub async fn authorize(state: &AppState, request: &AuthorizeRequest) -> Result<A
     Err(match refusal {
         Refusal::AccountNotLoaded => ApiError::BillingUnavailable("account could not be loaded into the hot store".into()),
         Refusal::InProgress => ApiError::RequestInProgress(request.request_id.clone()),
-        Refusal::AlreadyCharged => ApiError::DuplicateRequest(request.request_id.clone()),
+        Refusal::AlreadyCharged => ApiError::DuplicateRequest(request.request_id.clone(), NOT_REPLAYABLE),
         Refusal::InsufficientBalance { available, required } => ApiError::InsufficientBalance { available, required },
         Refusal::DailyQuotaExceeded { retry_after_secs } => ApiError::DailyQuotaExceeded { retry_after_secs },
         Refusal::MonthlyQuotaExceeded { retry_after_secs } => ApiError::MonthlyQuotaExceeded { retry_after_secs },

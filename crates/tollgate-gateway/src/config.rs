@@ -94,6 +94,11 @@ pub struct LimitsConfig {
     /// rest of the minute without its credential being checked (client keys already in the
     /// cache still work). 0 turns it off. See [`crate::throttle`].
     pub auth_failures_per_address_per_minute: u32,
+    /// How long after its charge a retry of a non-streaming request id is answered with the
+    /// stored response; after it, 409 `duplicate_request` (never a second charge), and the `prune`
+    /// job deletes the body. Decided by the charge's time when the retry arrives. 0 keeps no
+    /// bodies at all.
+    pub replay_window_ms: u64,
 }
 
 /// What a request does besides waiting for its upstream and its settle (authorize, reading the
@@ -135,6 +140,7 @@ impl Default for LimitsConfig {
             shutdown_drain_ms: 30_000,
             startup_wait_ms: 60_000,
             auth_failures_per_address_per_minute: 60,
+            replay_window_ms: 24 * 60 * 60 * 1000,
         }
     }
 }
@@ -153,11 +159,25 @@ pub struct JobsConfig {
     pub stream_lag_interval_ms: u64,
     /// A backlog above this many entries is logged as a warning at every check.
     pub stream_lag_warn_entries: u64,
+    /// Deleting stored responses past `limits.replay_window_ms` (`tollgate_worker::retention`).
+    pub prune_interval_ms: u64,
+    /// Rows deleted per batch (one short transaction each).
+    pub prune_batch_rows: u32,
+    /// Pause between two batches, so a backlog is worked off without crowding the writers.
+    pub prune_pause_ms: u64,
 }
 
 impl Default for JobsConfig {
     fn default() -> Self {
-        JobsConfig { reconcile_interval_ms: 300_000, reconcile_fix: false, stream_lag_interval_ms: 10_000, stream_lag_warn_entries: 10_000 }
+        JobsConfig {
+            reconcile_interval_ms: 300_000,
+            reconcile_fix: false,
+            stream_lag_interval_ms: 10_000,
+            stream_lag_warn_entries: 10_000,
+            prune_interval_ms: 60_000,
+            prune_batch_rows: 1_000,
+            prune_pause_ms: 50,
+        }
     }
 }
 
@@ -486,6 +506,9 @@ impl GatewayConfig {
         ];
         if let Some((name, _)) = positive.iter().find(|(_, value)| *value == 0) {
             return Err(format!("limits.{name} must be positive"));
+        }
+        if self.jobs.prune_interval_ms > 0 && self.jobs.prune_batch_rows == 0 {
+            return Err("jobs.prune_batch_rows must be positive while the prune job runs".into());
         }
         let alerts = &self.alerts;
         if let Some(url) = &alerts.webhook_url {

@@ -59,8 +59,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("a request with id {0} is in progress")]
     RequestInProgress(String),
-    #[error("request {0} was already completed and charged; streaming responses are not replayed")]
-    DuplicateRequest(String),
+    /// A charged request id whose response is not replayed: the id, and why not.
+    #[error("request {0} was already completed and charged; {1}")]
+    DuplicateRequest(String, &'static str),
     #[error("request id {0} names another request (sent by another key, or with another body or endpoint); a retry must repeat the request exactly, a new request needs a new X-Request-ID")]
     RequestIdReused(String),
     #[error("{0}")]
@@ -108,7 +109,7 @@ impl ApiError {
             ApiError::ModelNotFound(_) => (StatusCode::NOT_FOUND, "model_not_found"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::RequestInProgress(_) => (StatusCode::CONFLICT, "request_in_progress"),
-            ApiError::DuplicateRequest(_) => (StatusCode::CONFLICT, "duplicate_request"),
+            ApiError::DuplicateRequest(..) => (StatusCode::CONFLICT, "duplicate_request"),
             ApiError::RequestIdReused(_) => (StatusCode::UNPROCESSABLE_ENTITY, "request_id_reused"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::RequestTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"),

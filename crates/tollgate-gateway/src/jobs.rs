@@ -10,6 +10,7 @@ use tollgate_store::redis_store::{Connection, KeySpace, backlog};
 use tollgate_store::{HotStore, Ledger};
 use tollgate_worker::jobs::{JobWork, LeasedJob, hold_sweep_work, run_hold_sweeper, run_leased};
 use tollgate_worker::reconcile::Reconciler;
+use tollgate_worker::retention::{PruneSettings, prune_work};
 
 use crate::config::GatewayConfig;
 
@@ -42,6 +43,14 @@ pub fn spawn(tasks: &TaskTracker, stores: &JobStores, config: &GatewayConfig, sh
     if config.jobs.reconcile_interval_ms > 0 {
         let work = reconcile_work(Arc::clone(&stores.ledger), Arc::clone(&stores.hot), hot_store_name(config), config.jobs.reconcile_fix);
         leased.push(LeasedJob { name: "reconcile", period: Duration::from_millis(config.jobs.reconcile_interval_ms), work });
+    }
+    if config.jobs.prune_interval_ms > 0 {
+        let settings = PruneSettings {
+            window_ms: i64::try_from(config.limits.replay_window_ms).unwrap_or(i64::MAX),
+            batch_rows: config.jobs.prune_batch_rows,
+            pause: Duration::from_millis(config.jobs.prune_pause_ms),
+        };
+        leased.push(LeasedJob { name: "prune", period: Duration::from_millis(config.jobs.prune_interval_ms), work: prune_work(Arc::clone(&stores.ledger), settings) });
     }
     if let Some(work) = crate::webhooks::deliver_work(Arc::clone(&stores.ledger), config.alerts.clone()) {
         leased.push(LeasedJob { name: "webhooks", period: Duration::from_millis(config.alerts.deliver_interval_ms), work });

@@ -330,7 +330,7 @@ fn forwarded_headers(protocol: Protocol, headers: &HeaderMap) -> HeaderMap {
 /// is the same request from the same key: an id is bound to both when first charged.
 async fn replay(state: &AppState, context: &BillingContext, request_id: &str, fingerprint: &str, stream: bool) -> Result<Response, ApiError> {
     let account_id = &context.account.id;
-    let duplicate = || ApiError::DuplicateRequest(request_id.to_string());
+    let duplicate = |why| ApiError::DuplicateRequest(request_id.to_string(), why);
     // The hot store keeps the record while the ledger may not have the row yet (services mode).
     let (record, from_hot) = match state.hot.charged_request(account_id, request_id).await? {
         Some(record) => (Some(record), true),
@@ -338,21 +338,27 @@ async fn replay(state: &AppState, context: &BillingContext, request_id: &str, fi
     };
     // Charged, but neither store can show the record yet: nothing to check it against, so
     // nothing is replayed.
-    let record = record.ok_or_else(duplicate)?;
+    let record = record.ok_or_else(|| duplicate(charge::NOT_REPLAYABLE))?;
     // Rows from before fingerprints were kept are bound to their key alone.
     let same_request = record.api_key_id == context.key.id
         && record.request_fingerprint.as_deref().is_none_or(|bound| bound == fingerprint);
     if !same_request {
         return Err(ApiError::RequestIdReused(request_id.to_string()));
     }
+    // Past the window the body is not replayed, whether or not the prune job has deleted it
+    // yet: what a retry gets depends on its charge's age, not on when the job last ran.
     if stream {
-        return Err(duplicate());
+        return Err(duplicate("streaming responses are not replayed"));
+    }
+    let window_ms = i64::try_from(state.config.limits.replay_window_ms).unwrap_or(i64::MAX);
+    if state.now_ms().saturating_sub(record.charged_at_ms) >= window_ms {
+        return Err(duplicate("its response is replayed only within the replay window after the charge, which has passed"));
     }
     let stored = match record.response {
         Some(stored) => stored,
         // A body the hot store could not keep (not UTF-8) is in the ledger once its row is.
-        None if from_hot => state.ledger.charged_request(account_id, request_id).await?.and_then(|record| record.response).ok_or_else(duplicate)?,
-        None => return Err(duplicate()),
+        None if from_hot => state.ledger.charged_request(account_id, request_id).await?.and_then(|record| record.response).ok_or_else(|| duplicate(charge::NOT_REPLAYABLE))?,
+        None => return Err(duplicate(charge::NOT_REPLAYABLE)),
     };
     metrics::counter!("tollgate_idempotent_replays_total").increment(1);
     let balance = state.hot.balance(&context.account.id, &context.key.id).await?.map(|view| view.balance);
@@ -432,7 +438,9 @@ async fn forward(
     };
     billing.record_hold_excess(cost);
     let mut event = billing.event(usage, source, cost, RequestStatus::Success);
-    event.stored_response = Some(StoredResponse { status: 200, content_type: "application/json".into(), body: bytes.to_vec() });
+    if state.config.limits.replay_window_ms > 0 {
+        event.stored_response = Some(StoredResponse { status: 200, content_type: "application/json".into(), body: bytes.to_vec() });
+    }
     let settlement = charge::settle(state, event).await?;
     tracing::info!(request_id = billing.request_id, account_id = billing.context.account.id, model = billing.route.model, %cost, usage_source = source.as_str(), "charged");
     let mut response = (StatusCode::OK, bytes).into_response();

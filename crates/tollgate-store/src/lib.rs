@@ -14,6 +14,7 @@
 //! - [`verify`]: checks invariants I2 and I4 for an account from the ledger alone.
 //! - [`operations`]: reconciliation reads and repairs, job leases, the outbox; [`alerts`]: the
 //!   events a money change queues in its own transaction.
+//! - [`retention`]: pruning what is kept for a window (stored responses), compaction.
 
 pub mod clock;
 pub mod error;
@@ -28,6 +29,7 @@ mod postgres_ops;
 mod sqlite_ops;
 pub mod queue;
 pub mod redis_store;
+pub mod retention;
 pub mod postgres;
 pub mod sqlite;
 mod sql_rows;

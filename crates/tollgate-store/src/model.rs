@@ -337,6 +337,9 @@ pub struct UsageEvent {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChargedRequest {
     pub api_key_id: String,
+    /// When the request was charged (its usage event's `created_at_ms`): a retry past the replay
+    /// window is not answered with the body, even if pruning has not removed it yet.
+    pub charged_at_ms: i64,
     /// `None` for an id the gateway made, and for rows written before fingerprints were kept.
     pub request_fingerprint: Option<String>,
     pub response: Option<StoredResponse>,

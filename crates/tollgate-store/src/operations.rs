@@ -291,7 +291,7 @@ pub(crate) const ACCOUNT_TOTALS: &str = "SELECT
         CAST((SELECT COALESCE(SUM(cost), 0) FROM usage_log WHERE account_id = ?) AS BIGINT) AS costs";
 /// A charged request: its usage row by (account, request id), with what the id is bound to, then
 /// the stored body, if any, by the row's id (migration 0006).
-pub(crate) const CHARGED_REQUEST: &str = "SELECT u.api_key_id, u.request_fingerprint, s.status, s.content_type, s.body
+pub(crate) const CHARGED_REQUEST: &str = "SELECT u.api_key_id, u.created_at, u.request_fingerprint, s.status, s.content_type, s.body
     FROM usage_log u LEFT JOIN stored_responses s ON s.usage_id = u.id
     WHERE u.account_id = ? AND u.request_id = ? AND u.status <> 'failed'";
 pub(crate) const CHARGED_ONE: &str = "SELECT 1 FROM usage_log WHERE account_id = ? AND request_id = ? AND status <> 'failed'";

@@ -251,7 +251,12 @@ pub(crate) fn charged_request_from(row: &impl Fields) -> StoreResult<ChargedRequ
             body: row.bytes("body")?,
         }),
     };
-    Ok(ChargedRequest { api_key_id: row.text("api_key_id")?, request_fingerprint: row.optional_text("request_fingerprint")?, response })
+    Ok(ChargedRequest {
+        api_key_id: row.text("api_key_id")?,
+        charged_at_ms: row.int("created_at")?,
+        request_fingerprint: row.optional_text("request_fingerprint")?,
+        response,
+    })
 }
 
 /// The UTC day "YYYY-MM-DD" of a stored time, for summaries by day.

@@ -7,7 +7,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{SqliteAutoVacuum, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool, Transaction};
 use time::OffsetDateTime;
 use tollgate_core::Money;
@@ -52,6 +52,9 @@ fn options(url: &str) -> StoreResult<SqliteConnectOptions> {
         // FULL: a committed charge survives a power cut, not only a process crash.
         .synchronous(SqliteSynchronous::Full)
         .foreign_keys(true)
+        // Pruning frees pages; `Retention::compact` hands them back to the file system. Takes
+        // effect on a new file; an older one is converted once when opened (see `connect`).
+        .auto_vacuum(SqliteAutoVacuum::Incremental)
         .busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS)))
 }
 
@@ -63,6 +66,21 @@ pub async fn migrate(url: &str) -> StoreResult<()> {
     let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options(url)?).await?;
     sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
     pool.close().await;
+    Ok(())
+}
+
+/// A file made before pruning existed is not in incremental auto-vacuum mode: setting the mode
+/// takes a `VACUUM` (a rewrite of the whole file, once; it needs the file's size again in free
+/// disk while it runs).
+async fn incremental_vacuum_on(pool: &SqlitePool) -> StoreResult<()> {
+    const INCREMENTAL: i64 = 2;
+    let mode: i64 = sqlx::query_scalar("PRAGMA auto_vacuum").fetch_one(pool).await?;
+    if mode != INCREMENTAL {
+        tracing::warn!("converting the SQLite ledger to incremental auto-vacuum, once: VACUUM rewrites the whole file");
+        let mut connection = pool.acquire().await?;
+        sqlx::query("PRAGMA auto_vacuum = INCREMENTAL").execute(&mut *connection).await?;
+        sqlx::query("VACUUM").execute(&mut *connection).await?;
+    }
     Ok(())
 }
 
@@ -83,6 +101,7 @@ impl SqliteLedger {
             .connect_with(options.clone())
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        incremental_vacuum_on(&pool).await?;
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_millis(ACQUIRE_TIMEOUT_MS))

@@ -879,8 +879,9 @@ async fn an_acknowledged_charge_keeps_a_recent_record_without_its_body() {
         let stored_response = (id != "streamed").then(|| body.clone());
         let fingerprint = (id != "written").then(|| format!("fp-{id}"));
         let charged = UsageEvent { stored_response: stored_response.clone(), request_fingerprint: fingerprint.clone(), ..event("s", id, 10, RequestStatus::Success) };
+        let charged_at_ms = charged.created_at_ms;
         store.settle(charged).await.unwrap();
-        let bound = ChargedRequest { api_key_id: "key-s".into(), request_fingerprint: fingerprint, response: stored_response };
+        let bound = ChargedRequest { api_key_id: "key-s".into(), charged_at_ms, request_fingerprint: fingerprint, response: stored_response };
         assert_eq!(store.charged_request("s", id).await.unwrap(), Some(bound), "{id}: bound and replayable before the ledger has it");
     }
     let log = RedisLog::new(store.connection(), keys.clone(), config, CancellationToken::new()).await.unwrap();

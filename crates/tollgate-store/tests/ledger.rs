@@ -16,6 +16,7 @@ use tollgate_store::model::{
 };
 use tollgate_store::postgres::PgLedger;
 use tollgate_store::sqlite::SqliteLedger;
+use tollgate_store::retention::Pruned;
 use tollgate_store::verify::check_account;
 
 mod support;
@@ -82,6 +83,7 @@ conformance!(
     operations_claim_each_job_period_once_and_keep_the_outbox,
     counter_seeds_hold_the_current_periods,
     a_fund_change_beyond_the_hot_store_range_is_refused_before_commit,
+    stored_responses_are_pruned_from_the_head_in_batches,
 );
 
 async fn account(ledger: &dyn Ledger, id: &str) {
@@ -302,6 +304,55 @@ async fn usage_batches_skip_duplicates_and_failures_do_not_block_retries(ledger:
     let mut charged = ledger.charged_request_ids_since("a", time::OffsetDateTime::UNIX_EPOCH).await.unwrap();
     charged.sort();
     assert_eq!(charged, ["r1", "r2", "r3", "r4", "r5", "r6"].map(String::from).to_vec());
+    assert_sound(&*ledger, "a").await;
+}
+
+/// Issue 22 item 2: a batch deletes at most its size of the oldest bodies older than the cut-off,
+/// with their byte count; never a newer body, never the usage row (the id stays charged, with
+/// its time); the head's first newer row ends the run.
+async fn stored_responses_are_pruned_from_the_head_in_batches(ledger: Arc<dyn Ledger>) {
+    account(&*ledger, "a").await;
+    deposit(&*ledger, "a", 1_000, "d").await;
+    let t0 = 1_769_903_970_000;
+    let charged_at = |index: i64, body_bytes: usize| {
+        let mut charged = event("a", &format!("r{index}"), 1, RequestStatus::Success);
+        charged.created_at_ms = t0 + index;
+        charged.stored_response = Some(StoredResponse { status: 200, content_type: "application/json".into(), body: vec![b'x'; body_bytes] });
+        charged
+    };
+    // r0..r7 at t0 + index, bodies of 100 + index bytes; r8 streamed (no body).
+    let mut events: Vec<UsageEvent> = (0..8).map(|index| charged_at(index, 100 + usize::try_from(index).unwrap())).collect();
+    events.push(UsageEvent { created_at_ms: t0 + 8, ..event("a", "r8", 1, RequestStatus::Success) });
+    ledger.record_usage_batch(&events).await.unwrap();
+    assert_eq!(ledger.oldest_stored_response_ms().await.unwrap(), Some(t0));
+
+    // Cut-off t0 + 5: r0..r4 go, two at a time, then the head (r5) is too new.
+    let mut pruned = Vec::new();
+    for _ in 0..4 {
+        pruned.push(ledger.prune_stored_responses(t0 + 5, 2).await.unwrap());
+    }
+    assert_eq!(pruned.iter().map(|batch| batch.rows).collect::<Vec<_>>(), vec![2, 2, 1, 0]);
+    assert_eq!(pruned.iter().map(|batch| batch.bytes).collect::<Vec<_>>(), vec![100 + 101, 102 + 103, 104, 0]);
+    ledger.compact().await.unwrap();
+    assert_eq!(ledger.oldest_stored_response_ms().await.unwrap(), Some(t0 + 5));
+    for index in 0..5 {
+        let record = ledger.charged_request("a", &format!("r{index}")).await.unwrap().expect("the id is still charged");
+        assert_eq!((record.charged_at_ms, record.response), (t0 + index, None), "r{index}: row kept, body gone");
+    }
+    for index in 5..8 {
+        assert_eq!(stored_body(&*ledger, "a", &format!("r{index}")).await.unwrap().len(), 100 + usize::try_from(index).unwrap(), "r{index} is newer than the cut-off");
+    }
+    // A body written out of order (r9, charged at t0, after r5..r7) is pruned with the head
+    // rows it is among; behind a head that is too new it waits — late, never early.
+    let late = UsageEvent { created_at_ms: t0, ..charged_at(9, 10) };
+    ledger.record_usage_batch(&[late]).await.unwrap();
+    assert_eq!(ledger.prune_stored_responses(t0 + 6, 1).await.unwrap(), Pruned { rows: 1, bytes: 105 }, "r5");
+    assert_eq!(ledger.prune_stored_responses(t0 + 6, 1).await.unwrap(), Pruned::default(), "r6 heads the rest");
+    assert_eq!(stored_body(&*ledger, "a", "r9").await.unwrap().len(), 10, "r9 waits behind r6");
+    assert_eq!(ledger.prune_stored_responses(t0 + 7, 10).await.unwrap(), Pruned { rows: 2, bytes: 106 + 10 }, "r6 and r9 among the head");
+    assert_eq!(ledger.prune_stored_responses(t0 + 100, 10).await.unwrap(), Pruned { rows: 1, bytes: 107 });
+    assert_eq!(ledger.oldest_stored_response_ms().await.unwrap(), None);
+    assert_eq!(ledger.usage_rows(UsageQuery { limit: 20, ..UsageQuery::default() }).await.unwrap().len(), 10, "every usage row stays");
     assert_sound(&*ledger, "a").await;
 }
 
@@ -574,5 +625,48 @@ async fn an_in_memory_sqlite_ledger_reads_what_it_writes() {
     account(&*ledger, "a").await;
     deposit(&*ledger, "a", 1_000, "d").await;
     assert_eq!(ledger.account_balance("a").await.unwrap().unwrap().balance, Money::from_nanos(1_000));
+    assert_sound(&*ledger, "a").await;
+}
+
+/// Issue 22 item 4: the SQLite file shrinks once pruned bodies are compacted, and a file made
+/// before incremental auto-vacuum is converted when opened.
+#[tokio::test]
+async fn a_pruned_sqlite_ledger_gives_its_space_back() {
+    let path = std::env::temp_dir().join(format!("tollgate-compact-{}.db", uuid::Uuid::new_v4().simple()));
+    let url = format!("sqlite://{}", path.display());
+    // An older file: no auto-vacuum mode, made without the ledger.
+    let plain = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect_with(url.parse::<sqlx::sqlite::SqliteConnectOptions>().unwrap().create_if_missing(true)).await.unwrap();
+    sqlx::query("CREATE TABLE before_pruning (x INTEGER)").execute(&plain).await.unwrap();
+    let pages = async |pool: &sqlx::SqlitePool| -> i64 { sqlx::query_scalar("PRAGMA page_count").fetch_one(pool).await.unwrap() };
+    assert_eq!(sqlx::query_scalar::<_, i64>("PRAGMA auto_vacuum").fetch_one(&plain).await.unwrap(), 0);
+    plain.close().await;
+
+    let ledger: Arc<dyn Ledger> = Arc::new(SqliteLedger::connect(&url, 2).await.unwrap());
+    let reader = sqlx::SqlitePool::connect(&url).await.unwrap();
+    assert_eq!(sqlx::query_scalar::<_, i64>("PRAGMA auto_vacuum").fetch_one(&reader).await.unwrap(), 2, "converted to incremental");
+    account(&*ledger, "a").await;
+    deposit(&*ledger, "a", 1_000_000, "d").await;
+    let events: Vec<UsageEvent> = (0..200)
+        .map(|index| {
+            let mut charged = event("a", &format!("r{index}"), 1, RequestStatus::Success);
+            charged.stored_response = Some(StoredResponse { status: 200, content_type: "application/json".into(), body: vec![b'x'; 32 * 1024] });
+            charged
+        })
+        .collect();
+    ledger.record_usage_batch(&events).await.unwrap();
+    let full = pages(&reader).await;
+    let mut rows = 0;
+    loop {
+        let batch = ledger.prune_stored_responses(i64::MAX, 64).await.unwrap();
+        rows += batch.rows;
+        if batch.rows < 64 {
+            break;
+        }
+    }
+    assert_eq!(rows, 200);
+    assert_eq!(pages(&reader).await, full, "deleting alone keeps the pages");
+    ledger.compact().await.unwrap();
+    let compacted = pages(&reader).await;
+    assert!(compacted * 4 < full, "200 bodies of 32 KiB freed: {full} pages → {compacted}");
     assert_sound(&*ledger, "a").await;
 }

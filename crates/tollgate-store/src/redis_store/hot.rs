@@ -139,42 +139,44 @@ fn encode_stored(stored: &StoredResponse) -> Vec<u8> {
     encoded
 }
 
-/// The idempotency record a settle leaves while the ledger lacks the row: "B<key id>\n<request
-/// fingerprint>\n" then the stored response, if any (a body that is not UTF-8 is replayed from
-/// the ledger only). The worker's ack trims it to "1": the ledger then answers.
+/// The idempotency record a settle leaves while the ledger lacks the row: "C<charged at, unix
+/// ms>\n<key id>\n<request fingerprint>\n" then the stored response, if any (a body that is not
+/// UTF-8 is replayed from the ledger only). The worker's ack trims it to "1": the ledger then
+/// answers.
 fn encode_charged(event: &UsageEvent) -> String {
-    let mut record = format!("B{}\n{}\n", event.api_key_id, event.request_fingerprint.as_deref().unwrap_or_default());
+    let mut record = format!("C{}\n{}\n{}\n", event.created_at_ms, event.api_key_id, event.request_fingerprint.as_deref().unwrap_or_default());
     if let Some(stored) = event.stored_response.as_ref().and_then(|stored| String::from_utf8(encode_stored(stored)).ok()) {
         record.push_str(&stored);
     }
     record
 }
 
-/// A record [`encode_charged`] wrote; `None` for "1" (and the bare responses of older
-/// versions), which send the caller to the ledger.
+/// A record [`encode_charged`] wrote; `None` for "1" and for the records of older versions
+/// ("B…", without the charge's time, and bare responses), which send the caller to the ledger.
 fn decode_charged(bytes: &[u8]) -> Option<ChargedRequest> {
-    let rest = bytes.strip_prefix(b"B")?;
-    let key_end = rest.iter().position(|byte| *byte == b'\n')?;
-    let api_key_id = std::str::from_utf8(&rest[..key_end]).ok()?.to_string();
-    let rest = &rest[key_end + 1..];
-    let fingerprint_end = rest.iter().position(|byte| *byte == b'\n')?;
-    let fingerprint = std::str::from_utf8(&rest[..fingerprint_end]).ok()?;
-    let rest = &rest[fingerprint_end + 1..];
+    let rest = bytes.strip_prefix(b"C")?;
+    let (charged_at, rest) = line(rest)?;
+    let (api_key_id, rest) = line(rest)?;
+    let (fingerprint, rest) = line(rest)?;
     Some(ChargedRequest {
-        api_key_id,
+        api_key_id: api_key_id.to_string(),
+        charged_at_ms: charged_at.parse().ok()?,
         request_fingerprint: (!fingerprint.is_empty()).then(|| fingerprint.to_string()),
         response: if rest.is_empty() { None } else { Some(decode_stored(rest)?) },
     })
 }
 
+/// The text before the first newline, and what follows it.
+fn line(bytes: &[u8]) -> Option<(&str, &[u8])> {
+    let end = bytes.iter().position(|byte| *byte == b'\n')?;
+    Some((std::str::from_utf8(&bytes[..end]).ok()?, &bytes[end + 1..]))
+}
+
 fn decode_stored(bytes: &[u8]) -> Option<StoredResponse> {
     let rest = bytes.strip_prefix(b"R")?;
-    let status_end = rest.iter().position(|byte| *byte == b'\n')?;
-    let status = std::str::from_utf8(&rest[..status_end]).ok()?.parse().ok()?;
-    let rest = &rest[status_end + 1..];
-    let type_end = rest.iter().position(|byte| *byte == b'\n')?;
-    let content_type = std::str::from_utf8(&rest[..type_end]).ok()?.to_string();
-    Some(StoredResponse { status, content_type, body: rest[type_end + 1..].to_vec() })
+    let (status, rest) = line(rest)?;
+    let (content_type, body) = line(rest)?;
+    Some(StoredResponse { status: status.parse().ok()?, content_type: content_type.to_string(), body: body.to_vec() })
 }
 
 fn event_json(event: &UsageEvent) -> StoreResult<String> {

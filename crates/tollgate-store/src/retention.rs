@@ -1,0 +1,92 @@
+//! What the ledger keeps, and for how long.
+//!
+//! A charged non-streaming request's response is stored so that a retry within the replay
+//! window is answered with it (`limits.replay_window_ms`); past the window the gateway answers
+//! 409 `duplicate_request` whatever is still stored (it decides by the charge's time), and the
+//! `prune` job deletes the body. The usage row stays: the ledger still knows the id was charged.
+//!
+//! Pruning reads only the head of `stored_responses`: its key is the usage row's id, which grows
+//! with time (roughly: rows are numbered when the worker writes them, dated when the gateway
+//! settled them), so the oldest rows are at the head and a batch costs the same however large
+//! the table is. A batch deletes, among the head's `rows_max` rows, those older than the
+//! cut-off; a body out of order further back waits until the rows ahead of it go — pruned late,
+//! never early, and never replayed past its window either way.
+
+use async_trait::async_trait;
+
+use crate::error::StoreResult;
+use crate::operations::pg;
+use crate::postgres::PgLedger;
+use crate::sqlite::SqliteLedger;
+
+/// What one pruning batch removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub rows: u64,
+    /// The bodies' bytes (the rows' own overhead is not counted).
+    pub bytes: u64,
+}
+
+#[async_trait]
+pub trait Retention {
+    /// Deletes stored responses charged before `before_ms` among the `rows_max` oldest by key.
+    /// Fewer than `rows_max` deleted means the head reached rows inside the window: the run is
+    /// done.
+    async fn prune_stored_responses(&self, before_ms: i64, rows_max: u32) -> StoreResult<Pruned>;
+    /// When the oldest stored response kept was charged (Unix ms), if any is.
+    async fn oldest_stored_response_ms(&self) -> StoreResult<Option<i64>>;
+    /// Gives the space freed by pruning back to the file system where the database does not do
+    /// it by itself (SQLite's incremental vacuum; PostgreSQL's autovacuum reuses it in place).
+    async fn compact(&self) -> StoreResult<()>;
+}
+
+/// The head of the table by key, and of it the rows past the cut-off; their body sizes.
+const PRUNE_HEAD: &str = "DELETE FROM stored_responses WHERE usage_id IN (
+        SELECT usage_id FROM (SELECT usage_id, created_at FROM stored_responses ORDER BY usage_id LIMIT ?) head
+        WHERE created_at < ?)
+    RETURNING CAST(LENGTH(body) AS BIGINT)";
+const OLDEST_KEPT: &str = "SELECT created_at FROM stored_responses ORDER BY usage_id LIMIT 1";
+
+fn pruned_from(sizes: &[i64]) -> Pruned {
+    Pruned { rows: sizes.len() as u64, bytes: sizes.iter().map(|size| u64::try_from(*size).unwrap_or(0)).sum() }
+}
+
+#[async_trait]
+impl Retention for PgLedger {
+    async fn prune_stored_responses(&self, before_ms: i64, rows_max: u32) -> StoreResult<Pruned> {
+        // LENGTH of a bytea is its byte count in PostgreSQL, as of a blob in SQLite.
+        let sizes: Vec<i64> = sqlx::query_scalar(pg(PRUNE_HEAD)).bind(i64::from(rows_max)).bind(before_ms).fetch_all(self.pool()).await?;
+        Ok(pruned_from(&sizes))
+    }
+
+    async fn oldest_stored_response_ms(&self) -> StoreResult<Option<i64>> {
+        Ok(sqlx::query_scalar(OLDEST_KEPT).fetch_optional(self.pool()).await?)
+    }
+
+    async fn compact(&self) -> StoreResult<()> {
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Retention for SqliteLedger {
+    async fn prune_stored_responses(&self, before_ms: i64, rows_max: u32) -> StoreResult<Pruned> {
+        let mut transaction = self.write().await?;
+        let sizes: Vec<i64> = sqlx::query_scalar(PRUNE_HEAD).bind(i64::from(rows_max)).bind(before_ms).fetch_all(&mut *transaction).await?;
+        transaction.commit().await?;
+        Ok(pruned_from(&sizes))
+    }
+
+    async fn oldest_stored_response_ms(&self) -> StoreResult<Option<i64>> {
+        Ok(sqlx::query_scalar(OLDEST_KEPT).fetch_optional(self.pool()).await?)
+    }
+
+    async fn compact(&self) -> StoreResult<()> {
+        // The file is in incremental auto-vacuum mode (set when it is opened): free pages are
+        // returned to the file system here, not at every delete.
+        let mut transaction = self.write().await?;
+        sqlx::query("PRAGMA incremental_vacuum").execute(&mut *transaction).await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+}

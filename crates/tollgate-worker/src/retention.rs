@@ -1,0 +1,73 @@
+//! The `prune` job: deletes the stored responses whose replay window has passed, in bounded
+//! batches with a pause between them, then gives the space back (`Retention::compact`).
+//! Which retries are replayed does not depend on it: the gateway decides by the charge's age.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tollgate_store::Ledger;
+use tollgate_store::StoreResult;
+use tollgate_store::clock::now_ms;
+
+use crate::jobs::JobWork;
+
+/// How the job prunes.
+#[derive(Clone, Copy, Debug)]
+pub struct PruneSettings {
+    /// Bodies of charges older than this are deleted (`limits.replay_window_ms`).
+    pub window_ms: i64,
+    /// Rows per batch: one short transaction each.
+    pub batch_rows: u32,
+    /// Between two batches.
+    pub pause: Duration,
+}
+
+/// What one run did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PruneRun {
+    pub rows: u64,
+    pub bytes: u64,
+    pub batches: u64,
+    /// When the oldest body still kept was charged (Unix ms).
+    pub oldest_kept_ms: Option<i64>,
+}
+
+/// Prunes every stored response charged before `now_ms − window`, batch by batch.
+///
+/// # Errors
+/// The ledger failed a batch; what earlier batches deleted stays deleted.
+pub async fn prune(ledger: &dyn Ledger, now_ms: i64, settings: PruneSettings) -> StoreResult<PruneRun> {
+    let before_ms = now_ms.saturating_sub(settings.window_ms);
+    let mut run = PruneRun::default();
+    loop {
+        let batch = ledger.prune_stored_responses(before_ms, settings.batch_rows).await?;
+        run.batches += 1;
+        run.rows += batch.rows;
+        run.bytes += batch.bytes;
+        metrics::counter!("tollgate_stored_responses_pruned_total").increment(batch.rows);
+        metrics::counter!("tollgate_stored_response_bytes_pruned_total").increment(batch.bytes);
+        if batch.rows < u64::from(settings.batch_rows) {
+            break;
+        }
+        tokio::time::sleep(settings.pause).await;
+    }
+    if run.rows > 0 {
+        ledger.compact().await?;
+    }
+    run.oldest_kept_ms = ledger.oldest_stored_response_ms().await?;
+    let oldest_age_ms = run.oldest_kept_ms.map_or(0, |oldest| now_ms.saturating_sub(oldest).max(0));
+    metrics::gauge!("tollgate_stored_response_oldest_age_seconds").set(oldest_age_ms as f64 / 1000.0);
+    Ok(run)
+}
+
+/// The job's work, on the system clock.
+pub fn prune_work(ledger: Arc<dyn Ledger>, settings: PruneSettings) -> JobWork {
+    Arc::new(move || {
+        let ledger = Arc::clone(&ledger);
+        Box::pin(async move {
+            let run = prune(&*ledger, now_ms(), settings).await.map_err(|error| error.to_string())?;
+            let oldest = run.oldest_kept_ms.map_or_else(|| "none kept".to_string(), |oldest| format!("oldest kept charged at {oldest} ms"));
+            Ok(format!("{} stored responses pruned ({} bytes) in {} batches; {oldest}", run.rows, run.bytes, run.batches))
+        })
+    })
+}
