@@ -35,9 +35,11 @@ pub trait Retention {
     async fn prune_stored_responses(&self, before_ms: i64, rows_max: u32) -> StoreResult<Pruned>;
     /// When the oldest stored response kept was charged (Unix ms), if any is.
     async fn oldest_stored_response_ms(&self) -> StoreResult<Option<i64>>;
-    /// Gives the space freed by pruning back to the file system where the database does not do
-    /// it by itself (SQLite's incremental vacuum; PostgreSQL's autovacuum reuses it in place).
-    async fn compact(&self) -> StoreResult<()>;
+    /// Gives up to `pages_max` pages freed by pruning back to the file system, where the
+    /// database does not do it by itself (SQLite's incremental vacuum; PostgreSQL's autovacuum
+    /// reuses them in place); returns how many free pages remain. One step holds the write lock
+    /// for its pages only (about 40 ms for 1,024 pages here), so the caller pauses between steps.
+    async fn compact_step(&self, pages_max: u32) -> StoreResult<u64>;
 }
 
 /// The head of the table by key, and of it the rows past the cut-off; their body sizes.
@@ -63,8 +65,8 @@ impl Retention for PgLedger {
         Ok(sqlx::query_scalar(OLDEST_KEPT).fetch_optional(self.pool()).await?)
     }
 
-    async fn compact(&self) -> StoreResult<()> {
-        Ok(())
+    async fn compact_step(&self, _pages_max: u32) -> StoreResult<u64> {
+        Ok(0)
     }
 }
 
@@ -81,12 +83,14 @@ impl Retention for SqliteLedger {
         Ok(sqlx::query_scalar(OLDEST_KEPT).fetch_optional(self.pool()).await?)
     }
 
-    async fn compact(&self) -> StoreResult<()> {
+    async fn compact_step(&self, pages_max: u32) -> StoreResult<u64> {
         // The file is in incremental auto-vacuum mode (set when it is opened): free pages are
-        // returned to the file system here, not at every delete.
+        // returned to the file system here, not at every delete. All of a large prune's pages
+        // at once held the write lock for 2.6 s (280 MB); a step holds it for its pages.
         let mut transaction = self.write().await?;
-        sqlx::query("PRAGMA incremental_vacuum").execute(&mut *transaction).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("PRAGMA incremental_vacuum({pages_max})"))).execute(&mut *transaction).await?;
+        let free: i64 = sqlx::query_scalar("PRAGMA freelist_count").fetch_one(&mut *transaction).await?;
         transaction.commit().await?;
-        Ok(())
+        Ok(u64::try_from(free).unwrap_or(0))
     }
 }

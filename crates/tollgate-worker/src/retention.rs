@@ -1,5 +1,6 @@
 //! The `prune` job: deletes the stored responses whose replay window has passed, in bounded
-//! batches with a pause between them, then gives the space back (`Retention::compact`).
+//! batches with a pause between them, then gives the space back in steps with the same pause
+//! (`Retention::compact_step`).
 //! Which retries are replayed does not depend on it: the gateway decides by the charge's age.
 
 use std::sync::Arc;
@@ -21,6 +22,9 @@ pub struct PruneSettings {
     /// Between two batches.
     pub pause: Duration,
 }
+
+/// Pages handed back to the file system per step (4 MiB of SQLite's 4 KiB pages).
+const COMPACT_PAGES_PER_STEP: u32 = 1_024;
 
 /// What one run did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -52,7 +56,9 @@ pub async fn prune(ledger: &dyn Ledger, now_ms: i64, settings: PruneSettings) ->
         tokio::time::sleep(settings.pause).await;
     }
     if run.rows > 0 {
-        ledger.compact().await?;
+        while ledger.compact_step(COMPACT_PAGES_PER_STEP).await? > 0 {
+            tokio::time::sleep(settings.pause).await;
+        }
     }
     run.oldest_kept_ms = ledger.oldest_stored_response_ms().await?;
     let oldest_age_ms = run.oldest_kept_ms.map_or(0, |oldest| now_ms.saturating_sub(oldest).max(0));
