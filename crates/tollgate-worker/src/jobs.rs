@@ -88,24 +88,33 @@ pub async fn run_leased(ledger: Arc<dyn Ledger>, holder: String, job: LeasedJob,
 async fn run_claimed(ledger: &dyn Ledger, job: &LeasedJob, period_start: i64, fence: i64, lease: Duration, shutdown: &CancellationToken) {
     let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
     let started = std::time::Instant::now();
-    let mut work = (job.work)();
-    let mut renewal = tokio::time::interval(lease / 3);
-    renewal.tick().await;
-    let outcome = loop {
-        tokio::select! {
-            result = &mut work => break result.unwrap_or_else(|error| format!("error: {error}")),
-            _ = renewal.tick() => match ledger.renew_job(job.name, fence, lease_ms).await {
+    let work = (job.work)();
+    // The renewals run beside the work, never instead of it: on SQLite both need the one
+    // writer connection, and a renewal awaited while the work sat unpolled inside its write
+    // transaction waited for a connection that transaction held — the work (and every charge
+    // behind the writer) stalled until the pool's timeout, again at every renewal (a prune run
+    // took 70 s for 153 rows and the gateway served nothing meanwhile).
+    let renewals = async {
+        let mut renewal = tokio::time::interval(lease / 3);
+        renewal.tick().await;
+        loop {
+            renewal.tick().await;
+            match ledger.renew_job(job.name, fence, lease_ms).await {
                 Ok(true) => {}
-                Ok(false) => {
-                    // Another instance holds the job now: stop, it runs the job from here.
-                    tracing::warn!(job = job.name, fence, "lost the job's lease; stopping this run");
-                    metrics::counter!("tollgate_job_leases_lost_total", "job" => job.name).increment(1);
-                    return;
-                }
+                Ok(false) => return,
                 Err(error) => tracing::warn!(job = job.name, %error, "could not renew the job's lease"),
-            },
-            () = shutdown.cancelled() => break "interrupted by shutdown".to_string(),
+            }
         }
+    };
+    let outcome = tokio::select! {
+        result = work => result.unwrap_or_else(|error| format!("error: {error}")),
+        () = renewals => {
+            // Another instance holds the job now: stop, it runs the job from here.
+            tracing::warn!(job = job.name, fence, "lost the job's lease; stopping this run");
+            metrics::counter!("tollgate_job_leases_lost_total", "job" => job.name).increment(1);
+            return;
+        }
+        () = shutdown.cancelled() => "interrupted by shutdown".to_string(),
     };
     metrics::counter!("tollgate_job_runs_total", "job" => job.name).increment(1);
     metrics::histogram!("tollgate_job_seconds", "job" => job.name).record(started.elapsed().as_secs_f64());
