@@ -110,16 +110,8 @@ async fn an_upstream_redirect_is_not_followed() {
     let (elsewhere, elsewhere_seen) = redirector("http://127.0.0.1:9".into()).await;
     let (upstream, upstream_seen) = redirector(elsewhere.clone()).await;
     let (variable, _) = upstream_key_variable();
-    let gateway = TestGateway::start_with(|config| {
-        let provider = json!({"name": "redirecting", "kind": "anthropic", "base_url": format!("{upstream}/v1"), "api_key_env": variable});
-        config.providers.push(serde_json::from_value(provider).unwrap());
-        config.models.push(serde_json::from_value(json!({"model": "redirected-claude", "provider": "redirecting"})).unwrap());
-    })
-    .await;
-    let price = json!([{"provider": "redirecting", "model": "redirected-claude", "customer_type": TIER, "input_per_mtok": "2.5", "output_per_mtok": "10"}]);
-    gateway.admin_ok(reqwest::Method::PUT, "/internal/prices", Some(price)).await;
-    let account = gateway.account("1", json!({})).await;
-    let key = gateway.key(&account, json!({})).await;
+    let provider = json!({"name": "redirecting", "kind": "anthropic", "base_url": format!("{upstream}/v1"), "api_key_env": variable});
+    let (gateway, _, key) = gateway_with_model("redirected-claude", provider, |_| {}).await;
     let before = gateway.balance_of(&key).await;
     let response = gateway
         .messages_request(&key)
@@ -172,17 +164,26 @@ async fn flooding_upstream() -> (String, Arc<AtomicU64>) {
 /// answer; an account and key.
 async fn flooded_gateway() -> (TestGateway, String, String, Arc<AtomicU64>) {
     let (upstream, taken) = flooding_upstream().await;
+    let provider = json!({"name": "flooding", "kind": "openai", "base_url": format!("{upstream}/v1")});
+    let (gateway, account, key) = gateway_with_model("flooded-gpt", provider, |config| config.limits.upstream_response_bytes_max = 1024 * 1024).await;
+    (gateway, account, key, taken)
+}
+
+/// A gateway with `model` routed to `provider` (its config as JSON) and priced, an account and
+/// a key.
+async fn gateway_with_model(model: &str, provider: Value, adjust: impl FnOnce(&mut tollgate_gateway::GatewayConfig)) -> (TestGateway, String, String) {
+    let provider_name = provider["name"].as_str().unwrap().to_string();
     let gateway = TestGateway::start_with(|config| {
-        config.limits.upstream_response_bytes_max = 1024 * 1024;
-        config.providers.push(serde_json::from_value(json!({"name": "flooding", "kind": "openai", "base_url": format!("{upstream}/v1")})).unwrap());
-        config.models.push(serde_json::from_value(json!({"model": "flooded-gpt", "provider": "flooding"})).unwrap());
+        adjust(config);
+        config.providers.push(serde_json::from_value(provider).unwrap());
+        config.models.push(serde_json::from_value(json!({"model": model, "provider": provider_name})).unwrap());
     })
     .await;
-    let price = json!([{"provider": "flooding", "model": "flooded-gpt", "customer_type": TIER, "input_per_mtok": "2.5", "output_per_mtok": "10"}]);
+    let price = json!([{"provider": provider_name, "model": model, "customer_type": TIER, "input_per_mtok": "2.5", "output_per_mtok": "10"}]);
     gateway.admin_ok(reqwest::Method::PUT, "/internal/prices", Some(price)).await;
     let account = gateway.account("1", json!({})).await;
     let key = gateway.key(&account, json!({})).await;
-    (gateway, account, key, taken)
+    (gateway, account, key)
 }
 
 /// Reads of the flood stop near the bound: the bound itself plus what socket buffers and the

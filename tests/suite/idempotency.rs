@@ -274,12 +274,14 @@ async fn with_no_replay_window_no_response_is_kept() {
     windowed.stop().await;
 }
 
-/// Issue 22 item 2: the `prune` job deletes bodies past the window and says so in its run and
-/// its metrics; the ids stay charged.
+/// Issue 22 item 2: the `prune` job keeps the bodies inside the window and deletes them once
+/// it has passed — on the clock charges are dated by — and says so in its runs; the ids stay
+/// charged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_prune_job_deletes_bodies_past_the_window() {
-    let gateway = TestGateway::start_with(|config| {
-        config.limits.replay_window_ms = 1_000;
+    let clock = ManualClock::at_time(datetime!(2099-06-15 12:00:00 UTC));
+    let gateway = TestGateway::start_with_clock(&clock, |config| {
+        config.limits.replay_window_ms = 86_400_000;
         config.jobs.prune_interval_ms = 200;
         config.jobs.prune_batch_rows = 2;
     })
@@ -290,15 +292,23 @@ async fn the_prune_job_deletes_bodies_past_the_window() {
         assert_eq!(gateway.chat(&key, chat_body("pruned"), Some(&format!("pruned-{index}"))).await.status(), 200);
     }
     let balance = gateway.balance_of(&key).await;
-    // Each run says "N stored responses pruned (B bytes) in K batches; …".
-    let pruned_so_far = async || -> (u64, Vec<String>) {
+    // Each finished run says "N stored responses pruned (B bytes) in K batches; …".
+    let runs_so_far = async || -> (usize, u64, Vec<String>) {
         let runs = gateway.admin_ok(reqwest::Method::GET, "/internal/jobs?job=prune&limit=1000", None).await;
         let outcomes: Vec<String> = runs["data"].as_array().unwrap().iter().filter_map(|run| run["outcome"].as_str().map(String::from)).collect();
         let pruned = outcomes.iter().filter_map(|outcome| outcome.split(' ').next()?.parse::<u64>().ok()).sum();
-        (pruned, outcomes)
+        (outcomes.len(), pruned, outcomes)
     };
-    wait_until("the prune job deletes the five bodies", || async { pruned_so_far().await.0 >= 5 }).await;
-    let (pruned, outcomes) = pruned_so_far().await;
+    let (runs_before, _, _) = runs_so_far().await;
+    wait_until("two more prune runs", || async { runs_so_far().await.0 >= runs_before + 2 }).await;
+    let (_, pruned, outcomes) = runs_so_far().await;
+    assert_eq!(pruned, 0, "nothing inside the window: {outcomes:?}");
+    let replayed = gateway.chat(&key, chat_body("pruned"), Some("pruned-0")).await;
+    assert_eq!(replayed.headers()["idempotent-replayed"], "true");
+
+    clock.advance_ms(DAY_MS);
+    wait_until("the prune job deletes the five bodies", || async { runs_so_far().await.1 >= 5 }).await;
+    let (_, pruned, outcomes) = runs_so_far().await;
     assert_eq!(pruned, 5, "each body pruned once: {outcomes:?}");
     for index in 0..5 {
         refused_as_duplicate(gateway.chat(&key, chat_body("pruned"), Some(&format!("pruned-{index}"))).await).await;

@@ -91,8 +91,8 @@ pub struct LimitsConfig {
     pub startup_wait_ms: u64,
     /// Failed authentications one source address may make per minute, counted apart for the
     /// operator token and for client keys; past it the address gets 429 `rate_limited` for the
-    /// rest of the minute without its credential being checked (client keys already in the
-    /// cache still work). 0 turns it off. See [`crate::throttle`].
+    /// rest of the minute without its credential being checked (client keys the ledger has
+    /// confirmed to exist still work). 0 turns it off. See [`crate::throttle`].
     pub auth_failures_per_address_per_minute: u32,
     /// How long after its charge a retry of a non-streaming request id is answered with the
     /// stored response; after it, 409 `duplicate_request` (never a second charge), and the `prune`

@@ -95,10 +95,15 @@ impl ContextCache {
     }
 
     /// Caches what the ledger said of a key (`None`: no such key) unless an invalidation
-    /// happened since `generation` was read.
+    /// happened since `generation` was read. A key found is confirmed either way: that it
+    /// exists does not go stale, only its context does (a key created right before its first
+    /// use invalidates during that use).
     pub fn insert(&self, key_hash: String, context: Option<Arc<BillingContext>>, generation: u64) {
         metrics::counter!("tollgate_context_cache_total", "result" => "miss").increment(1);
         let Ok(mut entries) = self.entries.write() else { return };
+        if context.is_some() && !entries.confirmed.contains(&key_hash) {
+            entries.confirmed.insert(key_hash.clone());
+        }
         // Checked under the write lock: `invalidate_all` bumps the generation under it too.
         if self.generation.load(Ordering::Acquire) != generation {
             return;
@@ -106,7 +111,6 @@ impl ContextCache {
         match context {
             Some(context) => {
                 entries.unknown.remove(&key_hash);
-                entries.confirmed.insert(key_hash.clone());
                 entries.known.insert(key_hash, (context, Instant::now()));
             }
             None => {
@@ -239,5 +243,17 @@ mod tests {
         contexts.insert("u".into(), None, read_before);
         assert!(matches!(contexts.get("h"), Cached::Miss { stale: None }));
         assert!(matches!(contexts.get("u"), Cached::Miss { stale: None }));
+    }
+
+    #[test]
+    fn a_key_found_during_an_invalidation_is_confirmed_though_not_cached() {
+        let contexts = cache(3_600, 3_600, 3_600);
+        let read_before = contexts.generation();
+        contexts.invalidate_all();
+        contexts.insert("h".into(), context(), read_before);
+        contexts.insert("u".into(), None, read_before);
+        assert!(matches!(contexts.get("h"), Cached::Miss { stale: None }), "the context read before is not kept");
+        assert!(contexts.confirmed("h"), "but the key exists");
+        assert!(!contexts.confirmed("u"));
     }
 }

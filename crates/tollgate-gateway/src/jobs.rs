@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tollgate_store::clock::Clock;
 use tollgate_store::redis_store::{Connection, KeySpace, backlog};
 use tollgate_store::{HotStore, Ledger};
 use tollgate_worker::jobs::{JobWork, LeasedJob, hold_sweep_work, run_hold_sweeper, run_leased};
@@ -20,6 +21,8 @@ pub struct JobStores {
     pub hot: Arc<dyn HotStore>,
     /// The Redis connection and key space in services mode (for the stream-lag check).
     pub redis: Option<(Connection, KeySpace)>,
+    /// The clock charges are dated by: the `prune` job measures the replay window on it.
+    pub clock: Clock,
 }
 
 /// Starts this process's periodic jobs on `tasks`; they stop at `shutdown`.
@@ -50,7 +53,7 @@ pub fn spawn(tasks: &TaskTracker, stores: &JobStores, config: &GatewayConfig, sh
             batch_rows: config.jobs.prune_batch_rows,
             pause: Duration::from_millis(config.jobs.prune_pause_ms),
         };
-        leased.push(LeasedJob { name: "prune", period: Duration::from_millis(config.jobs.prune_interval_ms), work: prune_work(Arc::clone(&stores.ledger), settings) });
+        leased.push(LeasedJob { name: "prune", period: Duration::from_millis(config.jobs.prune_interval_ms), work: prune_work(Arc::clone(&stores.ledger), Arc::clone(&stores.clock), settings) });
     }
     if let Some(work) = crate::webhooks::deliver_work(Arc::clone(&stores.ledger), config.alerts.clone()) {
         leased.push(LeasedJob { name: "webhooks", period: Duration::from_millis(config.alerts.deliver_interval_ms), work });

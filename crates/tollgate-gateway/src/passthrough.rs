@@ -70,7 +70,7 @@ pub fn not_public(url: &str) -> Option<&'static str> {
 /// domain.
 fn is_local_name(host: &str) -> bool {
     let name = host.trim_end_matches('.').to_ascii_lowercase();
-    !name.contains('.') || LOCAL_DOMAINS.iter().any(|domain| name == *domain || name.ends_with(&format!(".{domain}")))
+    !name.contains('.') || LOCAL_DOMAINS.iter().any(|domain| name.strip_suffix(domain).is_some_and(|rest| rest.is_empty() || rest.ends_with('.')))
 }
 
 fn is_public_v4(address: Ipv4Addr) -> bool {
@@ -128,6 +128,9 @@ mod tests {
             "https://[2606:4700:4700::1111]/a",
             "https://user:secret@example.com:8443/a",
             "https://www.youtube.com/watch?v=abc",
+            // Ends in the letters of a local domain, not in the domain.
+            "https://cdn.weblocal/a.png",
+            "https://shop.catalan/a.png",
         ] {
             assert_eq!(not_public(url), None, "{url}");
         }

@@ -186,7 +186,8 @@ async fn handle_request(
     let bytes = read_limited_body(&state.config.limits, headers, body).await?;
     // Everything cheap is checked before the tokenizer runs (and the body's JSON is parsed off
     // the async workers when it is large): a stranger's key naming a model it may not use
-    // costs no counting.
+    // costs no counting. So a large body takes two trips to the pool, parse then count, with
+    // the route, key and price checks between them.
     let body_bytes = bytes.len();
     let json = bytes.clone();
     let body: Map<String, Value> = state
@@ -345,11 +346,11 @@ async fn replay(state: &AppState, context: &BillingContext, request_id: &str, fi
     if !same_request {
         return Err(ApiError::RequestIdReused(request_id.to_string()));
     }
-    // Past the window the body is not replayed, whether or not the prune job has deleted it
-    // yet: what a retry gets depends on its charge's age, not on when the job last ran.
     if stream {
         return Err(duplicate("streaming responses are not replayed"));
     }
+    // Past the window the body is not replayed, whether or not the prune job has deleted it
+    // yet: what a retry gets depends on its charge's age, not on when the job last ran.
     let window_ms = i64::try_from(state.config.limits.replay_window_ms).unwrap_or(i64::MAX);
     if state.now_ms().saturating_sub(record.charged_at_ms) >= window_ms {
         return Err(duplicate("its response is replayed only within the replay window after the charge, which has passed"));

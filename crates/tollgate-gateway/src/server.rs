@@ -113,7 +113,7 @@ impl Gateway {
             }
         };
         if config.run_worker || config.redis_url.is_none() {
-            let stores = JobStores { ledger: Arc::clone(&ledger), hot: Arc::clone(&hot), redis: redis_parts };
+            let stores = JobStores { ledger: Arc::clone(&ledger), hot: Arc::clone(&hot), redis: redis_parts, clock: clock.clone().unwrap_or_else(system_clock) };
             crate::jobs::spawn(&worker_tasks, &stores, &config, &worker_shutdown);
         }
         let state = AppState::new(config, hot, ledger, TaskTracker::new(), CancellationToken::new(), clock.unwrap_or_else(system_clock))
@@ -268,7 +268,7 @@ pub async fn run_worker(config: GatewayConfig, shutdown: CancellationToken) -> R
     let log = until_available("redis", wait, || redis_log(&redis, &config, shutdown.clone())).await?;
     let tasks = TaskTracker::new();
     tasks.spawn(run_usage_writer(log, Arc::clone(&ledger), writer_config(&config), shutdown.clone()));
-    let stores = JobStores { ledger, redis: Some((redis.connection(), redis.keys().clone())), hot: Arc::new(redis) };
+    let stores = JobStores { ledger, redis: Some((redis.connection(), redis.keys().clone())), hot: Arc::new(redis), clock: system_clock() };
     crate::jobs::spawn(&tasks, &stores, &config, &shutdown);
     tasks.close();
     tasks.wait().await;

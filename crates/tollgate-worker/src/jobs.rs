@@ -88,33 +88,25 @@ pub async fn run_leased(ledger: Arc<dyn Ledger>, holder: String, job: LeasedJob,
 async fn run_claimed(ledger: &dyn Ledger, job: &LeasedJob, period_start: i64, fence: i64, lease: Duration, shutdown: &CancellationToken) {
     let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
     let started = std::time::Instant::now();
-    let work = (job.work)();
-    // The renewals run beside the work, never instead of it: on SQLite both need the one
-    // writer connection, and a renewal awaited while the work sat unpolled inside its write
-    // transaction waited for a connection that transaction held — the work (and every charge
-    // behind the writer) stalled until the pool's timeout, again at every renewal (a prune run
-    // took 70 s for 153 rows and the gateway served nothing meanwhile).
-    let renewals = async {
-        let mut renewal = tokio::time::interval(lease / 3);
-        renewal.tick().await;
-        loop {
-            renewal.tick().await;
-            match ledger.renew_job(job.name, fence, lease_ms).await {
-                Ok(true) => {}
-                Ok(false) => return,
-                Err(error) => tracing::warn!(job = job.name, %error, "could not renew the job's lease"),
+    let renew = || async move {
+        match ledger.renew_job(job.name, fence, lease_ms).await {
+            Ok(held) => held,
+            Err(error) => {
+                // Not lost yet: the lease may still be live; the next renewal tries again.
+                tracing::warn!(job = job.name, %error, "could not renew the job's lease");
+                true
             }
         }
     };
-    let outcome = tokio::select! {
-        result = work => result.unwrap_or_else(|error| format!("error: {error}")),
-        () = renewals => {
+    let outcome = match beside_renewals((job.work)(), lease / 3, renew, shutdown).await {
+        RunEnd::Done(result) => result.unwrap_or_else(|error| format!("error: {error}")),
+        RunEnd::Shutdown => "interrupted by shutdown".to_string(),
+        RunEnd::LeaseLost => {
             // Another instance holds the job now: stop, it runs the job from here.
             tracing::warn!(job = job.name, fence, "lost the job's lease; stopping this run");
             metrics::counter!("tollgate_job_leases_lost_total", "job" => job.name).increment(1);
             return;
         }
-        () = shutdown.cancelled() => "interrupted by shutdown".to_string(),
     };
     metrics::counter!("tollgate_job_runs_total", "job" => job.name).increment(1);
     metrics::histogram!("tollgate_job_seconds", "job" => job.name).record(started.elapsed().as_secs_f64());
@@ -124,6 +116,43 @@ async fn run_claimed(ledger: &dyn Ledger, job: &LeasedJob, period_start: i64, fe
     }
     if let Err(error) = ledger.finish_job(job.name, period_start, fence, &outcome).await {
         tracing::warn!(job = job.name, %error, "could not record the job's outcome; its lease runs out by itself");
+    }
+}
+
+/// How [`beside_renewals`] ended.
+#[derive(Debug, PartialEq, Eq)]
+enum RunEnd<T> {
+    Done(T),
+    LeaseLost,
+    Shutdown,
+}
+
+/// Polls `work` to its end while `renew` runs every `every` — beside it, never instead of it:
+/// on SQLite both need the one writer connection, and a renewal awaited while the work sat
+/// unpolled inside its write transaction waited for the connection that transaction held; the
+/// work (and every charge queued behind the writer) stalled until the pool's timeout, again at
+/// every renewal (a prune run took 70 s for 153 rows, and the gateway served nothing). `renew`
+/// says whether the lease is still held.
+async fn beside_renewals<T, F: Future<Output = bool>>(
+    work: impl Future<Output = T>,
+    every: Duration,
+    mut renew: impl FnMut() -> F,
+    shutdown: &CancellationToken,
+) -> RunEnd<T> {
+    let renewals = async {
+        let mut renewal = tokio::time::interval(every);
+        renewal.tick().await;
+        loop {
+            renewal.tick().await;
+            if !renew().await {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        result = work => RunEnd::Done(result),
+        () = renewals => RunEnd::LeaseLost,
+        () = shutdown.cancelled() => RunEnd::Shutdown,
     }
 }
 
@@ -165,5 +194,50 @@ pub async fn run_hold_sweeper(hot: Arc<dyn HotStore>, period: Duration, shutdown
         if let Err(error) = sweep_once(&*hot).await {
             tracing::error!(%error, "hold sweep failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::sync::Notify;
+
+    use super::*;
+
+    /// A renewal that can only finish once the work has moved on (as on SQLite, when the work
+    /// holds the writer the renewal waits for) does not stop the work: the run ends.
+    #[tokio::test(start_paused = true)]
+    async fn the_work_goes_on_while_a_renewal_waits_for_it() {
+        let moved_on = Arc::new(Notify::new());
+        let work = {
+            let moved_on = Arc::clone(&moved_on);
+            async move {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                moved_on.notify_one();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                "done"
+            }
+        };
+        let renew = || {
+            let moved_on = Arc::clone(&moved_on);
+            async move {
+                moved_on.notified().await;
+                true
+            }
+        };
+        // Paused time jumps ahead when every task waits: a stalled run reaches the hour at once.
+        let ended = tokio::time::timeout(Duration::from_secs(3_600), beside_renewals(work, Duration::from_secs(1), renew, &CancellationToken::new())).await;
+        assert_eq!(ended, Ok(RunEnd::Done("done")), "the run ended, after renewals began");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_lease_or_a_shutdown_ends_the_run() {
+        let endless = || std::future::pending::<()>();
+        let lost = beside_renewals(endless(), Duration::from_secs(1), || async { false }, &CancellationToken::new()).await;
+        assert_eq!(lost, RunEnd::LeaseLost);
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        assert_eq!(beside_renewals(endless(), Duration::from_secs(1), || async { true }, &shutdown).await, RunEnd::Shutdown);
     }
 }

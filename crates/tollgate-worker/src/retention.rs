@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tollgate_store::Ledger;
 use tollgate_store::StoreResult;
-use tollgate_store::clock::now_ms;
+use tollgate_store::clock::Clock;
 
 use crate::jobs::JobWork;
 
@@ -36,12 +36,14 @@ pub struct PruneRun {
     pub oldest_kept_ms: Option<i64>,
 }
 
-/// Prunes every stored response charged before `now_ms − window`, batch by batch.
+/// Prunes every stored response whose window has ended by `now_ms`, batch by batch.
 ///
 /// # Errors
 /// The ledger failed a batch; what earlier batches deleted stays deleted.
 pub async fn prune(ledger: &dyn Ledger, now_ms: i64, settings: PruneSettings) -> StoreResult<PruneRun> {
-    let before_ms = now_ms.saturating_sub(settings.window_ms);
+    // A body goes when its window has ended — `now − charged_at ≥ window`, as the gateway
+    // decides a retry — so everything charged up to `now − window` inclusive.
+    let before_ms = now_ms.saturating_sub(settings.window_ms).saturating_add(1);
     let mut run = PruneRun::default();
     loop {
         let batch = ledger.prune_stored_responses(before_ms, settings.batch_rows).await?;
@@ -66,12 +68,13 @@ pub async fn prune(ledger: &dyn Ledger, now_ms: i64, settings: PruneSettings) ->
     Ok(run)
 }
 
-/// The job's work, on the system clock.
-pub fn prune_work(ledger: Arc<dyn Ledger>, settings: PruneSettings) -> JobWork {
+/// The job's work. `clock` is the one charges are dated by (the system's, or a test's), so the
+/// window is measured as the gateway measures it when a retry comes.
+pub fn prune_work(ledger: Arc<dyn Ledger>, clock: Clock, settings: PruneSettings) -> JobWork {
     Arc::new(move || {
-        let ledger = Arc::clone(&ledger);
+        let (ledger, now_ms) = (Arc::clone(&ledger), clock());
         Box::pin(async move {
-            let run = prune(&*ledger, now_ms(), settings).await.map_err(|error| error.to_string())?;
+            let run = prune(&*ledger, now_ms, settings).await.map_err(|error| error.to_string())?;
             let oldest = run.oldest_kept_ms.map_or_else(|| "none kept".to_string(), |oldest| format!("oldest kept charged at {oldest} ms"));
             Ok(format!("{} stored responses pruned ({} bytes) in {} batches; {oldest}", run.rows, run.bytes, run.batches))
         })

@@ -11,10 +11,10 @@ Keys (B = key base, A = account id, K = key id, R = request id):
   B:withdrawals:A          hash  W -> amount                       no TTL: released by apply_fund/expire
   B:hold_expiry            zset  "A\nR" (a hold) or "A\n\nW" (a      no TTL: emptied by expire
                            withdrawal) scored by expiry (ms)
-  B:charged:A:R            "1", or the key and request it is bound TTL 24 h while queued; the worker's
-                           to and the response to replay, until    ack sets "1" with TTL 1 h (hot.rs
-                           the ledger has them (redis hot.rs        RECENT_CHARGE_MS); a load, 1 h
-                           encode_charged)
+  B:charged:A:R            "1", or the charge's time, the key and  TTL 24 h while queued; the worker's
+                           request it is bound to and the response ack sets "1" with TTL 1 h (hot.rs
+                           to replay, until the ledger has them     RECENT_CHARGE_MS); a load, 1 h
+                           (redis hot.rs encode_charged)
   B:day:A:<day>, B:month:A:<month>        request counters          TTL past their period
   B:key:K                  hash  held, spent_total                 no TTL: a budget never resets
   B:key:K:spent_day:<day>, B:key:K:spent_month:<month>             TTL past their period
