@@ -77,7 +77,7 @@ pub async fn authorize(state: &AppState, request: &AuthorizeRequest) -> Result<A
 }
 
 /// Whether the ledger already has a charge for this request id, which the hot store may have
-/// forgotten (it remembers charged ids for [`RECENT_CHARGE_MS`](tollgate_store::hot::RECENT_CHARGE_MS); the ledger, for good). Asked
+/// forgotten (it remembers charged ids for `limits.recent_charge_ms`; the ledger, for good). Asked
 /// for ids the client sent: an id made for this request cannot have been charged.
 ///
 /// A ledger that cannot answer within `ledger_lookup_timeout_ms` leaves the hot store's window

@@ -83,6 +83,12 @@ pub struct LimitsConfig {
     /// Longest the ledger may take to say whether a request id the client sent was charged
     /// before; past it (the ledger away or slow) the hot store's window decides.
     pub ledger_lookup_timeout_ms: u64,
+    /// How long after its settle the hot store remembers a charged request id (the ledger
+    /// remembers it for good). It must exceed `hold_ttl_ms + settle_timeout_ms`, within which a
+    /// second settle of one id can come; each id costs memory for this long (docs/RETENTION.md:
+    /// bytes per id and the ceiling at 1,000 charges a second). Every gateway and worker
+    /// sharing a Redis should use one value.
+    pub recent_charge_ms: u64,
     /// On SIGTERM, how long in-flight requests and streams may run on before the process gives
     /// up on them (their holds then expire).
     pub shutdown_drain_ms: u64,
@@ -104,6 +110,10 @@ pub struct LimitsConfig {
 /// What a request does besides waiting for its upstream and its settle (authorize, reading the
 /// body, counting its output), with room to spare, for the hold's lifetime check.
 const HOLD_MARGIN_MS: u64 = 1_000;
+
+/// The longest `limits.recent_charge_ms`: past a week the ledger, which remembers every charge,
+/// is the better memory.
+const RECENT_CHARGE_MS_MAX: u64 = 7 * 24 * 60 * 60 * 1000;
 
 /// The longest a services-mode writer may wait to fill a batch (the stream lag target is 1 s).
 const USAGE_BATCH_LINGER_MS_MAX: u64 = 500;
@@ -137,6 +147,7 @@ impl Default for LimitsConfig {
             hold_sweep_interval_ms: 10_000,
             settle_timeout_ms: 30_000,
             ledger_lookup_timeout_ms: 250,
+            recent_charge_ms: tollgate_store::hot::RECENT_CHARGE_MS.unsigned_abs(),
             shutdown_drain_ms: 30_000,
             startup_wait_ms: 60_000,
             auth_failures_per_address_per_minute: 60,
@@ -543,9 +554,15 @@ impl GatewayConfig {
         }
         // A second settle of one request id comes within this of the first; the hot store
         // remembers a charge that long (tollgate_store::hot::RECENT_CHARGE_MS says why).
-        let recent_ms = u64::try_from(tollgate_store::hot::RECENT_CHARGE_MS).unwrap_or(u64::MAX);
-        if limits.hold_ttl_ms.saturating_add(limits.settle_timeout_ms) >= recent_ms {
-            return Err(format!("limits.hold_ttl_ms + limits.settle_timeout_ms must stay below {recent_ms} ms, how long the hot store remembers a charge"));
+        let second_settle_ms = limits.hold_ttl_ms.saturating_add(limits.settle_timeout_ms);
+        if limits.recent_charge_ms <= second_settle_ms {
+            return Err(format!(
+                "limits.recent_charge_ms ({}) must exceed limits.hold_ttl_ms + limits.settle_timeout_ms = {second_settle_ms}: a second settle of one request id can come that late, and the hot store must still know the first",
+                limits.recent_charge_ms
+            ));
+        }
+        if limits.recent_charge_ms > RECENT_CHARGE_MS_MAX {
+            return Err(format!("limits.recent_charge_ms must be at most {RECENT_CHARGE_MS_MAX} (7 days)"));
         }
         Ok(())
     }
@@ -709,8 +726,17 @@ mod tests {
     fn holds_must_end_before_the_hot_store_forgets_a_charge() {
         let mut config = GatewayConfig::default();
         assert_eq!(config.validate(), Ok(()));
-        config.limits.hold_ttl_ms = 3_580_000;
-        assert!(config.validate().is_err_and(|error| error.contains("hold_ttl_ms + limits.settle_timeout_ms")));
+        // 15 min holds + 30 s settles < 20 min remembered.
+        config.limits.hold_ttl_ms = 1_169_999;
+        assert_eq!(config.validate(), Ok(()));
+        config.limits.hold_ttl_ms = 1_170_000;
+        assert!(config.validate().is_err_and(|error| error.contains("limits.recent_charge_ms (1200000) must exceed limits.hold_ttl_ms + limits.settle_timeout_ms = 1200000")));
+        config.limits.recent_charge_ms = 3_600_000;
+        assert_eq!(config.validate(), Ok(()), "remembering longer lets holds live longer");
+        config.limits.recent_charge_ms = 8 * 24 * 3_600_000;
+        assert!(config.validate().is_err_and(|error| error.contains("at most 604800000")));
+        let parsed = toml::from_str::<GatewayConfig>("[limits]\nrecent_charge_ms = 1800000").map(|parsed| parsed.limits.recent_charge_ms);
+        assert_eq!(parsed, Ok(1_800_000));
     }
 
     /// Issue 19 item 10: the hold outlives a non-streaming request as well as a stream, each

@@ -192,6 +192,10 @@ impl HotStore for LedgerFallback {
         self.hot.ping().await
     }
 
+    fn recent_charge_ms(&self) -> i64 {
+        self.hot.recent_charge_ms()
+    }
+
     async fn authorize(&self, request: &AuthorizeRequest) -> StoreResult<Authorization> {
         match self.mode() {
             Mode::Hot => {

@@ -86,7 +86,7 @@ impl Gateway {
             None => {
                 let (log_sender, log) = channel_log(config.limits.usage_log_events_max);
                 worker_tasks.spawn(run_usage_writer(log, Arc::clone(&ledger), writer_config(&config), worker_shutdown.clone()));
-                Arc::new(MemoryHotStore::new(log_sender, clock.clone().unwrap_or_else(system_clock)))
+                Arc::new(MemoryHotStore::new(log_sender, clock.clone().unwrap_or_else(system_clock)).remembering_charges_for(recent_charge_ms(&config)))
             }
             Some(url) => {
                 let mut redis = connect_redis(url, &config).await?;
@@ -243,12 +243,18 @@ where
 
 async fn connect_redis(url: &str, config: &GatewayConfig) -> Result<RedisHotStore, ServerError> {
     let wait = Duration::from_millis(config.limits.startup_wait_ms);
-    until_available("redis", wait, || async { Ok(RedisHotStore::connect(url, &config.redis_prefix, config.redis_shards).await?) }).await
+    let redis = until_available("redis", wait, || async { Ok(RedisHotStore::connect(url, &config.redis_prefix, config.redis_shards).await?) }).await?;
+    Ok(redis.remembering_charges_for(recent_charge_ms(config)))
+}
+
+/// `limits.recent_charge_ms` as the stores take it (the configuration bounds it to a week).
+fn recent_charge_ms(config: &GatewayConfig) -> i64 {
+    i64::try_from(config.limits.recent_charge_ms).unwrap_or(i64::MAX)
 }
 
 /// The usage streams, read as this process's consumer.
 async fn redis_log(redis: &RedisHotStore, config: &GatewayConfig, shutdown: CancellationToken) -> Result<RedisLog, ServerError> {
-    let log_config = RedisLogConfig { consumer: config.worker_name.clone(), ..RedisLogConfig::default() };
+    let log_config = RedisLogConfig { consumer: config.worker_name.clone(), recent_charge_ms: recent_charge_ms(config), ..RedisLogConfig::default() };
     Ok(RedisLog::new(redis.connection(), redis.keys().clone(), log_config, shutdown).await?)
 }
 
@@ -357,7 +363,7 @@ pub async fn verify(config: &GatewayConfig, served: Option<&[tollgate_worker::ve
 async fn open_stores(config: &GatewayConfig) -> Result<(Arc<dyn Ledger>, Option<RedisHotStore>), ServerError> {
     let (ledger, _) = open_ledger(&config.database_url).await?;
     let redis = match &config.redis_url {
-        Some(url) => Some(RedisHotStore::connect(url, &config.redis_prefix, config.redis_shards).await?),
+        Some(url) => Some(RedisHotStore::connect(url, &config.redis_prefix, config.redis_shards).await?.remembering_charges_for(recent_charge_ms(config))),
         None => None,
     };
     Ok((ledger, redis))

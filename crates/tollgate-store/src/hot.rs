@@ -21,14 +21,16 @@ use crate::error::StoreResult;
 use crate::model::UsageEvent;
 use crate::operations::{HotAccountView, UnloggedCharge};
 
-/// How long a hot store remembers a charged request id once the ledger has the charge (and how
-/// far back a cold load reads them). The ledger remembers every charge, and the gateway asks it
-/// about ids a client sends; the hot store's record is for what the ledger cannot answer yet: a
-/// second settle of the same id, from a request authorized before the first settle (its hold
-/// had expired). Such a settle comes within `hold_ttl_ms + settle_timeout_ms` of the first,
-/// which the gateway's configuration keeps below this. Until the ledger has a charge, its
-/// record stays however long that takes (Redis: 24 h, the worker's lag it covers).
-pub const RECENT_CHARGE_MS: i64 = 60 * 60 * 1000;
+/// How long a hot store remembers a charged request id after its settle (and how far back a
+/// cold load reads them), unless `limits.recent_charge_ms` says otherwise. The ledger
+/// remembers every charge, and the gateway asks it about ids a client sends; the hot store's
+/// record is for what the ledger cannot answer yet: a second settle of the same id, from a
+/// request authorized before the first settle (its hold had expired). Such a settle comes
+/// within `hold_ttl_ms + settle_timeout_ms` of the first (15.5 minutes by default), which the
+/// gateway's configuration keeps below this. Until the ledger has a charge, its record stays
+/// however long that takes (Redis: 24 h, the worker's lag it covers). Each remembered id costs
+/// memory (docs/RETENTION.md has the bytes and the ceiling at 1,000 charges a second).
+pub const RECENT_CHARGE_MS: i64 = 20 * 60 * 1000;
 
 /// The limits that apply to one request, from the billing context. Passing them in keeps the hot
 /// store free of configuration that would need its own invalidation.
@@ -262,6 +264,10 @@ pub struct BalanceView {
 pub trait HotStore: Send + Sync + 'static {
     /// Answers when the store is reachable (the ledger-charging mode polls it to come back).
     async fn ping(&self) -> StoreResult<()>;
+
+    /// How long after its settle this store remembers a charged request id; a cold load reads
+    /// the ledger's ids that far back. See [`RECENT_CHARGE_MS`].
+    fn recent_charge_ms(&self) -> i64;
 
     /// One atomic step: idempotency, quotas, budgets, rate limits, balance hold.
     async fn authorize(&self, request: &AuthorizeRequest) -> StoreResult<Authorization>;

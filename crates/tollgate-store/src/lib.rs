@@ -28,6 +28,7 @@ pub mod operations;
 mod postgres_ops;
 mod sqlite_ops;
 pub mod queue;
+pub mod recent;
 pub mod redis_store;
 pub mod retention;
 pub mod postgres;

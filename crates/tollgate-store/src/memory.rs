@@ -17,6 +17,7 @@ use crate::hot::{
 use crate::model::UsageEvent;
 use crate::operations::{HotAccountView, UnloggedCharge};
 use crate::queue::ChannelLogSender;
+use crate::recent::RecentCharges;
 use tokio::sync::oneshot;
 
 /// A counter that belongs to one period (minute, day or month) and resets when it changes.
@@ -74,10 +75,10 @@ struct AccountState {
     holds: HashMap<String, Hold>,
     /// Withdrawal id → funds reserved for a fund transaction not applied yet.
     withdrawals: HashMap<String, Withdrawal>,
-    /// Charged request id → when the record may be forgotten (ms): [`RECENT_CHARGE_MS`] after
-    /// its settle. The ledger has it by then (a settle waits for the commit; one that could not
-    /// is still in `unlogged`, which counts as charged too).
-    charged: HashMap<String, i64>,
+    /// Request ids charged within the store's `recent_charge_ms` of their settle. The ledger
+    /// has them by then (a settle waits for the commit; one that could not is still in
+    /// `unlogged`, which counts as charged too).
+    charged: RecentCharges,
     requests_today: PeriodCount<u64>,
     requests_this_month: PeriodCount<u64>,
     keys: HashMap<String, KeyState>,
@@ -120,7 +121,7 @@ impl std::ops::DerefMut for Accounts {
 
 impl AccountState {
     fn already_charged(&self, request_id: &str) -> bool {
-        self.charged.contains_key(request_id) || self.unlogged.contains_key(request_id)
+        self.unlogged.contains_key(request_id) || self.charged.contains(request_id)
     }
 
     fn release_withdrawal(&mut self, withdrawal_id: &str) -> StoreResult<()> {
@@ -158,11 +159,20 @@ pub struct MemoryHotStore {
     accounts: Arc<Mutex<Accounts>>,
     log: ChannelLogSender,
     clock: Clock,
+    recent_charge_ms: i64,
 }
 
 impl MemoryHotStore {
     pub fn new(log: ChannelLogSender, clock: Clock) -> MemoryHotStore {
-        MemoryHotStore { accounts: Arc::new(Mutex::new(Accounts::default())), log, clock }
+        MemoryHotStore { accounts: Arc::new(Mutex::new(Accounts::default())), log, clock, recent_charge_ms: RECENT_CHARGE_MS }
+    }
+
+    /// The same store remembering charged ids `recent_charge_ms` after their settle
+    /// (`limits.recent_charge_ms`; [`RECENT_CHARGE_MS`] says how long that must be).
+    #[must_use]
+    pub fn remembering_charges_for(mut self, recent_charge_ms: i64) -> MemoryHotStore {
+        self.recent_charge_ms = recent_charge_ms;
+        self
     }
 
     fn lock(&self) -> StoreResult<std::sync::MutexGuard<'_, Accounts>> {
@@ -271,6 +281,10 @@ fn refusal(
 
 #[async_trait]
 impl HotStore for MemoryHotStore {
+    fn recent_charge_ms(&self) -> i64 {
+        self.recent_charge_ms
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         Ok(())
     }
@@ -370,7 +384,7 @@ impl HotStore for MemoryHotStore {
             account.holds.remove(&event.request_id);
             account.held = held_after;
             account.balance = balance_after;
-            account.charged.insert(event.request_id.clone(), now_ms.saturating_add(RECENT_CHARGE_MS));
+            account.charged.insert(&event.request_id, now_ms, self.recent_charge_ms);
             // A free charge too: a reload must still count its request and know its id.
             let unlogged = Unlogged { cost: event.cost, api_key_id: event.api_key_id.clone(), day: periods.day, month: periods.month };
             account.unlogged.insert(event.request_id.clone(), unlogged);
@@ -426,7 +440,7 @@ impl HotStore for MemoryHotStore {
                 account.release_withdrawal(&withdrawal_id)?;
                 expired += 1;
             }
-            account.charged.retain(|_, forget_at_ms| *forget_at_ms > now_ms);
+            account.charged.forget(now_ms, self.recent_charge_ms);
         }
         Ok(expired)
     }
@@ -437,13 +451,11 @@ impl HotStore for MemoryHotStore {
         if accounts.contains_key(&snapshot.account_id) {
             return Ok(false);
         }
-        let forget_at_ms = now_ms.saturating_add(RECENT_CHARGE_MS);
-        let mut account = AccountState {
-            balance: snapshot.balance,
-            last_fund_seq: snapshot.last_fund_seq,
-            charged: snapshot.charged_request_ids.into_iter().map(|id| (id, forget_at_ms)).collect(),
-            ..AccountState::default()
-        };
+        let mut account = AccountState { balance: snapshot.balance, last_fund_seq: snapshot.last_fund_seq, ..AccountState::default() };
+        // Remembered from the load on: at least as long as from their settle.
+        for request_id in &snapshot.charged_request_ids {
+            account.charged.insert(request_id, now_ms, self.recent_charge_ms);
+        }
         let periods = Periods::at(now_ms);
         seed_counters(&mut account, &snapshot.counters, &periods);
         // Charges still owed from before an unload: unlogged again, counted as the ledger's
@@ -705,7 +717,7 @@ mod tests {
         store.balance("a", "k").await.unwrap().unwrap()
     }
 
-    /// Charged ids are kept RECENT_CHARGE_MS after their settle (the ledger answers for older
+    /// Charged ids are kept at least RECENT_CHARGE_MS after their settle (the ledger answers for older
     /// ones, asked by the gateway); a charge the ledger has not committed is kept however long.
     #[tokio::test]
     async fn charged_ids_are_kept_for_the_recent_window_and_until_committed() {
@@ -716,7 +728,8 @@ mod tests {
         now.fetch_add(RECENT_CHARGE_MS - 1, Ordering::SeqCst);
         store.expire_holds().await.unwrap();
         assert_eq!(store.authorize(&request("r", 10)).await.unwrap(), Authorization::Refused(Refusal::AlreadyCharged));
-        now.fetch_add(1, Ordering::SeqCst);
+        // Forgotten with its bucket: within an eighth of the window more.
+        now.fetch_add(RECENT_CHARGE_MS / 8 + 1, Ordering::SeqCst);
         store.expire_holds().await.unwrap();
         for id in ["r", "old"] {
             assert!(matches!(store.authorize(&request(id, 10)).await.unwrap(), Authorization::Held { .. }), "{id} is the ledger's to answer now");

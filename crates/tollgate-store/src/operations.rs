@@ -63,7 +63,8 @@ pub async fn charges_not_in_ledger(ledger: &dyn crate::Ledger, hot: &dyn crate::
 /// ledger's balance less the charges this hot store made that the ledger does not have yet (in
 /// the usage log or its dead letters: an account unloaded and loaded again still owes them, and
 /// a balance without them could be spent twice), the fund position, the request ids charged in
-/// the last [`RECENT_CHARGE_MS`](crate::hot::RECENT_CHARGE_MS) and those still on their way, the
+/// the hot store's [`recent_charge_ms`](crate::HotStore::recent_charge_ms) and those still on
+/// their way, the
 /// ledger's counters.
 ///
 /// The reads go in this order so that a commit racing the load is never lost: the hot store's
@@ -90,7 +91,7 @@ pub async fn load_snapshot(
     let Some(position) = ledger.account_balance(account_id).await? else { return Ok(None) };
     let owed = unlogged.iter().try_fold(Money::ZERO, |sum, charge| sum.checked_add(charge.cost)).ok_or(StoreError::Overflow("unlogged charges"))?;
     let balance = position.balance.checked_sub(owed).ok_or(StoreError::Overflow("balance"))?;
-    let since = time_of(now_ms.saturating_sub(crate::hot::RECENT_CHARGE_MS))?;
+    let since = time_of(now_ms.saturating_sub(hot.recent_charge_ms()))?;
     let mut charged_request_ids = ledger.charged_request_ids_since(account_id, since).await?;
     charged_request_ids.extend(unlogged.iter().map(|charge| charge.request_id.clone()));
     let counters = ledger.counter_seed(account_id, now_ms).await?;

@@ -20,6 +20,11 @@ impl HotStore for UnbilledHotStore {
         Ok(())
     }
 
+    /// Nothing is charged, so nothing is remembered; a load reads the default window.
+    fn recent_charge_ms(&self) -> i64 {
+        crate::hot::RECENT_CHARGE_MS
+    }
+
     async fn authorize(&self, _request: &AuthorizeRequest) -> StoreResult<Authorization> {
         Ok(Authorization::Held { available_after: Money::ZERO })
     }

@@ -408,7 +408,7 @@ async fn stream_log_delivers_once_and_survives_consumer_crashes(url: &str) {
     let prefix = prefix();
     let store = RedisHotStore::connect(url, &prefix, 4).await.unwrap();
     let keys = KeySpace::new(&prefix, 4).unwrap();
-    let log_config = |consumer: &str| RedisLogConfig { consumer: consumer.into(), poll_idle_ms: 10, claim_idle_ms: 200, deliveries_max: 3 };
+    let log_config = |consumer: &str| RedisLogConfig { consumer: consumer.into(), poll_idle_ms: 10, claim_idle_ms: 200, deliveries_max: 3, ..RedisLogConfig::default() };
     for index in 0..10 {
         let account = format!("s{index}");
         load(&store, &account, 100).await;
@@ -675,7 +675,7 @@ async fn an_entry_delivered_too_often_is_parked() {
     let prefix = prefix();
     let store = RedisHotStore::connect(&redis_url(), &prefix, 1).await.unwrap();
     let keys = KeySpace::new(&prefix, 1).unwrap();
-    let log_config = |consumer: &str| RedisLogConfig { consumer: consumer.into(), poll_idle_ms: 10, claim_idle_ms: 100, deliveries_max: 2 };
+    let log_config = |consumer: &str| RedisLogConfig { consumer: consumer.into(), poll_idle_ms: 10, claim_idle_ms: 100, deliveries_max: 2, ..RedisLogConfig::default() };
     load(&store, "p", 100).await;
     assert!(held(&store.authorize(&request("p", "poison", 10)).await.unwrap()));
     store.settle(event("p", "poison", 10, RequestStatus::Success)).await.unwrap();
@@ -706,7 +706,7 @@ async fn an_entry_delivered_too_often_is_parked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_charge_is_owed_once_and_an_unreadable_entry_stops_nothing() {
     let (store, keys) = one_shard_store("p").await;
-    let log_config = |consumer: &str| RedisLogConfig { consumer: consumer.into(), poll_idle_ms: 10, claim_idle_ms: 100, deliveries_max: 2 };
+    let log_config = |consumer: &str| RedisLogConfig { consumer: consumer.into(), poll_idle_ms: 10, claim_idle_ms: 100, deliveries_max: 2, ..RedisLogConfig::default() };
     assert!(held(&store.authorize(&request("p", "poison", 10)).await.unwrap()));
     store.settle(event("p", "poison", 10, RequestStatus::Success)).await.unwrap();
     let mut connection = store.connection();
@@ -754,7 +754,7 @@ async fn a_parked_charge_is_owed_once_and_an_unreadable_entry_stops_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_in_flight_are_never_handed_out_twice() {
     let (store, keys) = one_shard_store("f").await;
-    let config = RedisLogConfig { consumer: "writer".into(), poll_idle_ms: 10, claim_idle_ms: 100, deliveries_max: 3 };
+    let config = RedisLogConfig { consumer: "writer".into(), poll_idle_ms: 10, claim_idle_ms: 100, deliveries_max: 3, ..RedisLogConfig::default() };
     for index in 0..10 {
         let id = format!("r{index}");
         assert!(held(&store.authorize(&request("f", &id, 10)).await.unwrap()));
@@ -801,7 +801,7 @@ async fn entries_in_flight_are_never_handed_out_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_reads_past_own_pending_entries_in_flight() {
     let (store, keys) = one_shard_store("d").await;
-    let config = RedisLogConfig { consumer: "drainer".into(), poll_idle_ms: 10, claim_idle_ms: 60_000, deliveries_max: 3 };
+    let config = RedisLogConfig { consumer: "drainer".into(), poll_idle_ms: 10, claim_idle_ms: 60_000, deliveries_max: 3, ..RedisLogConfig::default() };
     let settle = |id: &'static str| {
         let store = &store;
         async move {
@@ -866,13 +866,21 @@ async fn period_counters_always_carry_their_ttl() {
 }
 
 /// A charge's record in Redis outlives the worker's lag (24 h) until the ledger has the charge;
-/// the worker's ack then leaves "1" for `RECENT_CHARGE_MS` (1 h): without the response body, which
-/// a replay reads from the ledger, and with the TTL after which the ledger alone answers. A
-/// record loaded from the ledger gets the same 1 h. What is not acknowledged keeps its body.
+/// the worker's ack then deletes it (the ledger has the binding and the body), and the id stays
+/// remembered, from its settle, for the window (`recent_charge_ms`) and at most one bucket
+/// (2 min) more — a late second settle of it charges nothing — then the ledger alone answers.
+/// An id loaded from the ledger is remembered the same way; what is not acknowledged keeps its
+/// record and body.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_acknowledged_charge_keeps_a_recent_record_without_its_body() {
-    let (store, keys) = one_shard_store("s").await;
-    let config = RedisLogConfig { consumer: "trimmer".into(), poll_idle_ms: 10, claim_idle_ms: 60_000, deliveries_max: 3 };
+async fn an_acknowledged_charge_is_remembered_for_the_window_without_its_record() {
+    const WINDOW_MS: i64 = 600_000;
+    const BUCKET_MS: i64 = 120_000;
+    let clock = midday();
+    let prefix = prefix();
+    let store = RedisHotStore::connect(&redis_url(), &prefix, 1).await.unwrap().with_clock(clock.clock()).remembering_charges_for(WINDOW_MS);
+    let keys = KeySpace::new(&prefix, 1).unwrap();
+    load(&store, "s", 1_000).await;
+    let config = RedisLogConfig { consumer: "trimmer".into(), poll_idle_ms: 10, claim_idle_ms: 60_000, deliveries_max: 3, recent_charge_ms: WINDOW_MS };
     let body = StoredResponse { status: 200, content_type: "application/json".into(), body: br#"{"id":"chatcmpl-1"}"#.to_vec() };
     for id in ["kept", "written", "streamed"] {
         assert!(held(&store.authorize(&request("s", id, 10)).await.unwrap()));
@@ -890,19 +898,39 @@ async fn an_acknowledged_charge_keeps_a_recent_record_without_its_body() {
     log.ack(acknowledged).await.unwrap();
 
     let mut connection = store.connection();
-    let recent_ms = tollgate_store::hot::RECENT_CHARGE_MS;
-    for id in ["written", "streamed", "old"] {
-        let record: String = redis::cmd("GET").arg(keys.charged_key("s", id)).query_async(&mut connection).await.unwrap();
-        assert_eq!(record, "1", "{id}: no body once the ledger has it");
-        let ttl_ms: i64 = redis::cmd("PTTL").arg(keys.charged_key("s", id)).query_async(&mut connection).await.unwrap();
-        assert!(ttl_ms > recent_ms - 60_000 && ttl_ms <= recent_ms, "{id}: the record lives RECENT_CHARGE_MS more: {ttl_ms} ms");
-        assert_eq!(store.authorize(&request("s", id, 10)).await.unwrap(), Authorization::Refused(Refusal::AlreadyCharged), "{id}");
+    for id in ["written", "streamed"] {
+        let record: Option<String> = redis::cmd("GET").arg(keys.charged_key("s", id)).query_async(&mut connection).await.unwrap();
+        assert_eq!(record, None, "{id}: the record goes once the ledger has it");
     }
     assert_eq!(store.charged_request("s", "written").await.unwrap(), None, "a replay now reads the ledger");
     let record = store.charged_request("s", "kept").await.unwrap().unwrap();
     assert_eq!((record.request_fingerprint.as_deref(), record.response), (Some("fp-kept"), Some(body)), "what is not in the ledger keeps its binding and body");
     let ttl_ms: i64 = redis::cmd("PTTL").arg(keys.charged_key("s", "kept")).query_async(&mut connection).await.unwrap();
     assert!(ttl_ms > 86_000_000 && ttl_ms <= 86_400_000, "a queued charge's record covers the worker's lag: {ttl_ms} ms");
+    // The bucket set of the settle: one key for every id, living the window past the bucket.
+    let bucket = clock.now_ms().div_euclid(BUCKET_MS);
+    let recent = format!("{}:recent:s:{bucket}", keys.account_base("s"));
+    let members: Vec<String> = redis::cmd("SMEMBERS").arg(&recent).query_async(&mut connection).await.unwrap();
+    assert_eq!(members.len(), 4, "old, kept, written, streamed: {members:?}");
+    let ttl_ms: i64 = redis::cmd("PTTL").arg(&recent).query_async(&mut connection).await.unwrap();
+    assert!(ttl_ms > WINDOW_MS && ttl_ms <= WINDOW_MS + BUCKET_MS, "the bucket lives past its end by the window: {ttl_ms} ms");
+
+    // A server clock stepped back (up to a bucket) still finds what was settled before it.
+    clock.advance_ms(-60_000);
+    assert_eq!(store.authorize(&request("s", "written", 10)).await.unwrap(), Authorization::Refused(Refusal::AlreadyCharged), "after a step back");
+    clock.advance_ms(60_000);
+    clock.advance_ms(WINDOW_MS - 1);
+    for id in ["written", "streamed", "old", "kept"] {
+        assert_eq!(store.authorize(&request("s", id, 10)).await.unwrap(), Authorization::Refused(Refusal::AlreadyCharged), "{id} within the window");
+    }
+    let balance = store.balance("s", "key-s").await.unwrap().unwrap().balance;
+    let late = store.settle(event("s", "written", 10, RequestStatus::Success)).await.unwrap();
+    assert!(late.already_settled && late.balance_after == balance, "a second settle within the window charges nothing: {late:?}");
+    clock.advance_ms(BUCKET_MS + 1);
+    for id in ["written", "streamed", "old"] {
+        assert!(held(&store.authorize(&request("s", id, 10)).await.unwrap()), "{id} is the ledger's to answer after the window");
+    }
+    assert_eq!(store.authorize(&request("s", "kept", 10)).await.unwrap(), Authorization::Refused(Refusal::AlreadyCharged), "a charge the ledger lacks is remembered however long");
     let missing: Option<String> = redis::cmd("GET").arg(keys.charged_key("s", "never")).query_async(&mut connection).await.unwrap();
     assert_eq!(missing, None, "the ack never creates a record");
     log.ack(kept).await.unwrap();

@@ -36,6 +36,8 @@ pub struct RedisHotStore {
     /// A test's clock, sent with every call; `None` (production): the server's `TIME` decides,
     /// one clock for every gateway sharing the Redis.
     clock: Option<Clock>,
+    /// How long after its settle a charged id is remembered ([`crate::hot::RECENT_CHARGE_MS`]).
+    recent_charge_ms: i64,
 }
 
 impl RedisHotStore {
@@ -44,7 +46,15 @@ impl RedisHotStore {
     pub async fn connect(url: &str, prefix: &str, shards: u16) -> StoreResult<RedisHotStore> {
         let keys = KeySpace::new(prefix, shards)?;
         let connection = connect(url).await?;
-        Ok(RedisHotStore { connection, keys, script: Script::new(include_str!("tollgate.lua")), clock: None })
+        Ok(RedisHotStore { connection, keys, script: Script::new(include_str!("tollgate.lua")), clock: None, recent_charge_ms: crate::hot::RECENT_CHARGE_MS })
+    }
+
+    /// The same store remembering charged ids `recent_charge_ms` after their settle
+    /// (`limits.recent_charge_ms`; [`crate::hot::RECENT_CHARGE_MS`] says how long that must be).
+    #[must_use]
+    pub fn remembering_charges_for(mut self, recent_charge_ms: i64) -> RedisHotStore {
+        self.recent_charge_ms = recent_charge_ms;
+        self
     }
 
     /// The same store reading `clock` instead of the server's `TIME`: the moment each call is
@@ -185,6 +195,10 @@ fn event_json(event: &UsageEvent) -> StoreResult<String> {
 
 #[async_trait]
 impl HotStore for RedisHotStore {
+    fn recent_charge_ms(&self) -> i64 {
+        self.recent_charge_ms
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         let mut connection = self.connection.clone();
         let _: String = redis::cmd("PING").query_async(&mut connection).await.map_err(|error| StoreError::Unavailable(format!("redis: {error}")))?;
@@ -212,6 +226,7 @@ impl HotStore for RedisHotStore {
             optional(limits.key_budget_total.map(Money::nanos)),
             optional(limits.key_requests_per_minute),
             optional(limits.key_tokens_per_minute),
+            self.recent_charge_ms.to_string(),
         ];
         let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
         let reply = texts(self.call(&self.account_key(&base, &request.account_id), &arguments).await?)?;
@@ -249,7 +264,8 @@ impl HotStore for RedisHotStore {
         let stored = encode_charged(&event);
         let json = event_json(&event)?;
         let cost = event.cost.nanos().to_string();
-        let arguments = ["settle", &base, &event.account_id, &event.api_key_id, &event.request_id, &cost, &json, &stored];
+        let window = self.recent_charge_ms.to_string();
+        let arguments = ["settle", &base, &event.account_id, &event.api_key_id, &event.request_id, &cost, &json, &stored, &window];
         let reply = texts(self.call(&self.account_key(&base, &event.account_id), &arguments).await?)?;
         match reply.first().map(String::as_str) {
             Some("settled") => Ok(Settlement { balance_before: money_at(&reply, 1)?, balance_after: money_at(&reply, 2)?, already_settled: false }),
@@ -303,10 +319,10 @@ impl HotStore for RedisHotStore {
         }
         let account_key = self.account_key(&base, &snapshot.account_id);
         // The charged ids go in before the account does: a call failing half-way leaves the
-        // account unloaded, and the next load sends them all again (records already there are
-        // kept: they may hold a queued charge's body).
+        // account unloaded, and the next load sends them all again.
+        let window = self.recent_charge_ms.to_string();
         for chunk in snapshot.charged_request_ids.chunks(LOAD_IDS_PER_CALL) {
-            let mut arguments = vec!["remember", base.as_str(), snapshot.account_id.as_str()];
+            let mut arguments = vec!["remember", base.as_str(), snapshot.account_id.as_str(), window.as_str()];
             arguments.extend(chunk.iter().map(String::as_str));
             self.call(&account_key, &arguments).await?;
         }

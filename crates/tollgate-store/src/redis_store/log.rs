@@ -31,11 +31,14 @@ pub struct RedisLogConfig {
     pub claim_idle_ms: u64,
     /// An entry delivered this many times goes to the dead-letter stream.
     pub deliveries_max: usize,
+    /// How long a charged id stays remembered (`limits.recent_charge_ms`): an acknowledged
+    /// charge whose record an older version wrote gets its id remembered that long.
+    pub recent_charge_ms: i64,
 }
 
 impl Default for RedisLogConfig {
     fn default() -> Self {
-        RedisLogConfig { consumer: "worker".into(), poll_idle_ms: 20, claim_idle_ms: 60_000, deliveries_max: 5 }
+        RedisLogConfig { consumer: "worker".into(), poll_idle_ms: 20, claim_idle_ms: 60_000, deliveries_max: 5, recent_charge_ms: RECENT_CHARGE_MS }
     }
 }
 
@@ -45,6 +48,8 @@ pub struct RedisLog {
     keys: KeySpace,
     config: RedisLogConfig,
     shutdown: CancellationToken,
+    /// `tollgate.lua`, whose `acked` operation acknowledges a shard's batch in one step.
+    script: redis::Script,
     /// What reads keep between calls; one read at a time.
     reader: tokio::sync::Mutex<ReadState>,
     /// Entries taken from the streams and not yet acknowledged or parked, as (shard, entry id).
@@ -84,7 +89,8 @@ impl RedisLog {
         }
         let shards = usize::from(keys.shards());
         let reader = ReadState { own_pending: vec![true; shards], read_ahead: Vec::new(), next_claim: Instant::now() };
-        Ok(RedisLog { connection, keys, config, shutdown, reader: tokio::sync::Mutex::new(reader), in_flight: Mutex::new(HashSet::new()) })
+        let script = redis::Script::new(include_str!("tollgate.lua"));
+        Ok(RedisLog { connection, keys, config, shutdown, script, reader: tokio::sync::Mutex::new(reader), in_flight: Mutex::new(HashSet::new()) })
     }
 
     /// Entries delivered but not yet acknowledged, over all shards (a lag measure).
@@ -290,37 +296,30 @@ impl EventLog for RedisLog {
     }
 
     async fn ack(&self, deliveries: Vec<Delivery>) -> StoreResult<()> {
-        // Per shard: the entries, and the idempotency records and unlogged-index fields of their
-        // charges.
-        let mut by_shard: BTreeMap<u16, (Vec<String>, Vec<(String, String, String)>)> = BTreeMap::new();
+        // Per shard: the entries, and the (account, request id) of their charges.
+        let mut by_shard: BTreeMap<u16, (Vec<String>, Vec<(String, String)>)> = BTreeMap::new();
         for delivery in deliveries {
             if let Receipt::Stream { shard, entry_id } = delivery.receipt {
                 let (entry_ids, charged) = by_shard.entry(shard).or_default();
                 entry_ids.push(entry_id);
-                let event = &delivery.event;
+                let event = delivery.event;
                 if event.status != RequestStatus::Failed {
-                    charged.push((self.keys.charged_key(&event.account_id, &event.request_id), self.keys.unlogged_key(&event.account_id), event.request_id.clone()));
+                    charged.push((event.account_id, event.request_id));
                 }
             }
         }
         let mut connection = self.connection.clone();
+        let window = self.config.recent_charge_ms.to_string();
         for (shard, (entry_ids, charged)) in by_shard {
-            let stream = self.keys.stream(shard);
-            // Acknowledged entries are in the ledger; the stream need not keep them. One
-            // MULTI/EXEC: an entry acknowledged but left in the stream would be read by no
-            // consumer again yet still look unlogged to whoever scans the stream.
-            let mut pipeline = redis::pipe();
-            pipeline.atomic().xack(&stream, CONSUMER_GROUP, &entry_ids).xdel(&stream, &entry_ids);
-            // The ledger now has each charge and its stored response, and answers for them
-            // (hot::RECENT_CHARGE_MS says why the record stays that long and no longer): the
-            // record keeps "1", without the body that was most of what Redis kept per request.
-            // `XX`: never creates a record.
-            // The ledger has the charge: the account no longer owes it to a reload.
-            for (record, unlogged, request_id) in &charged {
-                pipeline.cmd("SET").arg(record).arg("1").arg("XX").arg("PX").arg(RECENT_CHARGE_MS).ignore();
-                pipeline.cmd("HDEL").arg(unlogged).arg(request_id).ignore();
+            // One script call (`acked`): the entries leave the stream, each charge's record
+            // gives way to its remembered id, the unlogged index forgets it — all or nothing.
+            let base = self.keys.base(shard);
+            let mut invocation = self.script.key(self.keys.stream(shard));
+            invocation.arg("acked").arg(&base).arg(CONSUMER_GROUP).arg(&window).arg(entry_ids.len()).arg(&entry_ids);
+            for (account_id, request_id) in &charged {
+                invocation.arg(account_id).arg(request_id);
             }
-            let _: (i64, i64) = pipeline.query_async(&mut connection).await.map_err(unavailable)?;
+            let _: i64 = invocation.invoke_async(&mut connection).await.map_err(unavailable)?;
             // Only now: if the acknowledgement failed, the entries stay in flight, so this
             // consumer does not write them again (they are committed); after a restart they are
             // read again and skipped as duplicates.

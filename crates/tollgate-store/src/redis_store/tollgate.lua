@@ -11,10 +11,13 @@ Keys (B = key base, A = account id, K = key id, R = request id):
   B:withdrawals:A          hash  W -> amount                       no TTL: released by apply_fund/expire
   B:hold_expiry            zset  "A\nR" (a hold) or "A\n\nW" (a      no TTL: emptied by expire
                            withdrawal) scored by expiry (ms)
-  B:charged:A:R            "1", or the charge's time, the key and  TTL 24 h while queued; the worker's
-                           request it is bound to and the response ack sets "1" with TTL 1 h (hot.rs
-                           to replay, until the ledger has them     RECENT_CHARGE_MS); a load, 1 h
+  B:charged:A:R            the charge's time, the key and request  TTL 24 h: the worker's lag it covers;
+                           it is bound to and the response to       the worker's ack deletes it (the
+                           replay, until the ledger has them        ledger has it all then)
                            (redis hot.rs encode_charged)
+  B:recent:A:<bucket>      set of request ids charged in the        TTL: the bucket's end + the window
+                           bucket (RECENT_BUCKET_MS) of their       (`recent_charge_ms`, hot.rs
+                           settle, or loaded from the ledger then   RECENT_CHARGE_MS)
   B:day:A:<day>, B:month:A:<month>        request counters          TTL past their period
   B:key:K                  hash  held, spent_total                 no TTL: a budget never resets
   B:key:K:spent_day:<day>, B:key:K:spent_month:<month>             TTL past their period
@@ -39,10 +42,14 @@ for this but the one table lookup it always made. Key TTLs stay Redis's own (rea
 local MONEY_MAX = 9007199254740992
 -- Every negation is written `0 - x`: Lua's -x of a zero is -0, formatted "-0", which HINCRBY
 -- refuses, so a hold or a cost of zero (a free model) failed its settle, void and expiry.
--- A charge's record outlives the worker's lag (24 h) until the ledger has it; a record loaded
--- from the ledger lives RECENT_CHARGE_MS (crates/tollgate-store/src/hot.rs), as the ack leaves it.
+-- A charge's record outlives the worker's lag (24 h) until the ledger has it.
 local QUEUED_CHARGE_TTL_MS = 86400000
-local RECENT_CHARGE_MS = 3600000
+-- Charged ids are remembered `window` ms after their settle (each call that needs it passes
+-- `recent_charge_ms`), as members of one set per account and bucket of this many ms: a set
+-- member costs about half a key of its own with its TTL, and a bucket expires whole. Fixed,
+-- not derived from the window: gateways configured with different windows still read each
+-- other's buckets.
+local RECENT_BUCKET_MS = 120000
 
 -- The moment a test fixed for this call (see the header), or nil: the server's TIME.
 local fixed_now_ms = nil
@@ -51,6 +58,32 @@ local function now_ms()
   if fixed_now_ms then return fixed_now_ms end
   local time = redis.call('TIME')
   return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
+local function recent_key(base, account, bucket)
+  return base .. ':recent:' .. account .. ':' .. string.format('%d', bucket)
+end
+
+-- Whether request_id was charged: still queued for the ledger (its record), or settled within
+-- `window` ms before `now` (every bucket that may hold it, and the next one: a server clock
+-- stepped back by up to a bucket still finds what it settled before the step).
+local function charged_recently(base, account, request_id, now, window)
+  if redis.call('EXISTS', base .. ':charged:' .. account .. ':' .. request_id) == 1 then return true end
+  local newest, oldest = math.floor(now / RECENT_BUCKET_MS), math.floor((now - window) / RECENT_BUCKET_MS)
+  for bucket = newest + 1, oldest, -1 do
+    if redis.call('SISMEMBER', recent_key(base, account, bucket), request_id) == 1 then return true end
+  end
+  return false
+end
+
+-- Remembers request_id as charged at `now` until at least `now + window`: its bucket lives to
+-- the bucket's end + window (never shortened by a caller with a shorter window).
+local function remember_charge(base, account, request_id, now, window)
+  local bucket = math.floor(now / RECENT_BUCKET_MS)
+  local key = recent_key(base, account, bucket)
+  redis.call('SADD', key, request_id)
+  local ttl = (bucket + 1) * RECENT_BUCKET_MS + window - now
+  if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
 end
 
 local function checked(value)
@@ -156,9 +189,9 @@ function operations.authorize(base, argv)
   local state = redis.call('HMGET', account_key, 'balance', 'held')
   if not state[1] then return {'refused', 'not_loaded'} end
   local balance, held = checked(state[1]), checked(state[2] or 0)
-  if redis.call('EXISTS', base .. ':charged:' .. account .. ':' .. request_id) == 1 then return {'refused', 'already_charged'} end
-  if redis.call('HEXISTS', base .. ':holds:' .. account, request_id) == 1 then return {'refused', 'in_progress'} end
   local now = now_ms()
+  if charged_recently(base, account, request_id, now, tonumber(argv[17])) then return {'refused', 'already_charged'} end
+  if redis.call('HEXISTS', base .. ':holds:' .. account, request_id) == 1 then return {'refused', 'in_progress'} end
   local p = periods(now)
   local key_base = base .. ':key:' .. key_id
   local rpm_key, tpm_key = key_base .. ':rpm:' .. p.minute, key_base .. ':tpm:' .. p.minute
@@ -193,7 +226,8 @@ function operations.authorize(base, argv)
   return {'held', string.format('%d', available - hold)}
 end
 
--- ARGV: op, base, account, key, request_id, cost, event_json, charged record ("" for "1").
+-- ARGV: op, base, account, key, request_id, cost, event_json, charged record ("" for "1"),
+-- recent_charge_ms.
 -- Reply: {"settled", before, after} or {"already", balance}.
 -- Keeps I1: the charge and its usage event (XADD) happen in this one call, or neither does.
 function operations.settle(base, argv)
@@ -202,10 +236,11 @@ function operations.settle(base, argv)
   local balance = redis.call('HGET', account_key, 'balance')
   if not balance then return error('account_not_loaded') end
   local charged_key = base .. ':charged:' .. account .. ':' .. request_id
-  if redis.call('EXISTS', charged_key) == 1 then return {'already', balance} end
+  local now, window = now_ms(), tonumber(argv[9])
+  if charged_recently(base, account, request_id, now, window) then return {'already', balance} end
   local before = checked(balance)
   checked(before - cost)
-  local p = periods(now_ms())
+  local p = periods(now)
   local hold = redis.call('HGET', base .. ':holds:' .. account, request_id)
   if hold then
     -- The request happened: release the funds but keep its request-count slot. The funds go
@@ -232,14 +267,15 @@ function operations.settle(base, argv)
   local stored = argv[8]
   if stored == nil or stored == '' then stored = '1' end
   redis.call('SET', charged_key, stored, 'PX', QUEUED_CHARGE_TTL_MS)
+  remember_charge(base, account, request_id, now, window)
   -- A free charge too: a reload must still know its id and count its request.
   redis.call('HSET', base .. ':unlogged:' .. account, request_id, argv[6])
   redis.call('XADD', base .. ':usage', '*', 'event', event, 'hot_balance_after', string.format('%d', after))
   return {'settled', string.format('%d', before), string.format('%d', after)}
 end
 
--- ARGV: op, base, account, request_id. Reply: the charged record ("1" or a binding with its
--- stored response), or nil.
+-- ARGV: op, base, account, request_id. Reply: the charged record of a charge the ledger may
+-- not have yet (a binding with its stored response, or "1"), or nil.
 function operations.stored(base, argv)
   return redis.call('GET', base .. ':charged:' .. argv[3] .. ':' .. argv[4])
 end
@@ -315,15 +351,43 @@ function operations.load(base, argv)
   return 1
 end
 
--- ARGV: op, base, account, charged request ids... A loading account's ids read from the ledger,
--- in chunks, so that a busy account's hour of ids is never one long call. NX: a record already
--- there is newer (it may hold a queued charge's body). Reply: how many.
+-- ARGV: op, base, account, recent_charge_ms, charged request ids... A loading account's ids
+-- read from the ledger, in chunks, so that a busy account's window of ids is never one long
+-- call; remembered from now on. Reply: how many.
 function operations.remember(base, argv)
-  local account = argv[3]
-  for index = 4, #argv do
-    redis.call('SET', base .. ':charged:' .. account .. ':' .. argv[index], '1', 'PX', RECENT_CHARGE_MS, 'NX')
+  local account, now, window = argv[3], now_ms(), tonumber(argv[4])
+  for index = 5, #argv do
+    remember_charge(base, account, argv[index], now, window)
   end
-  return #argv - 3
+  return #argv - 4
+end
+
+-- ARGV: op, base, consumer group, recent_charge_ms, n, n stream entry ids, then (account,
+-- request id) pairs.
+-- Reply: 1. The worker's acknowledgement of events the ledger has committed, in one step: the
+-- entries leave the shard's stream (an entry acknowledged but left there would be read by no
+-- consumer again yet still look unlogged to whoever scans it); each charge's record goes (the
+-- ledger has its binding and response now) and its id stays remembered — settle did that
+-- already; a record written by an older version had no bucket yet — and the account no longer
+-- owes the charge to a reload.
+function operations.acked(base, argv)
+  local group, window, count = argv[3], tonumber(argv[4]), tonumber(argv[5])
+  local stream = base .. ':usage'
+  for first = 6, 5 + count, 1000 do
+    local ids = {}
+    for index = first, math.min(first + 999, 5 + count) do ids[#ids + 1] = argv[index] end
+    redis.call('XACK', stream, group, unpack(ids))
+    redis.call('XDEL', stream, unpack(ids))
+  end
+  local now = now_ms()
+  for index = 6 + count, #argv, 2 do
+    local account, request_id = argv[index], argv[index + 1]
+    if redis.call('DEL', base .. ':charged:' .. account .. ':' .. request_id) == 1 then
+      remember_charge(base, account, request_id, now, window)
+    end
+    redis.call('HDEL', base .. ':unlogged:' .. account, request_id)
+  end
+  return 1
 end
 
 -- ARGV: op, base, account, fund_ledger_seq, amount, withdrawal id ("" if none).

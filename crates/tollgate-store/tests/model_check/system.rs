@@ -146,7 +146,7 @@ impl System {
     /// entries, as a restarted worker does).
     async fn redis_log(&self, consumer: &str, claim_idle_ms: u64, deliveries_max: usize) -> Option<RedisLog> {
         let Hot::Redis { store, prefix, shards, .. } = &self.hot else { return None };
-        let config = RedisLogConfig { consumer: consumer.into(), poll_idle_ms: 5, claim_idle_ms, deliveries_max };
+        let config = RedisLogConfig { consumer: consumer.into(), poll_idle_ms: 5, claim_idle_ms, deliveries_max, ..RedisLogConfig::default() };
         Some(RedisLog::new(store.connection(), KeySpace::new(prefix, *shards).expect("key space"), config, CancellationToken::new()).await.expect("redis log"))
     }
 
