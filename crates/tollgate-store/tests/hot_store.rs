@@ -870,7 +870,8 @@ async fn period_counters_always_carry_their_ttl() {
 /// remembered, from its settle, for the window (`recent_charge_ms`) and at most one bucket
 /// (2 min) more — a late second settle of it charges nothing — then the ledger alone answers.
 /// An id loaded from the ledger is remembered the same way; what is not acknowledged keeps its
-/// record and body.
+/// record and body; a record an older version wrote ("1", no bucket) gets its id into the bucket
+/// of the acknowledgement.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acknowledged_charge_is_remembered_for_the_window_without_its_record() {
     const WINDOW_MS: i64 = 600_000;
@@ -882,7 +883,7 @@ async fn an_acknowledged_charge_is_remembered_for_the_window_without_its_record(
     load(&store, "s", 1_000).await;
     let config = RedisLogConfig { consumer: "trimmer".into(), poll_idle_ms: 10, claim_idle_ms: 60_000, deliveries_max: 3, recent_charge_ms: WINDOW_MS };
     let body = StoredResponse { status: 200, content_type: "application/json".into(), body: br#"{"id":"chatcmpl-1"}"#.to_vec() };
-    for id in ["kept", "written", "streamed"] {
+    for id in ["kept", "written", "streamed", "legacy"] {
         assert!(held(&store.authorize(&request("s", id, 10)).await.unwrap()));
         let stored_response = (id != "streamed").then(|| body.clone());
         let fingerprint = (id != "written").then(|| format!("fp-{id}"));
@@ -892,13 +893,30 @@ async fn an_acknowledged_charge_is_remembered_for_the_window_without_its_record(
         let bound = ChargedRequest { api_key_id: "key-s".into(), charged_at_ms, request_fingerprint: fingerprint, response: stored_response };
         assert_eq!(store.charged_request("s", id).await.unwrap(), Some(bound), "{id}: bound and replayable before the ledger has it");
     }
+    let mut connection = store.connection();
+    // As an older version left "legacy": its record "1", no bucket.
+    let settle_bucket = format!("{}:recent:s:{}", keys.account_base("s"), clock.now_ms().div_euclid(BUCKET_MS));
+    let _: () = redis::cmd("SET").arg(keys.charged_key("s", "legacy")).arg("1").query_async(&mut connection).await.unwrap();
+    let _: i64 = redis::cmd("SREM").arg(&settle_bucket).arg("legacy").query_async(&mut connection).await.unwrap();
     let log = RedisLog::new(store.connection(), keys.clone(), config, CancellationToken::new()).await.unwrap();
     let (acknowledged, kept): (Vec<_>, Vec<_>) = log.read_batch(10).await.unwrap().into_iter().partition(|delivery| delivery.event.request_id != "kept");
-    assert_eq!((acknowledged.len(), kept.len()), (2, 1));
+    assert_eq!((acknowledged.len(), kept.len()), (3, 1));
+    let (seconds, _): (i64, i64) = redis::cmd("TIME").query_async(&mut connection).await.unwrap();
     log.ack(acknowledged).await.unwrap();
+    // The acknowledgement runs on the server's clock: "legacy" is in the bucket of that moment
+    // (or the next, across a bucket's end); ids settle already put in a bucket are not added twice.
+    let ack_bucket = (seconds * 1000).div_euclid(BUCKET_MS);
+    for id in ["legacy", "written"] {
+        let mut found = false;
+        for bucket in [ack_bucket, ack_bucket + 1] {
+            let key = format!("{}:recent:s:{bucket}", keys.account_base("s"));
+            let member: i64 = redis::cmd("SISMEMBER").arg(&key).arg(id).query_async(&mut connection).await.unwrap();
+            found |= member == 1;
+        }
+        assert_eq!(found, id == "legacy", "{id} in the bucket of the acknowledgement");
+    }
 
-    let mut connection = store.connection();
-    for id in ["written", "streamed"] {
+    for id in ["written", "streamed", "legacy"] {
         let record: Option<String> = redis::cmd("GET").arg(keys.charged_key("s", id)).query_async(&mut connection).await.unwrap();
         assert_eq!(record, None, "{id}: the record goes once the ledger has it");
     }
@@ -908,8 +926,7 @@ async fn an_acknowledged_charge_is_remembered_for_the_window_without_its_record(
     let ttl_ms: i64 = redis::cmd("PTTL").arg(keys.charged_key("s", "kept")).query_async(&mut connection).await.unwrap();
     assert!(ttl_ms > 86_000_000 && ttl_ms <= 86_400_000, "a queued charge's record covers the worker's lag: {ttl_ms} ms");
     // The bucket set of the settle: one key for every id, living the window past the bucket.
-    let bucket = clock.now_ms().div_euclid(BUCKET_MS);
-    let recent = format!("{}:recent:s:{bucket}", keys.account_base("s"));
+    let recent = settle_bucket;
     let members: Vec<String> = redis::cmd("SMEMBERS").arg(&recent).query_async(&mut connection).await.unwrap();
     assert_eq!(members.len(), 4, "old, kept, written, streamed: {members:?}");
     let ttl_ms: i64 = redis::cmd("PTTL").arg(&recent).query_async(&mut connection).await.unwrap();

@@ -46,7 +46,7 @@ impl RedisHotStore {
     pub async fn connect(url: &str, prefix: &str, shards: u16) -> StoreResult<RedisHotStore> {
         let keys = KeySpace::new(prefix, shards)?;
         let connection = connect(url).await?;
-        Ok(RedisHotStore { connection, keys, script: Script::new(include_str!("tollgate.lua")), clock: None, recent_charge_ms: crate::hot::RECENT_CHARGE_MS })
+        Ok(RedisHotStore { connection, keys, script: super::tollgate_script(), clock: None, recent_charge_ms: crate::hot::RECENT_CHARGE_MS })
     }
 
     /// The same store remembering charged ids `recent_charge_ms` after their settle

@@ -89,8 +89,7 @@ impl RedisLog {
         }
         let shards = usize::from(keys.shards());
         let reader = ReadState { own_pending: vec![true; shards], read_ahead: Vec::new(), next_claim: Instant::now() };
-        let script = redis::Script::new(include_str!("tollgate.lua"));
-        Ok(RedisLog { connection, keys, config, shutdown, script, reader: tokio::sync::Mutex::new(reader), in_flight: Mutex::new(HashSet::new()) })
+        Ok(RedisLog { connection, keys, config, shutdown, script: super::tollgate_script(), reader: tokio::sync::Mutex::new(reader), in_flight: Mutex::new(HashSet::new()) })
     }
 
     /// Entries delivered but not yet acknowledged, over all shards (a lag measure).

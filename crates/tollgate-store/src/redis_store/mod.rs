@@ -28,6 +28,11 @@ pub const SHARDS_DEFAULT: u16 = 16;
 /// Consumer group of the workers.
 pub const CONSUMER_GROUP: &str = "billing_workers";
 
+/// `tollgate.lua`, the one script every hot-store operation and the worker's acknowledgement call.
+fn tollgate_script() -> redis::Script {
+    redis::Script::new(include_str!("tollgate.lua"))
+}
+
 /// One multiplexed connection to a node or a cluster; cheap to clone, shared by all requests.
 #[derive(Clone)]
 pub enum Connection {

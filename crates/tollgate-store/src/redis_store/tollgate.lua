@@ -367,9 +367,9 @@ end
 -- Reply: 1. The worker's acknowledgement of events the ledger has committed, in one step: the
 -- entries leave the shard's stream (an entry acknowledged but left there would be read by no
 -- consumer again yet still look unlogged to whoever scans it); each charge's record goes (the
--- ledger has its binding and response now) and its id stays remembered — settle did that
--- already; a record written by an older version had no bucket yet — and the account no longer
--- owes the charge to a reload.
+-- ledger has its binding and response now) and its id stays remembered — settle put it in its
+-- bucket ("C…" records); a record an older version wrote ("1", "B…") had none, so its id goes
+-- into the bucket of now — and the account no longer owes the charge to a reload.
 function operations.acked(base, argv)
   local group, window, count = argv[3], tonumber(argv[4]), tonumber(argv[5])
   local stream = base .. ':usage'
@@ -382,8 +382,11 @@ function operations.acked(base, argv)
   local now = now_ms()
   for index = 6 + count, #argv, 2 do
     local account, request_id = argv[index], argv[index + 1]
-    if redis.call('DEL', base .. ':charged:' .. account .. ':' .. request_id) == 1 then
-      remember_charge(base, account, request_id, now, window)
+    local record = base .. ':charged:' .. account .. ':' .. request_id
+    local kind = redis.call('GETRANGE', record, 0, 0)
+    if kind ~= '' then
+      redis.call('DEL', record)
+      if kind ~= 'C' then remember_charge(base, account, request_id, now, window) end
     end
     redis.call('HDEL', base .. ':unlogged:' .. account, request_id)
   end
