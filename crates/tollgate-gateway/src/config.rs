@@ -176,6 +176,10 @@ pub struct JobsConfig {
     pub prune_batch_rows: u32,
     /// Pause between two batches, so a backlog is worked off without crowding the writers.
     pub prune_pause_ms: u64,
+    /// Making the usage log's monthly partitions ahead of time (PostgreSQL ledger).
+    pub partitions_interval_ms: u64,
+    /// How many months after the current one get their partition in advance (1–24).
+    pub partitions_ahead_months: u32,
 }
 
 impl Default for JobsConfig {
@@ -188,6 +192,8 @@ impl Default for JobsConfig {
             prune_interval_ms: 60_000,
             prune_batch_rows: 1_000,
             prune_pause_ms: 50,
+            partitions_interval_ms: 3_600_000,
+            partitions_ahead_months: 3,
         }
     }
 }
@@ -521,6 +527,9 @@ impl GatewayConfig {
         if self.jobs.prune_interval_ms > 0 && self.jobs.prune_batch_rows == 0 {
             return Err("jobs.prune_batch_rows must be positive while the prune job runs".into());
         }
+        if !(1..=24).contains(&self.jobs.partitions_ahead_months) {
+            return Err("jobs.partitions_ahead_months must be between 1 and 24".into());
+        }
         let alerts = &self.alerts;
         if let Some(url) = &alerts.webhook_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
@@ -766,6 +775,16 @@ mod tests {
         let mut config = GatewayConfig::default();
         config.limits.connections_per_address_max = 0;
         assert_eq!(config.validate(), Ok(()), "no per-address bound is the default");
+    }
+
+    #[test]
+    fn partitions_are_made_one_to_24_months_ahead() {
+        let mut config = GatewayConfig::default();
+        assert_eq!((config.jobs.partitions_ahead_months, config.validate()), (3, Ok(())));
+        for (months, valid) in [(0, false), (1, true), (24, true), (25, false)] {
+            config.jobs.partitions_ahead_months = months;
+            assert_eq!(config.validate().is_ok(), valid, "{months} months ahead");
+        }
     }
 
     #[test]

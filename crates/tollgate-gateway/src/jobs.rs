@@ -11,7 +11,7 @@ use tollgate_store::redis_store::{Connection, KeySpace, backlog};
 use tollgate_store::{HotStore, Ledger};
 use tollgate_worker::jobs::{JobWork, LeasedJob, hold_sweep_work, run_hold_sweeper, run_leased};
 use tollgate_worker::reconcile::Reconciler;
-use tollgate_worker::retention::{PruneSettings, prune_work};
+use tollgate_worker::retention::{PruneSettings, partitions_work, prune_work};
 
 use crate::config::GatewayConfig;
 
@@ -54,6 +54,10 @@ pub fn spawn(tasks: &TaskTracker, stores: &JobStores, config: &GatewayConfig, sh
             pause: Duration::from_millis(config.jobs.prune_pause_ms),
         };
         leased.push(LeasedJob { name: "prune", period: Duration::from_millis(config.jobs.prune_interval_ms), work: prune_work(Arc::clone(&stores.ledger), Arc::clone(&stores.clock), settings) });
+    }
+    if config.jobs.partitions_interval_ms > 0 {
+        let work = partitions_work(Arc::clone(&stores.ledger), Arc::clone(&stores.clock), config.jobs.partitions_ahead_months);
+        leased.push(LeasedJob { name: "partitions", period: Duration::from_millis(config.jobs.partitions_interval_ms), work });
     }
     if let Some(work) = crate::webhooks::deliver_work(Arc::clone(&stores.ledger), config.alerts.clone()) {
         leased.push(LeasedJob { name: "webhooks", period: Duration::from_millis(config.alerts.deliver_interval_ms), work });

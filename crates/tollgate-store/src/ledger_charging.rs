@@ -238,7 +238,7 @@ async fn held(transaction: &mut Transaction<'static, Postgres>, sql: &'static st
 /// The first limit the request would break, as the hot stores judge it, from the ledger's
 /// counters and holds. Read-only.
 async fn refusal(transaction: &mut Transaction<'static, Postgres>, request: &AuthorizeRequest, balance: Money, now: i64) -> StoreResult<Option<Refusal>> {
-    let charged = sqlx::query(crate::operations::pg(crate::operations::CHARGED_ONE))
+    let charged = sqlx::query(crate::postgres::CHARGED_ONE)
         .bind(&request.account_id)
         .bind(&request.request_id)
         .fetch_optional(&mut **transaction)

@@ -291,7 +291,9 @@ pub(crate) const ACCOUNT_TOTALS: &str = "SELECT
         CAST((SELECT COALESCE(SUM(amount), 0) FROM fund_transactions WHERE account_id = ?) AS BIGINT) AS funds,
         CAST((SELECT COALESCE(SUM(cost), 0) FROM usage_log WHERE account_id = ?) AS BIGINT) AS costs";
 /// A charged request: its usage row by (account, request id), with what the id is bound to, then
-/// the stored body, if any, by the row's id (migration 0006).
+/// the stored body, if any, by the row's id (migration 0006). SQLite's: usage_log's unique index
+/// knows the charged ids there; PostgreSQL's partitioned usage_log cannot have one, and its
+/// ledger asks `charged_requests` (postgres.rs).
 pub(crate) const CHARGED_REQUEST: &str = "SELECT u.api_key_id, u.created_at, u.request_fingerprint, s.status, s.content_type, s.body
     FROM usage_log u LEFT JOIN stored_responses s ON s.usage_id = u.id
     WHERE u.account_id = ? AND u.request_id = ? AND u.status <> 'failed'";

@@ -18,7 +18,7 @@ use crate::alerts::{SPEND_COUNTERS_OF_ACCOUNT, counter_seed, period_labels};
 use crate::error::{StoreError, StoreResult};
 use crate::hot::CounterSeed;
 use crate::ledger::Ledger;
-use crate::operations::{CHARGED_REQUEST, pg};
+use crate::operations::pg;
 use crate::model::{
     Account, AccountBalance, AccountPatch, ApiKey, FundKind, FundOutcome, FundTransaction, LedgerEntry, NewAccount,
     ChargedRequest, NewApiKey, NewFund, NewPrice, PriceRow, RecordOutcome, RequestStatus, StoredResponse, SummaryGroup, SummaryRow, TopUp,
@@ -37,6 +37,14 @@ pub const FUND_CHANNEL: &str = "account_balance_updated";
 pub const CONFIG_CHANNEL: &str = "tollgate_config_changed";
 
 const ACQUIRE_TIMEOUT_MS: u64 = 10_000;
+
+/// A charged request: its (account, request id) in `charged_requests`, its usage row by id (any
+/// month's partition: the row's own date decides the replay window), its stored body if kept.
+const CHARGED_REQUEST: &str = "SELECT u.api_key_id, u.created_at, u.request_fingerprint, s.status, s.content_type, s.body
+    FROM charged_requests c JOIN usage_log u ON u.id = c.usage_id LEFT JOIN stored_responses s ON s.usage_id = c.usage_id
+    WHERE c.account_id = $1 AND c.request_id = $2";
+/// Whether an (account, request id) is charged.
+pub(crate) const CHARGED_ONE: &str = "SELECT 1 FROM charged_requests WHERE account_id = $1 AND request_id = $2";
 
 /// The PostgreSQL ledger.
 #[derive(Clone)]
@@ -219,10 +227,11 @@ impl UsageColumns {
         Ok(())
     }
 
-    /// One statement for the whole batch: its usage rows, and the stored responses of its
-    /// charged ones, each keyed by its new row's id (migration 0006). No `ON CONFLICT`: its
-    /// speculative insertion cost about 7 µs a row, and the unique index refuses a second charge,
-    /// failing the batch with `Conflict`.
+    /// One statement for the whole batch: its usage rows, the charged ones' (account, request id)
+    /// in `charged_requests` (migration 0008), and their stored responses, each keyed by its new
+    /// row's id (migration 0006). No `ON CONFLICT`: its speculative insertion cost about 7 µs a
+    /// row, and `charged_requests`' primary key refuses a second charge, failing the batch with
+    /// `Conflict`.
     async fn insert(self, stored: &[&UsageEvent], transaction: &mut Transaction<'static, Postgres>) -> StoreResult<()> {
         if self.request_id.is_empty() {
             return Ok(());
@@ -240,7 +249,10 @@ impl UsageColumns {
                  SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::BIGINT[],
                      $8::BIGINT[], $9::BIGINT[], $10::BIGINT[], $11::BIGINT[], $12::BIGINT[], $13::TEXT[], $14::BIGINT[],
                      $15::BIGINT[], $16::BIGINT[], $17::BIGINT[], $18::TEXT[], $19::BIGINT[], $20::BIGINT[], $21::TEXT[])
-                 RETURNING id, account_id, request_id, status)
+                 RETURNING id, account_id, request_id, status, created_at),
+             charged AS (
+                 INSERT INTO charged_requests (account_id, request_id, usage_id, created_at)
+                 SELECT account_id, request_id, id, created_at FROM inserted WHERE status <> 'failed')
              INSERT INTO stored_responses (usage_id, status, content_type, body, created_at)
              SELECT inserted.id, stored.status, stored.content_type, stored.body, stored.created_at
              FROM UNNEST($22::TEXT[], $23::TEXT[], $24::BIGINT[], $25::TEXT[], $26::BYTEA[], $27::BIGINT[])
@@ -385,10 +397,7 @@ async fn charged_already(transaction: &mut Transaction<'static, Postgres>, event
         .filter(|event| event.status != RequestStatus::Failed)
         .map(|event| (event.account_id.as_str(), event.request_id.as_str()))
         .unzip();
-    let rows = sqlx::query(
-        "SELECT account_id, request_id FROM usage_log WHERE status <> 'failed'
-         AND (account_id, request_id) IN (SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[]))",
-    )
+    let rows = sqlx::query("SELECT account_id, request_id FROM charged_requests WHERE (account_id, request_id) IN (SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[]))")
     .bind(&account_ids)
     .bind(&request_ids)
     .fetch_all(&mut **transaction)
@@ -691,7 +700,7 @@ impl Ledger for PgLedger {
     }
 
     async fn charged_request(&self, account_id: &str, request_id: &str) -> StoreResult<Option<ChargedRequest>> {
-        sqlx::query(pg(CHARGED_REQUEST))
+        sqlx::query(CHARGED_REQUEST)
             .bind(account_id)
             .bind(request_id)
             .fetch_optional(&self.pool)
@@ -702,7 +711,7 @@ impl Ledger for PgLedger {
     }
 
     async fn request_charged(&self, account_id: &str, request_id: &str) -> StoreResult<bool> {
-        let charged = sqlx::query(pg(crate::operations::CHARGED_ONE)).bind(account_id).bind(request_id).fetch_optional(&self.pool).await?;
+        let charged = sqlx::query(CHARGED_ONE).bind(account_id).bind(request_id).fetch_optional(&self.pool).await?;
         Ok(charged.is_some())
     }
 

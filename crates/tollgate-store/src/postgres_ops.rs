@@ -118,10 +118,9 @@ impl Operations for PgLedger {
         let totals = rows.iter().map(totals_from).collect::<StoreResult<Vec<_>>>()?;
         let (accounts, requests): (Vec<&str>, Vec<&str>) = charges.iter().map(|(account, request)| (account.as_str(), request.as_str())).unzip();
         let rows = sqlx::query(
-            "SELECT u.account_id, u.request_id FROM usage_log u
+            "SELECT c.account_id, c.request_id FROM charged_requests c
              JOIN UNNEST($1::TEXT[], $2::TEXT[]) AS wanted (account_id, request_id)
-               ON u.account_id = wanted.account_id AND u.request_id = wanted.request_id
-             WHERE u.status <> 'failed'",
+               ON c.account_id = wanted.account_id AND c.request_id = wanted.request_id",
         )
         .bind(accounts)
         .bind(requests)

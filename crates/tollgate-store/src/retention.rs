@@ -14,7 +14,7 @@
 
 use async_trait::async_trait;
 
-use crate::error::StoreResult;
+use crate::error::{StoreError, StoreResult};
 use crate::operations::pg;
 use crate::postgres::PgLedger;
 use crate::sqlite::SqliteLedger;
@@ -40,6 +40,35 @@ pub trait Retention {
     /// reuses them in place); returns how many free pages remain. One step holds the write lock
     /// for its pages only (about 40 ms for 1,024 pages here), so the caller pauses between steps.
     async fn compact_step(&self, pages_max: u32) -> StoreResult<u64>;
+    /// Makes the usage log's monthly partitions (PostgreSQL, migration 0008) for the month of
+    /// `now_ms` and the `months_ahead` after it, and for every month with rows in the default
+    /// partition (they move into it). A ledger that does not partition (SQLite) does nothing.
+    async fn ensure_usage_partitions(&self, now_ms: i64, months_ahead: u32) -> StoreResult<UsagePartitions>;
+}
+
+/// The usage log's monthly partitions after [`Retention::ensure_usage_partitions`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UsagePartitions {
+    /// Whether the ledger partitions the usage log at all.
+    pub partitioned: bool,
+    /// The months (`YYYY-MM`) whose partitions this call made.
+    pub made: Vec<String>,
+    /// Every month with a partition, oldest first.
+    pub months: Vec<String>,
+    /// Rows in the default partition: dated in a month without one (none after a call, unless
+    /// written meanwhile).
+    pub default_rows: u64,
+}
+
+/// `YYYY-MM` of a Unix-ms time, moved `ahead` months on (UTC).
+///
+/// # Errors
+/// The time is outside what a date can hold.
+pub fn month_label(at_ms: i64, ahead: u32) -> StoreResult<String> {
+    let at = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at_ms) * 1_000_000)
+        .map_err(|_| StoreError::Invalid(format!("impossible time {at_ms}")))?;
+    let index = i64::from(at.year()) * 12 + i64::from(u8::from(at.month())) - 1 + i64::from(ahead);
+    Ok(format!("{:04}-{:02}", index.div_euclid(12), index.rem_euclid(12) + 1))
 }
 
 /// The head of the table by key, and of it the rows past the cut-off; their body sizes.
@@ -68,6 +97,41 @@ impl Retention for PgLedger {
     async fn compact_step(&self, _pages_max: u32) -> StoreResult<u64> {
         Ok(0)
     }
+
+    async fn ensure_usage_partitions(&self, now_ms: i64, months_ahead: u32) -> StoreResult<UsagePartitions> {
+        let mut wanted = std::collections::BTreeSet::new();
+        for ahead in 0..=months_ahead {
+            wanted.insert(month_label(now_ms, ahead)?);
+        }
+        // Normally empty: rows land here only for a month nobody made a partition for.
+        let stray: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT to_char(to_timestamp(floor(created_at / 1000.0)::DOUBLE PRECISION) AT TIME ZONE 'UTC', 'YYYY-MM') FROM usage_log_default",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        wanted.extend(stray);
+        let mut made = Vec::new();
+        for month in wanted {
+            // One transaction per month; it waits for the writers in flight and makes the next
+            // wait for it, so it gives up rather than queue behind a long transaction.
+            let mut transaction = self.pool().begin().await?;
+            sqlx::query("SET LOCAL lock_timeout = '2s'").execute(&mut *transaction).await?;
+            let created: bool =
+                sqlx::query_scalar("SELECT tollgate_usage_partition(($1 || '-01')::DATE)").bind(&month).fetch_one(&mut *transaction).await?;
+            transaction.commit().await?;
+            if created {
+                made.push(month);
+            }
+        }
+        let months: Vec<String> = sqlx::query_scalar(
+            "SELECT replace(substr(c.relname, 11), '_', '-') FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             WHERE i.inhparent = 'usage_log'::regclass AND c.relname ~ '^usage_log_[0-9]{4}_[0-9]{2}$' ORDER BY c.relname",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        let default_rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM usage_log_default").fetch_one(self.pool()).await?;
+        Ok(UsagePartitions { partitioned: true, made, months, default_rows: u64::try_from(default_rows).unwrap_or(0) })
+    }
 }
 
 #[async_trait]
@@ -92,5 +156,28 @@ impl Retention for SqliteLedger {
         let free: i64 = sqlx::query_scalar("PRAGMA freelist_count").fetch_one(&mut *transaction).await?;
         transaction.commit().await?;
         Ok(u64::try_from(free).unwrap_or(0))
+    }
+
+    async fn ensure_usage_partitions(&self, _now_ms: i64, _months_ahead: u32) -> StoreResult<UsagePartitions> {
+        Ok(UsagePartitions::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::month_label;
+
+    #[test]
+    fn months_are_counted_on_across_year_ends_in_utc() {
+        // 2026-12-31 23:59:59.999 UTC, and the millisecond after it.
+        let last_ms = 1_798_761_599_999;
+        assert_eq!(month_label(last_ms, 0).unwrap(), "2026-12");
+        assert_eq!(month_label(last_ms + 1, 0).unwrap(), "2027-01");
+        assert_eq!(month_label(last_ms, 1).unwrap(), "2027-01");
+        assert_eq!(month_label(last_ms, 14).unwrap(), "2028-02");
+        assert_eq!(month_label(-1, 0).unwrap(), "1969-12");
+        assert!(month_label(i64::MAX, 0).is_err());
     }
 }

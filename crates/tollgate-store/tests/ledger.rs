@@ -20,7 +20,7 @@ use tollgate_store::retention::Pruned;
 use tollgate_store::verify::check_account;
 
 mod support;
-use support::{event, fresh_postgres_url};
+use support::{event, fresh_postgres_url, new_account};
 
 async fn sqlite() -> Arc<dyn Ledger> {
     let path = std::env::temp_dir().join(format!("tollgate-ledger-{}.db", uuid::Uuid::new_v4().simple()));
@@ -87,19 +87,7 @@ conformance!(
 );
 
 async fn account(ledger: &dyn Ledger, id: &str) {
-    ledger
-        .create_account(NewAccount {
-            id: id.into(),
-            kind: AccountKind::User,
-            name: "n".into(),
-            customer_type: "standard".into(),
-            credit_limit: Money::ZERO,
-            daily_request_quota: None,
-            monthly_request_quota: None,
-            low_balance_threshold: None,
-        })
-        .await
-        .unwrap();
+    ledger.create_account(new_account(id)).await.unwrap();
 }
 
 async fn deposit(ledger: &dyn Ledger, id: &str, nanos: i64, reference: &str) {

@@ -13,31 +13,19 @@ use tollgate_store::clock::system_clock;
 use tollgate_store::hot::{Authorization, AuthorizeRequest, BudgetPeriod, Limits, Refusal};
 use tollgate_store::ledger_charging::LedgerCharging;
 use tollgate_store::memory::MemoryHotStore;
-use tollgate_store::model::{AccountKind, NewAccount, RequestStatus, UsageEvent};
+use tollgate_store::model::{RequestStatus, UsageEvent};
 use tollgate_store::postgres::PgLedger;
 use tollgate_store::queue::channel_log;
 use tollgate_store::verify::check_account;
 
 mod support;
-use support::fresh_postgres_url;
+use support::{fresh_postgres_url, funded_account};
 
 const TENTH: i64 = 100_000_000;
 
 async fn ledger_with_account(nanos: i64) -> (PgLedger, LedgerCharging) {
     let ledger = PgLedger::connect(&fresh_postgres_url("charging").await, 8).await.unwrap();
-    let account = NewAccount {
-        id: "a".into(),
-        kind: AccountKind::User,
-        name: "n".into(),
-        customer_type: "standard".into(),
-        credit_limit: Money::ZERO,
-        daily_request_quota: None,
-        monthly_request_quota: None,
-        low_balance_threshold: None,
-    };
-    ledger.create_account(account).await.unwrap();
-    let topup = ledger.create_topup("a", Money::from_nanos(nanos), "initial").await.unwrap();
-    ledger.confirm_topup(&topup.id).await.unwrap();
+    funded_account(&ledger, "a", nanos).await;
     let charging = LedgerCharging::new(ledger.pool().clone());
     (ledger, charging)
 }

@@ -2,6 +2,8 @@
 //! batches with a pause between them, then gives the space back in steps with the same pause
 //! (`Retention::compact_step`).
 //! Which retries are replayed does not depend on it: the gateway decides by the charge's age.
+//!
+//! The `partitions` job: makes the usage log's monthly partitions ahead of time (PostgreSQL).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,4 +81,55 @@ pub fn prune_work(ledger: Arc<dyn Ledger>, clock: Clock, settings: PruneSettings
             Ok(format!("{} stored responses pruned ({} bytes) in {} batches; {oldest}", run.rows, run.bytes, run.batches))
         })
     })
+}
+
+/// The `partitions` job's work: the partitions of this month and `months_ahead` more, on the
+/// clock charges are dated by. Gauges: months made ahead of the current one, rows in the default
+/// partition (a month nobody made a partition for; each run moves them).
+pub fn partitions_work(ledger: Arc<dyn Ledger>, clock: Clock, months_ahead: u32) -> JobWork {
+    Arc::new(move || {
+        let (ledger, now_ms) = (Arc::clone(&ledger), clock());
+        Box::pin(async move {
+            let partitions = ledger.ensure_usage_partitions(now_ms, months_ahead).await.map_err(|error| error.to_string())?;
+            if !partitions.partitioned {
+                return Ok("the usage log is not partitioned on this ledger".to_string());
+            }
+            let ahead = months_covered_ahead(&partitions.months, now_ms).map_err(|error| error.to_string())?;
+            metrics::gauge!("tollgate_usage_partition_months_ahead").set(f64::from(ahead));
+            metrics::gauge!("tollgate_usage_log_default_rows").set(partitions.default_rows as f64);
+            metrics::counter!("tollgate_usage_partitions_made_total").increment(partitions.made.len() as u64);
+            let made = if partitions.made.is_empty() { "none made".to_string() } else { format!("made {}", partitions.made.join(", ")) };
+            Ok(format!("{made}; {} months partitioned, {ahead} ahead of this one; {} rows in the default partition", partitions.months.len(), partitions.default_rows))
+        })
+    })
+}
+
+/// How many months after the current one have a partition without a gap (0: only this one,
+/// or not even it).
+///
+/// # Errors
+/// The time is outside what a date can hold.
+pub fn months_covered_ahead(months: &[String], now_ms: i64) -> StoreResult<u32> {
+    let mut ahead = 0;
+    while months.contains(&tollgate_store::retention::month_label(now_ms, ahead + 1)?) {
+        ahead += 1;
+    }
+    Ok(ahead)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::months_covered_ahead;
+
+    #[test]
+    fn months_ahead_count_the_partitions_after_this_month_up_to_the_first_gap() {
+        let december = 1_796_083_200_000; // 2026-12-01 UTC
+        let months = |labels: &[&str]| labels.iter().map(|label| label.to_string()).collect::<Vec<_>>();
+        assert_eq!(months_covered_ahead(&months(&["2026-12", "2027-01", "2027-02"]), december).unwrap(), 2);
+        assert_eq!(months_covered_ahead(&months(&["2026-12", "2027-02"]), december).unwrap(), 0, "a gap ends the count");
+        assert_eq!(months_covered_ahead(&months(&["2026-11", "2027-01"]), december).unwrap(), 1, "earlier months do not count");
+        assert_eq!(months_covered_ahead(&[], december).unwrap(), 0);
+    }
 }

@@ -3,7 +3,8 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use tollgate_core::{Money, Usage, UsageSource};
-use tollgate_store::model::{RequestStatus, UsageEvent};
+use tollgate_store::Ledger;
+use tollgate_store::model::{AccountKind, NewAccount, RequestStatus, UsageEvent};
 
 /// The URL of a fresh database on the test server (`TOLLGATE_TEST_POSTGRES_URL`), named with
 /// `prefix`.
@@ -37,4 +38,25 @@ pub fn event(account: &str, request: &str, cost: i64, status: RequestStatus) -> 
         stored_response: None,
         request_fingerprint: None,
     }
+}
+
+/// A user account of the standard tier, no credit, no quotas.
+pub fn new_account(id: &str) -> NewAccount {
+    NewAccount {
+        id: id.into(),
+        kind: AccountKind::User,
+        name: "n".into(),
+        customer_type: "standard".into(),
+        credit_limit: Money::ZERO,
+        daily_request_quota: None,
+        monthly_request_quota: None,
+        low_balance_threshold: None,
+    }
+}
+
+/// [`new_account`] created, with a confirmed top-up of `nanos`.
+pub async fn funded_account(ledger: &dyn Ledger, id: &str, nanos: i64) {
+    ledger.create_account(new_account(id)).await.unwrap();
+    let topup = ledger.create_topup(id, Money::from_nanos(nanos), &format!("deposit-{id}")).await.unwrap();
+    ledger.confirm_topup(&topup.id).await.unwrap();
 }
