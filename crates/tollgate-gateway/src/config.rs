@@ -176,6 +176,9 @@ pub struct JobsConfig {
     pub prune_batch_rows: u32,
     /// Pause between two batches, so a backlog is worked off without crowding the writers.
     pub prune_pause_ms: u64,
+    /// At most this many stored responses deleted a second (0: no bound but the pause). Keep it
+    /// above the rate of charged non-streaming requests.
+    pub prune_rows_per_second: u32,
     /// Making the usage log's monthly partitions ahead of time (PostgreSQL ledger).
     pub partitions_interval_ms: u64,
     /// How many months after the current one get their partition in advance (1–24).
@@ -192,6 +195,7 @@ impl Default for JobsConfig {
             prune_interval_ms: 60_000,
             prune_batch_rows: 1_000,
             prune_pause_ms: 50,
+            prune_rows_per_second: 2_000,
             partitions_interval_ms: 3_600_000,
             partitions_ahead_months: 3,
         }

@@ -52,6 +52,7 @@ pub fn spawn(tasks: &TaskTracker, stores: &JobStores, config: &GatewayConfig, sh
             window_ms: i64::try_from(config.limits.replay_window_ms).unwrap_or(i64::MAX),
             batch_rows: config.jobs.prune_batch_rows,
             pause: Duration::from_millis(config.jobs.prune_pause_ms),
+            rows_per_second: config.jobs.prune_rows_per_second,
         };
         leased.push(LeasedJob { name: "prune", period: Duration::from_millis(config.jobs.prune_interval_ms), work: prune_work(Arc::clone(&stores.ledger), Arc::clone(&stores.clock), settings) });
     }

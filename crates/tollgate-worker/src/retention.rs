@@ -21,8 +21,24 @@ pub struct PruneSettings {
     pub window_ms: i64,
     /// Rows per batch: one short transaction each.
     pub batch_rows: u32,
-    /// Between two batches.
+    /// Between two batches, at least.
     pub pause: Duration,
+    /// At most this many rows deleted a second, on average over a run (0: no bound). A backlog
+    /// (the job off for a while, a replay window shortened) is then worked off at a pace the
+    /// writers beside it do not feel; set it above the rate of charged non-streaming requests,
+    /// or bodies pile up (`tollgate_stored_response_oldest_age_seconds` shows it).
+    pub rows_per_second: u32,
+}
+
+/// How long to wait after a batch of `rows` that took `took`: the pause, or longer so that the
+/// run stays under `rows_per_second`.
+pub fn pause_after(rows: u64, took: Duration, settings: &PruneSettings) -> Duration {
+    if settings.rows_per_second == 0 {
+        return settings.pause;
+    }
+    // The time `rows` may take at the bound, less what the batch took already.
+    let paced = Duration::from_secs_f64(rows as f64 / f64::from(settings.rows_per_second)).saturating_sub(took);
+    paced.max(settings.pause)
 }
 
 /// Pages handed back to the file system per step (4 MiB of SQLite's 4 KiB pages).
@@ -48,6 +64,7 @@ pub async fn prune(ledger: &dyn Ledger, now_ms: i64, settings: PruneSettings) ->
     let before_ms = now_ms.saturating_sub(settings.window_ms).saturating_add(1);
     let mut run = PruneRun::default();
     loop {
+        let started = std::time::Instant::now();
         let batch = ledger.prune_stored_responses(before_ms, settings.batch_rows).await?;
         run.batches += 1;
         run.rows += batch.rows;
@@ -57,7 +74,7 @@ pub async fn prune(ledger: &dyn Ledger, now_ms: i64, settings: PruneSettings) ->
         if batch.rows < u64::from(settings.batch_rows) {
             break;
         }
-        tokio::time::sleep(settings.pause).await;
+        tokio::time::sleep(pause_after(batch.rows, started.elapsed(), &settings)).await;
     }
     if run.rows > 0 {
         while ledger.compact_step(COMPACT_PAGES_PER_STEP).await? > 0 {
@@ -121,7 +138,20 @@ pub fn months_covered_ahead(months: &[String], now_ms: i64) -> StoreResult<u32> 
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use super::months_covered_ahead;
+    use std::time::Duration;
+
+    use super::{PruneSettings, months_covered_ahead, pause_after};
+
+    #[test]
+    fn a_bounded_prune_waits_out_what_its_rows_may_take() {
+        let mut settings = PruneSettings { window_ms: 1, batch_rows: 1_000, pause: Duration::from_millis(50), rows_per_second: 2_000 };
+        // 1,000 rows at 2,000 a second: half a second, of which the batch took 100 ms.
+        assert_eq!(pause_after(1_000, Duration::from_millis(100), &settings), Duration::from_millis(400));
+        assert_eq!(pause_after(1_000, Duration::from_millis(480), &settings), Duration::from_millis(50), "never below the pause");
+        assert_eq!(pause_after(1_000, Duration::from_secs(3), &settings), Duration::from_millis(50), "a slow batch waits the pause only");
+        settings.rows_per_second = 0;
+        assert_eq!(pause_after(1_000, Duration::ZERO, &settings), Duration::from_millis(50), "no bound: the pause");
+    }
 
     #[test]
     fn months_ahead_count_the_partitions_after_this_month_up_to_the_first_gap() {
