@@ -187,3 +187,19 @@ async fn an_existing_database_converts_with_every_row_charge_and_body() {
     assert_eq!(ledger.account_balance("a").await.unwrap().unwrap().balance, Money::from_nanos(959));
     assert_sound(&ledger, "a").await;
 }
+
+/// What an archive will leave (design in docs/RETENTION.md): an id whose usage row is gone stays
+/// charged — `charged_requests` answers — while there is no record left to replay; a retry is
+/// a duplicate, never a second charge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_stays_charged_when_its_usage_row_is_gone() {
+    let (ledger, pool) = ledger_and_pool().await;
+    ledger.ensure_usage_partitions(JANUARY, 2).await.unwrap();
+    funded_account(&*ledger, "a", 1_000).await;
+    assert_eq!(ledger.record_usage_batch(&[dated("a", "r1", 10, JANUARY)]).await.unwrap(), vec![RecordOutcome::Inserted]);
+    sqlx::query("ALTER TABLE usage_log DETACH PARTITION usage_log_2026_01").execute(&pool).await.unwrap();
+    assert!(ledger.request_charged("a", "r1").await.unwrap());
+    assert_eq!(ledger.charged_request("a", "r1").await.unwrap(), None, "no row, no record to replay");
+    assert_eq!(ledger.record_usage_batch(&[dated("a", "r1", 10, MARCH)]).await.unwrap(), vec![RecordOutcome::Duplicate]);
+    assert_eq!(ledger.account_balance("a").await.unwrap().unwrap().balance, Money::from_nanos(990));
+}
