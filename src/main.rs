@@ -71,6 +71,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Move old months of usage rows out of the ledger: each month before `--before` goes to
+    /// `OUT/usage_log-YYYY-MM.csv` (with a manifest), is read back and checked against the ledger
+    /// (row count, Σ cost), then dropped; per-account runs keep every balance provable
+    /// (docs/RETENTION.md).
+    Archive {
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        /// The first month kept (YYYY-MM): every month before it is archived. Each must have
+        /// ended at least limits.replay_window_ms ago.
+        #[arg(long)]
+        before: String,
+        /// The directory the files go to (created if missing).
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Print what was archived as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Price lists: import OpenRouter's or LiteLLM's; list routed models without a price.
     Prices {
         #[command(subcommand)]
@@ -292,6 +310,21 @@ async fn main() -> Result<()> {
             }
             if !report.is_sound() {
                 std::process::exit(3);
+            }
+            Ok(())
+        }
+        Command::Archive { config, before, out, json } => {
+            let config = load_config(config.as_deref())?;
+            let archived = tollgate_gateway::server::archive(&config, &before, &out).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&archived)?);
+            } else if archived.is_empty() {
+                println!("no usage rows before {before}: nothing archived");
+            } else {
+                println!("{:<8} {:>12} {:>24} {:>9} {:>9}  file", "month", "rows", "cost", "accounts", "runs");
+                for month in &archived {
+                    println!("{:<8} {:>12} {:>24} {:>9} {:>9}  {}", month.month, month.usage_rows, month.cost.to_string(), month.accounts, month.runs, month.file.display());
+                }
             }
             Ok(())
         }

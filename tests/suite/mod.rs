@@ -1,4 +1,5 @@
 mod alerts;
+mod archive;
 mod bad_input;
 mod charging;
 mod concurrency;

@@ -266,7 +266,7 @@ impl From<StoreError> for ApiError {
             StoreError::Invalid(message) => ApiError::InvalidRequest(message),
             StoreError::Unavailable(detail) => ApiError::BillingUnavailable(detail),
             StoreError::Overflow(what) => ApiError::InvalidRequest(format!("amount out of range ({what})")),
-            StoreError::Corrupt(detail) => ApiError::Internal(detail),
+            StoreError::Corrupt(detail) | StoreError::Archive(detail) => ApiError::Internal(detail),
         }
     }
 }

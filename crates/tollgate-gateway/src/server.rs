@@ -359,6 +359,18 @@ pub async fn verify(config: &GatewayConfig, served: Option<&[tollgate_worker::ve
     Ok(tollgate_worker::verify::verify(&*ledger, hot, served).await?)
 }
 
+/// `tollgate archive`: every month of usage rows before `before` (`YYYY-MM`) to files in `dir`,
+/// verified, then dropped from the ledger ([`tollgate_store::archive`]). A month must have ended
+/// at least `limits.replay_window_ms` ago.
+///
+/// # Errors
+/// A month too recent, a store or file failure, or an export that does not match the ledger.
+pub async fn archive(config: &GatewayConfig, before: &str, dir: &std::path::Path) -> Result<Vec<tollgate_store::archive::MonthArchived>, ServerError> {
+    let (ledger, _) = open_ledger(&config.database_url).await?;
+    let window = i64::try_from(config.limits.replay_window_ms).unwrap_or(i64::MAX);
+    Ok(tollgate_store::archive::archive_before(&*ledger, before, dir, tollgate_store::clock::now_ms(), window).await?)
+}
+
 /// The stores a command-line check reads: the ledger and, in services mode, Redis.
 async fn open_stores(config: &GatewayConfig) -> Result<(Arc<dyn Ledger>, Option<RedisHotStore>), ServerError> {
     let (ledger, _) = open_ledger(&config.database_url).await?;

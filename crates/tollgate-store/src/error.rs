@@ -24,6 +24,10 @@ pub enum StoreError {
     /// Stored data broke an invariant the store relies on (a programmer or operator error).
     #[error("ledger corruption: {0}")]
     Corrupt(String),
+    /// An archive file could not be written, read back, or did not match the ledger: nothing was
+    /// dropped.
+    #[error("archive: {0}")]
+    Archive(String),
 }
 
 /// What a caller is told of a unique or foreign-key violation (the database's message is logged).

@@ -22,7 +22,7 @@ use crate::model::{
 /// Every write is one database transaction and idempotent where the contract says so
 /// (top-up confirmation, fund references, usage rows by (account, request id)).
 #[async_trait]
-pub trait Ledger: crate::operations::Operations + crate::retention::Retention + Send + Sync + 'static {
+pub trait Ledger: crate::operations::Operations + crate::retention::Retention + crate::archive::Archive + Send + Sync + 'static {
     /// Succeeds when the database answers a trivial query.
     async fn ping(&self) -> StoreResult<()>;
 

@@ -15,7 +15,9 @@
 //! - [`operations`]: reconciliation reads and repairs, job leases, the outbox; [`alerts`]: the
 //!   events a money change queues in its own transaction.
 //! - [`retention`]: pruning what is kept for a window (stored responses), compaction.
+//! - [`archive`]: old months of usage rows out to files, with what proves the balances kept.
 
+pub mod archive;
 pub mod clock;
 pub mod error;
 pub mod hot;

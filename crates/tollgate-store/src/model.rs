@@ -379,18 +379,51 @@ pub struct AccountBalance {
     pub ledger_seq: i64,
 }
 
-/// One row of a statement: fund and usage rows together in ledger order.
+/// Consecutive chain positions of one account that were usage rows of an archived month
+/// (`tollgate archive`): kept as one chain entry once the rows are gone.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ArchivedRun {
+    pub account_id: String,
+    pub first_seq: i64,
+    pub last_seq: i64,
+    pub usage_rows: u64,
+    /// Σ cost of the run's rows.
+    pub cost: Money,
+    pub balance_before: Money,
+    pub balance_after: Money,
+    /// `YYYY-MM`.
+    pub month: String,
+    /// The first and last rows' times.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_at: OffsetDateTime,
+}
+
+/// One row of a statement: fund and usage rows together in ledger order, archived runs in the
+/// places of their rows.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LedgerEntry {
     Fund(FundTransaction),
     Usage(UsageRow),
+    Archived(ArchivedRun),
 }
 
 impl LedgerEntry {
+    /// The entry's (first) position.
     pub fn ledger_seq(&self) -> i64 {
         match self {
             LedgerEntry::Fund(fund) => fund.ledger_seq,
             LedgerEntry::Usage(usage) => usage.ledger_seq,
+            LedgerEntry::Archived(run) => run.first_seq,
+        }
+    }
+
+    /// The entry's last position: its only one but for an archived run.
+    pub fn last_ledger_seq(&self) -> i64 {
+        match self {
+            LedgerEntry::Archived(run) => run.last_seq,
+            other => other.ledger_seq(),
         }
     }
 
@@ -398,6 +431,7 @@ impl LedgerEntry {
         match self {
             LedgerEntry::Fund(fund) => fund.balance_before,
             LedgerEntry::Usage(usage) => usage.balance_before,
+            LedgerEntry::Archived(run) => run.balance_before,
         }
     }
 
@@ -405,8 +439,28 @@ impl LedgerEntry {
         match self {
             LedgerEntry::Fund(fund) => fund.balance_after,
             LedgerEntry::Usage(usage) => usage.balance_after,
+            LedgerEntry::Archived(run) => run.balance_after,
         }
     }
+}
+
+/// An account's totals for an archived month: what its statement still shows.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ArchivedAccountMonth {
+    pub account_id: String,
+    /// `YYYY-MM`.
+    pub month: String,
+    /// Usage rows, failed attempts included.
+    pub usage_rows: u64,
+    /// Charged (not failed) requests.
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub cache_write_tokens: u64,
+    pub output_tokens: u64,
+    pub cost: Money,
+    /// The archive files the month's rows went to (a month archived again has several).
+    pub files: Vec<String>,
 }
 
 /// A page of usage rows: newest first, `id < cursor`.

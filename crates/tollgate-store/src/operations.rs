@@ -280,16 +280,16 @@ pub(crate) const LEDGER_TOTALS: &str = "SELECT b.account_id, b.balance, b.ledger
         CAST(COALESCE(f.total, 0) AS BIGINT) AS funds, CAST(COALESCE(u.total, 0) AS BIGINT) AS costs
     FROM account_balance b
     LEFT JOIN (SELECT account_id, SUM(amount) AS total FROM fund_transactions GROUP BY account_id) f ON f.account_id = b.account_id
-    LEFT JOIN (SELECT account_id, SUM(cost) AS total FROM usage_log GROUP BY account_id) u ON u.account_id = b.account_id
+    LEFT JOIN (SELECT account_id, SUM(cost) AS total FROM ledger_costs GROUP BY account_id) u ON u.account_id = b.account_id
     ORDER BY b.account_id";
 /// `LEDGER_TOTALS` for named accounts: per-account sums over the account indexes.
 pub(crate) const SOME_LEDGER_TOTALS: &str = "SELECT b.account_id, b.balance, b.ledger_seq, b.last_fund_seq,
         CAST((SELECT COALESCE(SUM(amount), 0) FROM fund_transactions f WHERE f.account_id = b.account_id) AS BIGINT) AS funds,
-        CAST((SELECT COALESCE(SUM(cost), 0) FROM usage_log u WHERE u.account_id = b.account_id) AS BIGINT) AS costs
+        CAST((SELECT COALESCE(SUM(cost), 0) FROM ledger_costs u WHERE u.account_id = b.account_id) AS BIGINT) AS costs
     FROM account_balance b WHERE b.account_id";
 pub(crate) const ACCOUNT_TOTALS: &str = "SELECT
         CAST((SELECT COALESCE(SUM(amount), 0) FROM fund_transactions WHERE account_id = ?) AS BIGINT) AS funds,
-        CAST((SELECT COALESCE(SUM(cost), 0) FROM usage_log WHERE account_id = ?) AS BIGINT) AS costs";
+        CAST((SELECT COALESCE(SUM(cost), 0) FROM ledger_costs WHERE account_id = ?) AS BIGINT) AS costs";
 /// A charged request: its usage row by (account, request id), with what the id is bound to, then
 /// the stored body, if any, by the row's id (migration 0006). SQLite's: usage_log's unique index
 /// knows the charged ids there; PostgreSQL's partitioned usage_log cannot have one, and its
@@ -297,7 +297,10 @@ pub(crate) const ACCOUNT_TOTALS: &str = "SELECT
 pub(crate) const CHARGED_REQUEST: &str = "SELECT u.api_key_id, u.created_at, u.request_fingerprint, s.status, s.content_type, s.body
     FROM usage_log u LEFT JOIN stored_responses s ON s.usage_id = u.id
     WHERE u.account_id = ? AND u.request_id = ? AND u.status <> 'failed'";
-pub(crate) const CHARGED_ONE: &str = "SELECT 1 FROM usage_log WHERE account_id = ? AND request_id = ? AND status <> 'failed'";
+/// SQLite's: a charged id is in usage_log's unique index, or in archived_charges once its month
+/// was archived (migration 0006).
+pub(crate) const CHARGED_ONE: &str = "SELECT 1 FROM usage_log WHERE account_id = ?1 AND request_id = ?2 AND status <> 'failed'
+    UNION ALL SELECT 1 FROM archived_charges WHERE account_id = ?1 AND request_id = ?2";
 pub(crate) const START_RECONCILIATION: &str = "INSERT INTO reconciliation_log (started_at, fix) VALUES (?, ?) RETURNING id";
 pub(crate) const FINISH_RECONCILIATION: &str = "UPDATE reconciliation_log SET finished_at = ?, accounts_checked = ?, accounts_busy = ?,
     drifts_found = ?, accounts_repaired = ?, total_drift = ?, report = ? WHERE id = ?";
@@ -323,11 +326,11 @@ pub(crate) const ADVANCE_OUTBOX: &str = "UPDATE outbox SET attempts = ?, status 
 
 pub(crate) const BALANCE_BEFORE: &str = "SELECT
         CAST((SELECT COALESCE(SUM(amount), 0) FROM fund_transactions WHERE account_id = ? AND created_at < ?) AS BIGINT) AS funds,
-        CAST((SELECT COALESCE(SUM(cost), 0) FROM usage_log WHERE account_id = ? AND created_at < ?) AS BIGINT) AS costs";
+        CAST((SELECT COALESCE(SUM(cost), 0) FROM ledger_costs WHERE account_id = ? AND created_at < ?) AS BIGINT) AS costs";
 pub(crate) const PERIOD_FUNDS: &str = "SELECT kind, COUNT(*) AS entries, CAST(COALESCE(SUM(amount), 0) AS BIGINT) AS total
     FROM fund_transactions WHERE account_id = ? AND created_at >= ? AND created_at < ? GROUP BY kind";
-pub(crate) const PERIOD_USAGE: &str = "SELECT COUNT(*) AS entries, CAST(COALESCE(SUM(cost), 0) AS BIGINT) AS total
-    FROM usage_log WHERE account_id = ? AND created_at >= ? AND created_at < ?";
+pub(crate) const PERIOD_USAGE: &str = "SELECT CAST(COALESCE(SUM(entries), 0) AS BIGINT) AS entries, CAST(COALESCE(SUM(cost), 0) AS BIGINT) AS total
+    FROM ledger_costs WHERE account_id = ? AND created_at >= ? AND created_at < ?";
 
 /// Assembles a period's totals from the three reads above.
 pub(crate) fn period_totals_from(opening: &impl Fields, funds: &[impl Fields], usage: &impl Fields) -> StoreResult<PeriodTotals> {

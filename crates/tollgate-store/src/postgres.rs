@@ -26,7 +26,7 @@ use crate::model::{
 };
 use crate::sql_rows::{
     Fields, SUMMARY_SELECT, UsagePlan, account_from, allowed_models_text, apply_patch, check_fund_direction, check_hot_store_range, checked_add, fund_from,
-    key_from, kind_text, merge_statement, money, ms_of, now_ms, optional_i64, plan_usage_batch, price_from, push_time_range,
+    key_from, kind_text, merge_statement, statement_queries, money, ms_of, now_ms, optional_i64, plan_usage_batch, price_from, push_time_range,
     push_usage_query, status_text, charged_request_from, summarize, to_i64, topup_from, usage_from,
 };
 
@@ -736,15 +736,11 @@ impl Ledger for PgLedger {
     }
 
     async fn statement(&self, account_id: &str, start: Option<OffsetDateTime>, end: Option<OffsetDateTime>) -> StoreResult<Vec<LedgerEntry>> {
-        let mut funds = QueryBuilder::<Postgres>::new("SELECT * FROM fund_transactions WHERE account_id = ");
-        funds.push_bind(account_id.to_string());
-        push_time_range(&mut funds, start, end);
-        let mut usage = QueryBuilder::<Postgres>::new("SELECT * FROM usage_log WHERE account_id = ");
-        usage.push_bind(account_id.to_string());
-        push_time_range(&mut usage, start, end);
+        let [mut funds, mut usage, mut runs] = statement_queries::<Postgres>(account_id, start, end);
         let funds = funds.build().fetch_all(&self.pool).await?;
         let usage = usage.build().fetch_all(&self.pool).await?;
-        merge_statement(&funds, &usage)
+        let runs = runs.build().fetch_all(&self.pool).await?;
+        merge_statement(&funds, &usage, &runs)
     }
 
     async fn summary(&self, account_id: Option<&str>, start: Option<OffsetDateTime>, end: Option<OffsetDateTime>, group_by: SummaryGroup) -> StoreResult<Vec<SummaryRow>> {
@@ -760,7 +756,7 @@ impl Ledger for PgLedger {
         // NUMERIC sums cannot overflow; the result must still fit the balance type.
         let rebuilt: Option<String> = sqlx::query_scalar(
             "SELECT ((SELECT COALESCE(SUM(amount::NUMERIC), 0) FROM fund_transactions WHERE account_id = $1)
-                   - (SELECT COALESCE(SUM(cost::NUMERIC), 0) FROM usage_log WHERE account_id = $1))::TEXT",
+                   - (SELECT COALESCE(SUM(cost::NUMERIC), 0) FROM ledger_costs WHERE account_id = $1))::TEXT",
         )
         .bind(account_id)
         .fetch_one(&self.pool)

@@ -12,7 +12,7 @@ use tollgate_core::{Money, Price, Usage, UsageSource};
 
 use crate::error::{StoreError, StoreResult};
 use crate::model::{
-    Account, AccountKind, AccountPatch, AccountStatus, ApiKey, ChargedRequest, FundKind, FundTransaction, KeyStatus, LedgerEntry,
+    Account, AccountKind, AccountPatch, AccountStatus, ApiKey, ArchivedRun, ChargedRequest, FundKind, FundTransaction, KeyStatus, LedgerEntry,
     NewFund, PriceRow, RecordOutcome, RequestStatus, StoredResponse, SummaryGroup, SummaryRow, TopUp, TopUpStatus,
     UsageEvent, UsageQuery, UsageRow,
 };
@@ -346,17 +346,50 @@ where
     builder.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(query.limit.clamp(1, PAGE_ROWS_MAX)));
 }
 
-/// Fund and usage rows together, in ledger order.
-pub(crate) fn merge_statement(funds: &[impl Fields], usage: &[impl Fields]) -> StoreResult<Vec<LedgerEntry>> {
-    let mut entries = Vec::with_capacity(funds.len() + usage.len());
+/// The reads of a statement of an account within `[start, end)`: its fund rows, usage rows and
+/// archived runs (by their first row's time), for [`merge_statement`].
+pub(crate) fn statement_queries<DB: sqlx::Database>(account_id: &str, start: Option<OffsetDateTime>, end: Option<OffsetDateTime>) -> [sqlx::QueryBuilder<DB>; 3]
+where
+    for<'b> i64: sqlx::Encode<'b, DB> + sqlx::Type<DB>,
+    for<'b> String: sqlx::Encode<'b, DB> + sqlx::Type<DB>,
+{
+    ["fund_transactions", "usage_log", "archived_runs"].map(|table| {
+        let mut builder = sqlx::QueryBuilder::new(format!("SELECT * FROM {table} WHERE account_id = "));
+        builder.push_bind(account_id.to_string());
+        push_time_range(&mut builder, start, end);
+        builder
+    })
+}
+
+/// Fund rows, usage rows and archived runs together, in ledger order.
+pub(crate) fn merge_statement(funds: &[impl Fields], usage: &[impl Fields], runs: &[impl Fields]) -> StoreResult<Vec<LedgerEntry>> {
+    let mut entries = Vec::with_capacity(funds.len() + usage.len() + runs.len());
     for row in funds {
         entries.push(LedgerEntry::Fund(fund_from(row)?));
     }
     for row in usage {
         entries.push(LedgerEntry::Usage(usage_from(row)?));
     }
+    for row in runs {
+        entries.push(LedgerEntry::Archived(run_from(row)?));
+    }
     entries.sort_by_key(LedgerEntry::ledger_seq);
     Ok(entries)
+}
+
+pub(crate) fn run_from(row: &impl Fields) -> StoreResult<ArchivedRun> {
+    Ok(ArchivedRun {
+        account_id: row.text("account_id")?,
+        first_seq: row.int("first_seq")?,
+        last_seq: row.int("last_seq")?,
+        usage_rows: to_u64(row.int("usage_rows")?, "usage_rows")?,
+        cost: money(row, "cost")?,
+        balance_before: money(row, "balance_before")?,
+        balance_after: money(row, "balance_after")?,
+        month: row.text("month")?,
+        created_at: time_of(row.int("created_at")?)?,
+        last_at: time_of(row.int("last_at")?)?,
+    })
 }
 
 /// Usage totals by group, summed exactly (checked), from charged usage rows.

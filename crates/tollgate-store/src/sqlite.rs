@@ -25,7 +25,7 @@ use crate::model::{
 use crate::sqlite_ops::json_list;
 use crate::sql_rows::{
     Fields, SUMMARY_SELECT, UsagePlan, account_from, allowed_models_text, apply_patch, check_fund_direction, check_hot_store_range, checked_add, fund_from,
-    key_from, kind_text, merge_statement, money, ms_of, now_ms, optional_i64, plan_usage_batch, price_from, push_time_range,
+    key_from, kind_text, merge_statement, statement_queries, money, ms_of, now_ms, optional_i64, plan_usage_batch, price_from, push_time_range,
     push_usage_query, status_text, charged_request_from, summarize, to_i64, topup_from, usage_from,
 };
 
@@ -200,16 +200,21 @@ async fn batch_start<'a>(transaction: &mut Transaction<'static, Sqlite>, events:
         .filter(|event| event.status != RequestStatus::Failed)
         .map(|event| serde_json::json!([event.account_id, event.request_id]))
         .collect();
+    let pairs = serde_json::Value::Array(pairs).to_string();
     // A position row has no request id; a charged row has one.
     let rows = sqlx::query(
         "SELECT account_id, balance, ledger_seq, NULL AS request_id FROM account_balance
              WHERE account_id IN (SELECT value FROM json_each(?))
          UNION ALL
          SELECT account_id, NULL, NULL, request_id FROM usage_log WHERE status <> 'failed'
-             AND (account_id, request_id) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?))",
+             AND (account_id, request_id) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?))
+         UNION ALL
+         SELECT account_id, NULL, NULL, request_id FROM archived_charges
+             WHERE (account_id, request_id) IN (SELECT value ->> 0, value ->> 1 FROM json_each(?))",
     )
     .bind(json_list(&account_ids))
-    .bind(serde_json::Value::Array(pairs).to_string())
+    .bind(&pairs)
+    .bind(&pairs)
     .fetch_all(&mut **transaction)
     .await?;
     let mut start = BatchStart { positions: HashMap::with_capacity(account_ids.len()), charged: HashSet::new() };
@@ -683,15 +688,11 @@ impl Ledger for SqliteLedger {
     }
 
     async fn statement(&self, account_id: &str, start: Option<OffsetDateTime>, end: Option<OffsetDateTime>) -> StoreResult<Vec<LedgerEntry>> {
-        let mut funds = QueryBuilder::<Sqlite>::new("SELECT * FROM fund_transactions WHERE account_id = ");
-        funds.push_bind(account_id.to_string());
-        push_time_range(&mut funds, start, end);
-        let mut usage = QueryBuilder::<Sqlite>::new("SELECT * FROM usage_log WHERE account_id = ");
-        usage.push_bind(account_id.to_string());
-        push_time_range(&mut usage, start, end);
+        let [mut funds, mut usage, mut runs] = statement_queries::<Sqlite>(account_id, start, end);
         let funds = funds.build().fetch_all(&self.pool).await?;
         let usage = usage.build().fetch_all(&self.pool).await?;
-        merge_statement(&funds, &usage)
+        let runs = runs.build().fetch_all(&self.pool).await?;
+        merge_statement(&funds, &usage, &runs)
     }
 
     async fn summary(&self, account_id: Option<&str>, start: Option<OffsetDateTime>, end: Option<OffsetDateTime>, group_by: SummaryGroup) -> StoreResult<Vec<SummaryRow>> {
@@ -711,7 +712,7 @@ impl Ledger for SqliteLedger {
         for amount in amounts {
             balance = checked_add(balance, Money::from_nanos(amount))?;
         }
-        let costs: Vec<i64> = sqlx::query_scalar("SELECT cost FROM usage_log WHERE account_id = ?").bind(account_id).fetch_all(&self.pool).await?;
+        let costs: Vec<i64> = sqlx::query_scalar("SELECT cost FROM ledger_costs WHERE account_id = ?").bind(account_id).fetch_all(&self.pool).await?;
         for cost in costs {
             balance = balance.checked_sub(Money::from_nanos(cost)).ok_or(StoreError::Overflow("balance"))?;
         }

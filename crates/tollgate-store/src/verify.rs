@@ -25,9 +25,9 @@ pub struct AccountCheck {
     /// Request ids with more than one charged row.
     pub duplicate_request_ids: Vec<String>,
     /// The cost of every charged (not failed) request id of the account, as its row says (the
-    /// first row, for a doubled id).
+    /// first row, for a doubled id); archived rows are no longer here.
     pub charged: HashMap<String, Money>,
-    /// Usage rows of the account, failed ones included.
+    /// Usage rows of the account, failed ones included, archived ones too.
     pub usage_rows: u64,
 }
 
@@ -60,8 +60,11 @@ pub async fn check_account(ledger: &dyn Ledger, account_id: &str) -> StoreResult
         if entry.balance_before() != previous_after || entry.ledger_seq() != previous_seq + 1 {
             chain_breaks.push(entry.ledger_seq());
         }
-        if let LedgerEntry::Usage(_) = entry {
-            usage_rows += 1;
+        match entry {
+            LedgerEntry::Usage(_) => usage_rows += 1,
+            // Its rows were archived (`tollgate archive`): checked while exporting, one entry here.
+            LedgerEntry::Archived(run) => usage_rows += run.usage_rows,
+            LedgerEntry::Fund(_) => {}
         }
         if let LedgerEntry::Usage(row) = entry
             && row.status != RequestStatus::Failed
@@ -73,7 +76,7 @@ pub async fn check_account(ledger: &dyn Ledger, account_id: &str) -> StoreResult
             }
         }
         previous_after = entry.balance_after();
-        previous_seq = entry.ledger_seq();
+        previous_seq = entry.last_ledger_seq();
     }
     Ok(AccountCheck {
         account_id: account_id.to_string(),

@@ -442,6 +442,21 @@ fn statement_row(entry: &LedgerEntry) -> Value {
             "price_id": usage.price_id,
             "created_at": rfc3339(usage.created_at),
         }),
+        // Usage rows of an archived month (`tollgate archive`): one row for the run of positions
+        // `ledger_seq..=last_ledger_seq` they held; the rows themselves are in the month's file.
+        LedgerEntry::Archived(run) => json!({
+            "kind": "archived",
+            "ledger_seq": run.first_seq,
+            "last_ledger_seq": run.last_seq,
+            "amount": Money::ZERO.checked_sub(run.cost),
+            "balance_before": run.balance_before,
+            "balance_after": run.balance_after,
+            "usage_rows": run.usage_rows,
+            "month": run.month,
+            "reference_id": format!("archived {}", run.month),
+            "created_at": rfc3339(run.created_at),
+            "last_at": rfc3339(run.last_at),
+        }),
     }
 }
 

@@ -67,6 +67,8 @@ async fn monthly_statement(
     let as_of = OffsetDateTime::from_unix_timestamp_nanos(i128::from(state.now_ms()) * 1_000_000).unwrap_or_else(|_| OffsetDateTime::now_utc());
     let totals = state.ledger.period_totals(&account_id, ms_of(start), ms_of(end)).await?;
     let by_model = state.ledger.summary(Some(&account_id), Some(start), Some(end), SummaryGroup::Model).await?;
+    // Rows of an archived month are in its file: their totals are kept (and in `totals.usage`).
+    let archived = state.ledger.archived_account_months(&account_id, Some(&month), None).await?.into_iter().find(|archived| archived.month == month);
     if format == "csv" {
         let mut csv = String::from("line,model,count,input_tokens,cached_input_tokens,cache_write_tokens,output_tokens,amount\n");
         let mut line = |name: &str, count: Option<u64>, amount: Money| {
@@ -84,6 +86,13 @@ async fn monthly_statement(
                 csv_field(&Value::String(row.group.clone())), row.requests, row.input_tokens, row.cached_input_tokens, row.cache_write_tokens, row.output_tokens
             ));
         }
+        if let Some(archived) = &archived {
+            let amount = Money::ZERO.checked_sub(archived.cost).ok_or_else(|| ApiError::Internal("usage cost out of range".into()))?;
+            csv.push_str(&format!(
+                "archived_usage,{},{},{},{},{},{},{amount}\n",
+                csv_field(&Value::String(archived.files.join(" "))), archived.requests, archived.input_tokens, archived.cached_input_tokens, archived.cache_write_tokens, archived.output_tokens
+            ));
+        }
         csv.push_str(&format!("closing_balance,,,,,,,{}\n", totals.closing_balance));
         return Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], csv).into_response());
     }
@@ -99,6 +108,18 @@ async fn monthly_statement(
         "refunds": totals.refunds,
         "adjustments": totals.adjustments,
         "usage": {"count": totals.usage.count, "amount": totals.usage.amount, "by_model": by_model},
+        // Present when the month's rows were archived (`tollgate archive`): `by_model` then
+        // covers only rows written after, and these totals the rest.
+        "archived": archived.map(|archived| json!({
+            "usage_rows": archived.usage_rows,
+            "requests": archived.requests,
+            "input_tokens": archived.input_tokens,
+            "cached_input_tokens": archived.cached_input_tokens,
+            "cache_write_tokens": archived.cache_write_tokens,
+            "output_tokens": archived.output_tokens,
+            "amount": archived.cost,
+            "files": archived.files,
+        })),
         "closing_balance": totals.closing_balance,
     }))
     .into_response())

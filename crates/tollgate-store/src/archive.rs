@@ -1,0 +1,687 @@
+//! `tollgate archive`: a month of usage rows out of the ledger into a file, without losing the
+//! proof of any balance (docs/RETENTION.md, "Archive").
+//!
+//! For each month, oldest first:
+//!
+//! 1. **Export.** The month's rows, ordered by (account, position), go to
+//!    `DIR/usage_log-YYYY-MM.csv` through a temporary name, fsynced, then renamed. While
+//!    exporting, each account's rows are cut into *runs* of consecutive chain positions, and
+//!    inside a run every row must start where the previous one ended (I4): a break stops the
+//!    archive with nothing dropped.
+//! 2. **Verify.** The file is read back by a CSV parser (not the writer's own counts): its row
+//!    count, Σ cost and SHA-256 must equal the export's, and the ledger's `COUNT(*)` and
+//!    `SUM(cost)` of the month, read again.
+//! 3. **Drop**, in one ledger transaction that checks the month's count and Σ cost once more: the
+//!    runs and per-account month totals are inserted, the month's stored responses deleted, the
+//!    rows dropped (PostgreSQL: the partition detached and dropped; SQLite: the rows deleted and
+//!    their charged ids kept in `archived_charges`, then the file compacted).
+//!
+//! The runs stand in the chain for their rows: `verify`, reconciliation, statements and
+//! `rebuilt_balance` read them (`ledger_costs`, `LedgerEntry::Archived`). Charged ids stay, so a
+//! retry of an archived request is refused, never charged again.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use futures_util::TryStreamExt;
+use sha2::{Digest, Sha256};
+use tollgate_core::Money;
+
+use crate::error::{StoreError, StoreResult};
+use crate::ledger::Ledger;
+use crate::model::{ArchivedAccountMonth, ArchivedRun, RequestStatus, UsageRow};
+use crate::operations::pg;
+use crate::postgres::PgLedger;
+use crate::retention::month_label;
+use crate::sql_rows::{Fields, money, to_i64, to_u64, usage_from};
+use crate::sqlite::SqliteLedger;
+
+/// The columns of an archive file, as the usage_log table has them: money in integer nano-units,
+/// times in Unix milliseconds (UTC).
+pub const ARCHIVE_COLUMNS: [&str; 22] = [
+    "id", "request_id", "account_id", "api_key_id", "provider", "model", "customer_type", "price_id", "input_tokens",
+    "cached_input_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens", "usage_source", "cost",
+    "balance_before", "balance_after", "ledger_seq", "status", "latency_ms", "created_at", "request_fingerprint",
+];
+
+/// A usage row as the archive writes it.
+#[derive(Clone, Debug)]
+pub struct ArchiveRow {
+    pub row: UsageRow,
+    pub request_fingerprint: Option<String>,
+}
+
+/// What the drop step writes and checks, built by the export.
+#[derive(Clone, Debug)]
+pub struct MonthArchive {
+    /// `YYYY-MM`.
+    pub month: String,
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub usage_rows: u64,
+    pub cost: Money,
+    pub runs: Vec<ArchivedRun>,
+    pub account_months: Vec<ArchivedAccountMonth>,
+    /// The file's name in the output directory.
+    pub file: String,
+    pub sha256: String,
+    pub archived_at_ms: i64,
+}
+
+/// A month archived, as the command reports it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MonthArchived {
+    pub month: String,
+    pub file: PathBuf,
+    pub usage_rows: u64,
+    pub cost: Money,
+    pub accounts: u64,
+    pub runs: u64,
+    pub sha256: String,
+}
+
+/// What each ledger does for the archive; the steps around them are [`archive_before`]'s.
+#[async_trait]
+pub trait Archive {
+    /// The usage rows dated in `[start_ms, end_ms)`: count and Σ cost.
+    async fn month_totals(&self, start_ms: i64, end_ms: i64) -> StoreResult<(u64, Money)>;
+    /// The oldest usage row's time, if there is a row.
+    async fn oldest_usage_ms(&self) -> StoreResult<Option<i64>>;
+    /// Hands every usage row dated in `[start_ms, end_ms)` to `visit`, ordered by account, then
+    /// position, streaming (a month does not have to fit in memory).
+    async fn visit_month_rows(&self, start_ms: i64, end_ms: i64, visit: &mut (dyn FnMut(ArchiveRow) -> StoreResult<()> + Send)) -> StoreResult<()>;
+    /// Files earlier archive runs of `month` wrote.
+    async fn archived_files(&self, month: &str) -> StoreResult<Vec<String>>;
+    /// In one transaction: checks the month still has the archive's count and Σ cost, inserts
+    /// its runs, account totals and record, deletes its stored responses and its rows. `Conflict`
+    /// when the month changed since the export (nothing is dropped).
+    async fn drop_archived_month(&self, archive: &MonthArchive) -> StoreResult<()>;
+    /// An account's archived months within `[from, to)` (`YYYY-MM`, either open), oldest first.
+    async fn archived_account_months(&self, account_id: &str, from: Option<&str>, to: Option<&str>) -> StoreResult<Vec<ArchivedAccountMonth>>;
+}
+
+/// `YYYY-MM` → the month's first millisecond and the next month's (UTC).
+///
+/// # Errors
+/// Not a month.
+pub fn month_bounds_ms(month: &str) -> StoreResult<(i64, i64)> {
+    let invalid = || StoreError::Invalid(format!("a month is YYYY-MM (e.g. 2026-11), not {month:?}"));
+    let (year, number) = month.split_once('-').ok_or_else(invalid)?;
+    if year.len() != 4 || number.len() != 2 {
+        return Err(invalid());
+    }
+    let year: i32 = year.parse().map_err(|_| invalid())?;
+    let number: u8 = number.parse().map_err(|_| invalid())?;
+    let first = time::Date::from_calendar_date(year, time::Month::try_from(number).map_err(|_| invalid())?, 1).map_err(|_| invalid())?;
+    let start = first.midnight().assume_utc();
+    let next = month_label(crate::clock::ms_of(start), 1)?;
+    let (next_year, next_number) = next.split_once('-').ok_or_else(invalid)?;
+    let next_first = time::Date::from_calendar_date(
+        next_year.parse().map_err(|_| invalid())?,
+        time::Month::try_from(next_number.parse::<u8>().map_err(|_| invalid())?).map_err(|_| invalid())?,
+        1,
+    )
+    .map_err(|_| invalid())?;
+    Ok((crate::clock::ms_of(start), crate::clock::ms_of(next_first.midnight().assume_utc())))
+}
+
+/// Archives every month with usage rows before `before` (`YYYY-MM`) into `dir`, oldest first.
+/// Every one of those months must have ended at least `replay_window_ms` before `now_ms`: their
+/// responses can no longer be replayed, so nothing the gateway still serves goes.
+///
+/// # Errors
+/// A month too recent (nothing done), a file or ledger failure, or an export that does not match
+/// the ledger (that month and the later ones are not dropped; earlier ones stay archived).
+pub async fn archive_before(ledger: &dyn Ledger, before: &str, dir: &Path, now_ms: i64, replay_window_ms: i64) -> StoreResult<Vec<MonthArchived>> {
+    let (before_ms, _) = month_bounds_ms(before)?;
+    if before_ms.saturating_add(replay_window_ms) > now_ms {
+        return Err(StoreError::Invalid(format!(
+            "the months before {before} end less than the replay window ({replay_window_ms} ms, limits.replay_window_ms) ago: a retry may still be answered from them; archive them later"
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(|error| file_error("creating", dir, &error))?;
+    let Some(oldest_ms) = ledger.oldest_usage_ms().await? else { return Ok(Vec::new()) };
+    let mut archived = Vec::new();
+    let mut month = month_label(oldest_ms, 0)?;
+    loop {
+        let (start_ms, end_ms) = month_bounds_ms(&month)?;
+        if start_ms >= before_ms {
+            break;
+        }
+        if let Some(done) = archive_month(ledger, &month, dir, now_ms).await? {
+            archived.push(done);
+        }
+        month = month_label(end_ms, 0)?;
+    }
+    // SQLite gives the deleted rows' pages back to the file system in steps (PostgreSQL dropped
+    // whole tables); stop when a step frees nothing more.
+    let mut free = u64::MAX;
+    loop {
+        let left = ledger.compact_step(4_096).await?;
+        if left == 0 || left >= free {
+            break;
+        }
+        free = left;
+    }
+    Ok(archived)
+}
+
+/// One month: export, verify, drop. `None` when the month has no rows.
+async fn archive_month(ledger: &dyn Ledger, month: &str, dir: &Path, now_ms: i64) -> StoreResult<Option<MonthArchived>> {
+    let (start_ms, end_ms) = month_bounds_ms(month)?;
+    let (ledger_rows, ledger_cost) = ledger.month_totals(start_ms, end_ms).await?;
+    if ledger_rows == 0 {
+        return Ok(None);
+    }
+    // A month archived before and holding rows again (written late) goes to a second file.
+    let earlier = ledger.archived_files(month).await?;
+    let file = if earlier.is_empty() { format!("usage_log-{month}.csv") } else { format!("usage_log-{month}-{}.csv", earlier.len() + 1) };
+    let path = dir.join(&file);
+    if earlier.contains(&file) {
+        return Err(StoreError::Archive(format!("{} is already the archive of {month}", path.display())));
+    }
+    // A file of this name the ledger does not record is a run that stopped before its drop: the
+    // rows are still in the ledger, so it is written again.
+    let partial = dir.join(format!(".{file}.partial"));
+    let mut export = Export::create(&partial, month)?;
+    ledger.visit_month_rows(start_ms, end_ms, &mut |row| export.push(row)).await?;
+    let exported = export.finish(month, start_ms, end_ms, &file, now_ms)?;
+    std::fs::rename(&partial, &path).map_err(|error| file_error("renaming", &partial, &error))?;
+    sync_dir(dir)?;
+
+    let read = read_back(&path)?;
+    let (ledger_rows_now, ledger_cost_now) = ledger.month_totals(start_ms, end_ms).await?;
+    let expected = (exported.usage_rows, exported.cost, exported.sha256.as_str());
+    if (read.rows, read.cost, read.sha256.as_str()) != expected || (ledger_rows_now, ledger_cost_now) != (exported.usage_rows, exported.cost) {
+        return Err(StoreError::Archive(format!(
+            "{month}: the file read back has {} rows, Σ cost {}, sha256 {}; the export wrote {} rows, Σ cost {}, sha256 {}; the ledger has {ledger_rows_now} rows, Σ cost {ledger_cost_now} (before the export: {ledger_rows}, {ledger_cost}): nothing dropped",
+            read.rows, read.cost, read.sha256, exported.usage_rows, exported.cost, exported.sha256
+        )));
+    }
+    write_manifest(dir, &exported)?;
+    ledger.drop_archived_month(&exported).await?;
+    tracing::info!(month, file = %path.display(), rows = exported.usage_rows, cost = %exported.cost, runs = exported.runs.len(), "month archived");
+    Ok(Some(MonthArchived {
+        month: month.to_string(),
+        file: path,
+        usage_rows: exported.usage_rows,
+        cost: exported.cost,
+        accounts: exported.account_months.len() as u64,
+        runs: exported.runs.len() as u64,
+        sha256: exported.sha256,
+    }))
+}
+
+fn file_error(doing: &str, path: &Path, error: &std::io::Error) -> StoreError {
+    StoreError::Archive(format!("{doing} {}: {error}", path.display()))
+}
+
+fn sync_dir(dir: &Path) -> StoreResult<()> {
+    std::fs::File::open(dir).and_then(|handle| handle.sync_all()).map_err(|error| file_error("syncing", dir, &error))
+}
+
+/// Bytes on their way to the file, hashed as they go.
+struct Hashing<W> {
+    inner: W,
+    hash: Sha256,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let written = self.inner.write(bytes)?;
+        self.hash.update(&bytes[..written]);
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The export of one month: the CSV writer, and the runs and totals built from the rows.
+struct Export {
+    path: PathBuf,
+    writer: csv::Writer<Hashing<std::io::BufWriter<std::fs::File>>>,
+    runs: Vec<ArchivedRun>,
+    accounts: BTreeMap<String, ArchivedAccountMonth>,
+    usage_rows: u64,
+    cost: Money,
+}
+
+impl Export {
+    fn create(path: &Path, month: &str) -> StoreResult<Export> {
+        let file = std::fs::File::create(path).map_err(|error| file_error("creating", path, &error))?;
+        let mut writer = csv::Writer::from_writer(Hashing { inner: std::io::BufWriter::with_capacity(1 << 20, file), hash: Sha256::new() });
+        writer.write_record(ARCHIVE_COLUMNS).map_err(|error| StoreError::Archive(format!("{month}: {error}")))?;
+        Ok(Export { path: path.to_path_buf(), writer, runs: Vec::new(), accounts: BTreeMap::new(), usage_rows: 0, cost: Money::ZERO })
+    }
+
+    fn push(&mut self, archived: ArchiveRow) -> StoreResult<()> {
+        let row = &archived.row;
+        self.extend_run(row)?;
+        self.usage_rows += 1;
+        self.cost = self.cost.checked_add(row.cost).ok_or(StoreError::Overflow("archived month cost"))?;
+        let totals = self.accounts.entry(row.account_id.clone()).or_insert_with(|| ArchivedAccountMonth { account_id: row.account_id.clone(), ..ArchivedAccountMonth::default() });
+        totals.usage_rows += 1;
+        if row.status != RequestStatus::Failed {
+            totals.requests += 1;
+        }
+        totals.input_tokens += row.usage.input_tokens;
+        totals.cached_input_tokens += row.usage.cached_input_tokens;
+        totals.cache_write_tokens += row.usage.cache_write_tokens;
+        totals.output_tokens += row.usage.output_tokens;
+        totals.cost = totals.cost.checked_add(row.cost).ok_or(StoreError::Overflow("archived account cost"))?;
+        let fields = [
+            row.id.to_string(),
+            row.request_id.clone(),
+            row.account_id.clone(),
+            row.api_key_id.clone(),
+            row.provider.clone(),
+            row.model.clone(),
+            row.customer_type.clone(),
+            row.price_id.map(|id| id.to_string()).unwrap_or_default(),
+            row.usage.input_tokens.to_string(),
+            row.usage.cached_input_tokens.to_string(),
+            row.usage.cache_write_tokens.to_string(),
+            row.usage.output_tokens.to_string(),
+            row.usage.reasoning_tokens.to_string(),
+            row.usage_source.as_str().to_string(),
+            row.cost.nanos().to_string(),
+            row.balance_before.nanos().to_string(),
+            row.balance_after.nanos().to_string(),
+            row.ledger_seq.to_string(),
+            row.status.as_str().to_string(),
+            row.latency_ms.to_string(),
+            crate::clock::ms_of(row.created_at).to_string(),
+            archived.request_fingerprint.clone().unwrap_or_default(),
+        ];
+        self.writer.write_record(&fields).map_err(|error| StoreError::Archive(format!("writing {}: {error}", self.path.display())))
+    }
+
+    /// The row joins the account's current run if it takes the next position; inside a run each
+    /// row must start at the balance the previous one ended at (I4).
+    fn extend_run(&mut self, row: &UsageRow) -> StoreResult<()> {
+        if let Some(run) = self.runs.last_mut()
+            && run.account_id == row.account_id
+        {
+            if row.ledger_seq <= run.last_seq {
+                return Err(StoreError::Corrupt(format!("{}: ledger_seq {} comes after {} in the export: positions repeat", row.account_id, row.ledger_seq, run.last_seq)));
+            }
+            if row.ledger_seq == run.last_seq + 1 {
+                if row.balance_before != run.balance_after {
+                    return Err(StoreError::Corrupt(format!(
+                        "{}: the chain breaks at ledger_seq {} (balance_before {}, the previous row ended at {}): nothing archived",
+                        row.account_id, row.ledger_seq, row.balance_before, run.balance_after
+                    )));
+                }
+                run.last_seq = row.ledger_seq;
+                run.usage_rows += 1;
+                run.cost = run.cost.checked_add(row.cost).ok_or(StoreError::Overflow("archived run cost"))?;
+                run.balance_after = row.balance_after;
+                run.last_at = run.last_at.max(row.created_at);
+                run.created_at = run.created_at.min(row.created_at);
+                return Ok(());
+            }
+        }
+        self.runs.push(ArchivedRun {
+            account_id: row.account_id.clone(),
+            first_seq: row.ledger_seq,
+            last_seq: row.ledger_seq,
+            usage_rows: 1,
+            cost: row.cost,
+            balance_before: row.balance_before,
+            balance_after: row.balance_after,
+            month: String::new(),
+            created_at: row.created_at,
+            last_at: row.created_at,
+        });
+        Ok(())
+    }
+
+    /// Flushes and fsyncs the file; what the drop step needs.
+    fn finish(self, month: &str, start_ms: i64, end_ms: i64, file: &str, now_ms: i64) -> StoreResult<MonthArchive> {
+        let path = self.path;
+        let hashing = self.writer.into_inner().map_err(|error| StoreError::Archive(format!("flushing {}: {error}", path.display())))?;
+        let sha256 = hex::encode(hashing.hash.finalize());
+        let handle = hashing.inner.into_inner().map_err(|error| StoreError::Archive(format!("flushing {}: {error}", path.display())))?;
+        handle.sync_all().map_err(|error| file_error("syncing", &path, &error))?;
+        let runs = self.runs.into_iter().map(|run| ArchivedRun { month: month.to_string(), ..run }).collect();
+        let account_months = self.accounts.into_values().map(|totals| ArchivedAccountMonth { month: month.to_string(), ..totals }).collect();
+        Ok(MonthArchive {
+            month: month.to_string(),
+            start_ms,
+            end_ms,
+            usage_rows: self.usage_rows,
+            cost: self.cost,
+            runs,
+            account_months,
+            file: file.to_string(),
+            sha256,
+            archived_at_ms: now_ms,
+        })
+    }
+}
+
+/// What a CSV parser finds in an archive file.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FileTotals {
+    pub rows: u64,
+    pub cost: Money,
+    pub sha256: String,
+}
+
+/// Reads an archive file back: its header must be [`ARCHIVE_COLUMNS`], every record complete,
+/// every cost an integer.
+///
+/// # Errors
+/// The file cannot be read or is not such a file.
+pub fn read_back(path: &Path) -> StoreResult<FileTotals> {
+    let bytes = std::fs::read(path).map_err(|error| file_error("reading", path, &error))?;
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    let bad = |what: String| StoreError::Archive(format!("{}: {what}", path.display()));
+    let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(bytes.as_slice());
+    let header = reader.headers().map_err(|error| bad(error.to_string()))?.clone();
+    if header.iter().ne(ARCHIVE_COLUMNS) {
+        return Err(bad(format!("unexpected header {header:?}")));
+    }
+    let cost_column = ARCHIVE_COLUMNS.iter().position(|column| *column == "cost").unwrap_or_default();
+    let (mut rows, mut cost) = (0_u64, Money::ZERO);
+    for record in reader.records() {
+        let record = record.map_err(|error| bad(error.to_string()))?;
+        let field = record.get(cost_column).ok_or_else(|| bad(format!("record {} has no cost", rows + 1)))?;
+        let nanos: i64 = field.parse().map_err(|_| bad(format!("record {}: cost {field:?} is not an integer", rows + 1)))?;
+        cost = cost.checked_add(Money::from_nanos(nanos)).ok_or(StoreError::Overflow("archive file cost"))?;
+        rows += 1;
+    }
+    Ok(FileTotals { rows, cost, sha256 })
+}
+
+/// `usage_log-YYYY-MM.csv.manifest.json` beside the file, written as the file was.
+fn write_manifest(dir: &Path, archive: &MonthArchive) -> StoreResult<()> {
+    let manifest = serde_json::json!({
+        "month": archive.month,
+        "file": archive.file,
+        "usage_rows": archive.usage_rows,
+        "cost_nanos": archive.cost.nanos(),
+        "cost": archive.cost,
+        "sha256": archive.sha256,
+        "accounts": archive.account_months.len(),
+        "runs": archive.runs.len(),
+        "columns": ARCHIVE_COLUMNS,
+        "units": "money in integer nano-units (1e-9 of the currency unit); created_at in Unix milliseconds, UTC",
+        "archived_at_ms": archive.archived_at_ms,
+    });
+    let path = dir.join(format!("{}.manifest.json", archive.file));
+    let partial = dir.join(format!(".{}.manifest.json.partial", archive.file));
+    let text = serde_json::to_vec_pretty(&manifest).map_err(|error| StoreError::Archive(error.to_string()))?;
+    let mut handle = std::fs::File::create(&partial).map_err(|error| file_error("creating", &partial, &error))?;
+    handle.write_all(&text).and_then(|()| handle.sync_all()).map_err(|error| file_error("writing", &partial, &error))?;
+    std::fs::rename(&partial, &path).map_err(|error| file_error("renaming", &partial, &error))?;
+    sync_dir(dir)
+}
+
+fn archive_row_from(row: &impl Fields) -> StoreResult<ArchiveRow> {
+    Ok(ArchiveRow { row: usage_from(row)?, request_fingerprint: row.optional_text("request_fingerprint")? })
+}
+
+fn account_month_from(row: &impl Fields) -> StoreResult<ArchivedAccountMonth> {
+    let count = |column: &str| to_u64(row.int(column)?, "archived count");
+    let files: Option<String> = row.optional_text("files")?;
+    Ok(ArchivedAccountMonth {
+        account_id: row.text("account_id")?,
+        month: row.text("month")?,
+        usage_rows: count("usage_rows")?,
+        requests: count("requests")?,
+        input_tokens: count("input_tokens")?,
+        cached_input_tokens: count("cached_input_tokens")?,
+        cache_write_tokens: count("cache_write_tokens")?,
+        output_tokens: count("output_tokens")?,
+        cost: money(row, "cost")?,
+        files: files.map(|files| files.split(',').map(str::to_string).collect()).unwrap_or_default(),
+    })
+}
+
+/// The runs, account totals and the month's record as JSON arrays of arrays, for one statement
+/// each (PostgreSQL's `jsonb_array_elements`, SQLite's `json_each`).
+fn runs_json(archive: &MonthArchive) -> StoreResult<String> {
+    let mut runs = Vec::with_capacity(archive.runs.len());
+    for run in &archive.runs {
+        runs.push(serde_json::json!([
+            run.account_id,
+            run.first_seq,
+            run.last_seq,
+            to_i64(run.usage_rows, "usage_rows")?,
+            run.cost.nanos(),
+            run.balance_before.nanos(),
+            run.balance_after.nanos(),
+            crate::clock::ms_of(run.created_at),
+            crate::clock::ms_of(run.last_at),
+        ]));
+    }
+    Ok(serde_json::Value::Array(runs).to_string())
+}
+
+fn account_months_json(archive: &MonthArchive) -> StoreResult<String> {
+    let mut months = Vec::with_capacity(archive.account_months.len());
+    for totals in &archive.account_months {
+        months.push(serde_json::json!([
+            totals.account_id,
+            to_i64(totals.usage_rows, "usage_rows")?,
+            to_i64(totals.requests, "requests")?,
+            to_i64(totals.input_tokens, "tokens")?,
+            to_i64(totals.cached_input_tokens, "tokens")?,
+            to_i64(totals.cache_write_tokens, "tokens")?,
+            to_i64(totals.output_tokens, "tokens")?,
+            totals.cost.nanos(),
+        ]));
+    }
+    Ok(serde_json::Value::Array(months).to_string())
+}
+
+const MONTH_TOTALS: &str = "SELECT COUNT(*) AS usage_rows, CAST(COALESCE(SUM(cost), 0) AS BIGINT) AS cost FROM usage_log WHERE created_at >= ? AND created_at < ?";
+const OLDEST_USAGE: &str = "SELECT MIN(created_at) FROM usage_log";
+const MONTH_ROWS: &str = "SELECT * FROM usage_log WHERE created_at >= ? AND created_at < ? ORDER BY account_id, ledger_seq";
+const ARCHIVED_FILES: &str = "SELECT file FROM archived_months WHERE month = ? ORDER BY archived_at, length(file), file";
+const INSERT_MONTH: &str = "INSERT INTO archived_months (month, archived_at, usage_rows, cost, accounts, runs, file, sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?)";
+/// An account's archived months, with the files each went to.
+const ACCOUNT_MONTHS: &str = "SELECT a.*, (SELECT string_agg(m.file, ',' ORDER BY m.archived_at, length(m.file), m.file) FROM archived_months m WHERE m.month = a.month) AS files
+    FROM archived_account_months a WHERE a.account_id = ? AND a.month >= ? AND a.month < ? ORDER BY a.month";
+const ADD_ACCOUNT_MONTH: &str = "ON CONFLICT (account_id, month) DO UPDATE SET
+    usage_rows = archived_account_months.usage_rows + excluded.usage_rows, requests = archived_account_months.requests + excluded.requests,
+    input_tokens = archived_account_months.input_tokens + excluded.input_tokens,
+    cached_input_tokens = archived_account_months.cached_input_tokens + excluded.cached_input_tokens,
+    cache_write_tokens = archived_account_months.cache_write_tokens + excluded.cache_write_tokens,
+    output_tokens = archived_account_months.output_tokens + excluded.output_tokens, cost = archived_account_months.cost + excluded.cost";
+
+/// [`INSERT_MONTH`] with the archive's values bound, for either database.
+fn insert_month<'q, DB: sqlx::Database>(query: sqlx::query::Query<'q, DB, DB::Arguments>, archive: &'q MonthArchive) -> StoreResult<sqlx::query::Query<'q, DB, DB::Arguments>>
+where
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    &'q String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    Ok(query
+        .bind(&archive.month)
+        .bind(archive.archived_at_ms)
+        .bind(to_i64(archive.usage_rows, "usage_rows")?)
+        .bind(archive.cost.nanos())
+        .bind(archive.account_months.len() as i64)
+        .bind(archive.runs.len() as i64)
+        .bind(&archive.file)
+        .bind(&archive.sha256))
+}
+
+fn totals_of(row: &impl Fields) -> StoreResult<(u64, Money)> {
+    Ok((to_u64(row.int("usage_rows")?, "usage_rows")?, money(row, "cost")?))
+}
+
+fn changed_since_export(archive: &MonthArchive, found: (u64, Money)) -> StoreResult<()> {
+    if found == (archive.usage_rows, archive.cost) {
+        return Ok(());
+    }
+    Err(StoreError::Conflict(format!(
+        "{}: the ledger now has {} rows, Σ cost {}, the export {} rows, Σ cost {}: rows were written since; nothing dropped, run the archive again",
+        archive.month, found.0, found.1, archive.usage_rows, archive.cost
+    )))
+}
+
+/// `[from, to)` months, open ends as the widest labels.
+fn month_range<'a>(from: Option<&'a str>, to: Option<&'a str>) -> (&'a str, &'a str) {
+    (from.unwrap_or("0000-00"), to.unwrap_or("9999-99"))
+}
+
+#[async_trait]
+impl Archive for PgLedger {
+    async fn month_totals(&self, start_ms: i64, end_ms: i64) -> StoreResult<(u64, Money)> {
+        totals_of(&sqlx::query(pg(MONTH_TOTALS)).bind(start_ms).bind(end_ms).fetch_one(self.pool()).await?)
+    }
+
+    async fn oldest_usage_ms(&self) -> StoreResult<Option<i64>> {
+        Ok(sqlx::query_scalar(OLDEST_USAGE).fetch_one(self.pool()).await?)
+    }
+
+    async fn visit_month_rows(&self, start_ms: i64, end_ms: i64, visit: &mut (dyn FnMut(ArchiveRow) -> StoreResult<()> + Send)) -> StoreResult<()> {
+        let mut rows = sqlx::query(pg(MONTH_ROWS)).bind(start_ms).bind(end_ms).fetch(self.pool());
+        while let Some(row) = rows.try_next().await? {
+            visit(archive_row_from(&row)?)?;
+        }
+        Ok(())
+    }
+
+    async fn archived_files(&self, month: &str) -> StoreResult<Vec<String>> {
+        Ok(sqlx::query_scalar(pg(ARCHIVED_FILES)).bind(month).fetch_all(self.pool()).await?)
+    }
+
+    async fn drop_archived_month(&self, archive: &MonthArchive) -> StoreResult<()> {
+        // The month's rows in a partition of their own (moved out of the default if they were
+        // there), so that dropping it drops them and nothing else.
+        let partition = format!("usage_log_{}", archive.month.replace('-', "_"));
+        let mut transaction = self.pool().begin().await?;
+        sqlx::query("SET LOCAL lock_timeout = '5s'").execute(&mut *transaction).await?;
+        sqlx::query("SELECT tollgate_usage_partition(($1 || '-01')::DATE)").bind(&archive.month).execute(&mut *transaction).await?;
+        // No row joins the month from here on (a late writer waits, then lands in the default
+        // partition once this one is gone, as a live row).
+        sqlx::query(sqlx::AssertSqlSafe(format!("LOCK TABLE {partition} IN SHARE MODE"))).execute(&mut *transaction).await?;
+        let found = totals_of(
+            &sqlx::query(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) AS usage_rows, CAST(COALESCE(SUM(cost), 0) AS BIGINT) AS cost FROM {partition}")))
+                .fetch_one(&mut *transaction)
+                .await?,
+        )?;
+        changed_since_export(archive, found)?;
+        sqlx::query(
+            "INSERT INTO archived_runs (account_id, first_seq, last_seq, usage_rows, cost, balance_before, balance_after, month, created_at, last_at)
+             SELECT r->>0, (r->>1)::BIGINT, (r->>2)::BIGINT, (r->>3)::BIGINT, (r->>4)::BIGINT, (r->>5)::BIGINT, (r->>6)::BIGINT, $2, (r->>7)::BIGINT, (r->>8)::BIGINT
+             FROM jsonb_array_elements($1::JSONB) r",
+        )
+        .bind(runs_json(archive)?)
+        .bind(&archive.month)
+        .execute(&mut *transaction)
+        .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO archived_account_months (account_id, month, usage_rows, requests, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, cost)
+             SELECT a->>0, $2, (a->>1)::BIGINT, (a->>2)::BIGINT, (a->>3)::BIGINT, (a->>4)::BIGINT, (a->>5)::BIGINT, (a->>6)::BIGINT, (a->>7)::BIGINT
+             FROM jsonb_array_elements($1::JSONB) a {ADD_ACCOUNT_MONTH}"
+        )))
+        .bind(account_months_json(archive)?)
+        .bind(&archive.month)
+        .execute(&mut *transaction)
+        .await?;
+        insert_month(sqlx::query(pg(INSERT_MONTH)), archive)?.execute(&mut *transaction).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM stored_responses WHERE usage_id IN (SELECT id FROM {partition})"))).execute(&mut *transaction).await?;
+        // Detaching takes usage_log itself for a moment: every writer waits that long.
+        sqlx::query(sqlx::AssertSqlSafe(format!("ALTER TABLE usage_log DETACH PARTITION {partition}"))).execute(&mut *transaction).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {partition}"))).execute(&mut *transaction).await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    async fn archived_account_months(&self, account_id: &str, from: Option<&str>, to: Option<&str>) -> StoreResult<Vec<ArchivedAccountMonth>> {
+        let (from, to) = month_range(from, to);
+        sqlx::query(pg(ACCOUNT_MONTHS)).bind(account_id).bind(from).bind(to).fetch_all(self.pool()).await?.iter().map(account_month_from).collect()
+    }
+}
+
+#[async_trait]
+impl Archive for SqliteLedger {
+    async fn month_totals(&self, start_ms: i64, end_ms: i64) -> StoreResult<(u64, Money)> {
+        totals_of(&sqlx::query(MONTH_TOTALS).bind(start_ms).bind(end_ms).fetch_one(self.pool()).await?)
+    }
+
+    async fn oldest_usage_ms(&self) -> StoreResult<Option<i64>> {
+        Ok(sqlx::query_scalar(OLDEST_USAGE).fetch_one(self.pool()).await?)
+    }
+
+    async fn visit_month_rows(&self, start_ms: i64, end_ms: i64, visit: &mut (dyn FnMut(ArchiveRow) -> StoreResult<()> + Send)) -> StoreResult<()> {
+        let mut rows = sqlx::query(MONTH_ROWS).bind(start_ms).bind(end_ms).fetch(self.pool());
+        while let Some(row) = rows.try_next().await? {
+            visit(archive_row_from(&row)?)?;
+        }
+        Ok(())
+    }
+
+    async fn archived_files(&self, month: &str) -> StoreResult<Vec<String>> {
+        Ok(sqlx::query_scalar(ARCHIVED_FILES).bind(month).fetch_all(self.pool()).await?)
+    }
+
+    async fn drop_archived_month(&self, archive: &MonthArchive) -> StoreResult<()> {
+        // One write transaction: SQLite has one writer, so no row joins the month meanwhile.
+        let mut transaction = self.write().await?;
+        let found = totals_of(&sqlx::query(MONTH_TOTALS).bind(archive.start_ms).bind(archive.end_ms).fetch_one(&mut *transaction).await?)?;
+        changed_since_export(archive, found)?;
+        sqlx::query(
+            "INSERT INTO archived_runs (account_id, first_seq, last_seq, usage_rows, cost, balance_before, balance_after, month, created_at, last_at)
+             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, ?, value ->> 7, value ->> 8 FROM json_each(?)",
+        )
+        .bind(&archive.month)
+        .bind(runs_json(archive)?)
+        .execute(&mut *transaction)
+        .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO archived_account_months (account_id, month, usage_rows, requests, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, cost)
+             SELECT value ->> 0, ?, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, value ->> 7 FROM json_each(?) WHERE true {ADD_ACCOUNT_MONTH}"
+        )))
+        .bind(&archive.month)
+        .bind(account_months_json(archive)?)
+        .execute(&mut *transaction)
+        .await?;
+        insert_month(sqlx::query(INSERT_MONTH), archive)?.execute(&mut *transaction).await?;
+        sqlx::query(
+            "INSERT OR IGNORE INTO archived_charges (account_id, request_id)
+             SELECT account_id, request_id FROM usage_log WHERE created_at >= ? AND created_at < ? AND status <> 'failed'",
+        )
+        .bind(archive.start_ms)
+        .bind(archive.end_ms)
+        .execute(&mut *transaction)
+        .await?;
+        sqlx::query("DELETE FROM stored_responses WHERE usage_id IN (SELECT id FROM usage_log WHERE created_at >= ? AND created_at < ?)")
+            .bind(archive.start_ms)
+            .bind(archive.end_ms)
+            .execute(&mut *transaction)
+            .await?;
+        sqlx::query("DELETE FROM usage_log WHERE created_at >= ? AND created_at < ?").bind(archive.start_ms).bind(archive.end_ms).execute(&mut *transaction).await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    async fn archived_account_months(&self, account_id: &str, from: Option<&str>, to: Option<&str>) -> StoreResult<Vec<ArchivedAccountMonth>> {
+        let (from, to) = month_range(from, to);
+        sqlx::query(ACCOUNT_MONTHS).bind(account_id).bind(from).bind(to).fetch_all(self.pool()).await?.iter().map(account_month_from).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::month_bounds_ms;
+
+    #[test]
+    fn a_month_runs_from_its_first_millisecond_to_the_next_months() {
+        assert_eq!(month_bounds_ms("2026-12").unwrap(), (1_796_083_200_000, 1_798_761_600_000));
+        assert_eq!(month_bounds_ms("2027-01").unwrap().0, 1_798_761_600_000);
+        for bad in ["2026-13", "2026-00", "26-11", "2026-1", "2026/11", "", "2026-11-01"] {
+            assert!(month_bounds_ms(bad).is_err(), "{bad}");
+        }
+    }
+}
