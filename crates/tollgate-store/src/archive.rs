@@ -80,6 +80,11 @@ pub struct MonthArchived {
     pub accounts: u64,
     pub runs: u64,
     pub sha256: String,
+    /// How long each step took: the export, the read-back check, the drop (the one transaction:
+    /// writers of the ledger wait for it on SQLite, for its detach on PostgreSQL).
+    pub export_ms: u64,
+    pub verify_ms: u64,
+    pub drop_ms: u64,
 }
 
 /// What each ledger does for the archive; the steps around them are [`archive_before`]'s.
@@ -184,13 +189,17 @@ async fn archive_month(ledger: &dyn Ledger, month: &str, dir: &Path, now_ms: i64
     }
     // A file of this name the ledger does not record is a run that stopped before its drop: the
     // rows are still in the ledger, so it is written again.
-    let partial = dir.join(format!(".{file}.partial"));
+    // Named for this run alone: two archives started at once never write into one file.
+    let partial = dir.join(format!(".{file}.{}.partial", uuid::Uuid::new_v4().simple()));
+    let started = std::time::Instant::now();
     let mut export = Export::create(&partial, month)?;
     ledger.visit_month_rows(start_ms, end_ms, &mut |row| export.push(row)).await?;
     let exported = export.finish(month, start_ms, end_ms, &file, now_ms)?;
     std::fs::rename(&partial, &path).map_err(|error| file_error("renaming", &partial, &error))?;
     sync_dir(dir)?;
+    let export_ms = elapsed_ms(started);
 
+    let started = std::time::Instant::now();
     let read = read_back(&path)?;
     let (ledger_rows_now, ledger_cost_now) = ledger.month_totals(start_ms, end_ms).await?;
     let expected = (exported.usage_rows, exported.cost, exported.sha256.as_str());
@@ -201,8 +210,11 @@ async fn archive_month(ledger: &dyn Ledger, month: &str, dir: &Path, now_ms: i64
         )));
     }
     write_manifest(dir, &exported)?;
+    let verify_ms = elapsed_ms(started);
+    let started = std::time::Instant::now();
     ledger.drop_archived_month(&exported).await?;
-    tracing::info!(month, file = %path.display(), rows = exported.usage_rows, cost = %exported.cost, runs = exported.runs.len(), "month archived");
+    let drop_ms = elapsed_ms(started);
+    tracing::info!(month, file = %path.display(), rows = exported.usage_rows, cost = %exported.cost, runs = exported.runs.len(), export_ms, verify_ms, drop_ms, "month archived");
     Ok(Some(MonthArchived {
         month: month.to_string(),
         file: path,
@@ -211,7 +223,14 @@ async fn archive_month(ledger: &dyn Ledger, month: &str, dir: &Path, now_ms: i64
         accounts: exported.account_months.len() as u64,
         runs: exported.runs.len() as u64,
         sha256: exported.sha256,
+        export_ms,
+        verify_ms,
+        drop_ms,
     }))
+}
+
+fn elapsed_ms(since: std::time::Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 fn file_error(doing: &str, path: &Path, error: &std::io::Error) -> StoreError {
@@ -555,20 +574,20 @@ impl Archive for PgLedger {
 
     async fn drop_archived_month(&self, archive: &MonthArchive) -> StoreResult<()> {
         // The month's rows in a partition of their own (moved out of the default if they were
-        // there), so that dropping it drops them and nothing else.
+        // there), so that dropping it drops them and nothing else: in a transaction of its own, as
+        // the partitions job makes one.
         let partition = format!("usage_log_{}", archive.month.replace('-', "_"));
         let mut transaction = self.pool().begin().await?;
         sqlx::query("SET LOCAL lock_timeout = '5s'").execute(&mut *transaction).await?;
         sqlx::query("SELECT tollgate_usage_partition(($1 || '-01')::DATE)").bind(&archive.month).execute(&mut *transaction).await?;
-        // No row joins the month from here on (a late writer waits, then lands in the default
-        // partition once this one is gone, as a live row).
-        sqlx::query(sqlx::AssertSqlSafe(format!("LOCK TABLE {partition} IN SHARE MODE"))).execute(&mut *transaction).await?;
-        let found = totals_of(
-            &sqlx::query(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) AS usage_rows, CAST(COALESCE(SUM(cost), 0) AS BIGINT) AS cost FROM {partition}")))
-                .fetch_one(&mut *transaction)
-                .await?,
-        )?;
-        changed_since_export(archive, found)?;
+        transaction.commit().await?;
+
+        // The archive's records first, taking no lock on usage_log; then usage_log itself, whole,
+        // for the end: the check that the month is what was exported, and the drop. Taken any
+        // earlier (or a partition first, then usage_log), a reader or writer holding usage_log
+        // while it waits for a partition would deadlock with this transaction.
+        let mut transaction = self.pool().begin().await?;
+        sqlx::query("SET LOCAL lock_timeout = '5s'").execute(&mut *transaction).await?;
         sqlx::query(
             "INSERT INTO archived_runs (account_id, first_seq, last_seq, usage_rows, cost, balance_before, balance_after, month, created_at, last_at)
              SELECT r->>0, (r->>1)::BIGINT, (r->>2)::BIGINT, (r->>3)::BIGINT, (r->>4)::BIGINT, (r->>5)::BIGINT, (r->>6)::BIGINT, $2, (r->>7)::BIGINT, (r->>8)::BIGINT
@@ -588,8 +607,17 @@ impl Archive for PgLedger {
         .execute(&mut *transaction)
         .await?;
         insert_month(sqlx::query(pg(INSERT_MONTH)), archive)?.execute(&mut *transaction).await?;
+        // From here to the commit every reader and writer of usage_log waits: a count of the
+        // month, the delete of its (usually pruned) bodies, the detach. The drop column of
+        // docs/BENCHMARKS.md's archive table bounds it.
+        sqlx::query("LOCK TABLE usage_log IN ACCESS EXCLUSIVE MODE").execute(&mut *transaction).await?;
+        let found = totals_of(
+            &sqlx::query(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) AS usage_rows, CAST(COALESCE(SUM(cost), 0) AS BIGINT) AS cost FROM {partition}")))
+                .fetch_one(&mut *transaction)
+                .await?,
+        )?;
+        changed_since_export(archive, found)?;
         sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM stored_responses WHERE usage_id IN (SELECT id FROM {partition})"))).execute(&mut *transaction).await?;
-        // Detaching takes usage_log itself for a moment: every writer waits that long.
         sqlx::query(sqlx::AssertSqlSafe(format!("ALTER TABLE usage_log DETACH PARTITION {partition}"))).execute(&mut *transaction).await?;
         sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {partition}"))).execute(&mut *transaction).await?;
         transaction.commit().await?;

@@ -736,10 +736,19 @@ impl Ledger for PgLedger {
     }
 
     async fn statement(&self, account_id: &str, start: Option<OffsetDateTime>, end: Option<OffsetDateTime>) -> StoreResult<Vec<LedgerEntry>> {
+        // One snapshot for the three reads, or an archive committing between them would show a
+        // month's rows twice (live and as runs) or not at all. A snapshot alone is not enough: a
+        // dropped partition is gone even from snapshots taken before the drop. So usage_log is
+        // locked before the snapshot is taken (the first SELECT takes it): an archive's drop,
+        // which locks usage_log whole, either waits for these reads or is committed before them.
+        let mut snapshot = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *snapshot).await?;
+        sqlx::query("LOCK TABLE ONLY usage_log IN ACCESS SHARE MODE").execute(&mut *snapshot).await?;
         let [mut funds, mut usage, mut runs] = statement_queries::<Postgres>(account_id, start, end);
-        let funds = funds.build().fetch_all(&self.pool).await?;
-        let usage = usage.build().fetch_all(&self.pool).await?;
-        let runs = runs.build().fetch_all(&self.pool).await?;
+        let funds = funds.build().fetch_all(&mut *snapshot).await?;
+        let usage = usage.build().fetch_all(&mut *snapshot).await?;
+        let runs = runs.build().fetch_all(&mut *snapshot).await?;
+        snapshot.commit().await?;
         merge_statement(&funds, &usage, &runs)
     }
 

@@ -688,10 +688,14 @@ impl Ledger for SqliteLedger {
     }
 
     async fn statement(&self, account_id: &str, start: Option<OffsetDateTime>, end: Option<OffsetDateTime>) -> StoreResult<Vec<LedgerEntry>> {
+        // One read transaction, one snapshot (WAL) for the three reads: an archive committing
+        // between them would otherwise show a month's rows twice (live and as runs) or not at all.
+        let mut snapshot = self.pool.begin().await?;
         let [mut funds, mut usage, mut runs] = statement_queries::<Sqlite>(account_id, start, end);
-        let funds = funds.build().fetch_all(&self.pool).await?;
-        let usage = usage.build().fetch_all(&self.pool).await?;
-        let runs = runs.build().fetch_all(&self.pool).await?;
+        let funds = funds.build().fetch_all(&mut *snapshot).await?;
+        let usage = usage.build().fetch_all(&mut *snapshot).await?;
+        let runs = runs.build().fetch_all(&mut *snapshot).await?;
+        snapshot.commit().await?;
         merge_statement(&funds, &usage, &runs)
     }
 
