@@ -35,7 +35,7 @@ use crate::model::{ArchivedAccountMonth, ArchivedRun, RequestStatus, UsageRow};
 use crate::operations::pg;
 use crate::postgres::PgLedger;
 use crate::retention::month_label;
-use crate::sql_rows::{Fields, money, to_i64, to_u64, usage_from};
+use crate::sql_rows::{Fields, money, time_of, to_i64, to_u64, usage_from};
 use crate::sqlite::SqliteLedger;
 
 /// The columns of an archive file, as the usage_log table has them: money in integer nano-units,
@@ -64,10 +64,22 @@ pub struct MonthArchive {
     pub cost: Money,
     pub runs: Vec<ArchivedRun>,
     pub account_months: Vec<ArchivedAccountMonth>,
+    /// The ids of the month's rows, by account: what the drop deletes, exactly.
+    pub row_ids: BTreeMap<String, Vec<i64>>,
     /// The file's name in the output directory.
     pub file: String,
     pub sha256: String,
     pub archived_at_ms: i64,
+}
+
+/// A month's archive file as the ledger records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArchiveRecord {
+    pub file: String,
+    pub sha256: String,
+    /// Whether all its rows were dropped; `false`: an archive run stopped while dropping them,
+    /// and the next one finishes it from the file.
+    pub complete: bool,
 }
 
 /// A month archived, as the command reports it.
@@ -97,11 +109,15 @@ pub trait Archive {
     /// Hands every usage row dated in `[start_ms, end_ms)` to `visit`, ordered by account, then
     /// position, streaming (a month does not have to fit in memory).
     async fn visit_month_rows(&self, start_ms: i64, end_ms: i64, visit: &mut (dyn FnMut(ArchiveRow) -> StoreResult<()> + Send)) -> StoreResult<()>;
-    /// Files earlier archive runs of `month` wrote.
-    async fn archived_files(&self, month: &str) -> StoreResult<Vec<String>>;
-    /// In one transaction: checks the month still has the archive's count and Σ cost, inserts
-    /// its runs, account totals and record, deletes its stored responses and its rows. `Conflict`
-    /// when the month changed since the export (nothing is dropped).
+    /// The files earlier archive runs of `month` wrote, oldest first.
+    async fn archive_records(&self, month: &str) -> StoreResult<Vec<ArchiveRecord>>;
+    /// Drops the archive's rows, inserting its runs, account totals and record, and deletes
+    /// their stored responses. PostgreSQL: one transaction that checks the month still holds
+    /// exactly the archive's rows and drops its partition (`Conflict` otherwise: nothing
+    /// dropped). SQLite: the record first (incomplete), then the rows by id in transactions of
+    /// a few accounts each, each checking its accounts' rows are all there (`Conflict` if some
+    /// but not all are; none: an earlier run dropped them), then the record complete. Rows of the
+    /// month that are not in the archive (written late) stay.
     async fn drop_archived_month(&self, archive: &MonthArchive) -> StoreResult<()>;
     /// An account's archived months within `[from, to)` (`YYYY-MM`, either open), oldest first.
     async fn archived_account_months(&self, account_id: &str, from: Option<&str>, to: Option<&str>) -> StoreResult<Vec<ArchivedAccountMonth>>;
@@ -176,37 +192,45 @@ pub async fn archive_before(ledger: &dyn Ledger, before: &str, dir: &Path, now_m
 /// One month: export, verify, drop. `None` when the month has no rows.
 async fn archive_month(ledger: &dyn Ledger, month: &str, dir: &Path, now_ms: i64) -> StoreResult<Option<MonthArchived>> {
     let (start_ms, end_ms) = month_bounds_ms(month)?;
+    let records = ledger.archive_records(month).await?;
+    if let Some(open) = records.iter().find(|record| !record.complete) {
+        return finish_stopped_archive(ledger, month, dir, now_ms, open).await.map(Some);
+    }
     let (ledger_rows, ledger_cost) = ledger.month_totals(start_ms, end_ms).await?;
     if ledger_rows == 0 {
         return Ok(None);
     }
-    // A month archived before and holding rows again (written late) goes to a second file.
-    let earlier = ledger.archived_files(month).await?;
-    let file = if earlier.is_empty() { format!("usage_log-{month}.csv") } else { format!("usage_log-{month}-{}.csv", earlier.len() + 1) };
-    let path = dir.join(&file);
-    if earlier.contains(&file) {
-        return Err(StoreError::Archive(format!("{} is already the archive of {month}", path.display())));
-    }
-    // A file of this name the ledger does not record is a run that stopped before its drop: the
+    // A month archived before and holding rows again (written late) goes to a second file. A
+    // file of this name the ledger does not record is a run that stopped before its drop: the
     // rows are still in the ledger, so it is written again.
+    let file = if records.is_empty() { format!("usage_log-{month}.csv") } else { format!("usage_log-{month}-{}.csv", records.len() + 1) };
+    let path = dir.join(&file);
     // Named for this run alone: two archives started at once never write into one file.
     let partial = dir.join(format!(".{file}.{}.partial", uuid::Uuid::new_v4().simple()));
     let started = std::time::Instant::now();
     let mut export = Export::create(&partial, month)?;
-    ledger.visit_month_rows(start_ms, end_ms, &mut |row| export.push(row)).await?;
-    let exported = export.finish(month, start_ms, end_ms, &file, now_ms)?;
+    let visited = ledger.visit_month_rows(start_ms, end_ms, &mut |row| export.push(row)).await;
+    let exported = match visited.and_then(|()| export.finish(month, start_ms, end_ms, &file, now_ms)) {
+        Ok(exported) => exported,
+        Err(error) => {
+            // Nothing recorded it: the unfinished file goes (a full disk, a ledger gone away).
+            let _ = std::fs::remove_file(&partial);
+            return Err(error);
+        }
+    };
     std::fs::rename(&partial, &path).map_err(|error| file_error("renaming", &partial, &error))?;
     sync_dir(dir)?;
     let export_ms = elapsed_ms(started);
 
+    // The file parsed again, independently of the writer, must give the same rows, runs and
+    // totals; and the ledger must still have the month the export read.
     let started = std::time::Instant::now();
-    let read = read_back(&path)?;
+    let read = read_archive(&path, month, start_ms, end_ms, now_ms)?;
     let (ledger_rows_now, ledger_cost_now) = ledger.month_totals(start_ms, end_ms).await?;
-    let expected = (exported.usage_rows, exported.cost, exported.sha256.as_str());
-    if (read.rows, read.cost, read.sha256.as_str()) != expected || (ledger_rows_now, ledger_cost_now) != (exported.usage_rows, exported.cost) {
+    if !read.same_rows_as(&exported) || (ledger_rows_now, ledger_cost_now) != (exported.usage_rows, exported.cost) {
         return Err(StoreError::Archive(format!(
             "{month}: the file read back has {} rows, Σ cost {}, sha256 {}; the export wrote {} rows, Σ cost {}, sha256 {}; the ledger has {ledger_rows_now} rows, Σ cost {ledger_cost_now} (before the export: {ledger_rows}, {ledger_cost}): nothing dropped",
-            read.rows, read.cost, read.sha256, exported.usage_rows, exported.cost, exported.sha256
+            read.usage_rows, read.cost, read.sha256, exported.usage_rows, exported.cost, exported.sha256
         )));
     }
     write_manifest(dir, &exported)?;
@@ -215,18 +239,48 @@ async fn archive_month(ledger: &dyn Ledger, month: &str, dir: &Path, now_ms: i64
     ledger.drop_archived_month(&exported).await?;
     let drop_ms = elapsed_ms(started);
     tracing::info!(month, file = %path.display(), rows = exported.usage_rows, cost = %exported.cost, runs = exported.runs.len(), export_ms, verify_ms, drop_ms, "month archived");
-    Ok(Some(MonthArchived {
-        month: month.to_string(),
-        file: path,
-        usage_rows: exported.usage_rows,
-        cost: exported.cost,
-        accounts: exported.account_months.len() as u64,
-        runs: exported.runs.len() as u64,
-        sha256: exported.sha256,
+    Ok(Some(archived_report(&exported, path, (export_ms, verify_ms, drop_ms))))
+}
+
+/// An archive run stopped while dropping a month's rows (SQLite drops them in chunks): the
+/// ledger recorded the file, verified then; it must be in `dir` unchanged, and what is left of
+/// its rows is dropped from it.
+async fn finish_stopped_archive(ledger: &dyn Ledger, month: &str, dir: &Path, now_ms: i64, open: &ArchiveRecord) -> StoreResult<MonthArchived> {
+    let (start_ms, end_ms) = month_bounds_ms(month)?;
+    let path = dir.join(&open.file);
+    if !path.exists() {
+        return Err(StoreError::Archive(format!(
+            "the archive of {month} stopped while its rows were being dropped; give the directory holding its file {} as --out to finish it",
+            open.file
+        )));
+    }
+    let started = std::time::Instant::now();
+    let mut archive = read_archive(&path, month, start_ms, end_ms, now_ms)?;
+    if archive.sha256 != open.sha256 {
+        return Err(StoreError::Archive(format!("{} changed since it was archived (sha256 {}, recorded {}): nothing dropped", path.display(), archive.sha256, open.sha256)));
+    }
+    archive.file.clone_from(&open.file);
+    let verify_ms = elapsed_ms(started);
+    let started = std::time::Instant::now();
+    ledger.drop_archived_month(&archive).await?;
+    let drop_ms = elapsed_ms(started);
+    tracing::info!(month, file = %path.display(), rows = archive.usage_rows, drop_ms, "stopped archive finished");
+    Ok(archived_report(&archive, path, (0, verify_ms, drop_ms)))
+}
+
+fn archived_report(archive: &MonthArchive, file: PathBuf, (export_ms, verify_ms, drop_ms): (u64, u64, u64)) -> MonthArchived {
+    MonthArchived {
+        month: archive.month.clone(),
+        file,
+        usage_rows: archive.usage_rows,
+        cost: archive.cost,
+        accounts: archive.account_months.len() as u64,
+        runs: archive.runs.len() as u64,
+        sha256: archive.sha256.clone(),
         export_ms,
         verify_ms,
         drop_ms,
-    }))
+    }
 }
 
 fn elapsed_ms(since: std::time::Instant) -> u64 {
@@ -259,14 +313,119 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
+/// What the runs and totals need of a row: from the ledger when exporting, from the file when
+/// reading it back.
+struct RowFacts {
+    id: i64,
+    account_id: String,
+    ledger_seq: i64,
+    cost: Money,
+    balance_before: Money,
+    balance_after: Money,
+    created_at_ms: i64,
+    charged: bool,
+    /// Input, cached input, cache write, output.
+    tokens: [u64; 4],
+}
+
+/// A month's rows, in (account, position) order, turned into what the drop writes.
+#[derive(Default)]
+struct MonthBuilder {
+    runs: Vec<ArchivedRun>,
+    accounts: BTreeMap<String, ArchivedAccountMonth>,
+    row_ids: BTreeMap<String, Vec<i64>>,
+    usage_rows: u64,
+    cost: Money,
+}
+
+impl MonthBuilder {
+    fn add(&mut self, row: RowFacts) -> StoreResult<()> {
+        self.extend_run(&row)?;
+        self.usage_rows += 1;
+        self.cost = self.cost.checked_add(row.cost).ok_or(StoreError::Overflow("archived month cost"))?;
+        let totals = self.accounts.entry(row.account_id.clone()).or_insert_with(|| ArchivedAccountMonth { account_id: row.account_id.clone(), ..ArchivedAccountMonth::default() });
+        totals.usage_rows += 1;
+        totals.requests += u64::from(row.charged);
+        totals.input_tokens += row.tokens[0];
+        totals.cached_input_tokens += row.tokens[1];
+        totals.cache_write_tokens += row.tokens[2];
+        totals.output_tokens += row.tokens[3];
+        totals.cost = totals.cost.checked_add(row.cost).ok_or(StoreError::Overflow("archived account cost"))?;
+        self.row_ids.entry(row.account_id).or_default().push(row.id);
+        Ok(())
+    }
+
+    /// The row joins the account's current run if it takes the next position; inside a run each
+    /// row must start at the balance the previous one ended at (I4).
+    fn extend_run(&mut self, row: &RowFacts) -> StoreResult<()> {
+        let created_at = time_of(row.created_at_ms)?;
+        if let Some(run) = self.runs.last_mut()
+            && run.account_id == row.account_id
+        {
+            if row.ledger_seq <= run.last_seq {
+                return Err(StoreError::Corrupt(format!("{}: ledger_seq {} comes after {}: positions repeat or are out of order", row.account_id, row.ledger_seq, run.last_seq)));
+            }
+            if row.ledger_seq == run.last_seq + 1 {
+                if row.balance_before != run.balance_after {
+                    return Err(StoreError::Corrupt(format!(
+                        "{}: the chain breaks at ledger_seq {} (balance_before {}, the previous row ended at {}): nothing archived",
+                        row.account_id, row.ledger_seq, row.balance_before, run.balance_after
+                    )));
+                }
+                run.last_seq = row.ledger_seq;
+                run.usage_rows += 1;
+                run.cost = run.cost.checked_add(row.cost).ok_or(StoreError::Overflow("archived run cost"))?;
+                run.balance_after = row.balance_after;
+                run.last_at = run.last_at.max(created_at);
+                run.created_at = run.created_at.min(created_at);
+                return Ok(());
+            }
+        }
+        self.runs.push(ArchivedRun {
+            account_id: row.account_id.clone(),
+            first_seq: row.ledger_seq,
+            last_seq: row.ledger_seq,
+            usage_rows: 1,
+            cost: row.cost,
+            balance_before: row.balance_before,
+            balance_after: row.balance_after,
+            month: String::new(),
+            created_at,
+            last_at: created_at,
+        });
+        Ok(())
+    }
+
+    fn finish(self, month: &str, (start_ms, end_ms): (i64, i64), file: &str, sha256: String, now_ms: i64) -> MonthArchive {
+        MonthArchive {
+            month: month.to_string(),
+            start_ms,
+            end_ms,
+            usage_rows: self.usage_rows,
+            cost: self.cost,
+            runs: self.runs.into_iter().map(|run| ArchivedRun { month: month.to_string(), ..run }).collect(),
+            account_months: self.accounts.into_values().map(|totals| ArchivedAccountMonth { month: month.to_string(), ..totals }).collect(),
+            row_ids: self.row_ids,
+            file: file.to_string(),
+            sha256,
+            archived_at_ms: now_ms,
+        }
+    }
+}
+
+impl MonthArchive {
+    /// The same rows, runs and totals, and the same bytes.
+    fn same_rows_as(&self, other: &MonthArchive) -> bool {
+        (self.usage_rows, self.cost, &self.runs, &self.account_months, &self.row_ids, &self.sha256)
+            == (other.usage_rows, other.cost, &other.runs, &other.account_months, &other.row_ids, &other.sha256)
+    }
+}
+
 /// The export of one month: the CSV writer, and the runs and totals built from the rows.
 struct Export {
     path: PathBuf,
     writer: csv::Writer<Hashing<std::io::BufWriter<std::fs::File>>>,
-    runs: Vec<ArchivedRun>,
-    accounts: BTreeMap<String, ArchivedAccountMonth>,
-    usage_rows: u64,
-    cost: Money,
+    month: MonthBuilder,
 }
 
 impl Export {
@@ -274,24 +433,12 @@ impl Export {
         let file = std::fs::File::create(path).map_err(|error| file_error("creating", path, &error))?;
         let mut writer = csv::Writer::from_writer(Hashing { inner: std::io::BufWriter::with_capacity(1 << 20, file), hash: Sha256::new() });
         writer.write_record(ARCHIVE_COLUMNS).map_err(|error| StoreError::Archive(format!("{month}: {error}")))?;
-        Ok(Export { path: path.to_path_buf(), writer, runs: Vec::new(), accounts: BTreeMap::new(), usage_rows: 0, cost: Money::ZERO })
+        Ok(Export { path: path.to_path_buf(), writer, month: MonthBuilder::default() })
     }
 
     fn push(&mut self, archived: ArchiveRow) -> StoreResult<()> {
         let row = &archived.row;
-        self.extend_run(row)?;
-        self.usage_rows += 1;
-        self.cost = self.cost.checked_add(row.cost).ok_or(StoreError::Overflow("archived month cost"))?;
-        let totals = self.accounts.entry(row.account_id.clone()).or_insert_with(|| ArchivedAccountMonth { account_id: row.account_id.clone(), ..ArchivedAccountMonth::default() });
-        totals.usage_rows += 1;
-        if row.status != RequestStatus::Failed {
-            totals.requests += 1;
-        }
-        totals.input_tokens += row.usage.input_tokens;
-        totals.cached_input_tokens += row.usage.cached_input_tokens;
-        totals.cache_write_tokens += row.usage.cache_write_tokens;
-        totals.output_tokens += row.usage.output_tokens;
-        totals.cost = totals.cost.checked_add(row.cost).ok_or(StoreError::Overflow("archived account cost"))?;
+        let created_at_ms = crate::clock::ms_of(row.created_at);
         let fields = [
             row.id.to_string(),
             row.request_id.clone(),
@@ -313,50 +460,21 @@ impl Export {
             row.ledger_seq.to_string(),
             row.status.as_str().to_string(),
             row.latency_ms.to_string(),
-            crate::clock::ms_of(row.created_at).to_string(),
+            created_at_ms.to_string(),
             archived.request_fingerprint.clone().unwrap_or_default(),
         ];
-        self.writer.write_record(&fields).map_err(|error| StoreError::Archive(format!("writing {}: {error}", self.path.display())))
-    }
-
-    /// The row joins the account's current run if it takes the next position; inside a run each
-    /// row must start at the balance the previous one ended at (I4).
-    fn extend_run(&mut self, row: &UsageRow) -> StoreResult<()> {
-        if let Some(run) = self.runs.last_mut()
-            && run.account_id == row.account_id
-        {
-            if row.ledger_seq <= run.last_seq {
-                return Err(StoreError::Corrupt(format!("{}: ledger_seq {} comes after {} in the export: positions repeat", row.account_id, row.ledger_seq, run.last_seq)));
-            }
-            if row.ledger_seq == run.last_seq + 1 {
-                if row.balance_before != run.balance_after {
-                    return Err(StoreError::Corrupt(format!(
-                        "{}: the chain breaks at ledger_seq {} (balance_before {}, the previous row ended at {}): nothing archived",
-                        row.account_id, row.ledger_seq, row.balance_before, run.balance_after
-                    )));
-                }
-                run.last_seq = row.ledger_seq;
-                run.usage_rows += 1;
-                run.cost = run.cost.checked_add(row.cost).ok_or(StoreError::Overflow("archived run cost"))?;
-                run.balance_after = row.balance_after;
-                run.last_at = run.last_at.max(row.created_at);
-                run.created_at = run.created_at.min(row.created_at);
-                return Ok(());
-            }
-        }
-        self.runs.push(ArchivedRun {
+        self.writer.write_record(&fields).map_err(|error| StoreError::Archive(format!("writing {}: {error}", self.path.display())))?;
+        self.month.add(RowFacts {
+            id: row.id,
             account_id: row.account_id.clone(),
-            first_seq: row.ledger_seq,
-            last_seq: row.ledger_seq,
-            usage_rows: 1,
+            ledger_seq: row.ledger_seq,
             cost: row.cost,
             balance_before: row.balance_before,
             balance_after: row.balance_after,
-            month: String::new(),
-            created_at: row.created_at,
-            last_at: row.created_at,
-        });
-        Ok(())
+            created_at_ms,
+            charged: row.status != RequestStatus::Failed,
+            tokens: [row.usage.input_tokens, row.usage.cached_input_tokens, row.usage.cache_write_tokens, row.usage.output_tokens],
+        })
     }
 
     /// Flushes and fsyncs the file; what the drop step needs.
@@ -366,20 +484,7 @@ impl Export {
         let sha256 = hex::encode(hashing.hash.finalize());
         let handle = hashing.inner.into_inner().map_err(|error| StoreError::Archive(format!("flushing {}: {error}", path.display())))?;
         handle.sync_all().map_err(|error| file_error("syncing", &path, &error))?;
-        let runs = self.runs.into_iter().map(|run| ArchivedRun { month: month.to_string(), ..run }).collect();
-        let account_months = self.accounts.into_values().map(|totals| ArchivedAccountMonth { month: month.to_string(), ..totals }).collect();
-        Ok(MonthArchive {
-            month: month.to_string(),
-            start_ms,
-            end_ms,
-            usage_rows: self.usage_rows,
-            cost: self.cost,
-            runs,
-            account_months,
-            file: file.to_string(),
-            sha256,
-            archived_at_ms: now_ms,
-        })
+        Ok(self.month.finish(month, (start_ms, end_ms), file, sha256, now_ms))
     }
 }
 
@@ -392,11 +497,18 @@ pub struct FileTotals {
 }
 
 /// Reads an archive file back: its header must be [`ARCHIVE_COLUMNS`], every record complete,
-/// every cost an integer.
+/// every number an integer.
 ///
 /// # Errors
 /// The file cannot be read or is not such a file.
 pub fn read_back(path: &Path) -> StoreResult<FileTotals> {
+    let archive = read_archive(path, "", 0, 0, 0)?;
+    Ok(FileTotals { rows: archive.usage_rows, cost: archive.cost, sha256: archive.sha256 })
+}
+
+/// An archive file parsed into what its drop writes (runs, account totals, row ids), by a CSV
+/// reader, independently of the writer.
+fn read_archive(path: &Path, month: &str, start_ms: i64, end_ms: i64, now_ms: i64) -> StoreResult<MonthArchive> {
     let bytes = std::fs::read(path).map_err(|error| file_error("reading", path, &error))?;
     let sha256 = hex::encode(Sha256::digest(&bytes));
     let bad = |what: String| StoreError::Archive(format!("{}: {what}", path.display()));
@@ -405,16 +517,30 @@ pub fn read_back(path: &Path) -> StoreResult<FileTotals> {
     if header.iter().ne(ARCHIVE_COLUMNS) {
         return Err(bad(format!("unexpected header {header:?}")));
     }
-    let cost_column = ARCHIVE_COLUMNS.iter().position(|column| *column == "cost").unwrap_or_default();
-    let (mut rows, mut cost) = (0_u64, Money::ZERO);
-    for record in reader.records() {
+    let column = |name: &str| ARCHIVE_COLUMNS.iter().position(|column| *column == name).unwrap_or_default();
+    let mut month_rows = MonthBuilder::default();
+    for (index, record) in reader.records().enumerate() {
         let record = record.map_err(|error| bad(error.to_string()))?;
-        let field = record.get(cost_column).ok_or_else(|| bad(format!("record {} has no cost", rows + 1)))?;
-        let nanos: i64 = field.parse().map_err(|_| bad(format!("record {}: cost {field:?} is not an integer", rows + 1)))?;
-        cost = cost.checked_add(Money::from_nanos(nanos)).ok_or(StoreError::Overflow("archive file cost"))?;
-        rows += 1;
+        let text = |name: &str| record.get(column(name)).unwrap_or_default();
+        let int = |name: &str| -> StoreResult<i64> {
+            let field = text(name);
+            field.parse().map_err(|_| bad(format!("record {}: {name} {field:?} is not an integer", index + 1)))
+        };
+        let count = |name: &str| -> StoreResult<u64> { u64::try_from(int(name)?).map_err(|_| bad(format!("record {}: negative {name}", index + 1))) };
+        month_rows.add(RowFacts {
+            id: int("id")?,
+            account_id: text("account_id").to_string(),
+            ledger_seq: int("ledger_seq")?,
+            cost: Money::from_nanos(int("cost")?),
+            balance_before: Money::from_nanos(int("balance_before")?),
+            balance_after: Money::from_nanos(int("balance_after")?),
+            created_at_ms: int("created_at")?,
+            charged: text("status") != RequestStatus::Failed.as_str(),
+            tokens: [count("input_tokens")?, count("cached_input_tokens")?, count("cache_write_tokens")?, count("output_tokens")?],
+        })?;
     }
-    Ok(FileTotals { rows, cost, sha256 })
+    let file = path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+    Ok(month_rows.finish(month, (start_ms, end_ms), &file, sha256, now_ms))
 }
 
 /// `usage_log-YYYY-MM.csv.manifest.json` beside the file, written as the file was.
@@ -464,9 +590,9 @@ fn account_month_from(row: &impl Fields) -> StoreResult<ArchivedAccountMonth> {
 
 /// The runs, account totals and the month's record as JSON arrays of arrays, for one statement
 /// each (PostgreSQL's `jsonb_array_elements`, SQLite's `json_each`).
-fn runs_json(archive: &MonthArchive) -> StoreResult<String> {
-    let mut runs = Vec::with_capacity(archive.runs.len());
-    for run in &archive.runs {
+fn runs_json<'a>(runs_of: impl Iterator<Item = &'a ArchivedRun>) -> StoreResult<String> {
+    let mut runs = Vec::new();
+    for run in runs_of {
         runs.push(serde_json::json!([
             run.account_id,
             run.first_seq,
@@ -482,9 +608,9 @@ fn runs_json(archive: &MonthArchive) -> StoreResult<String> {
     Ok(serde_json::Value::Array(runs).to_string())
 }
 
-fn account_months_json(archive: &MonthArchive) -> StoreResult<String> {
-    let mut months = Vec::with_capacity(archive.account_months.len());
-    for totals in &archive.account_months {
+fn account_months_json<'a>(months_of: impl Iterator<Item = &'a ArchivedAccountMonth>) -> StoreResult<String> {
+    let mut months = Vec::new();
+    for totals in months_of {
         months.push(serde_json::json!([
             totals.account_id,
             to_i64(totals.usage_rows, "usage_rows")?,
@@ -502,8 +628,9 @@ fn account_months_json(archive: &MonthArchive) -> StoreResult<String> {
 const MONTH_TOTALS: &str = "SELECT COUNT(*) AS usage_rows, CAST(COALESCE(SUM(cost), 0) AS BIGINT) AS cost FROM usage_log WHERE created_at >= ? AND created_at < ?";
 const OLDEST_USAGE: &str = "SELECT MIN(created_at) FROM usage_log";
 const MONTH_ROWS: &str = "SELECT * FROM usage_log WHERE created_at >= ? AND created_at < ? ORDER BY account_id, ledger_seq";
-const ARCHIVED_FILES: &str = "SELECT file FROM archived_months WHERE month = ? ORDER BY archived_at, length(file), file";
-const INSERT_MONTH: &str = "INSERT INTO archived_months (month, archived_at, usage_rows, cost, accounts, runs, file, sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?)";
+const ARCHIVE_RECORDS: &str = "SELECT file, sha256, complete FROM archived_months WHERE month = ? ORDER BY archived_at, length(file), file";
+const INSERT_MONTH: &str = "INSERT INTO archived_months (month, archived_at, usage_rows, cost, accounts, runs, file, sha256, complete)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (month, file) DO NOTHING";
 /// An account's archived months, with the files each went to.
 const ACCOUNT_MONTHS: &str = "SELECT a.*, (SELECT string_agg(m.file, ',' ORDER BY m.archived_at, length(m.file), m.file) FROM archived_months m WHERE m.month = a.month) AS files
     FROM archived_account_months a WHERE a.account_id = ? AND a.month >= ? AND a.month < ? ORDER BY a.month";
@@ -515,7 +642,7 @@ const ADD_ACCOUNT_MONTH: &str = "ON CONFLICT (account_id, month) DO UPDATE SET
     output_tokens = archived_account_months.output_tokens + excluded.output_tokens, cost = archived_account_months.cost + excluded.cost";
 
 /// [`INSERT_MONTH`] with the archive's values bound, for either database.
-fn insert_month<'q, DB: sqlx::Database>(query: sqlx::query::Query<'q, DB, DB::Arguments>, archive: &'q MonthArchive) -> StoreResult<sqlx::query::Query<'q, DB, DB::Arguments>>
+fn insert_month<'q, DB: sqlx::Database>(query: sqlx::query::Query<'q, DB, DB::Arguments>, archive: &'q MonthArchive, complete: bool) -> StoreResult<sqlx::query::Query<'q, DB, DB::Arguments>>
 where
     i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
     &'q String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
@@ -528,20 +655,25 @@ where
         .bind(archive.account_months.len() as i64)
         .bind(archive.runs.len() as i64)
         .bind(&archive.file)
-        .bind(&archive.sha256))
+        .bind(&archive.sha256)
+        .bind(i64::from(complete)))
+}
+
+fn record_from(row: &impl Fields) -> StoreResult<ArchiveRecord> {
+    Ok(ArchiveRecord { file: row.text("file")?, sha256: row.text("sha256")?, complete: row.int("complete")? == 1 })
 }
 
 fn totals_of(row: &impl Fields) -> StoreResult<(u64, Money)> {
     Ok((to_u64(row.int("usage_rows")?, "usage_rows")?, money(row, "cost")?))
 }
 
-fn changed_since_export(archive: &MonthArchive, found: (u64, Money)) -> StoreResult<()> {
-    if found == (archive.usage_rows, archive.cost) {
+fn changed_since_export(month: &str, expected: (u64, Money), found: (u64, Money)) -> StoreResult<()> {
+    if found == expected {
         return Ok(());
     }
     Err(StoreError::Conflict(format!(
-        "{}: the ledger now has {} rows, Σ cost {}, the export {} rows, Σ cost {}: rows were written since; nothing dropped, run the archive again",
-        archive.month, found.0, found.1, archive.usage_rows, archive.cost
+        "{month}: the ledger now has {} of the archive's rows, Σ cost {}, the export {} rows, Σ cost {}: rows changed since; nothing more dropped, run the archive again",
+        found.0, found.1, expected.0, expected.1
     )))
 }
 
@@ -568,8 +700,8 @@ impl Archive for PgLedger {
         Ok(())
     }
 
-    async fn archived_files(&self, month: &str) -> StoreResult<Vec<String>> {
-        Ok(sqlx::query_scalar(pg(ARCHIVED_FILES)).bind(month).fetch_all(self.pool()).await?)
+    async fn archive_records(&self, month: &str) -> StoreResult<Vec<ArchiveRecord>> {
+        sqlx::query(pg(ARCHIVE_RECORDS)).bind(month).fetch_all(self.pool()).await?.iter().map(record_from).collect()
     }
 
     async fn drop_archived_month(&self, archive: &MonthArchive) -> StoreResult<()> {
@@ -593,7 +725,7 @@ impl Archive for PgLedger {
              SELECT r->>0, (r->>1)::BIGINT, (r->>2)::BIGINT, (r->>3)::BIGINT, (r->>4)::BIGINT, (r->>5)::BIGINT, (r->>6)::BIGINT, $2, (r->>7)::BIGINT, (r->>8)::BIGINT
              FROM jsonb_array_elements($1::JSONB) r",
         )
-        .bind(runs_json(archive)?)
+        .bind(runs_json(archive.runs.iter())?)
         .bind(&archive.month)
         .execute(&mut *transaction)
         .await?;
@@ -602,11 +734,11 @@ impl Archive for PgLedger {
              SELECT a->>0, $2, (a->>1)::BIGINT, (a->>2)::BIGINT, (a->>3)::BIGINT, (a->>4)::BIGINT, (a->>5)::BIGINT, (a->>6)::BIGINT, (a->>7)::BIGINT
              FROM jsonb_array_elements($1::JSONB) a {ADD_ACCOUNT_MONTH}"
         )))
-        .bind(account_months_json(archive)?)
+        .bind(account_months_json(archive.account_months.iter())?)
         .bind(&archive.month)
         .execute(&mut *transaction)
         .await?;
-        insert_month(sqlx::query(pg(INSERT_MONTH)), archive)?.execute(&mut *transaction).await?;
+        insert_month(sqlx::query(pg(INSERT_MONTH)), archive, true)?.execute(&mut *transaction).await?;
         // From here to the commit every reader and writer of usage_log waits: a count of the
         // month, the delete of its (usually pruned) bodies, the detach. The drop column of
         // docs/BENCHMARKS.md's archive table bounds it.
@@ -616,7 +748,7 @@ impl Archive for PgLedger {
                 .fetch_one(&mut *transaction)
                 .await?,
         )?;
-        changed_since_export(archive, found)?;
+        changed_since_export(&archive.month, (archive.usage_rows, archive.cost), found)?;
         sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM stored_responses WHERE usage_id IN (SELECT id FROM {partition})"))).execute(&mut *transaction).await?;
         sqlx::query(sqlx::AssertSqlSafe(format!("ALTER TABLE usage_log DETACH PARTITION {partition}"))).execute(&mut *transaction).await?;
         sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {partition}"))).execute(&mut *transaction).await?;
@@ -648,46 +780,42 @@ impl Archive for SqliteLedger {
         Ok(())
     }
 
-    async fn archived_files(&self, month: &str) -> StoreResult<Vec<String>> {
-        Ok(sqlx::query_scalar(ARCHIVED_FILES).bind(month).fetch_all(self.pool()).await?)
+    async fn archive_records(&self, month: &str) -> StoreResult<Vec<ArchiveRecord>> {
+        sqlx::query(ARCHIVE_RECORDS).bind(month).fetch_all(self.pool()).await?.iter().map(record_from).collect()
     }
 
     async fn drop_archived_month(&self, archive: &MonthArchive) -> StoreResult<()> {
-        // One write transaction: SQLite has one writer, so no row joins the month meanwhile.
+        let ids: usize = archive.row_ids.values().map(Vec::len).sum();
+        let by_account: u64 = archive.account_months.iter().map(|totals| totals.usage_rows).sum();
+        if ids as u64 != archive.usage_rows || by_account != archive.usage_rows {
+            return Err(StoreError::Conflict(format!(
+                "{}: the archive's rows do not add up ({} rows, {ids} ids, {by_account} by account): nothing dropped",
+                archive.month, archive.usage_rows
+            )));
+        }
+        // The record first, incomplete: a run that stops midway is finished from the file.
         let mut transaction = self.write().await?;
-        let found = totals_of(&sqlx::query(MONTH_TOTALS).bind(archive.start_ms).bind(archive.end_ms).fetch_one(&mut *transaction).await?)?;
-        changed_since_export(archive, found)?;
-        sqlx::query(
-            "INSERT INTO archived_runs (account_id, first_seq, last_seq, usage_rows, cost, balance_before, balance_after, month, created_at, last_at)
-             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, ?, value ->> 7, value ->> 8 FROM json_each(?)",
-        )
-        .bind(&archive.month)
-        .bind(runs_json(archive)?)
-        .execute(&mut *transaction)
-        .await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO archived_account_months (account_id, month, usage_rows, requests, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, cost)
-             SELECT value ->> 0, ?, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, value ->> 7 FROM json_each(?) WHERE true {ADD_ACCOUNT_MONTH}"
-        )))
-        .bind(&archive.month)
-        .bind(account_months_json(archive)?)
-        .execute(&mut *transaction)
-        .await?;
-        insert_month(sqlx::query(INSERT_MONTH), archive)?.execute(&mut *transaction).await?;
-        sqlx::query(
-            "INSERT OR IGNORE INTO archived_charges (account_id, request_id)
-             SELECT account_id, request_id FROM usage_log WHERE created_at >= ? AND created_at < ? AND status <> 'failed'",
-        )
-        .bind(archive.start_ms)
-        .bind(archive.end_ms)
-        .execute(&mut *transaction)
-        .await?;
-        sqlx::query("DELETE FROM stored_responses WHERE usage_id IN (SELECT id FROM usage_log WHERE created_at >= ? AND created_at < ?)")
-            .bind(archive.start_ms)
-            .bind(archive.end_ms)
-            .execute(&mut *transaction)
-            .await?;
-        sqlx::query("DELETE FROM usage_log WHERE created_at >= ? AND created_at < ?").bind(archive.start_ms).bind(archive.end_ms).execute(&mut *transaction).await?;
+        insert_month(sqlx::query(INSERT_MONTH), archive, false)?.execute(&mut *transaction).await?;
+        transaction.commit().await?;
+        // Then the rows, a few accounts per write transaction: each holds the write lock (and
+        // embedded mode's settles) only for its chunk, and leaves each account's chain whole.
+        let mut chunk: Vec<&str> = Vec::new();
+        let mut chunk_rows = 0_u64;
+        for (account_id, ids) in &archive.row_ids {
+            chunk.push(account_id);
+            chunk_rows += ids.len() as u64;
+            if chunk_rows >= self.archive_chunk_rows {
+                self.drop_archived_accounts(archive, &chunk).await?;
+                chunk.clear();
+                chunk_rows = 0;
+                tokio::time::sleep(std::time::Duration::from_millis(ARCHIVE_CHUNK_PAUSE_MS)).await;
+            }
+        }
+        if !chunk.is_empty() {
+            self.drop_archived_accounts(archive, &chunk).await?;
+        }
+        let mut transaction = self.write().await?;
+        sqlx::query("UPDATE archived_months SET complete = 1 WHERE month = ? AND file = ?").bind(&archive.month).bind(&archive.file).execute(&mut *transaction).await?;
         transaction.commit().await?;
         Ok(())
     }
@@ -695,6 +823,60 @@ impl Archive for SqliteLedger {
     async fn archived_account_months(&self, account_id: &str, from: Option<&str>, to: Option<&str>) -> StoreResult<Vec<ArchivedAccountMonth>> {
         let (from, to) = month_range(from, to);
         sqlx::query(ACCOUNT_MONTHS).bind(account_id).bind(from).bind(to).fetch_all(self.pool()).await?.iter().map(account_month_from).collect()
+    }
+}
+
+/// Between two chunks of a SQLite archive's drop, for the writers waiting.
+const ARCHIVE_CHUNK_PAUSE_MS: u64 = 10;
+
+impl SqliteLedger {
+    /// One chunk of [`Archive::drop_archived_month`]: these accounts' archived rows, all of them
+    /// or none (an earlier run of the archive dropped them), with their runs and totals.
+    async fn drop_archived_accounts(&self, archive: &MonthArchive, accounts: &[&str]) -> StoreResult<()> {
+        let ids: Vec<i64> = accounts.iter().flat_map(|account| archive.row_ids.get(*account).into_iter().flatten().copied()).collect();
+        let ids = serde_json::Value::from(ids).to_string();
+        let expected = archive.account_months.iter().filter(|totals| accounts.contains(&totals.account_id.as_str())).try_fold((0_u64, Money::ZERO), |(rows, cost), totals| {
+            cost.checked_add(totals.cost).map(|cost| (rows + totals.usage_rows, cost)).ok_or(StoreError::Overflow("archived chunk cost"))
+        })?;
+        let mut transaction = self.write().await?;
+        let found = totals_of(
+            &sqlx::query("SELECT COUNT(*) AS usage_rows, CAST(COALESCE(SUM(cost), 0) AS BIGINT) AS cost FROM usage_log WHERE id IN (SELECT value FROM json_each(?))")
+                .bind(&ids)
+                .fetch_one(&mut *transaction)
+                .await?,
+        )?;
+        if found.0 == 0 {
+            return Ok(());
+        }
+        changed_since_export(&archive.month, expected, found)?;
+        let in_chunk = |account: &str| accounts.contains(&account);
+        sqlx::query(
+            "INSERT INTO archived_runs (account_id, first_seq, last_seq, usage_rows, cost, balance_before, balance_after, month, created_at, last_at)
+             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, ?, value ->> 7, value ->> 8 FROM json_each(?)",
+        )
+        .bind(&archive.month)
+        .bind(runs_json(archive.runs.iter().filter(|run| in_chunk(&run.account_id)))?)
+        .execute(&mut *transaction)
+        .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO archived_account_months (account_id, month, usage_rows, requests, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, cost)
+             SELECT value ->> 0, ?, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, value ->> 7 FROM json_each(?) WHERE true {ADD_ACCOUNT_MONTH}"
+        )))
+        .bind(&archive.month)
+        .bind(account_months_json(archive.account_months.iter().filter(|totals| in_chunk(&totals.account_id)))?)
+        .execute(&mut *transaction)
+        .await?;
+        sqlx::query(
+            "INSERT OR IGNORE INTO archived_charges (account_id, request_id)
+             SELECT account_id, request_id FROM usage_log WHERE id IN (SELECT value FROM json_each(?)) AND status <> 'failed'",
+        )
+        .bind(&ids)
+        .execute(&mut *transaction)
+        .await?;
+        sqlx::query("DELETE FROM stored_responses WHERE usage_id IN (SELECT value FROM json_each(?))").bind(&ids).execute(&mut *transaction).await?;
+        sqlx::query("DELETE FROM usage_log WHERE id IN (SELECT value FROM json_each(?))").bind(&ids).execute(&mut *transaction).await?;
+        transaction.commit().await?;
+        Ok(())
     }
 }
 

@@ -42,6 +42,8 @@ const ACQUIRE_TIMEOUT_MS: u64 = 10_000;
 pub struct SqliteLedger {
     pool: SqlitePool,
     writer: SqlitePool,
+    /// Usage rows an archive deletes per write transaction (`crate::archive`).
+    pub(crate) archive_chunk_rows: u64,
 }
 
 fn options(url: &str) -> StoreResult<SqliteConnectOptions> {
@@ -108,7 +110,14 @@ impl SqliteLedger {
             .test_before_acquire(false)
             .connect_with(options)
             .await?;
-        Ok(SqliteLedger { pool, writer })
+        Ok(SqliteLedger { pool, writer, archive_chunk_rows: 20_000 })
+    }
+
+    /// The ledger with another number of rows an archive deletes per write transaction (each
+    /// holds the write lock: embedded mode's settles wait for it).
+    #[must_use]
+    pub fn with_archive_chunk_rows(self, rows: u64) -> SqliteLedger {
+        SqliteLedger { archive_chunk_rows: rows.max(1), ..self }
     }
 
     pub(crate) fn pool(&self) -> &SqlitePool {

@@ -321,6 +321,7 @@ async fn a_changed_month_is_not_dropped(ledger: Arc<dyn Ledger>) {
         cost: Money::from_nanos(100),
         runs: Vec::new(),
         account_months: Vec::new(),
+        row_ids: BTreeMap::new(),
         file: "usage_log-2026-01.csv".into(),
         sha256: String::new(),
         archived_at_ms: NOW_MS,
@@ -329,7 +330,7 @@ async fn a_changed_month_is_not_dropped(ledger: Arc<dyn Ledger>) {
     assert!(matches!(refused, Err(StoreError::Conflict(_))), "{refused:?}");
     assert_eq!(ledger.month_totals(start_ms, end_ms).await.unwrap(), (2, Money::from_nanos(300)), "rows kept");
     assert!(ledger.charged_request("a", "r1").await.unwrap().unwrap().response.is_some(), "body kept");
-    assert!(ledger.archived_files("2026-01").await.unwrap().is_empty());
+    assert!(ledger.archive_records("2026-01").await.unwrap().is_empty());
     assert!(check_account(&*ledger, "a").await.unwrap().is_sound());
 }
 
@@ -343,18 +344,33 @@ async fn postgres_does_not_drop_a_month_that_changed() {
     a_changed_month_is_not_dropped(postgres().await).await;
 }
 
-/// The reader that verifies a file is strict: the header, every record's cost.
+/// The reader that verifies a file is strict: the header, every record's numbers, the chain
+/// inside each run.
 #[test]
 fn a_file_that_is_not_an_archive_is_refused() {
     let dir = out_dir();
     std::fs::create_dir_all(&dir).unwrap();
     let header = ARCHIVE_COLUMNS.join(",");
-    let row = |cost: &str| ARCHIVE_COLUMNS.iter().map(|column| if *column == "cost" { cost } else { "1" }).collect::<Vec<_>>().join(",");
+    let row = |seq: &str, cost: &str, before: &str, after: &str| {
+        ARCHIVE_COLUMNS
+            .iter()
+            .map(|column| match *column {
+                "ledger_seq" => seq,
+                "cost" => cost,
+                "balance_before" => before,
+                "balance_after" => after,
+                _ => "1",
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     let cases = [
-        ("good", format!("{header}\n{}\n{}\n", row("5"), row("7")), Some((2, 12))),
+        ("good", format!("{header}\n{}\n{}\n", row("1", "5", "100", "95"), row("2", "7", "95", "88")), Some((2, 12))),
         ("header", "id,cost\n1,5\n".to_string(), None),
-        ("cost", format!("{header}\n{}\n", row("5.5")), None),
+        ("cost", format!("{header}\n{}\n", row("1", "5.5", "100", "94.5")), None),
         ("short", format!("{header}\n1,2,3\n"), None),
+        ("chain", format!("{header}\n{}\n{}\n", row("1", "5", "100", "95"), row("2", "7", "96", "89")), None),
+        ("repeated", format!("{header}\n{}\n{}\n", row("1", "5", "100", "95"), row("1", "5", "100", "95")), None),
     ];
     for (name, text, expected) in cases {
         let path = dir.join(format!("{name}.csv"));
@@ -365,7 +381,7 @@ fn a_file_that_is_not_an_archive_is_refused() {
                 let read = read.unwrap();
                 assert_eq!((read.rows, read.cost.nanos()), (rows, cost), "{name}");
             }
-            None => assert!(matches!(read, Err(StoreError::Archive(_))), "{name}: {read:?}"),
+            None => assert!(matches!(read, Err(StoreError::Archive(_) | StoreError::Corrupt(_))), "{name}: {read:?}"),
         }
     }
     std::fs::remove_dir_all(&dir).unwrap();
@@ -439,4 +455,49 @@ async fn sqlite_reads_and_writes_during_an_archive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_reads_and_writes_during_an_archive() {
     reads_and_writes_during_an_archive(postgres().await).await;
+}
+
+/// SQLite drops an archived month a few accounts per write transaction. One that fails midway
+/// (here: a trigger refuses to delete account c's rows) leaves every account whole — a and b
+/// archived, c live, `verify` sound — and the month's record incomplete; the next run finishes
+/// it from the file, with no second file.
+#[tokio::test]
+async fn sqlite_finishes_an_archive_that_stopped_while_dropping() {
+    let path = std::env::temp_dir().join(format!("tollgate-archive-{}.db", uuid::Uuid::new_v4().simple()));
+    let url = format!("sqlite://{}", path.display());
+    let ledger: Arc<dyn Ledger> = Arc::new(SqliteLedger::connect(&url, 4).await.unwrap().with_archive_chunk_rows(1));
+    let mut model = Model::default();
+    let mut random = Random(7);
+    for account in ACCOUNTS {
+        funded_account(&*ledger, account, 10_000).await;
+        model.push(account, 10_000, None, None, false);
+    }
+    random_history(&*ledger, &mut model, &mut random, 150, &[0, 1, 2], "stop").await;
+    let side = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::query("CREATE TRIGGER refuse_c BEFORE DELETE ON usage_log WHEN OLD.account_id = 'c' BEGIN SELECT RAISE(ABORT, 'injected failure'); END")
+        .execute(&side)
+        .await
+        .unwrap();
+    let dir = out_dir();
+    let stopped = archive_before(&*ledger, "2026-03", &dir, NOW_MS, WINDOW_MS).await;
+    assert!(stopped.is_err(), "{stopped:?}");
+    let records = ledger.archive_records("2026-01").await.unwrap();
+    assert_eq!(records.len(), 1);
+    assert!(!records[0].complete, "{records:?}");
+    for entry in model.chains.iter_mut().filter(|(account, _)| *account != "c").flat_map(|(_, chain)| chain.iter_mut()) {
+        if entry.month == Some(0) {
+            entry.archived = Some(1);
+        }
+    }
+    assert_matches_model(&*ledger, &model).await;
+
+    sqlx::query("DROP TRIGGER refuse_c").execute(&side).await.unwrap();
+    let finished = archive_before(&*ledger, "2026-03", &dir, NOW_MS, WINDOW_MS).await.unwrap();
+    assert_eq!(finished.iter().map(|month| (month.month.as_str(), month.file.file_name().unwrap().to_str().unwrap())).collect::<Vec<_>>(),
+               [("2026-01", "usage_log-2026-01.csv"), ("2026-02", "usage_log-2026-02.csv")]);
+    assert!(ledger.archive_records("2026-01").await.unwrap().iter().all(|record| record.complete));
+    assert_eq!(file_requests(&dir.join("usage_log-2026-01.csv")), model_requests(&model, 0), "one file holds all of January");
+    model.archive(&[0, 1], 1);
+    assert_matches_model(&*ledger, &model).await;
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -34,7 +34,9 @@ CREATE TABLE archived_account_months (
     PRIMARY KEY (account_id, month)
 );
 
--- One row per archive run of a month (a month archived again holds rows written late).
+-- One row per archive file of a month (a month archived again holds rows written late).
+-- complete = 0: the file is written and verified, its rows are being dropped (SQLite drops them
+-- in chunks; an archive run that stopped there is resumed from the file by the next one).
 CREATE TABLE archived_months (
     month       TEXT NOT NULL,
     archived_at INTEGER NOT NULL,
@@ -44,6 +46,7 @@ CREATE TABLE archived_months (
     runs        INTEGER NOT NULL,
     file        TEXT NOT NULL,
     sha256      TEXT NOT NULL,
+    complete    INTEGER NOT NULL CHECK (complete IN (0, 1)),
     PRIMARY KEY (month, file)
 );
 
