@@ -5,7 +5,8 @@
 //!   Redis Cluster, one Lua script per step; also the usage log on Redis Streams).
 //! - [`ledger`]: the `Ledger` trait — the system of record. Implementations: [`sqlite`]
 //!   (embedded) and [`postgres`] (production, with NOTIFY on fund and configuration changes).
-//!   Both read rows back through `sql_rows`.
+//!   Both read rows back through `sql_rows`; the reads whose SQL is the same for both are
+//!   written once in `sql_reads`, over `sqlx::Database`.
 //! - [`ledger_charging`]: authorize, settle and void in PostgreSQL itself, for the opt-in mode
 //!   that keeps charging while the hot store is unreachable.
 //! - [`queue`]: the usage log from settle to the worker (`EventLog`), embedded as a channel.
@@ -35,6 +36,7 @@ pub mod redis_store;
 pub mod retention;
 pub mod postgres;
 pub mod sqlite;
+mod sql_reads;
 mod sql_rows;
 pub mod unbilled;
 pub mod verify;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::json;
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::{Postgres, QueryBuilder, Transaction};
+use sqlx::{Postgres, Transaction};
 use time::OffsetDateTime;
 use tollgate_core::Money;
 
@@ -25,10 +25,8 @@ use crate::model::{
     TopUpStatus, UsageEvent, UsageQuery, UsageRow,
 };
 use crate::sql_rows::{
-    Fields, SUMMARY_SELECT, UsagePlan, account_from, allowed_models_text, apply_patch, check_fund_direction, check_hot_store_range, checked_add, fund_from,
-    key_from, kind_text, merge_statement, statement_queries, money, ms_of, now_ms, optional_i64, plan_usage_batch, price_from, push_time_range,
-    push_usage_query, status_text, charged_request_from, summarize, to_i64, topup_from, usage_from,
-};
+    Fields, UsagePlan, account_from, allowed_models_text, apply_patch, check_fund_direction, check_hot_store_range, checked_add, fund_from,
+    key_from, kind_text, merge_statement, statement_queries, money, ms_of, now_ms, optional_i64, plan_usage_batch, price_from, status_text, charged_request_from, to_i64, topup_from, };
 
 /// Channel of fund changes: `{account_id, customer_type, amount, old_balance, new_balance,
 /// fund_seq}` where `fund_seq` is the transaction's ledger_seq (the hot store applies by it).
@@ -408,8 +406,7 @@ async fn charged_already(transaction: &mut Transaction<'static, Postgres>, event
 #[async_trait]
 impl Ledger for PgLedger {
     async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        crate::sql_reads::Reads(&self.pool).ping().await
     }
 
     async fn create_account(&self, account: NewAccount) -> StoreResult<Account> {
@@ -442,7 +439,7 @@ impl Ledger for PgLedger {
     }
 
     async fn account(&self, account_id: &str) -> StoreResult<Option<Account>> {
-        sqlx::query("SELECT * FROM accounts WHERE id = $1").bind(account_id).fetch_optional(&self.pool).await?.as_ref().map(account_from).transpose()
+        crate::sql_reads::Reads(&self.pool).account(account_id).await
     }
 
     async fn update_account(&self, account_id: &str, patch: AccountPatch) -> StoreResult<Account> {
@@ -476,24 +473,15 @@ impl Ledger for PgLedger {
     }
 
     async fn account_balance(&self, account_id: &str) -> StoreResult<Option<AccountBalance>> {
-        let row = sqlx::query("SELECT * FROM account_balance WHERE account_id = $1").bind(account_id).fetch_optional(&self.pool).await?;
-        row.map(|row| {
-            Ok(AccountBalance {
-                account_id: row.text("account_id")?,
-                balance: money(&row, "balance")?,
-                last_fund_seq: row.int("last_fund_seq")?,
-                ledger_seq: row.int("ledger_seq")?,
-            })
-        })
-        .transpose()
+        crate::sql_reads::Reads(&self.pool).account_balance(account_id).await
     }
 
     async fn account_ids(&self) -> StoreResult<Vec<String>> {
-        Ok(sqlx::query_scalar("SELECT id FROM accounts ORDER BY id").fetch_all(&self.pool).await?)
+        crate::sql_reads::Reads(&self.pool).account_ids().await
     }
 
     async fn customer_types(&self) -> StoreResult<Vec<String>> {
-        Ok(sqlx::query_scalar("SELECT DISTINCT customer_type FROM accounts ORDER BY customer_type").fetch_all(&self.pool).await?)
+        crate::sql_reads::Reads(&self.pool).customer_types().await
     }
 
     async fn create_key(&self, key: NewApiKey) -> StoreResult<ApiKey> {
@@ -532,7 +520,7 @@ impl Ledger for PgLedger {
     }
 
     async fn key_by_hash(&self, key_hash: &str) -> StoreResult<Option<ApiKey>> {
-        sqlx::query("SELECT * FROM api_keys WHERE key_hash = $1").bind(key_hash).fetch_optional(&self.pool).await?.as_ref().map(key_from).transpose()
+        crate::sql_reads::Reads(&self.pool).key_by_hash(key_hash).await
     }
 
     async fn revoke_key(&self, key_id: &str) -> StoreResult<ApiKey> {
@@ -658,7 +646,7 @@ impl Ledger for PgLedger {
     }
 
     async fn fund_by_reference(&self, kind: FundKind, reference_id: &str) -> StoreResult<Option<FundTransaction>> {
-        fund_by_reference(&self.pool, kind, reference_id).await
+        crate::sql_reads::Reads(&self.pool).fund_by_reference(kind, reference_id).await
     }
 
     async fn record_fund(&self, fund: NewFund) -> StoreResult<FundOutcome> {
@@ -679,14 +667,7 @@ impl Ledger for PgLedger {
     }
 
     async fn fund_transactions_after(&self, account_id: &str, after_ledger_seq: i64) -> StoreResult<Vec<FundTransaction>> {
-        sqlx::query("SELECT * FROM fund_transactions WHERE account_id = $1 AND ledger_seq > $2 ORDER BY ledger_seq")
-            .bind(account_id)
-            .bind(after_ledger_seq)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(fund_from)
-            .collect()
+        crate::sql_reads::Reads(&self.pool).fund_transactions_after(account_id, after_ledger_seq).await
     }
 
     async fn record_usage_batch(&self, events: &[UsageEvent]) -> StoreResult<Vec<RecordOutcome>> {
@@ -716,11 +697,7 @@ impl Ledger for PgLedger {
     }
 
     async fn charged_request_ids_since(&self, account_id: &str, since: OffsetDateTime) -> StoreResult<Vec<String>> {
-        Ok(sqlx::query_scalar("SELECT request_id FROM usage_log WHERE account_id = $1 AND created_at >= $2 AND status <> 'failed'")
-            .bind(account_id)
-            .bind(ms_of(since))
-            .fetch_all(&self.pool)
-            .await?)
+        crate::sql_reads::Reads(&self.pool).charged_request_ids_since(account_id, since).await
     }
 
     async fn counter_seed(&self, account_id: &str, at_ms: i64) -> StoreResult<CounterSeed> {
@@ -730,9 +707,7 @@ impl Ledger for PgLedger {
     }
 
     async fn usage_rows(&self, query: UsageQuery) -> StoreResult<Vec<UsageRow>> {
-        let mut builder = QueryBuilder::<Postgres>::new("SELECT * FROM usage_log WHERE TRUE");
-        push_usage_query(&mut builder, query);
-        builder.build().fetch_all(&self.pool).await?.iter().map(usage_from).collect()
+        crate::sql_reads::Reads(&self.pool).usage_rows(query).await
     }
 
     async fn statement(&self, account_id: &str, start: Option<OffsetDateTime>, end: Option<OffsetDateTime>) -> StoreResult<Vec<LedgerEntry>> {
@@ -753,12 +728,7 @@ impl Ledger for PgLedger {
     }
 
     async fn summary(&self, account_id: Option<&str>, start: Option<OffsetDateTime>, end: Option<OffsetDateTime>, group_by: SummaryGroup) -> StoreResult<Vec<SummaryRow>> {
-        let mut builder = QueryBuilder::<Postgres>::new(SUMMARY_SELECT);
-        if let Some(account_id) = account_id {
-            builder.push(" AND account_id = ").push_bind(account_id.to_string());
-        }
-        push_time_range(&mut builder, start, end);
-        summarize(&builder.build().fetch_all(&self.pool).await?, group_by)
+        crate::sql_reads::Reads(&self.pool).summary(account_id, start, end, group_by).await
     }
 
     async fn rebuilt_balance(&self, account_id: &str) -> StoreResult<Money> {

@@ -11,11 +11,11 @@ use crate::error::StoreResult;
 use crate::model::{FundKind, FundTransaction, NewFund, UsageEvent};
 use crate::operations::{
     BALANCE_BEFORE, PERIOD_FUNDS, PERIOD_USAGE, PeriodTotals, period_totals_from,
-    ACCOUNT_TOTALS, ADVANCE_OUTBOX, BalanceRepair, DUE_OUTBOX, DeliveryAttempt, DeliveryNext, ENSURE_LEASE,
+    ACCOUNT_TOTALS, ADVANCE_OUTBOX, BalanceRepair, DeliveryAttempt, DeliveryNext, ENSURE_LEASE,
     FINISH_RECONCILIATION, FINISH_RUN, INSERT_DELIVERY, INSERT_OUTBOX, INSERT_RUN, JOB_RUNS_KEPT, JobRun, LEDGER_TOTALS,
-    LedgerTotals, Operations, OutboxEvent, PERIOD_RAN, PRUNE_RUNS, RECONCILIATIONS, RELEASE_LEASE, RENEW_LEASE,
-    ReconciliationRun, SOME_LEDGER_TOTALS, START_RECONCILIATION, TAKE_LEASE, advance, delivery_from, job_run_from, outbox_from, pg,
-    THRESHOLD, key_budgets_from, threshold_from, proven_balance, reconciliation_from, repair_reference, totals_from,
+    LedgerTotals, Operations, OutboxEvent, PERIOD_RAN, PRUNE_RUNS, RELEASE_LEASE, RENEW_LEASE,
+    ReconciliationRun, SOME_LEDGER_TOTALS, START_RECONCILIATION, TAKE_LEASE, advance, pg,
+    THRESHOLD, key_budgets_from, threshold_from, proven_balance, repair_reference, totals_from,
 };
 use crate::postgres::{PgLedger, balance_for_update, insert_fund};
 use crate::sql_rows::{Fields, now_ms, to_i64};
@@ -173,7 +173,7 @@ impl Operations for PgLedger {
     }
 
     async fn reconciliations(&self, limit: u32) -> StoreResult<Vec<ReconciliationRun>> {
-        sqlx::query(pg(RECONCILIATIONS)).bind(i64::from(limit)).fetch_all(self.pool()).await?.iter().map(reconciliation_from).collect()
+        crate::sql_reads::Reads(self.pool()).reconciliations(limit).await
     }
 
     async fn period_totals(&self, account_id: &str, start_ms: i64, end_ms: i64) -> StoreResult<PeriodTotals> {
@@ -222,18 +222,11 @@ impl Operations for PgLedger {
     }
 
     async fn job_runs(&self, job: Option<&str>, limit: u32) -> StoreResult<Vec<JobRun>> {
-        sqlx::query("SELECT * FROM job_runs WHERE ($1::TEXT IS NULL OR job = $1) ORDER BY started_at DESC, job LIMIT $2")
-            .bind(job)
-            .bind(i64::from(limit))
-            .fetch_all(self.pool())
-            .await?
-            .iter()
-            .map(job_run_from)
-            .collect()
+        crate::sql_reads::Reads(self.pool()).job_runs(job, limit).await
     }
 
     async fn due_outbox(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<OutboxEvent>> {
-        sqlx::query(pg(DUE_OUTBOX)).bind(now_ms).bind(i64::from(limit)).fetch_all(self.pool()).await?.iter().map(outbox_from).collect()
+        crate::sql_reads::Reads(self.pool()).due_outbox(now_ms, limit).await
     }
 
     async fn record_delivery(&self, attempt: &DeliveryAttempt, next: DeliveryNext) -> StoreResult<()> {
@@ -263,24 +256,10 @@ impl Operations for PgLedger {
     }
 
     async fn outbox_events(&self, account_id: Option<&str>, limit: u32) -> StoreResult<Vec<OutboxEvent>> {
-        sqlx::query("SELECT * FROM outbox WHERE ($1::TEXT IS NULL OR account_id = $1) ORDER BY id DESC LIMIT $2")
-            .bind(account_id)
-            .bind(i64::from(limit))
-            .fetch_all(self.pool())
-            .await?
-            .iter()
-            .map(outbox_from)
-            .collect()
+        crate::sql_reads::Reads(self.pool()).outbox_events(account_id, limit).await
     }
 
     async fn deliveries(&self, outbox_id: Option<i64>, limit: u32) -> StoreResult<Vec<DeliveryAttempt>> {
-        sqlx::query("SELECT * FROM webhook_deliveries WHERE ($1::BIGINT IS NULL OR outbox_id = $1) ORDER BY id DESC LIMIT $2")
-            .bind(outbox_id)
-            .bind(i64::from(limit))
-            .fetch_all(self.pool())
-            .await?
-            .iter()
-            .map(delivery_from)
-            .collect()
+        crate::sql_reads::Reads(self.pool()).deliveries(outbox_id, limit).await
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteAutoVacuum, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Sqlite, SqlitePool, Transaction};
+use sqlx::{Sqlite, SqlitePool, Transaction};
 use time::OffsetDateTime;
 use tollgate_core::Money;
 
@@ -24,10 +24,8 @@ use crate::model::{
 };
 use crate::sqlite_ops::json_list;
 use crate::sql_rows::{
-    Fields, SUMMARY_SELECT, UsagePlan, account_from, allowed_models_text, apply_patch, check_fund_direction, check_hot_store_range, checked_add, fund_from,
-    key_from, kind_text, merge_statement, statement_queries, money, ms_of, now_ms, optional_i64, plan_usage_batch, price_from, push_time_range,
-    push_usage_query, status_text, charged_request_from, summarize, to_i64, topup_from, usage_from,
-};
+    Fields, UsagePlan, account_from, allowed_models_text, apply_patch, check_fund_direction, check_hot_store_range, checked_add, fund_from,
+    key_from, kind_text, merge_statement, statement_queries, money, ms_of, now_ms, optional_i64, plan_usage_batch, price_from, status_text, charged_request_from, to_i64, topup_from, };
 
 /// How long a connection waits for SQLite's write lock before failing.
 const BUSY_TIMEOUT_MS: u64 = 5_000;
@@ -370,8 +368,7 @@ fn hex(bytes: &[u8]) -> String {
 #[async_trait]
 impl Ledger for SqliteLedger {
     async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        crate::sql_reads::Reads(&self.pool).ping().await
     }
 
     async fn create_account(&self, account: NewAccount) -> StoreResult<Account> {
@@ -408,7 +405,7 @@ impl Ledger for SqliteLedger {
     }
 
     async fn account(&self, account_id: &str) -> StoreResult<Option<Account>> {
-        sqlx::query("SELECT * FROM accounts WHERE id = ?").bind(account_id).fetch_optional(&self.pool).await?.as_ref().map(account_from).transpose()
+        crate::sql_reads::Reads(&self.pool).account(account_id).await
     }
 
     async fn update_account(&self, account_id: &str, patch: AccountPatch) -> StoreResult<Account> {
@@ -441,24 +438,15 @@ impl Ledger for SqliteLedger {
     }
 
     async fn account_balance(&self, account_id: &str) -> StoreResult<Option<AccountBalance>> {
-        let row = sqlx::query("SELECT * FROM account_balance WHERE account_id = ?").bind(account_id).fetch_optional(&self.pool).await?;
-        row.map(|row| {
-            Ok(AccountBalance {
-                account_id: row.text("account_id")?,
-                balance: money(&row, "balance")?,
-                last_fund_seq: row.int("last_fund_seq")?,
-                ledger_seq: row.int("ledger_seq")?,
-            })
-        })
-        .transpose()
+        crate::sql_reads::Reads(&self.pool).account_balance(account_id).await
     }
 
     async fn account_ids(&self) -> StoreResult<Vec<String>> {
-        Ok(sqlx::query_scalar("SELECT id FROM accounts ORDER BY id").fetch_all(&self.pool).await?)
+        crate::sql_reads::Reads(&self.pool).account_ids().await
     }
 
     async fn customer_types(&self) -> StoreResult<Vec<String>> {
-        Ok(sqlx::query_scalar("SELECT DISTINCT customer_type FROM accounts ORDER BY customer_type").fetch_all(&self.pool).await?)
+        crate::sql_reads::Reads(&self.pool).customer_types().await
     }
 
     async fn create_key(&self, key: NewApiKey) -> StoreResult<ApiKey> {
@@ -499,7 +487,7 @@ impl Ledger for SqliteLedger {
     }
 
     async fn key_by_hash(&self, key_hash: &str) -> StoreResult<Option<ApiKey>> {
-        sqlx::query("SELECT * FROM api_keys WHERE key_hash = ?").bind(key_hash).fetch_optional(&self.pool).await?.as_ref().map(key_from).transpose()
+        crate::sql_reads::Reads(&self.pool).key_by_hash(key_hash).await
     }
 
     async fn revoke_key(&self, key_id: &str) -> StoreResult<ApiKey> {
@@ -620,7 +608,7 @@ impl Ledger for SqliteLedger {
     }
 
     async fn fund_by_reference(&self, kind: FundKind, reference_id: &str) -> StoreResult<Option<FundTransaction>> {
-        fund_by_reference(&self.pool, kind, reference_id).await
+        crate::sql_reads::Reads(&self.pool).fund_by_reference(kind, reference_id).await
     }
 
     async fn record_fund(&self, fund: NewFund) -> StoreResult<FundOutcome> {
@@ -638,14 +626,7 @@ impl Ledger for SqliteLedger {
     }
 
     async fn fund_transactions_after(&self, account_id: &str, after_ledger_seq: i64) -> StoreResult<Vec<FundTransaction>> {
-        sqlx::query("SELECT * FROM fund_transactions WHERE account_id = ? AND ledger_seq > ? ORDER BY ledger_seq")
-            .bind(account_id)
-            .bind(after_ledger_seq)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(fund_from)
-            .collect()
+        crate::sql_reads::Reads(&self.pool).fund_transactions_after(account_id, after_ledger_seq).await
     }
 
     /// A batch in four round trips to SQLite's worker thread whatever its size (begin, read the
@@ -677,11 +658,7 @@ impl Ledger for SqliteLedger {
     }
 
     async fn charged_request_ids_since(&self, account_id: &str, since: OffsetDateTime) -> StoreResult<Vec<String>> {
-        Ok(sqlx::query_scalar("SELECT request_id FROM usage_log WHERE account_id = ? AND created_at >= ? AND status <> 'failed'")
-            .bind(account_id)
-            .bind(ms_of(since))
-            .fetch_all(&self.pool)
-            .await?)
+        crate::sql_reads::Reads(&self.pool).charged_request_ids_since(account_id, since).await
     }
 
     async fn counter_seed(&self, account_id: &str, at_ms: i64) -> StoreResult<CounterSeed> {
@@ -691,9 +668,7 @@ impl Ledger for SqliteLedger {
     }
 
     async fn usage_rows(&self, query: UsageQuery) -> StoreResult<Vec<UsageRow>> {
-        let mut builder = QueryBuilder::<Sqlite>::new("SELECT * FROM usage_log WHERE TRUE");
-        push_usage_query(&mut builder, query);
-        builder.build().fetch_all(&self.pool).await?.iter().map(usage_from).collect()
+        crate::sql_reads::Reads(&self.pool).usage_rows(query).await
     }
 
     async fn statement(&self, account_id: &str, start: Option<OffsetDateTime>, end: Option<OffsetDateTime>) -> StoreResult<Vec<LedgerEntry>> {
@@ -709,12 +684,7 @@ impl Ledger for SqliteLedger {
     }
 
     async fn summary(&self, account_id: Option<&str>, start: Option<OffsetDateTime>, end: Option<OffsetDateTime>, group_by: SummaryGroup) -> StoreResult<Vec<SummaryRow>> {
-        let mut builder = QueryBuilder::<Sqlite>::new(SUMMARY_SELECT);
-        if let Some(account_id) = account_id {
-            builder.push(" AND account_id = ").push_bind(account_id.to_string());
-        }
-        push_time_range(&mut builder, start, end);
-        summarize(&builder.build().fetch_all(&self.pool).await?, group_by)
+        crate::sql_reads::Reads(&self.pool).summary(account_id, start, end, group_by).await
     }
 
     async fn rebuilt_balance(&self, account_id: &str) -> StoreResult<Money> {

@@ -12,11 +12,10 @@ use crate::error::StoreResult;
 use crate::model::{FundKind, FundTransaction, NewFund};
 use crate::operations::{
     BALANCE_BEFORE, PERIOD_FUNDS, PERIOD_USAGE, PeriodTotals, period_totals_from,
-    ACCOUNT_TOTALS, ADVANCE_OUTBOX, BalanceRepair, CHARGED_ONE, DUE_OUTBOX, DeliveryAttempt, DeliveryNext, ENSURE_LEASE,
+    ACCOUNT_TOTALS, ADVANCE_OUTBOX, BalanceRepair, CHARGED_ONE, DeliveryAttempt, DeliveryNext, ENSURE_LEASE,
     FINISH_RECONCILIATION, FINISH_RUN, INSERT_DELIVERY, INSERT_OUTBOX, INSERT_RUN, JOB_RUNS_KEPT, JobRun, LEDGER_TOTALS,
-    LedgerTotals, Operations, OutboxEvent, PERIOD_RAN, PRUNE_RUNS, RECONCILIATIONS, RELEASE_LEASE, RENEW_LEASE,
-    ReconciliationRun, SOME_LEDGER_TOTALS, START_RECONCILIATION, TAKE_LEASE, advance, delivery_from, job_run_from, outbox_from,
-    THRESHOLD, proven_balance, reconciliation_from, repair_reference, totals_from,
+    LedgerTotals, Operations, OutboxEvent, PERIOD_RAN, PRUNE_RUNS, RELEASE_LEASE, RENEW_LEASE,
+    ReconciliationRun, SOME_LEDGER_TOTALS, START_RECONCILIATION, TAKE_LEASE, advance, THRESHOLD, proven_balance, repair_reference, totals_from,
 };
 use crate::sql_rows::{Fields, now_ms, to_i64};
 use crate::sqlite::{SqliteLedger, balance_for_update, insert_fund};
@@ -124,7 +123,7 @@ impl Operations for SqliteLedger {
     }
 
     async fn reconciliations(&self, limit: u32) -> StoreResult<Vec<ReconciliationRun>> {
-        sqlx::query(RECONCILIATIONS).bind(i64::from(limit)).fetch_all(self.pool()).await?.iter().map(reconciliation_from).collect()
+        crate::sql_reads::Reads(self.pool()).reconciliations(limit).await
     }
 
     async fn period_totals(&self, account_id: &str, start_ms: i64, end_ms: i64) -> StoreResult<PeriodTotals> {
@@ -174,19 +173,11 @@ impl Operations for SqliteLedger {
     }
 
     async fn job_runs(&self, job: Option<&str>, limit: u32) -> StoreResult<Vec<JobRun>> {
-        sqlx::query("SELECT * FROM job_runs WHERE (? IS NULL OR job = ?) ORDER BY started_at DESC, job LIMIT ?")
-            .bind(job)
-            .bind(job)
-            .bind(i64::from(limit))
-            .fetch_all(self.pool())
-            .await?
-            .iter()
-            .map(job_run_from)
-            .collect()
+        crate::sql_reads::Reads(self.pool()).job_runs(job, limit).await
     }
 
     async fn due_outbox(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<OutboxEvent>> {
-        sqlx::query(DUE_OUTBOX).bind(now_ms).bind(i64::from(limit)).fetch_all(self.pool()).await?.iter().map(outbox_from).collect()
+        crate::sql_reads::Reads(self.pool()).due_outbox(now_ms, limit).await
     }
 
     async fn record_delivery(&self, attempt: &DeliveryAttempt, next: DeliveryNext) -> StoreResult<()> {
@@ -216,26 +207,10 @@ impl Operations for SqliteLedger {
     }
 
     async fn outbox_events(&self, account_id: Option<&str>, limit: u32) -> StoreResult<Vec<OutboxEvent>> {
-        sqlx::query("SELECT * FROM outbox WHERE (? IS NULL OR account_id = ?) ORDER BY id DESC LIMIT ?")
-            .bind(account_id)
-            .bind(account_id)
-            .bind(i64::from(limit))
-            .fetch_all(self.pool())
-            .await?
-            .iter()
-            .map(outbox_from)
-            .collect()
+        crate::sql_reads::Reads(self.pool()).outbox_events(account_id, limit).await
     }
 
     async fn deliveries(&self, outbox_id: Option<i64>, limit: u32) -> StoreResult<Vec<DeliveryAttempt>> {
-        sqlx::query("SELECT * FROM webhook_deliveries WHERE (? IS NULL OR outbox_id = ?) ORDER BY id DESC LIMIT ?")
-            .bind(outbox_id)
-            .bind(outbox_id)
-            .bind(i64::from(limit))
-            .fetch_all(self.pool())
-            .await?
-            .iter()
-            .map(delivery_from)
-            .collect()
+        crate::sql_reads::Reads(self.pool()).deliveries(outbox_id, limit).await
     }
 }

@@ -1,0 +1,175 @@
+//! The ledger reads both databases answer with the same SQL, written once over `sqlx::Database`:
+//! each backend's `Ledger` method hands over its pool. Statements are written with `?`;
+//! [`Dialect::sql`] gives PostgreSQL its numbered placeholders.
+
+use sqlx::postgres::Postgres;
+use sqlx::sqlite::Sqlite;
+use time::OffsetDateTime;
+
+use crate::error::StoreResult;
+use crate::model::{Account, AccountBalance, ApiKey, FundKind, FundTransaction, SummaryGroup, SummaryRow, UsageQuery, UsageRow};
+use crate::operations::{
+    DUE_OUTBOX, DeliveryAttempt, JobRun, OutboxEvent, RECONCILIATIONS, ReconciliationRun, delivery_from, job_run_from, outbox_from, reconciliation_from,
+};
+use crate::sql_rows::{Fields, SUMMARY_SELECT, account_from, fund_from, key_from, money, ms_of, push_time_range, push_usage_query, summarize, usage_from};
+
+/// What differs in a statement the two databases share.
+pub(crate) trait Dialect: sqlx::Database {
+    /// The statement with this database's placeholders.
+    fn sql(text: &'static str) -> sqlx::AssertSqlSafe<String>;
+}
+
+impl Dialect for Postgres {
+    fn sql(text: &'static str) -> sqlx::AssertSqlSafe<String> {
+        crate::operations::pg(text)
+    }
+}
+
+impl Dialect for Sqlite {
+    fn sql(text: &'static str) -> sqlx::AssertSqlSafe<String> {
+        sqlx::AssertSqlSafe(text.to_string())
+    }
+}
+
+/// The shared reads, on one database's pool.
+pub(crate) struct Reads<'p, DB: sqlx::Database>(pub &'p sqlx::Pool<DB>);
+
+impl<DB> Reads<'_, DB>
+where
+    DB: Dialect,
+    DB::Row: Fields,
+    for<'c> &'c sqlx::Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    for<'q> &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    DB::Arguments: sqlx::IntoArguments<DB>,
+{
+    pub(crate) async fn ping(&self) -> StoreResult<()> {
+        sqlx::query(DB::sql("SELECT 1")).execute(self.0).await?;
+        Ok(())
+    }
+
+    pub(crate) async fn account(&self, account_id: &str) -> StoreResult<Option<Account>> {
+        sqlx::query(DB::sql("SELECT * FROM accounts WHERE id = ?")).bind(account_id).fetch_optional(self.0).await?.as_ref().map(account_from).transpose()
+    }
+
+    pub(crate) async fn account_balance(&self, account_id: &str) -> StoreResult<Option<AccountBalance>> {
+        let row = sqlx::query(DB::sql("SELECT * FROM account_balance WHERE account_id = ?")).bind(account_id).fetch_optional(self.0).await?;
+        row.map(|row| {
+            Ok(AccountBalance {
+                account_id: row.text("account_id")?,
+                balance: money(&row, "balance")?,
+                last_fund_seq: row.int("last_fund_seq")?,
+                ledger_seq: row.int("ledger_seq")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// One text column of every row.
+    async fn texts(&self, sql: &'static str, column: &str) -> StoreResult<Vec<String>> {
+        sqlx::query(DB::sql(sql)).fetch_all(self.0).await?.iter().map(|row| row.text(column)).collect()
+    }
+
+    pub(crate) async fn account_ids(&self) -> StoreResult<Vec<String>> {
+        self.texts("SELECT id FROM accounts ORDER BY id", "id").await
+    }
+
+    pub(crate) async fn customer_types(&self) -> StoreResult<Vec<String>> {
+        self.texts("SELECT DISTINCT customer_type FROM accounts ORDER BY customer_type", "customer_type").await
+    }
+
+    pub(crate) async fn key_by_hash(&self, key_hash: &str) -> StoreResult<Option<ApiKey>> {
+        sqlx::query(DB::sql("SELECT * FROM api_keys WHERE key_hash = ?")).bind(key_hash).fetch_optional(self.0).await?.as_ref().map(key_from).transpose()
+    }
+
+    pub(crate) async fn fund_by_reference(&self, kind: FundKind, reference_id: &str) -> StoreResult<Option<FundTransaction>> {
+        sqlx::query(DB::sql("SELECT * FROM fund_transactions WHERE kind = ? AND reference_id = ?"))
+            .bind(kind.as_str())
+            .bind(reference_id)
+            .fetch_optional(self.0)
+            .await?
+            .as_ref()
+            .map(fund_from)
+            .transpose()
+    }
+
+    pub(crate) async fn fund_transactions_after(&self, account_id: &str, after_ledger_seq: i64) -> StoreResult<Vec<FundTransaction>> {
+        sqlx::query(DB::sql("SELECT * FROM fund_transactions WHERE account_id = ? AND ledger_seq > ? ORDER BY ledger_seq"))
+            .bind(account_id)
+            .bind(after_ledger_seq)
+            .fetch_all(self.0)
+            .await?
+            .iter()
+            .map(fund_from)
+            .collect()
+    }
+
+    pub(crate) async fn charged_request_ids_since(&self, account_id: &str, since: OffsetDateTime) -> StoreResult<Vec<String>> {
+        sqlx::query(DB::sql("SELECT request_id FROM usage_log WHERE account_id = ? AND created_at >= ? AND status <> 'failed'"))
+            .bind(account_id)
+            .bind(ms_of(since))
+            .fetch_all(self.0)
+            .await?
+            .iter()
+            .map(|row| row.text("request_id"))
+            .collect()
+    }
+
+    pub(crate) async fn usage_rows(&self, query: UsageQuery) -> StoreResult<Vec<UsageRow>> {
+        let mut builder = sqlx::QueryBuilder::<DB>::new("SELECT * FROM usage_log WHERE TRUE");
+        push_usage_query(&mut builder, query);
+        builder.build().fetch_all(self.0).await?.iter().map(usage_from).collect()
+    }
+
+    pub(crate) async fn summary(&self, account_id: Option<&str>, start: Option<OffsetDateTime>, end: Option<OffsetDateTime>, group_by: SummaryGroup) -> StoreResult<Vec<SummaryRow>> {
+        let mut builder = sqlx::QueryBuilder::<DB>::new(SUMMARY_SELECT);
+        if let Some(account_id) = account_id {
+            builder.push(" AND account_id = ").push_bind(account_id.to_string());
+        }
+        push_time_range(&mut builder, start, end);
+        summarize(&builder.build().fetch_all(self.0).await?, group_by)
+    }
+
+    pub(crate) async fn reconciliations(&self, limit: u32) -> StoreResult<Vec<ReconciliationRun>> {
+        sqlx::query(DB::sql(RECONCILIATIONS)).bind(i64::from(limit)).fetch_all(self.0).await?.iter().map(reconciliation_from).collect()
+    }
+
+    pub(crate) async fn due_outbox(&self, now_ms: i64, limit: u32) -> StoreResult<Vec<OutboxEvent>> {
+        sqlx::query(DB::sql(DUE_OUTBOX)).bind(now_ms).bind(i64::from(limit)).fetch_all(self.0).await?.iter().map(outbox_from).collect()
+    }
+
+    /// The newest rows of a table, optionally of one owner (`column = value`).
+    async fn newest(&self, table: &str, column: &str, value: Option<Owner>, order: &str, limit: u32) -> StoreResult<Vec<DB::Row>> {
+        let mut builder = sqlx::QueryBuilder::<DB>::new(format!("SELECT * FROM {table} WHERE TRUE"));
+        match value {
+            Some(Owner::Text(text)) => {
+                builder.push(format!(" AND {column} = ")).push_bind(text);
+            }
+            Some(Owner::Id(id)) => {
+                builder.push(format!(" AND {column} = ")).push_bind(id);
+            }
+            None => {}
+        }
+        builder.push(format!(" ORDER BY {order} LIMIT ")).push_bind(i64::from(limit));
+        Ok(builder.build().fetch_all(self.0).await?)
+    }
+
+    pub(crate) async fn job_runs(&self, job: Option<&str>, limit: u32) -> StoreResult<Vec<JobRun>> {
+        self.newest("job_runs", "job", job.map(|job| Owner::Text(job.to_string())), "started_at DESC, job", limit).await?.iter().map(job_run_from).collect()
+    }
+
+    pub(crate) async fn outbox_events(&self, account_id: Option<&str>, limit: u32) -> StoreResult<Vec<OutboxEvent>> {
+        self.newest("outbox", "account_id", account_id.map(|id| Owner::Text(id.to_string())), "id DESC", limit).await?.iter().map(outbox_from).collect()
+    }
+
+    pub(crate) async fn deliveries(&self, outbox_id: Option<i64>, limit: u32) -> StoreResult<Vec<DeliveryAttempt>> {
+        self.newest("webhook_deliveries", "outbox_id", outbox_id.map(Owner::Id), "id DESC", limit).await?.iter().map(delivery_from).collect()
+    }
+}
+
+/// The owner a listing is narrowed to.
+enum Owner {
+    Text(String),
+    Id(i64),
+}
