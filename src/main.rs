@@ -88,6 +88,10 @@ enum Command {
         /// Print what was archived as JSON.
         #[arg(long)]
         json: bool,
+        /// List the months that would be archived (rows, Σ cost) and stop: no file written,
+        /// nothing dropped.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Price lists: import OpenRouter's or LiteLLM's; list routed models without a price.
     Prices {
@@ -313,8 +317,28 @@ async fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Archive { config, before, out, json } => {
+        Command::Archive { config, before, out, json, dry_run } => {
+            let config_given = config.is_some();
             let config = load_config(config.as_deref())?;
+            // The window is the gateway's: give its configuration, or months it still replays
+            // from may go.
+            eprintln!(
+                "archiving the months before {before} that ended at least limits.replay_window_ms = {} ms ago{}",
+                config.limits.replay_window_ms,
+                if config_given { "" } else { " (the default: no --config given)" }
+            );
+            if dry_run {
+                let planned = tollgate_gateway::server::archive_plan(&config, &before).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&planned)?);
+                } else {
+                    println!("{:<8} {:>12} {:>24}  (dry run: nothing written, nothing dropped; files would go to {})", "month", "rows", "cost", out.display());
+                    for month in &planned {
+                        println!("{:<8} {:>12} {:>24}", month.month, month.usage_rows, month.cost.to_string());
+                    }
+                }
+                return Ok(());
+            }
             let archived = tollgate_gateway::server::archive(&config, &before, &out).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&archived)?);

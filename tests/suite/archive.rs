@@ -39,6 +39,15 @@ async fn an_archived_month_keeps_balances_statements_and_charges() {
     let (status, _, stderr) = tollgate(&["archive", "--before", "2099-01", "--out", out.to_str().unwrap()], &env).await;
     assert_ne!(status, 0, "{stderr}");
     assert!(stderr.contains("replay window"), "{stderr}");
+    // A dry run lists January, writes and drops nothing.
+    let (status, stdout, stderr) = tollgate(&["archive", "--before", "2026-02", "--out", out.to_str().unwrap(), "--dry-run", "--json"], &env).await;
+    assert_eq!(status, 0, "{stdout}{stderr}");
+    let planned: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!((planned[0]["month"].as_str(), planned[0]["usage_rows"].as_u64(), planned.as_array().map(Vec::len)), (Some("2026-01"), Some(3), Some(1)), "{planned}");
+    assert_eq!(money(&planned[0]["cost"]), january_cost);
+    assert!(!out.exists(), "a dry run wrote {}", out.display());
+    let (start_ms, end_ms) = tollgate_store::archive::month_bounds_ms("2026-01").unwrap();
+    assert_eq!(ledger.month_totals(start_ms, end_ms).await.unwrap(), (3, january_cost), "a dry run dropped rows");
     let (status, stdout, stderr) = tollgate(&["archive", "--before", "2026-02", "--out", out.to_str().unwrap()], &env).await;
     assert_eq!(status, 0, "{stdout}{stderr}");
     assert!(stdout.contains("2026-01") && stdout.contains("usage_log-2026-01.csv"), "{stdout}");

@@ -367,8 +367,20 @@ pub async fn verify(config: &GatewayConfig, served: Option<&[tollgate_worker::ve
 /// A month too recent, a store or file failure, or an export that does not match the ledger.
 pub async fn archive(config: &GatewayConfig, before: &str, dir: &std::path::Path) -> Result<Vec<tollgate_store::archive::MonthArchived>, ServerError> {
     let (ledger, _) = open_ledger(&config.database_url).await?;
-    let window = i64::try_from(config.limits.replay_window_ms).unwrap_or(i64::MAX);
-    Ok(tollgate_store::archive::archive_before(&*ledger, before, dir, tollgate_store::clock::now_ms(), window).await?)
+    Ok(tollgate_store::archive::archive_before(&*ledger, before, dir, tollgate_store::clock::now_ms(), replay_window_ms(config)).await?)
+}
+
+/// `tollgate archive --dry-run`: what [`archive`] would take, touching nothing.
+///
+/// # Errors
+/// As [`archive`] before it writes anything.
+pub async fn archive_plan(config: &GatewayConfig, before: &str) -> Result<Vec<tollgate_store::archive::MonthPlanned>, ServerError> {
+    let (ledger, _) = open_ledger(&config.database_url).await?;
+    Ok(tollgate_store::archive::archive_plan(&*ledger, before, tollgate_store::clock::now_ms(), replay_window_ms(config)).await?)
+}
+
+fn replay_window_ms(config: &GatewayConfig) -> i64 {
+    i64::try_from(config.limits.replay_window_ms).unwrap_or(i64::MAX)
 }
 
 /// The stores a command-line check reads: the ledger and, in services mode, Redis.

@@ -156,25 +156,13 @@ pub fn month_bounds_ms(month: &str) -> StoreResult<(i64, i64)> {
 /// A month too recent (nothing done), a file or ledger failure, or an export that does not match
 /// the ledger (that month and the later ones are not dropped; earlier ones stay archived).
 pub async fn archive_before(ledger: &dyn Ledger, before: &str, dir: &Path, now_ms: i64, replay_window_ms: i64) -> StoreResult<Vec<MonthArchived>> {
-    let (before_ms, _) = month_bounds_ms(before)?;
-    if before_ms.saturating_add(replay_window_ms) > now_ms {
-        return Err(StoreError::Invalid(format!(
-            "the months before {before} end less than the replay window ({replay_window_ms} ms, limits.replay_window_ms) ago: a retry may still be answered from them; archive them later"
-        )));
-    }
+    let months = months_before(ledger, before, now_ms, replay_window_ms).await?;
     std::fs::create_dir_all(dir).map_err(|error| file_error("creating", dir, &error))?;
-    let Some(oldest_ms) = ledger.oldest_usage_ms().await? else { return Ok(Vec::new()) };
     let mut archived = Vec::new();
-    let mut month = month_label(oldest_ms, 0)?;
-    loop {
-        let (start_ms, end_ms) = month_bounds_ms(&month)?;
-        if start_ms >= before_ms {
-            break;
-        }
+    for month in months {
         if let Some(done) = archive_month(ledger, &month, dir, now_ms).await? {
             archived.push(done);
         }
-        month = month_label(end_ms, 0)?;
     }
     // SQLite gives the deleted rows' pages back to the file system in steps (PostgreSQL dropped
     // whole tables); stop when a step frees nothing more.
@@ -187,6 +175,52 @@ pub async fn archive_before(ledger: &dyn Ledger, before: &str, dir: &Path, now_m
         free = left;
     }
     Ok(archived)
+}
+
+/// A month [`archive_before`] would take, as `tollgate archive --dry-run` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MonthPlanned {
+    pub month: String,
+    pub usage_rows: u64,
+    pub cost: Money,
+}
+
+/// What [`archive_before`] would archive, with the same checks, writing and dropping nothing.
+///
+/// # Errors
+/// As [`archive_before`] before it writes anything.
+pub async fn archive_plan(ledger: &dyn Ledger, before: &str, now_ms: i64, replay_window_ms: i64) -> StoreResult<Vec<MonthPlanned>> {
+    let mut planned = Vec::new();
+    for month in months_before(ledger, before, now_ms, replay_window_ms).await? {
+        let (start_ms, end_ms) = month_bounds_ms(&month)?;
+        let (usage_rows, cost) = ledger.month_totals(start_ms, end_ms).await?;
+        if usage_rows > 0 {
+            planned.push(MonthPlanned { month, usage_rows, cost });
+        }
+    }
+    Ok(planned)
+}
+
+/// The months from the oldest usage row's to the one before `before`, once the replay window
+/// has passed over all of them.
+async fn months_before(ledger: &dyn Ledger, before: &str, now_ms: i64, replay_window_ms: i64) -> StoreResult<Vec<String>> {
+    let (before_ms, _) = month_bounds_ms(before)?;
+    if before_ms.saturating_add(replay_window_ms) > now_ms {
+        return Err(StoreError::Invalid(format!(
+            "the months before {before} end less than the replay window ({replay_window_ms} ms, limits.replay_window_ms) ago: a retry may still be answered from them; archive them later"
+        )));
+    }
+    let Some(oldest_ms) = ledger.oldest_usage_ms().await? else { return Ok(Vec::new()) };
+    let mut months = Vec::new();
+    let mut month = month_label(oldest_ms, 0)?;
+    loop {
+        let (start_ms, end_ms) = month_bounds_ms(&month)?;
+        if start_ms >= before_ms {
+            return Ok(months);
+        }
+        months.push(month);
+        month = month_label(end_ms, 0)?;
+    }
 }
 
 /// One month: export, verify, drop. `None` when the month has no rows.
