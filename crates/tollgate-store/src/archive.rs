@@ -128,24 +128,18 @@ pub trait Archive {
 /// # Errors
 /// Not a month.
 pub fn month_bounds_ms(month: &str) -> StoreResult<(i64, i64)> {
-    let invalid = || StoreError::Invalid(format!("a month is YYYY-MM (e.g. 2026-11), not {month:?}"));
+    let invalid = || StoreError::Invalid(format!("month must be YYYY-MM (e.g. 2026-11), not {month:?}"));
     let (year, number) = month.split_once('-').ok_or_else(invalid)?;
     if year.len() != 4 || number.len() != 2 {
         return Err(invalid());
     }
     let year: i32 = year.parse().map_err(|_| invalid())?;
-    let number: u8 = number.parse().map_err(|_| invalid())?;
-    let first = time::Date::from_calendar_date(year, time::Month::try_from(number).map_err(|_| invalid())?, 1).map_err(|_| invalid())?;
-    let start = first.midnight().assume_utc();
-    let next = month_label(crate::clock::ms_of(start), 1)?;
-    let (next_year, next_number) = next.split_once('-').ok_or_else(invalid)?;
-    let next_first = time::Date::from_calendar_date(
-        next_year.parse().map_err(|_| invalid())?,
-        time::Month::try_from(next_number.parse::<u8>().map_err(|_| invalid())?).map_err(|_| invalid())?,
-        1,
-    )
-    .map_err(|_| invalid())?;
-    Ok((crate::clock::ms_of(start), crate::clock::ms_of(next_first.midnight().assume_utc())))
+    let month = time::Month::try_from(number.parse::<u8>().map_err(|_| invalid())?).map_err(|_| invalid())?;
+    let (next_year, next_month) = if month == time::Month::December { (year + 1, time::Month::January) } else { (year, month.next()) };
+    let first_ms = |year: i32, month: time::Month| -> StoreResult<i64> {
+        Ok(crate::clock::ms_of(time::Date::from_calendar_date(year, month, 1).map_err(|_| invalid())?.midnight().assume_utc()))
+    };
+    Ok((first_ms(year, month)?, first_ms(next_year, next_month)?))
 }
 
 /// Archives every month with usage rows before `before` (`YYYY-MM`) into `dir`, oldest first.
@@ -869,7 +863,9 @@ impl SqliteLedger {
     async fn drop_archived_accounts(&self, archive: &MonthArchive, accounts: &[&str]) -> StoreResult<()> {
         let ids: Vec<i64> = accounts.iter().flat_map(|account| archive.row_ids.get(*account).into_iter().flatten().copied()).collect();
         let ids = serde_json::Value::from(ids).to_string();
-        let expected = archive.account_months.iter().filter(|totals| accounts.contains(&totals.account_id.as_str())).try_fold((0_u64, Money::ZERO), |(rows, cost), totals| {
+        let accounts: std::collections::BTreeSet<&str> = accounts.iter().copied().collect();
+        let in_chunk = |account: &str| accounts.contains(account);
+        let expected = archive.account_months.iter().filter(|totals| in_chunk(&totals.account_id)).try_fold((0_u64, Money::ZERO), |(rows, cost), totals| {
             cost.checked_add(totals.cost).map(|cost| (rows + totals.usage_rows, cost)).ok_or(StoreError::Overflow("archived chunk cost"))
         })?;
         let mut transaction = self.write().await?;
@@ -883,7 +879,6 @@ impl SqliteLedger {
             return Ok(());
         }
         changed_since_export(&archive.month, expected, found)?;
-        let in_chunk = |account: &str| accounts.contains(&account);
         sqlx::query(
             "INSERT INTO archived_runs (account_id, first_seq, last_seq, usage_rows, cost, balance_before, balance_after, month, created_at, last_at)
              SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, ?, value ->> 7, value ->> 8 FROM json_each(?)",

@@ -10,7 +10,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use time::format_description::well_known::Rfc3339;
-use time::{Date, Month, OffsetDateTime, Time};
+use time::OffsetDateTime;
 use tollgate_core::Money;
 use tollgate_store::clock::ms_of;
 use tollgate_store::model::SummaryGroup;
@@ -29,20 +29,11 @@ struct StatementParams {
     format: Option<String>,
 }
 
-/// `YYYY-MM` → the month's first instant and the next month's, UTC.
+/// `YYYY-MM` → the month's first instant and the next month's, UTC (the archive's bounds).
 fn month_bounds(month: &str) -> Result<(OffsetDateTime, OffsetDateTime), ApiError> {
-    let invalid = || ApiError::InvalidRequest(format!("month must be YYYY-MM (e.g. 2026-11), not {month:?}"));
-    let (year, number) = month.split_once('-').ok_or_else(invalid)?;
-    if year.len() != 4 || number.len() != 2 {
-        return Err(invalid());
-    }
-    let year: i32 = year.parse().map_err(|_| invalid())?;
-    let number: u8 = number.parse().map_err(|_| invalid())?;
-    let month = Month::try_from(number).map_err(|_| invalid())?;
-    let start = Date::from_calendar_date(year, month, 1).map_err(|_| invalid())?;
-    let (next_year, next_month) = if month == Month::December { (year + 1, Month::January) } else { (year, month.next()) };
-    let end = Date::from_calendar_date(next_year, next_month, 1).map_err(|_| invalid())?;
-    Ok((start.with_time(Time::MIDNIGHT).assume_utc(), end.with_time(Time::MIDNIGHT).assume_utc()))
+    let (start_ms, end_ms) = tollgate_store::archive::month_bounds_ms(month)?;
+    let instant = |ms: i64| OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).map_err(|_| ApiError::InvalidRequest(format!("month {month:?} is out of range")));
+    Ok((instant(start_ms)?, instant(end_ms)?))
 }
 
 fn rfc3339(at: OffsetDateTime) -> String {
