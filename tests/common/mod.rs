@@ -71,7 +71,7 @@ pub fn test_config(database_url: String, mock_base_url: &str) -> GatewayConfig {
     let mut config = GatewayConfig { database_url, admin_token: Some(ADMIN_TOKEN.into()), ..GatewayConfig::default() };
     config.providers.push(ProviderConfig { name: "mock".into(), kind: ProviderKind::Mock, base_url: mock_base_url.into(), api_key_env: None, output_cap_field: None, client_file_references: Default::default(), client_urls: Default::default() });
     for model in ["demo-gpt", "demo-claude", "demo-embedding", "unpriced-gpt"] {
-        config.models.push(ModelRoute { model: model.into(), provider: "mock".into(), upstream_model: None });
+        config.models.push(ModelRoute { model: model.into(), provider: "mock".into(), upstream_model: None, ..ModelRoute::default() });
     }
     config.limits.hold_sweep_interval_ms = 200;
     // Reconciliation runs when a test asks for it (tests/suite/reconcile.rs runs the job).

@@ -31,6 +31,7 @@ fn gemini_routes(config: &mut GatewayConfig, api_key_env: &str) {
         model: model.into(),
         provider: provider.into(),
         upstream_model: upstream_model.map(str::to_string),
+        ..ModelRoute::default()
     };
     config.models.push(route("demo-gemini", "mock", None));
     config.models.push(route("google-flash", "google", Some("gemini-2.5-flash")));

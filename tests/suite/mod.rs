@@ -18,6 +18,7 @@ mod notifications;
 mod passthrough;
 mod prices;
 mod reconcile;
+mod routing;
 mod security;
 mod services;
 mod shutdown;

@@ -10,7 +10,7 @@ use axum::routing::{get, post};
 use crate::auth;
 use crate::error::ApiError;
 
-use crate::routes::{admin, client, gemini, operations, ops, statements};
+use crate::routes::{admin, channels, client, gemini, operations, ops, statements};
 use crate::state::AppState;
 
 /// Everything on one listener (no `internal_listen` configured).
@@ -47,6 +47,7 @@ fn internal_routes(state: &AppState) -> Router<AppState> {
     admin::router()
         .merge(operations::router())
         .merge(statements::router())
+        .merge(channels::router())
         .route_layer(from_fn_with_state(state.clone(), auth::operator_only))
 }
 

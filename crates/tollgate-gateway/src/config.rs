@@ -397,15 +397,84 @@ impl ProviderConfig {
 }
 
 /// A model clients may ask for, and where it goes.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelRoute {
     /// The name clients use.
     pub model: String,
-    /// A `ProviderConfig::name`.
+    /// A `ProviderConfig::name`: the provider the model's prices name (the customer pays them
+    /// whichever channel serves), and its only channel when `channels` is empty.
     pub provider: String,
     /// The name the upstream knows it by; default the same.
     pub upstream_model: Option<String>,
+    /// The upstream channels that serve the model (see [`crate::routing`]); none: one channel,
+    /// `provider` with `upstream_model`.
+    #[serde(default)]
+    pub channels: Vec<ChannelConfig>,
+}
+
+/// One upstream channel of a model: a provider (speaking the model's protocol), the name it
+/// knows the model by, where it stands in the order of trial, and its own limit.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelConfig {
+    /// Unique within the model (1 to 64 of `A-Z a-z 0-9 - _ . :`); default the provider's name,
+    /// so two channels on one provider must be named.
+    pub name: Option<String>,
+    /// A `ProviderConfig::name` of the same kind as the model's provider.
+    pub provider: String,
+    /// Default: the model's `upstream_model`, else its name.
+    pub upstream_model: Option<String>,
+    /// Channels of the highest priority are tried first; lower ones when those are open,
+    /// disabled or already tried in the request. Default 0.
+    #[serde(default)]
+    pub priority: i32,
+    /// Share of the requests among channels of one priority. Default 1; at least 1.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Requests this gateway sends the channel at once; past it the channel is skipped (as if
+    /// open) until one ends. Default: no limit.
+    pub concurrent_requests_max: Option<u32>,
+    /// Configured but not used until enabled through `/internal/channels`.
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// Failover, circuit breakers and affinity (see [`crate::routing`]).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Attempts per request, on distinct channels, before its error is the client's.
+    pub attempts_max: u32,
+    /// Longest one attempt may wait for its upstream's first byte (response head, and a
+    /// stream's first event) before the next channel is tried. Unset: the request's whole
+    /// `limits.upstream_timeout_ms`, which bounds all its attempts together either way.
+    pub attempt_first_byte_timeout_ms: Option<u64>,
+    /// Longest a `Retry-After` from an upstream keeps its channel out of selection.
+    pub retry_after_ms_max: u64,
+    /// Consecutive failures of a channel (for a model), within `breaker_window_ms`, that open
+    /// its breaker.
+    pub breaker_failures: u32,
+    pub breaker_window_ms: u64,
+    /// How long an open breaker keeps its channel out before one request probes it.
+    pub breaker_open_ms: u64,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            attempts_max: 3,
+            attempt_first_byte_timeout_ms: None,
+            retry_after_ms_max: 60_000,
+            breaker_failures: 5,
+            breaker_window_ms: 30_000,
+            breaker_open_ms: 30_000,
+        }
+    }
 }
 
 /// The gateway's configuration. Its `Debug` leaves the admin token out, and the password of
@@ -445,6 +514,7 @@ pub struct GatewayConfig {
     pub jobs: JobsConfig,
     pub alerts: AlertsConfig,
     pub degradation: DegradationConfig,
+    pub routing: RoutingConfig,
     pub providers: Vec<ProviderConfig>,
     pub models: Vec<ModelRoute>,
 }
@@ -467,6 +537,7 @@ impl Default for GatewayConfig {
             jobs: JobsConfig::default(),
             alerts: AlertsConfig::default(),
             degradation: DegradationConfig::default(),
+            routing: RoutingConfig::default(),
             providers: Vec::new(),
             models: Vec::new(),
         }
@@ -504,6 +575,14 @@ impl GatewayConfig {
             if !model_names.insert(route.model.as_str()) {
                 return Err(format!("model {} is routed twice", route.model));
             }
+            self.validate_channels(route)?;
+        }
+        let routing = &self.routing;
+        if routing.attempts_max == 0 || routing.breaker_failures == 0 || routing.breaker_window_ms == 0 || routing.breaker_open_ms == 0 {
+            return Err("routing.attempts_max, breaker_failures, breaker_window_ms and breaker_open_ms must be positive".into());
+        }
+        if routing.attempt_first_byte_timeout_ms == Some(0) {
+            return Err("routing.attempt_first_byte_timeout_ms must be positive when set".into());
         }
         let limits = &self.limits;
         let positive = [
@@ -581,6 +660,36 @@ impl GatewayConfig {
     }
 }
 
+impl GatewayConfig {
+    fn validate_channels(&self, route: &ModelRoute) -> Result<(), String> {
+        let kind_of = |name: &str| self.providers.iter().find(|provider| provider.name == name).map(|provider| provider.kind);
+        let mut names = std::collections::HashSet::new();
+        for channel in &route.channels {
+            let model = &route.model;
+            let Some(kind) = kind_of(&channel.provider) else {
+                return Err(format!("model {model}: channel routes to unknown provider {}", channel.provider));
+            };
+            if Some(kind) != kind_of(&route.provider) {
+                return Err(format!("model {model}: channel on provider {} speaks another protocol than the model's provider {}", channel.provider, route.provider));
+            }
+            if channel.weight == 0 {
+                return Err(format!("model {model}: channel on provider {}: weight must be at least 1", channel.provider));
+            }
+            if channel.concurrent_requests_max == Some(0) {
+                return Err(format!("model {model}: channel on provider {}: concurrent_requests_max must be positive", channel.provider));
+            }
+            let name = channel.name.as_deref().unwrap_or(&channel.provider);
+            if name.is_empty() || name.len() > 64 || !name.bytes().all(|byte| byte.is_ascii_alphanumeric() || b"-_.:".contains(&byte)) {
+                return Err(format!("model {model}: channel name {name:?} must be 1 to 64 of A-Z a-z 0-9 - _ . :"));
+            }
+            if !names.insert(name) {
+                return Err(format!("model {model}: two channels are named {name}: name them (channels.name)"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What `Debug` prints instead of a secret.
 const REDACTED: &str = "[redacted]";
 
@@ -648,6 +757,7 @@ impl std::fmt::Debug for GatewayConfig {
             jobs,
             alerts,
             degradation,
+            routing,
             providers,
             models,
         } = self;
@@ -668,6 +778,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("jobs", jobs)
             .field("alerts", alerts)
             .field("degradation", degradation)
+            .field("routing", routing)
             .field("providers", providers)
             .field("models", models)
             .finish()

@@ -30,7 +30,7 @@ pub fn configure(config: &mut GatewayConfig, mock_base_url: &str) {
     });
     for model in ["demo-gpt", "demo-claude", "demo-embedding"] {
         config.models.retain(|route| route.model != model);
-        config.models.push(ModelRoute { model: model.into(), provider: DEMO_PROVIDER.into(), upstream_model: None });
+        config.models.push(ModelRoute { model: model.into(), provider: DEMO_PROVIDER.into(), upstream_model: None, ..ModelRoute::default() });
     }
 }
 

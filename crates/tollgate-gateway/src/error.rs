@@ -88,6 +88,9 @@ pub enum ApiError {
     UpstreamStatus { status: u16, message: String },
     #[error("upstream timed out after {0} ms")]
     UpstreamTimeout(u64),
+    /// Every channel of the model is disabled, open, cooling after a `Retry-After` or full.
+    #[error("no upstream channel of model {model} is available now (circuit breakers open, rate limited or at capacity); nothing was charged")]
+    NoChannelAvailable { model: String, retry_after_secs: Option<u64> },
     #[error("billing is unavailable, the request was not served: {0}")]
     BillingUnavailable(String),
     #[error("internal error")]
@@ -119,7 +122,7 @@ impl ApiError {
             ApiError::DailyQuotaExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "daily_quota_exceeded"),
             ApiError::MonthlyQuotaExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "monthly_quota_exceeded"),
             ApiError::KeyBudgetExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "key_budget_exceeded"),
-            ApiError::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream_error"),
+            ApiError::Upstream(_) | ApiError::NoChannelAvailable { .. } => (StatusCode::BAD_GATEWAY, "upstream_error"),
             ApiError::UpstreamStatus { status, .. } => (upstream_status(*status), "upstream_error"),
             ApiError::UpstreamTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
             ApiError::BillingUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "billing_unavailable"),
@@ -133,7 +136,7 @@ impl ApiError {
             | ApiError::AuthFailuresThrottled { retry_after_secs }
             | ApiError::DailyQuotaExceeded { retry_after_secs }
             | ApiError::MonthlyQuotaExceeded { retry_after_secs } => Some(*retry_after_secs),
-            ApiError::KeyBudgetExceeded { retry_after_secs, .. } => *retry_after_secs,
+            ApiError::KeyBudgetExceeded { retry_after_secs, .. } | ApiError::NoChannelAvailable { retry_after_secs, .. } => *retry_after_secs,
             _ => None,
         }
     }

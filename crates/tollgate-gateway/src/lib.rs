@@ -34,6 +34,7 @@ pub mod metrics;
 pub mod notifications;
 pub mod passthrough;
 pub mod pricing;
+pub mod routing;
 pub mod proxy;
 pub mod request_id;
 pub mod routes;

@@ -78,6 +78,9 @@ async fn invalidate(state: &AppState) {
     if let Err(error) = state.reload_prices().await {
         tracing::error!(%error, "reloading prices after a change failed; keeping the previous table");
     }
+    if let Err(error) = state.reload_channel_states().await {
+        tracing::error!(%error, "reloading channel states after a change failed; keeping the channels as they are");
+    }
 }
 
 /// Everything a missed notification could have said: caches dropped, prices re-read, every

@@ -233,7 +233,7 @@ mod tests {
     }
 
     fn route(model: &str, provider: &str, upstream_model: Option<&str>) -> ModelRoute {
-        ModelRoute { model: model.into(), provider: provider.into(), upstream_model: upstream_model.map(Into::into) }
+        ModelRoute { model: model.into(), provider: provider.into(), upstream_model: upstream_model.map(Into::into), ..ModelRoute::default() }
     }
 
     fn row(provider: &str, model: &str, tier: &str) -> PriceRow {

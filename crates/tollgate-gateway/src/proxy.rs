@@ -19,7 +19,7 @@ use tollgate_core::{Usage, UsageSource};
 use tollgate_store::clock::Clock;
 use tollgate_store::hot::AuthorizeRequest;
 use tollgate_protocol::{EventAction, ParsedRequest, Protocol, SseSplitter, StreamInspector, UrlFacts};
-use tollgate_store::model::{PriceRow, RequestStatus, StoredResponse, UsageEvent};
+use tollgate_store::model::{ATTEMPTS_PER_REQUEST_MAX, PriceRow, RequestStatus, StoredResponse, UpstreamAttempt, UsageEvent};
 
 use crate::auth::{Caller, authenticate};
 use crate::charge::{self, Authorized};
@@ -28,7 +28,7 @@ use crate::error::{ApiError, ErrorShape};
 use crate::request_id::{REQUEST_ID_HEADER, RequestId, request_fingerprint};
 use crate::routes::read_limited_body;
 use crate::state::AppState;
-use crate::upstream::Route;
+use crate::routing::{Channel, Health, Lease, Route, Verdict, classify};
 use crate::upstream_errors;
 
 /// Largest single server-sent event accepted from an upstream.
@@ -40,7 +40,7 @@ const STREAM_CHANNEL_EVENTS: usize = 64;
 struct Billing {
     context: Arc<BillingContext>,
     request_id: String,
-    route: Route,
+    route: Arc<Route>,
     price: PriceRow,
     parsed: ParsedRequest,
     /// The output cap, all choices together: the upstream was sent it (I7), and a stream whose
@@ -57,6 +57,11 @@ struct Billing {
     /// The gateway's calendar ([`crate::state::Shared::clock`]): the usage event's time, and so
     /// the day and month the ledger counts the charge in.
     clock: Clock,
+    /// The upstream attempts so far, recorded with the request's usage row.
+    attempts: Vec<UpstreamAttempt>,
+    /// The channel whose answer the client is getting: its request slot, and its breaker to
+    /// tell how a stream ended.
+    serving: Option<Lease>,
 }
 
 impl Billing {
@@ -78,6 +83,21 @@ impl Billing {
             hot_balance_after: tollgate_core::Money::ZERO,
             stored_response: None,
             request_fingerprint: Some(self.request_fingerprint.clone()),
+            attempts: self.attempts.clone(),
+        }
+    }
+
+    /// The usage the serving channel reported, kept with its attempt.
+    fn note_served_usage(&mut self, reported: Option<Usage>) {
+        if let Some(attempt) = self.attempts.last_mut().filter(|attempt| attempt.served) {
+            attempt.upstream_usage = reported;
+        }
+    }
+
+    /// Tells the serving channel's breaker how its answer went.
+    fn report_serving(&mut self, health: Health, now_ms: i64) {
+        if let Some(lease) = self.serving.as_mut() {
+            lease.report(health, now_ms);
         }
     }
 
@@ -220,7 +240,7 @@ async fn handle_request(
         return Err(ApiError::FeatureNotPriced { feature, provider: route.provider.name.clone(), model: route.model.clone() });
     }
     let url_facts = url.clone();
-    let (mut body, parsed) = state
+    let (body, parsed) = state
         .tokenizer
         .run(body_bytes, move || {
             let parsed = protocol.parse_at(&body, &url_facts);
@@ -228,17 +248,36 @@ async fn handle_request(
         })
         .await?;
     let mut parsed = parsed?;
-    // The media walk that counts the prompt also lists what it points to outside the request.
-    crate::passthrough::check(&route.provider, &parsed.media_references)?;
+    // The channels that may serve it: the media walk that counts the prompt also listed what
+    // it points to outside the request, which each channel's provider allows or refuses.
+    let mut refusal = None;
+    let candidates: Vec<usize> = route
+        .channels
+        .iter()
+        .enumerate()
+        .filter(|(_, channel)| channel.provider.serves(protocol))
+        .filter(|(_, channel)| match crate::passthrough::check(&channel.provider, &parsed.media_references) {
+            Ok(()) => true,
+            Err(error) => {
+                refusal.get_or_insert(error);
+                false
+            }
+        })
+        .map(|(index, _)| index)
+        .collect();
+    if candidates.is_empty() {
+        return Err(refusal.unwrap_or_else(|| ApiError::ModelNotFound(model.clone())));
+    }
+    // Nothing is held for a request no channel could take now.
+    no_channel_available(state, &route, &candidates)?;
     let fingerprint = request_fingerprint(protocol, url, &body);
     // A file sent by id or URL shows no size: held at the operator's default (I7).
     let unsized_tokens = parsed.unsized_media_parts.saturating_mul(state.config.limits.unsized_media_part_tokens);
     parsed.prompt_tokens = parsed.prompt_tokens.saturating_add(unsized_tokens);
     // I7: the cap that sizes the hold is the one the upstream gets — the client's, or the
-    // default, added to the body.
+    // default, added to the body for each channel.
     let output_tokens_max_per_choice = parsed.output_tokens_max.unwrap_or(state.config.limits.default_max_output_tokens);
-    let cap_added = parsed.output_tokens_max.is_none()
-        && protocol.insert_output_cap(&mut body, output_tokens_max_per_choice, route.provider.openai_cap_field);
+    let cap_to_add = parsed.output_tokens_max.is_none().then_some(output_tokens_max_per_choice);
     let output_tokens_max = output_tokens_max_per_choice.saturating_mul(parsed.choices);
     // Gemini reports thinking on top of maxOutputTokens: the hold covers the request's thinking
     // budget too, or the default where it sets none (I7).
@@ -260,7 +299,16 @@ async fn handle_request(
         hold_ttl_ms: state.config.limits.hold_ttl_ms,
     };
     let stream = parsed.stream;
-    let forward_headers = forwarded_headers(protocol, headers);
+    let call = UpstreamCall {
+        protocol,
+        headers: forwarded_headers(protocol, headers),
+        json: Some(body),
+        bytes,
+        cap_to_add,
+        stream,
+        candidates,
+        client_wants_usage: false,
+    };
     let task_state = state.clone();
     // From the hold on, the work runs in a tracked task: if the client leaves, hyper drops this
     // handler, but the hold is still settled or voided (see the module doc).
@@ -274,8 +322,6 @@ async fn handle_request(
             Authorized::Held => {}
             Authorized::AlreadyCharged => return replay(state, &context, &request_id, &fingerprint, parsed.stream).await,
         }
-        let prepared = protocol.prepare_upstream_body(&mut body, &route.upstream_model, parsed.stream);
-        let client_wants_usage = prepared.client_wants_usage;
         let billing = Billing {
             context,
             request_id,
@@ -288,20 +334,10 @@ async fn handle_request(
             request_fingerprint: fingerprint,
             started: Instant::now(),
             clock: std::sync::Arc::clone(&state.clock),
+            attempts: Vec::new(),
+            serving: None,
         };
-        // Most bodies go upstream as the client sent them: no second serialization.
-        let upstream_body = if !prepared.rewritten && !cap_added {
-            bytes
-        } else {
-            match serde_json::to_vec(&body) {
-                Ok(upstream_body) => Bytes::from(upstream_body),
-                Err(error) => {
-                    charge::void(state, billing.failed_event()).await;
-                    return Err(ApiError::Internal(format!("serializing the upstream body: {error}")));
-                }
-            }
-        };
-        forward(state, protocol, billing, forward_headers, upstream_body, client_wants_usage).await
+        forward(state, billing, call).await
     });
     let response = task.await.map_err(|error| ApiError::Internal(format!("forward task failed: {error}")))??;
     metrics::counter!("tollgate_requests_total", "outcome" => if stream { "stream" } else { "success" }).increment(1);
@@ -382,57 +418,260 @@ fn stored_response(stored: StoredResponse) -> Response {
     response
 }
 
-/// Sends the request upstream and settles or voids it. Always ends the hold one way or another.
-async fn forward(
-    state: &AppState,
+/// What a request sends upstream, prepared for one channel at a time.
+struct UpstreamCall {
     protocol: Protocol,
-    billing: Billing,
+    /// The client's headers a provider's SDK semantics depend on.
     headers: HeaderMap,
-    body: Bytes,
+    /// The client's body; taken by the last attempt that may be made, cloned before.
+    json: Option<Map<String, Value>>,
+    /// The body as the client sent it, sent as is when a channel needs no change to it.
+    bytes: Bytes,
+    /// The output cap to add when the client set none (I7), in each channel's field.
+    cap_to_add: Option<u64>,
+    stream: bool,
+    /// Indices of the route's channels that may serve this request.
+    candidates: Vec<usize>,
+    /// Whether the client asked for a stream's usage itself (else the gateway's request for it
+    /// is stripped from the stream).
     client_wants_usage: bool,
-) -> Result<Response, ApiError> {
-    let provider = &billing.route.provider;
-    let url = format!("{}{}", provider.base_url, protocol.upstream_path(&billing.route.upstream_model, billing.parsed.stream));
-    let mut request = state.http.post(url).headers(headers).header(header::CONTENT_TYPE, "application/json").body(body);
-    request = provider.authorize(request, protocol);
-    let timeout_ms = state.config.limits.upstream_timeout_ms;
-    let response = match tokio::time::timeout(Duration::from_millis(timeout_ms), request.send()).await {
-        Err(_) => return void_with(state, &billing, ApiError::UpstreamTimeout(timeout_ms)).await,
-        Ok(Err(error)) => return void_with(state, &billing, ApiError::Upstream(error.without_url().to_string())).await,
+}
+
+impl UpstreamCall {
+    /// The body for `channel`: its upstream model name and its provider's output cap field.
+    fn body_for(&mut self, channel: &Channel, last: bool) -> Result<Bytes, ApiError> {
+        let mut json = if last { self.json.take() } else { self.json.clone() }
+            .ok_or_else(|| ApiError::Internal("the request body was already sent on its last attempt".into()))?;
+        let cap_added = self.cap_to_add.is_some_and(|cap| self.protocol.insert_output_cap(&mut json, cap, channel.provider.openai_cap_field));
+        let prepared = self.protocol.prepare_upstream_body(&mut json, &channel.upstream_model, self.stream);
+        self.client_wants_usage = prepared.client_wants_usage;
+        // Most bodies go upstream as the client sent them: no second serialization.
+        if !prepared.rewritten && !cap_added {
+            return Ok(self.bytes.clone());
+        }
+        serde_json::to_vec(&json).map(Bytes::from).map_err(|error| ApiError::Internal(format!("serializing the upstream body: {error}")))
+    }
+}
+
+/// 502 with the time the first channel could be chosen again, when none of the request's
+/// channels can be now.
+fn no_channel_available(state: &AppState, route: &Route, candidates: &[usize]) -> Result<(), ApiError> {
+    let now_ms = state.now_ms();
+    if route.any_available(candidates, now_ms, state.upstreams.policy()) {
+        return Ok(());
+    }
+    metrics::counter!("tollgate_no_channel_available_total", "model" => route.model.clone()).increment(1);
+    let retry_after_secs = route
+        .next_available_ms(candidates, now_ms)
+        .map(|at_ms| u64::try_from(at_ms.saturating_sub(now_ms)).unwrap_or(0).div_ceil(1_000).max(1));
+    Err(ApiError::NoChannelAvailable { model: route.model.clone(), retry_after_secs })
+}
+
+/// An upstream answer that nothing of has reached the client yet.
+enum Answer {
+    /// A non-streaming response, read whole.
+    Whole { headers: HeaderMap, body: Bytes, json: Value },
+    /// A stream whose first chunk came (it is the first item of `chunks`).
+    Stream { headers: HeaderMap, chunks: UpstreamChunks },
+}
+
+type UpstreamChunks = std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<Bytes>> + Send>>;
+
+/// Why an attempt failed, and what that means.
+struct AttemptFailure {
+    error: ApiError,
+    /// One word for the attempt's record.
+    kind: &'static str,
+    verdict: Verdict,
+    /// An upstream's `Retry-After`, in ms.
+    retry_after_ms: Option<u64>,
+}
+
+impl AttemptFailure {
+    fn no_answer(error: ApiError, kind: &'static str) -> AttemptFailure {
+        AttemptFailure { error, kind, verdict: classify(None), retry_after_ms: None }
+    }
+}
+
+/// How one attempt went, for its record.
+struct AttemptFacts {
+    status: Option<u16>,
+    first_byte: Option<Duration>,
+}
+
+/// Sends the request upstream, on one channel after another until one answers, then settles
+/// or voids it. Always ends the hold one way or another. All attempts share the request's
+/// `upstream_timeout_ms` and its stream deadline, so the hold's lifetime check still holds; a
+/// failed attempt is retried on another channel only while nothing has reached the client.
+async fn forward(state: &AppState, mut billing: Billing, mut call: UpstreamCall) -> Result<Response, ApiError> {
+    let request_deadline = tokio::time::Instant::from_std(billing.started) + Duration::from_millis(state.config.limits.upstream_timeout_ms);
+    let attempts_max = usize::try_from(state.config.routing.attempts_max)
+        .unwrap_or(usize::MAX)
+        .min(ATTEMPTS_PER_REQUEST_MAX)
+        .min(call.candidates.len())
+        .max(1);
+    let mut tried: Vec<usize> = Vec::new();
+    let mut last_error = None;
+    while tried.len() < attempts_max && tokio::time::Instant::now() < request_deadline {
+        let Some(mut lease) = billing.route.select(&call.candidates, &tried, state.now_ms(), state.upstreams.policy()) else {
+            break;
+        };
+        tried.extend(billing.route.index_of(&lease.channel));
+        let body = match call.body_for(&lease.channel, tried.len() >= attempts_max) {
+            Ok(body) => body,
+            Err(error) => return void_with(state, &billing, error).await,
+        };
+        let started = Instant::now();
+        let (outcome, facts) = try_channel(state, &call, &lease.channel, body, request_deadline).await;
+        let channel = &lease.channel;
+        let mut record = UpstreamAttempt {
+            channel: channel.name.clone(),
+            provider: channel.provider.name.clone(),
+            upstream_model: channel.upstream_model.clone(),
+            status_code: facts.status,
+            served: false,
+            error: None,
+            latency_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            first_byte_ms: facts.first_byte.map(|first_byte| u64::try_from(first_byte.as_millis()).unwrap_or(u64::MAX)),
+            upstream_usage: None,
+        };
+        let labels = [("model", billing.route.model.clone()), ("channel", channel.name.clone())];
+        match outcome {
+            Ok(answer) => {
+                record.served = true;
+                billing.attempts.push(record);
+                metrics::counter!("tollgate_upstream_attempts_total", &labels).increment(1);
+                if tried.len() > 1 {
+                    metrics::counter!("tollgate_failovers_total", "model" => billing.route.model.clone()).increment(1);
+                    tracing::info!(request_id = billing.request_id, model = billing.route.model, channel = lease.channel.name, attempts = tried.len(), "served after failover");
+                }
+                billing.serving = Some(lease);
+                return serve(state, billing, call.protocol, call.client_wants_usage, answer).await;
+            }
+            Err(failure) => {
+                record.error = Some(failure.kind.to_string());
+                billing.attempts.push(record);
+                metrics::counter!("tollgate_upstream_attempt_failures_total", &labels).increment(1);
+                let now_ms = state.now_ms();
+                lease.report(failure.verdict.health, now_ms);
+                if let Some(retry_after_ms) = failure.retry_after_ms {
+                    let retry_after_ms = retry_after_ms.min(state.config.routing.retry_after_ms_max);
+                    lease.cool_until(now_ms.saturating_add(i64::try_from(retry_after_ms).unwrap_or(i64::MAX)));
+                }
+                tracing::warn!(request_id = billing.request_id, model = billing.route.model, channel = lease.channel.name, kind = failure.kind, retry = failure.verdict.retry, error = %failure.error, "upstream attempt failed");
+                if !failure.verdict.retry {
+                    return void_with(state, &billing, failure.error).await;
+                }
+                last_error = Some(failure.error);
+            }
+        }
+    }
+    let error = match last_error {
+        Some(error) => error,
+        None => match no_channel_available(state, &billing.route, &call.candidates) {
+            Err(error) => error,
+            Ok(()) => ApiError::UpstreamTimeout(state.config.limits.upstream_timeout_ms),
+        },
+    };
+    void_with(state, &billing, error).await
+}
+
+/// One attempt on one channel, up to its first byte (a stream) or its whole answer.
+async fn try_channel(
+    state: &AppState,
+    call: &UpstreamCall,
+    channel: &Channel,
+    body: Bytes,
+    request_deadline: tokio::time::Instant,
+) -> (Result<Answer, AttemptFailure>, AttemptFacts) {
+    let started = tokio::time::Instant::now();
+    let mut facts = AttemptFacts { status: None, first_byte: None };
+    let first_byte_deadline = match state.config.routing.attempt_first_byte_timeout_ms {
+        Some(ms) => request_deadline.min(started + Duration::from_millis(ms)),
+        None => request_deadline,
+    };
+    let timeout_ms = |deadline: tokio::time::Instant| u64::try_from(deadline.saturating_duration_since(started).as_millis()).unwrap_or(u64::MAX);
+    let provider = &channel.provider;
+    let url = format!("{}{}", provider.base_url, call.protocol.upstream_path(&channel.upstream_model, call.stream));
+    let request = state.http.post(url).headers(call.headers.clone()).header(header::CONTENT_TYPE, "application/json").body(body);
+    let request = provider.authorize(request, call.protocol);
+    let response = match tokio::time::timeout_at(first_byte_deadline, request.send()).await {
+        Err(_) => return (Err(AttemptFailure::no_answer(ApiError::UpstreamTimeout(timeout_ms(first_byte_deadline)), "timeout")), facts),
+        Ok(Err(error)) => {
+            let kind = if error.is_connect() { "connect" } else { "request" };
+            return (Err(AttemptFailure::no_answer(ApiError::Upstream(error.without_url().to_string()), kind)), facts);
+        }
         Ok(Ok(response)) => response,
     };
+    facts.first_byte = Some(started.elapsed());
     let status = response.status();
+    facts.status = Some(status.as_u16());
     if !status.is_success() {
+        let retry_after_ms = retry_after_ms(response.headers());
         let body = upstream_errors::read_error_body(response, Duration::from_secs(5)).await;
         let refusal = upstream_errors::refusal(status.as_u16(), &body);
-        tracing::warn!(request_id = billing.request_id, status = status.as_u16(), upstream_said = refusal.logged, "upstream refused the request");
-        return void_with(state, &billing, ApiError::UpstreamStatus { status: status.as_u16(), message: refusal.client_message }).await;
+        tracing::warn!(channel = channel.name, status = status.as_u16(), upstream_said = refusal.logged, "upstream refused the request");
+        let error = ApiError::UpstreamStatus { status: status.as_u16(), message: refusal.client_message };
+        return (Err(AttemptFailure { error, kind: "status", verdict: classify(Some(status.as_u16())), retry_after_ms }), facts);
     }
-    let upstream_headers = passthrough_response_headers(response.headers());
-    if billing.parsed.stream {
-        let inspector = protocol.stream_inspector(client_wants_usage);
-        return Ok(start_stream(state, billing, response, inspector, upstream_headers));
+    let headers = passthrough_response_headers(response.headers());
+    if call.stream {
+        // Nothing is the client's until the first chunk: a stream that fails before it is
+        // tried elsewhere.
+        let mut chunks = response.bytes_stream();
+        let first = match tokio::time::timeout_at(first_byte_deadline, chunks.next()).await {
+            Err(_) => return (Err(AttemptFailure::no_answer(ApiError::UpstreamTimeout(timeout_ms(first_byte_deadline)), "timeout")), facts),
+            Ok(None) => {
+                let error = ApiError::Upstream("the upstream ended the stream before sending anything".into());
+                return (Err(AttemptFailure::no_answer(error, "stream_ended")), facts);
+            }
+            Ok(Some(Err(error))) => return (Err(AttemptFailure::no_answer(ApiError::Upstream(error.without_url().to_string()), "body")), facts),
+            Ok(Some(Ok(first))) => first,
+        };
+        facts.first_byte = Some(started.elapsed());
+        let chunks: UpstreamChunks = Box::pin(futures_util::stream::once(std::future::ready(Ok(first))).chain(chunks));
+        return (Ok(Answer::Stream { headers, chunks }), facts);
     }
-    let remaining = Duration::from_millis(timeout_ms).saturating_sub(billing.started.elapsed());
     let bytes_max = state.config.limits.upstream_response_bytes_max;
     let mut body = Vec::new();
-    let bytes = match tokio::time::timeout(remaining, upstream_errors::read_body_at_most(response, bytes_max, &mut body)).await {
-        Err(_) => return void_with(state, &billing, ApiError::UpstreamTimeout(timeout_ms)).await,
-        Ok(Err(error)) => return void_with(state, &billing, ApiError::Upstream(error.without_url().to_string())).await,
+    let bytes = match tokio::time::timeout_at(request_deadline, upstream_errors::read_body_at_most(response, bytes_max, &mut body)).await {
+        Err(_) => return (Err(AttemptFailure::no_answer(ApiError::UpstreamTimeout(timeout_ms(request_deadline)), "timeout")), facts),
+        Ok(Err(error)) => return (Err(AttemptFailure::no_answer(ApiError::Upstream(error.without_url().to_string()), "body")), facts),
         // Not charged, as any 502 (CONTRACT): the client got none of it, and its usage report
         // is at the end the gateway did not read. Like a stream cut before any output reached
         // the client, what the upstream generated is the operator's cost — at most the output
-        // cap it was sent (I7).
+        // cap it was sent (I7). Not retried: another channel would answer as long.
         Ok(Ok(false)) => {
-            let message = format!("the response exceeded {bytes_max} bytes, the gateway's limit; nothing was charged");
-            return void_with(state, &billing, ApiError::Upstream(message)).await;
+            let error = ApiError::Upstream(format!("the response exceeded {bytes_max} bytes, the gateway's limit; nothing was charged"));
+            return (Err(AttemptFailure { error, kind: "too_large", verdict: Verdict { retry: false, health: Health::Good }, retry_after_ms: None }), facts);
         }
         Ok(Ok(true)) => Bytes::from(body),
     };
-    let Ok(json) = serde_json::from_slice::<Value>(&bytes) else {
-        return void_with(state, &billing, ApiError::Upstream("upstream sent a response that is not JSON".into())).await;
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(json) => (Ok(Answer::Whole { headers, body: bytes, json }), facts),
+        Err(_) => (Err(AttemptFailure::no_answer(ApiError::Upstream("upstream sent a response that is not JSON".into()), "not_json")), facts),
+    }
+}
+
+/// An upstream's `Retry-After` (delay in seconds) or `retry-after-ms`, in ms.
+fn retry_after_ms(headers: &HeaderMap) -> Option<u64> {
+    let number = |name: &str| headers.get(name)?.to_str().ok()?.trim().parse::<u64>().ok();
+    number("retry-after-ms").or_else(|| number(header::RETRY_AFTER.as_str()).map(|secs| secs.saturating_mul(1_000)))
+}
+
+/// Charges an answer and hands it to the client.
+async fn serve(state: &AppState, mut billing: Billing, protocol: Protocol, client_wants_usage: bool, answer: Answer) -> Result<Response, ApiError> {
+    let (upstream_headers, bytes, json) = match answer {
+        Answer::Stream { headers, chunks } => {
+            let inspector = protocol.stream_inspector(client_wants_usage);
+            return Ok(start_stream(state, billing, chunks, inspector, headers));
+        }
+        Answer::Whole { headers, body, json } => (headers, body, json),
     };
-    let (usage, source) = billing.usage_to_charge(protocol.response_usage(&json), &protocol.response_output_text(&json));
+    billing.report_serving(Health::Good, state.now_ms());
+    let reported = protocol.response_usage(&json);
+    billing.note_served_usage(reported);
+    let (usage, source) = billing.usage_to_charge(reported, &protocol.response_output_text(&json));
     let cost = match charge::price_usage(&billing.price.price, &usage) {
         Ok(cost) => cost,
         Err(error) => return void_with(state, &billing, error).await,
@@ -558,7 +797,7 @@ impl OutputWatch {
 fn start_stream(
     state: &AppState,
     billing: Billing,
-    upstream: reqwest::Response,
+    upstream: UpstreamChunks,
     inspector: StreamInspector,
     upstream_headers: HeaderMap,
 ) -> Response {
@@ -578,15 +817,15 @@ fn start_stream(
 /// until the charge is settled (so the charge is durable before the last byte leaves, I1).
 async fn pump(
     state: &AppState,
-    billing: Billing,
-    upstream: reqwest::Response,
+    mut billing: Billing,
+    upstream: UpstreamChunks,
     mut inspector: StreamInspector,
     sender: mpsc::Sender<Result<Bytes, std::io::Error>>,
 ) {
     let limits = &state.config.limits;
     let idle = Duration::from_millis(limits.stream_idle_timeout_ms);
     let deadline = tokio::time::Instant::from_std(billing.started) + Duration::from_millis(limits.stream_duration_ms_max);
-    let mut chunks = upstream.bytes_stream();
+    let mut chunks = upstream;
     let mut splitter = SseSplitter::new(SSE_EVENT_BYTES_MAX);
     let mut terminal: Option<Bytes> = None;
     // An event that may be the stream's last (`EventAction::MaybeTerminal`), until the next one.
@@ -641,6 +880,9 @@ async fn pump(
     // A stream that did not complete still delivers, once charged, the event it kept back.
     let terminal = terminal.or(kept_back);
     metrics::counter!("tollgate_stream_ends_total", "end" => stream_end_label(end)).increment(1);
+    let health = if matches!(end, StreamEnd::UpstreamCut | StreamEnd::UpstreamIdle) { Health::Bad } else { Health::Good };
+    billing.report_serving(health, state.now_ms());
+    billing.note_served_usage(inspector.usage());
     let (usage, source) = billing.stream_usage_to_charge(&inspector);
     if end != StreamEnd::Completed && inspector.output_text().is_empty() && inspector.usage().is_none() {
         tracing::warn!(request_id = billing.request_id, ?end, forwarded_events, "stream ended before any output; voided");

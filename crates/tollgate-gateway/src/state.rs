@@ -86,6 +86,7 @@ impl AppState {
             .map_err(|error| format!("building the upstream client: {error}"))?;
         let prices = PriceTable::default();
         prices.replace(ledger.current_prices().await.map_err(|error| format!("loading prices: {error}"))?);
+        upstreams.apply_channel_states(&ledger.channel_states().await.map_err(|error| format!("loading channel states: {error}"))?);
         let contexts = ContextCache::new(CacheLifetimes {
             fresh: Duration::from_millis(config.limits.context_cache_ttl_ms),
             stale_if_error: Duration::from_millis(config.limits.context_stale_if_error_ms.max(config.limits.context_cache_ttl_ms)),
@@ -127,6 +128,15 @@ impl AppState {
     /// The ledger could not be read; the old table stays.
     pub async fn reload_prices(&self) -> Result<(), tollgate_store::StoreError> {
         self.prices.replace(self.ledger.current_prices().await?);
+        Ok(())
+    }
+
+    /// Re-reads which channels operators disabled or enabled (`/internal/channels`).
+    ///
+    /// # Errors
+    /// The ledger could not be read; the channels stay as they are.
+    pub async fn reload_channel_states(&self) -> Result<(), tollgate_store::StoreError> {
+        self.upstreams.apply_channel_states(&self.ledger.channel_states().await?);
         Ok(())
     }
 }

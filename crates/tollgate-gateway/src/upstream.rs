@@ -1,10 +1,13 @@
 //! Upstream providers and the model routes that lead to them.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use tollgate_protocol::Protocol;
 
 use crate::config::{ClientFileReferences, ClientUrls, GatewayConfig, ProviderKind};
+use crate::routing::breaker::BreakerPolicy;
+use crate::routing::{Channel, ChannelSpec, Route};
 
 /// A provider ready to call: its base URL and (resolved once from its env var) API key.
 #[derive(Clone)]
@@ -22,6 +25,20 @@ pub struct Provider {
 }
 
 impl Provider {
+    /// A provider without credentials, for unit tests of what is built on one.
+    #[cfg(test)]
+    pub fn for_tests(name: &str, kind: ProviderKind, base_url: &str) -> Provider {
+        Provider {
+            name: name.into(),
+            kind,
+            base_url: base_url.into(),
+            openai_cap_field: tollgate_protocol::OpenAiCapField::MaxTokens,
+            client_file_references: ClientFileReferences::default(),
+            client_urls: ClientUrls::default(),
+            api_key: None,
+        }
+    }
+
     pub fn api_key(&self) -> Option<&str> {
         self.api_key.as_deref()
     }
@@ -50,17 +67,10 @@ impl Provider {
     }
 }
 
-/// Where a model goes.
-#[derive(Clone)]
-pub struct Route {
-    pub model: String,
-    pub upstream_model: String,
-    pub provider: Provider,
-}
-
 /// The routing table, built once from the configuration.
 pub struct Upstreams {
-    routes: HashMap<String, Route>,
+    routes: HashMap<String, Arc<Route>>,
+    policy: BreakerPolicy,
 }
 
 impl Upstreams {
@@ -88,25 +98,75 @@ impl Upstreams {
                 },
             );
         }
+        let provider_named = |name: &str, model: &str| {
+            providers.get(name).cloned().ok_or_else(|| format!("model {model} routes to unknown provider {name}"))
+        };
         let mut routes = HashMap::new();
         for route in &config.models {
-            let provider = providers
-                .get(&route.provider)
-                .cloned()
-                .ok_or_else(|| format!("model {} routes to unknown provider {}", route.model, route.provider))?;
-            let upstream_model = route.upstream_model.clone().unwrap_or_else(|| route.model.clone());
-            routes.insert(route.model.clone(), Route { model: route.model.clone(), upstream_model, provider });
+            let provider = provider_named(&route.provider, &route.model)?;
+            let default_upstream_model = route.upstream_model.clone().unwrap_or_else(|| route.model.clone());
+            let specs = if route.channels.is_empty() {
+                vec![ChannelSpec {
+                    name: route.provider.clone(),
+                    provider: provider.clone(),
+                    upstream_model: default_upstream_model,
+                    priority: 0,
+                    weight: 1,
+                    concurrent_requests_max: None,
+                    enabled: true,
+                }]
+            } else {
+                route
+                    .channels
+                    .iter()
+                    .map(|channel| {
+                        Ok(ChannelSpec {
+                            name: channel.name.clone().unwrap_or_else(|| channel.provider.clone()),
+                            provider: provider_named(&channel.provider, &route.model)?,
+                            upstream_model: channel.upstream_model.clone().unwrap_or_else(|| default_upstream_model.clone()),
+                            priority: channel.priority,
+                            weight: channel.weight,
+                            concurrent_requests_max: channel.concurrent_requests_max,
+                            enabled: !channel.disabled,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, String>>()?
+            };
+            let channels = specs.into_iter().map(|spec| Arc::new(Channel::new(&route.model, spec))).collect();
+            routes.insert(route.model.clone(), Arc::new(Route { model: route.model.clone(), provider, channels }));
         }
-        Ok(Upstreams { routes })
+        let routing = &config.routing;
+        let policy = BreakerPolicy {
+            failures: routing.breaker_failures,
+            window_ms: i64::try_from(routing.breaker_window_ms).unwrap_or(i64::MAX),
+            open_ms: i64::try_from(routing.breaker_open_ms).unwrap_or(i64::MAX),
+        };
+        Ok(Upstreams { routes, policy })
     }
 
-    pub fn route(&self, model: &str) -> Option<&Route> {
+    pub fn route(&self, model: &str) -> Option<&Arc<Route>> {
         self.routes.get(model)
     }
 
+    /// Applies what operators set on channels; a channel without an operator's word is as
+    /// configured.
+    pub fn apply_channel_states(&self, states: &[tollgate_store::model::ChannelState]) {
+        for route in self.routes.values() {
+            for channel in &route.channels {
+                let set = states.iter().find(|state| state.model == route.model && state.channel == channel.name);
+                channel.set_enabled(set.map_or(channel.configured_enabled, |state| state.enabled));
+            }
+        }
+    }
+
+    /// What every breaker obeys.
+    pub fn policy(&self) -> BreakerPolicy {
+        self.policy
+    }
+
     /// Every routed model, sorted.
-    pub fn models(&self) -> Vec<&Route> {
-        let mut routes: Vec<&Route> = self.routes.values().collect();
+    pub fn models(&self) -> Vec<&Arc<Route>> {
+        let mut routes: Vec<&Arc<Route>> = self.routes.values().collect();
         routes.sort_by(|left, right| left.model.cmp(&right.model));
         routes
     }

@@ -95,7 +95,7 @@ pub(crate) async fn count_tokens(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let mut req = parse(&headers, &body)?;
-    let behaviour = Behaviour::resolve(&state.config, &headers, req.mock.take(), F)?;
+    let behaviour = Behaviour::resolve(&state.config, &headers, state.overrides_for(req.mock.take()), F)?;
     behaviour.check_api_key(crate::common::header_text(&headers, "x-api-key"), F)?;
     behaviour.check_injected_failure(F)?;
     let tokens = input_tokens(&req)?;
@@ -113,7 +113,7 @@ pub(crate) async fn messages(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let mut req = parse(&headers, &body)?;
-    let mut behaviour = Behaviour::resolve(&state.config, &headers, req.mock.take(), F)?;
+    let mut behaviour = Behaviour::resolve(&state.config, &headers, state.overrides_for(req.mock.take()), F)?;
     behaviour.check_api_key(crate::common::header_text(&headers, "x-api-key"), F)?;
     behaviour.check_injected_failure(F)?;
     let (tokens, capped) = behaviour.capped_output(req.max_tokens);

@@ -109,6 +109,33 @@ pub struct MockOverrides {
     /// (and a gateway must then bound the stream and the charge itself).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ignore_output_cap: Option<bool>,
+    /// With `fail_status`: the `Retry-After` header of the failure, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_secs: Option<u64>,
+}
+
+impl MockOverrides {
+    /// Each field of `self`, else of `under` (the server-wide overrides beneath a request's).
+    pub(crate) fn over(self, under: &MockOverrides) -> MockOverrides {
+        let under = under.clone();
+        MockOverrides {
+            output_tokens: self.output_tokens.or(under.output_tokens),
+            latency_ms: self.latency_ms.or(under.latency_ms),
+            chunk_interval_ms: self.chunk_interval_ms.or(under.chunk_interval_ms),
+            omit_usage: self.omit_usage.or(under.omit_usage),
+            fail_status: self.fail_status.or(under.fail_status),
+            fail_message: self.fail_message.or(under.fail_message),
+            fail_after_chunks: self.fail_after_chunks.or(under.fail_after_chunks),
+            usage_override: self.usage_override.or(under.usage_override),
+            thoughts_tokens: self.thoughts_tokens.or(under.thoughts_tokens),
+            cached_tokens: self.cached_tokens.or(under.cached_tokens),
+            cache_write_tokens: self.cache_write_tokens.or(under.cache_write_tokens),
+            expect_api_key: self.expect_api_key.or(under.expect_api_key),
+            malformed_sse: self.malformed_sse.or(under.malformed_sse),
+            ignore_output_cap: self.ignore_output_cap.or(under.ignore_output_cap),
+            retry_after_secs: self.retry_after_secs.or(under.retry_after_secs),
+        }
+    }
 }
 
 /// Effective behaviour for one request.
@@ -131,6 +158,7 @@ pub(crate) struct Behaviour {
     pub(crate) malformed_sse: Option<Bytes>,
     /// See [`MockOverrides::ignore_output_cap`].
     pub(crate) ignore_output_cap: bool,
+    pub(crate) retry_after_secs: Option<u64>,
 }
 
 impl Behaviour {
@@ -206,6 +234,7 @@ impl Behaviour {
             cached_tokens,
             cache_write_tokens: body.cache_write_tokens.unwrap_or(0),
             ignore_output_cap: body.ignore_output_cap.unwrap_or(false),
+            retry_after_secs: body.retry_after_secs,
             expect_api_key: body.expect_api_key,
             malformed_sse: body.malformed_sse.map(Bytes::from),
         })
@@ -228,7 +257,7 @@ impl Behaviour {
             Some(status) => {
                 tracing::debug!(%status, "tollgate-mock: injected failure");
                 let message = self.fail_message.clone().unwrap_or_else(|| format!("mock: injected failure with status {}", status.as_u16()));
-                Err(ApiError::new(flavor, status, message))
+                Err(ApiError { retry_after_secs: self.retry_after_secs, ..ApiError::new(flavor, status, message) })
             }
         }
     }
@@ -298,6 +327,7 @@ pub(crate) struct ApiError {
     flavor: Flavor,
     status: StatusCode,
     message: String,
+    retry_after_secs: Option<u64>,
 }
 
 impl ApiError {
@@ -306,6 +336,7 @@ impl ApiError {
             flavor,
             status,
             message: message.into(),
+            retry_after_secs: None,
         }
     }
 
@@ -316,7 +347,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        error_response(self.flavor, self.status, &self.message)
+        let mut response = error_response(self.flavor, self.status, &self.message);
+        if let Some(value) = self.retry_after_secs.and_then(|secs| HeaderValue::from_str(&secs.to_string()).ok()) {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        response
     }
 }
 

@@ -120,7 +120,7 @@ pub(crate) async fn embeddings(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let req: EmbeddingsRequest = serde_json::from_slice(&body).map_err(|e| bad_body(F, &e))?;
-    let behaviour = Behaviour::resolve(&state.config, &headers, req.mock, F)?;
+    let behaviour = Behaviour::resolve(&state.config, &headers, state.overrides_for(req.mock), F)?;
     behaviour.check_api_key(crate::common::bearer_token(&headers), F)?;
     behaviour.check_injected_failure(F)?;
     let items = inputs(&req.input).map_err(|msg| ApiError::bad_request(F, msg))?;

@@ -163,7 +163,7 @@ async fn respond(
         return Err(ApiError::bad_request(F, "mock: streamGenerateContent is served only with alt=sse"));
     }
     let mut req: GenerateRequest = serde_json::from_slice(body).map_err(|error| bad_body(F, &error))?;
-    let mut behaviour = Behaviour::resolve(&state.config, headers, req.mock.take(), F)?;
+    let mut behaviour = Behaviour::resolve(&state.config, headers, state.overrides_for(req.mock.take()), F)?;
     behaviour.check_api_key(presented_key, F)?;
     behaviour.check_injected_failure(F)?;
     let config = req.generation_config.take().unwrap_or_default();

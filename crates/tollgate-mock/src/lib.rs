@@ -10,8 +10,9 @@
 //! [`tollgate_core::tokens`].
 //!
 //! Behaviour can be changed per request through a top-level `"mock"` object
-//! in the JSON body (see [`MockOverrides`]) or through `x-mock-*` headers.
-//! Precedence: body `mock` field > `x-mock-*` header > [`MockConfig`].
+//! in the JSON body (see [`MockOverrides`]) or through `x-mock-*` headers, and for every
+//! request at once with `PUT /mock/overrides` (a `MockOverrides` object; `{}` clears).
+//! Precedence: body `mock` field > server-wide overrides > `x-mock-*` header > [`MockConfig`].
 //!
 //! Routes:
 //! - `POST /v1/chat/completions` (OpenAI, streaming and non-streaming)
@@ -22,6 +23,7 @@
 //!   (Gemini; also under `/v1/models/` and Vertex AI's
 //!   `/v1/projects/{project}/locations/{location}/publishers/google/models/`)
 //! - `GET /v1/models` (OpenAI shape; Anthropic shape if `anthropic-version` is sent)
+//! - `GET|PUT /mock/overrides`, `GET /mock/stats`, `GET /mock/requests/last`
 //! - `GET /healthz` → `200 ok`
 
 mod anthropic;
@@ -79,6 +81,9 @@ pub(crate) struct AppState {
     /// upstream without a hold (`GET /mock/stats`).
     generation_requests: std::sync::atomic::AtomicU64,
     last_request: std::sync::Mutex<Option<LastRequest>>,
+    /// Overrides for every request, beneath each request's own (`PUT /mock/overrides`): one
+    /// mock made to fail, slow down or recover while a test runs.
+    overrides: std::sync::RwLock<MockOverrides>,
     models_openai: Bytes,
     models_anthropic: Bytes,
 }
@@ -133,6 +138,7 @@ pub fn router(config: MockConfig) -> Router {
         models_anthropic: models_anthropic_json(),
         generation_requests: std::sync::atomic::AtomicU64::new(0),
         last_request: std::sync::Mutex::new(None),
+        overrides: std::sync::RwLock::new(MockOverrides::default()),
     });
     let generation = Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
@@ -151,6 +157,7 @@ pub fn router(config: MockConfig) -> Router {
         .route("/v1/models", get(models))
         .route("/mock/stats", get(stats))
         .route("/mock/requests/last", get(last_request))
+        .route("/mock/overrides", get(overrides).put(set_overrides))
         .route("/healthz", get(healthz))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -244,6 +251,31 @@ async fn last_request(State(state): State<SharedState>) -> Response {
         .filter_map(|(name, value)| Some((name.as_str().to_string(), serde_json::Value::String(value.to_str().ok()?.to_string()))))
         .collect();
     axum::Json(serde_json::json!({"path": last.uri.to_string(), "headers": headers, "body": body})).into_response()
+}
+
+impl AppState {
+    /// A request's overrides over the server-wide ones.
+    pub(crate) fn overrides_for(&self, request: Option<MockOverrides>) -> Option<MockOverrides> {
+        let server = self.overrides.read().map(|server| server.clone()).unwrap_or_default();
+        if server == MockOverrides::default() {
+            return request;
+        }
+        Some(request.unwrap_or_default().over(&server))
+    }
+}
+
+/// The server-wide overrides.
+async fn overrides(State(state): State<SharedState>) -> Response {
+    let current = state.overrides.read().map(|current| current.clone()).unwrap_or_default();
+    axum::Json(current).into_response()
+}
+
+/// Replaces the server-wide overrides (`{}` clears them); answers with them.
+async fn set_overrides(State(state): State<SharedState>, axum::Json(new): axum::Json<MockOverrides>) -> Response {
+    if let Ok(mut current) = state.overrides.write() {
+        *current = new.clone();
+    }
+    axum::Json(new).into_response()
 }
 
 /// `{"requests": N}`: generation requests received since start.

@@ -76,7 +76,7 @@ pub(crate) async fn chat_completions(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let req: ChatRequest = serde_json::from_slice(&body).map_err(|e| bad_body(F, &e))?;
-    let mut behaviour = Behaviour::resolve(&state.config, &headers, req.mock, F)?;
+    let mut behaviour = Behaviour::resolve(&state.config, &headers, state.overrides_for(req.mock), F)?;
     behaviour.check_api_key(crate::common::bearer_token(&headers), F)?;
     behaviour.check_injected_failure(F)?;
     let choices = req.n.unwrap_or(1);

@@ -58,6 +58,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             // A chat completion's body, as embedded mode stores for every non-streaming charge.
             stored_response: Some(StoredResponse { status: 200, content_type: "application/json".into(), body: body.clone() }),
             request_fingerprint: None,
+            attempts: Vec::new(),
         })
         .collect();
     let started = Instant::now();

@@ -64,6 +64,14 @@ pub trait Ledger: crate::operations::Operations + crate::retention::Retention + 
     /// The fund transaction of this kind recorded under `reference_id`, if any (a reference is
     /// applied at most once per kind).
     async fn fund_by_reference(&self, kind: FundKind, reference_id: &str) -> StoreResult<Option<FundTransaction>>;
+    /// Every channel state an operator set, by (model, channel).
+    async fn channel_states(&self) -> StoreResult<Vec<crate::model::ChannelState>>;
+    /// Records an operator's word on a channel (the last one counts) and, in PostgreSQL, tells
+    /// every gateway (the config notification, kind `channel`).
+    async fn set_channel_state(&self, state: crate::model::ChannelState) -> StoreResult<()>;
+    /// The upstream attempts recorded for a request id of an account (see
+    /// [`crate::model::UpstreamAttempt`]), oldest first.
+    async fn upstream_attempts(&self, account_id: &str, request_id: &str) -> StoreResult<Vec<crate::model::RecordedAttempt>>;
     /// Fund transactions of an account with `ledger_seq > after_ledger_seq`, oldest first: a hot
     /// store that missed notifications catches up from them.
     async fn fund_transactions_after(

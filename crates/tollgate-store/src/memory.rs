@@ -710,6 +710,7 @@ mod tests {
             hot_balance_after: Money::ZERO,
             stored_response: None,
             request_fingerprint: None,
+            attempts: Vec::new(),
         }
     }
 

@@ -329,6 +329,62 @@ pub struct UsageEvent {
     /// the gateway made, which no client can send again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_fingerprint: Option<String>,
+    /// The upstream attempts the request made, in order: the last one served the client when
+    /// the request was charged; the others failed before any byte reached the client and are
+    /// the operator's cost (table `upstream_attempts`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<UpstreamAttempt>,
+}
+
+/// An operator's word on a channel (`/internal/channels`), over its configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChannelState {
+    pub model: String,
+    pub channel: String,
+    pub enabled: bool,
+    pub reason: Option<String>,
+    pub updated_at_ms: i64,
+}
+
+/// An upstream attempt as the ledger keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedAttempt {
+    /// The id of the request's usage row.
+    pub usage_id: i64,
+    /// 1 for the first.
+    pub attempt: u32,
+    pub request_id: String,
+    pub created_at_ms: i64,
+    pub attempt_row: UpstreamAttempt,
+}
+
+/// Most attempts a usage event carries (the gateway makes at most `routing.attempts_max`).
+pub const ATTEMPTS_PER_REQUEST_MAX: usize = 16;
+
+/// One upstream attempt of a request: which channel, how it answered, how fast, and what the
+/// upstream said it used — for an operator reconciling a provider's bill with the charges.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamAttempt {
+    pub channel: String,
+    pub provider: String,
+    pub upstream_model: String,
+    /// The upstream's HTTP status; `None` when it never answered (connection, timeout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_code: Option<u16>,
+    /// Its answer was the client's (charged to the customer); else it failed before anything
+    /// reached the client.
+    pub served: bool,
+    /// Why it failed, in a word (`connect`, `timeout`, `status`, `body`, `not_json`,
+    /// `stream_ended`, `too_large`); `None` when it served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub latency_ms: u64,
+    /// To the response head, and for a stream to its first chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_byte_ms: Option<u64>,
+    /// What the upstream reported using, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_usage: Option<Usage>,
 }
 
 /// What a charged request id is bound to: the key that sent it and the request's fingerprint, so

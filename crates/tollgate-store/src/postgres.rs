@@ -193,6 +193,51 @@ struct UsageColumns {
     latency_ms: Vec<i64>,
     created_at: Vec<i64>,
     request_fingerprint: Vec<Option<String>>,
+    attempts: AttemptColumns,
+}
+
+/// The batch's `upstream_attempts` rows as arrays, each naming its usage row by (account,
+/// ledger position).
+#[derive(Default)]
+struct AttemptColumns {
+    account_id: Vec<String>,
+    ledger_seq: Vec<i64>,
+    request_id: Vec<String>,
+    attempt: Vec<i64>,
+    channel: Vec<String>,
+    provider: Vec<String>,
+    upstream_model: Vec<String>,
+    status_code: Vec<Option<i64>>,
+    served: Vec<bool>,
+    error: Vec<Option<String>>,
+    latency_ms: Vec<i64>,
+    first_byte_ms: Vec<Option<i64>>,
+    usage: [Vec<Option<i64>>; 5],
+    created_at: Vec<i64>,
+}
+
+impl AttemptColumns {
+    fn push(&mut self, event: &UsageEvent, ledger_seq: i64) -> StoreResult<()> {
+        for row in crate::sql_rows::attempt_rows(event, ledger_seq)? {
+            self.account_id.push(row.account_id.to_string());
+            self.ledger_seq.push(row.ledger_seq);
+            self.request_id.push(row.request_id.to_string());
+            self.attempt.push(row.attempt);
+            self.channel.push(row.channel.to_string());
+            self.provider.push(row.provider.to_string());
+            self.upstream_model.push(row.upstream_model.to_string());
+            self.status_code.push(row.status_code.map(i64::from));
+            self.served.push(row.served);
+            self.error.push(row.error.map(str::to_string));
+            self.latency_ms.push(row.latency_ms);
+            self.first_byte_ms.push(row.first_byte_ms);
+            for (column, value) in self.usage.iter_mut().enumerate() {
+                value.push(row.usage.map(|usage| usage[column]));
+            }
+            self.created_at.push(row.created_at);
+        }
+        Ok(())
+    }
 }
 
 impl UsageColumns {
@@ -221,6 +266,7 @@ impl UsageColumns {
         self.latency_ms.push(to_i64(event.latency_ms, "latency_ms")?);
         self.created_at.push(event.created_at_ms);
         self.request_fingerprint.push(event.request_fingerprint.clone());
+        self.attempts.push(event, ledger_seq + 1)?;
         *position = (balance_after, ledger_seq + 1);
         Ok(())
     }
@@ -238,6 +284,8 @@ impl UsageColumns {
             stored.iter().filter_map(|event| event.stored_response.as_ref().map(|response| (*event, response))).collect();
         let column = |pick: fn(&(&UsageEvent, &StoredResponse)) -> i64| stored.iter().map(pick).collect::<Vec<i64>>();
         let text = |pick: for<'e> fn(&(&'e UsageEvent, &'e StoredResponse)) -> &'e str| stored.iter().map(pick).collect::<Vec<&str>>();
+        let attempts = self.attempts;
+        let [input, cached_input, cache_write, output, reasoning] = attempts.usage;
         sqlx::query(
             "WITH inserted AS (
                  INSERT INTO usage_log (request_id, account_id, api_key_id, provider, model, customer_type, price_id,
@@ -247,10 +295,24 @@ impl UsageColumns {
                  SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::BIGINT[],
                      $8::BIGINT[], $9::BIGINT[], $10::BIGINT[], $11::BIGINT[], $12::BIGINT[], $13::TEXT[], $14::BIGINT[],
                      $15::BIGINT[], $16::BIGINT[], $17::BIGINT[], $18::TEXT[], $19::BIGINT[], $20::BIGINT[], $21::TEXT[])
-                 RETURNING id, account_id, request_id, status, created_at),
+                 RETURNING id, account_id, request_id, status, created_at, ledger_seq),
              charged AS (
                  INSERT INTO charged_requests (account_id, request_id, usage_id, created_at)
-                 SELECT account_id, request_id, id, created_at FROM inserted WHERE status <> 'failed')
+                 SELECT account_id, request_id, id, created_at FROM inserted WHERE status <> 'failed'),
+             attempts AS (
+                 INSERT INTO upstream_attempts (usage_id, attempt, account_id, request_id, channel, provider, upstream_model,
+                     status_code, served, error, latency_ms, first_byte_ms, input_tokens, cached_input_tokens,
+                     cache_write_tokens, output_tokens, reasoning_tokens, created_at)
+                 SELECT inserted.id, a.attempt, a.account_id, a.request_id, a.channel, a.provider, a.upstream_model,
+                     a.status_code, a.served, a.error, a.latency_ms, a.first_byte_ms, a.input_tokens, a.cached_input_tokens,
+                     a.cache_write_tokens, a.output_tokens, a.reasoning_tokens, a.created_at
+                 FROM UNNEST($28::TEXT[], $29::BIGINT[], $30::TEXT[], $31::BIGINT[], $32::TEXT[], $33::TEXT[], $34::TEXT[],
+                     $35::BIGINT[], $36::BOOLEAN[], $37::TEXT[], $38::BIGINT[], $39::BIGINT[], $40::BIGINT[], $41::BIGINT[],
+                     $42::BIGINT[], $43::BIGINT[], $44::BIGINT[], $45::BIGINT[])
+                     AS a (account_id, ledger_seq, request_id, attempt, channel, provider, upstream_model, status_code, served,
+                         error, latency_ms, first_byte_ms, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens,
+                         reasoning_tokens, created_at)
+                 JOIN inserted ON inserted.account_id = a.account_id AND inserted.ledger_seq = a.ledger_seq)
              INSERT INTO stored_responses (usage_id, status, content_type, body, created_at)
              SELECT inserted.id, stored.status, stored.content_type, stored.body, stored.created_at
              FROM UNNEST($22::TEXT[], $23::TEXT[], $24::BIGINT[], $25::TEXT[], $26::BYTEA[], $27::BIGINT[])
@@ -285,6 +347,24 @@ impl UsageColumns {
         .bind(text(|(_, response)| response.content_type.as_str()))
         .bind(stored.iter().map(|(_, response)| response.body.as_slice()).collect::<Vec<&[u8]>>())
         .bind(column(|(event, _)| event.created_at_ms))
+        .bind(attempts.account_id)
+        .bind(attempts.ledger_seq)
+        .bind(attempts.request_id)
+        .bind(attempts.attempt)
+        .bind(attempts.channel)
+        .bind(attempts.provider)
+        .bind(attempts.upstream_model)
+        .bind(attempts.status_code)
+        .bind(attempts.served)
+        .bind(attempts.error)
+        .bind(attempts.latency_ms)
+        .bind(attempts.first_byte_ms)
+        .bind(input)
+        .bind(cached_input)
+        .bind(cache_write)
+        .bind(output)
+        .bind(reasoning)
+        .bind(attempts.created_at)
         .execute(&mut **transaction)
         .await?;
         Ok(())
@@ -664,6 +744,32 @@ impl Ledger for PgLedger {
         let inserted = insert_fund(&mut transaction, &fund, position).await?;
         transaction.commit().await?;
         Ok(FundOutcome { transaction: inserted, newly_applied: true })
+    }
+
+    async fn channel_states(&self) -> StoreResult<Vec<crate::model::ChannelState>> {
+        crate::sql_reads::Reads(&self.pool).channel_states().await
+    }
+
+    async fn set_channel_state(&self, state: crate::model::ChannelState) -> StoreResult<()> {
+        let mut transaction = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO channel_states (model, channel, enabled, reason, updated_at) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (model, channel) DO UPDATE SET enabled = excluded.enabled, reason = excluded.reason, updated_at = excluded.updated_at",
+        )
+        .bind(&state.model)
+        .bind(&state.channel)
+        .bind(state.enabled)
+        .bind(&state.reason)
+        .bind(state.updated_at_ms)
+        .execute(&mut *transaction)
+        .await?;
+        config_changed(&mut transaction, "channel", &format!("{}/{}", state.model, state.channel)).await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    async fn upstream_attempts(&self, account_id: &str, request_id: &str) -> StoreResult<Vec<crate::model::RecordedAttempt>> {
+        crate::sql_reads::Reads(&self.pool).upstream_attempts(account_id, request_id).await
     }
 
     async fn fund_transactions_after(&self, account_id: &str, after_ledger_seq: i64) -> StoreResult<Vec<FundTransaction>> {

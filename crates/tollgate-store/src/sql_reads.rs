@@ -71,6 +71,42 @@ where
         sqlx::query(DB::sql(sql)).fetch_all(self.0).await?.iter().map(|row| row.text(column)).collect()
     }
 
+    pub(crate) async fn channel_states(&self) -> StoreResult<Vec<crate::model::ChannelState>> {
+        let rows = sqlx::query(DB::sql(
+            "SELECT model, channel, CAST(CASE WHEN enabled THEN 1 ELSE 0 END AS BIGINT) AS enabled, reason, updated_at
+             FROM channel_states ORDER BY model, channel",
+        ))
+        .fetch_all(self.0)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(crate::model::ChannelState {
+                    model: row.text("model")?,
+                    channel: row.text("channel")?,
+                    enabled: row.int("enabled")? != 0,
+                    reason: row.optional_text("reason")?,
+                    updated_at_ms: row.int("updated_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// A request's upstream attempts, oldest usage row first (a request id that failed and
+    /// was sent again has several), in attempt order.
+    pub(crate) async fn upstream_attempts(&self, account_id: &str, request_id: &str) -> StoreResult<Vec<crate::model::RecordedAttempt>> {
+        let rows = sqlx::query(DB::sql(
+            "SELECT usage_id, attempt, request_id, channel, provider, upstream_model, status_code,
+                 CAST(CASE WHEN served THEN 1 ELSE 0 END AS BIGINT) AS served, error, latency_ms, first_byte_ms,
+                 input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, created_at
+             FROM upstream_attempts WHERE account_id = ? AND request_id = ? ORDER BY usage_id, attempt",
+        ))
+        .bind(account_id)
+        .bind(request_id)
+        .fetch_all(self.0)
+        .await?;
+        rows.iter().map(crate::sql_rows::attempt_from).collect()
+    }
+
     pub(crate) async fn account_ids(&self) -> StoreResult<Vec<String>> {
         self.texts("SELECT id FROM accounts ORDER BY id", "id").await
     }

@@ -14,7 +14,7 @@ use crate::error::{StoreError, StoreResult};
 use crate::model::{
     Account, AccountKind, AccountPatch, AccountStatus, ApiKey, ArchivedRun, ChargedRequest, FundKind, FundTransaction, KeyStatus, LedgerEntry,
     NewFund, PriceRow, RecordOutcome, RequestStatus, StoredResponse, SummaryGroup, SummaryRow, TopUp, TopUpStatus,
-    UsageEvent, UsageQuery, UsageRow,
+    UpstreamAttempt, UsageEvent, UsageQuery, UsageRow,
 };
 
 /// Rows per page at most.
@@ -455,4 +455,96 @@ pub(crate) fn plan_usage_batch<'a, R>(
         plan.outcomes.push(RecordOutcome::Inserted);
     }
     Ok(plan)
+}
+
+/// One row of `upstream_attempts` (migrations: PostgreSQL 0010, SQLite 0007), before its usage
+/// row's id is known: it finds that row by (account, ledger position), unique per account.
+pub(crate) struct AttemptRow<'a> {
+    pub account_id: &'a str,
+    pub ledger_seq: i64,
+    pub request_id: &'a str,
+    pub attempt: i64,
+    pub channel: &'a str,
+    pub provider: &'a str,
+    pub upstream_model: &'a str,
+    pub status_code: Option<i32>,
+    pub served: bool,
+    pub error: Option<&'a str>,
+    pub latency_ms: i64,
+    pub first_byte_ms: Option<i64>,
+    /// input, cached input, cache write, output, reasoning — the upstream's report, if any.
+    pub usage: Option<[i64; 5]>,
+    pub created_at: i64,
+}
+
+/// The attempt rows of a usage event placed at `ledger_seq`. More than
+/// [`crate::model::ATTEMPTS_PER_REQUEST_MAX`] attempts is an event no gateway makes: refused.
+pub(crate) fn attempt_rows(event: &UsageEvent, ledger_seq: i64) -> StoreResult<Vec<AttemptRow<'_>>> {
+    if event.attempts.len() > crate::model::ATTEMPTS_PER_REQUEST_MAX {
+        return Err(StoreError::Invalid(format!("usage event {} carries {} upstream attempts; at most {}", event.request_id, event.attempts.len(), crate::model::ATTEMPTS_PER_REQUEST_MAX)));
+    }
+    let mut rows = Vec::with_capacity(event.attempts.len());
+    for (index, attempt) in event.attempts.iter().enumerate() {
+        let usage = match &attempt.upstream_usage {
+            Some(usage) => Some([
+                to_i64(usage.input_tokens, "input_tokens")?,
+                to_i64(usage.cached_input_tokens, "cached_input_tokens")?,
+                to_i64(usage.cache_write_tokens, "cache_write_tokens")?,
+                to_i64(usage.output_tokens, "output_tokens")?,
+                to_i64(usage.reasoning_tokens, "reasoning_tokens")?,
+            ]),
+            None => None,
+        };
+        rows.push(AttemptRow {
+            account_id: &event.account_id,
+            ledger_seq,
+            request_id: &event.request_id,
+            attempt: i64::try_from(index + 1).map_err(|_| StoreError::Invalid("attempt number".into()))?,
+            channel: &attempt.channel,
+            provider: &attempt.provider,
+            upstream_model: &attempt.upstream_model,
+            status_code: attempt.status_code.map(i32::from),
+            served: attempt.served,
+            error: attempt.error.as_deref(),
+            latency_ms: to_i64(attempt.latency_ms, "latency_ms")?,
+            first_byte_ms: attempt.first_byte_ms.map(|ms| to_i64(ms, "first_byte_ms")).transpose()?,
+            usage,
+            created_at: event.created_at_ms,
+        });
+    }
+    Ok(rows)
+}
+
+/// An `upstream_attempts` row as read back.
+pub(crate) fn attempt_from<R: Fields>(row: &R) -> StoreResult<crate::model::RecordedAttempt> {
+    let optional_u64 = |column: &str| -> StoreResult<Option<u64>> {
+        row.optional_int(column)?.map(|value| u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("negative {column}")))).transpose()
+    };
+    let usage = match optional_u64("input_tokens")? {
+        Some(input_tokens) => Some(Usage {
+            input_tokens,
+            cached_input_tokens: optional_u64("cached_input_tokens")?.unwrap_or(0),
+            cache_write_tokens: optional_u64("cache_write_tokens")?.unwrap_or(0),
+            output_tokens: optional_u64("output_tokens")?.unwrap_or(0),
+            reasoning_tokens: optional_u64("reasoning_tokens")?.unwrap_or(0),
+        }),
+        None => None,
+    };
+    Ok(crate::model::RecordedAttempt {
+        usage_id: row.int("usage_id")?,
+        attempt: u32::try_from(row.int("attempt")?).map_err(|_| StoreError::Corrupt("attempt number".into()))?,
+        request_id: row.text("request_id")?,
+        created_at_ms: row.int("created_at")?,
+        attempt_row: UpstreamAttempt {
+            channel: row.text("channel")?,
+            provider: row.text("provider")?,
+            upstream_model: row.text("upstream_model")?,
+            status_code: row.optional_int("status_code")?.and_then(|code| u16::try_from(code).ok()),
+            served: row.int("served")? != 0,
+            error: row.optional_text("error")?,
+            latency_ms: optional_u64("latency_ms")?.unwrap_or(0),
+            first_byte_ms: optional_u64("first_byte_ms")?,
+            upstream_usage: usage,
+        },
+    })
 }

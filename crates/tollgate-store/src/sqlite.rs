@@ -239,12 +239,27 @@ async fn batch_start<'a>(transaction: &mut Transaction<'static, Sqlite>, events:
     Ok(start)
 }
 
-/// The usage_log row of an event at the account's running position, which it advances.
-fn usage_row(event: &UsageEvent, position: &mut (Money, i64)) -> StoreResult<serde_json::Value> {
+/// The usage_log row of an event at the account's running position, which it advances, and its
+/// upstream_attempts rows.
+fn usage_row(event: &UsageEvent, position: &mut (Money, i64)) -> StoreResult<(serde_json::Value, Vec<serde_json::Value>)> {
     let (balance_before, ledger_seq) = *position;
     let balance_after = balance_before.checked_sub(event.cost).ok_or(StoreError::Overflow("balance"))?;
     *position = (balance_after, ledger_seq + 1);
-    Ok(serde_json::json!([
+    let attempts = crate::sql_rows::attempt_rows(event, ledger_seq + 1)?
+        .into_iter()
+        .map(|row| {
+            let [input, cached_input, cache_write, output, reasoning] = match row.usage {
+                Some(usage) => usage.map(Some),
+                None => [None; 5],
+            };
+            serde_json::json!([
+                row.account_id, row.ledger_seq, row.attempt, row.request_id, row.channel, row.provider, row.upstream_model,
+                row.status_code, i64::from(row.served), row.error, row.latency_ms, row.first_byte_ms,
+                input, cached_input, cache_write, output, reasoning, row.created_at,
+            ])
+        })
+        .collect();
+    let row = serde_json::json!([
         event.request_id,
         event.account_id,
         event.api_key_id,
@@ -266,7 +281,8 @@ fn usage_row(event: &UsageEvent, position: &mut (Money, i64)) -> StoreResult<ser
         to_i64(event.latency_ms, "latency_ms")?,
         event.created_at_ms,
         event.request_fingerprint,
-    ]))
+    ]);
+    Ok((row, attempts))
 }
 
 /// A usage batch's writes, and what its alerts read back, as one list of statements: the usage
@@ -296,6 +312,14 @@ SELECT usage_log.id, stored.value ->> 2, stored.value ->> 3, unhex(stored.value 
 FROM json_each(?) AS stored
 CROSS JOIN usage_log ON usage_log.account_id = stored.value ->> 0 AND usage_log.request_id = stored.value ->> 1
     AND usage_log.status <> 'failed';
+INSERT INTO upstream_attempts (usage_id, attempt, account_id, request_id, channel, provider, upstream_model, status_code,
+    served, error, latency_ms, first_byte_ms, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens,
+    reasoning_tokens, created_at)
+SELECT usage_log.id, a.value ->> 2, a.value ->> 0, a.value ->> 3, a.value ->> 4, a.value ->> 5, a.value ->> 6, a.value ->> 7,
+    a.value ->> 8, a.value ->> 9, a.value ->> 10, a.value ->> 11, a.value ->> 12, a.value ->> 13, a.value ->> 14, a.value ->> 15,
+    a.value ->> 16, a.value ->> 17
+FROM json_each(?) AS a
+CROSS JOIN usage_log ON usage_log.account_id = a.value ->> 0 AND usage_log.ledger_seq = a.value ->> 1;
 INSERT INTO spend_counters (scope, owner_id, period, requests, spent, updated_at)
 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, ? FROM json_each(?) WHERE true
 ON CONFLICT (scope, owner_id, period) DO UPDATE SET requests = spend_counters.requests + excluded.requests,
@@ -311,7 +335,7 @@ FROM json_each(?) AS batch WHERE account_balance.account_id = batch.value ->> 0"
 /// Writes a planned usage batch ([`WRITE_USAGE_BATCH`]) and queues the alerts it raises.
 async fn write_usage_batch(
     transaction: &mut Transaction<'static, Sqlite>,
-    rows: Vec<serde_json::Value>,
+    rows: Vec<(serde_json::Value, Vec<serde_json::Value>)>,
     inserted: &[&UsageEvent],
     starts: &HashMap<&str, (Money, i64)>,
     ends: &HashMap<&str, (Money, i64)>,
@@ -331,9 +355,12 @@ async fn write_usage_batch(
     let balances: Vec<serde_json::Value> =
         ends.iter().map(|(account_id, (balance, ledger_seq))| serde_json::json!([account_id, balance.nanos(), ledger_seq])).collect();
     let now = now_ms();
+    let (rows, attempts): (Vec<serde_json::Value>, Vec<Vec<serde_json::Value>>) = rows.into_iter().unzip();
+    let attempts: Vec<serde_json::Value> = attempts.into_iter().flatten().collect();
     let read_back = sqlx::query(WRITE_USAGE_BATCH)
         .bind(serde_json::Value::Array(rows).to_string())
         .bind(serde_json::Value::Array(stored).to_string())
+        .bind(serde_json::Value::Array(attempts).to_string())
         .bind(now)
         .bind(serde_json::Value::Array(counter_rows).to_string())
         .bind(json_list(&key_ids))
@@ -623,6 +650,29 @@ impl Ledger for SqliteLedger {
         let inserted = insert_fund(&mut transaction, &fund).await?;
         transaction.commit().await?;
         Ok(FundOutcome { transaction: inserted, newly_applied: true })
+    }
+
+    async fn channel_states(&self) -> StoreResult<Vec<crate::model::ChannelState>> {
+        crate::sql_reads::Reads(&self.pool).channel_states().await
+    }
+
+    async fn set_channel_state(&self, state: crate::model::ChannelState) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO channel_states (model, channel, enabled, reason, updated_at) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (model, channel) DO UPDATE SET enabled = excluded.enabled, reason = excluded.reason, updated_at = excluded.updated_at",
+        )
+        .bind(&state.model)
+        .bind(&state.channel)
+        .bind(i64::from(state.enabled))
+        .bind(&state.reason)
+        .bind(state.updated_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn upstream_attempts(&self, account_id: &str, request_id: &str) -> StoreResult<Vec<crate::model::RecordedAttempt>> {
+        crate::sql_reads::Reads(&self.pool).upstream_attempts(account_id, request_id).await
     }
 
     async fn fund_transactions_after(&self, account_id: &str, after_ledger_seq: i64) -> StoreResult<Vec<FundTransaction>> {

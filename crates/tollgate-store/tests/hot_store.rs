@@ -189,6 +189,7 @@ fn event(account: &str, id: &str, cost: i64, status: RequestStatus) -> UsageEven
         hot_balance_after: Money::ZERO,
         stored_response: None,
         request_fingerprint: None,
+            attempts: Vec::new(),
     }
 }
 

@@ -222,6 +222,7 @@ mod tests {
             hot_balance_after: Money::ZERO,
             stored_response: None,
             request_fingerprint: None,
+            attempts: Vec::new(),
         }
     }
 

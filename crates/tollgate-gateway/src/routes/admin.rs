@@ -460,8 +460,13 @@ fn statement_row(entry: &LedgerEntry) -> Value {
     }
 }
 
-fn rfc3339(time: OffsetDateTime) -> String {
+pub(crate) fn rfc3339(time: OffsetDateTime) -> String {
     time.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+/// Unix milliseconds as RFC 3339 (empty when out of range).
+pub(crate) fn rfc3339_ms(ms: i64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).map(rfc3339).unwrap_or_default()
 }
 
 pub(crate) fn csv_field(value: &Value) -> String {

@@ -1,6 +1,7 @@
 //! Handlers: extract, call the service, shape the answer.
 
 pub mod admin;
+pub mod channels;
 pub mod client;
 pub mod gemini;
 pub mod operations;

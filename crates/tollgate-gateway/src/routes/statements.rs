@@ -9,7 +9,6 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 use tollgate_core::Money;
 use tollgate_store::clock::ms_of;
@@ -36,9 +35,7 @@ fn month_bounds(month: &str) -> Result<(OffsetDateTime, OffsetDateTime), ApiErro
     Ok((instant(start_ms)?, instant(end_ms)?))
 }
 
-fn rfc3339(at: OffsetDateTime) -> String {
-    at.format(&Rfc3339).unwrap_or_default()
-}
+use crate::routes::admin::rfc3339;
 
 async fn monthly_statement(
     State(state): State<AppState>,

@@ -118,6 +118,7 @@ impl System {
             hot_balance_after: Money::ZERO,
             stored_response: None,
             request_fingerprint: None,
+            attempts: Vec::new(),
         }
     }
 

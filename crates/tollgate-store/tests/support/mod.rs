@@ -37,6 +37,7 @@ pub fn event(account: &str, request: &str, cost: i64, status: RequestStatus) -> 
         hot_balance_after: Money::ZERO,
         stored_response: None,
         request_fingerprint: None,
+            attempts: Vec::new(),
     }
 }
 

@@ -1,0 +1,133 @@
+//! The operator API for routing: every model's channels with their live state, a channel
+//! disabled or enabled for every gateway, and the upstream attempts of a request.
+
+use axum::extract::{Path, Query, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tollgate_store::model::ChannelState;
+
+use crate::error::ApiError;
+use crate::routes::LimitedBody;
+use crate::routes::admin::{parse_body, parse_query, rfc3339_ms as rfc3339};
+use crate::routing::breaker::BreakerState;
+use crate::state::AppState;
+
+/// Longest reason an operator may give.
+const REASON_CHARS_MAX: usize = 500;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/channels", get(list))
+        .route("/channels/{model}/{channel}/disable", post(disable))
+        .route("/channels/{model}/{channel}/enable", post(enable))
+        .route("/billing/attempts", get(attempts))
+}
+
+/// Every channel of every model, as this gateway sees it now.
+async fn list(State(state): State<AppState>) -> Json<Value> {
+    let now_ms = state.now_ms();
+    let mut channels = Vec::new();
+    for route in state.upstreams.models() {
+        for channel in &route.channels {
+            let (breaker, open_until_ms) = match channel.breaker_state() {
+                BreakerState::Open { until_ms } => ("open", Some(until_ms)),
+                state => (state.label(), None),
+            };
+            let cooling_until = Some(channel.cooling_until_ms()).filter(|until_ms| *until_ms > now_ms);
+            channels.push(json!({
+                "model": route.model,
+                "channel": channel.name,
+                "provider": channel.provider.name,
+                "upstream_model": channel.upstream_model,
+                "priority": channel.priority,
+                "weight": channel.weight,
+                "enabled": channel.enabled(),
+                "breaker": breaker,
+                "open_until": open_until_ms.map(rfc3339),
+                "retry_after_until": cooling_until.map(rfc3339),
+                "in_flight": channel.in_flight(),
+                "concurrent_requests_max": channel.concurrent_requests_max,
+            }));
+        }
+    }
+    Json(json!({"channels": channels}))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct StateChange {
+    reason: Option<String>,
+}
+
+async fn disable(state: State<AppState>, path: Path<(String, String)>, body: LimitedBody) -> Result<Json<Value>, ApiError> {
+    set_enabled(state, path, body, false).await
+}
+
+async fn enable(state: State<AppState>, path: Path<(String, String)>, body: LimitedBody) -> Result<Json<Value>, ApiError> {
+    set_enabled(state, path, body, true).await
+}
+
+/// Records the operator's word in the ledger (every gateway reloads on its notification) and
+/// applies it here at once.
+async fn set_enabled(
+    State(state): State<AppState>,
+    Path((model, channel)): Path<(String, String)>,
+    LimitedBody(body): LimitedBody,
+    enabled: bool,
+) -> Result<Json<Value>, ApiError> {
+    let change: StateChange = if body.is_empty() { StateChange::default() } else { parse_body(&body)? };
+    if change.reason.as_ref().is_some_and(|reason| reason.chars().count() > REASON_CHARS_MAX) {
+        return Err(ApiError::InvalidRequest(format!("reason must be at most {REASON_CHARS_MAX} characters")));
+    }
+    let route = state.upstreams.route(&model).ok_or_else(|| ApiError::NotFound(format!("model {model} is not routed")))?;
+    if !route.channels.iter().any(|candidate| candidate.name == channel) {
+        return Err(ApiError::NotFound(format!("model {model} has no channel {channel}")));
+    }
+    state
+        .ledger
+        .set_channel_state(ChannelState { model: model.clone(), channel: channel.clone(), enabled, reason: change.reason.clone(), updated_at_ms: state.now_ms() })
+        .await?;
+    state.reload_channel_states().await?;
+    Ok(Json(json!({"model": model, "channel": channel, "enabled": enabled, "reason": change.reason})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AttemptsQuery {
+    account_id: String,
+    request_id: String,
+}
+
+/// The upstream attempts of a request: which channels, how they answered, what the upstream
+/// reported using — to set a provider's bill against what the customer paid.
+async fn attempts(
+    State(state): State<AppState>,
+    query: Result<Query<AttemptsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let query = parse_query(query)?;
+    let recorded = state.ledger.upstream_attempts(&query.account_id, &query.request_id).await?;
+    let attempts: Vec<Value> = recorded
+        .iter()
+        .map(|recorded| {
+            let attempt = &recorded.attempt_row;
+            json!({
+                "usage_id": recorded.usage_id,
+                "attempt": recorded.attempt,
+                "channel": attempt.channel,
+                "provider": attempt.provider,
+                "upstream_model": attempt.upstream_model,
+                "status_code": attempt.status_code,
+                "served": attempt.served,
+                "billed_to": if attempt.served { "customer" } else { "operator" },
+                "error": attempt.error,
+                "latency_ms": attempt.latency_ms,
+                "first_byte_ms": attempt.first_byte_ms,
+                "upstream_usage": attempt.upstream_usage,
+                "created_at": rfc3339(recorded.created_at_ms),
+            })
+        })
+        .collect();
+    Ok(Json(json!({"account_id": query.account_id, "request_id": query.request_id, "attempts": attempts})))
+}

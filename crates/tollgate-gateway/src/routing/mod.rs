@@ -1,0 +1,386 @@
+//! Which upstream channel serves a request: a model routes to one or more channels; each
+//! attempt takes the highest-priority channel still available — enabled, not tried yet in this
+//! request, its breaker admitting it, no `Retry-After` pending, under its concurrency limit —
+//! by weighted chance among channels of that priority.
+//!
+//! What an attempt's answer means for the request (retry or not) and for the channel (its
+//! breaker) is decided in one place, [`classify`].
+
+pub mod breaker;
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use breaker::{Admission, Breaker, BreakerPolicy, BreakerState, Transition};
+
+use crate::upstream::Provider;
+
+/// One upstream channel of one model.
+pub struct Channel {
+    pub model: String,
+    pub name: String,
+    pub provider: Provider,
+    pub upstream_model: String,
+    pub priority: i32,
+    pub weight: u32,
+    pub concurrent_requests_max: Option<u32>,
+    /// Enabled in the configuration (an operator's word through `/internal/channels` overrides).
+    pub configured_enabled: bool,
+    in_flight: AtomicU32,
+    enabled: AtomicBool,
+    /// Unix ms before which an upstream's `Retry-After` keeps the channel out.
+    cooling_until_ms: AtomicI64,
+    breaker: Mutex<Breaker>,
+}
+
+/// What a channel is configured as, for [`Channel::new`].
+pub struct ChannelSpec {
+    pub name: String,
+    pub provider: Provider,
+    pub upstream_model: String,
+    pub priority: i32,
+    pub weight: u32,
+    pub concurrent_requests_max: Option<u32>,
+    pub enabled: bool,
+}
+
+impl Channel {
+    pub fn new(model: &str, spec: ChannelSpec) -> Channel {
+        Channel {
+            model: model.to_string(),
+            name: spec.name,
+            provider: spec.provider,
+            upstream_model: spec.upstream_model,
+            priority: spec.priority,
+            weight: spec.weight.max(1),
+            concurrent_requests_max: spec.concurrent_requests_max,
+            configured_enabled: spec.enabled,
+            in_flight: AtomicU32::new(0),
+            enabled: AtomicBool::new(spec.enabled),
+            cooling_until_ms: AtomicI64::new(0),
+            breaker: Mutex::new(Breaker::default()),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Acquire)
+    }
+
+    pub fn set_enabled(&self, enabled: bool) {
+        let was = self.enabled.swap(enabled, Ordering::AcqRel);
+        if was != enabled {
+            tracing::warn!(model = self.model, channel = self.name, enabled, "channel {}", if enabled { "enabled" } else { "disabled" });
+        }
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    pub fn breaker_state(&self) -> BreakerState {
+        self.lock_breaker().state()
+    }
+
+    pub fn cooling_until_ms(&self) -> i64 {
+        self.cooling_until_ms.load(Ordering::Acquire)
+    }
+
+    fn lock_breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
+        // Every change is one assignment of a Copy value: a poisoned lock still holds a whole state.
+        self.breaker.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether selection could take this channel now (nothing changed).
+    fn available(&self, now_ms: i64, policy: &BreakerPolicy) -> bool {
+        self.enabled()
+            && now_ms >= self.cooling_until_ms()
+            && self.concurrent_requests_max.is_none_or(|max| self.in_flight() < max)
+            && self.lock_breaker().admits(now_ms, policy)
+    }
+
+    /// Takes a request slot and the breaker's admission, or nothing.
+    fn lease(self: &Arc<Channel>, now_ms: i64, policy: BreakerPolicy) -> Option<Lease> {
+        let slot = self.in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |in_flight| {
+            self.concurrent_requests_max.is_none_or(|max| in_flight < max).then(|| in_flight.saturating_add(1))
+        });
+        if slot.is_err() {
+            return None;
+        }
+        let admitted = self.lock_breaker().admit(now_ms, &policy);
+        let Some((admission, transition)) = admitted else {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        };
+        if let Some(transition) = transition {
+            self.announce(transition);
+        }
+        Some(Lease { channel: Arc::clone(self), admission, policy, reported: false })
+    }
+
+    fn announce(&self, transition: Transition) {
+        let to = transition.to.label();
+        metrics::counter!("tollgate_breaker_transitions_total", "model" => self.model.clone(), "channel" => self.name.clone(), "to" => to).increment(1);
+        let open = if matches!(transition.to, BreakerState::Closed { .. }) { 0.0 } else { 1.0 };
+        metrics::gauge!("tollgate_breaker_open", "model" => self.model.clone(), "channel" => self.name.clone()).set(open);
+        match transition.to {
+            BreakerState::Open { until_ms } => {
+                tracing::warn!(model = self.model, channel = self.name, from = transition.from.label(), until_ms, "circuit breaker opened: the channel is left out until a probe succeeds");
+            }
+            BreakerState::HalfOpen { .. } => tracing::info!(model = self.model, channel = self.name, "circuit breaker half-open: one request probes the channel"),
+            BreakerState::Closed { .. } => tracing::info!(model = self.model, channel = self.name, from = transition.from.label(), "circuit breaker closed: the channel serves again"),
+        }
+    }
+}
+
+/// A request's use of a channel: a slot under its concurrency limit until dropped, and the
+/// duty to tell its breaker how the channel did.
+pub struct Lease {
+    pub channel: Arc<Channel>,
+    admission: Admission,
+    policy: BreakerPolicy,
+    reported: bool,
+}
+
+impl Lease {
+    pub fn is_probe(&self) -> bool {
+        self.admission == Admission::Probe
+    }
+
+    /// Tells the channel's breaker how the channel did; the first word counts.
+    pub fn report(&mut self, health: Health, now_ms: i64) {
+        if std::mem::replace(&mut self.reported, true) {
+            return;
+        }
+        let transition = {
+            let mut breaker = self.channel.lock_breaker();
+            match health {
+                Health::Good => breaker.success(),
+                Health::Bad => breaker.failure(now_ms, &self.policy),
+            }
+        };
+        if let Some(transition) = transition {
+            self.channel.announce(transition);
+        }
+    }
+
+    /// An upstream's `Retry-After`: the channel is left out of selection until then.
+    pub fn cool_until(&self, until_ms: i64) {
+        self.channel.cooling_until_ms.fetch_max(until_ms, Ordering::AcqRel);
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.channel.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// How an attempt's answer reflects on its channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    Good,
+    Bad,
+}
+
+/// What an attempt's failure means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// Another channel may be tried (nothing reached the client yet).
+    pub retry: bool,
+    pub health: Health,
+}
+
+/// The upstream HTTP status of a failed attempt (`None`: no answer — connection refused or
+/// reset, a timeout, a broken body) → retry or not, and the channel's health. Refusals about
+/// the request itself (400, 404, 413, 422: a context too long, a content policy, an unknown
+/// model) are the client's on any channel: never retried, not the channel's fault.
+pub fn classify(status: Option<u16>) -> Verdict {
+    match status {
+        Some(400 | 404 | 413 | 422) => Verdict { retry: false, health: Health::Good },
+        _ => Verdict { retry: true, health: Health::Bad },
+    }
+}
+
+/// Where a model goes: the provider its prices name and the channels that serve it.
+pub struct Route {
+    pub model: String,
+    /// The provider of the model's prices (`models.provider`).
+    pub provider: Provider,
+    /// In configuration order.
+    pub channels: Vec<Arc<Channel>>,
+}
+
+impl Route {
+    /// Leases the channel for a request's next attempt among `candidates` (indices into
+    /// `channels`) less those `tried`: the highest priority available, by weight within it.
+    pub fn select(&self, candidates: &[usize], tried: &[usize], now_ms: i64, policy: BreakerPolicy) -> Option<Lease> {
+        let mut refused: Vec<usize> = Vec::new();
+        loop {
+            let available: Vec<usize> = candidates
+                .iter()
+                .copied()
+                .filter(|index| !tried.contains(index) && !refused.contains(index))
+                .filter(|index| self.channels.get(*index).is_some_and(|channel| channel.available(now_ms, &policy)))
+                .collect();
+            let top = available.iter().filter_map(|index| self.channels.get(*index)).map(|channel| channel.priority).max()?;
+            let group: Vec<&Arc<Channel>> = available.iter().filter_map(|index| self.channels.get(*index)).filter(|channel| channel.priority == top).collect();
+            let chosen = pick_weighted(&group)?;
+            // Another request may have taken the last slot or the probe since `available`.
+            match chosen.lease(now_ms, policy) {
+                Some(lease) => return Some(lease),
+                None => refused.extend(self.channels.iter().position(|channel| Arc::ptr_eq(channel, chosen))),
+            }
+        }
+    }
+
+    /// Whether any of `candidates` could be chosen now.
+    pub fn any_available(&self, candidates: &[usize], now_ms: i64, policy: BreakerPolicy) -> bool {
+        candidates.iter().filter_map(|index| self.channels.get(*index)).any(|channel| channel.available(now_ms, &policy))
+    }
+
+    /// The index of a channel of this route.
+    pub fn index_of(&self, channel: &Arc<Channel>) -> Option<usize> {
+        self.channels.iter().position(|candidate| Arc::ptr_eq(candidate, channel))
+    }
+
+    /// When the first of `candidates` that is enabled could be chosen again (its breaker's
+    /// open time or its `Retry-After` past), for a client told that none is available now.
+    pub fn next_available_ms(&self, candidates: &[usize], now_ms: i64) -> Option<i64> {
+        candidates
+            .iter()
+            .filter_map(|index| self.channels.get(*index))
+            .filter(|channel| channel.enabled())
+            .map(|channel| {
+                let breaker = match channel.breaker_state() {
+                    BreakerState::Open { until_ms } => until_ms,
+                    BreakerState::Closed { .. } | BreakerState::HalfOpen { .. } => now_ms,
+                };
+                breaker.max(channel.cooling_until_ms())
+            })
+            .min()
+    }
+}
+
+fn pick_weighted<'a>(group: &[&'a Arc<Channel>]) -> Option<&'a Arc<Channel>> {
+    let total: u64 = group.iter().map(|channel| u64::from(channel.weight)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut ticket = rand::random_range(0..total);
+    for channel in group {
+        let weight = u64::from(channel.weight);
+        if ticket < weight {
+            return Some(channel);
+        }
+        ticket -= weight;
+    }
+    group.last().copied()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::config::ProviderKind;
+
+    const POLICY: BreakerPolicy = BreakerPolicy { failures: 2, window_ms: 10_000, open_ms: 1_000 };
+
+    fn route(channels: &[(&str, i32, u32, Option<u32>)]) -> Route {
+        let provider = Provider::for_tests("p", ProviderKind::Mock, "http://127.0.0.1:1");
+        let channels = channels
+            .iter()
+            .map(|(name, priority, weight, max)| {
+                Arc::new(Channel::new("m", ChannelSpec {
+                    name: (*name).into(),
+                    provider: provider.clone(),
+                    upstream_model: "m".into(),
+                    priority: *priority,
+                    weight: *weight,
+                    concurrent_requests_max: *max,
+                    enabled: true,
+                }))
+            })
+            .collect();
+        Route { model: "m".into(), provider, channels }
+    }
+
+    fn all(route: &Route) -> Vec<usize> {
+        (0..route.channels.len()).collect()
+    }
+
+    #[test]
+    fn highest_priority_first_then_down_skipping_what_was_tried() {
+        let route = route(&[("low", 0, 1, None), ("high", 5, 1, None), ("mid", 2, 1, None)]);
+        let candidates = all(&route);
+        let mut tried = Vec::new();
+        for expected in ["high", "mid", "low"] {
+            let lease = route.select(&candidates, &tried, 0, POLICY).unwrap();
+            assert_eq!(lease.channel.name, expected);
+            tried.push(route.index_of(&lease.channel).unwrap());
+        }
+        assert!(route.select(&candidates, &tried, 0, POLICY).is_none(), "every channel tried");
+    }
+
+    #[test]
+    fn weights_share_a_priority_and_lower_priorities_get_nothing() {
+        let route = route(&[("a", 1, 3, None), ("b", 1, 1, None), ("c", 0, 100, None)]);
+        let candidates = all(&route);
+        let mut counts = std::collections::HashMap::new();
+        for _ in 0..4_000 {
+            let lease = route.select(&candidates, &[], 0, POLICY).unwrap();
+            *counts.entry(lease.channel.name.clone()).or_insert(0u32) += 1;
+        }
+        assert_eq!(counts.get("c"), None);
+        let a = f64::from(counts["a"]);
+        let share = a / 4_000.0;
+        // 3:1 → 0.75; five standard deviations of a binomial share at n = 4,000 is ±0.034.
+        assert!((share - 0.75).abs() < 0.035, "share of a: {share}");
+    }
+
+    #[test]
+    fn open_disabled_cooling_and_full_channels_are_skipped_and_failover_goes_down() {
+        let route = route(&[("first", 2, 1, Some(1)), ("second", 1, 1, None), ("third", 0, 1, None)]);
+        let candidates = all(&route);
+        // A full channel: its one slot is leased.
+        let held = route.select(&candidates, &[], 0, POLICY).unwrap();
+        assert_eq!(held.channel.name, "first");
+        assert_eq!(route.select(&candidates, &[], 0, POLICY).unwrap().channel.name, "second");
+        drop(held);
+        assert_eq!(route.select(&candidates, &[], 0, POLICY).unwrap().channel.name, "first", "the slot came back");
+        // Disabled.
+        route.channels[0].set_enabled(false);
+        assert_eq!(route.select(&candidates, &[], 0, POLICY).unwrap().channel.name, "second");
+        route.channels[0].set_enabled(true);
+        // Cooling after a Retry-After.
+        route.select(&candidates, &[], 0, POLICY).unwrap().cool_until(500);
+        assert_eq!(route.select(&candidates, &[], 499, POLICY).unwrap().channel.name, "second");
+        assert_eq!(route.select(&candidates, &[], 500, POLICY).unwrap().channel.name, "first");
+        // Open breaker: two failures.
+        for _ in 0..2 {
+            route.select(&candidates, &[], 600, POLICY).unwrap().report(Health::Bad, 600);
+        }
+        assert!(matches!(route.channels[0].breaker_state(), BreakerState::Open { until_ms: 1_600 }));
+        assert_eq!(route.select(&candidates, &[], 700, POLICY).unwrap().channel.name, "second");
+        assert_eq!(route.next_available_ms(&[0], 700), Some(1_600));
+        // Its time come, one probe goes to it and the next request elsewhere until it reports.
+        let mut probe = route.select(&candidates, &[], 1_600, POLICY).unwrap();
+        assert!(probe.is_probe());
+        assert_eq!(probe.channel.name, "first");
+        assert_eq!(route.select(&candidates, &[], 1_601, POLICY).unwrap().channel.name, "second");
+        probe.report(Health::Good, 1_650);
+        // Its one request slot is the probe's until the probe's request ends.
+        assert_eq!(route.select(&candidates, &[], 1_650, POLICY).unwrap().channel.name, "second");
+        drop(probe);
+        assert_eq!(route.select(&candidates, &[], 1_700, POLICY).unwrap().channel.name, "first");
+    }
+
+    #[test]
+    fn failures_are_retried_but_refusals_about_the_request_are_not() {
+        for status in [400, 404, 413, 422] {
+            assert_eq!(classify(Some(status)), Verdict { retry: false, health: Health::Good }, "{status}");
+        }
+        for status in [None, Some(401), Some(403), Some(408), Some(429), Some(500), Some(502), Some(503), Some(529)] {
+            assert_eq!(classify(status), Verdict { retry: true, health: Health::Bad }, "{status:?}");
+        }
+    }
+}
