@@ -55,38 +55,9 @@ impl Routed {
         let shutdown = CancellationToken::new();
         let primary = Upstream::start(&shutdown).await;
         let backup = Upstream::start(&shutdown).await;
-        let (primary_url, backup_url) = (format!("{}/v1", primary.base), format!("{}/v1", backup.base));
-        let gateway = TestGateway::start_with(|config| {
-            for (name, url) in [("primary", &primary_url), ("backup", &backup_url)] {
-                config.providers.push(ProviderConfig {
-                    name: name.into(),
-                    kind: ProviderKind::Mock,
-                    base_url: url.clone(),
-                    api_key_env: None,
-                    output_cap_field: None,
-                    client_file_references: Default::default(),
-                    client_urls: Default::default(),
-                });
-            }
-            let channel = |name: &str, priority: i32| ChannelConfig {
-                name: None,
-                provider: name.into(),
-                upstream_model: Some("demo-gpt".into()),
-                priority,
-                weight: 1,
-                concurrent_requests_max: None,
-                disabled: false,
-            };
-            config.models.push(ModelRoute {
-                model: MODEL.into(),
-                provider: "mock".into(),
-                channels: vec![channel("primary", 1), channel("backup", 0)],
-                ..ModelRoute::default()
-            });
-            adjust(config);
-        })
-        .await;
-        gateway.set_prices(&[(MODEL, TIER)]).await;
+        let dir = TempDir::new();
+        let database_url = test_database_url(&dir).await;
+        let gateway = routed_gateway(&primary, &backup, dir, database_url, adjust).await;
         let account = gateway.account("1", json!({})).await;
         let key = gateway.key(&account, json!({})).await;
         Routed { gateway, primary, backup, _shutdown: shutdown, account, key }
@@ -130,6 +101,44 @@ impl Routed {
     async fn stop(self) {
         self.gateway.stop().await;
     }
+}
+
+/// A test gateway on the given ledger whose `routed-gpt` has the channels `primary` (priority
+/// 1) and `backup` (priority 0) on these two upstreams.
+async fn routed_gateway(primary: &Upstream, backup: &Upstream, dir: TempDir, database_url: String, adjust: impl FnOnce(&mut tollgate_gateway::GatewayConfig)) -> TestGateway {
+    let (primary_url, backup_url) = (format!("{}/v1", primary.base), format!("{}/v1", backup.base));
+    let gateway = TestGateway::start_on(dir, database_url, |config| {
+        for (name, url) in [("primary", &primary_url), ("backup", &backup_url)] {
+            config.providers.push(ProviderConfig {
+                name: name.into(),
+                kind: ProviderKind::Mock,
+                base_url: url.clone(),
+                api_key_env: None,
+                output_cap_field: None,
+                client_file_references: Default::default(),
+                client_urls: Default::default(),
+            });
+        }
+        let channel = |name: &str, priority: i32| ChannelConfig {
+            name: None,
+            provider: name.into(),
+            upstream_model: Some("demo-gpt".into()),
+            priority,
+            weight: 1,
+            concurrent_requests_max: None,
+            disabled: false,
+        };
+        config.models.push(ModelRoute {
+            model: MODEL.into(),
+            provider: "mock".into(),
+            channels: vec![channel("primary", 1), channel("backup", 0)],
+            ..ModelRoute::default()
+        });
+        adjust(config);
+    })
+    .await;
+    gateway.set_prices(&[(MODEL, TIER)]).await;
+    gateway
 }
 
 /// The cost of the usage an upstream reported, at the test prices.
@@ -331,4 +340,74 @@ async fn an_operator_disables_and_enables_a_channel() {
     let (status, _) = routed.gateway.admin(Method::POST, "/internal/channels/no-model/primary/disable", None).await;
     assert_eq!(status, 404);
     routed.stop().await;
+}
+
+/// Services mode: two gateways share their breakers through Redis and their channel states
+/// through the ledger — failures seen by one keep the other off the channel, an operator's
+/// word given to one reaches the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_share_their_breakers_and_channel_states() {
+    let redis_url = std::env::var("TOLLGATE_TEST_REDIS_URL").expect("TOLLGATE_TEST_REDIS_URL is not set: run scripts/test, which starts Redis");
+    let database_url = fresh_postgres_database().await;
+    let shutdown = CancellationToken::new();
+    let (primary, backup) = (Upstream::start(&shutdown).await, Upstream::start(&shutdown).await);
+    let prefix = unique_name("t");
+    let shared = |config: &mut tollgate_gateway::GatewayConfig, run_worker: bool| {
+        config.redis_url = Some(redis_url.clone());
+        config.redis_prefix = prefix.clone();
+        config.run_worker = run_worker;
+        config.routing.breaker_failures = 2;
+        config.routing.breaker_open_ms = 60_000;
+        config.routing.breaker_sync_ms = 100;
+    };
+    let first = routed_gateway(&primary, &backup, TempDir::new(), database_url.clone(), |config| shared(config, true)).await;
+    let second = routed_gateway(&primary, &backup, TempDir::new(), database_url, |config| shared(config, false)).await;
+    let account = first.account("1", json!({})).await;
+    let key = first.key(&account, json!({})).await;
+    let chat = |gateway: &TestGateway| {
+        let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "route me"}]});
+        gateway.http.post(format!("{}/v1/chat/completions", gateway.url)).bearer_auth(&key).json(&body).send()
+    };
+    let breaker_on = |gateway: &TestGateway, channel: &'static str| {
+        let request = gateway.http.get(format!("{}/internal/channels", gateway.url)).bearer_auth(ADMIN_TOKEN).send();
+        async move {
+            let listed: Value = request.await.unwrap().json().await.unwrap();
+            listed["channels"].as_array().unwrap().iter().find(|entry| entry["channel"] == channel).unwrap().clone()
+        }
+    };
+
+    // The primary fails twice through the first gateway: its breaker opens, in Redis too.
+    primary.behave(json!({"fail_status": 500})).await;
+    for _ in 0..2 {
+        assert_eq!(chat(&first).await.unwrap().status(), 200);
+    }
+    assert_eq!(breaker_on(&first, "primary").await["breaker"], "open");
+    let started = std::time::Instant::now();
+    while breaker_on(&second, "primary").await["breaker"] != "open" {
+        assert!(started.elapsed() < Duration::from_secs(5), "the second gateway never learned the breaker opened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The second, which never saw a failure, leaves the primary alone.
+    let primary_before = primary.requests().await;
+    assert_eq!(chat(&second).await.unwrap().status(), 200);
+    assert_eq!(primary.requests().await, primary_before);
+
+    // An operator disables the backup through the first; the second hears of it.
+    first.admin_ok(Method::POST, &format!("/internal/channels/{MODEL}/backup/disable"), None).await;
+    let started = std::time::Instant::now();
+    while breaker_on(&second, "backup").await["enabled"] != false {
+        assert!(started.elapsed() < Duration::from_secs(5), "the second gateway never learned the backup was disabled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Nothing left to serve: refused before any hold, on either gateway.
+    let backup_before = backup.requests().await;
+    for gateway in [&first, &second] {
+        let response = chat(gateway).await.unwrap();
+        assert_eq!(response.status(), 502);
+        assert!(response.headers().contains_key("retry-after"));
+    }
+    assert_eq!((primary.requests().await, backup.requests().await), (primary_before, backup_before));
+    first.assert_ledger_sound(&account).await;
+    second.stop().await;
+    first.stop().await;
 }

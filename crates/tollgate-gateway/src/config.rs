@@ -462,6 +462,8 @@ pub struct RoutingConfig {
     pub breaker_window_ms: u64,
     /// How long an open breaker keeps its channel out before one request probes it.
     pub breaker_open_ms: u64,
+    /// Services mode: how often each gateway reads the breakers the others changed.
+    pub breaker_sync_ms: u64,
 }
 
 impl Default for RoutingConfig {
@@ -473,6 +475,7 @@ impl Default for RoutingConfig {
             breaker_failures: 5,
             breaker_window_ms: 30_000,
             breaker_open_ms: 30_000,
+            breaker_sync_ms: 500,
         }
     }
 }
@@ -578,8 +581,8 @@ impl GatewayConfig {
             self.validate_channels(route)?;
         }
         let routing = &self.routing;
-        if routing.attempts_max == 0 || routing.breaker_failures == 0 || routing.breaker_window_ms == 0 || routing.breaker_open_ms == 0 {
-            return Err("routing.attempts_max, breaker_failures, breaker_window_ms and breaker_open_ms must be positive".into());
+        if routing.attempts_max == 0 || routing.breaker_failures == 0 || routing.breaker_window_ms == 0 || routing.breaker_open_ms == 0 || routing.breaker_sync_ms == 0 {
+            return Err("routing.attempts_max, breaker_failures, breaker_window_ms, breaker_open_ms and breaker_sync_ms must be positive".into());
         }
         if routing.attempt_first_byte_timeout_ms == Some(0) {
             return Err("routing.attempt_first_byte_timeout_ms must be positive when set".into());

@@ -95,9 +95,9 @@ impl Billing {
     }
 
     /// Tells the serving channel's breaker how its answer went.
-    fn report_serving(&mut self, health: Health, now_ms: i64) {
+    async fn report_serving(&mut self, health: Health, now_ms: i64) {
         if let Some(lease) = self.serving.as_mut() {
-            lease.report(health, now_ms);
+            lease.report(health, now_ms).await;
         }
     }
 
@@ -513,7 +513,7 @@ async fn forward(state: &AppState, mut billing: Billing, mut call: UpstreamCall)
     let mut tried: Vec<usize> = Vec::new();
     let mut last_error = None;
     while tried.len() < attempts_max && tokio::time::Instant::now() < request_deadline {
-        let Some(mut lease) = billing.route.select(&call.candidates, &tried, state.now_ms(), state.upstreams.policy()) else {
+        let Some(mut lease) = billing.route.select(&call.candidates, &tried, state.now_ms(), state.upstreams.policy()).await else {
             break;
         };
         tried.extend(billing.route.index_of(&lease.channel));
@@ -553,7 +553,7 @@ async fn forward(state: &AppState, mut billing: Billing, mut call: UpstreamCall)
                 billing.attempts.push(record);
                 metrics::counter!("tollgate_upstream_attempt_failures_total", &labels).increment(1);
                 let now_ms = state.now_ms();
-                lease.report(failure.verdict.health, now_ms);
+                lease.report(failure.verdict.health, now_ms).await;
                 if let Some(retry_after_ms) = failure.retry_after_ms {
                     let retry_after_ms = retry_after_ms.min(state.config.routing.retry_after_ms_max);
                     lease.cool_until(now_ms.saturating_add(i64::try_from(retry_after_ms).unwrap_or(i64::MAX)));
@@ -668,7 +668,7 @@ async fn serve(state: &AppState, mut billing: Billing, protocol: Protocol, clien
         }
         Answer::Whole { headers, body, json } => (headers, body, json),
     };
-    billing.report_serving(Health::Good, state.now_ms());
+    billing.report_serving(Health::Good, state.now_ms()).await;
     let reported = protocol.response_usage(&json);
     billing.note_served_usage(reported);
     let (usage, source) = billing.usage_to_charge(reported, &protocol.response_output_text(&json));
@@ -881,7 +881,7 @@ async fn pump(
     let terminal = terminal.or(kept_back);
     metrics::counter!("tollgate_stream_ends_total", "end" => stream_end_label(end)).increment(1);
     let health = if matches!(end, StreamEnd::UpstreamCut | StreamEnd::UpstreamIdle) { Health::Bad } else { Health::Good };
-    billing.report_serving(health, state.now_ms());
+    billing.report_serving(health, state.now_ms()).await;
     billing.note_served_usage(inspector.usage());
     let (usage, source) = billing.stream_usage_to_charge(&inspector);
     if end != StreamEnd::Completed && inspector.output_text().is_empty() && inspector.usage().is_none() {

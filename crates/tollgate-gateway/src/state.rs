@@ -70,9 +70,10 @@ impl AppState {
         tasks: TaskTracker,
         shutdown: CancellationToken,
         clock: Clock,
+        shared_breakers: Option<crate::routing::SharedBreakers>,
     ) -> Result<AppState, String> {
         config.validate()?;
-        let upstreams = Upstreams::from_config(&config)?;
+        let upstreams = Upstreams::from_config(&config, shared_breakers)?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(config.limits.upstream_connect_timeout_ms))
             .pool_idle_timeout(Duration::from_secs(90))

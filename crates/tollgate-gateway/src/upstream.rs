@@ -7,7 +7,7 @@ use tollgate_protocol::Protocol;
 
 use crate::config::{ClientFileReferences, ClientUrls, GatewayConfig, ProviderKind};
 use crate::routing::breaker::BreakerPolicy;
-use crate::routing::{Channel, ChannelSpec, Route};
+use crate::routing::{Channel, ChannelSpec, Route, SharedBreakers};
 
 /// A provider ready to call: its base URL and (resolved once from its env var) API key.
 #[derive(Clone)]
@@ -76,7 +76,7 @@ pub struct Upstreams {
 impl Upstreams {
     /// # Errors
     /// A provider whose `api_key_env` names a variable that is not set.
-    pub fn from_config(config: &GatewayConfig) -> Result<Upstreams, String> {
+    pub fn from_config(config: &GatewayConfig, shared: Option<SharedBreakers>) -> Result<Upstreams, String> {
         let mut providers = HashMap::new();
         for provider in &config.providers {
             let api_key = match &provider.api_key_env {
@@ -132,7 +132,16 @@ impl Upstreams {
                     })
                     .collect::<Result<Vec<_>, String>>()?
             };
-            let channels = specs.into_iter().map(|spec| Arc::new(Channel::new(&route.model, spec))).collect();
+            let channels = specs
+                .into_iter()
+                .map(|spec| {
+                    let channel = Channel::new(&route.model, spec);
+                    Arc::new(match &shared {
+                        Some(shared) => channel.with_shared_breaker(shared.clone()),
+                        None => channel,
+                    })
+                })
+                .collect();
             routes.insert(route.model.clone(), Arc::new(Route { model: route.model.clone(), provider, channels }));
         }
         let routing = &config.routing;
@@ -162,6 +171,11 @@ impl Upstreams {
     /// What every breaker obeys.
     pub fn policy(&self) -> BreakerPolicy {
         self.policy
+    }
+
+    /// Every channel of every model.
+    pub fn channels(&self) -> Vec<Arc<Channel>> {
+        self.routes.values().flat_map(|route| route.channels.iter().cloned()).collect()
     }
 
     /// Every routed model, sorted.

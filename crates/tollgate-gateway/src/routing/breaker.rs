@@ -64,6 +64,11 @@ impl Breaker {
         self.state
     }
 
+    /// A breaker in a state read from elsewhere (the shared copy).
+    pub fn from_state(state: BreakerState) -> Breaker {
+        Breaker { state }
+    }
+
     /// Whether a request could use the channel now (no change of state).
     pub fn admits(&self, now_ms: i64, policy: &BreakerPolicy) -> bool {
         match self.state {

@@ -5,13 +5,20 @@
 //!
 //! What an attempt's answer means for the request (retry or not) and for the channel (its
 //! breaker) is decided in one place, [`classify`].
+//!
+//! Breakers are the process's own in embedded mode. In services mode each gateway keeps a
+//! mirror that selection reads (no round trip per request) and every change — a failure, the
+//! success that resets a count, the claim of the one probe — lands in Redis by compare-and-set
+//! on the version it was decided from ([`SharedBreakers`]); a conflict is decided again from
+//! the stored state. The mirrors follow Redis every `routing.breaker_sync_ms`.
 
 pub mod breaker;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use breaker::{Admission, Breaker, BreakerPolicy, BreakerState, Transition};
+use breaker::{Admission, Breaker, BreakerPolicy, BreakerState};
+use tollgate_store::redis_store::VersionedValues;
 
 use crate::upstream::Provider;
 
@@ -30,7 +37,60 @@ pub struct Channel {
     enabled: AtomicBool,
     /// Unix ms before which an upstream's `Retry-After` keeps the channel out.
     cooling_until_ms: AtomicI64,
-    breaker: Mutex<Breaker>,
+    breaker: Mutex<Mirror>,
+    /// Services mode: where the breaker is shared, and its key there.
+    shared: Option<(SharedBreakers, String)>,
+}
+
+/// A breaker as this process last knew it, with the shared version it was read at.
+#[derive(Clone, Copy, Default)]
+struct Mirror {
+    breaker: Breaker,
+    version: u64,
+}
+
+/// Where the gateways of a deployment keep their breakers together (Redis).
+#[derive(Clone)]
+pub struct SharedBreakers {
+    pub values: VersionedValues,
+}
+
+/// Follows the shared breakers of every channel (services mode) until `shutdown`: each period,
+/// one read of them all; a mirror whose version differs takes the stored state.
+pub async fn run_breaker_sync(channels: Vec<Arc<Channel>>, period: std::time::Duration, shutdown: tokio_util::sync::CancellationToken) {
+    let shared: Vec<(Arc<Channel>, SharedBreakers, String)> =
+        channels.into_iter().filter_map(|channel| channel.shared.clone().map(|(values, key)| (Arc::clone(&channel), values, key))).collect();
+    let Some((_, breakers, _)) = shared.first().cloned() else {
+        return;
+    };
+    let keys: Vec<String> = shared.iter().map(|(_, _, key)| key.clone()).collect();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(period) => {}
+            () = shutdown.cancelled() => return,
+        }
+        match breakers.values.read(&keys).await {
+            Ok(stored) => {
+                for ((channel, _, _), (version, value)) in shared.iter().zip(stored) {
+                    channel.follow(version, &value);
+                }
+            }
+            Err(error) => tracing::debug!(%error, "reading the shared circuit breakers failed; retried next period"),
+        }
+    }
+}
+
+/// A shared breaker is forgotten this long after its last change (it is then closed).
+const SHARED_BREAKER_TTL_MS: u64 = 24 * 60 * 60 * 1000;
+/// Compare-and-set rounds before a change is kept locally only (a fleet's concurrent failures
+/// of one channel conflict; each round reads the winner's state).
+const SHARED_CHANGE_ROUNDS: usize = 4;
+
+/// Whether a change is this process's own or learned from the shared state.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Here,
+    Shared,
 }
 
 /// What a channel is configured as, for [`Channel::new`].
@@ -58,8 +118,16 @@ impl Channel {
             in_flight: AtomicU32::new(0),
             enabled: AtomicBool::new(spec.enabled),
             cooling_until_ms: AtomicI64::new(0),
-            breaker: Mutex::new(Breaker::default()),
+            breaker: Mutex::new(Mirror::default()),
+            shared: None,
         }
+    }
+
+    /// Shares the breaker with the other gateways ([`SharedBreakers`]).
+    pub fn with_shared_breaker(mut self, shared: SharedBreakers) -> Channel {
+        let key = shared.values.key("breaker", &format!("{}/{}", self.model, self.name));
+        self.shared = Some((shared, key));
+        self
     }
 
     pub fn enabled(&self) -> bool {
@@ -78,14 +146,14 @@ impl Channel {
     }
 
     pub fn breaker_state(&self) -> BreakerState {
-        self.lock_breaker().state()
+        self.lock_breaker().breaker.state()
     }
 
     pub fn cooling_until_ms(&self) -> i64 {
         self.cooling_until_ms.load(Ordering::Acquire)
     }
 
-    fn lock_breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
+    fn lock_breaker(&self) -> std::sync::MutexGuard<'_, Mirror> {
         // Every change is one assignment of a Copy value: a poisoned lock still holds a whole state.
         self.breaker.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -95,40 +163,138 @@ impl Channel {
         self.enabled()
             && now_ms >= self.cooling_until_ms()
             && self.concurrent_requests_max.is_none_or(|max| self.in_flight() < max)
-            && self.lock_breaker().admits(now_ms, policy)
+            && self.lock_breaker().breaker.admits(now_ms, policy)
+    }
+
+    /// Applies `change` to the breaker and returns what it said. Embedded: to the mirror.
+    /// Services: to the shared state first, by compare-and-set on the version the mirror was
+    /// read at; on a conflict `change` is decided again from the stored state. A Redis that
+    /// does not answer leaves the change to this process alone.
+    async fn change_breaker<R>(&self, change: impl Fn(&mut Breaker) -> R) -> R {
+        let Some((shared, key)) = &self.shared else {
+            let mut next = self.lock_breaker().breaker;
+            let said = change(&mut next);
+            self.adopt(None, next.state(), Origin::Here);
+            return said;
+        };
+        let Mirror { mut breaker, mut version } = *self.lock_breaker();
+        for _ in 0..SHARED_CHANGE_ROUNDS {
+            let mut next = breaker;
+            let said = change(&mut next);
+            if next.state() == breaker.state() {
+                return said;
+            }
+            match shared.values.compare_and_set(key, version, &encode(next.state()), SHARED_BREAKER_TTL_MS).await {
+                Ok((true, (stored_version, _))) => {
+                    self.adopt(Some(stored_version), next.state(), Origin::Here);
+                    return said;
+                }
+                Ok((false, (stored_version, stored))) => {
+                    let stored = decode(&stored);
+                    self.adopt(Some(stored_version), stored, Origin::Shared);
+                    (breaker, version) = (Breaker::from_state(stored), stored_version);
+                }
+                Err(error) => {
+                    tracing::warn!(model = self.model, channel = self.name, %error, "the shared circuit breaker could not be written; this gateway keeps the change to itself");
+                    self.adopt(None, next.state(), Origin::Here);
+                    return said;
+                }
+            }
+        }
+        let mut next = breaker;
+        let said = change(&mut next);
+        self.adopt(None, next.state(), Origin::Here);
+        said
+    }
+
+    /// Takes `state` into the mirror (with the shared version it has, if known) and announces
+    /// a change of state.
+    fn adopt(&self, version: Option<u64>, state: BreakerState, origin: Origin) {
+        let from = {
+            let mut mirror = self.lock_breaker();
+            let from = mirror.breaker.state();
+            mirror.breaker = Breaker::from_state(state);
+            if let Some(version) = version {
+                mirror.version = version;
+            }
+            from
+        };
+        if from.label() != state.label() {
+            self.announce(from, state, origin);
+        }
+    }
+
+    /// Follows the shared state read by the sync loop.
+    fn follow(&self, version: u64, stored: &str) {
+        if self.lock_breaker().version != version {
+            self.adopt(Some(version), decode(stored), Origin::Shared);
+        }
     }
 
     /// Takes a request slot and the breaker's admission, or nothing.
-    fn lease(self: &Arc<Channel>, now_ms: i64, policy: BreakerPolicy) -> Option<Lease> {
+    async fn lease(self: &Arc<Channel>, now_ms: i64, policy: BreakerPolicy) -> Option<Lease> {
         let slot = self.in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |in_flight| {
             self.concurrent_requests_max.is_none_or(|max| in_flight < max).then(|| in_flight.saturating_add(1))
         });
         if slot.is_err() {
             return None;
         }
-        let admitted = self.lock_breaker().admit(now_ms, &policy);
-        let Some((admission, transition)) = admitted else {
-            self.in_flight.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        };
-        if let Some(transition) = transition {
-            self.announce(transition);
-        }
-        Some(Lease { channel: Arc::clone(self), admission, policy, reported: false })
+        // The slot is the lease's from here: dropped with it if the breaker refuses.
+        let mut lease = Lease { channel: Arc::clone(self), admission: Admission::Normal, policy, reported: false };
+        let admitted = self.change_breaker(|breaker| breaker.admit(now_ms, &policy).map(|(admission, _)| admission)).await;
+        lease.admission = admitted?;
+        Some(lease)
     }
 
-    fn announce(&self, transition: Transition) {
-        let to = transition.to.label();
-        metrics::counter!("tollgate_breaker_transitions_total", "model" => self.model.clone(), "channel" => self.name.clone(), "to" => to).increment(1);
-        let open = if matches!(transition.to, BreakerState::Closed { .. }) { 0.0 } else { 1.0 };
+    fn announce(&self, from: BreakerState, to: BreakerState, origin: Origin) {
+        let open = if matches!(to, BreakerState::Closed { .. }) { 0.0 } else { 1.0 };
         metrics::gauge!("tollgate_breaker_open", "model" => self.model.clone(), "channel" => self.name.clone()).set(open);
-        match transition.to {
+        if origin == Origin::Shared {
+            tracing::info!(model = self.model, channel = self.name, from = from.label(), to = to.label(), "circuit breaker changed by another gateway");
+            return;
+        }
+        metrics::counter!("tollgate_breaker_transitions_total", "model" => self.model.clone(), "channel" => self.name.clone(), "to" => to.label()).increment(1);
+        match to {
             BreakerState::Open { until_ms } => {
-                tracing::warn!(model = self.model, channel = self.name, from = transition.from.label(), until_ms, "circuit breaker opened: the channel is left out until a probe succeeds");
+                tracing::warn!(model = self.model, channel = self.name, from = from.label(), until_ms, "circuit breaker opened: the channel is left out until a probe succeeds");
             }
             BreakerState::HalfOpen { .. } => tracing::info!(model = self.model, channel = self.name, "circuit breaker half-open: one request probes the channel"),
-            BreakerState::Closed { .. } => tracing::info!(model = self.model, channel = self.name, from = transition.from.label(), "circuit breaker closed: the channel serves again"),
+            BreakerState::Closed { .. } => tracing::info!(model = self.model, channel = self.name, from = from.label(), "circuit breaker closed: the channel serves again"),
         }
+    }
+}
+
+/// A breaker state as the shared value spells it: `c:<failures>:<first failure ms>`,
+/// `o:<until ms>`, `h:<probe since ms>`; anything else (never written, expired) is closed.
+fn encode(state: BreakerState) -> String {
+    match state {
+        BreakerState::Closed { failures, first_failure_ms } => format!("c:{failures}:{first_failure_ms}"),
+        BreakerState::Open { until_ms } => format!("o:{until_ms}"),
+        BreakerState::HalfOpen { probe_since_ms } => format!("h:{probe_since_ms}"),
+    }
+}
+
+fn decode(text: &str) -> BreakerState {
+    let mut parts = text.split(':');
+    let mut number = || parts.next().and_then(|part| part.parse::<i64>().ok());
+    let closed = BreakerState::Closed { failures: 0, first_failure_ms: 0 };
+    match text.get(..1) {
+        Some("c") => {
+            let _ = number();
+            match (number(), number()) {
+                (Some(failures), Some(first_failure_ms)) => BreakerState::Closed { failures: u32::try_from(failures).unwrap_or(0), first_failure_ms },
+                _ => closed,
+            }
+        }
+        Some("o") => {
+            let _ = number();
+            number().map_or(closed, |until_ms| BreakerState::Open { until_ms })
+        }
+        Some("h") => {
+            let _ = number();
+            number().map_or(closed, |probe_since_ms| BreakerState::HalfOpen { probe_since_ms })
+        }
+        _ => closed,
     }
 }
 
@@ -147,20 +313,15 @@ impl Lease {
     }
 
     /// Tells the channel's breaker how the channel did; the first word counts.
-    pub fn report(&mut self, health: Health, now_ms: i64) {
+    pub async fn report(&mut self, health: Health, now_ms: i64) {
         if std::mem::replace(&mut self.reported, true) {
             return;
         }
-        let transition = {
-            let mut breaker = self.channel.lock_breaker();
-            match health {
-                Health::Good => breaker.success(),
-                Health::Bad => breaker.failure(now_ms, &self.policy),
-            }
+        let policy = self.policy;
+        match health {
+            Health::Good => self.channel.change_breaker(|breaker| breaker.success()).await,
+            Health::Bad => self.channel.change_breaker(|breaker| breaker.failure(now_ms, &policy)).await,
         };
-        if let Some(transition) = transition {
-            self.channel.announce(transition);
-        }
     }
 
     /// An upstream's `Retry-After`: the channel is left out of selection until then.
@@ -213,7 +374,7 @@ pub struct Route {
 impl Route {
     /// Leases the channel for a request's next attempt among `candidates` (indices into
     /// `channels`) less those `tried`: the highest priority available, by weight within it.
-    pub fn select(&self, candidates: &[usize], tried: &[usize], now_ms: i64, policy: BreakerPolicy) -> Option<Lease> {
+    pub async fn select(&self, candidates: &[usize], tried: &[usize], now_ms: i64, policy: BreakerPolicy) -> Option<Lease> {
         let mut refused: Vec<usize> = Vec::new();
         loop {
             let available: Vec<usize> = candidates
@@ -226,7 +387,7 @@ impl Route {
             let group: Vec<&Arc<Channel>> = available.iter().filter_map(|index| self.channels.get(*index)).filter(|channel| channel.priority == top).collect();
             let chosen = pick_weighted(&group)?;
             // Another request may have taken the last slot or the probe since `available`.
-            match chosen.lease(now_ms, policy) {
+            match chosen.lease(now_ms, policy).await {
                 Some(lease) => return Some(lease),
                 None => refused.extend(self.channels.iter().position(|channel| Arc::ptr_eq(channel, chosen))),
             }
@@ -308,26 +469,26 @@ mod tests {
         (0..route.channels.len()).collect()
     }
 
-    #[test]
-    fn highest_priority_first_then_down_skipping_what_was_tried() {
+    #[tokio::test]
+    async fn highest_priority_first_then_down_skipping_what_was_tried() {
         let route = route(&[("low", 0, 1, None), ("high", 5, 1, None), ("mid", 2, 1, None)]);
         let candidates = all(&route);
         let mut tried = Vec::new();
         for expected in ["high", "mid", "low"] {
-            let lease = route.select(&candidates, &tried, 0, POLICY).unwrap();
+            let lease = route.select(&candidates, &tried, 0, POLICY).await.unwrap();
             assert_eq!(lease.channel.name, expected);
             tried.push(route.index_of(&lease.channel).unwrap());
         }
-        assert!(route.select(&candidates, &tried, 0, POLICY).is_none(), "every channel tried");
+        assert!(route.select(&candidates, &tried, 0, POLICY).await.is_none(), "every channel tried");
     }
 
-    #[test]
-    fn weights_share_a_priority_and_lower_priorities_get_nothing() {
+    #[tokio::test]
+    async fn weights_share_a_priority_and_lower_priorities_get_nothing() {
         let route = route(&[("a", 1, 3, None), ("b", 1, 1, None), ("c", 0, 100, None)]);
         let candidates = all(&route);
         let mut counts = std::collections::HashMap::new();
         for _ in 0..4_000 {
-            let lease = route.select(&candidates, &[], 0, POLICY).unwrap();
+            let lease = route.select(&candidates, &[], 0, POLICY).await.unwrap();
             *counts.entry(lease.channel.name.clone()).or_insert(0u32) += 1;
         }
         assert_eq!(counts.get("c"), None);
@@ -337,41 +498,41 @@ mod tests {
         assert!((share - 0.75).abs() < 0.035, "share of a: {share}");
     }
 
-    #[test]
-    fn open_disabled_cooling_and_full_channels_are_skipped_and_failover_goes_down() {
+    #[tokio::test]
+    async fn open_disabled_cooling_and_full_channels_are_skipped_and_failover_goes_down() {
         let route = route(&[("first", 2, 1, Some(1)), ("second", 1, 1, None), ("third", 0, 1, None)]);
         let candidates = all(&route);
         // A full channel: its one slot is leased.
-        let held = route.select(&candidates, &[], 0, POLICY).unwrap();
+        let held = route.select(&candidates, &[], 0, POLICY).await.unwrap();
         assert_eq!(held.channel.name, "first");
-        assert_eq!(route.select(&candidates, &[], 0, POLICY).unwrap().channel.name, "second");
+        assert_eq!(route.select(&candidates, &[], 0, POLICY).await.unwrap().channel.name, "second");
         drop(held);
-        assert_eq!(route.select(&candidates, &[], 0, POLICY).unwrap().channel.name, "first", "the slot came back");
+        assert_eq!(route.select(&candidates, &[], 0, POLICY).await.unwrap().channel.name, "first", "the slot came back");
         // Disabled.
         route.channels[0].set_enabled(false);
-        assert_eq!(route.select(&candidates, &[], 0, POLICY).unwrap().channel.name, "second");
+        assert_eq!(route.select(&candidates, &[], 0, POLICY).await.unwrap().channel.name, "second");
         route.channels[0].set_enabled(true);
         // Cooling after a Retry-After.
-        route.select(&candidates, &[], 0, POLICY).unwrap().cool_until(500);
-        assert_eq!(route.select(&candidates, &[], 499, POLICY).unwrap().channel.name, "second");
-        assert_eq!(route.select(&candidates, &[], 500, POLICY).unwrap().channel.name, "first");
+        route.select(&candidates, &[], 0, POLICY).await.unwrap().cool_until(500);
+        assert_eq!(route.select(&candidates, &[], 499, POLICY).await.unwrap().channel.name, "second");
+        assert_eq!(route.select(&candidates, &[], 500, POLICY).await.unwrap().channel.name, "first");
         // Open breaker: two failures.
         for _ in 0..2 {
-            route.select(&candidates, &[], 600, POLICY).unwrap().report(Health::Bad, 600);
+            route.select(&candidates, &[], 600, POLICY).await.unwrap().report(Health::Bad, 600).await;
         }
         assert!(matches!(route.channels[0].breaker_state(), BreakerState::Open { until_ms: 1_600 }));
-        assert_eq!(route.select(&candidates, &[], 700, POLICY).unwrap().channel.name, "second");
+        assert_eq!(route.select(&candidates, &[], 700, POLICY).await.unwrap().channel.name, "second");
         assert_eq!(route.next_available_ms(&[0], 700), Some(1_600));
         // Its time come, one probe goes to it and the next request elsewhere until it reports.
-        let mut probe = route.select(&candidates, &[], 1_600, POLICY).unwrap();
+        let mut probe = route.select(&candidates, &[], 1_600, POLICY).await.unwrap();
         assert!(probe.is_probe());
         assert_eq!(probe.channel.name, "first");
-        assert_eq!(route.select(&candidates, &[], 1_601, POLICY).unwrap().channel.name, "second");
-        probe.report(Health::Good, 1_650);
+        assert_eq!(route.select(&candidates, &[], 1_601, POLICY).await.unwrap().channel.name, "second");
+        probe.report(Health::Good, 1_650).await;
         // Its one request slot is the probe's until the probe's request ends.
-        assert_eq!(route.select(&candidates, &[], 1_650, POLICY).unwrap().channel.name, "second");
+        assert_eq!(route.select(&candidates, &[], 1_650, POLICY).await.unwrap().channel.name, "second");
         drop(probe);
-        assert_eq!(route.select(&candidates, &[], 1_700, POLICY).unwrap().channel.name, "first");
+        assert_eq!(route.select(&candidates, &[], 1_700, POLICY).await.unwrap().channel.name, "first");
     }
 
     #[test]
@@ -381,6 +542,26 @@ mod tests {
         }
         for status in [None, Some(401), Some(403), Some(408), Some(429), Some(500), Some(502), Some(503), Some(529)] {
             assert_eq!(classify(status), Verdict { retry: true, health: Health::Bad }, "{status:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod encoding_tests {
+    use super::*;
+
+    #[test]
+    fn breaker_states_survive_their_shared_spelling() {
+        for state in [
+            BreakerState::Closed { failures: 0, first_failure_ms: 0 },
+            BreakerState::Closed { failures: 3, first_failure_ms: 1_700_000_000_123 },
+            BreakerState::Open { until_ms: 1_700_000_030_000 },
+            BreakerState::HalfOpen { probe_since_ms: 42 },
+        ] {
+            assert_eq!(decode(&encode(state)), state);
+        }
+        for unreadable in ["", "x:1", "o:", "c:1", "h:nope"] {
+            assert_eq!(decode(unreadable), BreakerState::Closed { failures: 0, first_failure_ms: 0 }, "{unreadable:?}");
         }
     }
 }

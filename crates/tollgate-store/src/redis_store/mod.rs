@@ -11,9 +11,11 @@
 
 mod hot;
 mod log;
+mod versioned;
 
 pub use hot::{LOAD_IDS_PER_CALL, RedisHotStore};
 pub use log::{Backlog, RedisLog, RedisLogConfig, backlog};
+pub use versioned::{Versioned, VersionedValues};
 
 use std::time::Duration;
 
