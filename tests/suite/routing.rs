@@ -411,3 +411,200 @@ async fn gateways_share_their_breakers_and_channel_states() {
     second.stop().await;
     first.stop().await;
 }
+
+impl Routed {
+    async fn session_chat(&self, session: &str, request_id: &str) -> u16 {
+        let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "route me"}]});
+        let request = self.gateway.http.post(format!("{}/v1/chat/completions", self.gateway.url)).bearer_auth(&self.key).header("X-Session-ID", session).header("X-Request-ID", request_id);
+        request.json(&body).send().await.unwrap().status().as_u16()
+    }
+
+    /// Which upstream served the last request: the one whose count moved.
+    async fn served_by(&self, before: (u64, u64)) -> &'static str {
+        match self.counts().await {
+            (primary, backup) if primary > before.0 && backup == before.1 => "primary",
+            (primary, backup) if primary == before.0 && backup > before.1 => "backup",
+            counts => panic!("both or neither upstream moved: {before:?} → {counts:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_sticks_to_the_channel_that_served_it() {
+    // Two channels of one priority: without a pin, requests spread by weight.
+    let routed = Routed::start(|config| config.models.last_mut().unwrap().channels[0].priority = 0).await;
+    for index in 0..20 {
+        assert_eq!(routed.session_chat("conversation-1", &format!("sticky-{index}")).await, 200);
+    }
+    let counts = routed.counts().await;
+    assert!(counts == (20, 0) || counts == (0, 20), "one session, one channel: {counts:?}");
+    // Other sessions spread (each pinned where it first went): 20 sessions all on one channel
+    // has a chance of 2⁻¹⁹.
+    for index in 0..20 {
+        assert_eq!(routed.session_chat(&format!("other-{index}"), &format!("other-{index}")).await, 200);
+    }
+    let spread = routed.counts().await;
+    assert!(spread.0 > counts.0 && spread.1 > counts.1, "{counts:?} → {spread:?}");
+    // OpenAI's prompt_cache_key is a session key too.
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "route me"}], "prompt_cache_key": "cache-key-1"});
+    let mut served = Vec::new();
+    for index in 0..6 {
+        let before = routed.counts().await;
+        assert_eq!(routed.gateway.chat(&routed.key, body.clone(), Some(&format!("cache-key-{index}"))).await.status(), 200);
+        served.push(routed.served_by(before).await);
+    }
+    assert!(served.iter().all(|channel| *channel == served[0]), "{served:?}");
+    let metrics = routed.gateway.http.get(format!("{}/metrics", routed.gateway.url)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.lines().any(|line| line.starts_with("tollgate_affinity_total{") && line.contains("result=\"hit\"")), "pin hits counted");
+    routed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pin_moves_only_on_success_and_never_blocks_failover() {
+    let routed = Routed::start(|_| {}).await;
+    // Pinned to the primary (first by priority).
+    assert_eq!(routed.session_chat("s", "pin-1").await, 200);
+    assert_eq!(routed.counts().await, (1, 0));
+    // The primary fails: the request fails over, and the success moves the pin to the backup.
+    routed.primary.behave(json!({"fail_status": 503})).await;
+    assert_eq!(routed.session_chat("s", "pin-2").await, 200);
+    assert_eq!(routed.counts().await, (2, 1));
+    routed.primary.behave(json!({})).await;
+    let before = routed.counts().await;
+    assert_eq!(routed.session_chat("s", "pin-3").await, 200);
+    assert_eq!(routed.served_by(before).await, "backup", "the pin moved to the backup, over the primary's priority");
+    // Everything fails: nothing succeeded, so the pin stays where it was.
+    routed.primary.behave(json!({"fail_status": 500})).await;
+    routed.backup.behave(json!({"fail_status": 500})).await;
+    assert_eq!(routed.session_chat("s", "pin-4").await, 502);
+    routed.primary.behave(json!({})).await;
+    routed.backup.behave(json!({})).await;
+    let before = routed.counts().await;
+    assert_eq!(routed.session_chat("s", "pin-5").await, 200);
+    assert_eq!(routed.served_by(before).await, "backup", "a failed request moved no pin");
+    // The pinned backup fails: never blocked, the request goes to the primary, and the pin with it.
+    routed.backup.behave(json!({"fail_status": 503})).await;
+    assert_eq!(routed.session_chat("s", "pin-6").await, 200);
+    routed.backup.behave(json!({})).await;
+    let before = routed.counts().await;
+    assert_eq!(routed.session_chat("s", "pin-7").await, 200);
+    assert_eq!(routed.served_by(before).await, "primary");
+    // A pin to a disabled channel is passed over, and the success pins the session elsewhere.
+    routed.gateway.admin_ok(Method::POST, &format!("/internal/channels/{MODEL}/primary/disable"), None).await;
+    assert_eq!(routed.session_chat("s", "pin-8").await, 200);
+    routed.gateway.admin_ok(Method::POST, &format!("/internal/channels/{MODEL}/primary/enable"), None).await;
+    let before = routed.counts().await;
+    assert_eq!(routed.session_chat("s", "pin-9").await, 200);
+    assert_eq!(routed.served_by(before).await, "backup");
+    // The operator clears the account's pins: the session goes by priority again.
+    let cleared = routed.gateway.admin_ok(Method::DELETE, &format!("/internal/accounts/{}/pins", routed.account), None).await;
+    assert_eq!(cleared["pins_cleared"], true);
+    let before = routed.counts().await;
+    assert_eq!(routed.session_chat("s", "pin-10").await, 200);
+    assert_eq!(routed.served_by(before).await, "primary");
+    // Every request charged once (the one that failed everywhere, nothing).
+    let rows = routed.usage_rows().await;
+    assert_eq!(rows.iter().filter(|row| money(&row["amount"]).is_negative()).count(), 9, "{rows:?}");
+    routed.stop().await;
+}
+
+/// A stream that runs about `ms` (16 chunks), started and left running; its response once done.
+fn slow_stream(routed: &Routed, session: &str, ms: u64) -> tokio::task::JoinHandle<(u16, Option<u64>, String)> {
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "route me"}], "stream": true, "mock": {"chunk_interval_ms": ms / 16}});
+    let request = routed.gateway.http.post(format!("{}/v1/chat/completions", routed.gateway.url)).bearer_auth(&routed.key).header("X-Session-ID", session).json(&body);
+    tokio::spawn(async move {
+        let response = request.send().await.unwrap();
+        let fence = response.headers().get("x-tollgate-session-fence").map(|value| value.to_str().unwrap().parse().unwrap());
+        (response.status().as_u16(), fence, response.text().await.unwrap())
+    })
+}
+
+/// A non-streaming request of a session: (status, fence, error code).
+async fn session_request(routed: &Routed, session: &str) -> (u16, Option<u64>, Value) {
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "route me"}]});
+    let response = routed.gateway.http.post(format!("{}/v1/chat/completions", routed.gateway.url)).bearer_auth(&routed.key).header("X-Session-ID", session).json(&body).send().await.unwrap();
+    let status = response.status().as_u16();
+    if status == 409 {
+        assert_eq!(response.headers()["retry-after"], "1");
+    }
+    let fence = response.headers().get("x-tollgate-session-fence").map(|value| value.to_str().unwrap().parse().unwrap());
+    (status, fence, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Waits until the session's lock is free again (its release runs just after the response).
+async fn until_free(routed: &Routed, session: &str) -> (u16, Option<u64>, Value) {
+    let started = std::time::Instant::now();
+    loop {
+        let answer = session_request(routed, session).await;
+        if answer.0 != 409 || started.elapsed() > Duration::from_secs(3) {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_session_refuses_a_second_request_until_the_first_ends() {
+    let routed = Routed::start(|config| config.models.last_mut().unwrap().session_lock = tollgate_gateway::config::SessionLockMode::Reject).await;
+    let running = slow_stream(&routed, "conversation", 1_600);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, _, error) = session_request(&routed, "conversation").await;
+    assert_eq!(status, 409);
+    assert_eq!(error["error"]["code"], "session_busy");
+    // Another session, and a request with no session, are not held up.
+    assert_eq!(session_request(&routed, "another").await.0, 200);
+    assert_eq!(routed.chat(json!({}), "no-session").await.status(), 200);
+    let (status, first_fence, text) = running.await.unwrap();
+    assert_eq!(status, 200);
+    assert!(text.contains("[DONE]"));
+    let (status, next_fence, _) = until_free(&routed, "conversation").await;
+    assert_eq!(status, 200);
+    assert!(next_fence.unwrap() > first_fence.unwrap(), "fencing numbers grow: {first_fence:?} then {next_fence:?}");
+    // The refused request held nothing and was charged nothing: four requests, four charges.
+    assert_eq!(routed.usage_rows().await.len(), 4);
+    routed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_session_request_runs_when_the_lock_is_free() {
+    let routed = Routed::start(|config| {
+        config.models.last_mut().unwrap().session_lock = tollgate_gateway::config::SessionLockMode::Wait;
+        config.routing.session_lock_wait_ms = 5_000;
+    })
+    .await;
+    let running = slow_stream(&routed, "conversation", 800);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    assert_eq!(session_request(&routed, "conversation").await.0, 200);
+    assert!(started.elapsed() >= Duration::from_millis(300), "it waited for the stream: {:?}", started.elapsed());
+    assert_eq!(running.await.unwrap().0, 200);
+    let metrics = routed.gateway.http.get(format!("{}/metrics", routed.gateway.url)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.lines().any(|line| line.starts_with("tollgate_session_lock_total{") && line.contains("result=\"waited\"")), "waits counted");
+    routed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_holders_lock_expires_and_an_operator_can_release_a_stuck_one() {
+    use tollgate_gateway::routing::session_lock::lock_session_name;
+    let routed = Routed::start(|config| config.models.last_mut().unwrap().session_lock = tollgate_gateway::config::SessionLockMode::Reject).await;
+    // A gateway that took the lock and died: nobody renews or releases it.
+    let name = lock_session_name("orphaned");
+    assert!(routed.gateway.hot.lock_session(&routed.account, &name, "dead-gateway", 400).await.unwrap().is_some());
+    assert_eq!(session_request(&routed, "orphaned").await.0, 409);
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(session_request(&routed, "orphaned").await.0, 200, "released by its TTL");
+    // A stuck holder: the operator releases it.
+    let stuck = until_free(&routed, "orphaned").await;
+    assert_eq!(stuck.0, 200);
+    assert!(routed.gateway.hot.lock_session(&routed.account, &name, "stuck-gateway", 60_000).await.unwrap().is_some());
+    assert_eq!(session_request(&routed, "orphaned").await.0, 409);
+    let released = routed.gateway.admin_ok(Method::DELETE, &format!("/internal/accounts/{}/sessions/orphaned/lock", routed.account), None).await;
+    assert_eq!(released["released"], true);
+    assert_eq!(session_request(&routed, "orphaned").await.0, 200);
+    // The stuck holder's late release finds another's lock and leaves it alone.
+    until_free(&routed, "orphaned").await;
+    assert!(routed.gateway.hot.lock_session(&routed.account, &name, "newer-holder", 60_000).await.unwrap().is_some());
+    assert!(!routed.gateway.hot.unlock_session(&routed.account, &name, Some("stuck-gateway")).await.unwrap());
+    assert_eq!(session_request(&routed, "orphaned").await.0, 409, "the newer holder still has it");
+    routed.stop().await;
+}

@@ -24,8 +24,9 @@ pub const NOT_REPLAYABLE: &str = "its response is not available to replay";
 
 /// What authorize decided for a request id that passed every check.
 pub enum Authorized {
-    /// Funds are held; forward the request, then settle or void.
-    Held,
+    /// Funds are held; forward the request, then settle or void. `pinned`: the channel the
+    /// session was last served by (routing affinity), when one was asked for and is known.
+    Held { pinned: Option<String> },
     /// This request id was already charged: replay, never forward.
     AlreadyCharged,
 }
@@ -48,16 +49,17 @@ pub fn limits(context: &BillingContext) -> Limits {
 ///
 /// # Errors
 /// The contract error of the first limit the request breaks; 503 if the stores fail.
-pub async fn authorize(state: &AppState, request: &AuthorizeRequest) -> Result<Authorized, ApiError> {
+pub async fn authorize(state: &AppState, request: &AuthorizeRequest, session: Option<&str>) -> Result<Authorized, ApiError> {
     let started = std::time::Instant::now();
-    let mut outcome = state.hot.authorize(request).await?;
-    if outcome == Authorization::Refused(Refusal::AccountNotLoaded) {
+    let mut outcome = state.hot.authorize_pinned(request, session).await?;
+    if outcome.0 == Authorization::Refused(Refusal::AccountNotLoaded) {
         load_account(state, &request.account_id).await?;
-        outcome = state.hot.authorize(request).await?;
+        outcome = state.hot.authorize_pinned(request, session).await?;
     }
     metrics::histogram!("tollgate_authorize_seconds").record(started.elapsed().as_secs_f64());
+    let (outcome, pinned) = outcome;
     let refusal = match outcome {
-        Authorization::Held { .. } => return Ok(Authorized::Held),
+        Authorization::Held { .. } => return Ok(Authorized::Held { pinned }),
         Authorization::Refused(Refusal::AlreadyCharged) => return Ok(Authorized::AlreadyCharged),
         Authorization::Refused(refusal) => refusal,
     };

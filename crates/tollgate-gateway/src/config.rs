@@ -411,6 +411,22 @@ pub struct ModelRoute {
     /// `provider` with `upstream_model`.
     #[serde(default)]
     pub channels: Vec<ChannelConfig>,
+    /// Whether two requests of one session may run at once ([`crate::routing::session_lock`]).
+    #[serde(default)]
+    pub session_lock: SessionLockMode,
+}
+
+/// The session lock of a model's requests.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionLockMode {
+    /// No lock.
+    #[default]
+    Off,
+    /// A second request of a busy session is refused: 409 `session_busy`.
+    Reject,
+    /// A second request waits for the lock, at most `routing.session_lock_wait_ms`, then 409.
+    Wait,
 }
 
 /// One upstream channel of a model: a provider (speaking the model's protocol), the name it
@@ -464,6 +480,14 @@ pub struct RoutingConfig {
     pub breaker_open_ms: u64,
     /// Services mode: how often each gateway reads the breakers the others changed.
     pub breaker_sync_ms: u64,
+    /// How long a session stays pinned to the channel that last served it (routing affinity;
+    /// renewed by each success). 0: no affinity.
+    pub affinity_ttl_ms: u64,
+    /// How long a session lock lasts unless its request renews it (a third of it apart); a
+    /// gateway that dies holding one leaves it this long.
+    pub session_lock_ttl_ms: u64,
+    /// Longest a request of a model with `session_lock = "wait"` waits for its session's lock.
+    pub session_lock_wait_ms: u64,
 }
 
 impl Default for RoutingConfig {
@@ -476,6 +500,9 @@ impl Default for RoutingConfig {
             breaker_window_ms: 30_000,
             breaker_open_ms: 30_000,
             breaker_sync_ms: 500,
+            affinity_ttl_ms: 3_600_000,
+            session_lock_ttl_ms: 30_000,
+            session_lock_wait_ms: 10_000,
         }
     }
 }
@@ -583,6 +610,9 @@ impl GatewayConfig {
         let routing = &self.routing;
         if routing.attempts_max == 0 || routing.breaker_failures == 0 || routing.breaker_window_ms == 0 || routing.breaker_open_ms == 0 || routing.breaker_sync_ms == 0 {
             return Err("routing.attempts_max, breaker_failures, breaker_window_ms, breaker_open_ms and breaker_sync_ms must be positive".into());
+        }
+        if routing.session_lock_ttl_ms < 3 {
+            return Err("routing.session_lock_ttl_ms must be at least 3 (it is renewed a third of it apart)".into());
         }
         if routing.attempt_first_byte_timeout_ms == Some(0) {
             return Err("routing.attempt_first_byte_timeout_ms must be positive when set".into());

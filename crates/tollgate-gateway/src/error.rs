@@ -88,6 +88,8 @@ pub enum ApiError {
     UpstreamStatus { status: u16, message: String },
     #[error("upstream timed out after {0} ms")]
     UpstreamTimeout(u64),
+    #[error("another request of this session is running (session lock); retry when it ends")]
+    SessionBusy { retry_after_secs: u64 },
     /// Every channel of the model is disabled, open, cooling after a `Retry-After` or full.
     #[error("no upstream channel of model {model} is available now (circuit breakers open, rate limited or at capacity); nothing was charged")]
     NoChannelAvailable { model: String, retry_after_secs: Option<u64> },
@@ -112,6 +114,7 @@ impl ApiError {
             ApiError::ModelNotFound(_) => (StatusCode::NOT_FOUND, "model_not_found"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::RequestInProgress(_) => (StatusCode::CONFLICT, "request_in_progress"),
+            ApiError::SessionBusy { .. } => (StatusCode::CONFLICT, "session_busy"),
             ApiError::DuplicateRequest(..) => (StatusCode::CONFLICT, "duplicate_request"),
             ApiError::RequestIdReused(_) => (StatusCode::UNPROCESSABLE_ENTITY, "request_id_reused"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
@@ -135,7 +138,8 @@ impl ApiError {
             ApiError::RateLimited { retry_after_secs }
             | ApiError::AuthFailuresThrottled { retry_after_secs }
             | ApiError::DailyQuotaExceeded { retry_after_secs }
-            | ApiError::MonthlyQuotaExceeded { retry_after_secs } => Some(*retry_after_secs),
+            | ApiError::MonthlyQuotaExceeded { retry_after_secs }
+            | ApiError::SessionBusy { retry_after_secs } => Some(*retry_after_secs),
             ApiError::KeyBudgetExceeded { retry_after_secs, .. } | ApiError::NoChannelAvailable { retry_after_secs, .. } => *retry_after_secs,
             _ => None,
         }

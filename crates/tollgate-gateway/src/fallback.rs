@@ -216,6 +216,34 @@ impl HotStore for LedgerFallback {
         }
     }
 
+    /// Pins are read only where they live, in Redis: in `Hot` mode, when Redis holds the
+    /// account and answers; otherwise the request goes unpinned (a pin only reorders channels).
+    async fn authorize_pinned(&self, request: &AuthorizeRequest, session: Option<&str>) -> StoreResult<(Authorization, Option<String>)> {
+        if self.mode() == Mode::Hot
+            && let Ok(outcome) = self.hot.authorize_pinned(request, session).await
+            && outcome.0 != Authorization::Refused(Refusal::AccountNotLoaded)
+        {
+            return Ok(outcome);
+        }
+        Ok((self.authorize(request).await?, None))
+    }
+
+    async fn clear_pins(&self, account_id: &str) -> StoreResult<()> {
+        self.hot.clear_pins(account_id).await
+    }
+
+    async fn lock_session(&self, account_id: &str, session: &str, token: &str, ttl_ms: u64) -> StoreResult<Option<u64>> {
+        self.hot.lock_session(account_id, session, token, ttl_ms).await
+    }
+
+    async fn renew_session_lock(&self, account_id: &str, session: &str, token: &str, ttl_ms: u64) -> StoreResult<bool> {
+        self.hot.renew_session_lock(account_id, session, token, ttl_ms).await
+    }
+
+    async fn unlock_session(&self, account_id: &str, session: &str, token: Option<&str>) -> StoreResult<bool> {
+        self.hot.unlock_session(account_id, session, token).await
+    }
+
     async fn settle(&self, event: UsageEvent) -> StoreResult<Settlement> {
         let key = (event.account_id.clone(), event.request_id.clone());
         // Settle runs once per request, charged or not: the entry goes either way (a hold left

@@ -28,6 +28,8 @@ use crate::error::{ApiError, ErrorShape};
 use crate::request_id::{REQUEST_ID_HEADER, RequestId, request_fingerprint};
 use crate::routes::read_limited_body;
 use crate::state::AppState;
+use crate::config::SessionLockMode;
+use crate::routing::session_lock::{self, SessionLockGuard};
 use crate::routing::{Channel, Health, Lease, Route, Verdict, classify};
 use crate::upstream_errors;
 
@@ -62,6 +64,18 @@ struct Billing {
     /// The channel whose answer the client is getting: its request slot, and its breaker to
     /// tell how a stream ended.
     serving: Option<Lease>,
+    /// The request's session, when routing affinity applies to it.
+    affinity: Option<Affinity>,
+    /// The session's lock, held until this request is settled (dropped with it).
+    session_lock: Option<SessionLockGuard>,
+}
+
+/// A request's routing affinity: its session (model and digest of the session key, as the hot
+/// store keys pins) and the channel it was pinned to when it arrived.
+struct Affinity {
+    session: String,
+    pinned: Option<String>,
+    ttl_ms: u64,
 }
 
 impl Billing {
@@ -84,6 +98,7 @@ impl Billing {
             stored_response: None,
             request_fingerprint: Some(self.request_fingerprint.clone()),
             attempts: self.attempts.clone(),
+            pin: None,
         }
     }
 
@@ -92,6 +107,24 @@ impl Billing {
         if let Some(attempt) = self.attempts.last_mut().filter(|attempt| attempt.served) {
             attempt.upstream_usage = reported;
         }
+    }
+
+    /// The pin a success writes with its charge: the session now goes to the channel that
+    /// served it (moved if another channel served, refreshed if the same).
+    fn pin_for_success(&self) -> Option<tollgate_store::hot::SessionPin> {
+        let affinity = self.affinity.as_ref()?;
+        let channel = self.serving.as_ref()?.channel.name.clone();
+        Some(tollgate_store::hot::SessionPin { session: affinity.session.clone(), channel, ttl_ms: affinity.ttl_ms })
+    }
+
+    /// Counts the prompt tokens of a session's request by whether its pinned channel served it
+    /// and whether the provider's cache did (the point of pinning).
+    fn count_cached_share(&self, usage: &Usage) {
+        let Some(affinity) = &self.affinity else { return };
+        let served_pinned = affinity.pinned.is_some() && affinity.pinned.as_deref() == self.serving.as_ref().map(|lease| lease.channel.name.as_str());
+        let pinned = if served_pinned { "true" } else { "false" };
+        metrics::counter!("tollgate_affinity_prompt_tokens_total", "pinned" => pinned, "cache" => "read").increment(usage.cached_input_tokens);
+        metrics::counter!("tollgate_affinity_prompt_tokens_total", "pinned" => pinned, "cache" => "none").increment(usage.input_tokens.saturating_add(usage.cache_write_tokens));
     }
 
     /// Tells the serving channel's breaker how its answer went.
@@ -298,6 +331,10 @@ async fn handle_request(
         limits: charge::limits(&context),
         hold_ttl_ms: state.config.limits.hold_ttl_ms,
     };
+    // Affinity matters only where there is a choice of channel; the lock, where configured.
+    let affinity_applies = state.config.routing.affinity_ttl_ms > 0 && candidates.len() > 1;
+    let key_of_session = if affinity_applies || route.session_lock != SessionLockMode::Off { session_key(protocol, headers, &body)? } else { None };
+    let session = key_of_session.as_deref().filter(|_| affinity_applies).map(|key| pin_session(&route.model, key));
     let stream = parsed.stream;
     let call = UpstreamCall {
         protocol,
@@ -318,10 +355,17 @@ async fn handle_request(
         if presented && charge::charged_in_ledger(state, &authorize_request).await {
             return replay(state, &context, &request_id, &fingerprint, parsed.stream).await;
         }
-        match charge::authorize(state, &authorize_request).await? {
-            Authorized::Held => {}
+        // One request of a session at a time, where the model asks for it: taken before the
+        // hold, so a refused request holds nothing; held until the request is settled.
+        let session_lock = match &key_of_session {
+            Some(key) => session_lock::acquire(state, route.session_lock, &context.account.id, key).await?,
+            None => None,
+        };
+        let pinned = match charge::authorize(state, &authorize_request, session.as_deref()).await? {
+            Authorized::Held { pinned } => pinned,
             Authorized::AlreadyCharged => return replay(state, &context, &request_id, &fingerprint, parsed.stream).await,
-        }
+        };
+        let affinity = session.map(|session| Affinity { session, pinned, ttl_ms: state.config.routing.affinity_ttl_ms });
         let billing = Billing {
             context,
             request_id,
@@ -336,6 +380,8 @@ async fn handle_request(
             clock: std::sync::Arc::clone(&state.clock),
             attempts: Vec::new(),
             serving: None,
+            affinity,
+            session_lock,
         };
         forward(state, billing, call).await
     });
@@ -513,9 +559,22 @@ async fn forward(state: &AppState, mut billing: Billing, mut call: UpstreamCall)
     let mut tried: Vec<usize> = Vec::new();
     let mut last_error = None;
     while tried.len() < attempts_max && tokio::time::Instant::now() < request_deadline {
-        let Some(mut lease) = billing.route.select(&call.candidates, &tried, state.now_ms(), state.upstreams.policy()).await else {
+        // The first attempt goes to the session's pinned channel if it can take it; a pin
+        // never holds a request back (failover goes on by priority, the pinned channel tried).
+        let preferred = if tried.is_empty() { pinned_candidate(&billing, &call.candidates) } else { None };
+        let Some(mut lease) = billing.route.select(&call.candidates, &tried, preferred, state.now_ms(), state.upstreams.policy()).await else {
             break;
         };
+        if tried.is_empty()
+            && let Some(affinity) = &billing.affinity
+        {
+            let result = match (&affinity.pinned, preferred) {
+                (None, _) => "miss",
+                (Some(pinned), Some(_)) if *pinned == lease.channel.name => "hit",
+                (Some(_), _) => "pinned_unavailable",
+            };
+            metrics::counter!("tollgate_affinity_total", "model" => billing.route.model.clone(), "result" => result).increment(1);
+        }
         tried.extend(billing.route.index_of(&lease.channel));
         let body = match call.body_for(&lease.channel, tried.len() >= attempts_max) {
             Ok(body) => body,
@@ -574,6 +633,41 @@ async fn forward(state: &AppState, mut billing: Billing, mut call: UpstreamCall)
         },
     };
     void_with(state, &billing, error).await
+}
+
+/// The index among `candidates` of the channel the session is pinned to, if any.
+fn pinned_candidate(billing: &Billing, candidates: &[usize]) -> Option<usize> {
+    let pinned = billing.affinity.as_ref()?.pinned.as_deref()?;
+    candidates.iter().copied().find(|index| billing.route.channels.get(*index).is_some_and(|channel| channel.name == pinned))
+}
+
+/// Longest `X-Session-ID` accepted.
+const SESSION_ID_BYTES_MAX: usize = 256;
+
+/// The request's session key, the first of: the `X-Session-ID` header; OpenAI's
+/// `prompt_cache_key` or `previous_response_id`; Anthropic's `metadata.user_id`.
+fn session_key(protocol: Protocol, headers: &HeaderMap, body: &Map<String, Value>) -> Result<Option<String>, ApiError> {
+    if let Some(value) = headers.get("x-session-id") {
+        let text = value.to_str().map_err(|_| ApiError::InvalidRequest("X-Session-ID must be visible ASCII".into()))?;
+        if text.is_empty() || text.len() > SESSION_ID_BYTES_MAX {
+            return Err(ApiError::InvalidRequest(format!("X-Session-ID must be 1 to {SESSION_ID_BYTES_MAX} bytes")));
+        }
+        return Ok(Some(text.to_string()));
+    }
+    let text = |value: Option<&Value>| value.and_then(Value::as_str).filter(|text| !text.is_empty()).map(str::to_string);
+    Ok(match protocol {
+        Protocol::OpenAiChat => text(body.get("prompt_cache_key")).or_else(|| text(body.get("previous_response_id"))),
+        Protocol::AnthropicMessages => text(body.get("metadata").and_then(|metadata| metadata.get("user_id"))),
+        Protocol::OpenAiEmbeddings | Protocol::GeminiGenerate => None,
+    })
+}
+
+/// How the hot store keys a session's pin: the model, and a digest of the key (any length,
+/// any bytes, never stored as sent).
+fn pin_session(model: &str, key: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    format!("{model}:{}", hex::encode(&digest[..16]))
 }
 
 /// One attempt on one channel, up to its first byte (a stream) or its whole answer.
@@ -677,7 +771,9 @@ async fn serve(state: &AppState, mut billing: Billing, protocol: Protocol, clien
         Err(error) => return void_with(state, &billing, error).await,
     };
     billing.record_hold_excess(cost);
+    billing.count_cached_share(&usage);
     let mut event = billing.event(usage, source, cost, RequestStatus::Success);
+    event.pin = billing.pin_for_success();
     if state.config.limits.replay_window_ms > 0 {
         event.stored_response = Some(StoredResponse { status: 200, content_type: "application/json".into(), body: bytes.to_vec() });
     }
@@ -689,7 +785,15 @@ async fn serve(state: &AppState, mut billing: Billing, protocol: Protocol, clien
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     insert_money_header(headers, "x-tollgate-cost", cost);
     insert_money_header(headers, "x-tollgate-balance", settlement.balance_after);
+    insert_fence_header(headers, &billing);
     Ok(response)
+}
+
+/// The session lock's fencing number, for a request that holds one.
+fn insert_fence_header(headers: &mut HeaderMap, billing: &Billing) {
+    if let Some(lock) = &billing.session_lock {
+        headers.insert("x-tollgate-session-fence", HeaderValue::from(lock.fence));
+    }
 }
 
 fn insert_money_header(headers: &mut HeaderMap, name: &'static str, amount: tollgate_core::Money) {
@@ -802,6 +906,8 @@ fn start_stream(
     upstream_headers: HeaderMap,
 ) -> Response {
     let (sender, receiver) = mpsc::channel::<Result<Bytes, std::io::Error>>(STREAM_CHANNEL_EVENTS);
+    let mut fence = HeaderMap::new();
+    insert_fence_header(&mut fence, &billing);
     let task_state = state.clone();
     state.tasks.spawn(async move { pump(&task_state, billing, upstream, inspector, sender).await });
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(receiver));
@@ -810,6 +916,7 @@ fn start_stream(
     headers.extend(upstream_headers);
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.extend(fence);
     response
 }
 
@@ -899,7 +1006,11 @@ async fn pump(
     let settled = match charge::price_usage(&billing.price.price, &usage) {
         Ok(cost) => {
             billing.record_hold_excess(cost);
-            let event = billing.event(usage, source, cost, status);
+            billing.count_cached_share(&usage);
+            let mut event = billing.event(usage, source, cost, status);
+            if status == RequestStatus::Success {
+                event.pin = billing.pin_for_success();
+            }
             charge::settle(state, event).await.map(|settlement| (cost, settlement))
         }
         Err(error) => Err(error),

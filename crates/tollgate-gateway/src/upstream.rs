@@ -142,7 +142,7 @@ impl Upstreams {
                     })
                 })
                 .collect();
-            routes.insert(route.model.clone(), Arc::new(Route { model: route.model.clone(), provider, channels }));
+            routes.insert(route.model.clone(), Arc::new(Route { model: route.model.clone(), provider, channels, session_lock: route.session_lock }));
         }
         let routing = &config.routing;
         let policy = BreakerPolicy {

@@ -59,6 +59,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             stored_response: Some(StoredResponse { status: 200, content_type: "application/json".into(), body: body.clone() }),
             request_fingerprint: None,
             attempts: Vec::new(),
+            pin: None,
         })
         .collect();
     let started = Instant::now();

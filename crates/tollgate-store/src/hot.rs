@@ -61,6 +61,21 @@ pub struct AuthorizeRequest {
     pub hold_ttl_ms: u64,
 }
 
+/// Where a session's requests go (routing affinity): written by the settle of a request that
+/// succeeded, in the same step as its charge, for the next request of the session to try first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionPin {
+    /// The model and a digest of the session key, as the gateway spells them.
+    pub session: String,
+    /// The channel that served.
+    pub channel: String,
+    pub ttl_ms: u64,
+}
+
+/// Pins an account keeps at most in the process's own store; past it new sessions go unpinned
+/// until old pins expire (a pin only reorders channels).
+pub const PINS_PER_ACCOUNT_MAX: usize = 10_000;
+
 /// The outcome of `authorize`: a hold, or the reason there is none.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Authorization {
@@ -271,6 +286,42 @@ pub trait HotStore: Send + Sync + 'static {
 
     /// One atomic step: idempotency, quotas, budgets, rate limits, balance hold.
     async fn authorize(&self, request: &AuthorizeRequest) -> StoreResult<Authorization>;
+
+    /// [`authorize`](Self::authorize), also reading where `session` (a model and a session
+    /// key, [`SessionPin::session`]) was last served — routing affinity — in the same step
+    /// where the store can. A store without pins answers none.
+    async fn authorize_pinned(&self, request: &AuthorizeRequest, session: Option<&str>) -> StoreResult<(Authorization, Option<String>)> {
+        let _ = session;
+        Ok((self.authorize(request).await?, None))
+    }
+
+    /// Takes the lock of an account's session for `token`, for `ttl_ms` unless renewed (the
+    /// session lock, issue 23). Returns the lock's fencing number — larger than any handed out
+    /// before for the account — or `None` while another token holds it. A store without locks
+    /// grants every request (fencing number 0).
+    async fn lock_session(&self, account_id: &str, session: &str, token: &str, ttl_ms: u64) -> StoreResult<Option<u64>> {
+        let _ = (account_id, session, token, ttl_ms);
+        Ok(Some(0))
+    }
+
+    /// Extends a session lock `token` holds by `ttl_ms` from now; false if it no longer does.
+    async fn renew_session_lock(&self, account_id: &str, session: &str, token: &str, ttl_ms: u64) -> StoreResult<bool> {
+        let _ = (account_id, session, token, ttl_ms);
+        Ok(true)
+    }
+
+    /// Releases a session lock if `token` holds it (`None`: whoever holds it, the operator's
+    /// manual release). Returns whether a lock was released.
+    async fn unlock_session(&self, account_id: &str, session: &str, token: Option<&str>) -> StoreResult<bool> {
+        let _ = (account_id, session, token);
+        Ok(false)
+    }
+
+    /// Forgets every pin of an account (the operator's `DELETE /internal/accounts/{id}/pins`).
+    async fn clear_pins(&self, account_id: &str) -> StoreResult<()> {
+        let _ = account_id;
+        Ok(())
+    }
 
     /// One atomic step: release the hold, deduct `event.cost`, count budgets, append the event.
     /// Returns once the charge is durable. Settling an already settled request id charges

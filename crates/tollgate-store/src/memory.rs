@@ -103,6 +103,13 @@ struct Accounts {
     /// may wait for good): still owed, so a reload counts them again (see
     /// `operations::load_snapshot`), and a commit takes them out as it does from a loaded one.
     unloaded_unlogged: HashMap<String, HashMap<String, Unlogged>>,
+    /// Account → session → (channel, expiry ms): routing pins ([`crate::hot::SessionPin`]),
+    /// kept apart from the balances so an unload does not lose them.
+    pins: HashMap<String, HashMap<String, (String, i64)>>,
+    /// (account, session) → (holder's token, expiry ms): session locks.
+    session_locks: HashMap<(String, String), (String, i64)>,
+    /// The last fencing number handed out.
+    session_lock_fence: u64,
 }
 
 impl std::ops::Deref for Accounts {
@@ -329,6 +336,67 @@ impl HotStore for MemoryHotStore {
         Ok(Authorization::Held { available_after })
     }
 
+    async fn authorize_pinned(&self, request: &AuthorizeRequest, session: Option<&str>) -> StoreResult<(Authorization, Option<String>)> {
+        let authorization = self.authorize(request).await?;
+        let pinned = match (&authorization, session) {
+            (Authorization::Held { .. }, Some(session)) => {
+                let now_ms = (self.clock)();
+                let accounts = self.lock()?;
+                accounts
+                    .pins
+                    .get(&request.account_id)
+                    .and_then(|pins| pins.get(session))
+                    .filter(|(_, expires_ms)| *expires_ms > now_ms)
+                    .map(|(channel, _)| channel.clone())
+            }
+            _ => None,
+        };
+        Ok((authorization, pinned))
+    }
+
+    async fn clear_pins(&self, account_id: &str) -> StoreResult<()> {
+        self.lock()?.pins.remove(account_id);
+        Ok(())
+    }
+
+    async fn lock_session(&self, account_id: &str, session: &str, token: &str, ttl_ms: u64) -> StoreResult<Option<u64>> {
+        let now_ms = (self.clock)();
+        let mut accounts = self.lock()?;
+        let key = (account_id.to_string(), session.to_string());
+        if accounts.session_locks.get(&key).is_some_and(|(_, expires_ms)| *expires_ms > now_ms) {
+            return Ok(None);
+        }
+        // Expired locks go when another is taken, so the map holds the live ones and a few.
+        accounts.session_locks.retain(|_, (_, expires_ms)| *expires_ms > now_ms);
+        accounts.session_lock_fence = accounts.session_lock_fence.saturating_add(1);
+        let expires_ms = now_ms.saturating_add(i64::try_from(ttl_ms).unwrap_or(i64::MAX));
+        accounts.session_locks.insert(key, (token.to_string(), expires_ms));
+        Ok(Some(accounts.session_lock_fence))
+    }
+
+    async fn renew_session_lock(&self, account_id: &str, session: &str, token: &str, ttl_ms: u64) -> StoreResult<bool> {
+        let now_ms = (self.clock)();
+        let mut accounts = self.lock()?;
+        match accounts.session_locks.get_mut(&(account_id.to_string(), session.to_string())) {
+            Some((holder, expires_ms)) if holder == token && *expires_ms > now_ms => {
+                *expires_ms = now_ms.saturating_add(i64::try_from(ttl_ms).unwrap_or(i64::MAX));
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn unlock_session(&self, account_id: &str, session: &str, token: Option<&str>) -> StoreResult<bool> {
+        let now_ms = (self.clock)();
+        let mut accounts = self.lock()?;
+        let key = (account_id.to_string(), session.to_string());
+        let held = accounts.session_locks.get(&key).is_some_and(|(holder, expires_ms)| *expires_ms > now_ms && token.is_none_or(|token| token == holder));
+        if held {
+            accounts.session_locks.remove(&key);
+        }
+        Ok(held)
+    }
+
     async fn settle(&self, mut event: UsageEvent) -> StoreResult<Settlement> {
         if event.cost.is_negative() {
             return Err(StoreError::Invalid(format!("negative cost for request {}", event.request_id)));
@@ -389,7 +457,11 @@ impl HotStore for MemoryHotStore {
             let unlogged = Unlogged { cost: event.cost, api_key_id: event.api_key_id.clone(), day: periods.day, month: periods.month };
             account.unlogged.insert(event.request_id.clone(), unlogged);
             debug_assert!(!account.held.is_negative(), "held never goes below zero");
-            Settlement { balance_before, balance_after, already_settled: false }
+            let settlement = Settlement { balance_before, balance_after, already_settled: false };
+            if let Some(pin) = event.pin.take() {
+                remember_pin(&mut accounts, &event.account_id, pin, now_ms);
+            }
+            settlement
         };
         event.hot_balance_after = settlement.balance_after;
         let (account_id, request_id) = (event.account_id.clone(), event.request_id.clone());
@@ -638,6 +710,20 @@ fn release(account: &mut AccountState, hold: &Hold, periods: &Periods) -> StoreR
     Ok(())
 }
 
+/// Writes a routing pin, within [`crate::hot::PINS_PER_ACCOUNT_MAX`] per account (expired
+/// pins go first; a full account's new sessions go unpinned).
+fn remember_pin(accounts: &mut Accounts, account_id: &str, pin: crate::hot::SessionPin, now_ms: i64) {
+    let pins = accounts.pins.entry(account_id.to_string()).or_default();
+    if pins.len() >= crate::hot::PINS_PER_ACCOUNT_MAX && !pins.contains_key(&pin.session) {
+        pins.retain(|_, (_, expires_ms)| *expires_ms > now_ms);
+        if pins.len() >= crate::hot::PINS_PER_ACCOUNT_MAX {
+            return;
+        }
+    }
+    let expires_ms = now_ms.saturating_add(i64::try_from(pin.ttl_ms).unwrap_or(i64::MAX));
+    pins.insert(pin.session, (pin.channel, expires_ms));
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -711,6 +797,7 @@ mod tests {
             stored_response: None,
             request_fingerprint: None,
             attempts: Vec::new(),
+            pin: None,
         }
     }
 

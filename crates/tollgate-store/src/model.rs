@@ -334,6 +334,10 @@ pub struct UsageEvent {
     /// the operator's cost (table `upstream_attempts`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attempts: Vec<UpstreamAttempt>,
+    /// A success's routing pin, written by the hot store with the charge; not part of the
+    /// event the ledger records.
+    #[serde(skip)]
+    pub pin: Option<crate::hot::SessionPin>,
 }
 
 /// An operator's word on a channel (`/internal/channels`), over its configuration.

@@ -190,6 +190,7 @@ fn event(account: &str, id: &str, cost: i64, status: RequestStatus) -> UsageEven
         stored_response: None,
         request_fingerprint: None,
             attempts: Vec::new(),
+            pin: None,
     }
 }
 

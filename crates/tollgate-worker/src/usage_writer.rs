@@ -223,6 +223,7 @@ mod tests {
             stored_response: None,
             request_fingerprint: None,
             attempts: Vec::new(),
+            pin: None,
         }
     }
 

@@ -1,8 +1,9 @@
 //! The operator API for routing: every model's channels with their live state, a channel
-//! disabled or enabled for every gateway, and the upstream attempts of a request.
+//! disabled or enabled for every gateway, the upstream attempts of a request, and an account's
+//! session pins cleared.
 
 use axum::extract::{Path, Query, State};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -23,6 +24,27 @@ pub fn router() -> Router<AppState> {
         .route("/channels/{model}/{channel}/disable", post(disable))
         .route("/channels/{model}/{channel}/enable", post(enable))
         .route("/billing/attempts", get(attempts))
+        .route("/accounts/{id}/pins", delete(clear_pins))
+        .route("/accounts/{id}/sessions/{session}/lock", delete(release_session_lock))
+}
+
+/// Releases a session's lock whoever holds it (a holder that is stuck, not dead: a dead one's
+/// lock expires by itself). `session` is the session key as the client sends it.
+async fn release_session_lock(State(state): State<AppState>, Path((account_id, session)): Path<(String, String)>) -> Result<Json<Value>, ApiError> {
+    let name = crate::routing::session_lock::lock_session_name(&session);
+    let released = state.hot.unlock_session(&account_id, &name, None).await?;
+    tracing::warn!(account_id, released, "session lock released by an operator");
+    Ok(Json(json!({"account_id": account_id, "released": released})))
+}
+
+/// Forgets where every session of an account was pinned (routing affinity): each session's
+/// next request goes by priority and weight, and its success pins it again.
+async fn clear_pins(State(state): State<AppState>, Path(account_id): Path<String>) -> Result<Json<Value>, ApiError> {
+    if state.ledger.account(&account_id).await?.is_none() {
+        return Err(ApiError::NotFound(format!("account {account_id} not found")));
+    }
+    state.hot.clear_pins(&account_id).await?;
+    Ok(Json(json!({"account_id": account_id, "pins_cleared": true})))
 }
 
 /// Every channel of every model, as this gateway sees it now.

@@ -13,6 +13,7 @@
 //! the stored state. The mirrors follow Redis every `routing.breaker_sync_ms`.
 
 pub mod breaker;
+pub mod session_lock;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -369,13 +370,23 @@ pub struct Route {
     pub provider: Provider,
     /// In configuration order.
     pub channels: Vec<Arc<Channel>>,
+    pub session_lock: crate::config::SessionLockMode,
 }
 
 impl Route {
     /// Leases the channel for a request's next attempt among `candidates` (indices into
     /// `channels`) less those `tried`: the highest priority available, by weight within it.
-    pub async fn select(&self, candidates: &[usize], tried: &[usize], now_ms: i64, policy: BreakerPolicy) -> Option<Lease> {
+    /// `preferred` (a pinned channel) is leased first if it is among them and available.
+    pub async fn select(&self, candidates: &[usize], tried: &[usize], preferred: Option<usize>, now_ms: i64, policy: BreakerPolicy) -> Option<Lease> {
         let mut refused: Vec<usize> = Vec::new();
+        if let Some(index) = preferred.filter(|index| candidates.contains(index) && !tried.contains(index))
+            && let Some(channel) = self.channels.get(index).filter(|channel| channel.available(now_ms, &policy))
+        {
+            match channel.lease(now_ms, policy).await {
+                Some(lease) => return Some(lease),
+                None => refused.push(index),
+            }
+        }
         loop {
             let available: Vec<usize> = candidates
                 .iter()
@@ -462,7 +473,7 @@ mod tests {
                 }))
             })
             .collect();
-        Route { model: "m".into(), provider, channels }
+        Route { model: "m".into(), provider, channels, session_lock: crate::config::SessionLockMode::Off }
     }
 
     fn all(route: &Route) -> Vec<usize> {
@@ -475,11 +486,11 @@ mod tests {
         let candidates = all(&route);
         let mut tried = Vec::new();
         for expected in ["high", "mid", "low"] {
-            let lease = route.select(&candidates, &tried, 0, POLICY).await.unwrap();
+            let lease = route.select(&candidates, &tried, None, 0, POLICY).await.unwrap();
             assert_eq!(lease.channel.name, expected);
             tried.push(route.index_of(&lease.channel).unwrap());
         }
-        assert!(route.select(&candidates, &tried, 0, POLICY).await.is_none(), "every channel tried");
+        assert!(route.select(&candidates, &tried, None, 0, POLICY).await.is_none(), "every channel tried");
     }
 
     #[tokio::test]
@@ -488,7 +499,7 @@ mod tests {
         let candidates = all(&route);
         let mut counts = std::collections::HashMap::new();
         for _ in 0..4_000 {
-            let lease = route.select(&candidates, &[], 0, POLICY).await.unwrap();
+            let lease = route.select(&candidates, &[], None, 0, POLICY).await.unwrap();
             *counts.entry(lease.channel.name.clone()).or_insert(0u32) += 1;
         }
         assert_eq!(counts.get("c"), None);
@@ -503,36 +514,50 @@ mod tests {
         let route = route(&[("first", 2, 1, Some(1)), ("second", 1, 1, None), ("third", 0, 1, None)]);
         let candidates = all(&route);
         // A full channel: its one slot is leased.
-        let held = route.select(&candidates, &[], 0, POLICY).await.unwrap();
+        let held = route.select(&candidates, &[], None, 0, POLICY).await.unwrap();
         assert_eq!(held.channel.name, "first");
-        assert_eq!(route.select(&candidates, &[], 0, POLICY).await.unwrap().channel.name, "second");
+        assert_eq!(route.select(&candidates, &[], None, 0, POLICY).await.unwrap().channel.name, "second");
         drop(held);
-        assert_eq!(route.select(&candidates, &[], 0, POLICY).await.unwrap().channel.name, "first", "the slot came back");
+        assert_eq!(route.select(&candidates, &[], None, 0, POLICY).await.unwrap().channel.name, "first", "the slot came back");
         // Disabled.
         route.channels[0].set_enabled(false);
-        assert_eq!(route.select(&candidates, &[], 0, POLICY).await.unwrap().channel.name, "second");
+        assert_eq!(route.select(&candidates, &[], None, 0, POLICY).await.unwrap().channel.name, "second");
         route.channels[0].set_enabled(true);
         // Cooling after a Retry-After.
-        route.select(&candidates, &[], 0, POLICY).await.unwrap().cool_until(500);
-        assert_eq!(route.select(&candidates, &[], 499, POLICY).await.unwrap().channel.name, "second");
-        assert_eq!(route.select(&candidates, &[], 500, POLICY).await.unwrap().channel.name, "first");
+        route.select(&candidates, &[], None, 0, POLICY).await.unwrap().cool_until(500);
+        assert_eq!(route.select(&candidates, &[], None, 499, POLICY).await.unwrap().channel.name, "second");
+        assert_eq!(route.select(&candidates, &[], None, 500, POLICY).await.unwrap().channel.name, "first");
         // Open breaker: two failures.
         for _ in 0..2 {
-            route.select(&candidates, &[], 600, POLICY).await.unwrap().report(Health::Bad, 600).await;
+            route.select(&candidates, &[], None, 600, POLICY).await.unwrap().report(Health::Bad, 600).await;
         }
         assert!(matches!(route.channels[0].breaker_state(), BreakerState::Open { until_ms: 1_600 }));
-        assert_eq!(route.select(&candidates, &[], 700, POLICY).await.unwrap().channel.name, "second");
+        assert_eq!(route.select(&candidates, &[], None, 700, POLICY).await.unwrap().channel.name, "second");
         assert_eq!(route.next_available_ms(&[0], 700), Some(1_600));
         // Its time come, one probe goes to it and the next request elsewhere until it reports.
-        let mut probe = route.select(&candidates, &[], 1_600, POLICY).await.unwrap();
+        let mut probe = route.select(&candidates, &[], None, 1_600, POLICY).await.unwrap();
         assert!(probe.is_probe());
         assert_eq!(probe.channel.name, "first");
-        assert_eq!(route.select(&candidates, &[], 1_601, POLICY).await.unwrap().channel.name, "second");
+        assert_eq!(route.select(&candidates, &[], None, 1_601, POLICY).await.unwrap().channel.name, "second");
         probe.report(Health::Good, 1_650).await;
         // Its one request slot is the probe's until the probe's request ends.
-        assert_eq!(route.select(&candidates, &[], 1_650, POLICY).await.unwrap().channel.name, "second");
+        assert_eq!(route.select(&candidates, &[], None, 1_650, POLICY).await.unwrap().channel.name, "second");
         drop(probe);
-        assert_eq!(route.select(&candidates, &[], 1_700, POLICY).await.unwrap().channel.name, "first");
+        assert_eq!(route.select(&candidates, &[], None, 1_700, POLICY).await.unwrap().channel.name, "first");
+    }
+
+    /// A pinned channel of a low priority that fails sends the next attempt to the highest
+    /// priority left, not the next below the pin (new-api #6021).
+    #[tokio::test]
+    async fn after_a_pinned_channel_fails_selection_starts_again_from_the_top() {
+        let route = route(&[("top", 2, 1, None), ("middle", 1, 1, None), ("pinned", 0, 1, None)]);
+        let candidates = all(&route);
+        let first = route.select(&candidates, &[], Some(2), 0, POLICY).await.unwrap();
+        assert_eq!(first.channel.name, "pinned");
+        assert_eq!(route.select(&candidates, &[2], None, 0, POLICY).await.unwrap().channel.name, "top");
+        // A pin that is not available is passed over for the usual order.
+        route.channels[2].set_enabled(false);
+        assert_eq!(route.select(&candidates, &[], Some(2), 0, POLICY).await.unwrap().channel.name, "top");
     }
 
     #[test]

@@ -206,6 +206,37 @@ impl HotStore for RedisHotStore {
     }
 
     async fn authorize(&self, request: &AuthorizeRequest) -> StoreResult<Authorization> {
+        Ok(self.authorize_pinned(request, None).await?.0)
+    }
+
+    async fn lock_session(&self, account_id: &str, session: &str, token: &str, ttl_ms: u64) -> StoreResult<Option<u64>> {
+        let base = self.keys.account_base(account_id);
+        let ttl = ttl_ms.max(1).to_string();
+        let reply = self.call(&self.account_key(&base, account_id), &["lock_session", &base, account_id, session, token, &ttl]).await?;
+        let fence: u64 = redis::from_redis_value(reply).map_err(|error| StoreError::Corrupt(format!("lock_session answered {error}")))?;
+        Ok((fence > 0).then_some(fence))
+    }
+
+    async fn renew_session_lock(&self, account_id: &str, session: &str, token: &str, ttl_ms: u64) -> StoreResult<bool> {
+        let base = self.keys.account_base(account_id);
+        let ttl = ttl_ms.max(1).to_string();
+        let reply = self.call(&self.account_key(&base, account_id), &["renew_session_lock", &base, account_id, session, token, &ttl]).await?;
+        Ok(redis::from_redis_value::<i64>(reply).map_err(|error| StoreError::Corrupt(format!("renew_session_lock answered {error}")))? == 1)
+    }
+
+    async fn unlock_session(&self, account_id: &str, session: &str, token: Option<&str>) -> StoreResult<bool> {
+        let base = self.keys.account_base(account_id);
+        let reply = self.call(&self.account_key(&base, account_id), &["unlock_session", &base, account_id, session, token.unwrap_or_default()]).await?;
+        Ok(redis::from_redis_value::<i64>(reply).map_err(|error| StoreError::Corrupt(format!("unlock_session answered {error}")))? == 1)
+    }
+
+    async fn clear_pins(&self, account_id: &str) -> StoreResult<()> {
+        let base = self.keys.account_base(account_id);
+        self.call(&self.account_key(&base, account_id), &["clear_pins", &base, account_id]).await?;
+        Ok(())
+    }
+
+    async fn authorize_pinned(&self, request: &AuthorizeRequest, session: Option<&str>) -> StoreResult<(Authorization, Option<String>)> {
         debug_assert!(!request.hold.is_negative(), "a hold is never negative");
         let base = self.keys.account_base(&request.account_id);
         let limits = &request.limits;
@@ -227,11 +258,15 @@ impl HotStore for RedisHotStore {
             optional(limits.key_requests_per_minute),
             optional(limits.key_tokens_per_minute),
             self.recent_charge_ms.to_string(),
+            session.unwrap_or_default().to_string(),
         ];
         let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
         let reply = texts(self.call(&self.account_key(&base, &request.account_id), &arguments).await?)?;
         let refusal = match (reply.first().map(String::as_str), reply.get(1).map(String::as_str)) {
-            (Some("held"), _) => return Ok(Authorization::Held { available_after: money_at(&reply, 1)? }),
+            (Some("held"), _) => {
+                let pinned = reply.get(2).filter(|channel| !channel.is_empty()).cloned();
+                return Ok((Authorization::Held { available_after: money_at(&reply, 1)? }, pinned));
+            }
             (Some("refused"), Some("not_loaded")) => Refusal::AccountNotLoaded,
             (Some("refused"), Some("already_charged")) => Refusal::AlreadyCharged,
             (Some("refused"), Some("in_progress")) => Refusal::InProgress,
@@ -252,7 +287,7 @@ impl HotStore for RedisHotStore {
             }
             _ => return Err(StoreError::Corrupt(format!("unexpected authorize reply {reply:?}"))),
         };
-        Ok(Authorization::Refused(refusal))
+        Ok((Authorization::Refused(refusal), None))
     }
 
     async fn settle(&self, event: UsageEvent) -> StoreResult<Settlement> {
@@ -265,7 +300,11 @@ impl HotStore for RedisHotStore {
         let json = event_json(&event)?;
         let cost = event.cost.nanos().to_string();
         let window = self.recent_charge_ms.to_string();
-        let arguments = ["settle", &base, &event.account_id, &event.api_key_id, &event.request_id, &cost, &json, &stored, &window];
+        let (session, channel, pin_ttl) = match &event.pin {
+            Some(pin) => (pin.session.as_str(), pin.channel.as_str(), pin.ttl_ms.max(1).to_string()),
+            None => ("", "", String::new()),
+        };
+        let arguments = ["settle", &base, &event.account_id, &event.api_key_id, &event.request_id, &cost, &json, &stored, &window, session, channel, &pin_ttl];
         let reply = texts(self.call(&self.account_key(&base, &event.account_id), &arguments).await?)?;
         match reply.first().map(String::as_str) {
             Some("settled") => Ok(Settlement { balance_before: money_at(&reply, 1)?, balance_after: money_at(&reply, 2)?, already_settled: false }),

@@ -177,10 +177,17 @@ end
 
 local operations = {}
 
+-- Routing pins (issue 23): <base>:pin:<account>:<session> = "<generation>|<channel>", with the
+-- pin's TTL; a pin counts only while its generation is the account's (<base>:pingen:<account>,
+-- absent = 0), so `clear_pins` forgets every pin of an account in one step.
+local function pin_generation(base, account)
+  return redis.call('GET', base .. ':pingen:' .. account) or '0'
+end
+
 -- ARGV: op, base, account, key, request_id, hold, hold_tokens, ttl_ms, credit_limit,
 --       daily_quota, monthly_quota, budget_daily, budget_monthly, budget_total, rpm, tpm
---       (absent limits are "").
--- Reply: {"held", available_after} or {"refused", reason, value, value}.
+--       (absent limits are ""), recent_charge_ms, session ("" for none).
+-- Reply: {"held", available_after, pinned channel or ""} or {"refused", reason, value, value}.
 -- Keeps I3: a hold is placed only if balance + credit − held ≥ hold; nothing changes on refusal.
 function operations.authorize(base, argv)
   local account, key_id, request_id = argv[3], argv[4], argv[5]
@@ -223,11 +230,19 @@ function operations.authorize(base, argv)
   count(month_key, 1, 32 * 86400000)
   count(rpm_key, 1, 120000)
   count(tpm_key, hold_tokens, 120000)
-  return {'held', string.format('%d', available - hold)}
+  local pinned = ''
+  if argv[18] and argv[18] ~= '' then
+    local pin = redis.call('GET', base .. ':pin:' .. account .. ':' .. argv[18])
+    if pin then
+      local generation, channel = string.match(pin, '^(%d+)|(.*)$')
+      if generation == pin_generation(base, account) then pinned = channel end
+    end
+  end
+  return {'held', string.format('%d', available - hold), pinned}
 end
 
 -- ARGV: op, base, account, key, request_id, cost, event_json, charged record ("" for "1"),
--- recent_charge_ms.
+-- recent_charge_ms, then for a success to pin: session, channel, pin ttl_ms ("" for none).
 -- Reply: {"settled", before, after} or {"already", balance}.
 -- Keeps I1: the charge and its usage event (XADD) happen in this one call, or neither does.
 function operations.settle(base, argv)
@@ -271,6 +286,9 @@ function operations.settle(base, argv)
   -- A free charge too: a reload must still know its id and count its request.
   redis.call('HSET', base .. ':unlogged:' .. account, request_id, argv[6])
   redis.call('XADD', base .. ':usage', '*', 'event', event, 'hot_balance_after', string.format('%d', after))
+  if argv[10] and argv[10] ~= '' then
+    redis.call('SET', base .. ':pin:' .. account .. ':' .. argv[10], pin_generation(base, account) .. '|' .. argv[11], 'PX', argv[12])
+  end
   return {'settled', string.format('%d', before), string.format('%d', after)}
 end
 
@@ -477,6 +495,35 @@ function operations.unload(base, argv)
   end
   redis.call('DEL', base .. ':acct:' .. account, holds_key, base .. ':withdrawals:' .. account)
   return 1
+end
+
+-- Session locks (issue 23): <base>:lock:<account>:<session> = the holder's token, with its TTL;
+-- <base>:lockfence:<account> counts the locks granted, each one's fencing number.
+-- ARGV: op, base, account, session, token, ttl_ms. Reply: the fencing number, or 0 while held.
+function operations.lock_session(base, argv)
+  if not redis.call('SET', base .. ':lock:' .. argv[3] .. ':' .. argv[4], argv[5], 'NX', 'PX', argv[6]) then return 0 end
+  return redis.call('INCR', base .. ':lockfence:' .. argv[3])
+end
+
+-- ARGV: op, base, account, session, token, ttl_ms. Reply: 1 if renewed, 0 if not the holder.
+function operations.renew_session_lock(base, argv)
+  local key = base .. ':lock:' .. argv[3] .. ':' .. argv[4]
+  if redis.call('GET', key) ~= argv[5] then return 0 end
+  redis.call('PEXPIRE', key, argv[6])
+  return 1
+end
+
+-- ARGV: op, base, account, session, token ("" for whoever holds it). Reply: 1 if released.
+-- Compare-and-delete: a holder whose lock expired and went to another never releases that one.
+function operations.unlock_session(base, argv)
+  local key = base .. ':lock:' .. argv[3] .. ':' .. argv[4]
+  if argv[5] ~= '' and redis.call('GET', key) ~= argv[5] then return 0 end
+  return redis.call('DEL', key)
+end
+
+-- ARGV: op, base, account. Forgets every routing pin of the account. Reply: the new generation.
+function operations.clear_pins(base, argv)
+  return redis.call('INCR', base .. ':pingen:' .. argv[3])
 end
 
 -- ARGV: op, base, account, seen balance, seen fund_seq, new balance. Reply: 1 if repaired, else 0.

@@ -119,6 +119,7 @@ impl System {
             stored_response: None,
             request_fingerprint: None,
             attempts: Vec::new(),
+            pin: None,
         }
     }
 

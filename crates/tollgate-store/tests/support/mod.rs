@@ -38,6 +38,7 @@ pub fn event(account: &str, request: &str, cost: i64, status: RequestStatus) -> 
         stored_response: None,
         request_fingerprint: None,
             attempts: Vec::new(),
+            pin: None,
     }
 }
 
