@@ -70,7 +70,8 @@ pub trait Ledger: crate::operations::Operations + crate::retention::Retention + 
     /// every gateway (the config notification, kind `channel`).
     async fn set_channel_state(&self, state: crate::model::ChannelState) -> StoreResult<()>;
     /// The upstream attempts recorded for a request id of an account (see
-    /// [`crate::model::UpstreamAttempt`]), oldest first.
+    /// [`crate::model::UpstreamAttempt`]): the newest usage row's first, each row's in attempt
+    /// order; at most 1,000.
     async fn upstream_attempts(&self, account_id: &str, request_id: &str) -> StoreResult<Vec<crate::model::RecordedAttempt>>;
     /// Fund transactions of an account with `ledger_seq > after_ledger_seq`, oldest first: a hot
     /// store that missed notifications catches up from them.

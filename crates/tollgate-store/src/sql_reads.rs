@@ -91,14 +91,14 @@ where
             .collect()
     }
 
-    /// A request's upstream attempts, oldest usage row first (a request id that failed and
-    /// was sent again has several), in attempt order.
+    /// A request's upstream attempts, newest usage row first (a request id that failed and
+    /// was sent again has several), each in attempt order; at most 1,000.
     pub(crate) async fn upstream_attempts(&self, account_id: &str, request_id: &str) -> StoreResult<Vec<crate::model::RecordedAttempt>> {
         let rows = sqlx::query(DB::sql(
             "SELECT usage_id, attempt, request_id, channel, provider, upstream_model, status_code,
                  CAST(CASE WHEN served THEN 1 ELSE 0 END AS BIGINT) AS served, error, latency_ms, first_byte_ms,
                  input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, created_at
-             FROM upstream_attempts WHERE account_id = ? AND request_id = ? ORDER BY usage_id, attempt",
+             FROM upstream_attempts WHERE account_id = ? AND request_id = ? ORDER BY usage_id DESC, attempt LIMIT 1000",
         ))
         .bind(account_id)
         .bind(request_id)
