@@ -580,6 +580,19 @@ async fn a_waiting_session_request_runs_when_the_lock_is_free() {
     assert_eq!(running.await.unwrap().0, 200);
     let metrics = routed.gateway.http.get(format!("{}/metrics", routed.gateway.url)).send().await.unwrap().text().await.unwrap();
     assert!(metrics.lines().any(|line| line.starts_with("tollgate_session_lock_total{") && line.contains("result=\"waited\"")), "waits counted");
+
+    // A client that gives up while it waits leaves nothing behind: once the lock is free its
+    // request is neither sent upstream nor charged.
+    let running = slow_stream(&routed, "conversation", 800);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "route me"}]});
+    let impatient = routed.gateway.http.post(format!("{}/v1/chat/completions", routed.gateway.url)).bearer_auth(&routed.key).header("X-Session-ID", "conversation").timeout(Duration::from_millis(150));
+    assert!(impatient.json(&body).send().await.is_err(), "the client gave up");
+    assert_eq!(running.await.unwrap().0, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(routed.counts().await, (3, 0), "the abandoned request never went upstream");
+    assert_eq!(routed.usage_rows().await.len(), 3);
+    assert_eq!(money(&routed.gateway.balance(&routed.key).await["held"]), Money::ZERO);
     routed.stop().await;
 }
 

@@ -346,6 +346,14 @@ async fn handle_request(
         candidates,
         client_wants_usage: false,
     };
+    // One request of a session at a time, where the model asks for it. Taken here, in the
+    // handler, before the hold: a refused request holds nothing, and a client that leaves while
+    // it waits for the lock leaves nothing behind to be charged later. Held until the request
+    // is settled (it moves into the task with the request).
+    let session_lock = match &key_of_session {
+        Some(key) => session_lock::acquire(state, route.session_lock, &context.account.id, key).await?,
+        None => None,
+    };
     let task_state = state.clone();
     // From the hold on, the work runs in a tracked task: if the client leaves, hyper drops this
     // handler, but the hold is still settled or voided (see the module doc).
@@ -355,12 +363,6 @@ async fn handle_request(
         if presented && charge::charged_in_ledger(state, &authorize_request).await {
             return replay(state, &context, &request_id, &fingerprint, parsed.stream).await;
         }
-        // One request of a session at a time, where the model asks for it: taken before the
-        // hold, so a refused request holds nothing; held until the request is settled.
-        let session_lock = match &key_of_session {
-            Some(key) => session_lock::acquire(state, route.session_lock, &context.account.id, key).await?,
-            None => None,
-        };
         let pinned = match charge::authorize(state, &authorize_request, session.as_deref()).await? {
             Authorized::Held { pinned } => pinned,
             Authorized::AlreadyCharged => return replay(state, &context, &request_id, &fingerprint, parsed.stream).await,
