@@ -407,6 +407,31 @@ async fn gateways_share_their_breakers_and_channel_states() {
         assert!(response.headers().contains_key("retry-after"));
     }
     assert_eq!((primary.requests().await, backup.requests().await), (primary_before, backup_before));
+
+    // A channel added through the second serves through the first; removed through the first,
+    // it is gone from the second.
+    let has_rescue = |gateway: &TestGateway| {
+        let request = gateway.http.get(format!("{}/internal/channels", gateway.url)).bearer_auth(ADMIN_TOKEN).send();
+        async move {
+            let listed: Value = request.await.unwrap().json().await.unwrap();
+            listed["channels"].as_array().unwrap().iter().any(|entry| entry["channel"] == "rescue")
+        }
+    };
+    second.admin_ok(Method::POST, &format!("/internal/channels/{MODEL}"), Some(json!({"name": "rescue", "provider": "backup", "upstream_model": "demo-gpt"}))).await;
+    let started = std::time::Instant::now();
+    while !has_rescue(&first).await {
+        assert!(started.elapsed() < Duration::from_secs(5), "the first gateway never learned of the added channel");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(chat(&first).await.unwrap().status(), 200);
+    assert_eq!(backup.requests().await, backup_before + 1, "served by the added channel");
+    first.admin_ok(Method::DELETE, &format!("/internal/channels/{MODEL}/rescue"), None).await;
+    let started = std::time::Instant::now();
+    while has_rescue(&second).await {
+        assert!(started.elapsed() < Duration::from_secs(5), "the second gateway never learned the channel was removed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(chat(&second).await.unwrap().status(), 502);
     first.assert_ledger_sound(&account).await;
     second.stop().await;
     first.stop().await;
@@ -509,9 +534,9 @@ async fn a_pin_moves_only_on_success_and_never_blocks_failover() {
 }
 
 /// A stream that runs about `ms` (16 chunks), started and left running; its response once done.
-fn slow_stream(routed: &Routed, session: &str, ms: u64) -> tokio::task::JoinHandle<(u16, Option<u64>, String)> {
+fn slow_stream(routed: &Routed, key: &str, session: &str, ms: u64) -> tokio::task::JoinHandle<(u16, Option<u64>, String)> {
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "route me"}], "stream": true, "mock": {"chunk_interval_ms": ms / 16}});
-    let request = routed.gateway.http.post(format!("{}/v1/chat/completions", routed.gateway.url)).bearer_auth(&routed.key).header("X-Session-ID", session).json(&body);
+    let request = routed.gateway.http.post(format!("{}/v1/chat/completions", routed.gateway.url)).bearer_auth(key).header("X-Session-ID", session).json(&body);
     tokio::spawn(async move {
         let response = request.send().await.unwrap();
         let fence = response.headers().get("x-tollgate-session-fence").map(|value| value.to_str().unwrap().parse().unwrap());
@@ -520,9 +545,9 @@ fn slow_stream(routed: &Routed, session: &str, ms: u64) -> tokio::task::JoinHand
 }
 
 /// A non-streaming request of a session: (status, fence, error code).
-async fn session_request(routed: &Routed, session: &str) -> (u16, Option<u64>, Value) {
+async fn session_request(routed: &Routed, key: &str, session: &str) -> (u16, Option<u64>, Value) {
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "route me"}]});
-    let response = routed.gateway.http.post(format!("{}/v1/chat/completions", routed.gateway.url)).bearer_auth(&routed.key).header("X-Session-ID", session).json(&body).send().await.unwrap();
+    let response = routed.gateway.http.post(format!("{}/v1/chat/completions", routed.gateway.url)).bearer_auth(key).header("X-Session-ID", session).json(&body).send().await.unwrap();
     let status = response.status().as_u16();
     if status == 409 {
         assert_eq!(response.headers()["retry-after"], "1");
@@ -535,7 +560,7 @@ async fn session_request(routed: &Routed, session: &str) -> (u16, Option<u64>, V
 async fn until_free(routed: &Routed, session: &str) -> (u16, Option<u64>, Value) {
     let started = std::time::Instant::now();
     loop {
-        let answer = session_request(routed, session).await;
+        let answer = session_request(routed, &routed.key, session).await;
         if answer.0 != 409 || started.elapsed() > Duration::from_secs(3) {
             return answer;
         }
@@ -546,13 +571,13 @@ async fn until_free(routed: &Routed, session: &str) -> (u16, Option<u64>, Value)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_locked_session_refuses_a_second_request_until_the_first_ends() {
     let routed = Routed::start(|config| config.models.last_mut().unwrap().session_lock = tollgate_gateway::config::SessionLockMode::Reject).await;
-    let running = slow_stream(&routed, "conversation", 1_600);
+    let running = slow_stream(&routed, &routed.key, "conversation", 1_600);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (status, _, error) = session_request(&routed, "conversation").await;
+    let (status, _, error) = session_request(&routed, &routed.key, "conversation").await;
     assert_eq!(status, 409);
     assert_eq!(error["error"]["code"], "session_busy");
     // Another session, and a request with no session, are not held up.
-    assert_eq!(session_request(&routed, "another").await.0, 200);
+    assert_eq!(session_request(&routed, &routed.key, "another").await.0, 200);
     assert_eq!(routed.chat(json!({}), "no-session").await.status(), 200);
     let (status, first_fence, text) = running.await.unwrap();
     assert_eq!(status, 200);
@@ -572,10 +597,10 @@ async fn a_waiting_session_request_runs_when_the_lock_is_free() {
         config.routing.session_lock_wait_ms = 5_000;
     })
     .await;
-    let running = slow_stream(&routed, "conversation", 800);
+    let running = slow_stream(&routed, &routed.key, "conversation", 800);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = std::time::Instant::now();
-    assert_eq!(session_request(&routed, "conversation").await.0, 200);
+    assert_eq!(session_request(&routed, &routed.key, "conversation").await.0, 200);
     assert!(started.elapsed() >= Duration::from_millis(300), "it waited for the stream: {:?}", started.elapsed());
     assert_eq!(running.await.unwrap().0, 200);
     let metrics = routed.gateway.http.get(format!("{}/metrics", routed.gateway.url)).send().await.unwrap().text().await.unwrap();
@@ -583,7 +608,7 @@ async fn a_waiting_session_request_runs_when_the_lock_is_free() {
 
     // A client that gives up while it waits leaves nothing behind: once the lock is free its
     // request is neither sent upstream nor charged.
-    let running = slow_stream(&routed, "conversation", 800);
+    let running = slow_stream(&routed, &routed.key, "conversation", 800);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "route me"}]});
     let impatient = routed.gateway.http.post(format!("{}/v1/chat/completions", routed.gateway.url)).bearer_auth(&routed.key).header("X-Session-ID", "conversation").timeout(Duration::from_millis(150));
@@ -603,21 +628,136 @@ async fn a_dead_holders_lock_expires_and_an_operator_can_release_a_stuck_one() {
     // A gateway that took the lock and died: nobody renews or releases it.
     let name = lock_session_name("orphaned");
     assert!(routed.gateway.hot.lock_session(&routed.account, &name, "dead-gateway", 400).await.unwrap().is_some());
-    assert_eq!(session_request(&routed, "orphaned").await.0, 409);
+    assert_eq!(session_request(&routed, &routed.key, "orphaned").await.0, 409);
     tokio::time::sleep(Duration::from_millis(450)).await;
-    assert_eq!(session_request(&routed, "orphaned").await.0, 200, "released by its TTL");
+    assert_eq!(session_request(&routed, &routed.key, "orphaned").await.0, 200, "released by its TTL");
     // A stuck holder: the operator releases it.
     let stuck = until_free(&routed, "orphaned").await;
     assert_eq!(stuck.0, 200);
     assert!(routed.gateway.hot.lock_session(&routed.account, &name, "stuck-gateway", 60_000).await.unwrap().is_some());
-    assert_eq!(session_request(&routed, "orphaned").await.0, 409);
+    assert_eq!(session_request(&routed, &routed.key, "orphaned").await.0, 409);
     let released = routed.gateway.admin_ok(Method::DELETE, &format!("/internal/accounts/{}/sessions/orphaned/lock", routed.account), None).await;
     assert_eq!(released["released"], true);
-    assert_eq!(session_request(&routed, "orphaned").await.0, 200);
+    assert_eq!(session_request(&routed, &routed.key, "orphaned").await.0, 200);
     // The stuck holder's late release finds another's lock and leaves it alone.
     until_free(&routed, "orphaned").await;
     assert!(routed.gateway.hot.lock_session(&routed.account, &name, "newer-holder", 60_000).await.unwrap().is_some());
     assert!(!routed.gateway.hot.unlock_session(&routed.account, &name, Some("stuck-gateway")).await.unwrap());
-    assert_eq!(session_request(&routed, "orphaned").await.0, 409, "the newer holder still has it");
+    assert_eq!(session_request(&routed, &routed.key, "orphaned").await.0, 409, "the newer holder still has it");
+    routed.stop().await;
+}
+
+/// A key may lock its sessions on a model that does not, and a key may turn the model's lock
+/// off for itself; the lock is the account's, by session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_sets_its_own_session_lock_over_the_models() {
+    let routed = Routed::start(|_| {}).await;
+    let locking = routed.gateway.key(&routed.account, json!({"session_lock": "reject"})).await;
+    let listed = routed.gateway.admin_ok(Method::GET, &format!("/internal/accounts/{}/keys", routed.account), None).await;
+    let modes: Vec<Value> = listed["data"].as_array().unwrap().iter().map(|key| key["session_lock"].clone()).collect();
+    assert!(modes.contains(&json!("reject")) && modes.contains(&Value::Null), "{listed}");
+    let running = slow_stream(&routed, &locking, "conversation", 1_200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, _, error) = session_request(&routed, &locking, "conversation").await;
+    assert_eq!((status, error["error"]["code"].as_str()), (409, Some("session_busy")), "the locking key's second request");
+    assert_eq!(session_request(&routed, &routed.key, "conversation").await.0, 200, "a key without a lock on an unlocked model goes through");
+    let (status, fence, _) = running.await.unwrap();
+    assert_eq!(status, 200);
+    assert!(fence.is_some(), "the locking key's request was handed a fence");
+    let (status, body) = routed.gateway.admin(Method::POST, &format!("/internal/accounts/{}/keys", routed.account), Some(json!({"name": "k", "session_lock": "sometimes"}))).await;
+    assert_eq!(status, 400, "{body}");
+    routed.stop().await;
+
+    // The model locks; a key that says `off` is not held up.
+    let routed = Routed::start(|config| config.models.last_mut().unwrap().session_lock = tollgate_gateway::config::SessionLockMode::Reject).await;
+    let unlocked = routed.gateway.key(&routed.account, json!({"session_lock": "off"})).await;
+    let running = slow_stream(&routed, &routed.key, "conversation", 1_200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(session_request(&routed, &routed.key, "conversation").await.0, 409, "the model's lock");
+    let (status, fence, _) = session_request(&routed, &unlocked, "conversation").await;
+    assert_eq!((status, fence), (200, None), "the key's `off` wins: no lock, no fence");
+    assert_eq!(running.await.unwrap().0, 200);
+    routed.stop().await;
+}
+
+/// A channel added through the operator API serves at once, keeps its place in the order,
+/// obeys disable/enable, survives a restart (it is in the ledger), and goes when removed; a
+/// configured channel cannot be removed, only disabled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_adds_a_channel_that_serves_at_once_and_removes_it() {
+    let only_primary = |config: &mut tollgate_gateway::GatewayConfig| {
+        config.models.last_mut().unwrap().channels.retain(|channel| channel.provider == "primary");
+        // A provider of another protocol, which no channel of an OpenAI model may use.
+        config.providers.push(ProviderConfig {
+            name: "claude".into(),
+            kind: ProviderKind::Anthropic,
+            base_url: "http://127.0.0.1:9/v1".into(),
+            api_key_env: None,
+            output_cap_field: None,
+            client_file_references: Default::default(),
+            client_urls: Default::default(),
+        });
+    };
+    let routed = Routed::start(only_primary).await;
+    routed.primary.behave(json!({"fail_status": 503})).await;
+    assert_eq!(routed.chat(json!({}), "before-1").await.status(), 502, "the only channel fails");
+
+    let path = format!("/internal/channels/{MODEL}");
+    let rescue = json!({"name": "rescue", "provider": "backup", "upstream_model": "demo-gpt", "priority": -1, "weight": 2});
+    let (status, added) = routed.gateway.admin(Method::POST, &path, Some(rescue.clone())).await;
+    assert_eq!(status, 201, "{added}");
+    assert_eq!((added["channel"].as_str(), added["added"].as_bool(), added["upstream_model"].as_str()), (Some("rescue"), Some(true), Some("demo-gpt")));
+    let listed = routed.channel("rescue").await;
+    assert_eq!((listed["priority"].as_i64(), listed["weight"].as_u64(), listed["enabled"].as_bool(), listed["breaker"].as_str()), (Some(-1), Some(2), Some(true), Some("closed")));
+    assert_eq!(routed.channel("primary").await["added"], false);
+
+    // It serves at once, after the configured primary (higher priority) failed.
+    let (primary_before, _) = routed.counts().await;
+    assert_eq!(routed.chat(json!({}), "added-1").await.status(), 200);
+    assert_eq!(routed.counts().await, (primary_before + 1, 1));
+    let attempts = routed.attempts("added-1").await;
+    assert_eq!(attempts.iter().map(|attempt| attempt["channel"].as_str().unwrap()).collect::<Vec<_>>(), ["primary", "rescue"]);
+
+    // What is refused, and how.
+    for (body, expected) in [
+        (rescue.clone(), 409),
+        (json!({"name": "primary", "provider": "backup"}), 400),
+        (json!({"name": "other", "provider": "nowhere"}), 400),
+        (json!({"name": "other", "provider": "claude"}), 400),
+        (json!({"name": "bad name!", "provider": "backup"}), 400),
+        (json!({"name": "other", "provider": "backup", "weight": 0}), 400),
+        (json!({"name": "other", "provider": "backup", "concurrent_requests_max": 0}), 400),
+        (json!({"name": "other", "provider": "backup", "colour": "red"}), 400),
+    ] {
+        let (status, answer) = routed.gateway.admin(Method::POST, &path, Some(body.clone())).await;
+        assert_eq!(status, expected, "{body} → {answer}");
+    }
+    assert_eq!(routed.gateway.admin(Method::POST, "/internal/channels/no-model", Some(json!({"name": "x", "provider": "backup"}))).await.0, 404);
+
+    // Disabled and enabled like a configured one.
+    routed.gateway.admin_ok(Method::POST, &format!("/internal/channels/{MODEL}/rescue/disable"), None).await;
+    assert_eq!(routed.chat(json!({}), "added-2").await.status(), 502);
+    routed.gateway.admin_ok(Method::POST, &format!("/internal/channels/{MODEL}/rescue/enable"), None).await;
+    assert_eq!(routed.chat(json!({}), "added-3").await.status(), 200);
+
+    // Still there after a restart: it is in the ledger.
+    let Routed { gateway, primary, backup, _shutdown, account, key } = routed;
+    let (dir, database_url) = gateway.stop_keeping_ledger().await;
+    let gateway = routed_gateway(&primary, &backup, dir, database_url, only_primary).await;
+    let routed = Routed { gateway, primary, backup, _shutdown, account, key };
+    assert_eq!(routed.channel("rescue").await["added"], true);
+    assert_eq!(routed.chat(json!({}), "after-restart").await.status(), 200);
+
+    // A configured channel is not removed; the added one is, once.
+    let (status, answer) = routed.gateway.admin(Method::DELETE, &format!("{path}/primary"), None).await;
+    assert_eq!(status, 409, "{answer}");
+    let removed = routed.gateway.admin_ok(Method::DELETE, &format!("{path}/rescue"), None).await;
+    assert_eq!(removed["removed"], true);
+    assert_eq!(routed.gateway.admin(Method::DELETE, &format!("{path}/rescue"), None).await.0, 404);
+    let listed = routed.gateway.admin_ok(Method::GET, "/internal/channels", None).await;
+    assert!(!listed["channels"].as_array().unwrap().iter().any(|channel| channel["channel"] == "rescue"), "{listed}");
+    assert_eq!(routed.chat(json!({}), "after-removal").await.status(), 502, "gone from routing");
+    // Every request was charged once or not at all.
+    assert_eq!(routed.usage_rows().await.iter().filter(|row| money(&row["amount"]) != Money::ZERO).count(), 3);
     routed.stop().await;
 }

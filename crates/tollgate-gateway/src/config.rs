@@ -416,18 +416,8 @@ pub struct ModelRoute {
     pub session_lock: SessionLockMode,
 }
 
-/// The session lock of a model's requests.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum SessionLockMode {
-    /// No lock.
-    #[default]
-    Off,
-    /// A second request of a busy session is refused: 409 `session_busy`.
-    Reject,
-    /// A second request waits for the lock, at most `routing.session_lock_wait_ms`, then 409.
-    Wait,
-}
+/// The session lock of a model's requests (a key may set its own over it).
+pub use tollgate_store::model::SessionLockMode;
 
 /// One upstream channel of a model: a provider (speaking the model's protocol), the name it
 /// knows the model by, where it stands in the order of trial, and its own limit.
@@ -712,7 +702,7 @@ impl GatewayConfig {
                 return Err(format!("model {model}: channel on provider {}: concurrent_requests_max must be positive", channel.provider));
             }
             let name = channel.name.as_deref().unwrap_or(&channel.provider);
-            if name.is_empty() || name.len() > 64 || !name.bytes().all(|byte| byte.is_ascii_alphanumeric() || b"-_.:".contains(&byte)) {
+            if !channel_name_valid(name) {
                 return Err(format!("model {model}: channel name {name:?} must be 1 to 64 of A-Z a-z 0-9 - _ . :"));
             }
             if !names.insert(name) {
@@ -721,6 +711,11 @@ impl GatewayConfig {
         }
         Ok(())
     }
+}
+
+/// A channel's name: 1 to 64 of `A-Z a-z 0-9 - _ . :` (it appears in URLs and metric labels).
+pub fn channel_name_valid(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.bytes().all(|byte| byte.is_ascii_alphanumeric() || b"-_.:".contains(&byte))
 }
 
 /// What `Debug` prints instead of a secret.

@@ -183,7 +183,7 @@ mod tests {
         let now = OffsetDateTime::UNIX_EPOCH;
         let key = ApiKey {
             id: "k".into(), account_id: "a".into(), name: String::new(), prefix: "tg_".into(), status: KeyStatus::Active,
-            budget_daily: None, budget_monthly: None, budget_total: None, rpm: None, tpm: None, allowed_models: None,
+            budget_daily: None, budget_monthly: None, budget_total: None, rpm: None, tpm: None, allowed_models: None, session_lock: None,
             expires_at: None, created_at: now, revoked_at: None,
         };
         let account = Account {

@@ -98,6 +98,7 @@ pub async fn seed(state: &AppState, fixed_key: Option<String>) -> Result<String,
                 rpm: None,
                 tpm: None,
                 allowed_models: None,
+                session_lock: None,
                 expires_at: None,
             })
             .await?;

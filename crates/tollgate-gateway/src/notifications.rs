@@ -78,8 +78,8 @@ async fn invalidate(state: &AppState) {
     if let Err(error) = state.reload_prices().await {
         tracing::error!(%error, "reloading prices after a change failed; keeping the previous table");
     }
-    if let Err(error) = state.reload_channel_states().await {
-        tracing::error!(%error, "reloading channel states after a change failed; keeping the channels as they are");
+    if let Err(error) = state.reload_channels().await {
+        tracing::error!(%error, "reloading the channels after a change failed; keeping them as they are");
     }
 }
 

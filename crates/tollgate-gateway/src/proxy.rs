@@ -113,7 +113,7 @@ impl Billing {
     /// served it (moved if another channel served, refreshed if the same).
     fn pin_for_success(&self) -> Option<tollgate_store::hot::SessionPin> {
         let affinity = self.affinity.as_ref()?;
-        let channel = self.serving.as_ref()?.channel.name.clone();
+        let channel = self.serving.as_ref()?.channel.spec.name.clone();
         Some(tollgate_store::hot::SessionPin { session: affinity.session.clone(), channel, ttl_ms: affinity.ttl_ms })
     }
 
@@ -121,7 +121,7 @@ impl Billing {
     /// and whether the provider's cache did (the point of pinning).
     fn count_cached_share(&self, usage: &Usage) {
         let Some(affinity) = &self.affinity else { return };
-        let served_pinned = affinity.pinned.is_some() && affinity.pinned.as_deref() == self.serving.as_ref().map(|lease| lease.channel.name.as_str());
+        let served_pinned = affinity.pinned.is_some() && affinity.pinned.as_deref() == self.serving.as_ref().map(|lease| lease.channel.spec.name.as_str());
         let pinned = if served_pinned { "true" } else { "false" };
         metrics::counter!("tollgate_affinity_prompt_tokens_total", "pinned" => pinned, "cache" => "read").increment(usage.cached_input_tokens);
         metrics::counter!("tollgate_affinity_prompt_tokens_total", "pinned" => pinned, "cache" => "none").increment(usage.input_tokens.saturating_add(usage.cache_write_tokens));
@@ -253,7 +253,6 @@ async fn handle_request(
         .upstreams
         .route(&model)
         .filter(|route| route.provider.serves(protocol))
-        .cloned()
         .ok_or_else(|| ApiError::ModelNotFound(model.clone()))?;
     if let Some(allowed) = &context.key.allowed_models
         && !allowed.iter().any(|allowed| allowed == &model) {
@@ -288,8 +287,8 @@ async fn handle_request(
         .channels
         .iter()
         .enumerate()
-        .filter(|(_, channel)| channel.provider.serves(protocol))
-        .filter(|(_, channel)| match crate::passthrough::check(&channel.provider, &parsed.media_references) {
+        .filter(|(_, channel)| channel.spec.provider.serves(protocol))
+        .filter(|(_, channel)| match crate::passthrough::check(&channel.spec.provider, &parsed.media_references) {
             Ok(()) => true,
             Err(error) => {
                 refusal.get_or_insert(error);
@@ -333,7 +332,9 @@ async fn handle_request(
     };
     // Affinity matters only where there is a choice of channel; the lock, where configured.
     let affinity_applies = state.config.routing.affinity_ttl_ms > 0 && candidates.len() > 1;
-    let key_of_session = if affinity_applies || route.session_lock != SessionLockMode::Off { session_key(protocol, headers, &body)? } else { None };
+    // The key's own lock setting, else the model's.
+    let lock_mode = context.key.session_lock.unwrap_or(route.session_lock);
+    let key_of_session = if affinity_applies || lock_mode != SessionLockMode::Off { session_key(protocol, headers, &body)? } else { None };
     let session = key_of_session.as_deref().filter(|_| affinity_applies).map(|key| pin_session(&route.model, key));
     let stream = parsed.stream;
     let call = UpstreamCall {
@@ -346,12 +347,12 @@ async fn handle_request(
         candidates,
         client_wants_usage: false,
     };
-    // One request of a session at a time, where the model asks for it. Taken here, in the
+    // One request of a session at a time, where the key or the model asks for it. Taken here, in the
     // handler, before the hold: a refused request holds nothing, and a client that leaves while
     // it waits for the lock leaves nothing behind to be charged later. Held until the request
     // is settled (it moves into the task with the request).
     let session_lock = match &key_of_session {
-        Some(key) => session_lock::acquire(state, route.session_lock, &context.account.id, key).await?,
+        Some(key) => session_lock::acquire(state, lock_mode, &context.account.id, key).await?,
         None => None,
     };
     let task_state = state.clone();
@@ -490,8 +491,8 @@ impl UpstreamCall {
     fn body_for(&mut self, channel: &Channel, last: bool) -> Result<Bytes, ApiError> {
         let mut json = if last { self.json.take() } else { self.json.clone() }
             .ok_or_else(|| ApiError::Internal("the request body was already sent on its last attempt".into()))?;
-        let cap_added = self.cap_to_add.is_some_and(|cap| self.protocol.insert_output_cap(&mut json, cap, channel.provider.openai_cap_field));
-        let prepared = self.protocol.prepare_upstream_body(&mut json, &channel.upstream_model, self.stream);
+        let cap_added = self.cap_to_add.is_some_and(|cap| self.protocol.insert_output_cap(&mut json, cap, channel.spec.provider.openai_cap_field));
+        let prepared = self.protocol.prepare_upstream_body(&mut json, &channel.spec.upstream_model, self.stream);
         self.client_wants_usage = prepared.client_wants_usage;
         // Most bodies go upstream as the client sent them: no second serialization.
         if !prepared.rewritten && !cap_added {
@@ -572,7 +573,7 @@ async fn forward(state: &AppState, mut billing: Billing, mut call: UpstreamCall)
         {
             let result = match (&affinity.pinned, preferred) {
                 (None, _) => "miss",
-                (Some(pinned), Some(_)) if *pinned == lease.channel.name => "hit",
+                (Some(pinned), Some(_)) if *pinned == lease.channel.spec.name => "hit",
                 (Some(_), _) => "pinned_unavailable",
             };
             metrics::counter!("tollgate_affinity_total", "model" => billing.route.model.clone(), "result" => result).increment(1);
@@ -586,9 +587,9 @@ async fn forward(state: &AppState, mut billing: Billing, mut call: UpstreamCall)
         let (outcome, facts) = try_channel(state, &call, &lease.channel, body, request_deadline).await;
         let channel = &lease.channel;
         let mut record = UpstreamAttempt {
-            channel: channel.name.clone(),
-            provider: channel.provider.name.clone(),
-            upstream_model: channel.upstream_model.clone(),
+            channel: channel.spec.name.clone(),
+            provider: channel.spec.provider.name.clone(),
+            upstream_model: channel.spec.upstream_model.clone(),
             status_code: facts.status,
             served: false,
             error: None,
@@ -596,7 +597,7 @@ async fn forward(state: &AppState, mut billing: Billing, mut call: UpstreamCall)
             first_byte_ms: facts.first_byte.map(|first_byte| u64::try_from(first_byte.as_millis()).unwrap_or(u64::MAX)),
             upstream_usage: None,
         };
-        let labels = [("model", billing.route.model.clone()), ("channel", channel.name.clone())];
+        let labels = [("model", billing.route.model.clone()), ("channel", channel.spec.name.clone())];
         match outcome {
             Ok(answer) => {
                 record.served = true;
@@ -604,7 +605,7 @@ async fn forward(state: &AppState, mut billing: Billing, mut call: UpstreamCall)
                 metrics::counter!("tollgate_upstream_attempts_total", &labels).increment(1);
                 if tried.len() > 1 {
                     metrics::counter!("tollgate_failovers_total", "model" => billing.route.model.clone()).increment(1);
-                    tracing::info!(request_id = billing.request_id, model = billing.route.model, channel = lease.channel.name, attempts = tried.len(), "served after failover");
+                    tracing::info!(request_id = billing.request_id, model = billing.route.model, channel = lease.channel.spec.name, attempts = tried.len(), "served after failover");
                 }
                 billing.serving = Some(lease);
                 return serve(state, billing, call.protocol, call.client_wants_usage, answer).await;
@@ -619,7 +620,7 @@ async fn forward(state: &AppState, mut billing: Billing, mut call: UpstreamCall)
                     let retry_after_ms = retry_after_ms.min(state.config.routing.retry_after_ms_max);
                     lease.cool_until(now_ms.saturating_add(i64::try_from(retry_after_ms).unwrap_or(i64::MAX)));
                 }
-                tracing::warn!(request_id = billing.request_id, model = billing.route.model, channel = lease.channel.name, kind = failure.kind, retry = failure.verdict.retry, error = %failure.error, "upstream attempt failed");
+                tracing::warn!(request_id = billing.request_id, model = billing.route.model, channel = lease.channel.spec.name, kind = failure.kind, retry = failure.verdict.retry, error = %failure.error, "upstream attempt failed");
                 if !failure.verdict.retry {
                     return void_with(state, &billing, failure.error).await;
                 }
@@ -640,7 +641,7 @@ async fn forward(state: &AppState, mut billing: Billing, mut call: UpstreamCall)
 /// The index among `candidates` of the channel the session is pinned to, if any.
 fn pinned_candidate(billing: &Billing, candidates: &[usize]) -> Option<usize> {
     let pinned = billing.affinity.as_ref()?.pinned.as_deref()?;
-    candidates.iter().copied().find(|index| billing.route.channels.get(*index).is_some_and(|channel| channel.name == pinned))
+    candidates.iter().copied().find(|index| billing.route.channels.get(*index).is_some_and(|channel| channel.spec.name == pinned))
 }
 
 /// Longest `X-Session-ID` accepted.
@@ -687,8 +688,8 @@ async fn try_channel(
         None => request_deadline,
     };
     let timeout_ms = |deadline: tokio::time::Instant| u64::try_from(deadline.saturating_duration_since(started).as_millis()).unwrap_or(u64::MAX);
-    let provider = &channel.provider;
-    let url = format!("{}{}", provider.base_url, call.protocol.upstream_path(&channel.upstream_model, call.stream));
+    let provider = &channel.spec.provider;
+    let url = format!("{}{}", provider.base_url, call.protocol.upstream_path(&channel.spec.upstream_model, call.stream));
     let request = state.http.post(url).headers(call.headers.clone()).header(header::CONTENT_TYPE, "application/json").body(body);
     let request = provider.authorize(request, call.protocol);
     let response = match tokio::time::timeout_at(first_byte_deadline, request.send()).await {
@@ -706,7 +707,7 @@ async fn try_channel(
         let retry_after_ms = retry_after_ms(response.headers());
         let body = upstream_errors::read_error_body(response, Duration::from_secs(5)).await;
         let refusal = upstream_errors::refusal(status.as_u16(), &body);
-        tracing::warn!(channel = channel.name, status = status.as_u16(), upstream_said = refusal.logged, "upstream refused the request");
+        tracing::warn!(channel = channel.spec.name, status = status.as_u16(), upstream_said = refusal.logged, "upstream refused the request");
         let error = ApiError::UpstreamStatus { status: status.as_u16(), message: refusal.client_message };
         return (Err(AttemptFailure { error, kind: "status", verdict: classify(Some(status.as_u16())), retry_after_ms }), facts);
     }

@@ -124,7 +124,8 @@ impl Gateway {
         let state = AppState::new(config, hot, ledger, TaskTracker::new(), CancellationToken::new(), clock.unwrap_or_else(system_clock), shared_breakers)
             .await
             .map_err(ServerError::Config)?;
-        worker_tasks.spawn(crate::routing::run_breaker_sync(state.upstreams.channels(), breaker_sync, worker_shutdown.clone()));
+        let routed = state.clone();
+        worker_tasks.spawn(crate::routing::run_breaker_sync(move || routed.upstreams.channels(), breaker_sync, worker_shutdown.clone()));
         worker_tasks.spawn(crate::charge::run_fund_retries(state.clone(), worker_shutdown.clone()));
         if let Some(pool) = postgres_pool {
             worker_tasks.spawn(crate::notifications::run_listener(state.clone(), pool, worker_shutdown.clone()));

@@ -87,7 +87,7 @@ impl AppState {
             .map_err(|error| format!("building the upstream client: {error}"))?;
         let prices = PriceTable::default();
         prices.replace(ledger.current_prices().await.map_err(|error| format!("loading prices: {error}"))?);
-        upstreams.apply_channel_states(&ledger.channel_states().await.map_err(|error| format!("loading channel states: {error}"))?);
+        upstreams.reload(&*ledger).await.map_err(|error| format!("loading the channels operators added or set: {error}"))?;
         let contexts = ContextCache::new(CacheLifetimes {
             fresh: Duration::from_millis(config.limits.context_cache_ttl_ms),
             stale_if_error: Duration::from_millis(config.limits.context_stale_if_error_ms.max(config.limits.context_cache_ttl_ms)),
@@ -132,12 +132,11 @@ impl AppState {
         Ok(())
     }
 
-    /// Re-reads which channels operators disabled or enabled (`/internal/channels`).
+    /// Re-reads the channels operators added, disabled or enabled (`/internal/channels`).
     ///
     /// # Errors
     /// The ledger could not be read; the channels stay as they are.
-    pub async fn reload_channel_states(&self) -> Result<(), tollgate_store::StoreError> {
-        self.upstreams.apply_channel_states(&self.ledger.channel_states().await?);
-        Ok(())
+    pub async fn reload_channels(&self) -> Result<(), tollgate_store::StoreError> {
+        self.upstreams.reload(&*self.ledger).await
     }
 }

@@ -1,13 +1,14 @@
 //! Upstream providers and the model routes that lead to them.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use tollgate_protocol::Protocol;
 
 use crate::config::{ClientFileReferences, ClientUrls, GatewayConfig, ProviderKind};
 use crate::routing::breaker::BreakerPolicy;
 use crate::routing::{Channel, ChannelSpec, Route, SharedBreakers};
+use tollgate_store::model::{AddedChannel, ChannelState};
 
 /// A provider ready to call: its base URL and (resolved once from its env var) API key.
 #[derive(Clone)]
@@ -67,10 +68,27 @@ impl Provider {
     }
 }
 
-/// The routing table, built once from the configuration.
+/// A model as configured: its price provider, its configured channels, its session lock.
+struct ConfiguredModel {
+    model: String,
+    provider: Provider,
+    /// The name the upstream knows the model by, unless a channel says otherwise.
+    upstream_model: String,
+    channels: Vec<ChannelSpec>,
+    session_lock: crate::config::SessionLockMode,
+}
+
+/// The routing table: the configured channels of each model and those operators added
+/// (`/internal/channels`), rebuilt on every change; a request keeps the route it started with.
 pub struct Upstreams {
-    routes: HashMap<String, Arc<Route>>,
+    providers: HashMap<String, Provider>,
+    configured: Vec<ConfiguredModel>,
+    routes: RwLock<Arc<HashMap<String, Arc<Route>>>>,
     policy: BreakerPolicy,
+    shared: Option<SharedBreakers>,
+    /// One reload at a time, from the ledger's read to the new table: two at once could let
+    /// the older read land last.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl Upstreams {
@@ -101,19 +119,20 @@ impl Upstreams {
         let provider_named = |name: &str, model: &str| {
             providers.get(name).cloned().ok_or_else(|| format!("model {model} routes to unknown provider {name}"))
         };
-        let mut routes = HashMap::new();
+        let mut configured = Vec::new();
         for route in &config.models {
             let provider = provider_named(&route.provider, &route.model)?;
-            let default_upstream_model = route.upstream_model.clone().unwrap_or_else(|| route.model.clone());
-            let specs = if route.channels.is_empty() {
+            let upstream_model = route.upstream_model.clone().unwrap_or_else(|| route.model.clone());
+            let channels = if route.channels.is_empty() {
                 vec![ChannelSpec {
                     name: route.provider.clone(),
                     provider: provider.clone(),
-                    upstream_model: default_upstream_model,
+                    upstream_model: upstream_model.clone(),
                     priority: 0,
                     weight: 1,
                     concurrent_requests_max: None,
                     enabled: true,
+                    added: false,
                 }]
             } else {
                 route
@@ -123,26 +142,17 @@ impl Upstreams {
                         Ok(ChannelSpec {
                             name: channel.name.clone().unwrap_or_else(|| channel.provider.clone()),
                             provider: provider_named(&channel.provider, &route.model)?,
-                            upstream_model: channel.upstream_model.clone().unwrap_or_else(|| default_upstream_model.clone()),
+                            upstream_model: channel.upstream_model.clone().unwrap_or_else(|| upstream_model.clone()),
                             priority: channel.priority,
                             weight: channel.weight,
                             concurrent_requests_max: channel.concurrent_requests_max,
                             enabled: !channel.disabled,
+                            added: false,
                         })
                     })
                     .collect::<Result<Vec<_>, String>>()?
             };
-            let channels = specs
-                .into_iter()
-                .map(|spec| {
-                    let channel = Channel::new(&route.model, spec);
-                    Arc::new(match &shared {
-                        Some(shared) => channel.with_shared_breaker(shared.clone()),
-                        None => channel,
-                    })
-                })
-                .collect();
-            routes.insert(route.model.clone(), Arc::new(Route { model: route.model.clone(), provider, channels, session_lock: route.session_lock }));
+            configured.push(ConfiguredModel { model: route.model.clone(), provider, upstream_model, channels, session_lock: route.session_lock });
         }
         let routing = &config.routing;
         let policy = BreakerPolicy {
@@ -150,22 +160,95 @@ impl Upstreams {
             window_ms: i64::try_from(routing.breaker_window_ms).unwrap_or(i64::MAX),
             open_ms: i64::try_from(routing.breaker_open_ms).unwrap_or(i64::MAX),
         };
-        Ok(Upstreams { routes, policy })
+        let upstreams = Upstreams { providers, configured, routes: RwLock::default(), policy, shared, reloading: tokio::sync::Mutex::new(()) };
+        upstreams.apply(&[], &[]);
+        Ok(upstreams)
     }
 
-    pub fn route(&self, model: &str) -> Option<&Arc<Route>> {
-        self.routes.get(model)
+    pub fn route(&self, model: &str) -> Option<Arc<Route>> {
+        self.table().get(model).cloned()
     }
 
-    /// Applies what operators set on channels; a channel without an operator's word is as
-    /// configured.
-    pub fn apply_channel_states(&self, states: &[tollgate_store::model::ChannelState]) {
-        for route in self.routes.values() {
-            for channel in &route.channels {
-                let set = states.iter().find(|state| state.model == route.model && state.channel == channel.name);
-                channel.set_enabled(set.map_or(channel.configured_enabled, |state| state.enabled));
-            }
+    fn table(&self) -> Arc<HashMap<String, Arc<Route>>> {
+        // Replaced whole, never changed in place: a poisoned lock still holds a whole table.
+        Arc::clone(&self.routes.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// The channel an operator asks to add to `model`, checked as a configured one would be.
+    ///
+    /// # Errors
+    /// The model is not routed, the provider is unknown or speaks another protocol, or the
+    /// name is taken by a configured channel of the model.
+    pub fn added_spec(&self, added: &AddedChannel) -> Result<ChannelSpec, String> {
+        let model = self.configured.iter().find(|model| model.model == added.model).ok_or_else(|| format!("model {} is not routed", added.model))?;
+        let provider = self.providers.get(&added.provider).ok_or_else(|| format!("unknown provider {}", added.provider))?;
+        if provider.kind != model.provider.kind {
+            return Err(format!("provider {} speaks another protocol than the model's provider {}", provider.name, model.provider.name));
         }
+        if model.channels.iter().any(|channel| channel.name == added.channel) {
+            return Err(format!("model {} has a configured channel {}", added.model, added.channel));
+        }
+        Ok(ChannelSpec {
+            name: added.channel.clone(),
+            provider: provider.clone(),
+            upstream_model: added.upstream_model.clone().unwrap_or_else(|| model.upstream_model.clone()),
+            priority: added.priority,
+            weight: added.weight,
+            concurrent_requests_max: added.concurrent_requests_max,
+            enabled: true,
+            added: true,
+        })
+    }
+
+    /// Reads what operators added and set on channels, and rebuilds the routes with it.
+    ///
+    /// # Errors
+    /// The ledger could not be read; the routes stay as they are.
+    pub async fn reload(&self, ledger: &dyn tollgate_store::Ledger) -> Result<(), tollgate_store::StoreError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let states = ledger.channel_states().await?;
+        let added = ledger.added_channels().await?;
+        self.apply(&states, &added);
+        Ok(())
+    }
+
+    /// Rebuilds every route from the configuration, the channels operators added and what they
+    /// set on channels. A channel that did not change keeps its live state (breaker, requests
+    /// in flight, `Retry-After`); an added one that no longer fits the configuration (its
+    /// provider gone, its name now configured) is left out, with a warning.
+    fn apply(&self, states: &[ChannelState], added: &[AddedChannel]) {
+        let current = self.table();
+        let mut routes = HashMap::new();
+        for model in &self.configured {
+            let mut specs = model.channels.clone();
+            for channel in added.iter().filter(|channel| channel.model == model.model) {
+                match self.added_spec(channel) {
+                    Ok(spec) => specs.push(spec),
+                    Err(error) => tracing::warn!(model = model.model, channel = channel.channel, error, "an added channel is left out"),
+                }
+            }
+            let kept = current.get(&model.model);
+            let channels: Vec<Arc<Channel>> = specs
+                .into_iter()
+                .map(|spec| {
+                    let same = kept.and_then(|route| route.channels.iter().find(|channel| channel.spec.same_as(&spec)));
+                    same.cloned().unwrap_or_else(|| {
+                        let channel = Channel::new(&model.model, spec);
+                        Arc::new(match &self.shared {
+                            Some(shared) => channel.with_shared_breaker(shared.clone()),
+                            None => channel,
+                        })
+                    })
+                })
+                .collect();
+            for channel in &channels {
+                let set = states.iter().find(|state| state.model == model.model && state.channel == channel.spec.name);
+                channel.set_enabled(set.map_or(channel.spec.enabled, |state| state.enabled));
+            }
+            let route = Route { model: model.model.clone(), provider: model.provider.clone(), channels, session_lock: model.session_lock };
+            routes.insert(model.model.clone(), Arc::new(route));
+        }
+        *self.routes.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(routes);
     }
 
     /// What every breaker obeys.
@@ -173,14 +256,14 @@ impl Upstreams {
         self.policy
     }
 
-    /// Every channel of every model.
+    /// Every channel of every model, as routed now.
     pub fn channels(&self) -> Vec<Arc<Channel>> {
-        self.routes.values().flat_map(|route| route.channels.iter().cloned()).collect()
+        self.table().values().flat_map(|route| route.channels.iter().cloned()).collect()
     }
 
     /// Every routed model, sorted.
-    pub fn models(&self) -> Vec<&Arc<Route>> {
-        let mut routes: Vec<&Arc<Route>> = self.routes.values().collect();
+    pub fn models(&self) -> Vec<Arc<Route>> {
+        let mut routes: Vec<Arc<Route>> = self.table().values().cloned().collect();
         routes.sort_by(|left, right| left.model.cmp(&right.model));
         routes
     }

@@ -69,6 +69,13 @@ pub trait Ledger: crate::operations::Operations + crate::retention::Retention + 
     /// Records an operator's word on a channel (the last one counts) and, in PostgreSQL, tells
     /// every gateway (the config notification, kind `channel`).
     async fn set_channel_state(&self, state: crate::model::ChannelState) -> StoreResult<()>;
+    /// Every channel operators added, by (model, channel).
+    async fn added_channels(&self) -> StoreResult<Vec<crate::model::AddedChannel>>;
+    /// Adds a channel to a model for every gateway (in PostgreSQL, with the config
+    /// notification, kind `channel`). `Conflict` if the model has an added channel of that name.
+    async fn add_channel(&self, channel: crate::model::AddedChannel) -> StoreResult<()>;
+    /// Removes an added channel, and what operators set on it; whether there was one.
+    async fn remove_channel(&self, model: &str, channel: &str) -> StoreResult<bool>;
     /// The upstream attempts recorded for a request id of an account (see
     /// [`crate::model::UpstreamAttempt`]): the newest usage row's first, each row's in attempt
     /// order; at most 1,000.

@@ -93,6 +93,8 @@ pub struct ApiKey {
     pub tpm: Option<u64>,
     /// `None`: every routed model.
     pub allowed_models: Option<Vec<String>>,
+    /// The session lock of this key's requests, over the model's; `None`: the model's.
+    pub session_lock: Option<SessionLockMode>,
     #[serde(with = "time::serde::rfc3339::option")]
     pub expires_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339")]
@@ -115,6 +117,7 @@ pub struct NewApiKey {
     pub rpm: Option<u64>,
     pub tpm: Option<u64>,
     pub allowed_models: Option<Vec<String>>,
+    pub session_lock: Option<SessionLockMode>,
     pub expires_at: Option<OffsetDateTime>,
 }
 
@@ -348,6 +351,54 @@ pub struct ChannelState {
     pub enabled: bool,
     pub reason: Option<String>,
     pub updated_at_ms: i64,
+}
+
+/// A channel an operator added to a model through `/internal/channels`, beside its configured
+/// channels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AddedChannel {
+    pub model: String,
+    pub channel: String,
+    /// A configured provider of the model's protocol kind.
+    pub provider: String,
+    /// `None`: the model's own upstream name.
+    pub upstream_model: Option<String>,
+    pub priority: i32,
+    pub weight: u32,
+    pub concurrent_requests_max: Option<u32>,
+    pub created_at_ms: i64,
+}
+
+/// Whether two requests of one session may run at once: a model's setting, or a key's over it.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionLockMode {
+    /// No lock.
+    #[default]
+    Off,
+    /// A second request of a busy session is refused: 409 `session_busy`.
+    Reject,
+    /// A second request waits for the lock, at most `routing.session_lock_wait_ms`, then 409.
+    Wait,
+}
+
+impl SessionLockMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionLockMode::Off => "off",
+            SessionLockMode::Reject => "reject",
+            SessionLockMode::Wait => "wait",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<SessionLockMode> {
+        match text {
+            "off" => Some(SessionLockMode::Off),
+            "reject" => Some(SessionLockMode::Reject),
+            "wait" => Some(SessionLockMode::Wait),
+            _ => None,
+        }
+    }
 }
 
 /// An upstream attempt as the ledger keeps it.

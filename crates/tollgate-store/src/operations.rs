@@ -306,6 +306,29 @@ pub(crate) const FINISH_RECONCILIATION: &str = "UPDATE reconciliation_log SET fi
     drifts_found = ?, accounts_repaired = ?, total_drift = ?, report = ? WHERE id = ?";
 pub(crate) const RECONCILIATIONS: &str = "SELECT * FROM reconciliation_log ORDER BY id DESC LIMIT ?";
 
+/// An added channel, unless the model has one of that name (`?` placeholders; see [`pg`]).
+pub(crate) const ADD_CHANNEL: &str = "INSERT INTO added_channels (model, channel, provider, upstream_model, priority, weight, concurrent_requests_max, created_at)
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (model, channel) DO NOTHING";
+
+/// [`ADD_CHANNEL`] with the channel's values bound, for either database (`sql`: it as the
+/// database spells it).
+pub(crate) fn add_channel_query<'q, DB: sqlx::Database>(sql: impl sqlx::SqlSafeStr, channel: &'q crate::model::AddedChannel) -> sqlx::query::Query<'q, DB, DB::Arguments>
+where
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<i64>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    &'q String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    &'q Option<String>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    sqlx::query(sql)
+        .bind(&channel.model)
+        .bind(&channel.channel)
+        .bind(&channel.provider)
+        .bind(&channel.upstream_model)
+        .bind(i64::from(channel.priority))
+        .bind(i64::from(channel.weight))
+        .bind(channel.concurrent_requests_max.map(i64::from))
+        .bind(channel.created_at_ms)
+}
 pub(crate) const ENSURE_LEASE: &str = "INSERT INTO job_leases (job, holder, fence, expires_at) VALUES (?, '', 0, 0) ON CONFLICT (job) DO NOTHING";
 pub(crate) const PERIOD_RAN: &str = "SELECT 1 FROM job_runs WHERE job = ? AND period_start = ?";
 pub(crate) const TAKE_LEASE: &str = "UPDATE job_leases SET holder = ?, fence = ?, expires_at = ? WHERE job = ?";

@@ -21,7 +21,7 @@ use crate::ledger::Ledger;
 use crate::operations::pg;
 use crate::model::{
     Account, AccountBalance, AccountPatch, ApiKey, FundKind, FundOutcome, FundTransaction, LedgerEntry, NewAccount,
-    ChargedRequest, NewApiKey, NewFund, NewPrice, PriceRow, RecordOutcome, RequestStatus, StoredResponse, SummaryGroup, SummaryRow, TopUp,
+    ChargedRequest, NewApiKey, NewFund, NewPrice, PriceRow, RecordOutcome, RequestStatus, SessionLockMode, StoredResponse, SummaryGroup, SummaryRow, TopUp,
     TopUpStatus, UsageEvent, UsageQuery, UsageRow,
 };
 use crate::sql_rows::{
@@ -571,8 +571,8 @@ impl Ledger for PgLedger {
             return Err(StoreError::NotFound { entity: "account", id: key.account_id });
         }
         let row = sqlx::query(
-            "INSERT INTO api_keys (id, account_id, name, key_hash, prefix, status, budget_daily, budget_monthly, budget_total, rpm, tpm, allowed_models, expires_at, created_at)
-             VALUES ($1, $2, $3, $4, $5, 'active', $6, $7, $8, $9, $10, $11, $12, $13) RETURNING *",
+            "INSERT INTO api_keys (id, account_id, name, key_hash, prefix, status, budget_daily, budget_monthly, budget_total, rpm, tpm, allowed_models, session_lock, expires_at, created_at)
+             VALUES ($1, $2, $3, $4, $5, 'active', $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING *",
         )
         .bind(&key.id)
         .bind(&key.account_id)
@@ -585,6 +585,7 @@ impl Ledger for PgLedger {
         .bind(optional_i64(key.rpm, "rpm")?)
         .bind(optional_i64(key.tpm, "tpm")?)
         .bind(allowed_models_text(key.allowed_models.as_ref())?)
+        .bind(key.session_lock.map(SessionLockMode::as_str))
         .bind(key.expires_at.map(ms_of))
         .bind(now_ms())
         .fetch_one(&mut *transaction)
@@ -766,6 +767,33 @@ impl Ledger for PgLedger {
         config_changed(&mut transaction, "channel", &format!("{}/{}", state.model, state.channel)).await?;
         transaction.commit().await?;
         Ok(())
+    }
+
+    async fn added_channels(&self) -> StoreResult<Vec<crate::model::AddedChannel>> {
+        crate::sql_reads::Reads(&self.pool).added_channels().await
+    }
+
+    async fn add_channel(&self, channel: crate::model::AddedChannel) -> StoreResult<()> {
+        let mut transaction = self.pool.begin().await?;
+        let inserted = crate::operations::add_channel_query(pg(crate::operations::ADD_CHANNEL), &channel).execute(&mut *transaction).await?.rows_affected();
+        if inserted == 0 {
+            return Err(StoreError::Conflict(format!("model {} already has a channel {}", channel.model, channel.channel)));
+        }
+        config_changed(&mut transaction, "channel", &format!("{}/{}", channel.model, channel.channel)).await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    async fn remove_channel(&self, model: &str, channel: &str) -> StoreResult<bool> {
+        let mut transaction = self.pool.begin().await?;
+        let removed = sqlx::query("DELETE FROM added_channels WHERE model = $1 AND channel = $2").bind(model).bind(channel).execute(&mut *transaction).await?.rows_affected();
+        if removed == 0 {
+            return Ok(false);
+        }
+        sqlx::query("DELETE FROM channel_states WHERE model = $1 AND channel = $2").bind(model).bind(channel).execute(&mut *transaction).await?;
+        config_changed(&mut transaction, "channel", &format!("{model}/{channel}")).await?;
+        transaction.commit().await?;
+        Ok(true)
     }
 
     async fn upstream_attempts(&self, account_id: &str, request_id: &str) -> StoreResult<Vec<crate::model::RecordedAttempt>> {

@@ -6,7 +6,7 @@ use sqlx::postgres::Postgres;
 use sqlx::sqlite::Sqlite;
 use time::OffsetDateTime;
 
-use crate::error::StoreResult;
+use crate::error::{StoreError, StoreResult};
 use crate::model::{Account, AccountBalance, ApiKey, FundKind, FundTransaction, SummaryGroup, SummaryRow, UsageQuery, UsageRow};
 use crate::operations::{
     DUE_OUTBOX, DeliveryAttempt, JobRun, OutboxEvent, RECONCILIATIONS, ReconciliationRun, delivery_from, job_run_from, outbox_from, reconciliation_from,
@@ -86,6 +86,29 @@ where
                     enabled: row.int("enabled")? != 0,
                     reason: row.optional_text("reason")?,
                     updated_at_ms: row.int("updated_at")?,
+                })
+            })
+            .collect()
+    }
+
+    pub(crate) async fn added_channels(&self) -> StoreResult<Vec<crate::model::AddedChannel>> {
+        let rows = sqlx::query(DB::sql(
+            "SELECT model, channel, provider, upstream_model, priority, weight, concurrent_requests_max, created_at
+             FROM added_channels ORDER BY model, channel",
+        ))
+        .fetch_all(self.0)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(crate::model::AddedChannel {
+                    model: row.text("model")?,
+                    channel: row.text("channel")?,
+                    provider: row.text("provider")?,
+                    upstream_model: row.optional_text("upstream_model")?,
+                    priority: number(row.int("priority")?, "priority")?,
+                    weight: number(row.int("weight")?, "weight")?,
+                    concurrent_requests_max: row.optional_int("concurrent_requests_max")?.map(|max| number(max, "concurrent_requests_max")).transpose()?,
+                    created_at_ms: row.int("created_at")?,
                 })
             })
             .collect()
@@ -208,4 +231,9 @@ where
 enum Owner {
     Text(String),
     Id(i64),
+}
+
+/// An integer column of `added_channels` in the narrower type the model keeps it in.
+fn number<T: TryFrom<i64>>(value: i64, column: &str) -> StoreResult<T> {
+    T::try_from(value).map_err(|_| StoreError::Corrupt(format!("added_channels.{column}: {value}")))
 }

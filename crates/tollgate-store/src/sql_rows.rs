@@ -13,7 +13,7 @@ use tollgate_core::{Money, Price, Usage, UsageSource};
 use crate::error::{StoreError, StoreResult};
 use crate::model::{
     Account, AccountKind, AccountPatch, AccountStatus, ApiKey, ArchivedRun, ChargedRequest, FundKind, FundTransaction, KeyStatus, LedgerEntry,
-    NewFund, PriceRow, RecordOutcome, RequestStatus, StoredResponse, SummaryGroup, SummaryRow, TopUp, TopUpStatus,
+    NewFund, PriceRow, RecordOutcome, RequestStatus, SessionLockMode, StoredResponse, SummaryGroup, SummaryRow, TopUp, TopUpStatus,
     UpstreamAttempt, UsageEvent, UsageQuery, UsageRow,
 };
 
@@ -149,6 +149,10 @@ pub(crate) fn key_from(row: &impl Fields) -> StoreResult<ApiKey> {
         tpm: optional_u64(row.optional_int("tpm")?, "tpm")?,
         allowed_models: allowed_models
             .map(|text| serde_json::from_str(&text).map_err(|error| StoreError::Corrupt(format!("allowed_models: {error}"))))
+            .transpose()?,
+        session_lock: row
+            .optional_text("session_lock")?
+            .map(|text| SessionLockMode::parse(&text).ok_or_else(|| StoreError::Corrupt(format!("session_lock {text:?}"))))
             .transpose()?,
         expires_at: optional_time(row.optional_int("expires_at")?)?,
         created_at: time_of(row.int("created_at")?)?,

@@ -20,7 +20,7 @@ use crate::operations::{CHARGED_REQUEST, key_budgets_from, threshold_from};
 use crate::model::{
     Account, AccountBalance, AccountPatch, ApiKey, FundKind, FundOutcome, FundTransaction, LedgerEntry, NewAccount,
     ChargedRequest, NewApiKey, NewFund, NewPrice, PriceRow, RecordOutcome, SummaryGroup, SummaryRow, TopUp,
-    RequestStatus, TopUpStatus, UsageEvent, UsageQuery, UsageRow,
+    RequestStatus, SessionLockMode, TopUpStatus, UsageEvent, UsageQuery, UsageRow,
 };
 use crate::sqlite_ops::json_list;
 use crate::sql_rows::{
@@ -482,8 +482,8 @@ impl Ledger for SqliteLedger {
         }
         let allowed_models = allowed_models_text(key.allowed_models.as_ref())?;
         let row = sqlx::query(
-            "INSERT INTO api_keys (id, account_id, name, key_hash, prefix, status, budget_daily, budget_monthly, budget_total, rpm, tpm, allowed_models, expires_at, created_at)
-             VALUES (?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+            "INSERT INTO api_keys (id, account_id, name, key_hash, prefix, status, budget_daily, budget_monthly, budget_total, rpm, tpm, allowed_models, session_lock, expires_at, created_at)
+             VALUES (?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
         )
         .bind(&key.id)
         .bind(&key.account_id)
@@ -496,6 +496,7 @@ impl Ledger for SqliteLedger {
         .bind(optional_i64(key.rpm, "rpm")?)
         .bind(optional_i64(key.tpm, "tpm")?)
         .bind(allowed_models)
+        .bind(key.session_lock.map(SessionLockMode::as_str))
         .bind(key.expires_at.map(ms_of))
         .bind(now_ms())
         .fetch_one(&self.pool)
@@ -669,6 +670,29 @@ impl Ledger for SqliteLedger {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    async fn added_channels(&self) -> StoreResult<Vec<crate::model::AddedChannel>> {
+        crate::sql_reads::Reads(&self.pool).added_channels().await
+    }
+
+    async fn add_channel(&self, channel: crate::model::AddedChannel) -> StoreResult<()> {
+        let inserted = crate::operations::add_channel_query(crate::operations::ADD_CHANNEL, &channel)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        if inserted == 0 {
+            return Err(StoreError::Conflict(format!("model {} already has a channel {}", channel.model, channel.channel)));
+        }
+        Ok(())
+    }
+
+    async fn remove_channel(&self, model: &str, channel: &str) -> StoreResult<bool> {
+        let mut transaction = self.write().await?;
+        let removed = sqlx::query("DELETE FROM added_channels WHERE model = ? AND channel = ?").bind(model).bind(channel).execute(&mut *transaction).await?.rows_affected();
+        sqlx::query("DELETE FROM channel_states WHERE model = ? AND channel = ?").bind(model).bind(channel).execute(&mut *transaction).await?;
+        transaction.commit().await?;
+        Ok(removed > 0)
     }
 
     async fn upstream_attempts(&self, account_id: &str, request_id: &str) -> StoreResult<Vec<crate::model::RecordedAttempt>> {

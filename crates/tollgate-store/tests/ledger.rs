@@ -84,6 +84,7 @@ conformance!(
     counter_seeds_hold_the_current_periods,
     a_fund_change_beyond_the_hot_store_range_is_refused_before_commit,
     stored_responses_are_pruned_from_the_head_in_batches,
+    added_channels_are_kept_once_and_removed_with_their_state,
 );
 
 async fn account(ledger: &dyn Ledger, id: &str) {
@@ -141,16 +142,45 @@ async fn keys_are_found_by_hash_and_revoked(ledger: Arc<dyn Ledger>) {
         rpm: Some(3),
         tpm: None,
         allowed_models: Some(vec!["demo-gpt".into()]),
+        session_lock: Some(tollgate_store::model::SessionLockMode::Reject),
         expires_at: None,
     };
     ledger.create_key(key.clone()).await.unwrap();
     let found = ledger.key_by_hash("hash-1").await.unwrap().unwrap();
     assert_eq!((found.id.as_str(), found.budget_monthly, found.rpm, found.allowed_models.clone()), ("k1", Some(Money::from_nanos(7)), Some(3), Some(vec!["demo-gpt".to_string()])));
+    assert_eq!(found.session_lock, Some(tollgate_store::model::SessionLockMode::Reject));
     assert!(ledger.key_by_hash("hash-2").await.unwrap().is_none());
     let revoked = ledger.revoke_key("k1").await.unwrap();
     let revoked_again = ledger.revoke_key("k1").await.unwrap();
     assert_eq!(revoked.revoked_at, revoked_again.revoked_at, "revocation is idempotent");
     assert!(matches!(ledger.create_key(NewApiKey { id: "k2".into(), account_id: "nobody".into(), key_hash: "h".into(), ..key }).await, Err(StoreError::NotFound { .. })));
+}
+
+async fn added_channels_are_kept_once_and_removed_with_their_state(ledger: Arc<dyn Ledger>) {
+    use tollgate_store::model::{AddedChannel, ChannelState};
+    let added = AddedChannel {
+        model: "m".into(),
+        channel: "backup".into(),
+        provider: "p2".into(),
+        upstream_model: None,
+        priority: -1,
+        weight: 3,
+        concurrent_requests_max: Some(8),
+        created_at_ms: 1_700_000_000_000,
+    };
+    ledger.add_channel(added.clone()).await.unwrap();
+    let other = AddedChannel { channel: "other".into(), upstream_model: Some("m-2".into()), concurrent_requests_max: None, ..added.clone() };
+    ledger.add_channel(other.clone()).await.unwrap();
+    assert!(matches!(ledger.add_channel(AddedChannel { weight: 9, ..added.clone() }).await, Err(StoreError::Conflict(_))), "one name per model");
+    assert_eq!(ledger.added_channels().await.unwrap(), [added.clone(), other.clone()], "kept as given, the first not overwritten");
+    let state = ChannelState { model: "m".into(), channel: "backup".into(), enabled: false, reason: None, updated_at_ms: 1 };
+    ledger.set_channel_state(state).await.unwrap();
+    assert!(ledger.remove_channel("m", "backup").await.unwrap());
+    assert!(!ledger.remove_channel("m", "backup").await.unwrap(), "removed once");
+    assert_eq!(ledger.added_channels().await.unwrap(), [other]);
+    assert!(ledger.channel_states().await.unwrap().is_empty(), "its disabled state went with it");
+    ledger.add_channel(added.clone()).await.unwrap();
+    assert!(ledger.added_channels().await.unwrap().contains(&added), "a removed name can be added again");
 }
 
 async fn the_newest_price_wins(ledger: Arc<dyn Ledger>) {
@@ -571,6 +601,7 @@ async fn counter_seeds_hold_the_current_periods(ledger: Arc<dyn Ledger>) {
         rpm: None,
         tpm: None,
         allowed_models: None,
+        session_lock: None,
         expires_at: None,
     };
     ledger.create_key(key("ka", "a")).await.unwrap();

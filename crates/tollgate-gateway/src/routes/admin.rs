@@ -222,6 +222,8 @@ struct CreateKey {
     rpm: Option<u64>,
     tpm: Option<u64>,
     allowed_models: Option<Vec<String>>,
+    /// `off`, `reject` or `wait`, over the session lock of the models the key calls.
+    session_lock: Option<tollgate_store::model::SessionLockMode>,
     #[serde(default, with = "time::serde::rfc3339::option")]
     expires_at: Option<OffsetDateTime>,
 }
@@ -245,6 +247,7 @@ async fn create_key(State(state): State<AppState>, Path(account_id): Path<String
             rpm: request.rpm,
             tpm: request.tpm,
             allowed_models: request.allowed_models,
+            session_lock: request.session_lock,
             expires_at: request.expires_at,
         })
         .await?;

@@ -1,13 +1,15 @@
 //! The operator API for routing: every model's channels with their live state, a channel
-//! disabled or enabled for every gateway, the upstream attempts of a request, and an account's
+//! added, removed, disabled or enabled for every gateway, the upstream attempts of a request, and an account's
 //! session pins cleared.
 
 use axum::extract::{Path, Query, State};
 use axum::routing::{delete, get, post};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tollgate_store::model::ChannelState;
+use tollgate_store::model::{AddedChannel, ChannelState};
 
 use crate::error::ApiError;
 use crate::routes::LimitedBody;
@@ -21,6 +23,8 @@ const REASON_CHARS_MAX: usize = 500;
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/channels", get(list))
+        .route("/channels/{model}", post(add))
+        .route("/channels/{model}/{channel}", delete(remove))
         .route("/channels/{model}/{channel}/disable", post(disable))
         .route("/channels/{model}/{channel}/enable", post(enable))
         .route("/billing/attempts", get(attempts))
@@ -60,21 +64,106 @@ async fn list(State(state): State<AppState>) -> Json<Value> {
             let cooling_until = Some(channel.cooling_until_ms()).filter(|until_ms| *until_ms > now_ms);
             channels.push(json!({
                 "model": route.model,
-                "channel": channel.name,
-                "provider": channel.provider.name,
-                "upstream_model": channel.upstream_model,
-                "priority": channel.priority,
-                "weight": channel.weight,
+                "channel": channel.spec.name,
+                "provider": channel.spec.provider.name,
+                "upstream_model": channel.spec.upstream_model,
+                "priority": channel.spec.priority,
+                "weight": channel.spec.weight,
                 "enabled": channel.enabled(),
+                "added": channel.spec.added,
                 "breaker": breaker,
                 "open_until": open_until_ms.map(rfc3339),
                 "retry_after_until": cooling_until.map(rfc3339),
                 "in_flight": channel.in_flight(),
-                "concurrent_requests_max": channel.concurrent_requests_max,
+                "concurrent_requests_max": channel.spec.concurrent_requests_max,
             }));
         }
     }
     Json(json!({"channels": channels}))
+}
+
+/// A channel to add to a model.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewChannel {
+    name: String,
+    provider: String,
+    upstream_model: Option<String>,
+    #[serde(default)]
+    priority: i32,
+    #[serde(default = "one")]
+    weight: u32,
+    concurrent_requests_max: Option<u32>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Longest upstream model name an operator may give.
+const UPSTREAM_MODEL_CHARS_MAX: usize = 256;
+
+/// Adds a channel to a routed model, for every gateway: kept in the ledger, applied here at once
+/// and by the others on the config notification. It starts enabled, with a closed breaker.
+async fn add(State(state): State<AppState>, Path(model): Path<String>, LimitedBody(body): LimitedBody) -> Result<Response, ApiError> {
+    let new: NewChannel = parse_body(&body)?;
+    if !crate::config::channel_name_valid(&new.name) {
+        return Err(ApiError::InvalidRequest("name must be 1 to 64 of A-Z a-z 0-9 - _ . :".into()));
+    }
+    if new.upstream_model.as_ref().is_some_and(|name| name.is_empty() || name.chars().count() > UPSTREAM_MODEL_CHARS_MAX) {
+        return Err(ApiError::InvalidRequest(format!("upstream_model must be 1 to {UPSTREAM_MODEL_CHARS_MAX} characters")));
+    }
+    if new.weight == 0 {
+        return Err(ApiError::InvalidRequest("weight must be at least 1".into()));
+    }
+    if new.concurrent_requests_max == Some(0) {
+        return Err(ApiError::InvalidRequest("concurrent_requests_max must be positive".into()));
+    }
+    if state.upstreams.route(&model).is_none() {
+        return Err(ApiError::NotFound(format!("model {model} is not routed")));
+    }
+    let added = AddedChannel {
+        model,
+        channel: new.name,
+        provider: new.provider,
+        upstream_model: new.upstream_model,
+        priority: new.priority,
+        weight: new.weight,
+        concurrent_requests_max: new.concurrent_requests_max,
+        created_at_ms: state.now_ms(),
+    };
+    let spec = state.upstreams.added_spec(&added).map_err(ApiError::InvalidRequest)?;
+    state.ledger.add_channel(added.clone()).await?;
+    state.reload_channels().await?;
+    tracing::warn!(model = added.model, channel = added.channel, provider = added.provider, "channel added by an operator");
+    let body = json!({
+        "model": added.model,
+        "channel": added.channel,
+        "provider": added.provider,
+        "upstream_model": spec.upstream_model,
+        "priority": added.priority,
+        "weight": added.weight,
+        "concurrent_requests_max": added.concurrent_requests_max,
+        "enabled": true,
+        "added": true,
+        "created_at": rfc3339(added.created_at_ms),
+    });
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// Removes a channel an operator added (a configured one can only be disabled). Requests it
+/// serves now finish on it; no new one is sent to it.
+async fn remove(State(state): State<AppState>, Path((model, channel)): Path<(String, String)>) -> Result<Json<Value>, ApiError> {
+    let route = state.upstreams.route(&model).ok_or_else(|| ApiError::NotFound(format!("model {model} is not routed")))?;
+    if route.channels.iter().any(|candidate| candidate.spec.name == channel && !candidate.spec.added) {
+        return Err(ApiError::Conflict(format!("channel {channel} of model {model} is configured: disable it instead, or remove it from the configuration")));
+    }
+    if !state.ledger.remove_channel(&model, &channel).await? {
+        return Err(ApiError::NotFound(format!("model {model} has no added channel {channel}")));
+    }
+    state.reload_channels().await?;
+    tracing::warn!(model, channel, "channel removed by an operator");
+    Ok(Json(json!({"model": model, "channel": channel, "removed": true})))
 }
 
 #[derive(Deserialize, Default)]
@@ -104,14 +193,14 @@ async fn set_enabled(
         return Err(ApiError::InvalidRequest(format!("reason must be at most {REASON_CHARS_MAX} characters")));
     }
     let route = state.upstreams.route(&model).ok_or_else(|| ApiError::NotFound(format!("model {model} is not routed")))?;
-    if !route.channels.iter().any(|candidate| candidate.name == channel) {
+    if !route.channels.iter().any(|candidate| candidate.spec.name == channel) {
         return Err(ApiError::NotFound(format!("model {model} has no channel {channel}")));
     }
     state
         .ledger
         .set_channel_state(ChannelState { model: model.clone(), channel: channel.clone(), enabled, reason: change.reason.clone(), updated_at_ms: state.now_ms() })
         .await?;
-    state.reload_channel_states().await?;
+    state.reload_channels().await?;
     Ok(Json(json!({"model": model, "channel": channel, "enabled": enabled, "reason": change.reason})))
 }
 

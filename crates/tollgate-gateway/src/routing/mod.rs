@@ -23,18 +23,12 @@ use tollgate_store::redis_store::VersionedValues;
 
 use crate::upstream::Provider;
 
-/// One upstream channel of one model.
+/// One upstream channel of one model: what it is ([`ChannelSpec`]) and how it does now.
 pub struct Channel {
     pub model: String,
-    pub name: String,
-    pub provider: Provider,
-    pub upstream_model: String,
-    pub priority: i32,
-    pub weight: u32,
-    pub concurrent_requests_max: Option<u32>,
-    /// Enabled in the configuration (an operator's word through `/internal/channels` overrides).
-    pub configured_enabled: bool,
+    pub spec: ChannelSpec,
     in_flight: AtomicU32,
+    /// As configured or added (`spec.enabled`) unless an operator said otherwise.
     enabled: AtomicBool,
     /// Unix ms before which an upstream's `Retry-After` keeps the channel out.
     cooling_until_ms: AtomicI64,
@@ -57,19 +51,20 @@ pub struct SharedBreakers {
 }
 
 /// Follows the shared breakers of every channel (services mode) until `shutdown`: each period,
-/// one read of them all; a mirror whose version differs takes the stored state.
-pub async fn run_breaker_sync(channels: Vec<Arc<Channel>>, period: std::time::Duration, shutdown: tokio_util::sync::CancellationToken) {
-    let shared: Vec<(Arc<Channel>, SharedBreakers, String)> =
-        channels.into_iter().filter_map(|channel| channel.shared.clone().map(|(values, key)| (Arc::clone(&channel), values, key))).collect();
-    let Some((_, breakers, _)) = shared.first().cloned() else {
-        return;
-    };
-    let keys: Vec<String> = shared.iter().map(|(_, _, key)| key.clone()).collect();
+/// one read of those of the channels routed now (`channels`: they change as operators add and
+/// remove some); a mirror whose version differs takes the stored state.
+pub async fn run_breaker_sync(channels: impl Fn() -> Vec<Arc<Channel>> + Send, period: std::time::Duration, shutdown: tokio_util::sync::CancellationToken) {
     loop {
         tokio::select! {
             () = tokio::time::sleep(period) => {}
             () = shutdown.cancelled() => return,
         }
+        let shared: Vec<(Arc<Channel>, SharedBreakers, String)> =
+            channels().into_iter().filter_map(|channel| channel.shared.clone().map(|(values, key)| (Arc::clone(&channel), values, key))).collect();
+        let Some((_, breakers, _)) = shared.first() else {
+            continue;
+        };
+        let keys: Vec<String> = shared.iter().map(|(_, _, key)| key.clone()).collect();
         match breakers.values.read(&keys).await {
             Ok(stored) => {
                 for ((channel, _, _), (version, value)) in shared.iter().zip(stored) {
@@ -94,7 +89,8 @@ enum Origin {
     Shared,
 }
 
-/// What a channel is configured as, for [`Channel::new`].
+/// What a channel is: configured, or added by an operator.
+#[derive(Clone)]
 pub struct ChannelSpec {
     pub name: String,
     pub provider: Provider,
@@ -102,22 +98,28 @@ pub struct ChannelSpec {
     pub priority: i32,
     pub weight: u32,
     pub concurrent_requests_max: Option<u32>,
+    /// Enabled unless an operator's word (`/internal/channels`) overrides.
     pub enabled: bool,
+    /// Added through `/internal/channels` rather than configured (only those can be removed).
+    pub added: bool,
+}
+
+impl ChannelSpec {
+    /// Whether `other` describes the same channel (a rebuilt route keeps its live state).
+    pub fn same_as(&self, other: &ChannelSpec) -> bool {
+        (self.name.as_str(), self.provider.name.as_str(), self.upstream_model.as_str(), self.priority, self.weight, self.concurrent_requests_max, self.enabled, self.added)
+            == (other.name.as_str(), other.provider.name.as_str(), other.upstream_model.as_str(), other.priority, other.weight, other.concurrent_requests_max, other.enabled, other.added)
+    }
 }
 
 impl Channel {
-    pub fn new(model: &str, spec: ChannelSpec) -> Channel {
+    pub fn new(model: &str, mut spec: ChannelSpec) -> Channel {
+        spec.weight = spec.weight.max(1);
         Channel {
             model: model.to_string(),
-            name: spec.name,
-            provider: spec.provider,
-            upstream_model: spec.upstream_model,
-            priority: spec.priority,
-            weight: spec.weight.max(1),
-            concurrent_requests_max: spec.concurrent_requests_max,
-            configured_enabled: spec.enabled,
-            in_flight: AtomicU32::new(0),
             enabled: AtomicBool::new(spec.enabled),
+            spec,
+            in_flight: AtomicU32::new(0),
             cooling_until_ms: AtomicI64::new(0),
             breaker: Mutex::new(Mirror::default()),
             shared: None,
@@ -126,7 +128,7 @@ impl Channel {
 
     /// Shares the breaker with the other gateways ([`SharedBreakers`]).
     pub fn with_shared_breaker(mut self, shared: SharedBreakers) -> Channel {
-        let key = shared.values.key("breaker", &format!("{}/{}", self.model, self.name));
+        let key = shared.values.key("breaker", &format!("{}/{}", self.model, self.spec.name));
         self.shared = Some((shared, key));
         self
     }
@@ -138,7 +140,7 @@ impl Channel {
     pub fn set_enabled(&self, enabled: bool) {
         let was = self.enabled.swap(enabled, Ordering::AcqRel);
         if was != enabled {
-            tracing::warn!(model = self.model, channel = self.name, enabled, "channel {}", if enabled { "enabled" } else { "disabled" });
+            tracing::warn!(model = self.model, channel = self.spec.name, enabled, "channel {}", if enabled { "enabled" } else { "disabled" });
         }
     }
 
@@ -163,7 +165,7 @@ impl Channel {
     fn available(&self, now_ms: i64, policy: &BreakerPolicy) -> bool {
         self.enabled()
             && now_ms >= self.cooling_until_ms()
-            && self.concurrent_requests_max.is_none_or(|max| self.in_flight() < max)
+            && self.spec.concurrent_requests_max.is_none_or(|max| self.in_flight() < max)
             && self.lock_breaker().breaker.admits(now_ms, policy)
     }
 
@@ -196,7 +198,7 @@ impl Channel {
                     (breaker, version) = (Breaker::from_state(stored), stored_version);
                 }
                 Err(error) => {
-                    tracing::warn!(model = self.model, channel = self.name, %error, "the shared circuit breaker could not be written; this gateway keeps the change to itself");
+                    tracing::warn!(model = self.model, channel = self.spec.name, %error, "the shared circuit breaker could not be written; this gateway keeps the change to itself");
                     self.adopt(None, next.state(), Origin::Here);
                     return said;
                 }
@@ -235,7 +237,7 @@ impl Channel {
     /// Takes a request slot and the breaker's admission, or nothing.
     async fn lease(self: &Arc<Channel>, now_ms: i64, policy: BreakerPolicy) -> Option<Lease> {
         let slot = self.in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |in_flight| {
-            self.concurrent_requests_max.is_none_or(|max| in_flight < max).then(|| in_flight.saturating_add(1))
+            self.spec.concurrent_requests_max.is_none_or(|max| in_flight < max).then(|| in_flight.saturating_add(1))
         });
         if slot.is_err() {
             return None;
@@ -249,18 +251,18 @@ impl Channel {
 
     fn announce(&self, from: BreakerState, to: BreakerState, origin: Origin) {
         let open = if matches!(to, BreakerState::Closed { .. }) { 0.0 } else { 1.0 };
-        metrics::gauge!("tollgate_breaker_open", "model" => self.model.clone(), "channel" => self.name.clone()).set(open);
+        metrics::gauge!("tollgate_breaker_open", "model" => self.model.clone(), "channel" => self.spec.name.clone()).set(open);
         if origin == Origin::Shared {
-            tracing::info!(model = self.model, channel = self.name, from = from.label(), to = to.label(), "circuit breaker changed by another gateway");
+            tracing::info!(model = self.model, channel = self.spec.name, from = from.label(), to = to.label(), "circuit breaker changed by another gateway");
             return;
         }
-        metrics::counter!("tollgate_breaker_transitions_total", "model" => self.model.clone(), "channel" => self.name.clone(), "to" => to.label()).increment(1);
+        metrics::counter!("tollgate_breaker_transitions_total", "model" => self.model.clone(), "channel" => self.spec.name.clone(), "to" => to.label()).increment(1);
         match to {
             BreakerState::Open { until_ms } => {
-                tracing::warn!(model = self.model, channel = self.name, from = from.label(), until_ms, "circuit breaker opened: the channel is left out until a probe succeeds");
+                tracing::warn!(model = self.model, channel = self.spec.name, from = from.label(), until_ms, "circuit breaker opened: the channel is left out until a probe succeeds");
             }
-            BreakerState::HalfOpen { .. } => tracing::info!(model = self.model, channel = self.name, "circuit breaker half-open: one request probes the channel"),
-            BreakerState::Closed { .. } => tracing::info!(model = self.model, channel = self.name, from = from.label(), "circuit breaker closed: the channel serves again"),
+            BreakerState::HalfOpen { .. } => tracing::info!(model = self.model, channel = self.spec.name, "circuit breaker half-open: one request probes the channel"),
+            BreakerState::Closed { .. } => tracing::info!(model = self.model, channel = self.spec.name, from = from.label(), "circuit breaker closed: the channel serves again"),
         }
     }
 }
@@ -394,8 +396,8 @@ impl Route {
                 .filter(|index| !tried.contains(index) && !refused.contains(index))
                 .filter(|index| self.channels.get(*index).is_some_and(|channel| channel.available(now_ms, &policy)))
                 .collect();
-            let top = available.iter().filter_map(|index| self.channels.get(*index)).map(|channel| channel.priority).max()?;
-            let group: Vec<&Arc<Channel>> = available.iter().filter_map(|index| self.channels.get(*index)).filter(|channel| channel.priority == top).collect();
+            let top = available.iter().filter_map(|index| self.channels.get(*index)).map(|channel| channel.spec.priority).max()?;
+            let group: Vec<&Arc<Channel>> = available.iter().filter_map(|index| self.channels.get(*index)).filter(|channel| channel.spec.priority == top).collect();
             let chosen = pick_weighted(&group)?;
             // Another request may have taken the last slot or the probe since `available`.
             match chosen.lease(now_ms, policy).await {
@@ -434,13 +436,13 @@ impl Route {
 }
 
 fn pick_weighted<'a>(group: &[&'a Arc<Channel>]) -> Option<&'a Arc<Channel>> {
-    let total: u64 = group.iter().map(|channel| u64::from(channel.weight)).sum();
+    let total: u64 = group.iter().map(|channel| u64::from(channel.spec.weight)).sum();
     if total == 0 {
         return None;
     }
     let mut ticket = rand::random_range(0..total);
     for channel in group {
-        let weight = u64::from(channel.weight);
+        let weight = u64::from(channel.spec.weight);
         if ticket < weight {
             return Some(channel);
         }
@@ -470,6 +472,7 @@ mod tests {
                     weight: *weight,
                     concurrent_requests_max: *max,
                     enabled: true,
+                    added: false,
                 }))
             })
             .collect();
@@ -487,7 +490,7 @@ mod tests {
         let mut tried = Vec::new();
         for expected in ["high", "mid", "low"] {
             let lease = route.select(&candidates, &tried, None, 0, POLICY).await.unwrap();
-            assert_eq!(lease.channel.name, expected);
+            assert_eq!(lease.channel.spec.name, expected);
             tried.push(route.index_of(&lease.channel).unwrap());
         }
         assert!(route.select(&candidates, &tried, None, 0, POLICY).await.is_none(), "every channel tried");
@@ -500,7 +503,7 @@ mod tests {
         let mut counts = std::collections::HashMap::new();
         for _ in 0..4_000 {
             let lease = route.select(&candidates, &[], None, 0, POLICY).await.unwrap();
-            *counts.entry(lease.channel.name.clone()).or_insert(0u32) += 1;
+            *counts.entry(lease.channel.spec.name.clone()).or_insert(0u32) += 1;
         }
         assert_eq!(counts.get("c"), None);
         let a = f64::from(counts["a"]);
@@ -515,35 +518,35 @@ mod tests {
         let candidates = all(&route);
         // A full channel: its one slot is leased.
         let held = route.select(&candidates, &[], None, 0, POLICY).await.unwrap();
-        assert_eq!(held.channel.name, "first");
-        assert_eq!(route.select(&candidates, &[], None, 0, POLICY).await.unwrap().channel.name, "second");
+        assert_eq!(held.channel.spec.name, "first");
+        assert_eq!(route.select(&candidates, &[], None, 0, POLICY).await.unwrap().channel.spec.name, "second");
         drop(held);
-        assert_eq!(route.select(&candidates, &[], None, 0, POLICY).await.unwrap().channel.name, "first", "the slot came back");
+        assert_eq!(route.select(&candidates, &[], None, 0, POLICY).await.unwrap().channel.spec.name, "first", "the slot came back");
         // Disabled.
         route.channels[0].set_enabled(false);
-        assert_eq!(route.select(&candidates, &[], None, 0, POLICY).await.unwrap().channel.name, "second");
+        assert_eq!(route.select(&candidates, &[], None, 0, POLICY).await.unwrap().channel.spec.name, "second");
         route.channels[0].set_enabled(true);
         // Cooling after a Retry-After.
         route.select(&candidates, &[], None, 0, POLICY).await.unwrap().cool_until(500);
-        assert_eq!(route.select(&candidates, &[], None, 499, POLICY).await.unwrap().channel.name, "second");
-        assert_eq!(route.select(&candidates, &[], None, 500, POLICY).await.unwrap().channel.name, "first");
+        assert_eq!(route.select(&candidates, &[], None, 499, POLICY).await.unwrap().channel.spec.name, "second");
+        assert_eq!(route.select(&candidates, &[], None, 500, POLICY).await.unwrap().channel.spec.name, "first");
         // Open breaker: two failures.
         for _ in 0..2 {
             route.select(&candidates, &[], None, 600, POLICY).await.unwrap().report(Health::Bad, 600).await;
         }
         assert!(matches!(route.channels[0].breaker_state(), BreakerState::Open { until_ms: 1_600 }));
-        assert_eq!(route.select(&candidates, &[], None, 700, POLICY).await.unwrap().channel.name, "second");
+        assert_eq!(route.select(&candidates, &[], None, 700, POLICY).await.unwrap().channel.spec.name, "second");
         assert_eq!(route.next_available_ms(&[0], 700), Some(1_600));
         // Its time come, one probe goes to it and the next request elsewhere until it reports.
         let mut probe = route.select(&candidates, &[], None, 1_600, POLICY).await.unwrap();
         assert!(probe.is_probe());
-        assert_eq!(probe.channel.name, "first");
-        assert_eq!(route.select(&candidates, &[], None, 1_601, POLICY).await.unwrap().channel.name, "second");
+        assert_eq!(probe.channel.spec.name, "first");
+        assert_eq!(route.select(&candidates, &[], None, 1_601, POLICY).await.unwrap().channel.spec.name, "second");
         probe.report(Health::Good, 1_650).await;
         // Its one request slot is the probe's until the probe's request ends.
-        assert_eq!(route.select(&candidates, &[], None, 1_650, POLICY).await.unwrap().channel.name, "second");
+        assert_eq!(route.select(&candidates, &[], None, 1_650, POLICY).await.unwrap().channel.spec.name, "second");
         drop(probe);
-        assert_eq!(route.select(&candidates, &[], None, 1_700, POLICY).await.unwrap().channel.name, "first");
+        assert_eq!(route.select(&candidates, &[], None, 1_700, POLICY).await.unwrap().channel.spec.name, "first");
     }
 
     /// A pinned channel of a low priority that fails sends the next attempt to the highest
@@ -553,11 +556,11 @@ mod tests {
         let route = route(&[("top", 2, 1, None), ("middle", 1, 1, None), ("pinned", 0, 1, None)]);
         let candidates = all(&route);
         let first = route.select(&candidates, &[], Some(2), 0, POLICY).await.unwrap();
-        assert_eq!(first.channel.name, "pinned");
-        assert_eq!(route.select(&candidates, &[2], None, 0, POLICY).await.unwrap().channel.name, "top");
+        assert_eq!(first.channel.spec.name, "pinned");
+        assert_eq!(route.select(&candidates, &[2], None, 0, POLICY).await.unwrap().channel.spec.name, "top");
         // A pin that is not available is passed over for the usual order.
         route.channels[2].set_enabled(false);
-        assert_eq!(route.select(&candidates, &[], Some(2), 0, POLICY).await.unwrap().channel.name, "top");
+        assert_eq!(route.select(&candidates, &[], Some(2), 0, POLICY).await.unwrap().channel.spec.name, "top");
     }
 
     #[test]

@@ -93,7 +93,7 @@ impl System {
             for key in keys {
                 let key_id = self.key_id(account, key);
                 self.ledger
-                    .create_key(NewApiKey { id: key_id.clone(), account_id: id.clone(), name: key_id.clone(), key_hash: key_id.clone(), prefix: "tg".into(), budget_daily: None, budget_monthly: None, budget_total: None, rpm: None, tpm: None, allowed_models: None, expires_at: None })
+                    .create_key(NewApiKey { id: key_id.clone(), account_id: id.clone(), name: key_id.clone(), key_hash: key_id.clone(), prefix: "tg".into(), budget_daily: None, budget_monthly: None, budget_total: None, rpm: None, tpm: None, allowed_models: None, session_lock: None, expires_at: None })
                     .await?;
             }
         }
