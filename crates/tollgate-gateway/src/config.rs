@@ -179,6 +179,9 @@ pub struct JobsConfig {
     /// At most this many stored responses deleted a second (0: no bound but the pause). Keep it
     /// above the rate of charged non-streaming requests.
     pub prune_rows_per_second: u32,
+    /// How long the `prune` job keeps each request's upstream attempts (which channels it
+    /// tried, for reconciling a provider's bill); 0: until their month is archived.
+    pub upstream_attempts_retention_ms: u64,
     /// Making the usage log's monthly partitions ahead of time (PostgreSQL ledger).
     pub partitions_interval_ms: u64,
     /// How many months after the current one get their partition in advance (1–24).
@@ -196,6 +199,7 @@ impl Default for JobsConfig {
             prune_batch_rows: 1_000,
             prune_pause_ms: 50,
             prune_rows_per_second: 2_000,
+            upstream_attempts_retention_ms: 90 * 24 * 60 * 60 * 1000,
             partitions_interval_ms: 3_600_000,
             partitions_ahead_months: 3,
         }

@@ -50,6 +50,7 @@ pub fn spawn(tasks: &TaskTracker, stores: &JobStores, config: &GatewayConfig, sh
     if config.jobs.prune_interval_ms > 0 {
         let settings = PruneSettings {
             window_ms: i64::try_from(config.limits.replay_window_ms).unwrap_or(i64::MAX),
+            attempts_retention_ms: i64::try_from(config.jobs.upstream_attempts_retention_ms).unwrap_or(i64::MAX),
             batch_rows: config.jobs.prune_batch_rows,
             pause: Duration::from_millis(config.jobs.prune_pause_ms),
             rows_per_second: config.jobs.prune_rows_per_second,

@@ -768,7 +768,7 @@ impl Archive for PgLedger {
         .await?;
         insert_month(sqlx::query(pg(INSERT_MONTH)), archive, true)?.execute(&mut *transaction).await?;
         // From here to the commit every reader and writer of usage_log waits: a count of the
-        // month, the delete of its (usually pruned) bodies, the detach. The drop column of
+        // month, the delete of its (usually pruned) bodies and upstream attempts, the detach. The drop column of
         // docs/BENCHMARKS.md's archive table bounds it.
         sqlx::query("LOCK TABLE usage_log IN ACCESS EXCLUSIVE MODE").execute(&mut *transaction).await?;
         let found = totals_of(
@@ -778,6 +778,7 @@ impl Archive for PgLedger {
         )?;
         changed_since_export(&archive.month, (archive.usage_rows, archive.cost), found)?;
         sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM stored_responses WHERE usage_id IN (SELECT id FROM {partition})"))).execute(&mut *transaction).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM upstream_attempts WHERE usage_id IN (SELECT id FROM {partition})"))).execute(&mut *transaction).await?;
         sqlx::query(sqlx::AssertSqlSafe(format!("ALTER TABLE usage_log DETACH PARTITION {partition}"))).execute(&mut *transaction).await?;
         sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {partition}"))).execute(&mut *transaction).await?;
         transaction.commit().await?;
@@ -903,6 +904,7 @@ impl SqliteLedger {
         .execute(&mut *transaction)
         .await?;
         sqlx::query("DELETE FROM stored_responses WHERE usage_id IN (SELECT value FROM json_each(?))").bind(&ids).execute(&mut *transaction).await?;
+        sqlx::query("DELETE FROM upstream_attempts WHERE usage_id IN (SELECT value FROM json_each(?))").bind(&ids).execute(&mut *transaction).await?;
         sqlx::query("DELETE FROM usage_log WHERE id IN (SELECT value FROM json_each(?))").bind(&ids).execute(&mut *transaction).await?;
         transaction.commit().await?;
         Ok(())

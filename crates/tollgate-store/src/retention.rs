@@ -11,6 +11,10 @@
 //! the table is. A batch deletes, among the head's `rows_max` rows, those older than the
 //! cut-off; a body out of order further back waits until the rows ahead of it go — pruned late,
 //! never early, and never replayed past its window either way.
+//!
+//! Upstream attempts (which channels a request tried, for reconciling a provider's bill) are
+//! kept `jobs.upstream_attempts_retention_ms` and pruned the same way from the head of their
+//! table; the archive of a month drops those of its usage rows.
 
 use async_trait::async_trait;
 
@@ -33,6 +37,10 @@ pub trait Retention {
     /// Fewer than `rows_max` deleted means the head reached rows inside the window: the run is
     /// done.
     async fn prune_stored_responses(&self, before_ms: i64, rows_max: u32) -> StoreResult<Pruned>;
+    /// Deletes upstream attempts (table `upstream_attempts`) recorded before `before_ms` among
+    /// the `rows_max` oldest by key, as [`Retention::prune_stored_responses`] does bodies;
+    /// returns how many.
+    async fn prune_upstream_attempts(&self, before_ms: i64, rows_max: u32) -> StoreResult<u64>;
     /// When the oldest stored response kept was charged (Unix ms), if any is.
     async fn oldest_stored_response_ms(&self) -> StoreResult<Option<i64>>;
     /// Gives up to `pages_max` pages freed by pruning back to the file system, where the
@@ -76,6 +84,10 @@ const PRUNE_HEAD: &str = "DELETE FROM stored_responses WHERE usage_id IN (
         SELECT usage_id FROM (SELECT usage_id, created_at FROM stored_responses ORDER BY usage_id LIMIT ?) head
         WHERE created_at < ?)
     RETURNING CAST(LENGTH(body) AS BIGINT)";
+/// The same for upstream attempts, whose key (usage row id, attempt) also grows with time.
+const PRUNE_ATTEMPTS_HEAD: &str = "DELETE FROM upstream_attempts WHERE (usage_id, attempt) IN (
+        SELECT usage_id, attempt FROM (SELECT usage_id, attempt, created_at FROM upstream_attempts ORDER BY usage_id, attempt LIMIT ?) head
+        WHERE created_at < ?)";
 const OLDEST_KEPT: &str = "SELECT created_at FROM stored_responses ORDER BY usage_id LIMIT 1";
 
 fn pruned_from(sizes: &[i64]) -> Pruned {
@@ -88,6 +100,11 @@ impl Retention for PgLedger {
         // LENGTH of a bytea is its byte count in PostgreSQL, as of a blob in SQLite.
         let sizes: Vec<i64> = sqlx::query_scalar(pg(PRUNE_HEAD)).bind(i64::from(rows_max)).bind(before_ms).fetch_all(self.pool()).await?;
         Ok(pruned_from(&sizes))
+    }
+
+    async fn prune_upstream_attempts(&self, before_ms: i64, rows_max: u32) -> StoreResult<u64> {
+        let deleted = sqlx::query(pg(PRUNE_ATTEMPTS_HEAD)).bind(i64::from(rows_max)).bind(before_ms).execute(self.pool()).await?;
+        Ok(deleted.rows_affected())
     }
 
     async fn oldest_stored_response_ms(&self) -> StoreResult<Option<i64>> {
@@ -141,6 +158,13 @@ impl Retention for SqliteLedger {
         let sizes: Vec<i64> = sqlx::query_scalar(PRUNE_HEAD).bind(i64::from(rows_max)).bind(before_ms).fetch_all(&mut *transaction).await?;
         transaction.commit().await?;
         Ok(pruned_from(&sizes))
+    }
+
+    async fn prune_upstream_attempts(&self, before_ms: i64, rows_max: u32) -> StoreResult<u64> {
+        let mut transaction = self.write().await?;
+        let deleted = sqlx::query(PRUNE_ATTEMPTS_HEAD).bind(i64::from(rows_max)).bind(before_ms).execute(&mut *transaction).await?;
+        transaction.commit().await?;
+        Ok(deleted.rows_affected())
     }
 
     async fn oldest_stored_response_ms(&self) -> StoreResult<Option<i64>> {

@@ -115,7 +115,19 @@ impl Model {
 fn dated_event(account: &str, request: &str, cost: i64, failed: bool, at_ms: i64, body: bool) -> UsageEvent {
     let status = if failed { RequestStatus::Failed } else { RequestStatus::Success };
     let stored_response = (body && !failed).then(|| StoredResponse { status: 200, content_type: "application/json".into(), body: format!("{{\"id\":\"{request}\"}}").into_bytes() });
-    UsageEvent { created_at_ms: at_ms, stored_response, ..event(account, request, if failed { 0 } else { cost }, status) }
+    // One upstream attempt per request, which goes with its usage row when the month is archived.
+    let attempt = tollgate_store::model::UpstreamAttempt {
+        channel: "primary".into(),
+        provider: "p".into(),
+        upstream_model: "m".into(),
+        status_code: Some(if failed { 503 } else { 200 }),
+        served: !failed,
+        error: failed.then(|| "status".into()),
+        latency_ms: 3,
+        first_byte_ms: Some(1),
+        upstream_usage: None,
+    };
+    UsageEvent { created_at_ms: at_ms, stored_response, attempts: vec![attempt], ..event(account, request, if failed { 0 } else { cost }, status) }
 }
 
 /// Writes `steps` random deposits and usage batches through the ledger and the model alike.
@@ -265,6 +277,11 @@ async fn archive_against_the_model(ledger: Arc<dyn Ledger>, seed: u64) {
     let owner = ACCOUNTS.iter().find(|account| model.chains[**account].iter().any(|entry| entry.request.as_ref() == Some(&request))).unwrap();
     assert!(ledger.request_charged(owner, &request).await.unwrap(), "seed {seed}: {request} forgotten");
     assert!(ledger.charged_request(owner, &request).await.unwrap().is_none(), "seed {seed}: {request}'s row and body are in the file");
+    assert!(ledger.upstream_attempts(owner, &request).await.unwrap().is_empty(), "seed {seed}: {request}'s upstream attempts went with its row");
+    let live = model.chains[*owner].iter().find(|entry| entry.month == Some(2)).and_then(|entry| entry.request.clone());
+    if let Some(live) = live {
+        assert_eq!(ledger.upstream_attempts(owner, &live).await.unwrap().len(), 1, "seed {seed}: {live} is not archived");
+    }
     let retry = dated_event(owner, &request, 5, false, month_bounds_ms("2026-03").unwrap().0, true);
     assert_eq!(ledger.record_usage_batch(&[retry]).await.unwrap(), vec![RecordOutcome::Duplicate], "seed {seed}: charged twice");
     let (_, in_ledger) = ledger.ledger_snapshot(Some(&[]), &[(owner.to_string(), request.clone())]).await.unwrap();

@@ -84,6 +84,7 @@ conformance!(
     counter_seeds_hold_the_current_periods,
     a_fund_change_beyond_the_hot_store_range_is_refused_before_commit,
     stored_responses_are_pruned_from_the_head_in_batches,
+    upstream_attempts_are_pruned_from_the_head_in_batches,
     added_channels_are_kept_once_and_removed_with_their_state,
 );
 
@@ -371,6 +372,43 @@ async fn stored_responses_are_pruned_from_the_head_in_batches(ledger: Arc<dyn Le
     assert_eq!(ledger.prune_stored_responses(t0 + 100, 10).await.unwrap(), Pruned { rows: 1, bytes: 107 });
     assert_eq!(ledger.oldest_stored_response_ms().await.unwrap(), None);
     assert_eq!(ledger.usage_rows(UsageQuery { limit: 20, ..UsageQuery::default() }).await.unwrap().len(), 10, "every usage row stays");
+    assert_sound(&*ledger, "a").await;
+}
+
+async fn upstream_attempts_are_pruned_from_the_head_in_batches(ledger: Arc<dyn Ledger>) {
+    use tollgate_store::model::UpstreamAttempt;
+    account(&*ledger, "a").await;
+    deposit(&*ledger, "a", 1_000, "d").await;
+    let t0 = 1_769_903_970_000;
+    let attempt = |channel: &str, served: bool| UpstreamAttempt {
+        channel: channel.into(),
+        provider: "p".into(),
+        upstream_model: "m".into(),
+        status_code: Some(if served { 200 } else { 503 }),
+        served,
+        error: (!served).then(|| "status".into()),
+        latency_ms: 5,
+        first_byte_ms: None,
+        upstream_usage: None,
+    };
+    // r0..r4 at t0 + index, each a failover: two attempts.
+    let events: Vec<UsageEvent> = (0..5)
+        .map(|index| UsageEvent { created_at_ms: t0 + index, attempts: vec![attempt("first", false), attempt("second", true)], ..event("a", &format!("r{index}"), 1, RequestStatus::Success) })
+        .collect();
+    ledger.record_usage_batch(&events).await.unwrap();
+    let kept = |ledger: Arc<dyn Ledger>| async move {
+        let mut kept = Vec::new();
+        for index in 0..5 {
+            kept.push(ledger.upstream_attempts("a", &format!("r{index}")).await.unwrap().len());
+        }
+        kept
+    };
+    assert_eq!(kept(Arc::clone(&ledger)).await, [2, 2, 2, 2, 2]);
+    // Cut-off t0 + 3: r0..r2's six attempts go, four at a time; r3 heads the rest.
+    let batches = [ledger.prune_upstream_attempts(t0 + 3, 4).await.unwrap(), ledger.prune_upstream_attempts(t0 + 3, 4).await.unwrap(), ledger.prune_upstream_attempts(t0 + 3, 4).await.unwrap()];
+    assert_eq!(batches, [4, 2, 0]);
+    assert_eq!(kept(Arc::clone(&ledger)).await, [0, 0, 0, 2, 2], "r3 and r4 are newer than the cut-off");
+    assert_eq!(ledger.usage_rows(UsageQuery { limit: 20, ..UsageQuery::default() }).await.unwrap().len(), 5, "every usage row stays");
     assert_sound(&*ledger, "a").await;
 }
 

@@ -1,5 +1,5 @@
-//! The `prune` job: deletes the stored responses whose replay window has passed, in bounded
-//! batches with a pause between them, then gives the space back in steps with the same pause
+//! The `prune` job: deletes the stored responses whose replay window has passed, and the
+//! upstream attempts past their retention, in bounded batches with a pause between them, then gives the space back in steps with the same pause
 //! (`Retention::compact_step`).
 //! Which retries are replayed does not depend on it: the gateway decides by the charge's age.
 //!
@@ -19,6 +19,9 @@ use crate::jobs::JobWork;
 pub struct PruneSettings {
     /// Bodies of charges older than this are deleted (`limits.replay_window_ms`).
     pub window_ms: i64,
+    /// Upstream attempts recorded longer ago than this are deleted (0: kept until their month is
+    /// archived).
+    pub attempts_retention_ms: i64,
     /// Rows per batch: one short transaction each.
     pub batch_rows: u32,
     /// Between two batches, at least.
@@ -50,6 +53,8 @@ pub struct PruneRun {
     pub rows: u64,
     pub bytes: u64,
     pub batches: u64,
+    /// Upstream attempts deleted.
+    pub attempts: u64,
     /// When the oldest body still kept was charged (Unix ms).
     pub oldest_kept_ms: Option<i64>,
 }
@@ -76,7 +81,21 @@ pub async fn prune(ledger: &dyn Ledger, now_ms: i64, settings: PruneSettings) ->
         }
         tokio::time::sleep(pause_after(batch.rows, started.elapsed(), &settings)).await;
     }
-    if run.rows > 0 {
+    if settings.attempts_retention_ms > 0 {
+        let attempts_before_ms = now_ms.saturating_sub(settings.attempts_retention_ms);
+        loop {
+            let started = std::time::Instant::now();
+            let rows = ledger.prune_upstream_attempts(attempts_before_ms, settings.batch_rows).await?;
+            run.batches += 1;
+            run.attempts += rows;
+            metrics::counter!("tollgate_upstream_attempts_pruned_total").increment(rows);
+            if rows < u64::from(settings.batch_rows) {
+                break;
+            }
+            tokio::time::sleep(pause_after(rows, started.elapsed(), &settings)).await;
+        }
+    }
+    if run.rows > 0 || run.attempts > 0 {
         while ledger.compact_step(COMPACT_PAGES_PER_STEP).await? > 0 {
             tokio::time::sleep(settings.pause).await;
         }
@@ -95,7 +114,7 @@ pub fn prune_work(ledger: Arc<dyn Ledger>, clock: Clock, settings: PruneSettings
         Box::pin(async move {
             let run = prune(&*ledger, now_ms, settings).await.map_err(|error| error.to_string())?;
             let oldest = run.oldest_kept_ms.map_or_else(|| "none kept".to_string(), |oldest| format!("oldest kept charged at {oldest} ms"));
-            Ok(format!("{} stored responses pruned ({} bytes) in {} batches; {oldest}", run.rows, run.bytes, run.batches))
+            Ok(format!("{} stored responses pruned ({} bytes) and {} upstream attempts in {} batches; {oldest}", run.rows, run.bytes, run.attempts, run.batches))
         })
     })
 }
@@ -144,7 +163,7 @@ mod tests {
 
     #[test]
     fn a_bounded_prune_waits_out_what_its_rows_may_take() {
-        let mut settings = PruneSettings { window_ms: 1, batch_rows: 1_000, pause: Duration::from_millis(50), rows_per_second: 2_000 };
+        let mut settings = PruneSettings { window_ms: 1, attempts_retention_ms: 0, batch_rows: 1_000, pause: Duration::from_millis(50), rows_per_second: 2_000 };
         // 1,000 rows at 2,000 a second: half a second, of which the batch took 100 ms.
         assert_eq!(pause_after(1_000, Duration::from_millis(100), &settings), Duration::from_millis(400));
         assert_eq!(pause_after(1_000, Duration::from_millis(480), &settings), Duration::from_millis(50), "never below the pause");
