@@ -160,7 +160,7 @@ impl TestGateway {
     }
 
     /// A gateway on a given ledger, on a set clock or the system's.
-    async fn start_on_clock(dir: TempDir, database_url: String, clock: Option<&ManualClock>, adjust: impl FnOnce(&mut GatewayConfig)) -> TestGateway {
+    pub async fn start_on_clock(dir: TempDir, database_url: String, clock: Option<&ManualClock>, adjust: impl FnOnce(&mut GatewayConfig)) -> TestGateway {
         let shutdown = CancellationToken::new();
         // Recording the last request lets tests see what the gateway forwarded (fidelity suite).
         let mock = tollgate_mock::MockConfig { record_last_request: true, ..tollgate_mock::MockConfig::default() };

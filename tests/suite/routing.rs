@@ -52,12 +52,18 @@ struct Routed {
 
 impl Routed {
     async fn start(adjust: impl FnOnce(&mut tollgate_gateway::GatewayConfig)) -> Routed {
+        Self::start_on_clock(None, adjust).await
+    }
+
+    /// On a clock the test moves: breakers and `Retry-After` measure time by the gateway's clock,
+    /// so their waits are set, not slept.
+    async fn start_on_clock(clock: Option<&ManualClock>, adjust: impl FnOnce(&mut tollgate_gateway::GatewayConfig)) -> Routed {
         let shutdown = CancellationToken::new();
         let primary = Upstream::start(&shutdown).await;
         let backup = Upstream::start(&shutdown).await;
         let dir = TempDir::new();
         let database_url = test_database_url(&dir).await;
-        let gateway = routed_gateway(&primary, &backup, dir, database_url, adjust).await;
+        let gateway = routed_gateway(&primary, &backup, dir, database_url, clock, adjust).await;
         let account = gateway.account("1", json!({})).await;
         let key = gateway.key(&account, json!({})).await;
         Routed { gateway, primary, backup, _shutdown: shutdown, account, key }
@@ -105,9 +111,16 @@ impl Routed {
 
 /// A test gateway on the given ledger whose `routed-gpt` has the channels `primary` (priority
 /// 1) and `backup` (priority 0) on these two upstreams.
-async fn routed_gateway(primary: &Upstream, backup: &Upstream, dir: TempDir, database_url: String, adjust: impl FnOnce(&mut tollgate_gateway::GatewayConfig)) -> TestGateway {
+async fn routed_gateway(
+    primary: &Upstream,
+    backup: &Upstream,
+    dir: TempDir,
+    database_url: String,
+    clock: Option<&ManualClock>,
+    adjust: impl FnOnce(&mut tollgate_gateway::GatewayConfig),
+) -> TestGateway {
     let (primary_url, backup_url) = (format!("{}/v1", primary.base), format!("{}/v1", backup.base));
-    let gateway = TestGateway::start_on(dir, database_url, |config| {
+    let gateway = TestGateway::start_on_clock(dir, database_url, clock, |config| {
         for (name, url) in [("primary", &primary_url), ("backup", &backup_url)] {
             config.providers.push(ProviderConfig {
                 name: name.into(),
@@ -228,9 +241,10 @@ async fn a_refusal_about_the_request_is_not_retried_and_does_not_count_against_t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_breaker_opens_after_failures_probes_once_half_open_and_closes_on_success() {
-    let routed = Routed::start(|config| {
+    let clock = ManualClock::at(tollgate_store::clock::now_ms());
+    let routed = Routed::start_on_clock(Some(&clock), |config| {
         config.routing.breaker_failures = 2;
-        config.routing.breaker_open_ms = 400;
+        config.routing.breaker_open_ms = 60_000;
     })
     .await;
     routed.primary.behave(json!({"fail_status": 500})).await;
@@ -244,30 +258,35 @@ async fn the_breaker_opens_after_failures_probes_once_half_open_and_closes_on_su
     assert_eq!(routed.counts().await, (2, 3));
     assert_eq!(routed.attempts("breaker-open").await.len(), 1);
 
+    // A millisecond before its time, still left out.
+    clock.advance_ms(59_999);
+    assert_eq!(routed.chat(json!({}), "still-open").await.status(), 200);
+    assert_eq!(routed.counts().await, (2, 4));
     // Its time come, one request probes it; still failing, it opens again and the probe's
     // request is served by the backup.
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    clock.advance_ms(1);
     assert_eq!(routed.chat(json!({}), "probe-fails").await.status(), 200);
-    assert_eq!(routed.counts().await, (3, 4));
+    assert_eq!(routed.counts().await, (3, 5));
     assert_eq!(routed.channel("primary").await["breaker"], "open");
     assert_eq!(routed.chat(json!({}), "open-again").await.status(), 200);
-    assert_eq!(routed.counts().await, (3, 5));
+    assert_eq!(routed.counts().await, (3, 6));
 
     // Healed: the next probe succeeds and closes it; the primary serves again.
     routed.primary.behave(json!({})).await;
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    clock.advance_ms(60_000);
     assert_eq!(routed.chat(json!({}), "probe-succeeds").await.status(), 200);
-    assert_eq!(routed.counts().await, (4, 5));
+    assert_eq!(routed.counts().await, (4, 6));
     assert_eq!(routed.channel("primary").await["breaker"], "closed");
     assert_eq!(routed.chat(json!({}), "closed").await.status(), 200);
-    assert_eq!(routed.counts().await, (5, 5));
-    assert_eq!(routed.usage_rows().await.len(), 7, "every request charged once");
+    assert_eq!(routed.counts().await, (5, 6));
+    assert_eq!(routed.usage_rows().await.len(), 8, "every request charged once");
     routed.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_channel_times_out_to_the_next_and_retry_after_keeps_a_channel_out() {
-    let routed = Routed::start(|config| config.routing.attempt_first_byte_timeout_ms = Some(300)).await;
+    let clock = ManualClock::at(tollgate_store::clock::now_ms());
+    let routed = Routed::start_on_clock(Some(&clock), |config| config.routing.attempt_first_byte_timeout_ms = Some(300)).await;
     routed.primary.behave(json!({"latency_ms": 3_000})).await;
     let started = std::time::Instant::now();
     assert_eq!(routed.chat(json!({"stream": true}), "slow-1").await.status(), 200);
@@ -276,8 +295,8 @@ async fn a_slow_channel_times_out_to_the_next_and_retry_after_keeps_a_channel_ou
     assert_eq!(attempts[0]["error"], "timeout");
     assert_eq!(attempts[1]["channel"], "backup");
 
-    // 429 with Retry-After: 1 s — the channel is left out until then, for every request.
-    routed.primary.behave(json!({"fail_status": 429, "retry_after_secs": 1})).await;
+    // 429 with Retry-After: 30 s — the channel is left out until then, for every request.
+    routed.primary.behave(json!({"fail_status": 429, "retry_after_secs": 30})).await;
     let primary_before = routed.primary.requests().await;
     assert_eq!(routed.chat(json!({}), "limited-1").await.status(), 200);
     assert_eq!(routed.primary.requests().await, primary_before + 1);
@@ -285,8 +304,11 @@ async fn a_slow_channel_times_out_to_the_next_and_retry_after_keeps_a_channel_ou
     assert_eq!(routed.chat(json!({}), "limited-2").await.status(), 200);
     assert_eq!(routed.primary.requests().await, primary_before + 1, "left out while its Retry-After runs");
     routed.primary.behave(json!({})).await;
-    tokio::time::sleep(Duration::from_millis(1_050)).await;
+    clock.advance_ms(29_000);
     assert_eq!(routed.chat(json!({}), "limited-3").await.status(), 200);
+    assert_eq!(routed.primary.requests().await, primary_before + 1, "still left out a second before");
+    clock.advance_ms(1_000);
+    assert_eq!(routed.chat(json!({}), "limited-4").await.status(), 200);
     assert_eq!(routed.primary.requests().await, primary_before + 2, "back once it passed");
     routed.stop().await;
 }
@@ -360,8 +382,8 @@ async fn gateways_share_their_breakers_and_channel_states() {
         config.routing.breaker_open_ms = 60_000;
         config.routing.breaker_sync_ms = 100;
     };
-    let first = routed_gateway(&primary, &backup, TempDir::new(), database_url.clone(), |config| shared(config, true)).await;
-    let second = routed_gateway(&primary, &backup, TempDir::new(), database_url, |config| shared(config, false)).await;
+    let first = routed_gateway(&primary, &backup, TempDir::new(), database_url.clone(), None, |config| shared(config, true)).await;
+    let second = routed_gateway(&primary, &backup, TempDir::new(), database_url, None, |config| shared(config, false)).await;
     let account = first.account("1", json!({})).await;
     let key = first.key(&account, json!({})).await;
     let chat = |gateway: &TestGateway| {
@@ -743,7 +765,7 @@ async fn an_operator_adds_a_channel_that_serves_at_once_and_removes_it() {
     // Still there after a restart: it is in the ledger.
     let Routed { gateway, primary, backup, _shutdown, account, key } = routed;
     let (dir, database_url) = gateway.stop_keeping_ledger().await;
-    let gateway = routed_gateway(&primary, &backup, dir, database_url, only_primary).await;
+    let gateway = routed_gateway(&primary, &backup, dir, database_url, None, only_primary).await;
     let routed = Routed { gateway, primary, backup, _shutdown, account, key };
     assert_eq!(routed.channel("rescue").await["added"], true);
     assert_eq!(routed.chat(json!({}), "after-restart").await.status(), 200);

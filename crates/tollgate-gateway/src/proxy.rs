@@ -511,7 +511,7 @@ fn no_channel_available(state: &AppState, route: &Route, candidates: &[usize]) -
     }
     metrics::counter!("tollgate_no_channel_available_total", "model" => route.model.clone()).increment(1);
     let retry_after_secs = route
-        .next_available_ms(candidates, now_ms)
+        .next_available_ms(candidates, now_ms, state.upstreams.policy())
         .map(|at_ms| u64::try_from(at_ms.saturating_sub(now_ms)).unwrap_or(0).div_ceil(1_000).max(1));
     Err(ApiError::NoChannelAvailable { model: route.model.clone(), retry_after_secs })
 }
@@ -750,10 +750,20 @@ async fn try_channel(
     }
 }
 
-/// An upstream's `Retry-After` (delay in seconds) or `retry-after-ms`, in ms.
+/// An upstream's `retry-after-ms`, else its `Retry-After` — a delay in seconds or an HTTP date
+/// (RFC 9110 §10.2.3; measured on the wall clock, which the date is on) — in ms from now. A
+/// date already past means no wait.
 fn retry_after_ms(headers: &HeaderMap) -> Option<u64> {
-    let number = |name: &str| headers.get(name)?.to_str().ok()?.trim().parse::<u64>().ok();
-    number("retry-after-ms").or_else(|| number(header::RETRY_AFTER.as_str()).map(|secs| secs.saturating_mul(1_000)))
+    let text = |name: &str| headers.get(name).and_then(|value| value.to_str().ok()).map(str::trim);
+    if let Some(ms) = text("retry-after-ms").and_then(|value| value.parse::<u64>().ok()) {
+        return Some(ms);
+    }
+    let value = text(header::RETRY_AFTER.as_str())?;
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(secs.saturating_mul(1_000));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(std::time::SystemTime::now()).map_or(0, |wait| u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)))
 }
 
 /// Charges an answer and hands it to the client.
@@ -1050,5 +1060,30 @@ fn stream_end_label(end: StreamEnd) -> &'static str {
 pub fn set_request_id(response: &mut Response, request_id: &str) {
     if let Ok(value) = HeaderValue::from_str(request_id) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, String)]) -> HeaderMap {
+        pairs.iter().map(|(name, value)| (header::HeaderName::from_static(name), HeaderValue::from_str(value).unwrap())).collect()
+    }
+
+    #[test]
+    fn retry_after_is_read_in_every_spelling_an_upstream_uses() {
+        assert_eq!(retry_after_ms(&headers(&[("retry-after", "7".into())])), Some(7_000));
+        assert_eq!(retry_after_ms(&headers(&[("retry-after-ms", "250".into()), ("retry-after", "7".into())])), Some(250), "the finer one first");
+        let in_ten_seconds = std::time::SystemTime::now() + std::time::Duration::from_secs(10);
+        let waited = retry_after_ms(&headers(&[("retry-after", httpdate::fmt_http_date(in_ten_seconds))])).unwrap();
+        // An HTTP date has whole seconds: up to one less than asked.
+        assert!((8_900..=10_000).contains(&waited), "{waited}");
+        assert_eq!(retry_after_ms(&headers(&[("retry-after", "Sun, 06 Nov 1994 08:49:37 GMT".into())])), Some(0), "a date past: no wait");
+        for unreadable in ["soon", "-1", "1.5", ""] {
+            assert_eq!(retry_after_ms(&headers(&[("retry-after", unreadable.into())])), None, "{unreadable:?}");
+        }
+        assert_eq!(retry_after_ms(&HeaderMap::new()), None);
     }
 }

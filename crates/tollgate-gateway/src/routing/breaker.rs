@@ -4,7 +4,8 @@
 //! success closes it, its failure opens it again. A probe that never reports (its request was
 //! dropped) is replaced by another after `breaker_open_ms`.
 //!
-//! Pure state: the caller passes the time and logs and counts the transitions it is handed.
+//! Pure state: the caller passes the time, and logs and counts a change it sees in `state()`
+//! (it compares before and after, as it must anyway for a state read from the shared copy).
 
 /// Where a breaker stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,13 +42,6 @@ pub enum Admission {
     Probe,
 }
 
-/// A change of state, for the caller's log line and metric.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Transition {
-    pub from: BreakerState,
-    pub to: BreakerState,
-}
-
 #[derive(Clone, Copy, Debug)]
 pub struct Breaker {
     state: BreakerState,
@@ -69,44 +63,50 @@ impl Breaker {
         Breaker { state }
     }
 
+    /// From when a request could use the channel (no change of state): closed, always; open,
+    /// once its time is up; half-open, once its probe is overdue.
+    pub fn admits_from_ms(&self, policy: &BreakerPolicy) -> i64 {
+        match self.state {
+            BreakerState::Closed { .. } => i64::MIN,
+            BreakerState::Open { until_ms } => until_ms,
+            BreakerState::HalfOpen { probe_since_ms } => probe_since_ms.saturating_add(policy.open_ms),
+        }
+    }
+
     /// Whether a request could use the channel now (no change of state).
     pub fn admits(&self, now_ms: i64, policy: &BreakerPolicy) -> bool {
-        match self.state {
-            BreakerState::Closed { .. } => true,
-            BreakerState::Open { until_ms } => now_ms >= until_ms,
-            BreakerState::HalfOpen { probe_since_ms } => now_ms.saturating_sub(probe_since_ms) >= policy.open_ms,
-        }
+        now_ms >= self.admits_from_ms(policy)
     }
 
     /// Lets a request use the channel if it may: an open breaker whose time has come turns
     /// half-open with this request as its probe.
-    pub fn admit(&mut self, now_ms: i64, policy: &BreakerPolicy) -> Option<(Admission, Option<Transition>)> {
+    pub fn admit(&mut self, now_ms: i64, policy: &BreakerPolicy) -> Option<Admission> {
         if !self.admits(now_ms, policy) {
             return None;
         }
         match self.state {
-            BreakerState::Closed { .. } => Some((Admission::Normal, None)),
+            BreakerState::Closed { .. } => Some(Admission::Normal),
             BreakerState::Open { .. } | BreakerState::HalfOpen { .. } => {
-                let transition = self.set(BreakerState::HalfOpen { probe_since_ms: now_ms });
-                Some((Admission::Probe, transition))
+                self.state = BreakerState::HalfOpen { probe_since_ms: now_ms };
+                Some(Admission::Probe)
             }
         }
     }
 
     /// The channel answered well (or answered about the request itself: a 400 is not the
     /// channel's failure).
-    pub fn success(&mut self) -> Option<Transition> {
+    pub fn success(&mut self) {
         match self.state {
-            BreakerState::Closed { failures: 0, .. } => None,
-            BreakerState::Closed { .. } | BreakerState::HalfOpen { .. } => self.set(BreakerState::Closed { failures: 0, first_failure_ms: 0 }),
+            BreakerState::Closed { .. } | BreakerState::HalfOpen { .. } => self.state = BreakerState::Closed { failures: 0, first_failure_ms: 0 },
             // An answer from a request admitted before the breaker opened: the failures that
             // opened it are newer news.
-            BreakerState::Open { .. } => None,
+            BreakerState::Open { .. } => {}
         }
     }
 
     /// The channel failed a request (connection, timeout, 5xx, 429, 401/403, a broken answer).
-    pub fn failure(&mut self, now_ms: i64, policy: &BreakerPolicy) -> Option<Transition> {
+    pub fn failure(&mut self, now_ms: i64, policy: &BreakerPolicy) {
+        let open = BreakerState::Open { until_ms: now_ms.saturating_add(policy.open_ms) };
         match self.state {
             BreakerState::Closed { failures, first_failure_ms } => {
                 let (failures, first_failure_ms) = if failures == 0 || now_ms.saturating_sub(first_failure_ms) > policy.window_ms {
@@ -114,21 +114,11 @@ impl Breaker {
                 } else {
                     (failures.saturating_add(1), first_failure_ms)
                 };
-                if failures >= policy.failures {
-                    self.set(BreakerState::Open { until_ms: now_ms.saturating_add(policy.open_ms) })
-                } else {
-                    self.state = BreakerState::Closed { failures, first_failure_ms };
-                    None
-                }
+                self.state = if failures >= policy.failures { open } else { BreakerState::Closed { failures, first_failure_ms } };
             }
-            BreakerState::HalfOpen { .. } => self.set(BreakerState::Open { until_ms: now_ms.saturating_add(policy.open_ms) }),
-            BreakerState::Open { .. } => None,
+            BreakerState::HalfOpen { .. } => self.state = open,
+            BreakerState::Open { .. } => {}
         }
-    }
-
-    fn set(&mut self, to: BreakerState) -> Option<Transition> {
-        let from = std::mem::replace(&mut self.state, to);
-        (from.label() != to.label()).then_some(Transition { from, to })
     }
 }
 
@@ -142,17 +132,21 @@ mod tests {
     #[test]
     fn opens_after_consecutive_failures_within_the_window_only() {
         let mut breaker = Breaker::default();
-        assert_eq!(breaker.failure(0, &POLICY), None);
-        assert_eq!(breaker.failure(10, &POLICY), None);
+        let closed = |failures, first_failure_ms| BreakerState::Closed { failures, first_failure_ms };
+        breaker.failure(0, &POLICY);
+        breaker.failure(10, &POLICY);
+        assert_eq!(breaker.state(), closed(2, 0));
         // A success in between starts the count again.
-        assert!(breaker.success().is_none(), "closed stays closed");
-        assert_eq!(breaker.failure(20, &POLICY), None);
-        assert_eq!(breaker.failure(30, &POLICY), None);
+        breaker.success();
+        assert_eq!(breaker.state(), closed(0, 0));
+        breaker.failure(20, &POLICY);
+        breaker.failure(30, &POLICY);
         // Past the window, the count starts again too.
-        assert_eq!(breaker.failure(2_000, &POLICY), None);
-        assert_eq!(breaker.failure(2_100, &POLICY), None);
-        let opened = breaker.failure(2_200, &POLICY).unwrap();
-        assert_eq!(opened.to, BreakerState::Open { until_ms: 7_200 });
+        breaker.failure(2_000, &POLICY);
+        assert_eq!(breaker.state(), closed(1, 2_000));
+        breaker.failure(2_100, &POLICY);
+        breaker.failure(2_200, &POLICY);
+        assert_eq!(breaker.state(), BreakerState::Open { until_ms: 7_200 });
         assert!(!breaker.admits(7_199, &POLICY));
         assert_eq!(breaker.admit(7_199, &POLICY), None);
     }
@@ -160,29 +154,31 @@ mod tests {
     #[test]
     fn one_probe_at_a_time_when_half_open_and_its_answer_decides() {
         let mut breaker = Breaker { state: BreakerState::Open { until_ms: 100 } };
-        let (admission, transition) = breaker.admit(100, &POLICY).unwrap();
-        assert_eq!(admission, Admission::Probe);
-        assert_eq!(transition.unwrap().to.label(), "half_open");
+        assert_eq!(breaker.admit(100, &POLICY), Some(Admission::Probe));
+        assert_eq!(breaker.state(), BreakerState::HalfOpen { probe_since_ms: 100 });
         assert_eq!(breaker.admit(101, &POLICY), None, "a second request waits for the probe");
         // The probe fails: open again, for the whole open time.
-        assert_eq!(breaker.failure(200, &POLICY).unwrap().to, BreakerState::Open { until_ms: 5_200 });
-        let (admission, _) = breaker.admit(5_200, &POLICY).unwrap();
-        assert_eq!(admission, Admission::Probe);
-        assert_eq!(breaker.success().unwrap().to.label(), "closed");
-        assert_eq!(breaker.admit(5_201, &POLICY), Some((Admission::Normal, None)));
+        breaker.failure(200, &POLICY);
+        assert_eq!(breaker.state(), BreakerState::Open { until_ms: 5_200 });
+        assert_eq!(breaker.admit(5_200, &POLICY), Some(Admission::Probe));
+        breaker.success();
+        assert_eq!(breaker.state().label(), "closed");
+        assert_eq!(breaker.admit(5_201, &POLICY), Some(Admission::Normal));
     }
 
     #[test]
     fn a_probe_that_never_reports_is_replaced_after_the_open_time() {
         let mut breaker = Breaker { state: BreakerState::HalfOpen { probe_since_ms: 0 } };
         assert_eq!(breaker.admit(4_999, &POLICY), None);
-        assert_eq!(breaker.admit(5_000, &POLICY).unwrap().0, Admission::Probe);
+        assert_eq!(breaker.admit(5_000, &POLICY), Some(Admission::Probe));
     }
 
     #[test]
-    fn a_late_success_does_not_close_an_open_breaker() {
+    fn a_late_success_or_failure_leaves_an_open_breaker_as_it_is() {
         let mut breaker = Breaker { state: BreakerState::Open { until_ms: 10 } };
-        assert_eq!(breaker.success(), None);
+        breaker.success();
         assert_eq!(breaker.state(), BreakerState::Open { until_ms: 10 });
+        breaker.failure(5, &POLICY);
+        assert_eq!(breaker.state(), BreakerState::Open { until_ms: 10 }, "not pushed further out");
     }
 }

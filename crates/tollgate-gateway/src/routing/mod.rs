@@ -161,12 +161,15 @@ impl Channel {
         self.breaker.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// From when selection could take this channel as far as time decides — its breaker, an
+    /// upstream's `Retry-After` — or `None` while it is disabled.
+    fn available_from_ms(&self, policy: &BreakerPolicy) -> Option<i64> {
+        self.enabled().then(|| self.lock_breaker().breaker.admits_from_ms(policy).max(self.cooling_until_ms()))
+    }
+
     /// Whether selection could take this channel now (nothing changed).
     fn available(&self, now_ms: i64, policy: &BreakerPolicy) -> bool {
-        self.enabled()
-            && now_ms >= self.cooling_until_ms()
-            && self.spec.concurrent_requests_max.is_none_or(|max| self.in_flight() < max)
-            && self.lock_breaker().breaker.admits(now_ms, policy)
+        self.available_from_ms(policy).is_some_and(|from_ms| now_ms >= from_ms) && self.spec.concurrent_requests_max.is_none_or(|max| self.in_flight() < max)
     }
 
     /// Applies `change` to the breaker and returns what it said. Embedded: to the mirror.
@@ -244,7 +247,7 @@ impl Channel {
         }
         // The slot is the lease's from here: dropped with it if the breaker refuses.
         let mut lease = Lease { channel: Arc::clone(self), admission: Admission::Normal, policy, reported: false };
-        let admitted = self.change_breaker(|breaker| breaker.admit(now_ms, &policy).map(|(admission, _)| admission)).await;
+        let admitted = self.change_breaker(|breaker| breaker.admit(now_ms, &policy)).await;
         lease.admission = admitted?;
         Some(lease)
     }
@@ -419,19 +422,8 @@ impl Route {
 
     /// When the first of `candidates` that is enabled could be chosen again (its breaker's
     /// open time or its `Retry-After` past), for a client told that none is available now.
-    pub fn next_available_ms(&self, candidates: &[usize], now_ms: i64) -> Option<i64> {
-        candidates
-            .iter()
-            .filter_map(|index| self.channels.get(*index))
-            .filter(|channel| channel.enabled())
-            .map(|channel| {
-                let breaker = match channel.breaker_state() {
-                    BreakerState::Open { until_ms } => until_ms,
-                    BreakerState::Closed { .. } | BreakerState::HalfOpen { .. } => now_ms,
-                };
-                breaker.max(channel.cooling_until_ms())
-            })
-            .min()
+    pub fn next_available_ms(&self, candidates: &[usize], now_ms: i64, policy: BreakerPolicy) -> Option<i64> {
+        candidates.iter().filter_map(|index| self.channels.get(*index)).filter_map(|channel| channel.available_from_ms(&policy)).min().map(|from_ms| from_ms.max(now_ms))
     }
 }
 
@@ -536,7 +528,7 @@ mod tests {
         }
         assert!(matches!(route.channels[0].breaker_state(), BreakerState::Open { until_ms: 1_600 }));
         assert_eq!(route.select(&candidates, &[], None, 700, POLICY).await.unwrap().channel.spec.name, "second");
-        assert_eq!(route.next_available_ms(&[0], 700), Some(1_600));
+        assert_eq!(route.next_available_ms(&[0], 700, POLICY), Some(1_600));
         // Its time come, one probe goes to it and the next request elsewhere until it reports.
         let mut probe = route.select(&candidates, &[], None, 1_600, POLICY).await.unwrap();
         assert!(probe.is_probe());
