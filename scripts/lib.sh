@@ -155,6 +155,14 @@ start_demo_gateway() {
   echo "demo gateway (pid $DEMO_PID) on $TOLLGATE_URL"
 }
 
+# After traffic and one reconciliation run, every metric the dashboard and the alert rules name
+# is in the demo gateway's /metrics (scripts/check-observability exported).
+check_demo_metrics() {
+  curl -fsS -X POST -H "Authorization: Bearer $TOLLGATE_ADMIN_TOKEN" -H 'Content-Type: application/json' \
+    -d '{"fix": false}' "$TOLLGATE_URL/internal/reconcile" > /dev/null
+  scripts/check-observability exported "$TOLLGATE_URL/metrics"
+}
+
 # The last lines of the demo gateway's log, if it ran (called on failure).
 show_demo_gateway_log() {
   if [ -n "${DEMO_ROOT:-}" ] && [ -s "$DEMO_ROOT/gateway.log" ]; then

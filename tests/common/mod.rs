@@ -443,6 +443,21 @@ pub async fn start_binary(config_path: &std::path::Path, env: &[(&str, &str)]) -
     BinaryGateway { child, public: public.unwrap(), internal: internal.unwrap(), stdout, printed, log, log_reader }
 }
 
+/// Through a binary gateway's operator API: a price for `model` at [`TIER`], an account
+/// `account_id` topped up with 1 unit, and a key of it, which is returned.
+pub async fn binary_customer(http: &reqwest::Client, internal: &str, admin_token: &str, model: &str, account_id: &str) -> String {
+    let admin = |method: reqwest::Method, path: &str, body: Value| http.request(method, format!("{internal}{path}")).bearer_auth(admin_token).json(&body).send();
+    let prices = json!([{"provider": "upstream", "model": model, "customer_type": TIER, "input_per_mtok": "2.5", "output_per_mtok": "10"}]);
+    assert_eq!(admin(reqwest::Method::PUT, "/internal/prices", prices).await.unwrap().status(), 200);
+    let account = json!({"id": account_id, "kind": "user", "name": account_id, "customer_type": TIER});
+    assert_eq!(admin(reqwest::Method::POST, "/internal/accounts", account).await.unwrap().status(), 201);
+    let topup: Value = admin(reqwest::Method::POST, "/internal/topups", json!({"account_id": account_id, "amount": "1", "reference_id": format!("{account_id}-1")})).await.unwrap().json().await.unwrap();
+    let confirm = format!("/internal/topups/{}/confirm", topup["id"].as_str().unwrap());
+    assert_eq!(admin(reqwest::Method::POST, &confirm, json!({})).await.unwrap().status(), 200);
+    let created: Value = admin(reqwest::Method::POST, &format!("/internal/accounts/{account_id}/keys"), json!({"name": "k"})).await.unwrap().json().await.unwrap();
+    created["key"].as_str().unwrap().to_string()
+}
+
 /// Sends SIGTERM and waits (at most 60 s) for the exit status.
 pub async fn terminate(child: &mut tokio::process::Child) -> Option<i32> {
     let pid = child.id().unwrap();

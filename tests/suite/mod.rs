@@ -15,6 +15,7 @@ mod idempotency;
 mod jobs;
 mod limits;
 mod notifications;
+mod observability;
 mod passthrough;
 mod prices;
 mod reconcile;

@@ -678,10 +678,23 @@ async fn a_key_sets_its_own_session_lock_over_the_models() {
     let listed = routed.gateway.admin_ok(Method::GET, &format!("/internal/accounts/{}/keys", routed.account), None).await;
     let modes: Vec<Value> = listed["data"].as_array().unwrap().iter().map(|key| key["session_lock"].clone()).collect();
     assert!(modes.contains(&json!("reject")) && modes.contains(&Value::Null), "{listed}");
+    // A request the client names, charged before the session gets busy.
+    let named = || {
+        let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "route me"}]});
+        let url = format!("{}/v1/chat/completions", routed.gateway.url);
+        routed.gateway.http.post(url).bearer_auth(&locking).header("X-Session-ID", "conversation").header("X-Request-ID", "named-in-session").json(&body).send()
+    };
+    let first = named().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let first_body = first.text().await.unwrap();
     let running = slow_stream(&routed, &locking, "conversation", 1_200);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (status, _, error) = session_request(&routed, &locking, "conversation").await;
     assert_eq!((status, error["error"]["code"].as_str()), (409, Some("session_busy")), "the locking key's second request");
+    // Its retry while the session is busy is a replay, not a refusal: it asks for no new work.
+    let retry = named().await.unwrap();
+    assert_eq!((retry.status().as_u16(), retry.headers().get("idempotent-replayed").map(|value| value.to_str().unwrap().to_string())), (200, Some("true".into())), "a charged request's retry in a busy session");
+    assert_eq!(retry.text().await.unwrap(), first_body, "the replay is the first answer");
     assert_eq!(session_request(&routed, &routed.key, "conversation").await.0, 200, "a key without a lock on an unlocked model goes through");
     let (status, fence, _) = running.await.unwrap();
     assert_eq!(status, 200);

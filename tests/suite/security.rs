@@ -41,20 +41,9 @@ provider = "upstream"
     .unwrap();
     let mut process = start_binary(&config_path, &[("TOLLGATE_TEST_UPSTREAM_SECRET", &upstream_secret)]).await;
     let http = reqwest::Client::new();
-    let admin = |method: reqwest::Method, path: &str, body: Value| {
-        http.request(method, format!("{}{path}", process.internal)).bearer_auth(&admin_token).json(&body).send()
-    };
 
     // The operator API answers on its own listener only; the client API only on the public one.
-    let prices = json!([{"provider": "upstream", "model": "gpt", "customer_type": TIER, "input_per_mtok": "2.5", "output_per_mtok": "10"}]);
-    assert_eq!(admin(reqwest::Method::PUT, "/internal/prices", prices).await.unwrap().status(), 200);
-    let account = json!({"id": "acct_security", "kind": "user", "name": "security", "customer_type": TIER});
-    assert_eq!(admin(reqwest::Method::POST, "/internal/accounts", account).await.unwrap().status(), 201);
-    let topup: Value = admin(reqwest::Method::POST, "/internal/topups", json!({"account_id": "acct_security", "amount": "1", "reference_id": "security-1"})).await.unwrap().json().await.unwrap();
-    let confirm = format!("/internal/topups/{}/confirm", topup["id"].as_str().unwrap());
-    assert_eq!(admin(reqwest::Method::POST, &confirm, json!({})).await.unwrap().status(), 200);
-    let created: Value = admin(reqwest::Method::POST, "/internal/accounts/acct_security/keys", json!({"name": "k"})).await.unwrap().json().await.unwrap();
-    let key = created["key"].as_str().unwrap().to_string();
+    let key = binary_customer(&http, &process.internal, &admin_token, "gpt", "acct_security").await;
     let on_public = http.get(format!("{}/internal/accounts/acct_security", process.public)).bearer_auth(&admin_token).send().await.unwrap();
     assert_eq!(on_public.status(), 404, "no operator API on the public listener");
     assert_eq!(http.get(format!("{}/metrics", process.public)).send().await.unwrap().status(), 404);

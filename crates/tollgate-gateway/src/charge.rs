@@ -88,6 +88,16 @@ pub async fn authorize(state: &AppState, request: &AuthorizeRequest, session: Op
 /// window while the ledger is away is then charged in the hot store, its row is refused as a
 /// duplicate and the reconciliation reports the drift. Refusing every client-named request for
 /// a ledger outage would stop what services mode is built to serve.
+/// Whether a client-sent request id was charged, asking the hot store (which knows a charge
+/// before its row reaches the ledger in services mode) and then the ledger. A hot store that
+/// cannot answer leaves it to the ledger; the hold's own check still catches a charge missed.
+pub async fn request_charged(state: &AppState, request: &AuthorizeRequest) -> bool {
+    match state.hot.charged_request(&request.account_id, &request.request_id).await {
+        Ok(Some(_)) => true,
+        Ok(None) | Err(_) => charged_in_ledger(state, request).await,
+    }
+}
+
 pub async fn charged_in_ledger(state: &AppState, request: &AuthorizeRequest) -> bool {
     if state.config.billing == Billing::Off {
         return false;
@@ -146,6 +156,7 @@ pub async fn settle(state: &AppState, event: UsageEvent) -> Result<Settlement, A
     let started = std::time::Instant::now();
     let request_id = event.request_id.clone();
     let source = event.usage_source.as_str();
+    let (model, customer_type, usage, cost) = (event.model.clone(), event.customer_type.clone(), event.usage, event.cost);
     let timeout = Duration::from_millis(state.config.limits.settle_timeout_ms);
     let settlement = tokio::time::timeout(timeout, state.hot.settle(event))
         .await
@@ -154,12 +165,32 @@ pub async fn settle(state: &AppState, event: UsageEvent) -> Result<Settlement, A
     metrics::counter!("tollgate_charges_total", "usage_source" => source).increment(1);
     if settlement.already_settled {
         tracing::warn!(request_id, "settle found the request already charged; nothing charged again");
+    } else {
+        record_charged(model, customer_type, &usage, cost);
     }
     debug_assert!(
         settlement.already_settled || settlement.balance_after <= settlement.balance_before,
         "a charge never raises a balance"
     );
     Ok(settlement)
+}
+
+/// Tokens by kind and spend by model and tier, for dashboards: no account label (the series
+/// count stays bounded by models and tiers). Spend is in nanos of the currency unit; the
+/// ledger, not this counter, is the record.
+fn record_charged(model: String, customer_type: String, usage: &tollgate_core::Usage, cost: tollgate_core::Money) {
+    for (kind, tokens) in [
+        ("input", usage.input_tokens),
+        ("cached_input", usage.cached_input_tokens),
+        ("cache_write", usage.cache_write_tokens),
+        ("output", usage.output_tokens),
+        ("reasoning", usage.reasoning_tokens),
+    ] {
+        if tokens > 0 {
+            metrics::counter!("tollgate_tokens_total", "model" => model.clone(), "kind" => kind).increment(tokens);
+        }
+    }
+    metrics::counter!("tollgate_spend_nanos_total", "model" => model, "customer_type" => customer_type).increment(u64::try_from(cost.nanos()).unwrap_or(0));
 }
 
 /// Step 4: nothing billable was produced; release the hold and record the failure.

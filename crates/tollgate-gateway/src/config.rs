@@ -699,16 +699,9 @@ impl GatewayConfig {
             if Some(kind) != kind_of(&route.provider) {
                 return Err(format!("model {model}: channel on provider {} speaks another protocol than the model's provider {}", channel.provider, route.provider));
             }
-            if channel.weight == 0 {
-                return Err(format!("model {model}: channel on provider {}: weight must be at least 1", channel.provider));
-            }
-            if channel.concurrent_requests_max == Some(0) {
-                return Err(format!("model {model}: channel on provider {}: concurrent_requests_max must be positive", channel.provider));
-            }
             let name = channel.name.as_deref().unwrap_or(&channel.provider);
-            if !channel_name_valid(name) {
-                return Err(format!("model {model}: channel name {name:?} must be 1 to 64 of A-Z a-z 0-9 - _ . :"));
-            }
+            check_channel(name, channel.upstream_model.as_deref(), channel.weight, channel.concurrent_requests_max)
+                .map_err(|error| format!("model {model}: channel {name:?}: {error}"))?;
             if !names.insert(name) {
                 return Err(format!("model {model}: two channels are named {name}: name them (channels.name)"));
             }
@@ -717,9 +710,30 @@ impl GatewayConfig {
     }
 }
 
-/// A channel's name: 1 to 64 of `A-Z a-z 0-9 - _ . :` (it appears in URLs and metric labels).
-pub fn channel_name_valid(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 64 && name.bytes().all(|byte| byte.is_ascii_alphanumeric() || b"-_.:".contains(&byte))
+/// Longest upstream model name a channel may give.
+pub const UPSTREAM_MODEL_CHARS_MAX: usize = 256;
+
+/// The checks a channel's own fields pass wherever it comes from, the configuration or an
+/// operator's call: its name (1 to 64 of `A-Z a-z 0-9 - _ . :`, since it appears in URLs and
+/// metric labels), its upstream model name, its weight and its limit.
+///
+/// # Errors
+/// What is wrong, for the operator.
+pub fn check_channel(name: &str, upstream_model: Option<&str>, weight: u32, concurrent_requests_max: Option<u32>) -> Result<(), String> {
+    let name_valid = !name.is_empty() && name.len() <= 64 && name.bytes().all(|byte| byte.is_ascii_alphanumeric() || b"-_.:".contains(&byte));
+    if !name_valid {
+        return Err("name must be 1 to 64 of A-Z a-z 0-9 - _ . :".into());
+    }
+    if upstream_model.is_some_and(|upstream| upstream.is_empty() || upstream.chars().count() > UPSTREAM_MODEL_CHARS_MAX) {
+        return Err(format!("upstream_model must be 1 to {UPSTREAM_MODEL_CHARS_MAX} characters"));
+    }
+    if weight == 0 {
+        return Err("weight must be at least 1".into());
+    }
+    if concurrent_requests_max == Some(0) {
+        return Err("concurrent_requests_max must be positive".into());
+    }
+    Ok(())
 }
 
 /// What `Debug` prints instead of a secret.

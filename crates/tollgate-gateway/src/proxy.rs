@@ -217,13 +217,18 @@ pub async fn handle(state: AppState, protocol: Protocol, request_id: RequestId, 
 
 /// [`handle`], for a protocol whose URL carries request facts (Gemini: the model, streaming).
 pub async fn handle_at(state: AppState, protocol: Protocol, url: UrlFacts, request_id: RequestId, caller: Caller, body: Body) -> Response {
-    match handle_request(&state, protocol, &url, request_id, &caller, body).await {
+    let started = Instant::now();
+    let response = match handle_request(&state, protocol, &url, request_id, &caller, body).await {
         Ok(response) => response,
         Err(error) => {
             metrics::counter!("tollgate_requests_total", "outcome" => error.status_and_code().1).increment(1);
             error.into_response_shaped(ErrorShape::for_protocol(protocol))
         }
-    }
+    };
+    // Up to the response's head: a stream's body is not in it (its first chunk is).
+    let stream = response.headers().get(header::CONTENT_TYPE).is_some_and(|value| value.as_bytes().starts_with(b"text/event-stream"));
+    metrics::histogram!("tollgate_request_duration_seconds", "stream" => if stream { "true" } else { "false" }).record(started.elapsed().as_secs_f64());
+    response
 }
 
 async fn handle_request(
@@ -351,6 +356,13 @@ async fn handle_request(
     // handler, before the hold: a refused request holds nothing, and a client that leaves while
     // it waits for the lock leaves nothing behind to be charged later. Held until the request
     // is settled (it moves into the task with the request).
+    let locks_session = key_of_session.is_some() && lock_mode != SessionLockMode::Off;
+    // A retry of a request already charged gets its replay, not a refusal because another
+    // request of its session is running: so it is looked up before the lock is.
+    let charged_checked = presented && locks_session;
+    if charged_checked && charge::request_charged(state, &authorize_request).await {
+        return replay(state, &context, &request_id, &fingerprint, parsed.stream).await;
+    }
     let session_lock = match &key_of_session {
         Some(key) => session_lock::acquire(state, lock_mode, &context.account.id, key).await?,
         None => None,
@@ -361,7 +373,7 @@ async fn handle_request(
     let task = state.tasks.spawn(async move {
         let state = &task_state;
         // The hot store remembers charged ids for a window; a client's id may be older.
-        if presented && charge::charged_in_ledger(state, &authorize_request).await {
+        if presented && !charged_checked && charge::charged_in_ledger(state, &authorize_request).await {
             return replay(state, &context, &request_id, &fingerprint, parsed.stream).await;
         }
         let pinned = match charge::authorize(state, &authorize_request, session.as_deref()).await? {
@@ -586,6 +598,9 @@ async fn forward(state: &AppState, mut billing: Billing, mut call: UpstreamCall)
         let started = Instant::now();
         let (outcome, facts) = try_channel(state, &call, &lease.channel, body, request_deadline).await;
         let channel = &lease.channel;
+        if let Some(first_byte) = facts.first_byte {
+            channel.first_byte_seconds.record(first_byte.as_secs_f64());
+        }
         let mut record = UpstreamAttempt {
             channel: channel.spec.name.clone(),
             provider: channel.spec.provider.name.clone(),
@@ -597,12 +612,11 @@ async fn forward(state: &AppState, mut billing: Billing, mut call: UpstreamCall)
             first_byte_ms: facts.first_byte.map(|first_byte| u64::try_from(first_byte.as_millis()).unwrap_or(u64::MAX)),
             upstream_usage: None,
         };
-        let labels = [("model", billing.route.model.clone()), ("channel", channel.spec.name.clone())];
         match outcome {
             Ok(answer) => {
                 record.served = true;
                 billing.attempts.push(record);
-                metrics::counter!("tollgate_upstream_attempts_total", &labels).increment(1);
+                channel.attempts_counted.increment(1);
                 if tried.len() > 1 {
                     metrics::counter!("tollgate_failovers_total", "model" => billing.route.model.clone()).increment(1);
                     tracing::info!(request_id = billing.request_id, model = billing.route.model, channel = lease.channel.spec.name, attempts = tried.len(), "served after failover");
@@ -613,7 +627,7 @@ async fn forward(state: &AppState, mut billing: Billing, mut call: UpstreamCall)
             Err(failure) => {
                 record.error = Some(failure.kind.to_string());
                 billing.attempts.push(record);
-                metrics::counter!("tollgate_upstream_attempt_failures_total", &labels).increment(1);
+                channel.attempt_failures_counted.increment(1);
                 let now_ms = state.now_ms();
                 lease.report(failure.verdict.health, now_ms).await;
                 if let Some(retry_after_ms) = failure.retry_after_ms {

@@ -73,6 +73,9 @@ impl Gateway {
 
     async fn start_on_clock(config: GatewayConfig, clock: Option<Clock>) -> Result<Gateway, ServerError> {
         config.validate().map_err(ServerError::Config)?;
+        // The recorder before anything records: what the worker and the jobs register as they
+        // start would otherwise go nowhere.
+        crate::metrics::handle();
         let wait = Duration::from_millis(config.limits.startup_wait_ms);
         let (ledger, postgres_pool) = until_available("the ledger", wait, || open_ledger(&config.database_url)).await?;
         let worker_shutdown = CancellationToken::new();

@@ -73,6 +73,8 @@ impl AppState {
         shared_breakers: Option<crate::routing::SharedBreakers>,
     ) -> Result<AppState, String> {
         config.validate()?;
+        // The recorder first: channels register their counters as they are built.
+        let metrics = crate::metrics::handle();
         let upstreams = Upstreams::from_config(&config, shared_breakers)?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(config.limits.upstream_connect_timeout_ms))
@@ -86,8 +88,10 @@ impl AppState {
             .build()
             .map_err(|error| format!("building the upstream client: {error}"))?;
         let prices = PriceTable::default();
-        prices.replace(ledger.current_prices().await.map_err(|error| format!("loading prices: {error}"))?);
+        let price_rows = ledger.current_prices().await.map_err(|error| format!("loading prices: {error}"))?;
         upstreams.reload(&*ledger).await.map_err(|error| format!("loading the channels operators added or set: {error}"))?;
+        crate::metrics::register_families(&upstreams.models(), &price_rows);
+        prices.replace(price_rows);
         let contexts = ContextCache::new(CacheLifetimes {
             fresh: Duration::from_millis(config.limits.context_cache_ttl_ms),
             stale_if_error: Duration::from_millis(config.limits.context_stale_if_error_ms.max(config.limits.context_cache_ttl_ms)),
@@ -110,7 +114,7 @@ impl AppState {
             prices,
             upstreams,
             http,
-            metrics: crate::metrics::handle(),
+            metrics,
             tasks,
             shutdown,
             ledger_lookups_paused_until_ms: std::sync::atomic::AtomicI64::new(0),
@@ -128,7 +132,9 @@ impl AppState {
     /// # Errors
     /// The ledger could not be read; the old table stays.
     pub async fn reload_prices(&self) -> Result<(), tollgate_store::StoreError> {
-        self.prices.replace(self.ledger.current_prices().await?);
+        let rows = self.ledger.current_prices().await?;
+        crate::metrics::register_spend(&rows);
+        self.prices.replace(rows);
         Ok(())
     }
 

@@ -80,6 +80,15 @@ struct ConfiguredModel {
 
 /// The routing table: the configured channels of each model and those operators added
 /// (`/internal/channels`), rebuilt on every change; a request keeps the route it started with.
+/// Why a channel cannot be added.
+#[derive(Debug, thiserror::Error)]
+pub enum AddedChannelError {
+    #[error("the model is not routed")]
+    ModelNotRouted,
+    #[error("{0}")]
+    Invalid(String),
+}
+
 pub struct Upstreams {
     providers: HashMap<String, Provider>,
     configured: Vec<ConfiguredModel>,
@@ -177,16 +186,19 @@ impl Upstreams {
     /// The channel an operator asks to add to `model`, checked as a configured one would be.
     ///
     /// # Errors
-    /// The model is not routed, the provider is unknown or speaks another protocol, or the
-    /// name is taken by a configured channel of the model.
-    pub fn added_spec(&self, added: &AddedChannel) -> Result<ChannelSpec, String> {
-        let model = self.configured.iter().find(|model| model.model == added.model).ok_or_else(|| format!("model {} is not routed", added.model))?;
-        let provider = self.providers.get(&added.provider).ok_or_else(|| format!("unknown provider {}", added.provider))?;
+    /// The model is not routed; a field is invalid ([`crate::config::check_channel`]), the
+    /// provider is unknown or speaks another protocol, or the name is taken by a configured
+    /// channel of the model.
+    pub fn added_spec(&self, added: &AddedChannel) -> Result<ChannelSpec, AddedChannelError> {
+        let model = self.configured.iter().find(|model| model.model == added.model).ok_or(AddedChannelError::ModelNotRouted)?;
+        crate::config::check_channel(&added.channel, added.upstream_model.as_deref(), added.weight, added.concurrent_requests_max)
+            .map_err(AddedChannelError::Invalid)?;
+        let provider = self.providers.get(&added.provider).ok_or_else(|| AddedChannelError::Invalid(format!("unknown provider {}", added.provider)))?;
         if provider.kind != model.provider.kind {
-            return Err(format!("provider {} speaks another protocol than the model's provider {}", provider.name, model.provider.name));
+            return Err(AddedChannelError::Invalid(format!("provider {} speaks another protocol than the model's provider {}", provider.name, model.provider.name)));
         }
         if model.channels.iter().any(|channel| channel.name == added.channel) {
-            return Err(format!("model {} has a configured channel {}", added.model, added.channel));
+            return Err(AddedChannelError::Invalid(format!("model {} has a configured channel {}", added.model, added.channel)));
         }
         Ok(ChannelSpec {
             name: added.channel.clone(),
@@ -224,7 +236,7 @@ impl Upstreams {
             for channel in added.iter().filter(|channel| channel.model == model.model) {
                 match self.added_spec(channel) {
                     Ok(spec) => specs.push(spec),
-                    Err(error) => tracing::warn!(model = model.model, channel = channel.channel, error, "an added channel is left out"),
+                    Err(error) => tracing::warn!(model = model.model, channel = channel.channel, %error, "an added channel is left out"),
                 }
             }
             let kept = current.get(&model.model);

@@ -57,6 +57,10 @@ pub async fn run_leased(ledger: Arc<dyn Ledger>, holder: String, job: LeasedJob,
     let lease = lease_for(job.period);
     let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
     let mut last_period = i64::MIN;
+    // The job's series exist from the start: its first run shows in `rate()`.
+    metrics::counter!("tollgate_job_runs_total", "job" => job.name).absolute(0);
+    metrics::counter!("tollgate_job_failures_total", "job" => job.name).absolute(0);
+    let _registered = metrics::histogram!("tollgate_job_seconds", "job" => job.name);
     loop {
         let now = now_ms();
         let period_start = now - now.rem_euclid(period_ms);

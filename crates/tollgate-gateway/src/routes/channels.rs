@@ -16,6 +16,7 @@ use crate::routes::LimitedBody;
 use crate::routes::admin::{parse_body, parse_query, rfc3339_ms as rfc3339};
 use crate::routing::breaker::BreakerState;
 use crate::state::AppState;
+use crate::upstream::AddedChannelError;
 
 /// Longest reason an operator may give.
 const REASON_CHARS_MAX: usize = 500;
@@ -100,28 +101,10 @@ fn one() -> u32 {
     1
 }
 
-/// Longest upstream model name an operator may give.
-const UPSTREAM_MODEL_CHARS_MAX: usize = 256;
-
 /// Adds a channel to a routed model, for every gateway: kept in the ledger, applied here at once
 /// and by the others on the config notification. It starts enabled, with a closed breaker.
 async fn add(State(state): State<AppState>, Path(model): Path<String>, LimitedBody(body): LimitedBody) -> Result<Response, ApiError> {
     let new: NewChannel = parse_body(&body)?;
-    if !crate::config::channel_name_valid(&new.name) {
-        return Err(ApiError::InvalidRequest("name must be 1 to 64 of A-Z a-z 0-9 - _ . :".into()));
-    }
-    if new.upstream_model.as_ref().is_some_and(|name| name.is_empty() || name.chars().count() > UPSTREAM_MODEL_CHARS_MAX) {
-        return Err(ApiError::InvalidRequest(format!("upstream_model must be 1 to {UPSTREAM_MODEL_CHARS_MAX} characters")));
-    }
-    if new.weight == 0 {
-        return Err(ApiError::InvalidRequest("weight must be at least 1".into()));
-    }
-    if new.concurrent_requests_max == Some(0) {
-        return Err(ApiError::InvalidRequest("concurrent_requests_max must be positive".into()));
-    }
-    if state.upstreams.route(&model).is_none() {
-        return Err(ApiError::NotFound(format!("model {model} is not routed")));
-    }
     let added = AddedChannel {
         model,
         channel: new.name,
@@ -132,7 +115,10 @@ async fn add(State(state): State<AppState>, Path(model): Path<String>, LimitedBo
         concurrent_requests_max: new.concurrent_requests_max,
         created_at_ms: state.now_ms(),
     };
-    let spec = state.upstreams.added_spec(&added).map_err(ApiError::InvalidRequest)?;
+    let spec = state.upstreams.added_spec(&added).map_err(|error| match error {
+        AddedChannelError::ModelNotRouted => ApiError::NotFound(format!("model {} is not routed", added.model)),
+        AddedChannelError::Invalid(message) => ApiError::InvalidRequest(message),
+    })?;
     state.ledger.add_channel(added.clone()).await?;
     state.reload_channels().await?;
     tracing::warn!(model = added.model, channel = added.channel, provider = added.provider, "channel added by an operator");

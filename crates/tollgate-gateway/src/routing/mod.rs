@@ -35,6 +35,12 @@ pub struct Channel {
     breaker: Mutex<Mirror>,
     /// Services mode: where the breaker is shared, and its key there.
     shared: Option<(SharedBreakers, String)>,
+    /// This channel's attempt counters, registered once: a labelled lookup per request is not
+    /// free on the hot path.
+    pub attempts_counted: metrics::Counter,
+    pub attempt_failures_counted: metrics::Counter,
+    /// Seconds from an attempt's start to its upstream's first byte.
+    pub first_byte_seconds: metrics::Histogram,
 }
 
 /// A breaker as this process last knew it, with the shared version it was read at.
@@ -115,7 +121,11 @@ impl ChannelSpec {
 impl Channel {
     pub fn new(model: &str, mut spec: ChannelSpec) -> Channel {
         spec.weight = spec.weight.max(1);
+        let labels = [("model", model.to_string()), ("channel", spec.name.clone())];
         Channel {
+            attempts_counted: metrics::counter!("tollgate_upstream_attempts_total", &labels),
+            attempt_failures_counted: metrics::counter!("tollgate_upstream_attempt_failures_total", &labels),
+            first_byte_seconds: metrics::histogram!("tollgate_upstream_first_byte_seconds", &labels),
             model: model.to_string(),
             enabled: AtomicBool::new(spec.enabled),
             spec,
