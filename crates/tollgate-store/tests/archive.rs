@@ -31,7 +31,7 @@ const WINDOW_MS: i64 = 24 * 60 * 60 * 1000;
 const ACCOUNTS: [&str; 3] = ["a", "b", "c"];
 
 async fn sqlite() -> Arc<dyn Ledger> {
-    let path = std::env::temp_dir().join(format!("tollgate-archive-{}.db", uuid::Uuid::new_v4().simple()));
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("tollgate-archive-{}.db", uuid::Uuid::new_v4().simple()));
     Arc::new(SqliteLedger::connect(&format!("sqlite://{}", path.display()), 4).await.unwrap())
 }
 
@@ -40,7 +40,7 @@ async fn postgres() -> Arc<dyn Ledger> {
 }
 
 fn out_dir() -> PathBuf {
-    std::env::temp_dir().join(format!("tollgate-archive-out-{}", uuid::Uuid::new_v4().simple()))
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("tollgate-archive-out-{}", uuid::Uuid::new_v4().simple()))
 }
 
 /// splitmix64: the sequences are reproducible from the seed printed on failure.
@@ -480,7 +480,7 @@ async fn postgres_reads_and_writes_during_an_archive() {
 /// it from the file, with no second file.
 #[tokio::test]
 async fn sqlite_finishes_an_archive_that_stopped_while_dropping() {
-    let path = std::env::temp_dir().join(format!("tollgate-archive-{}.db", uuid::Uuid::new_v4().simple()));
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("tollgate-archive-{}.db", uuid::Uuid::new_v4().simple()));
     let url = format!("sqlite://{}", path.display());
     let ledger: Arc<dyn Ledger> = Arc::new(SqliteLedger::connect(&url, 4).await.unwrap().with_archive_chunk_rows(1));
     let mut model = Model::default();

@@ -23,7 +23,7 @@ mod support;
 use support::{event, fresh_postgres_url, new_account};
 
 async fn sqlite() -> Arc<dyn Ledger> {
-    let path = std::env::temp_dir().join(format!("tollgate-ledger-{}.db", uuid::Uuid::new_v4().simple()));
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("tollgate-ledger-{}.db", uuid::Uuid::new_v4().simple()));
     Arc::new(SqliteLedger::connect(&format!("sqlite://{}", path.display()), 4).await.unwrap())
 }
 
@@ -689,7 +689,7 @@ async fn an_in_memory_sqlite_ledger_reads_what_it_writes() {
 /// before incremental auto-vacuum is converted when opened.
 #[tokio::test]
 async fn a_pruned_sqlite_ledger_gives_its_space_back() {
-    let path = std::env::temp_dir().join(format!("tollgate-compact-{}.db", uuid::Uuid::new_v4().simple()));
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("tollgate-compact-{}.db", uuid::Uuid::new_v4().simple()));
     let url = format!("sqlite://{}", path.display());
     // An older file: no auto-vacuum mode, made without the ledger.
     let plain = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect_with(url.parse::<sqlx::sqlite::SqliteConnectOptions>().unwrap().create_if_missing(true)).await.unwrap();

@@ -646,7 +646,7 @@ async fn check(name: &str, pair: Pair, seeds_default: u64) {
 }
 
 async fn sqlite_ledger() -> Arc<dyn Ledger> {
-    let path = std::env::temp_dir().join(format!("tollgate-model-{}.db", uuid::Uuid::new_v4().simple()));
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("tollgate-model-{}.db", uuid::Uuid::new_v4().simple()));
     Arc::new(SqliteLedger::connect(&format!("sqlite://{}", path.display()), 4).await.unwrap())
 }
 
