@@ -78,16 +78,6 @@ pub async fn authorize(state: &AppState, request: &AuthorizeRequest, session: Op
     })
 }
 
-/// Whether the ledger already has a charge for this request id, which the hot store may have
-/// forgotten (it remembers charged ids for `limits.recent_charge_ms`; the ledger, for good). Asked
-/// for ids the client sent: an id made for this request cannot have been charged.
-///
-/// A ledger that cannot answer within `ledger_lookup_timeout_ms` leaves the hot store's window
-/// as the only check, and the lookups pause for [`LEDGER_LOOKUP_PAUSE_MS`] so that an outage
-/// costs one request a second that wait, not every one. A client reusing an id older than the
-/// window while the ledger is away is then charged in the hot store, its row is refused as a
-/// duplicate and the reconciliation reports the drift. Refusing every client-named request for
-/// a ledger outage would stop what services mode is built to serve.
 /// Whether a client-sent request id was charged, asking the hot store (which knows a charge
 /// before its row reaches the ledger in services mode) and then the ledger. A hot store that
 /// cannot answer leaves it to the ledger; the hold's own check still catches a charge missed.
@@ -98,6 +88,16 @@ pub async fn request_charged(state: &AppState, request: &AuthorizeRequest) -> bo
     }
 }
 
+/// Whether the ledger already has a charge for this request id, which the hot store may have
+/// forgotten (it remembers charged ids for `limits.recent_charge_ms`; the ledger, for good). Asked
+/// for ids the client sent: an id made for this request cannot have been charged.
+///
+/// A ledger that cannot answer within `ledger_lookup_timeout_ms` leaves the hot store's window
+/// as the only check, and the lookups pause for [`LEDGER_LOOKUP_PAUSE_MS`] so that an outage
+/// costs one request a second that wait, not every one. A client reusing an id older than the
+/// window while the ledger is away is then charged in the hot store, its row is refused as a
+/// duplicate and the reconciliation reports the drift. Refusing every client-named request for
+/// a ledger outage would stop what services mode is built to serve.
 pub async fn charged_in_ledger(state: &AppState, request: &AuthorizeRequest) -> bool {
     if state.config.billing == Billing::Off {
         return false;

@@ -78,8 +78,6 @@ struct ConfiguredModel {
     session_lock: crate::config::SessionLockMode,
 }
 
-/// The routing table: the configured channels of each model and those operators added
-/// (`/internal/channels`), rebuilt on every change; a request keeps the route it started with.
 /// Why a channel cannot be added.
 #[derive(Debug, thiserror::Error)]
 pub enum AddedChannelError {
@@ -89,6 +87,8 @@ pub enum AddedChannelError {
     Invalid(String),
 }
 
+/// The routing table: the configured channels of each model and those operators added
+/// (`/internal/channels`), rebuilt on every change; a request keeps the route it started with.
 pub struct Upstreams {
     providers: HashMap<String, Provider>,
     configured: Vec<ConfiguredModel>,
