@@ -83,12 +83,15 @@ ensure_package() {
   fi
 }
 
-# The Python venv with the pinned SDKs (tests/sdk/requirements.txt); rebuilt when the pins change.
+# A Python venv with pinned packages, rebuilt when the pins change: by default .venv with the
+# SDKs (tests/sdk/requirements.txt). The browser test has its own, .venv/browser (inside .venv,
+# so the one .gitignore line covers it), so that neither set of pins constrains the other.
 ensure_venv() {
-  if [ ! -x .venv/bin/python ] || ! cmp -s tests/sdk/requirements.txt .venv/requirements.txt; then
-    python3 -m venv .venv
-    .venv/bin/pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
-    cp tests/sdk/requirements.txt .venv/requirements.txt
+  local venv=${1:-.venv} requirements=${2:-tests/sdk/requirements.txt}
+  if [ ! -x "$venv/bin/python" ] || ! cmp -s "$requirements" "$venv/requirements.txt"; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
+    cp "$requirements" "$venv/requirements.txt"
   fi
 }
 

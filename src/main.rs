@@ -241,8 +241,13 @@ async fn serve(config_path: Option<&std::path::Path>, demo: bool, listen: Option
         }
         None => println!("Tollgate listening on http://{address}"),
     }
-    if let Some(internal) = internal_address {
-        println!("operator API (/internal, /metrics) on http://{internal}");
+    match internal_address {
+        // The operator area needs /internal on the same origin as the page.
+        Some(internal) => {
+            println!("operator API (/internal, /metrics) on http://{internal}");
+            println!("console: http://{address}/console/ (customer area), http://{internal}/console/ (operator area)");
+        }
+        None => println!("console:     http://{address}/console/ (log in with the admin token or a client key)"),
     }
     gateway.serve_split(listener, internal_listener, shutdown).await?;
     Ok(())

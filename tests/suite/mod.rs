@@ -17,6 +17,7 @@ mod limits;
 mod notifications;
 mod observability;
 mod passthrough;
+mod reports;
 mod prices;
 mod reconcile;
 mod routing;

@@ -56,7 +56,9 @@ async fn a_stranger_is_refused_before_the_body_is_read() {
 /// check moved from the handlers to a layer; none may have been left outside it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_operator_route_needs_the_token() {
-    let gateway = TestGateway::start().await;
+    // More wrong tokens than the per-address throttle lets through in a minute: this test is
+    // about the check, not the throttle.
+    let gateway = TestGateway::start_with(|config| config.limits.auth_failures_per_address_per_minute = 10_000).await;
     let routes = [
         (Method::POST, "/accounts"),
         (Method::GET, "/accounts/acct_x"),
@@ -80,6 +82,16 @@ async fn every_operator_route_needs_the_token() {
         (Method::GET, "/jobs"),
         (Method::GET, "/alerts"),
         (Method::GET, "/alerts/1/deliveries"),
+        (Method::GET, "/accounts"),
+        (Method::GET, "/prices/history"),
+        (Method::GET, "/channels"),
+        (Method::POST, "/channels/demo-gpt"),
+        (Method::DELETE, "/channels/demo-gpt/mock"),
+        (Method::POST, "/channels/demo-gpt/mock/disable"),
+        (Method::POST, "/channels/demo-gpt/mock/enable"),
+        (Method::GET, "/billing/attempts"),
+        (Method::DELETE, "/accounts/acct_x/pins"),
+        (Method::DELETE, "/accounts/acct_x/sessions/s1/lock"),
     ];
     for (method, path) in routes {
         for token in [None, Some("wrong-token-wrong-token-wrong-token")] {

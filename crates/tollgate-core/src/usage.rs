@@ -54,6 +54,9 @@ pub enum UsageSource {
 }
 
 impl UsageSource {
+    /// Every source, for the metric's series registered at zero.
+    pub const ALL: [UsageSource; 4] = [UsageSource::Upstream, UsageSource::Tokenizer, UsageSource::Estimate, UsageSource::Adjusted];
+
     /// The stored and serialised name ("upstream", "tokenizer", "estimate").
     pub fn as_str(self) -> &'static str {
         match self {
@@ -103,6 +106,9 @@ pub enum UsageAnomaly {
 }
 
 impl UsageAnomaly {
+    /// Every kind, for the metric's series registered at zero.
+    pub const ALL: [UsageAnomaly; 4] = [UsageAnomaly::Absurd, UsageAnomaly::OverCap, UsageAnomaly::OutputUnderReported, UsageAnomaly::InputUnderReported];
+
     /// The metric label.
     pub fn as_str(self) -> &'static str {
         match self {

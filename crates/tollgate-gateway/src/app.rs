@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
 use crate::auth;
+use crate::console;
 use crate::error::ApiError;
 
 use crate::routes::{admin, channels, client, gemini, operations, ops, statements};
@@ -40,6 +41,9 @@ fn client_routes() -> Router<AppState> {
         .route("/v1/models", get(client::models))
         .route("/v1/balance", get(client::balance))
         .route("/v1/usage", get(client::usage))
+        .route("/v1/usage/summary", get(client::usage_summary))
+        .route("/v1/statement", get(client::statement))
+        .route("/v1/keys", get(client::keys))
 }
 
 /// The operator API, every route behind the token, checked before any extractor runs.
@@ -51,7 +55,7 @@ fn internal_routes(state: &AppState) -> Router<AppState> {
         .route_layer(from_fn_with_state(state.clone(), auth::operator_only))
 }
 
-/// Health checks, the fallback and the layers every listener has.
+/// Health checks, the console, the fallback and the layers every listener has.
 fn finish(routes: Router<AppState>, state: AppState) -> Router {
     // Bodies are read with an explicit limit in each handler (a 413 in the contract's shape);
     // this outer limit is a backstop for routes that read with extractors.
@@ -60,6 +64,10 @@ fn finish(routes: Router<AppState>, state: AppState) -> Router {
     routes
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
+        .route("/", get(console::to_console))
+        .route("/console", get(console::to_console))
+        .route("/console/", get(console::index))
+        .route("/console/{file}", get(console::asset))
         .fallback(ops::not_found)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn(crate::request_id::assign))

@@ -63,7 +63,7 @@ pub async fn authorize(state: &AppState, request: &AuthorizeRequest, session: Op
         Authorization::Refused(Refusal::AlreadyCharged) => return Ok(Authorized::AlreadyCharged),
         Authorization::Refused(refusal) => refusal,
     };
-    metrics::counter!("tollgate_authorize_refused_total", "reason" => refusal_reason(&refusal)).increment(1);
+    metrics::counter!("tollgate_authorize_refused_total", "reason" => refusal.reason()).increment(1);
     Err(match refusal {
         Refusal::AccountNotLoaded => ApiError::BillingUnavailable("account could not be loaded into the hot store".into()),
         Refusal::InProgress => ApiError::RequestInProgress(request.request_id.clone()),
@@ -133,19 +133,6 @@ pub fn ledger_reachable(state: &AppState) {
 /// Pauses request-path ledger lookups: the ledger just failed to answer one.
 pub fn ledger_unreachable(state: &AppState) {
     state.ledger_lookups_paused_until_ms.store(now_ms().saturating_add(LEDGER_LOOKUP_PAUSE_MS), std::sync::atomic::Ordering::Relaxed);
-}
-
-fn refusal_reason(refusal: &Refusal) -> &'static str {
-    match refusal {
-        Refusal::AccountNotLoaded => "account_not_loaded",
-        Refusal::InProgress => "in_progress",
-        Refusal::AlreadyCharged => "already_charged",
-        Refusal::InsufficientBalance { .. } => "insufficient_balance",
-        Refusal::DailyQuotaExceeded { .. } => "daily_quota",
-        Refusal::MonthlyQuotaExceeded { .. } => "monthly_quota",
-        Refusal::KeyBudgetExceeded { .. } => "key_budget",
-        Refusal::RateLimited { .. } => "rate_limited",
-    }
 }
 
 /// Step 3: charge the real cost. Returns once the charge is durable.

@@ -24,6 +24,7 @@ pub mod app;
 pub mod auth;
 pub mod charge;
 pub mod config;
+pub mod console;
 pub mod context;
 pub mod error;
 pub mod fallback;

@@ -4,9 +4,12 @@
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tollgate_core::{UsageAnomaly, UsageSource};
+use tollgate_store::hot::Refusal;
 use tollgate_store::model::PriceRow;
 
 use crate::routing::Route;
+use crate::routing::breaker::BreakerState;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -35,10 +38,6 @@ pub fn handle() -> PrometheusHandle {
         .clone()
 }
 
-/// Reasons an authorization is refused (`charge::refusal_reason`).
-const REFUSAL_REASONS: &[&str] =
-    &["account_not_loaded", "in_progress", "already_charged", "insufficient_balance", "daily_quota", "monthly_quota", "key_budget", "rate_limited"];
-const USAGE_SOURCES: &[&str] = &["upstream", "tokenizer", "estimate", "adjusted"];
 const TOKEN_KINDS: &[&str] = &["input", "cached_input", "cache_write", "output", "reasoning"];
 const AFFINITY_RESULTS: &[&str] = &["hit", "miss", "pinned_unavailable"];
 const SESSION_LOCK_RESULTS: &[&str] = &["acquired", "waited", "refused", "unavailable"];
@@ -73,13 +72,16 @@ pub fn register_families(routes: &[std::sync::Arc<Route>], prices: &[PriceRow]) 
     for stream in ["true", "false"] {
         let _registered = metrics::histogram!("tollgate_request_duration_seconds", "stream" => stream);
     }
+    // Label values from the types that produce them, so a new variant is registered too.
+    let usage_sources = UsageSource::ALL.map(UsageSource::as_str);
+    let anomalies = UsageAnomaly::ALL.map(UsageAnomaly::as_str);
     for (family, label, values) in [
-        ("tollgate_authorize_refused_total", "reason", REFUSAL_REASONS),
-        ("tollgate_charges_total", "usage_source", USAGE_SOURCES),
+        ("tollgate_authorize_refused_total", "reason", &Refusal::REASONS[..]),
+        ("tollgate_charges_total", "usage_source", &usage_sources[..]),
         ("tollgate_session_lock_total", "result", SESSION_LOCK_RESULTS),
         ("tollgate_ledger_charging_total", "step", LEDGER_CHARGING_STEPS),
         ("tollgate_webhook_deliveries_total", "outcome", WEBHOOK_OUTCOMES),
-        ("tollgate_usage_anomalies_total", "kind", &["absurd", "over_cap", "output_under_reported", "input_under_reported"]),
+        ("tollgate_usage_anomalies_total", "kind", &anomalies[..]),
     ] {
         for value in values {
             metrics::counter!(family, label => *value).absolute(0);
@@ -100,7 +102,7 @@ pub fn register_families(routes: &[std::sync::Arc<Route>], prices: &[PriceRow]) 
         }
         for channel in &route.channels {
             let _registered = metrics::gauge!("tollgate_breaker_open", "model" => model.clone(), "channel" => channel.spec.name.clone());
-            for to in ["open", "half_open", "closed"] {
+            for to in BreakerState::LABELS {
                 metrics::counter!("tollgate_breaker_transitions_total", "model" => model.clone(), "channel" => channel.spec.name.clone(), "to" => to).absolute(0);
             }
         }

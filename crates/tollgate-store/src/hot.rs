@@ -117,6 +117,26 @@ pub enum Refusal {
     RateLimited { retry_after_secs: u64 },
 }
 
+impl Refusal {
+    /// Every [`Refusal::reason`], for the metric's series registered at zero.
+    pub const REASONS: [&'static str; 8] =
+        ["account_not_loaded", "in_progress", "already_charged", "insufficient_balance", "daily_quota", "monthly_quota", "key_budget", "rate_limited"];
+
+    /// The refusal's metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::AccountNotLoaded => "account_not_loaded",
+            Refusal::InProgress => "in_progress",
+            Refusal::AlreadyCharged => "already_charged",
+            Refusal::InsufficientBalance { .. } => "insufficient_balance",
+            Refusal::DailyQuotaExceeded { .. } => "daily_quota",
+            Refusal::MonthlyQuotaExceeded { .. } => "monthly_quota",
+            Refusal::KeyBudgetExceeded { .. } => "key_budget",
+            Refusal::RateLimited { .. } => "rate_limited",
+        }
+    }
+}
+
 /// What a request's quotas, key budgets and balance are judged against, as a store counts it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Commitments {
@@ -390,4 +410,38 @@ pub trait HotStore: Send + Sync + 'static {
     /// position) and holds nothing: no charge or fund change slipped in since reconciliation
     /// read it. Returns whether it did.
     async fn repair_balance(&self, seen: &HotAccountView, balance: Money) -> StoreResult<bool>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The registered label values are exactly the labels refusals produce, once each.
+    #[test]
+    fn every_refusal_reason_is_listed_once() {
+        let every = [
+            Refusal::AccountNotLoaded,
+            Refusal::InProgress,
+            Refusal::AlreadyCharged,
+            Refusal::InsufficientBalance { available: Money::ZERO, required: Money::ZERO },
+            Refusal::DailyQuotaExceeded { retry_after_secs: 0 },
+            Refusal::MonthlyQuotaExceeded { retry_after_secs: 0 },
+            Refusal::KeyBudgetExceeded { period: BudgetPeriod::Daily, retry_after_secs: None },
+            Refusal::RateLimited { retry_after_secs: 0 },
+        ];
+        // A new variant fails to compile here until it is added above (and to REASONS).
+        for refusal in &every {
+            match refusal {
+                Refusal::AccountNotLoaded
+                | Refusal::InProgress
+                | Refusal::AlreadyCharged
+                | Refusal::InsufficientBalance { .. }
+                | Refusal::DailyQuotaExceeded { .. }
+                | Refusal::MonthlyQuotaExceeded { .. }
+                | Refusal::KeyBudgetExceeded { .. }
+                | Refusal::RateLimited { .. } => {}
+            }
+        }
+        assert_eq!(every.map(|refusal| refusal.reason()), Refusal::REASONS);
+    }
 }

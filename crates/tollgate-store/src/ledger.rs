@@ -12,9 +12,9 @@ use tollgate_core::Money;
 
 use crate::error::StoreResult;
 use crate::model::{
-    Account, AccountBalance, AccountPatch, ApiKey, FundKind, FundOutcome, FundTransaction, LedgerEntry,
+    Account, AccountBalance, AccountPatch, AccountQuery, PriceHistoryQuery, ApiKey, FundKind, FundOutcome, FundTransaction, LedgerEntry,
     ChargedRequest, NewAccount, NewApiKey, NewFund, NewPrice, PriceRow, RecordOutcome,
-    SummaryGroup, SummaryRow, TopUp, UsageEvent, UsageQuery, UsageRow,
+    SummaryQuery, SummaryRow, TopUp, UsageEvent, UsageQuery, UsageRow,
 };
 
 /// The system of record. Implementations: SQLite (embedded), PostgreSQL (production).
@@ -34,6 +34,8 @@ pub trait Ledger: crate::operations::Operations + crate::retention::Retention + 
     async fn account_balance(&self, account_id: &str) -> StoreResult<Option<AccountBalance>>;
     /// Every account id, for verification and reconciliation.
     async fn account_ids(&self) -> StoreResult<Vec<String>>;
+    /// A page of accounts by id, optionally only those whose id or name contains a text.
+    async fn accounts_page(&self, query: AccountQuery) -> StoreResult<Vec<Account>>;
     /// The distinct customer types (pricing tiers) accounts have, sorted: the tiers every routed
     /// model needs a price for (`tollgate prices check`).
     async fn customer_types(&self) -> StoreResult<Vec<String>>;
@@ -49,6 +51,8 @@ pub trait Ledger: crate::operations::Operations + crate::retention::Retention + 
     async fn put_prices(&self, prices: Vec<NewPrice>) -> StoreResult<Vec<PriceRow>>;
     /// The newest row of every (provider, model, customer_type).
     async fn current_prices(&self) -> StoreResult<Vec<PriceRow>>;
+    /// Price rows newest first, superseded ones included, narrowed to what is given.
+    async fn price_history(&self, query: PriceHistoryQuery) -> StoreResult<Vec<PriceRow>>;
 
     /// Creates a pending top-up. Reusing a reference id with the same account and amount returns
     /// the existing top-up; with different ones it is a `Conflict`.
@@ -117,14 +121,9 @@ pub trait Ledger: crate::operations::Operations + crate::retention::Retention + 
         start: Option<OffsetDateTime>,
         end: Option<OffsetDateTime>,
     ) -> StoreResult<Vec<LedgerEntry>>;
-    /// Usage totals grouped by model, UTC day or key, within `[start, end)`.
-    async fn summary(
-        &self,
-        account_id: Option<&str>,
-        start: Option<OffsetDateTime>,
-        end: Option<OffsetDateTime>,
-        group_by: SummaryGroup,
-    ) -> StoreResult<Vec<SummaryRow>>;
+    /// Usage totals of charged rows grouped by one or more of model, UTC day and key, within
+    /// `[start, end)`: one page of groups, in the order of the grouping.
+    async fn summary(&self, query: SummaryQuery) -> StoreResult<Vec<SummaryRow>>;
     /// Σ fund amounts − Σ usage costs for an account, computed from the rows (not account_balance).
     async fn rebuilt_balance(&self, account_id: &str) -> StoreResult<Money>;
 }

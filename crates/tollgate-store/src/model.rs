@@ -134,6 +134,15 @@ pub struct PriceRow {
     pub effective_from: OffsetDateTime,
 }
 
+/// Which price rows to list from the history.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PriceHistoryQuery {
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    pub customer_type: Option<String>,
+    pub limit: u32,
+}
+
 /// A price to add to the history; it takes effect at once.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewPrice {
@@ -585,24 +594,68 @@ pub struct UsageQuery {
     pub cursor: Option<i64>,
 }
 
+/// A dimension usage totals are grouped by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SummaryGroup {
     Model,
+    /// The UTC day.
     Day,
     Key,
 }
 
-/// Usage totals for one group (a model, a UTC day, or a key).
+impl SummaryGroup {
+    pub const ALL: [SummaryGroup; 3] = [SummaryGroup::Model, SummaryGroup::Day, SummaryGroup::Key];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SummaryGroup::Model => "model",
+            SummaryGroup::Day => "day",
+            SummaryGroup::Key => "key",
+        }
+    }
+}
+
+/// Which usage to total, how to group it, and which page of groups to return.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SummaryQuery {
+    pub account_id: Option<String>,
+    pub start: Option<OffsetDateTime>,
+    pub end: Option<OffsetDateTime>,
+    /// One or more distinct dimensions; rows are ordered by them, in this order.
+    pub group_by: Vec<SummaryGroup>,
+    pub limit: u32,
+    /// Groups to skip (the page's position; groups are totalled afresh for each page).
+    pub offset: u64,
+}
+
+/// Usage totals for one group: a value of each dimension asked for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct SummaryRow {
+    /// The group's values in `group_by` order, joined by ", ".
     pub group: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub day: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key_id: Option<String>,
     pub requests: u64,
     pub input_tokens: u64,
     pub cached_input_tokens: u64,
     pub cache_write_tokens: u64,
     pub output_tokens: u64,
     pub cost: Money,
+}
+
+/// A page of accounts, ordered by id.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AccountQuery {
+    /// A case-insensitive part of the id or the name.
+    pub search: Option<String>,
+    /// Accounts whose id sorts after this one (the previous page's last).
+    pub after: Option<String>,
+    pub limit: u32,
 }
 
 /// What a batch write did with each event, in input order.

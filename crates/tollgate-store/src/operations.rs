@@ -144,11 +144,14 @@ pub struct ReconciliationRun {
 pub struct JobRun {
     pub job: String,
     /// Unix ms of the period's start; a (job, period) runs at most once.
+    #[serde(serialize_with = "unix_ms::rfc3339")]
     pub period_start: i64,
     pub holder: String,
     /// The lease's fencing token: it grows with every claim of the job.
     pub fence: i64,
+    #[serde(serialize_with = "unix_ms::rfc3339")]
     pub started_at: i64,
+    #[serde(serialize_with = "unix_ms::rfc3339_option")]
     pub finished_at: Option<i64>,
     pub outcome: Option<String>,
 }
@@ -163,9 +166,12 @@ pub struct OutboxEvent {
     pub payload: serde_json::Value,
     pub status: String,
     pub attempts: u64,
+    #[serde(serialize_with = "unix_ms::rfc3339")]
     pub next_attempt_at: i64,
+    #[serde(serialize_with = "unix_ms::rfc3339_option")]
     pub delivered_at: Option<i64>,
     pub last_error: Option<String>,
+    #[serde(serialize_with = "unix_ms::rfc3339")]
     pub created_at: i64,
 }
 
@@ -178,7 +184,29 @@ pub struct DeliveryAttempt {
     pub status_code: Option<u16>,
     pub error: Option<String>,
     pub duration_ms: u64,
+    #[serde(serialize_with = "unix_ms::rfc3339")]
     pub attempted_at: i64,
+}
+
+/// Times the jobs compute with as Unix milliseconds, shown as RFC 3339 like every time in the
+/// API.
+mod unix_ms {
+    use serde::Serializer;
+    use time::OffsetDateTime;
+    use time::format_description::well_known::Rfc3339;
+
+    pub fn rfc3339<S: Serializer>(ms: &i64, serializer: S) -> Result<S::Ok, S::Error> {
+        let time = OffsetDateTime::from_unix_timestamp_nanos(i128::from(*ms) * 1_000_000).map_err(serde::ser::Error::custom)?;
+        serializer.serialize_str(&time.format(&Rfc3339).map_err(serde::ser::Error::custom)?)
+    }
+
+    #[allow(clippy::ref_option)] // serde hands a field over by reference
+    pub fn rfc3339_option<S: Serializer>(ms: &Option<i64>, serializer: S) -> Result<S::Ok, S::Error> {
+        match ms {
+            Some(ms) => rfc3339(ms, serializer),
+            None => serializer.serialize_none(),
+        }
+    }
 }
 
 /// Where an event stands after an attempt.

@@ -21,7 +21,7 @@ use crate::ledger::Ledger;
 use crate::operations::pg;
 use crate::model::{
     Account, AccountBalance, AccountPatch, ApiKey, FundKind, FundOutcome, FundTransaction, LedgerEntry, NewAccount,
-    ChargedRequest, NewApiKey, NewFund, NewPrice, PriceRow, RecordOutcome, RequestStatus, SessionLockMode, StoredResponse, SummaryGroup, SummaryRow, TopUp,
+    ChargedRequest, NewApiKey, NewFund, NewPrice, PriceRow, RecordOutcome, RequestStatus, SessionLockMode, StoredResponse, SummaryQuery, SummaryRow, AccountQuery, PriceHistoryQuery, TopUp,
     TopUpStatus, UsageEvent, UsageQuery, UsageRow,
 };
 use crate::sql_rows::{
@@ -560,6 +560,10 @@ impl Ledger for PgLedger {
         crate::sql_reads::Reads(&self.pool).account_ids().await
     }
 
+    async fn accounts_page(&self, query: AccountQuery) -> StoreResult<Vec<Account>> {
+        crate::sql_reads::Reads(&self.pool).accounts_page(query).await
+    }
+
     async fn customer_types(&self) -> StoreResult<Vec<String>> {
         crate::sql_reads::Reads(&self.pool).customer_types().await
     }
@@ -644,6 +648,10 @@ impl Ledger for PgLedger {
         config_changed(&mut transaction, "prices", "").await?;
         transaction.commit().await?;
         Ok(rows)
+    }
+
+    async fn price_history(&self, query: PriceHistoryQuery) -> StoreResult<Vec<PriceRow>> {
+        crate::sql_reads::Reads(&self.pool).price_history(query).await
     }
 
     async fn current_prices(&self) -> StoreResult<Vec<PriceRow>> {
@@ -861,8 +869,8 @@ impl Ledger for PgLedger {
         merge_statement(&funds, &usage, &runs)
     }
 
-    async fn summary(&self, account_id: Option<&str>, start: Option<OffsetDateTime>, end: Option<OffsetDateTime>, group_by: SummaryGroup) -> StoreResult<Vec<SummaryRow>> {
-        crate::sql_reads::Reads(&self.pool).summary(account_id, start, end, group_by).await
+    async fn summary(&self, query: SummaryQuery) -> StoreResult<Vec<SummaryRow>> {
+        crate::sql_reads::Reads(&self.pool).summary(query).await
     }
 
     async fn rebuilt_balance(&self, account_id: &str) -> StoreResult<Money> {

@@ -7,11 +7,13 @@ use sqlx::sqlite::Sqlite;
 use time::OffsetDateTime;
 
 use crate::error::{StoreError, StoreResult};
-use crate::model::{Account, AccountBalance, ApiKey, FundKind, FundTransaction, SummaryGroup, SummaryRow, UsageQuery, UsageRow};
+use crate::model::{
+    Account, AccountBalance, AccountQuery, ApiKey, FundKind, FundTransaction, PriceHistoryQuery, PriceRow, SummaryGroup, SummaryQuery, SummaryRow, UsageQuery, UsageRow,
+};
 use crate::operations::{
     DUE_OUTBOX, DeliveryAttempt, JobRun, OutboxEvent, RECONCILIATIONS, ReconciliationRun, delivery_from, job_run_from, outbox_from, reconciliation_from,
 };
-use crate::sql_rows::{Fields, SUMMARY_SELECT, account_from, fund_from, key_from, money, ms_of, push_time_range, push_usage_query, summarize, usage_from};
+use crate::sql_rows::{Fields, account_from, day_of, fund_from, key_from, money, ms_of, price_from, push_time_range, push_usage_query, to_u64, usage_from};
 
 /// What differs in a statement the two databases share.
 pub(crate) trait Dialect: sqlx::Database {
@@ -181,13 +183,95 @@ where
         builder.build().fetch_all(self.0).await?.iter().map(usage_from).collect()
     }
 
-    pub(crate) async fn summary(&self, account_id: Option<&str>, start: Option<OffsetDateTime>, end: Option<OffsetDateTime>, group_by: SummaryGroup) -> StoreResult<Vec<SummaryRow>> {
-        let mut builder = sqlx::QueryBuilder::<DB>::new(SUMMARY_SELECT);
-        if let Some(account_id) = account_id {
-            builder.push(" AND account_id = ").push_bind(account_id.to_string());
+    /// Totalled by the database (one row per group, whatever the rows in range); both
+    /// databases' SUM fails rather than wrap on overflow, and the cast back to BIGINT fails
+    /// rather than round.
+    pub(crate) async fn summary(&self, query: SummaryQuery) -> StoreResult<Vec<SummaryRow>> {
+        let columns: Vec<&str> = query
+            .group_by
+            .iter()
+            .map(|group| match group {
+                SummaryGroup::Model => "model",
+                SummaryGroup::Key => "api_key_id",
+                // The UTC day's number since 1970 (times are positive Unix milliseconds).
+                SummaryGroup::Day => "created_at / 86400000",
+            })
+            .collect();
+        let selected: Vec<String> = columns.iter().enumerate().map(|(index, column)| format!("{column} AS g{index}")).collect();
+        let mut builder = sqlx::QueryBuilder::<DB>::new(format!(
+            "SELECT {}, COUNT(*) AS requests, CAST(SUM(input_tokens) AS BIGINT) AS input_tokens, \
+             CAST(SUM(cached_input_tokens) AS BIGINT) AS cached_input_tokens, CAST(SUM(cache_write_tokens) AS BIGINT) AS cache_write_tokens, \
+             CAST(SUM(output_tokens) AS BIGINT) AS output_tokens, CAST(SUM(cost) AS BIGINT) AS cost \
+             FROM usage_log WHERE status <> 'failed'",
+            selected.join(", ")
+        ));
+        if let Some(account_id) = query.account_id {
+            builder.push(" AND account_id = ").push_bind(account_id);
         }
-        push_time_range(&mut builder, start, end);
-        summarize(&builder.build().fetch_all(self.0).await?, group_by)
+        push_time_range(&mut builder, query.start, query.end);
+        let positions: Vec<String> = (1..=columns.len()).map(|position| position.to_string()).collect();
+        builder.push(format!(" GROUP BY {0} ORDER BY {0} LIMIT ", positions.join(", "))).push_bind(i64::from(query.limit));
+        builder.push(" OFFSET ").push_bind(i64::try_from(query.offset).unwrap_or(i64::MAX));
+        let rows = builder.build().fetch_all(self.0).await?;
+        rows.iter()
+            .map(|row| {
+                let mut summary = SummaryRow {
+                    group: String::new(),
+                    day: None,
+                    model: None,
+                    api_key_id: None,
+                    requests: to_u64(row.int("requests")?, "requests")?,
+                    input_tokens: to_u64(row.int("input_tokens")?, "tokens")?,
+                    cached_input_tokens: to_u64(row.int("cached_input_tokens")?, "tokens")?,
+                    cache_write_tokens: to_u64(row.int("cache_write_tokens")?, "tokens")?,
+                    output_tokens: to_u64(row.int("output_tokens")?, "tokens")?,
+                    cost: money(row, "cost")?,
+                };
+                let mut values = Vec::with_capacity(columns.len());
+                for (index, group) in query.group_by.iter().enumerate() {
+                    let column = format!("g{index}");
+                    let value = match group {
+                        SummaryGroup::Day => {
+                            let day = row.int(&column)?;
+                            day_of(day.checked_mul(86_400_000).ok_or_else(|| StoreError::Corrupt(format!("usage day {day}")))?)?
+                        }
+                        SummaryGroup::Model | SummaryGroup::Key => row.text(&column)?,
+                    };
+                    match group {
+                        SummaryGroup::Day => summary.day = Some(value.clone()),
+                        SummaryGroup::Model => summary.model = Some(value.clone()),
+                        SummaryGroup::Key => summary.api_key_id = Some(value.clone()),
+                    }
+                    values.push(value);
+                }
+                summary.group = values.join(", ");
+                Ok(summary)
+            })
+            .collect()
+    }
+
+    pub(crate) async fn accounts_page(&self, query: AccountQuery) -> StoreResult<Vec<Account>> {
+        let mut builder = sqlx::QueryBuilder::<DB>::new("SELECT * FROM accounts WHERE TRUE");
+        if let Some(search) = query.search {
+            let pattern = format!("%{}%", like_escaped(&search.to_lowercase()));
+            builder.push(" AND (LOWER(id) LIKE ").push_bind(pattern.clone()).push(" ESCAPE '\\' OR LOWER(name) LIKE ").push_bind(pattern).push(" ESCAPE '\\')");
+        }
+        if let Some(after) = query.after {
+            builder.push(" AND id > ").push_bind(after);
+        }
+        builder.push(" ORDER BY id LIMIT ").push_bind(i64::from(query.limit));
+        builder.build().fetch_all(self.0).await?.iter().map(account_from).collect()
+    }
+
+    pub(crate) async fn price_history(&self, query: PriceHistoryQuery) -> StoreResult<Vec<PriceRow>> {
+        let mut builder = sqlx::QueryBuilder::<DB>::new("SELECT * FROM prices WHERE TRUE");
+        for (column, value) in [("provider", query.provider), ("model", query.model), ("customer_type", query.customer_type)] {
+            if let Some(value) = value {
+                builder.push(format!(" AND {column} = ")).push_bind(value);
+            }
+        }
+        builder.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(query.limit));
+        builder.build().fetch_all(self.0).await?.iter().map(price_from).collect()
     }
 
     pub(crate) async fn reconciliations(&self, limit: u32) -> StoreResult<Vec<ReconciliationRun>> {
@@ -225,6 +309,18 @@ where
     pub(crate) async fn deliveries(&self, outbox_id: Option<i64>, limit: u32) -> StoreResult<Vec<DeliveryAttempt>> {
         self.newest("webhook_deliveries", "outbox_id", outbox_id.map(Owner::Id), "id DESC", limit).await?.iter().map(delivery_from).collect()
     }
+}
+
+/// A text for LIKE that matches itself only: backslash, `%` and `_` escaped with a backslash.
+fn like_escaped(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for character in text.chars() {
+        if matches!(character, '\\' | '%' | '_') {
+            escaped.push('\\');
+        }
+        escaped.push(character);
+    }
+    escaped
 }
 
 /// The owner a listing is narrowed to.

@@ -2,7 +2,7 @@
 //! stored forms (INTEGER nano-units, INTEGER Unix milliseconds) and the model types. SQLite and
 //! PostgreSQL store the same columns with the same types, so one mapping serves both.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 use sqlx::Row;
 use sqlx::postgres::PgRow;
@@ -13,7 +13,7 @@ use tollgate_core::{Money, Price, Usage, UsageSource};
 use crate::error::{StoreError, StoreResult};
 use crate::model::{
     Account, AccountKind, AccountPatch, AccountStatus, ApiKey, ArchivedRun, ChargedRequest, FundKind, FundTransaction, KeyStatus, LedgerEntry,
-    NewFund, PriceRow, RecordOutcome, RequestStatus, SessionLockMode, StoredResponse, SummaryGroup, SummaryRow, TopUp, TopUpStatus,
+    NewFund, PriceRow, RecordOutcome, RequestStatus, SessionLockMode, StoredResponse, TopUp, TopUpStatus,
     UpstreamAttempt, UsageEvent, UsageQuery, UsageRow,
 };
 
@@ -395,38 +395,6 @@ pub(crate) fn run_from(row: &impl Fields) -> StoreResult<ArchivedRun> {
         last_at: time_of(row.int("last_at")?)?,
     })
 }
-
-/// Usage totals by group, summed exactly (checked), from charged usage rows.
-pub(crate) fn summarize(rows: &[impl Fields], group_by: SummaryGroup) -> StoreResult<Vec<SummaryRow>> {
-    let mut groups: BTreeMap<String, SummaryRow> = BTreeMap::new();
-    for row in rows {
-        let group = match group_by {
-            SummaryGroup::Model => row.text("model")?,
-            SummaryGroup::Key => row.text("api_key_id")?,
-            SummaryGroup::Day => day_of(row.int("created_at")?)?,
-        };
-        let entry = groups.entry(group.clone()).or_insert_with(|| SummaryRow {
-            group,
-            requests: 0,
-            input_tokens: 0,
-            cached_input_tokens: 0,
-            cache_write_tokens: 0,
-            output_tokens: 0,
-            cost: Money::ZERO,
-        });
-        entry.requests += 1;
-        entry.input_tokens += to_u64(row.int("input_tokens")?, "tokens")?;
-        entry.cached_input_tokens += to_u64(row.int("cached_input_tokens")?, "tokens")?;
-        entry.cache_write_tokens += to_u64(row.int("cache_write_tokens")?, "tokens")?;
-        entry.output_tokens += to_u64(row.int("output_tokens")?, "tokens")?;
-        entry.cost = checked_add(entry.cost, money(row, "cost")?)?;
-    }
-    Ok(groups.into_values().collect())
-}
-
-/// The columns a summary reads.
-pub(crate) const SUMMARY_SELECT: &str =
-    "SELECT model, api_key_id, created_at, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, cost FROM usage_log WHERE status <> 'failed'";
 
 /// What a usage batch does, decided before any row is written: an outcome per event, and the
 /// events to insert, each `place`d (turned into its row) at its account's next position. A

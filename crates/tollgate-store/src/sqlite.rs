@@ -19,7 +19,7 @@ use crate::ledger::Ledger;
 use crate::operations::{CHARGED_REQUEST, key_budgets_from, threshold_from};
 use crate::model::{
     Account, AccountBalance, AccountPatch, ApiKey, FundKind, FundOutcome, FundTransaction, LedgerEntry, NewAccount,
-    ChargedRequest, NewApiKey, NewFund, NewPrice, PriceRow, RecordOutcome, SummaryGroup, SummaryRow, TopUp,
+    ChargedRequest, NewApiKey, NewFund, NewPrice, PriceRow, RecordOutcome, SummaryQuery, SummaryRow, AccountQuery, PriceHistoryQuery, TopUp,
     RequestStatus, SessionLockMode, TopUpStatus, UsageEvent, UsageQuery, UsageRow,
 };
 use crate::sqlite_ops::json_list;
@@ -475,6 +475,10 @@ impl Ledger for SqliteLedger {
         crate::sql_reads::Reads(&self.pool).account_ids().await
     }
 
+    async fn accounts_page(&self, query: AccountQuery) -> StoreResult<Vec<Account>> {
+        crate::sql_reads::Reads(&self.pool).accounts_page(query).await
+    }
+
     async fn customer_types(&self) -> StoreResult<Vec<String>> {
         crate::sql_reads::Reads(&self.pool).customer_types().await
     }
@@ -556,6 +560,10 @@ impl Ledger for SqliteLedger {
         }
         transaction.commit().await?;
         Ok(rows)
+    }
+
+    async fn price_history(&self, query: PriceHistoryQuery) -> StoreResult<Vec<PriceRow>> {
+        crate::sql_reads::Reads(&self.pool).price_history(query).await
     }
 
     async fn current_prices(&self) -> StoreResult<Vec<PriceRow>> {
@@ -760,8 +768,8 @@ impl Ledger for SqliteLedger {
         merge_statement(&funds, &usage, &runs)
     }
 
-    async fn summary(&self, account_id: Option<&str>, start: Option<OffsetDateTime>, end: Option<OffsetDateTime>, group_by: SummaryGroup) -> StoreResult<Vec<SummaryRow>> {
-        crate::sql_reads::Reads(&self.pool).summary(account_id, start, end, group_by).await
+    async fn summary(&self, query: SummaryQuery) -> StoreResult<Vec<SummaryRow>> {
+        crate::sql_reads::Reads(&self.pool).summary(query).await
     }
 
     async fn rebuilt_balance(&self, account_id: &str) -> StoreResult<Money> {

@@ -12,7 +12,7 @@ use tollgate_store::Ledger;
 use tollgate_store::StoreError;
 use tollgate_store::model::{
     AccountKind, AccountPatch, AccountStatus, FundKind, NewAccount, NewApiKey, NewFund, NewPrice, RecordOutcome,
-    RequestStatus, StoredResponse, SummaryGroup, TopUpStatus, UsageEvent, UsageQuery,
+    RequestStatus, StoredResponse, SummaryGroup, SummaryQuery, TopUpStatus, UsageEvent, UsageQuery, AccountQuery, PriceHistoryQuery,
 };
 use tollgate_store::postgres::PgLedger;
 use tollgate_store::sqlite::SqliteLedger;
@@ -79,6 +79,8 @@ conformance!(
     writers_racing_on_the_same_events_charge_each_once,
     pages_return_each_row_once,
     summaries_match_the_rows,
+    summaries_equal_an_independent_fold_for_every_grouping,
+    accounts_are_paged_by_id_and_found_by_part_of_id_or_name,
     monthly_totals_chain_from_one_month_to_the_next,
     operations_claim_each_job_period_once_and_keep_the_outbox,
     counter_seeds_hold_the_current_periods,
@@ -194,6 +196,15 @@ async fn the_newest_price_wins(ledger: Arc<dyn Ledger>) {
     let m = current.iter().find(|row| row.model == "m").unwrap();
     assert_eq!((m.id, m.price.input_per_mtok), (second[0].id, Money::from_nanos(2)));
     assert!(matches!(ledger.put_prices(vec![new("bad", -1)]).await, Err(StoreError::Invalid(_))));
+    // The history keeps the superseded row, newest first, and is narrowed by what is given.
+    let history = |model: Option<&str>, limit: u32| PriceHistoryQuery { model: model.map(str::to_string), limit, ..PriceHistoryQuery::default() };
+    let of_m = ledger.price_history(history(Some("m"), 10)).await.unwrap();
+    assert_eq!(of_m.iter().map(|row| row.price.input_per_mtok.nanos()).collect::<Vec<_>>(), [2, 1]);
+    assert!(of_m[0].id > of_m[1].id && of_m[0].effective_from >= of_m[1].effective_from);
+    assert_eq!(ledger.price_history(history(None, 10)).await.unwrap().len(), 3);
+    assert_eq!(ledger.price_history(history(None, 1)).await.unwrap()[0].id, second[0].id);
+    let other_tier = PriceHistoryQuery { customer_type: Some("other".into()), limit: 10, ..PriceHistoryQuery::default() };
+    assert!(ledger.price_history(other_tier).await.unwrap().is_empty());
 }
 
 async fn a_topup_confirmed_twice_adds_once(ledger: Arc<dyn Ledger>) {
@@ -523,11 +534,148 @@ async fn summaries_match_the_rows(ledger: Arc<dyn Ledger>) {
     let mut other_model = event("a", "r3", 100, RequestStatus::Success);
     other_model.model = "demo-claude".into();
     ledger.record_usage_batch(&[event("a", "r1", 10, RequestStatus::Success), event("a", "r2", 20, RequestStatus::Success), other_model, event("a", "r4", 0, RequestStatus::Failed)]).await.unwrap();
-    let by_model = ledger.summary(Some("a"), None, None, SummaryGroup::Model).await.unwrap();
+    let by_model = ledger.summary(summary_query(Some("a"), &[SummaryGroup::Model], 100, 0)).await.unwrap();
     let groups: Vec<(&str, u64, Money)> = by_model.iter().map(|row| (row.group.as_str(), row.requests, row.cost)).collect();
     assert_eq!(groups, vec![("demo-claude", 1, Money::from_nanos(100)), ("demo-gpt", 2, Money::from_nanos(30))]);
-    let by_day = ledger.summary(Some("a"), None, None, SummaryGroup::Day).await.unwrap();
+    let by_day = ledger.summary(summary_query(Some("a"), &[SummaryGroup::Day], 100, 0)).await.unwrap();
     assert_eq!((by_day.len(), by_day[0].group.as_str(), by_day[0].cost, by_day[0].input_tokens), (1, "2026-01-31", Money::from_nanos(130), 30));
+}
+
+/// A group's requests, input, cached input, cache write and output tokens, and cost in nanos.
+type Totals = (u64, u64, u64, u64, u64, i64);
+
+fn summary_query(account_id: Option<&str>, group_by: &[SummaryGroup], limit: u32, offset: u64) -> SummaryQuery {
+    SummaryQuery { account_id: account_id.map(str::to_string), start: None, end: None, group_by: group_by.to_vec(), limit, offset }
+}
+
+/// The database's totals against a fold written here, over random rows spread across days
+/// (either side of midnight), models, keys and two accounts, for every grouping of one or two
+/// dimensions, read in pages of 3 and within a time range.
+async fn summaries_equal_an_independent_fold_for_every_grouping(ledger: Arc<dyn Ledger>) {
+    use std::collections::BTreeMap;
+
+    use rand::{RngExt, SeedableRng};
+
+    account(&*ledger, "a").await;
+    account(&*ledger, "b").await;
+    let mut random = rand::rngs::StdRng::seed_from_u64(24);
+    let day_ms = 86_400_000_i64;
+    let first_day = 1_769_904_000_000 / day_ms; // 2026-02-01
+    let mut events = Vec::new();
+    for index in 0..120 {
+        let status = if random.random_range(0..10) == 0 { RequestStatus::Failed } else { RequestStatus::Success };
+        let mut row = event(if random.random_bool(0.7) { "a" } else { "b" }, &format!("r{index}"), random.random_range(0..5_000_000_000), status);
+        row.model = ["m-1", "m-2", "m/3"][random.random_range(0..3)].into();
+        row.api_key_id = ["k1", "k2"][random.random_range(0..2)].into();
+        // Days 0..5; some rows in the first and last second of a day.
+        let day = first_day + random.random_range(0..5);
+        let within = match random.random_range(0..4) {
+            0 => 0,
+            1 => day_ms - 1,
+            _ => random.random_range(0..day_ms),
+        };
+        row.created_at_ms = day * day_ms + within;
+        row.usage.input_tokens = random.random_range(0..100_000);
+        row.usage.cached_input_tokens = random.random_range(0..1_000);
+        row.usage.cache_write_tokens = random.random_range(0..1_000);
+        row.usage.output_tokens = random.random_range(0..100_000);
+        events.push(row);
+    }
+    ledger.record_usage_batch(&events).await.unwrap();
+    let day_text = |ms: i64| {
+        let date = time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000)).unwrap().date();
+        format!("{:04}-{:02}-{:02}", date.year(), u8::from(date.month()), date.day())
+    };
+    let start = time::OffsetDateTime::from_unix_timestamp((first_day + 1) * 86_400).unwrap();
+    let end = time::OffsetDateTime::from_unix_timestamp((first_day + 4) * 86_400).unwrap();
+    let groupings: Vec<Vec<SummaryGroup>> = SummaryGroup::ALL
+        .iter()
+        .flat_map(|first| std::iter::once(vec![*first]).chain(SummaryGroup::ALL.iter().filter(move |second| *second != first).map(move |second| vec![*first, *second])))
+        .collect();
+    for account_id in [Some("a"), None] {
+        for range in [None, Some((start, end))] {
+            for group_by in &groupings {
+                // The fold: (values in order) -> (requests, input, cached, write, output, cost).
+                let mut expected: BTreeMap<Vec<String>, Totals> = BTreeMap::new();
+                for row in events.iter().filter(|row| row.status != RequestStatus::Failed) {
+                    if account_id.is_some_and(|id| row.account_id != id) {
+                        continue;
+                    }
+                    if let Some((start, end)) = range
+                        && !(row.created_at_ms >= start.unix_timestamp() * 1000 && row.created_at_ms < end.unix_timestamp() * 1000)
+                    {
+                        continue;
+                    }
+                    let values: Vec<String> = group_by
+                        .iter()
+                        .map(|group| match group {
+                            SummaryGroup::Model => row.model.clone(),
+                            SummaryGroup::Key => row.api_key_id.clone(),
+                            SummaryGroup::Day => day_text(row.created_at_ms),
+                        })
+                        .collect();
+                    let total = expected.entry(values).or_default();
+                    total.0 += 1;
+                    total.1 += row.usage.input_tokens;
+                    total.2 += row.usage.cached_input_tokens;
+                    total.3 += row.usage.cache_write_tokens;
+                    total.4 += row.usage.output_tokens;
+                    total.5 += row.cost.nanos();
+                }
+                let mut pages = Vec::new();
+                loop {
+                    let mut query = summary_query(account_id, group_by, 3, pages.len() as u64);
+                    if let Some((start, end)) = range {
+                        (query.start, query.end) = (Some(start), Some(end));
+                    }
+                    let page = ledger.summary(query).await.unwrap();
+                    let full = page.len() == 3;
+                    pages.extend(page);
+                    if !full {
+                        break;
+                    }
+                }
+                let got: BTreeMap<Vec<String>, Totals> = pages
+                    .iter()
+                    .map(|row| {
+                        let values: Vec<String> = group_by
+                            .iter()
+                            .map(|group| match group {
+                                SummaryGroup::Model => row.model.clone().unwrap(),
+                                SummaryGroup::Key => row.api_key_id.clone().unwrap(),
+                                SummaryGroup::Day => row.day.clone().unwrap(),
+                            })
+                            .collect();
+                        assert_eq!(row.group, values.join(", "));
+                        (values, (row.requests, row.input_tokens, row.cached_input_tokens, row.cache_write_tokens, row.output_tokens, row.cost.nanos()))
+                    })
+                    .collect();
+                assert_eq!(got.len(), pages.len(), "a group came twice across pages: {group_by:?}");
+                let order: Vec<&Vec<String>> = got.keys().collect();
+                let paged_order: Vec<Vec<String>> = pages.iter().map(|row| row.group.split(", ").map(str::to_string).collect()).collect();
+                assert_eq!(order, paged_order.iter().collect::<Vec<_>>(), "pages in the grouping's order: {group_by:?}");
+                assert_eq!(got, expected, "{account_id:?} {range:?} {group_by:?}");
+            }
+        }
+    }
+}
+
+async fn accounts_are_paged_by_id_and_found_by_part_of_id_or_name(ledger: Arc<dyn Ledger>) {
+    for (id, name) in [("acme-1", "Acme Corp"), ("acme-2", "Second"), ("beta", "ACME_labs"), ("gamma", "100% real"), ("delta", "plain")] {
+        ledger.create_account(NewAccount { name: name.into(), ..new_account(id) }).await.unwrap();
+    }
+    let ids = |accounts: Vec<tollgate_store::model::Account>| accounts.into_iter().map(|account| account.id).collect::<Vec<_>>();
+    let page = |search: Option<&str>, after: Option<&str>, limit: u32| AccountQuery { search: search.map(str::to_string), after: after.map(str::to_string), limit };
+    assert_eq!(ids(ledger.accounts_page(page(None, None, 2)).await.unwrap()), ["acme-1", "acme-2"]);
+    assert_eq!(ids(ledger.accounts_page(page(None, Some("acme-2"), 2)).await.unwrap()), ["beta", "delta"]);
+    assert_eq!(ids(ledger.accounts_page(page(None, Some("delta"), 2)).await.unwrap()), ["gamma"]);
+    // Case-insensitive, in the id or the name.
+    assert_eq!(ids(ledger.accounts_page(page(Some("AcMe"), None, 10)).await.unwrap()), ["acme-1", "acme-2", "beta"]);
+    assert_eq!(ids(ledger.accounts_page(page(Some("acme"), Some("acme-1"), 10)).await.unwrap()), ["acme-2", "beta"]);
+    // LIKE's wildcards are matched as themselves.
+    assert_eq!(ids(ledger.accounts_page(page(Some("_"), None, 10)).await.unwrap()), ["beta"]);
+    assert_eq!(ids(ledger.accounts_page(page(Some("%"), None, 10)).await.unwrap()), ["gamma"]);
+    assert!(ledger.accounts_page(page(Some("nobody"), None, 10)).await.unwrap().is_empty());
 }
 
 /// Unix ms of the first instant of a month (UTC).

@@ -7,7 +7,7 @@ use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use serde::Deserialize;
@@ -16,14 +16,14 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tollgate_core::{Money, Usage};
 use tollgate_store::model::{
-    AccountKind, AccountPatch, AccountStatus, FundKind, LedgerEntry, NewAccount, NewApiKey, NewFund, NewPrice,
-    SummaryGroup,
+    AccountKind, AccountPatch, AccountQuery, AccountStatus, FundKind, NewAccount, NewApiKey, NewFund, NewPrice, PriceHistoryQuery,
 };
 
 use crate::charge;
 use crate::error::ApiError;
 use crate::keys::generate_key;
-use crate::routes::{LimitedBody, UsagePageParams, time_param, usage_page};
+use crate::routes::reports::{self, StatementParams, SummaryParams};
+use crate::routes::{LimitedBody, UsagePageParams, usage_page};
 use crate::state::AppState;
 
 /// Longest id or reference an operator may give.
@@ -33,11 +33,12 @@ const PRICES_PER_REQUEST_MAX: usize = 10_000;
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/accounts", post(create_account))
+        .route("/accounts", post(create_account).get(list_accounts))
         .route("/accounts/{id}", get(get_account).patch(patch_account))
         .route("/accounts/{id}/keys", post(create_key).get(list_keys))
         .route("/keys/{id}", delete(revoke_key))
         .route("/prices", get(list_prices).put(put_prices))
+        .route("/prices/history", get(price_history))
         .route("/topups", post(create_topup))
         .route("/topups/{id}/confirm", post(confirm_topup))
         .route("/accounts/{id}/refunds", post(refund))
@@ -136,29 +137,40 @@ async fn create_account(State(state): State<AppState>, LimitedBody(body): Limite
 
 async fn get_account(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let account = state.ledger.account(&id).await?.ok_or_else(|| ApiError::NotFound(format!("account {id} not found")))?;
-    let ledger = state.ledger.account_balance(&id).await?.ok_or_else(|| ApiError::Internal(format!("account {id} has no balance row")))?;
-    let live = match state.hot.balance(&id, "").await? {
-        Some(view) => view,
-        None => {
-            charge::load_account(&state, &id).await?;
-            state.hot.balance(&id, "").await?.ok_or_else(|| ApiError::BillingUnavailable(format!("account {id} could not be loaded into the hot store")))?
-        }
-    };
-    let available = live
-        .balance
-        .checked_add(account.credit_limit)
-        .and_then(|total| total.checked_sub(live.held))
-        .ok_or_else(|| ApiError::Internal("available balance overflow".into()))?;
-    let mut value = serde_json::to_value(&account).map_err(|error| ApiError::Internal(error.to_string()))?;
-    if let Some(object) = value.as_object_mut() {
-        object.insert("balance".into(), json!(live.balance));
-        object.insert("held".into(), json!(live.held));
-        object.insert("available".into(), json!(available));
-        object.insert("ledger_balance".into(), json!(ledger.balance));
-        object.insert("daily_requests_used".into(), json!(live.daily_requests_used));
-        object.insert("monthly_requests_used".into(), json!(live.monthly_requests_used));
+    Ok(Json(reports::account_view(&state, &account).await?))
+}
+
+/// Accounts per page by default and at most (each page reads every account's live balance).
+const ACCOUNTS_PAGE_DEFAULT: u32 = 50;
+const ACCOUNTS_PAGE_MAX: u32 = 100;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccountsParams {
+    /// A case-insensitive part of the id or the name.
+    q: Option<String>,
+    limit: Option<u32>,
+    /// The previous page's `next_cursor` (its last account's id).
+    cursor: Option<String>,
+}
+
+async fn list_accounts(
+    State(state): State<AppState>,
+    params: Result<Query<AccountsParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let params = parse_query(params)?;
+    let limit = params.limit.unwrap_or(ACCOUNTS_PAGE_DEFAULT).clamp(1, ACCOUNTS_PAGE_MAX);
+    let search = params.q.filter(|text| !text.is_empty());
+    if let Some(search) = &search {
+        check_identifier("q", search)?;
     }
-    Ok(Json(value))
+    let accounts = state.ledger.accounts_page(AccountQuery { search, after: params.cursor, limit }).await?;
+    let mut data = Vec::with_capacity(accounts.len());
+    for account in &accounts {
+        data.push(reports::account_view(&state, account).await?);
+    }
+    let next_cursor = if accounts.len() == limit as usize { accounts.last().map(|account| account.id.clone()) } else { None };
+    Ok(Json(json!({"object": "list", "data": data, "next_cursor": next_cursor})))
 }
 
 #[derive(Deserialize)]
@@ -273,6 +285,30 @@ async fn revoke_key(State(state): State<AppState>, Path(key_id): Path<String>) -
     state.contexts.invalidate_all();
     tracing::info!(key_id, "key revoked");
     Ok(Json(serde_json::to_value(&key).map_err(|error| ApiError::Internal(error.to_string()))?))
+}
+
+/// Price rows per history page by default and at most.
+const PRICE_HISTORY_DEFAULT: u32 = 100;
+const PRICE_HISTORY_MAX: u32 = 1_000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PriceHistoryParams {
+    provider: Option<String>,
+    model: Option<String>,
+    customer_type: Option<String>,
+    limit: Option<u32>,
+}
+
+/// Every price a (provider, model, tier) has had, newest first: the rows usage rows point at.
+async fn price_history(
+    State(state): State<AppState>,
+    params: Result<Query<PriceHistoryParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let params = parse_query(params)?;
+    let limit = params.limit.unwrap_or(PRICE_HISTORY_DEFAULT).clamp(1, PRICE_HISTORY_MAX);
+    let rows = state.ledger.price_history(PriceHistoryQuery { provider: params.provider, model: params.model, customer_type: params.customer_type, limit }).await?;
+    Ok(Json(json!({"object": "list", "data": rows})))
 }
 
 #[derive(Deserialize)]
@@ -405,64 +441,6 @@ async fn record_fund(state: &AppState, fund: NewFund) -> Result<Response, ApiErr
     Ok((status, Json(outcome.transaction)).into_response())
 }
 
-#[derive(Deserialize)]
-struct StatementParams {
-    start: Option<String>,
-    end: Option<String>,
-    format: Option<String>,
-}
-
-fn statement_row(entry: &LedgerEntry) -> Value {
-    match entry {
-        LedgerEntry::Fund(fund) => json!({
-            "kind": fund.kind.as_str(),
-            "ledger_seq": fund.ledger_seq,
-            "amount": fund.amount,
-            "balance_before": fund.balance_before,
-            "balance_after": fund.balance_after,
-            "reference_id": fund.reference_id,
-            "reason": fund.reason,
-            "operator_id": fund.operator_id,
-            "created_at": rfc3339(fund.created_at),
-        }),
-        LedgerEntry::Usage(usage) => json!({
-            "kind": "usage",
-            "ledger_seq": usage.ledger_seq,
-            "amount": Money::ZERO.checked_sub(usage.cost),
-            "balance_before": usage.balance_before,
-            "balance_after": usage.balance_after,
-            "request_id": usage.request_id,
-            "api_key_id": usage.api_key_id,
-            "provider": usage.provider,
-            "model": usage.model,
-            "input_tokens": usage.usage.input_tokens,
-            "cached_input_tokens": usage.usage.cached_input_tokens,
-            "cache_write_tokens": usage.usage.cache_write_tokens,
-            "output_tokens": usage.usage.output_tokens,
-            "reasoning_tokens": usage.usage.reasoning_tokens,
-            "usage_source": usage.usage_source.as_str(),
-            "status": usage.status.as_str(),
-            "price_id": usage.price_id,
-            "created_at": rfc3339(usage.created_at),
-        }),
-        // Usage rows of an archived month (`tollgate archive`): one row for the run of positions
-        // `ledger_seq..=last_ledger_seq` they held; the rows themselves are in the month's file.
-        LedgerEntry::Archived(run) => json!({
-            "kind": "archived",
-            "ledger_seq": run.first_seq,
-            "last_ledger_seq": run.last_seq,
-            "amount": Money::ZERO.checked_sub(run.cost),
-            "balance_before": run.balance_before,
-            "balance_after": run.balance_after,
-            "usage_rows": run.usage_rows,
-            "month": run.month,
-            "reference_id": format!("archived {}", run.month),
-            "created_at": rfc3339(run.created_at),
-            "last_at": rfc3339(run.last_at),
-        }),
-    }
-}
-
 pub(crate) fn rfc3339(time: OffsetDateTime) -> String {
     time.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
@@ -481,44 +459,16 @@ pub(crate) fn csv_field(value: &Value) -> String {
     if text.contains([',', '"', '\n', '\r']) { format!("\"{}\"", text.replace('"', "\"\"")) } else { text }
 }
 
-const CSV_COLUMNS: [&str; 13] = [
-    "ledger_seq", "kind", "amount", "balance_before", "balance_after", "reference", "created_at", "model",
-    "input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens", "usage_source",
-];
-
 async fn statement(
     State(state): State<AppState>,
     Path(account_id): Path<String>,
     params: Result<Query<StatementParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let params = parse_query(params)?;
-    let start = time_param("start", params.start.as_deref())?;
-    let end = time_param("end", params.end.as_deref())?;
     if state.ledger.account(&account_id).await?.is_none() {
         return Err(ApiError::NotFound(format!("account {account_id} not found")));
     }
-    let entries = state.ledger.statement(&account_id, start, end).await?;
-    let opening = entries.first().map_or(Money::ZERO, LedgerEntry::balance_before);
-    let closing = entries.last().map_or(opening, LedgerEntry::balance_after);
-    let rows: Vec<Value> = entries.iter().map(statement_row).collect();
-    match params.format.as_deref().unwrap_or("json") {
-        "json" => Ok(Json(json!({"account_id": account_id, "opening_balance": opening, "closing_balance": closing, "rows": rows})).into_response()),
-        "csv" => {
-            let mut csv = CSV_COLUMNS.join(",");
-            csv.push('\n');
-            for row in &rows {
-                let reference = if row["kind"] == "usage" { &row["request_id"] } else { &row["reference_id"] };
-                let fields: Vec<String> = CSV_COLUMNS
-                    .iter()
-                    .map(|column| if *column == "reference" { csv_field(reference) } else { csv_field(&row[*column]) })
-                    .collect();
-                csv.push_str(&fields.join(","));
-                csv.push('\n');
-            }
-            Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], csv).into_response())
-        }
-        other => Err(ApiError::InvalidRequest(format!("format must be json or csv, not {other}"))),
-    }
+    reports::statement(&state, &account_id, params).await
 }
 
 #[derive(Deserialize)]
@@ -571,22 +521,15 @@ async fn transactions(
     Ok(Json(usage_page(&state, parse_query(params)?).await?))
 }
 
-#[derive(Deserialize)]
-struct SummaryParams {
-    account_id: Option<String>,
-    start: Option<String>,
-    end: Option<String>,
-    group_by: Option<SummaryGroup>,
-}
-
 async fn summary(
     State(state): State<AppState>,
     params: Result<Query<SummaryParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let params = parse_query(params)?;
-    let group_by = params.group_by.unwrap_or(SummaryGroup::Model);
-    let start = time_param("start", params.start.as_deref())?;
-    let end = time_param("end", params.end.as_deref())?;
-    let rows = state.ledger.summary(params.account_id.as_deref(), start, end, group_by).await?;
-    Ok(Json(json!({"group_by": group_by, "data": rows})))
+    if let Some(account_id) = &params.account_id
+        && state.ledger.account(account_id).await?.is_none()
+    {
+        return Err(ApiError::NotFound(format!("account {account_id} not found")));
+    }
+    Ok(Json(reports::summary_page(&state, params, None).await?))
 }

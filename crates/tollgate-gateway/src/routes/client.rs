@@ -9,10 +9,10 @@ use tollgate_core::Money;
 use tollgate_protocol::Protocol;
 
 use crate::auth::{Caller, authenticate};
-use crate::charge;
 use crate::error::{ApiError, ErrorShape};
 use crate::proxy;
 use crate::request_id::RequestId;
+use crate::routes::reports::{self, StatementParams, SummaryParams};
 use crate::routes::{UsagePageParams, usage_page};
 use crate::state::AppState;
 
@@ -64,25 +64,15 @@ fn remaining(budget: Option<Money>, spent: Money) -> Option<String> {
 pub async fn balance(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
     let context = authenticate(&state, &caller).await?;
     let account_id = &context.account.id;
-    let view = match state.hot.balance(account_id, &context.key.id).await? {
-        Some(view) => view,
-        None => {
-            charge::load_account(&state, account_id).await?;
-            state.hot.balance(account_id, &context.key.id).await?.ok_or_else(|| ApiError::BillingUnavailable(format!("account {account_id} could not be loaded into the hot store")))?
-        }
-    };
-    let available = view
-        .balance
-        .checked_add(context.account.credit_limit)
-        .and_then(|total| total.checked_sub(view.held))
-        .ok_or(ApiError::Internal("available balance overflow".into()))?;
+    let view = reports::live_balance(&state, account_id, &context.key.id).await?;
+    let available = reports::available(&view, &context.account)?;
     Ok(Json(json!({
         "account_id": account_id,
         "balance": view.balance,
         "held": view.held,
         "available": available,
         "credit_limit": context.account.credit_limit,
-        "currency": "USD",
+        "currency": reports::CURRENCY,
         "daily_requests_used": view.daily_requests_used,
         "monthly_requests_used": view.monthly_requests_used,
         "daily_request_quota": context.account.daily_request_quota,
@@ -107,6 +97,50 @@ pub async fn usage(
     // Only the caller's own account, whatever it asked for.
     params.account_id = Some(context.account.id.clone());
     Ok(Json(usage_page(&state, params).await?))
+}
+
+/// The caller's own usage totals by day, model or key (`group_by`, as the operator's summary),
+/// within `[start, end)`; the last 31 days when `start` is not given.
+pub async fn usage_summary(
+    State(state): State<AppState>,
+    caller: Caller,
+    params: Result<Query<SummaryParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let context = authenticate(&state, &caller).await?;
+    let Query(mut params) = params.map_err(|error| ApiError::InvalidRequest(error.body_text()))?;
+    default_start(&state, &mut params.start);
+    Ok(Json(reports::summary_page(&state, params, Some(context.account.id.clone())).await?))
+}
+
+/// How far back a key holder's summary and statement reach when no `start` is given: a
+/// bounded read by default, any range on request.
+const CLIENT_DAYS_DEFAULT: i64 = 31;
+
+fn default_start(state: &AppState, start: &mut Option<String>) {
+    if start.is_none() {
+        *start = Some(reports::days_before(state, CLIENT_DAYS_DEFAULT));
+    }
+}
+
+/// The caller's own statement (fund and usage rows in ledger order), JSON or CSV, within
+/// `[start, end)`; the last 31 days when `start` is not given.
+pub async fn statement(
+    State(state): State<AppState>,
+    caller: Caller,
+    params: Result<Query<StatementParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let context = authenticate(&state, &caller).await?;
+    let Query(mut params) = params.map_err(|error| ApiError::InvalidRequest(error.body_text()))?;
+    default_start(&state, &mut params.start);
+    reports::statement(&state, &context.account.id, params).await
+}
+
+/// The keys of the caller's account: names, prefixes, status, budgets and limits (a key's
+/// secret is never stored, so never shown).
+pub async fn keys(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    let context = authenticate(&state, &caller).await?;
+    let keys = state.ledger.keys_for_account(&context.account.id).await?;
+    Ok(Json(json!({"object": "list", "data": keys})))
 }
 
 /// Errors of the client API outside the LLM handlers are OpenAI-shaped.

@@ -6,6 +6,7 @@ pub mod client;
 pub mod gemini;
 pub mod operations;
 pub mod ops;
+pub mod reports;
 pub mod statements;
 
 use std::time::Duration;

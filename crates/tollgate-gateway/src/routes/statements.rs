@@ -12,7 +12,6 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tollgate_core::Money;
 use tollgate_store::clock::ms_of;
-use tollgate_store::model::SummaryGroup;
 
 use crate::error::ApiError;
 use crate::routes::admin::{csv_field, parse_query};
@@ -54,7 +53,7 @@ async fn monthly_statement(
     // On the gateway's calendar, as the usage rows' times are.
     let as_of = OffsetDateTime::from_unix_timestamp_nanos(i128::from(state.now_ms()) * 1_000_000).unwrap_or_else(|_| OffsetDateTime::now_utc());
     let totals = state.ledger.period_totals(&account_id, ms_of(start), ms_of(end)).await?;
-    let by_model = state.ledger.summary(Some(&account_id), Some(start), Some(end), SummaryGroup::Model).await?;
+    let by_model = crate::routes::reports::totals_by_model(&state, &account_id, start, end).await?;
     // Rows of an archived month are in its file: their totals are kept (and in `totals.usage`).
     let archived = state.ledger.archived_account_months(&account_id, Some(&month), None).await?.into_iter().find(|archived| archived.month == month);
     if format == "csv" {

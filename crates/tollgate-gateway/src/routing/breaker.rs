@@ -16,6 +16,9 @@ pub enum BreakerState {
 }
 
 impl BreakerState {
+    /// Every [`BreakerState::label`], for the transition series registered at zero.
+    pub const LABELS: [&'static str; 3] = ["closed", "open", "half_open"];
+
     pub fn label(self) -> &'static str {
         match self {
             BreakerState::Closed { .. } => "closed",
@@ -128,6 +131,12 @@ mod tests {
     use super::*;
 
     const POLICY: BreakerPolicy = BreakerPolicy { failures: 3, window_ms: 1_000, open_ms: 5_000 };
+
+    #[test]
+    fn every_state_label_is_listed_once() {
+        let every = [BreakerState::Closed { failures: 0, first_failure_ms: 0 }, BreakerState::Open { until_ms: 0 }, BreakerState::HalfOpen { probe_since_ms: 0 }];
+        assert_eq!(every.map(BreakerState::label), BreakerState::LABELS);
+    }
 
     #[test]
     fn opens_after_consecutive_failures_within_the_window_only() {
