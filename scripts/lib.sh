@@ -166,6 +166,15 @@ check_demo_metrics() {
   scripts/check-observability exported "$TOLLGATE_URL/metrics"
 }
 
+# The demo gateway serves the committed OpenAPI description (docs/openapi.json), byte for byte.
+check_demo_openapi() {
+  if ! curl -fsS "$TOLLGATE_URL/openapi.json" | cmp -s - docs/openapi.json; then
+    echo "the served /openapi.json differs from docs/openapi.json: run 'target/release/tollgate openapi > docs/openapi.json'" >&2
+    return 1
+  fi
+  echo "served /openapi.json = docs/openapi.json"
+}
+
 # The last lines of the demo gateway's log, if it ran (called on failure).
 show_demo_gateway_log() {
   if [ -n "${DEMO_ROOT:-}" ] && [ -s "$DEMO_ROOT/gateway.log" ]; then

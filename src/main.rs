@@ -40,6 +40,9 @@ enum Command {
         config: Option<std::path::PathBuf>,
     },
     /// Apply the database migrations and exit.
+    /// Prints the OpenAPI 3.1 description of the client and operator APIs (what
+    /// `GET /openapi.json` serves; docs/openapi.json is this output).
+    Openapi,
     Migrate {
         #[arg(long)]
         config: Option<std::path::PathBuf>,
@@ -280,6 +283,10 @@ async fn main() -> Result<()> {
         Command::Worker { config } => {
             let config = load_config(config.as_deref())?;
             tollgate_gateway::server::run_worker(config, shutdown_on_signal()).await?;
+            Ok(())
+        }
+        Command::Openapi => {
+            print!("{}", tollgate_gateway::openapi::description_json());
             Ok(())
         }
         Command::Migrate { config } => {

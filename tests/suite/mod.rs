@@ -16,6 +16,7 @@ mod jobs;
 mod limits;
 mod notifications;
 mod observability;
+mod openapi;
 mod passthrough;
 mod reports;
 mod prices;

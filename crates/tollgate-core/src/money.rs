@@ -270,6 +270,20 @@ impl<'de> serde::Deserialize<'de> for Money {
     }
 }
 
+/// In the API, an exact decimal string of currency units with up to 9 fractional digits.
+impl utoipa::PartialSchema for Money {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .pattern(Some(r"^-?[0-9]+(\.[0-9]{1,9})?$"))
+            .description(Some("An exact amount of currency units as a decimal string, up to 9 fractional digits (never a JSON number)."))
+            .examples(["12.345678901"])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Money {}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]

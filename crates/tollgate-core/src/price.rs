@@ -7,7 +7,7 @@ use crate::money::Money;
 
 /// What one million tokens of each kind cost, plus a flat fee per request. Per million, because
 /// that is how providers publish prices, so operators can copy them without conversion.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Price {
     /// Per million uncached input tokens.
     pub input_per_mtok: Money,

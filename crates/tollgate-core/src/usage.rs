@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 /// Token counts of one request. The three input kinds are disjoint, so each prompt token is
 /// priced exactly once; reasoning is a part of output, reported for information and priced as
 /// output.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Usage {
     /// Prompt tokens neither read from nor written to the provider's cache.
     #[serde(default)]
@@ -39,7 +39,7 @@ impl Usage {
 
 /// Where a usage came from, best first. Every usage row records it, so a charge made from a
 /// count or an estimate can be told apart from one the upstream reported.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum UsageSource {
     /// The upstream's own report.

@@ -13,49 +13,70 @@ use crate::error::ApiError;
 
 use crate::routes::{admin, channels, client, gemini, operations, ops, statements};
 use crate::state::AppState;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// Everything on one listener (no `internal_listen` configured).
 pub fn app(state: AppState) -> Router {
-    finish(client_routes().nest("/internal", internal_routes(&state)).route("/metrics", get(ops::metrics)), state)
+    let routes = client_routes().nest("/internal", guarded(internal_routes(), &state)).merge(metrics_route());
+    finish(routes.split_for_parts().0, state)
 }
 
 /// The client API and health checks, for `listen` when `/internal` has a listener of its own.
 pub fn public_app(state: AppState) -> Router {
-    finish(client_routes(), state)
+    finish(client_routes().split_for_parts().0, state)
 }
 
 /// The operator API, `/metrics` and health checks, for `internal_listen`.
 pub fn internal_app(state: AppState) -> Router {
-    finish(Router::new().nest("/internal", internal_routes(&state)).route("/metrics", get(ops::metrics)), state)
+    let routes = OpenApiRouter::new().nest("/internal", guarded(internal_routes(), &state)).merge(metrics_route());
+    finish(routes.split_for_parts().0, state)
+}
+
+/// Every documented route, for the description (`crate::openapi`): what `app` serves.
+pub fn documented_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(crate::openapi::ApiDoc::openapi())
+        .merge(client_routes())
+        .nest("/internal", internal_routes())
+        .merge(metrics_route())
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::readyz))
 }
 
 /// Each handler authenticates (and throttles refused keys, `auth::authenticate`) before it
 /// reads a body.
-fn client_routes() -> Router<AppState> {
-    Router::new()
-        .route("/v1/chat/completions", post(client::chat_completions))
-        .route("/v1/messages", post(client::messages))
-        .route("/v1/embeddings", post(client::embeddings))
-        .route("/v1beta/models/{model_method}", post(gemini::generate))
+fn client_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(client::chat_completions))
+        .routes(routes!(client::messages))
+        .routes(routes!(client::embeddings))
+        .routes(routes!(gemini::generate))
+        // The same handler under the path Google's own clients also use.
         .route("/v1/models/{model_method}", post(gemini::generate))
-        .route("/v1/models", get(client::models))
-        .route("/v1/balance", get(client::balance))
-        .route("/v1/usage", get(client::usage))
-        .route("/v1/usage/summary", get(client::usage_summary))
-        .route("/v1/statement", get(client::statement))
-        .route("/v1/keys", get(client::keys))
+        .routes(routes!(client::models))
+        .routes(routes!(client::balance))
+        .routes(routes!(client::usage))
+        .routes(routes!(client::usage_summary))
+        .routes(routes!(client::statement))
+        .routes(routes!(client::keys))
 }
 
-/// The operator API, every route behind the token, checked before any extractor runs.
-fn internal_routes(state: &AppState) -> Router<AppState> {
-    admin::router()
-        .merge(operations::router())
-        .merge(statements::router())
-        .merge(channels::router())
-        .route_layer(from_fn_with_state(state.clone(), auth::operator_only))
+/// The operator API.
+fn internal_routes() -> OpenApiRouter<AppState> {
+    admin::router().merge(operations::router()).merge(statements::router()).merge(channels::router())
 }
 
-/// Health checks, the console, the fallback and the layers every listener has.
+/// Every operator route behind the token, checked before any extractor runs.
+fn guarded(routes: OpenApiRouter<AppState>, state: &AppState) -> OpenApiRouter<AppState> {
+    routes.route_layer(from_fn_with_state(state.clone(), auth::operator_only))
+}
+
+fn metrics_route() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(ops::metrics))
+}
+
+/// Health checks, the console, the description, the fallback and the layers every listener has.
 fn finish(routes: Router<AppState>, state: AppState) -> Router {
     // Bodies are read with an explicit limit in each handler (a 413 in the contract's shape);
     // this outer limit is a backstop for routes that read with extractors.
@@ -64,6 +85,7 @@ fn finish(routes: Router<AppState>, state: AppState) -> Router {
     routes
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
+        .route("/openapi.json", get(openapi_json))
         .route("/", get(console::to_console))
         .route("/console", get(console::to_console))
         .route("/console/", get(console::index))
@@ -75,6 +97,12 @@ fn finish(routes: Router<AppState>, state: AppState) -> Router {
         .with_state(state)
 }
 
+/// `GET /openapi.json`: the description, built once.
+async fn openapi_json() -> Response {
+    static DESCRIPTION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let text = DESCRIPTION.get_or_init(crate::openapi::description_json);
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], text.clone()).into_response()
+}
 /// Refuses requests whose headers, all together, exceed the limit (431), before anything else
 /// reads them. (The HTTP server's own bound, about 400 KiB and 100 headers, stays behind it.)
 async fn limit_headers(request: Request, next: Next, limit: usize) -> Response {

@@ -33,6 +33,7 @@ pub mod keys;
 pub mod listener;
 pub mod metrics;
 pub mod notifications;
+pub mod openapi;
 pub mod passthrough;
 pub mod pricing;
 pub mod routing;

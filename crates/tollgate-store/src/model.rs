@@ -6,7 +6,7 @@ use time::OffsetDateTime;
 use tollgate_core::{Money, Usage, UsageSource};
 
 /// Who pays: a single user or a tenant (an organisation whose keys share one balance).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AccountKind {
     User,
@@ -14,7 +14,7 @@ pub enum AccountKind {
 }
 
 /// An account that is not active is refused before anything is held.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AccountStatus {
     Active,
@@ -22,7 +22,7 @@ pub enum AccountStatus {
 }
 
 /// A paying account. Its balance lives in `AccountBalance` (ledger) and the hot store.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Account {
     pub id: String,
     pub kind: AccountKind,
@@ -68,7 +68,7 @@ pub struct AccountPatch {
 }
 
 /// A revoked key is refused at once; revocation is permanent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum KeyStatus {
     Active,
@@ -76,7 +76,7 @@ pub enum KeyStatus {
 }
 
 /// A virtual API key. Only its SHA-256 hash is stored; the key itself is shown once.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ApiKey {
     pub id: String,
     pub account_id: String,
@@ -122,7 +122,7 @@ pub struct NewApiKey {
 }
 
 /// One immutable row of price history. Its id is the price snapshot a usage row points at.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct PriceRow {
     pub id: i64,
     pub provider: String,
@@ -153,7 +153,7 @@ pub struct NewPrice {
 }
 
 /// Kinds of money movement that are not API usage.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FundKind {
     Deposit,
@@ -182,7 +182,7 @@ impl FundKind {
 
 /// A committed fund transaction. The hot store applies fund transactions idempotently and in
 /// order by their `ledger_seq`, which increases per account in commit order.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct FundTransaction {
     /// Global id of the transaction.
     pub seq: i64,
@@ -219,7 +219,7 @@ pub struct FundOutcome {
     pub newly_applied: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TopUpStatus {
     Pending,
@@ -227,7 +227,7 @@ pub enum TopUpStatus {
 }
 
 /// A top-up is created pending (payment not yet received) and credits money only when confirmed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct TopUp {
     pub id: String,
     pub account_id: String,
@@ -243,7 +243,7 @@ pub struct TopUp {
 }
 
 /// How a request ended, as the usage row records it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RequestStatus {
     /// The response reached the client in full.
@@ -379,7 +379,7 @@ pub struct AddedChannel {
 }
 
 /// Whether two requests of one session may run at once: a model's setting, or a key's over it.
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SessionLockMode {
     /// No lock.
@@ -466,7 +466,7 @@ pub struct ChargedRequest {
 }
 
 /// A persisted usage row, with its place in the account's ledger chain.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct UsageRow {
     pub id: i64,
     pub request_id: String,
@@ -630,7 +630,7 @@ pub struct SummaryQuery {
 }
 
 /// Usage totals for one group: a value of each dimension asked for.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct SummaryRow {
     /// The group's values in `group_by` order, joined by ", ".
     pub group: String,

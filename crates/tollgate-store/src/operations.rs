@@ -120,7 +120,7 @@ pub struct BalanceRepair {
 }
 
 /// One reconciliation run, as `reconciliation_log` keeps it.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct ReconciliationRun {
     pub id: i64,
     #[serde(with = "time::serde::rfc3339")]
@@ -140,24 +140,27 @@ pub struct ReconciliationRun {
 }
 
 /// One period of one job that an instance claimed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct JobRun {
     pub job: String,
     /// Unix ms of the period's start; a (job, period) runs at most once.
     #[serde(serialize_with = "unix_ms::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub period_start: i64,
     pub holder: String,
     /// The lease's fencing token: it grows with every claim of the job.
     pub fence: i64,
     #[serde(serialize_with = "unix_ms::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub started_at: i64,
     #[serde(serialize_with = "unix_ms::rfc3339_option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub finished_at: Option<i64>,
     pub outcome: Option<String>,
 }
 
 /// An event for the outside world, written with the money change it describes.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct OutboxEvent {
     pub id: i64,
     pub event_type: String,
@@ -167,16 +170,19 @@ pub struct OutboxEvent {
     pub status: String,
     pub attempts: u64,
     #[serde(serialize_with = "unix_ms::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub next_attempt_at: i64,
     #[serde(serialize_with = "unix_ms::rfc3339_option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub delivered_at: Option<i64>,
     pub last_error: Option<String>,
     #[serde(serialize_with = "unix_ms::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: i64,
 }
 
 /// One attempt to deliver an outbox event.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct DeliveryAttempt {
     pub outbox_id: i64,
     pub attempt: u64,
@@ -185,6 +191,7 @@ pub struct DeliveryAttempt {
     pub error: Option<String>,
     pub duration_ms: u64,
     #[serde(serialize_with = "unix_ms::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub attempted_at: i64,
 }
 

@@ -4,12 +4,12 @@
 //! committed fund change is applied to the hot balance, in order, by its ledger sequence.
 
 use axum::Json;
-use axum::Router;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -21,6 +21,7 @@ use tollgate_store::model::{
 
 use crate::charge;
 use crate::error::ApiError;
+use crate::openapi::{AccountPage, AccountView, SummaryPage};
 use crate::keys::generate_key;
 use crate::routes::reports::{self, StatementParams, SummaryParams};
 use crate::routes::{LimitedBody, UsagePageParams, usage_page};
@@ -31,22 +32,22 @@ const IDENTIFIER_CHARS_MAX: usize = 128;
 /// Prices per `PUT /internal/prices` at most.
 const PRICES_PER_REQUEST_MAX: usize = 10_000;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/accounts", post(create_account).get(list_accounts))
-        .route("/accounts/{id}", get(get_account).patch(patch_account))
-        .route("/accounts/{id}/keys", post(create_key).get(list_keys))
-        .route("/keys/{id}", delete(revoke_key))
-        .route("/prices", get(list_prices).put(put_prices))
-        .route("/prices/history", get(price_history))
-        .route("/topups", post(create_topup))
-        .route("/topups/{id}/confirm", post(confirm_topup))
-        .route("/accounts/{id}/refunds", post(refund))
-        .route("/accounts/{id}/adjustments", post(adjust))
-        .route("/accounts/{id}/statement", get(statement))
-        .route("/billing/quote", post(quote))
-        .route("/billing/transactions", get(transactions))
-        .route("/billing/summary", get(summary))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_account, list_accounts))
+        .routes(routes!(get_account, patch_account))
+        .routes(routes!(create_key, list_keys))
+        .routes(routes!(revoke_key))
+        .routes(routes!(list_prices, put_prices))
+        .routes(routes!(price_history))
+        .routes(routes!(create_topup))
+        .routes(routes!(confirm_topup))
+        .routes(routes!(refund))
+        .routes(routes!(adjust))
+        .routes(routes!(statement))
+        .routes(routes!(quote))
+        .routes(routes!(transactions))
+        .routes(routes!(summary))
 }
 
 /// Parses a JSON body into `T`, with errors in the contract's shape.
@@ -99,7 +100,7 @@ async fn apply_funds(state: &AppState, account_id: &str) {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateAccount {
     id: Option<String>,
@@ -112,6 +113,14 @@ struct CreateAccount {
     low_balance_threshold: Option<String>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/accounts",
+    tag = "accounts",
+    request_body = CreateAccount,
+    responses((status = 201, description = "The account", body = tollgate_store::model::Account), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(("admin_token" = []))
+)]
 async fn create_account(State(state): State<AppState>, LimitedBody(body): LimitedBody) -> Result<Response, ApiError> {
     let request: CreateAccount = parse_body(&body)?;
     let id = request.id.unwrap_or_else(|| format!("acct_{}", uuid::Uuid::now_v7().simple()));
@@ -135,7 +144,15 @@ async fn create_account(State(state): State<AppState>, LimitedBody(body): Limite
     Ok((StatusCode::CREATED, Json(account)).into_response())
 }
 
-async fn get_account(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/accounts/{id}",
+    tag = "accounts",
+    params(("id" = String, Path, description = "The account id")),
+    responses((status = 200, description = "The account with its live balance, held, available and quota use", body = crate::openapi::AccountView), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(("admin_token" = []))
+)]
+async fn get_account(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<AccountView>, ApiError> {
     let account = state.ledger.account(&id).await?.ok_or_else(|| ApiError::NotFound(format!("account {id} not found")))?;
     Ok(Json(reports::account_view(&state, &account).await?))
 }
@@ -144,7 +161,8 @@ async fn get_account(State(state): State<AppState>, Path(id): Path<String>) -> R
 const ACCOUNTS_PAGE_DEFAULT: u32 = 50;
 const ACCOUNTS_PAGE_MAX: u32 = 100;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct AccountsParams {
     /// A case-insensitive part of the id or the name.
@@ -154,10 +172,18 @@ struct AccountsParams {
     cursor: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/accounts",
+    tag = "accounts",
+    params(AccountsParams),
+    responses((status = 200, description = "A page of accounts by id, with live balances", body = crate::openapi::AccountPage), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(("admin_token" = []))
+)]
 async fn list_accounts(
     State(state): State<AppState>,
     params: Result<Query<AccountsParams>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AccountPage>, ApiError> {
     let params = parse_query(params)?;
     let limit = params.limit.unwrap_or(ACCOUNTS_PAGE_DEFAULT).clamp(1, ACCOUNTS_PAGE_MAX);
     let search = params.q.filter(|text| !text.is_empty());
@@ -170,10 +196,10 @@ async fn list_accounts(
         data.push(reports::account_view(&state, account).await?);
     }
     let next_cursor = if accounts.len() == limit as usize { accounts.last().map(|account| account.id.clone()) } else { None };
-    Ok(Json(json!({"object": "list", "data": data, "next_cursor": next_cursor})))
+    Ok(Json(AccountPage { object: "list".into(), data, next_cursor }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PatchAccount {
     name: Option<String>,
@@ -197,6 +223,15 @@ fn present_text<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Opt
     Option::<String>::deserialize(deserializer).map(Some)
 }
 
+#[utoipa::path(
+    patch,
+    path = "/accounts/{id}",
+    tag = "accounts",
+    params(("id" = String, Path, description = "The account id")),
+    request_body = PatchAccount,
+    responses((status = 200, description = "The account as changed", body = tollgate_store::model::Account), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(("admin_token" = []))
+)]
 async fn patch_account(State(state): State<AppState>, Path(id): Path<String>, LimitedBody(body): LimitedBody) -> Result<Json<Value>, ApiError> {
     let request: PatchAccount = parse_body(&body)?;
     if let Some(name) = &request.name {
@@ -224,7 +259,7 @@ async fn patch_account(State(state): State<AppState>, Path(id): Path<String>, Li
     Ok(Json(serde_json::to_value(&account).map_err(|error| ApiError::Internal(error.to_string()))?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateKey {
     name: String,
@@ -240,6 +275,15 @@ struct CreateKey {
     expires_at: Option<OffsetDateTime>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/accounts/{id}/keys",
+    tag = "accounts",
+    params(("id" = String, Path, description = "The account id")),
+    request_body = CreateKey,
+    responses((status = 201, description = "The key, its secret shown once", body = crate::openapi::CreatedKey), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(("admin_token" = []))
+)]
 async fn create_key(State(state): State<AppState>, Path(account_id): Path<String>, LimitedBody(body): LimitedBody) -> Result<Response, ApiError> {
     let request: CreateKey = parse_body(&body)?;
     check_identifier("name", &request.name)?;
@@ -272,6 +316,14 @@ async fn create_key(State(state): State<AppState>, Path(account_id): Path<String
     Ok((StatusCode::CREATED, Json(value)).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/accounts/{id}/keys",
+    tag = "accounts",
+    params(("id" = String, Path, description = "The account id")),
+    responses((status = 200, description = "The account's keys", body = crate::openapi::KeyList), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(("admin_token" = []))
+)]
 async fn list_keys(State(state): State<AppState>, Path(account_id): Path<String>) -> Result<Json<Value>, ApiError> {
     if state.ledger.account(&account_id).await?.is_none() {
         return Err(ApiError::NotFound(format!("account {account_id} not found")));
@@ -280,6 +332,14 @@ async fn list_keys(State(state): State<AppState>, Path(account_id): Path<String>
     Ok(Json(json!({"data": keys})))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/keys/{id}",
+    tag = "accounts",
+    params(("id" = String, Path, description = "The key id")),
+    responses((status = 200, description = "The key, revoked at once", body = tollgate_store::model::ApiKey), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(("admin_token" = []))
+)]
 async fn revoke_key(State(state): State<AppState>, Path(key_id): Path<String>) -> Result<Json<Value>, ApiError> {
     let key = state.ledger.revoke_key(&key_id).await?;
     state.contexts.invalidate_all();
@@ -291,7 +351,8 @@ async fn revoke_key(State(state): State<AppState>, Path(key_id): Path<String>) -
 const PRICE_HISTORY_DEFAULT: u32 = 100;
 const PRICE_HISTORY_MAX: u32 = 1_000;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct PriceHistoryParams {
     provider: Option<String>,
@@ -301,6 +362,14 @@ struct PriceHistoryParams {
 }
 
 /// Every price a (provider, model, tier) has had, newest first: the rows usage rows point at.
+#[utoipa::path(
+    get,
+    path = "/prices/history",
+    tag = "prices",
+    params(PriceHistoryParams),
+    responses((status = 200, description = "Price rows newest first, superseded ones too", body = crate::openapi::PriceList), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(("admin_token" = []))
+)]
 async fn price_history(
     State(state): State<AppState>,
     params: Result<Query<PriceHistoryParams>, axum::extract::rejection::QueryRejection>,
@@ -311,7 +380,7 @@ async fn price_history(
     Ok(Json(json!({"object": "list", "data": rows})))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PutPrice {
     provider: String,
@@ -324,6 +393,14 @@ struct PutPrice {
     per_request: Option<String>,
 }
 
+#[utoipa::path(
+    put,
+    path = "/prices",
+    tag = "prices",
+    request_body = Vec<PutPrice>,
+    responses((status = 200, description = "The price rows added to the history, in effect at once", body = crate::openapi::PriceList), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(("admin_token" = []))
+)]
 async fn put_prices(State(state): State<AppState>, LimitedBody(body): LimitedBody) -> Result<Json<Value>, ApiError> {
     let request: Vec<PutPrice> = parse_body(&body)?;
     if request.is_empty() || request.len() > PRICES_PER_REQUEST_MAX {
@@ -355,13 +432,20 @@ async fn put_prices(State(state): State<AppState>, LimitedBody(body): LimitedBod
     Ok(Json(json!({"data": rows})))
 }
 
+#[utoipa::path(
+    get,
+    path = "/prices",
+    tag = "prices",
+    responses((status = 200, description = "The current price of every (provider, model, tier)", body = crate::openapi::PriceList), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(("admin_token" = []))
+)]
 async fn list_prices(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let mut rows = state.prices.all();
     rows.sort_by(|left, right| (&left.provider, &left.model, &left.customer_type).cmp(&(&right.provider, &right.model, &right.customer_type)));
     Ok(Json(json!({"data": rows})))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateTopUp {
     account_id: String,
@@ -369,6 +453,14 @@ struct CreateTopUp {
     reference_id: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/topups",
+    tag = "accounts",
+    request_body = CreateTopUp,
+    responses((status = 201, description = "The pending top-up (200: the same reference again)", body = tollgate_store::model::TopUp), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(("admin_token" = []))
+)]
 async fn create_topup(State(state): State<AppState>, LimitedBody(body): LimitedBody) -> Result<Response, ApiError> {
     let request: CreateTopUp = parse_body(&body)?;
     check_identifier("reference_id", &request.reference_id)?;
@@ -377,6 +469,14 @@ async fn create_topup(State(state): State<AppState>, LimitedBody(body): LimitedB
     Ok((StatusCode::CREATED, Json(topup)).into_response())
 }
 
+#[utoipa::path(
+    post,
+    path = "/topups/{id}/confirm",
+    tag = "accounts",
+    params(("id" = String, Path, description = "The top-up id")),
+    responses((status = 200, description = "The top-up and its deposit (idempotent)", body = serde_json::Value), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(("admin_token" = []))
+)]
 async fn confirm_topup(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let (topup, transaction) = state.ledger.confirm_topup(&id).await?;
     apply_funds(&state, &topup.account_id).await;
@@ -384,7 +484,7 @@ async fn confirm_topup(State(state): State<AppState>, Path(id): Path<String>) ->
     Ok(Json(json!({"topup": topup, "transaction": transaction})))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Refund {
     amount: String,
@@ -392,6 +492,15 @@ struct Refund {
     reference_id: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/accounts/{id}/refunds",
+    tag = "accounts",
+    params(("id" = String, Path, description = "The account id")),
+    request_body = Refund,
+    responses((status = 201, description = "The refund (200: the same reference again)", body = tollgate_store::model::FundTransaction), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(("admin_token" = []))
+)]
 async fn refund(State(state): State<AppState>, Path(account_id): Path<String>, LimitedBody(body): LimitedBody) -> Result<Response, ApiError> {
     let request: Refund = parse_body(&body)?;
     check_identifier("reference_id", &request.reference_id)?;
@@ -400,7 +509,7 @@ async fn refund(State(state): State<AppState>, Path(account_id): Path<String>, L
     record_fund(&state, NewFund { account_id, kind: FundKind::Refund, amount, reference_id: request.reference_id, reason: Some(request.reason), operator_id: None }).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Adjustment {
     amount: Money,
@@ -409,6 +518,15 @@ struct Adjustment {
     reference_id: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/accounts/{id}/adjustments",
+    tag = "accounts",
+    params(("id" = String, Path, description = "The account id")),
+    request_body = Adjustment,
+    responses((status = 201, description = "The adjustment (200: the same reference again)", body = tollgate_store::model::FundTransaction), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(("admin_token" = []))
+)]
 async fn adjust(State(state): State<AppState>, Path(account_id): Path<String>, LimitedBody(body): LimitedBody) -> Result<Response, ApiError> {
     let request: Adjustment = parse_body(&body)?;
     check_identifier("reference_id", &request.reference_id)?;
@@ -459,6 +577,14 @@ pub(crate) fn csv_field(value: &Value) -> String {
     if text.contains([',', '"', '\n', '\r']) { format!("\"{}\"", text.replace('"', "\"\"")) } else { text }
 }
 
+#[utoipa::path(
+    get,
+    path = "/accounts/{id}/statement",
+    tag = "billing",
+    params(("id" = String, Path, description = "The account id"), crate::routes::reports::StatementParams),
+    responses((status = 200, description = "Fund and usage rows in ledger order; CSV with `format=csv`", body = crate::openapi::Statement), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(("admin_token" = []))
+)]
 async fn statement(
     State(state): State<AppState>,
     Path(account_id): Path<String>,
@@ -471,7 +597,7 @@ async fn statement(
     reports::statement(&state, &account_id, params).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Quote {
     model: String,
@@ -481,6 +607,14 @@ struct Quote {
     usage: Usage,
 }
 
+#[utoipa::path(
+    post,
+    path = "/billing/quote",
+    tag = "billing",
+    request_body = Quote,
+    responses((status = 200, description = "The cost breakdown", body = serde_json::Value), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(("admin_token" = []))
+)]
 async fn quote(State(state): State<AppState>, LimitedBody(body): LimitedBody) -> Result<Json<Value>, ApiError> {
     let request: Quote = parse_body(&body)?;
     let customer_type = match (request.customer_type, request.account_id) {
@@ -514,6 +648,14 @@ async fn quote(State(state): State<AppState>, LimitedBody(body): LimitedBody) ->
     })))
 }
 
+#[utoipa::path(
+    get,
+    path = "/billing/transactions",
+    tag = "billing",
+    params(crate::routes::UsagePageParams),
+    responses((status = 200, description = "Usage rows, newest first", body = crate::openapi::UsagePage), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(("admin_token" = []))
+)]
 async fn transactions(
     State(state): State<AppState>,
     params: Result<Query<UsagePageParams>, axum::extract::rejection::QueryRejection>,
@@ -521,10 +663,18 @@ async fn transactions(
     Ok(Json(usage_page(&state, parse_query(params)?).await?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/billing/summary",
+    tag = "billing",
+    params(crate::routes::reports::SummaryParams),
+    responses((status = 200, description = "Usage totals by day, model or key", body = crate::openapi::SummaryPage), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(("admin_token" = []))
+)]
 async fn summary(
     State(state): State<AppState>,
     params: Result<Query<SummaryParams>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SummaryPage>, ApiError> {
     let params = parse_query(params)?;
     if let Some(account_id) = &params.account_id
         && state.ledger.account(account_id).await?.is_none()

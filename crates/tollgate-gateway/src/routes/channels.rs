@@ -3,10 +3,11 @@
 //! session pins cleared.
 
 use axum::extract::{Path, Query, State};
-use axum::routing::{delete, get, post};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::{Json, Router};
+use axum::Json;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tollgate_store::model::{AddedChannel, ChannelState};
@@ -21,20 +22,28 @@ use crate::upstream::AddedChannelError;
 /// Longest reason an operator may give.
 const REASON_CHARS_MAX: usize = 500;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/channels", get(list))
-        .route("/channels/{model}", post(add))
-        .route("/channels/{model}/{channel}", delete(remove))
-        .route("/channels/{model}/{channel}/disable", post(disable))
-        .route("/channels/{model}/{channel}/enable", post(enable))
-        .route("/billing/attempts", get(attempts))
-        .route("/accounts/{id}/pins", delete(clear_pins))
-        .route("/accounts/{id}/sessions/{session}/lock", delete(release_session_lock))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(add))
+        .routes(routes!(remove))
+        .routes(routes!(disable))
+        .routes(routes!(enable))
+        .routes(routes!(attempts))
+        .routes(routes!(clear_pins))
+        .routes(routes!(release_session_lock))
 }
 
 /// Releases a session's lock whoever holds it (a holder that is stuck, not dead: a dead one's
 /// lock expires by itself). `session` is the session key as the client sends it.
+#[utoipa::path(
+    delete,
+    path = "/accounts/{id}/sessions/{session}/lock",
+    tag = "routing",
+    params(("id" = String, Path, description = "The account id"), ("session" = String, Path, description = "The session id")),
+    responses((status = 200, description = "Released", body = serde_json::Value), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(("admin_token" = []))
+)]
 async fn release_session_lock(State(state): State<AppState>, Path((account_id, session)): Path<(String, String)>) -> Result<Json<Value>, ApiError> {
     let name = crate::routing::session_lock::lock_session_name(&session);
     let released = state.hot.unlock_session(&account_id, &name, None).await?;
@@ -44,6 +53,14 @@ async fn release_session_lock(State(state): State<AppState>, Path((account_id, s
 
 /// Forgets where every session of an account was pinned (routing affinity): each session's
 /// next request goes by priority and weight, and its success pins it again.
+#[utoipa::path(
+    delete,
+    path = "/accounts/{id}/pins",
+    tag = "routing",
+    params(("id" = String, Path, description = "The account id")),
+    responses((status = 200, description = "Pins cleared", body = serde_json::Value), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(("admin_token" = []))
+)]
 async fn clear_pins(State(state): State<AppState>, Path(account_id): Path<String>) -> Result<Json<Value>, ApiError> {
     if state.ledger.account(&account_id).await?.is_none() {
         return Err(ApiError::NotFound(format!("account {account_id} not found")));
@@ -53,6 +70,13 @@ async fn clear_pins(State(state): State<AppState>, Path(account_id): Path<String
 }
 
 /// Every channel of every model, as this gateway sees it now.
+#[utoipa::path(
+    get,
+    path = "/channels",
+    tag = "routing",
+    responses((status = 200, description = "Every model's channels with their state", body = serde_json::Value), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(("admin_token" = []))
+)]
 async fn list(State(state): State<AppState>) -> Json<Value> {
     let now_ms = state.now_ms();
     let mut channels = Vec::new();
@@ -84,7 +108,7 @@ async fn list(State(state): State<AppState>) -> Json<Value> {
 }
 
 /// A channel to add to a model.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewChannel {
     name: String,
@@ -103,6 +127,15 @@ fn one() -> u32 {
 
 /// Adds a channel to a routed model, for every gateway: kept in the ledger, applied here at once
 /// and by the others on the config notification. It starts enabled, with a closed breaker.
+#[utoipa::path(
+    post,
+    path = "/channels/{model}",
+    tag = "routing",
+    params(("model" = String, Path, description = "The routed model")),
+    request_body = NewChannel,
+    responses((status = 201, description = "The channel added", body = serde_json::Value), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(("admin_token" = []))
+)]
 async fn add(State(state): State<AppState>, Path(model): Path<String>, LimitedBody(body): LimitedBody) -> Result<Response, ApiError> {
     let new: NewChannel = parse_body(&body)?;
     let added = AddedChannel {
@@ -139,6 +172,14 @@ async fn add(State(state): State<AppState>, Path(model): Path<String>, LimitedBo
 
 /// Removes a channel an operator added (a configured one can only be disabled). Requests it
 /// serves now finish on it; no new one is sent to it.
+#[utoipa::path(
+    delete,
+    path = "/channels/{model}/{channel}",
+    tag = "routing",
+    params(("model" = String, Path, description = "The routed model"), ("channel" = String, Path, description = "The channel")),
+    responses((status = 200, description = "Removed", body = serde_json::Value), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(("admin_token" = []))
+)]
 async fn remove(State(state): State<AppState>, Path((model, channel)): Path<(String, String)>) -> Result<Json<Value>, ApiError> {
     let route = state.upstreams.route(&model).ok_or_else(|| ApiError::NotFound(format!("model {model} is not routed")))?;
     if route.channels.iter().any(|candidate| candidate.spec.name == channel && !candidate.spec.added) {
@@ -158,10 +199,26 @@ struct StateChange {
     reason: Option<String>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/channels/{model}/{channel}/disable",
+    tag = "routing",
+    params(("model" = String, Path, description = "The routed model"), ("channel" = String, Path, description = "The channel")),
+    responses((status = 200, description = "Disabled", body = serde_json::Value), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(("admin_token" = []))
+)]
 async fn disable(state: State<AppState>, path: Path<(String, String)>, body: LimitedBody) -> Result<Json<Value>, ApiError> {
     set_enabled(state, path, body, false).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/channels/{model}/{channel}/enable",
+    tag = "routing",
+    params(("model" = String, Path, description = "The routed model"), ("channel" = String, Path, description = "The channel")),
+    responses((status = 200, description = "Enabled", body = serde_json::Value), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(("admin_token" = []))
+)]
 async fn enable(state: State<AppState>, path: Path<(String, String)>, body: LimitedBody) -> Result<Json<Value>, ApiError> {
     set_enabled(state, path, body, true).await
 }
@@ -190,7 +247,8 @@ async fn set_enabled(
     Ok(Json(json!({"model": model, "channel": channel, "enabled": enabled, "reason": change.reason})))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct AttemptsQuery {
     account_id: String,
@@ -199,6 +257,14 @@ struct AttemptsQuery {
 
 /// The upstream attempts of a request: which channels, how they answered, what the upstream
 /// reported using — to set a provider's bill against what the customer paid.
+#[utoipa::path(
+    get,
+    path = "/billing/attempts",
+    tag = "routing",
+    params(AttemptsQuery),
+    responses((status = 200, description = "A request's upstream attempts", body = serde_json::Value), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(("admin_token" = []))
+)]
 async fn attempts(
     State(state): State<AppState>,
     query: Result<Query<AttemptsQuery>, axum::extract::rejection::QueryRejection>,

@@ -29,6 +29,15 @@ pub struct GeminiQuery {
 }
 
 /// `generateContent` and `streamGenerateContent` of one model.
+#[utoipa::path(
+    post,
+    path = "/v1beta/models/{model_method}",
+    tag = "client",
+    params(("model_method" = String, Path, description = "`<model>:generateContent` or `<model>:streamGenerateContent`")),
+    request_body(content = serde_json::Value, description = "A Gemini generateContent request", content_type = "application/json"),
+    responses((status = 200, description = "The upstream's answer", body = serde_json::Value), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(("client_key" = []))
+)]
 pub async fn generate(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,

@@ -72,7 +72,8 @@ const PAGE_ROWS_DEFAULT: u32 = 100;
 const PAGE_ROWS_MAX: u32 = 1_000;
 
 /// The filters of a usage listing, as query parameters.
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct UsagePageParams {
     pub account_id: Option<String>,
     pub api_key_id: Option<String>,

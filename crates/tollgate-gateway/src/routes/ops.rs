@@ -12,6 +12,12 @@ use crate::config::HotStoreDown;
 use crate::error::ApiError;
 use crate::state::AppState;
 
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    responses((status = 200, description = "The process is up", body = String), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody))
+)]
 pub async fn healthz() -> &'static str {
     "ok"
 }
@@ -24,6 +30,12 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// does not stop charging there —, in embedded mode the ledger; and the tokenizer is loaded.
 /// The answer names the store in a fixed phrase; the store's own error (hosts, ports, the
 /// driver's words) goes to the log, as the probe may be public.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    responses((status = 200, description = "The gateway can charge (503 when it cannot)", body = serde_json::Value), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody))
+)]
 pub async fn readyz(State(state): State<AppState>) -> Response {
     if !tollgate_core::tokens::tokenizer_ready() {
         return (StatusCode::SERVICE_UNAVAILABLE, "tokenizer not loaded").into_response();
@@ -57,6 +69,13 @@ fn probe_verdict(store: &'static str, result: Result<Result<(), StoreError>, tok
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "health",
+    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(())
+)]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
 }

@@ -14,6 +14,7 @@ use tollgate_store::model::{Account, LedgerEntry, SummaryGroup, SummaryQuery};
 
 use crate::charge;
 use crate::error::ApiError;
+use crate::openapi::{AccountView, SummaryPage};
 use crate::routes::admin::{csv_field, rfc3339};
 use crate::routes::time_param;
 use crate::state::AppState;
@@ -50,20 +51,19 @@ pub fn available(view: &BalanceView, account: &Account) -> Result<Money, ApiErro
 ///
 /// # Errors
 /// As [`live_balance`].
-pub async fn account_view(state: &AppState, account: &Account) -> Result<Value, ApiError> {
+pub async fn account_view(state: &AppState, account: &Account) -> Result<AccountView, ApiError> {
     let live = live_balance(state, &account.id, "").await?;
     let ledger = state.ledger.account_balance(&account.id).await?.ok_or_else(|| ApiError::Internal(format!("account {} has no balance row", account.id)))?;
-    let mut value = serde_json::to_value(account).map_err(|error| ApiError::Internal(error.to_string()))?;
-    if let Some(object) = value.as_object_mut() {
-        object.insert("balance".into(), json!(live.balance));
-        object.insert("held".into(), json!(live.held));
-        object.insert("available".into(), json!(available(&live, account)?));
-        object.insert("ledger_balance".into(), json!(ledger.balance));
-        object.insert("currency".into(), json!(CURRENCY));
-        object.insert("daily_requests_used".into(), json!(live.daily_requests_used));
-        object.insert("monthly_requests_used".into(), json!(live.monthly_requests_used));
-    }
-    Ok(value)
+    Ok(AccountView {
+        account: account.clone(),
+        balance: live.balance,
+        held: live.held,
+        available: available(&live, account)?,
+        ledger_balance: ledger.balance,
+        currency: CURRENCY.into(),
+        daily_requests_used: live.daily_requests_used,
+        monthly_requests_used: live.monthly_requests_used,
+    })
 }
 
 /// RFC 3339 text of `days` days before the gateway's clock.
@@ -73,7 +73,8 @@ pub fn days_before(state: &AppState, days: i64) -> String {
 }
 
 /// The query of a statement.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct StatementParams {
     pub start: Option<String>,
     pub end: Option<String>,
@@ -117,7 +118,8 @@ const SUMMARY_GROUPS_DEFAULT: u32 = 1_000;
 pub const SUMMARY_GROUPS_MAX: u32 = 10_000;
 
 /// The query of a usage summary.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct SummaryParams {
     pub account_id: Option<String>,
     pub start: Option<String>,
@@ -155,7 +157,7 @@ pub fn group_by_param(text: Option<&str>) -> Result<Vec<SummaryGroup>, ApiError>
 ///
 /// # Errors
 /// Bad parameters; the ledger cannot be read.
-pub async fn summary_page(state: &AppState, params: SummaryParams, account_id: Option<String>) -> Result<Value, ApiError> {
+pub async fn summary_page(state: &AppState, params: SummaryParams, account_id: Option<String>) -> Result<SummaryPage, ApiError> {
     let group_by = group_by_param(params.group_by.as_deref())?;
     let limit = params.limit.unwrap_or(SUMMARY_GROUPS_DEFAULT).clamp(1, SUMMARY_GROUPS_MAX);
     let offset = params.cursor.unwrap_or(0);
@@ -170,7 +172,7 @@ pub async fn summary_page(state: &AppState, params: SummaryParams, account_id: O
     let rows = state.ledger.summary(query).await?;
     let next_cursor = (rows.len() == limit as usize).then(|| offset + u64::from(limit));
     let group_by: Vec<&str> = group_by.iter().map(|group| group.as_str()).collect();
-    Ok(json!({"object": "list", "group_by": group_by.join(","), "data": rows, "next_cursor": next_cursor}))
+    Ok(SummaryPage { object: "list".into(), group_by: group_by.join(","), data: rows, next_cursor })
 }
 
 /// Every model's totals within `[start, end)`, however many pages they take.

@@ -3,10 +3,11 @@
 //! next month's opening balance, and the current month's closing balance is the ledger's.
 
 use axum::extract::{Path, Query, State};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -17,11 +18,12 @@ use crate::error::ApiError;
 use crate::routes::admin::{csv_field, parse_query};
 use crate::state::AppState;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/accounts/{id}/statements/{month}", get(monthly_statement))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(monthly_statement))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct StatementParams {
     format: Option<String>,
@@ -36,6 +38,14 @@ fn month_bounds(month: &str) -> Result<(OffsetDateTime, OffsetDateTime), ApiErro
 
 use crate::routes::admin::rfc3339;
 
+#[utoipa::path(
+    get,
+    path = "/accounts/{id}/statements/{month}",
+    tag = "billing",
+    params(("id" = String, Path, description = "The account id"), ("month" = String, Path, description = "YYYY-MM"), StatementParams),
+    responses((status = 200, description = "The month's opening and closing balances, funds and usage by model; CSV with `format=csv`", body = serde_json::Value), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(("admin_token" = []))
+)]
 async fn monthly_statement(
     State(state): State<AppState>,
     Path((account_id, month)): Path<(String, String)>,
