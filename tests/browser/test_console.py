@@ -37,6 +37,8 @@ from conftest import (
 
 # Nine fractional digits, the most money has: the page must show every one of them.
 TOP_UP_AMOUNT = "12.345678901"
+# After a second top-up of one nano-unit, left pending and confirmed from the page's list.
+FUNDED = "12.345678902"
 
 
 def login(driver, role: str, secret: str) -> None:
@@ -196,6 +198,21 @@ def test_operator_flow(driver):
     # A fresh reference is ready for the next top-up.
     assert driver.find_element(By.ID, "topup-reference").get_attribute("value") != reference
 
+    # A top-up created elsewhere and left pending is listed on the page and confirmed there.
+    left = call("POST", "/internal/topups", ADMIN_TOKEN, {"account_id": account_id, "amount": "0.000000001", "reference_id": f"left-{marker}"})
+    assert [entry["id"] for entry in admin_get(f"/internal/topups?account_id={account_id}&status=pending")["data"]] == [left["id"]]
+    driver.refresh()
+    ready(driver, "account-stats")
+    listed = find(driver, f'[data-test="topups-pending"] [data-test="topup-pending"][data-id="{left["id"]}"]')
+    assert listed.find_element(By.CSS_SELECTOR, '[data-test="topup-pending-amount"]').text == "0.000000001"
+    driver.find_element(By.ID, f"topup-confirm-{left['id']}").click()
+    find(driver, '[data-test="topups-pending"] [data-test="topup-confirmed"]')
+    assert admin_get(f"/internal/topups?account_id={account_id}&status=pending")["data"] == []
+    account = admin_get(f"/internal/accounts/{account_id}")
+    assert account["balance"] == FUNDED
+    ready(driver, "account-stats")
+    stats_equal(driver, "account", account, ("balance", "held", "available", "ledger_balance"))
+
     # A refund beyond the free funds: refused, and the banner says what the API said.
     with pytest.raises(ApiError) as refused:
         call(
@@ -215,7 +232,7 @@ def test_operator_flow(driver):
         "#banner-text",
         f"{refused.value.body['error']['message']} ({refused.value.body['error']['code']}, HTTP 402)",
     )
-    assert admin_get(f"/internal/accounts/{account_id}")["balance"] == TOP_UP_AMOUNT
+    assert admin_get(f"/internal/accounts/{account_id}")["balance"] == FUNDED
     driver.find_element(By.ID, "banner-close").click()
 
     # Suspend (after a confirmation) and activate again: the API's status follows the page.
@@ -263,7 +280,7 @@ def test_operator_flow(driver):
     driver.refresh()
     ready(driver, "account-stats")
     account = admin_get(f"/internal/accounts/{account_id}")
-    assert account["balance"] != TOP_UP_AMOUNT
+    assert account["balance"] != FUNDED
     stats_equal(driver, "account", account, ("balance", "held", "available", "ledger_balance"))
     assert key not in driver.page_source  # not after a reload either
 

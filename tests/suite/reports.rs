@@ -171,6 +171,8 @@ async fn the_account_list_pages_and_searches_with_live_balances() {
     gateway.top_up(&ids[1], "3.5", &format!("{tag}-topup")).await;
     let key = gateway.key(&ids[1], json!({})).await;
     assert_eq!(gateway.chat(&key, chat_body("still there?"), None).await.status(), 200);
+    // In services mode the worker writes the ledger after the answer: compare once it has.
+    gateway.assert_ledger_sound(&ids[1]).await;
 
     // Pages of two over the search, in id order, each account once.
     let mut seen = Vec::new();
@@ -202,6 +204,15 @@ async fn the_account_list_pages_and_searches_with_live_balances() {
     let (status, body) = gateway.admin(Method::GET, "/internal/accounts?limit=100000", None).await;
     assert_eq!(status, 200, "{body}");
     assert!(body["data"].as_array().unwrap().len() <= 100);
+    // A top-up left pending is found by status; the confirmed one is not among them.
+    let pending = gateway.admin_ok(Method::POST, "/internal/topups", Some(json!({"account_id": ids[1], "amount": "1", "reference_id": format!("{tag}-left")}))).await;
+    let listed = gateway.admin_ok(Method::GET, &format!("/internal/topups?account_id={}&status=pending", ids[1]), None).await;
+    assert_eq!(listed["data"].as_array().unwrap().iter().map(|topup| topup["id"].clone()).collect::<Vec<_>>(), [pending["id"].clone()]);
+    let every = gateway.admin_ok(Method::GET, &format!("/internal/topups?account_id={}", ids[1]), None).await;
+    assert_eq!(every["data"].as_array().unwrap().len(), 2, "{every}");
+    assert_eq!(every["data"][0]["id"], pending["id"], "newest first: {every}");
+    let (status, body) = gateway.admin(Method::GET, "/internal/topups?status=paid", None).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_request")), "{body}");
     let (status, body) = gateway.admin(Method::GET, "/internal/accounts?colour=red", None).await;
     assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_request")), "{body}");
     gateway.stop().await;

@@ -84,6 +84,7 @@ async fn every_operator_route_needs_the_token() {
         (Method::GET, "/alerts/1/deliveries"),
         (Method::GET, "/accounts"),
         (Method::GET, "/prices/history"),
+        (Method::GET, "/topups"),
         (Method::GET, "/channels"),
         (Method::POST, "/channels/demo-gpt"),
         (Method::DELETE, "/channels/demo-gpt/mock"),

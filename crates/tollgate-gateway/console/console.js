@@ -886,6 +886,15 @@ function topUpPanel(accountId, afterChange) {
     field("Reference id", reference, "Prefilled with a fresh one; a payment id also works."),
     h("div", { class: "form-actions" }, create),
     step);
+  // Top-ups created earlier and never confirmed (a payment that arrived later, a closed tab).
+  const waiting = h("div", { id: "topups-pending", test: "topups-pending" });
+  api.get("/internal/topups", { account_id: accountId, status: "pending", limit: 20 }).then((body) => {
+    const rows = body.data || [];
+    if (rows.length) {
+      replaceChildren(waiting, h("h4", {}, `Pending top-ups (${rows.length})`), rows.map((topUp) => pendingTopUp(topUp, afterChange, `topup-confirm-${topUp.id}`)));
+    }
+  }, showError);
+  form.append(waiting);
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const pending = await busy(create, () => api.post("/internal/topups", { account_id: accountId, amount: amount.value.trim(), reference_id: reference.value.trim() }));
@@ -900,8 +909,8 @@ function topUpPanel(accountId, afterChange) {
   return h("div", { class: "tab-panel", role: "tabpanel" }, form);
 }
 
-function pendingTopUp(topUp, afterConfirm) {
-  const confirm = button("2. Confirm top-up", { class: "button button-primary", id: "topup-confirm" });
+function pendingTopUp(topUp, afterConfirm, confirmId = "topup-confirm") {
+  const confirm = button("2. Confirm top-up", { class: "button button-primary", id: confirmId });
   const box = h("div", { class: "step-box", test: "topup-pending", dataset: { id: topUp.id } },
     h("div", {}, h("strong", {}, "Top-up created: "), statusBadge(topUp.status)),
     h("dl", { class: "facts" },

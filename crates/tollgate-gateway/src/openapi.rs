@@ -8,7 +8,7 @@
 
 use serde::Serialize;
 use tollgate_core::Money;
-use tollgate_store::model::{Account, ApiKey, PriceRow, SummaryRow, UsageRow};
+use tollgate_store::model::{Account, ApiKey, PriceRow, SummaryRow, TopUp, UsageRow};
 use tollgate_store::operations::{DeliveryAttempt, JobRun, OutboxEvent, ReconciliationRun};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
@@ -170,6 +170,12 @@ pub struct KeyBalance {
     pub budget_daily_remaining: Option<Money>,
     pub budget_monthly_remaining: Option<Money>,
     pub budget_total_remaining: Option<Money>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TopUpList {
+    pub object: String,
+    pub data: Vec<TopUp>,
 }
 
 #[derive(Serialize, ToSchema)]

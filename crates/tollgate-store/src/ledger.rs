@@ -14,7 +14,7 @@ use crate::error::StoreResult;
 use crate::model::{
     Account, AccountBalance, AccountPatch, AccountQuery, PriceHistoryQuery, ApiKey, FundKind, FundOutcome, FundTransaction, LedgerEntry,
     ChargedRequest, NewAccount, NewApiKey, NewFund, NewPrice, PriceRow, RecordOutcome,
-    SummaryQuery, SummaryRow, TopUp, UsageEvent, UsageQuery, UsageRow,
+    SummaryQuery, SummaryRow, TopUp, TopUpQuery, UsageEvent, UsageQuery, UsageRow,
 };
 
 /// The system of record. Implementations: SQLite (embedded), PostgreSQL (production).
@@ -60,6 +60,8 @@ pub trait Ledger: crate::operations::Operations + crate::retention::Retention + 
     -> StoreResult<TopUp>;
     /// Confirms a top-up and records its deposit in one transaction. Confirming again returns
     /// the same top-up and deposit and adds nothing.
+    /// Top-ups newest first, narrowed to an account and a status when given.
+    async fn topups(&self, query: TopUpQuery) -> StoreResult<Vec<TopUp>>;
     async fn confirm_topup(&self, topup_id: &str) -> StoreResult<(TopUp, FundTransaction)>;
     /// Records a refund or adjustment. A reference id already used for the same kind returns the
     /// original transaction with `newly_applied: false` (or `Conflict` if it differs).

@@ -226,6 +226,24 @@ pub enum TopUpStatus {
     Confirmed,
 }
 
+impl TopUpStatus {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TopUpStatus::Pending => "pending",
+            TopUpStatus::Confirmed => "confirmed",
+        }
+    }
+}
+
+/// Which top-ups to list, newest first.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TopUpQuery {
+    pub account_id: Option<String>,
+    pub status: Option<TopUpStatus>,
+    pub limit: u32,
+}
+
 /// A top-up is created pending (payment not yet received) and credits money only when confirmed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct TopUp {

@@ -21,7 +21,7 @@ use crate::ledger::Ledger;
 use crate::operations::pg;
 use crate::model::{
     Account, AccountBalance, AccountPatch, ApiKey, FundKind, FundOutcome, FundTransaction, LedgerEntry, NewAccount,
-    ChargedRequest, NewApiKey, NewFund, NewPrice, PriceRow, RecordOutcome, RequestStatus, SessionLockMode, StoredResponse, SummaryQuery, SummaryRow, AccountQuery, PriceHistoryQuery, TopUp,
+    ChargedRequest, NewApiKey, NewFund, NewPrice, PriceRow, RecordOutcome, RequestStatus, SessionLockMode, StoredResponse, SummaryQuery, SummaryRow, AccountQuery, PriceHistoryQuery, TopUpQuery, TopUp,
     TopUpStatus, UsageEvent, UsageQuery, UsageRow,
 };
 use crate::sql_rows::{
@@ -648,6 +648,10 @@ impl Ledger for PgLedger {
         config_changed(&mut transaction, "prices", "").await?;
         transaction.commit().await?;
         Ok(rows)
+    }
+
+    async fn topups(&self, query: TopUpQuery) -> StoreResult<Vec<TopUp>> {
+        crate::sql_reads::Reads(&self.pool).topups(query).await
     }
 
     async fn price_history(&self, query: PriceHistoryQuery) -> StoreResult<Vec<PriceRow>> {

@@ -8,12 +8,12 @@ use time::OffsetDateTime;
 
 use crate::error::{StoreError, StoreResult};
 use crate::model::{
-    Account, AccountBalance, AccountQuery, ApiKey, FundKind, FundTransaction, PriceHistoryQuery, PriceRow, SummaryGroup, SummaryQuery, SummaryRow, UsageQuery, UsageRow,
+    Account, AccountBalance, AccountQuery, ApiKey, FundKind, FundTransaction, PriceHistoryQuery, PriceRow, SummaryGroup, SummaryQuery, SummaryRow, TopUp, TopUpQuery, UsageQuery, UsageRow,
 };
 use crate::operations::{
     DUE_OUTBOX, DeliveryAttempt, JobRun, OutboxEvent, RECONCILIATIONS, ReconciliationRun, delivery_from, job_run_from, outbox_from, reconciliation_from,
 };
-use crate::sql_rows::{Fields, account_from, day_of, fund_from, key_from, money, ms_of, price_from, push_time_range, push_usage_query, to_u64, usage_from};
+use crate::sql_rows::{Fields, account_from, day_of, fund_from, key_from, money, ms_of, price_from, push_time_range, push_usage_query, to_u64, topup_from, usage_from};
 
 /// What differs in a statement the two databases share.
 pub(crate) trait Dialect: sqlx::Database {
@@ -261,6 +261,18 @@ where
         }
         builder.push(" ORDER BY id LIMIT ").push_bind(i64::from(query.limit));
         builder.build().fetch_all(self.0).await?.iter().map(account_from).collect()
+    }
+
+    pub(crate) async fn topups(&self, query: TopUpQuery) -> StoreResult<Vec<TopUp>> {
+        let mut builder = sqlx::QueryBuilder::<DB>::new("SELECT * FROM topup_records WHERE TRUE");
+        if let Some(account_id) = query.account_id {
+            builder.push(" AND account_id = ").push_bind(account_id);
+        }
+        if let Some(status) = query.status {
+            builder.push(" AND status = ").push_bind(status.as_str());
+        }
+        builder.push(" ORDER BY created_at DESC, id DESC LIMIT ").push_bind(i64::from(query.limit));
+        builder.build().fetch_all(self.0).await?.iter().map(topup_from).collect()
     }
 
     pub(crate) async fn price_history(&self, query: PriceHistoryQuery) -> StoreResult<Vec<PriceRow>> {

@@ -19,7 +19,7 @@ use crate::ledger::Ledger;
 use crate::operations::{CHARGED_REQUEST, key_budgets_from, threshold_from};
 use crate::model::{
     Account, AccountBalance, AccountPatch, ApiKey, FundKind, FundOutcome, FundTransaction, LedgerEntry, NewAccount,
-    ChargedRequest, NewApiKey, NewFund, NewPrice, PriceRow, RecordOutcome, SummaryQuery, SummaryRow, AccountQuery, PriceHistoryQuery, TopUp,
+    ChargedRequest, NewApiKey, NewFund, NewPrice, PriceRow, RecordOutcome, SummaryQuery, SummaryRow, AccountQuery, PriceHistoryQuery, TopUpQuery, TopUp,
     RequestStatus, SessionLockMode, TopUpStatus, UsageEvent, UsageQuery, UsageRow,
 };
 use crate::sqlite_ops::json_list;
@@ -560,6 +560,10 @@ impl Ledger for SqliteLedger {
         }
         transaction.commit().await?;
         Ok(rows)
+    }
+
+    async fn topups(&self, query: TopUpQuery) -> StoreResult<Vec<TopUp>> {
+        crate::sql_reads::Reads(&self.pool).topups(query).await
     }
 
     async fn price_history(&self, query: PriceHistoryQuery) -> StoreResult<Vec<PriceRow>> {

@@ -12,7 +12,7 @@ use tollgate_store::Ledger;
 use tollgate_store::StoreError;
 use tollgate_store::model::{
     AccountKind, AccountPatch, AccountStatus, FundKind, NewAccount, NewApiKey, NewFund, NewPrice, RecordOutcome,
-    RequestStatus, StoredResponse, SummaryGroup, SummaryQuery, TopUpStatus, UsageEvent, UsageQuery, AccountQuery, PriceHistoryQuery,
+    RequestStatus, StoredResponse, SummaryGroup, SummaryQuery, TopUpStatus, UsageEvent, UsageQuery, AccountQuery, PriceHistoryQuery, TopUpQuery,
 };
 use tollgate_store::postgres::PgLedger;
 use tollgate_store::sqlite::SqliteLedger;
@@ -221,6 +221,17 @@ async fn a_topup_confirmed_twice_adds_once(ledger: Arc<dyn Ledger>) {
     assert_eq!(ledger.create_topup("a", Money::from_nanos(500), "pay-1").await.unwrap().id, topup.id);
     assert!(matches!(ledger.create_topup("a", Money::from_nanos(501), "pay-1").await, Err(StoreError::Conflict(_))));
     assert!(matches!(ledger.create_topup("a", Money::ZERO, "pay-2").await, Err(StoreError::Invalid(_))));
+    // Listed newest first, by status and account: a top-up left pending can be found.
+    account(&*ledger, "b").await;
+    let left = ledger.create_topup("a", Money::from_nanos(7), "pay-3").await.unwrap();
+    let other = ledger.create_topup("b", Money::from_nanos(9), "pay-4").await.unwrap();
+    let list = |account_id: Option<&str>, status: Option<TopUpStatus>| TopUpQuery { account_id: account_id.map(str::to_string), status, limit: 10 };
+    let ids = |topups: Vec<tollgate_store::model::TopUp>| topups.into_iter().map(|topup| topup.id).collect::<Vec<_>>();
+    assert_eq!(ids(ledger.topups(list(Some("a"), Some(TopUpStatus::Pending))).await.unwrap()), [left.id.as_str()]);
+    assert_eq!(ids(ledger.topups(list(Some("a"), Some(TopUpStatus::Confirmed))).await.unwrap()), [topup.id.as_str()]);
+    assert_eq!(ids(ledger.topups(list(None, Some(TopUpStatus::Pending))).await.unwrap()).len(), 2);
+    assert!(ids(ledger.topups(list(None, None)).await.unwrap()).contains(&other.id));
+    assert_eq!(ledger.topups(TopUpQuery { limit: 1, ..TopUpQuery::default() }).await.unwrap().len(), 1);
     assert_sound(&*ledger, "a").await;
 }
 

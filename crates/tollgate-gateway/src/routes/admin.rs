@@ -16,7 +16,8 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tollgate_core::{Money, Usage};
 use tollgate_store::model::{
-    AccountKind, AccountPatch, AccountQuery, AccountStatus, FundKind, NewAccount, NewApiKey, NewFund, NewPrice, PriceHistoryQuery,
+    AccountKind, AccountPatch, AccountQuery, AccountStatus, FundKind, NewAccount, NewApiKey, NewFund, NewPrice, PriceHistoryQuery, TopUpQuery,
+    TopUpStatus,
 };
 
 use crate::charge;
@@ -40,7 +41,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(revoke_key))
         .routes(routes!(list_prices, put_prices))
         .routes(routes!(price_history))
-        .routes(routes!(create_topup))
+        .routes(routes!(create_topup, list_topups))
         .routes(routes!(confirm_topup))
         .routes(routes!(refund))
         .routes(routes!(adjust))
@@ -107,9 +108,11 @@ struct CreateAccount {
     kind: AccountKind,
     name: String,
     customer_type: String,
+    #[schema(value_type = Option<Money>)]
     credit_limit: Option<String>,
     daily_request_quota: Option<u64>,
     monthly_request_quota: Option<u64>,
+    #[schema(value_type = Option<Money>)]
     low_balance_threshold: Option<String>,
 }
 
@@ -205,12 +208,14 @@ struct PatchAccount {
     name: Option<String>,
     customer_type: Option<String>,
     status: Option<AccountStatus>,
+    #[schema(value_type = Option<Money>)]
     credit_limit: Option<String>,
     #[serde(default, deserialize_with = "present")]
     daily_request_quota: Option<Option<u64>>,
     #[serde(default, deserialize_with = "present")]
     monthly_request_quota: Option<Option<u64>>,
     #[serde(default, deserialize_with = "present_text")]
+    #[schema(value_type = Option<Money>)]
     low_balance_threshold: Option<Option<String>>,
 }
 
@@ -263,8 +268,11 @@ async fn patch_account(State(state): State<AppState>, Path(id): Path<String>, Li
 #[serde(deny_unknown_fields)]
 struct CreateKey {
     name: String,
+    #[schema(value_type = Option<Money>)]
     budget_daily: Option<String>,
+    #[schema(value_type = Option<Money>)]
     budget_monthly: Option<String>,
+    #[schema(value_type = Option<Money>)]
     budget_total: Option<String>,
     rpm: Option<u64>,
     tpm: Option<u64>,
@@ -386,10 +394,15 @@ struct PutPrice {
     provider: String,
     model: String,
     customer_type: String,
+    #[schema(value_type = Money)]
     input_per_mtok: String,
+    #[schema(value_type = Money)]
     output_per_mtok: String,
+    #[schema(value_type = Option<Money>)]
     cached_input_per_mtok: Option<String>,
+    #[schema(value_type = Option<Money>)]
     cache_write_per_mtok: Option<String>,
+    #[schema(value_type = Option<Money>)]
     per_request: Option<String>,
 }
 
@@ -449,8 +462,41 @@ async fn list_prices(State(state): State<AppState>) -> Result<Json<Value>, ApiEr
 #[serde(deny_unknown_fields)]
 struct CreateTopUp {
     account_id: String,
+    #[schema(value_type = Money)]
     amount: String,
     reference_id: String,
+}
+
+/// Top-ups per listing by default and at most.
+const TOPUPS_DEFAULT: u32 = 100;
+const TOPUPS_MAX: u32 = 1_000;
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+struct TopUpsParams {
+    account_id: Option<String>,
+    /// `pending` (created, not yet confirmed) or `confirmed`.
+    status: Option<TopUpStatus>,
+    limit: Option<u32>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/topups",
+    tag = "accounts",
+    params(TopUpsParams),
+    responses((status = 200, description = "Top-ups newest first: a pending one is found here to be confirmed", body = crate::openapi::TopUpList), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    security(("admin_token" = []))
+)]
+async fn list_topups(
+    State(state): State<AppState>,
+    params: Result<Query<TopUpsParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<crate::openapi::TopUpList>, ApiError> {
+    let params = parse_query(params)?;
+    let limit = params.limit.unwrap_or(TOPUPS_DEFAULT).clamp(1, TOPUPS_MAX);
+    let data = state.ledger.topups(TopUpQuery { account_id: params.account_id, status: params.status, limit }).await?;
+    Ok(Json(crate::openapi::TopUpList { object: "list".into(), data }))
 }
 
 #[utoipa::path(
@@ -487,6 +533,7 @@ async fn confirm_topup(State(state): State<AppState>, Path(id): Path<String>) ->
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Refund {
+    #[schema(value_type = Money)]
     amount: String,
     reason: String,
     reference_id: String,
