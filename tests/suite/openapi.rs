@@ -111,6 +111,7 @@ async fn the_served_description_is_the_committed_one_and_names_only_served_route
         ("/internal/jobs", String::new()),
         ("/internal/alerts", String::new()),
         ("/internal/topups", format!("?account_id={account}")),
+        ("/internal/channels", String::new()),
     ] {
         let concrete = path.replace("{id}", &account);
         let answer = gateway.admin_ok(Method::GET, &format!("{concrete}{query}"), None).await;

@@ -95,8 +95,7 @@ impl Routed {
     }
 
     async fn channel(&self, name: &str) -> Value {
-        let listed = self.gateway.admin_ok(Method::GET, "/internal/channels", None).await;
-        listed["channels"].as_array().unwrap().iter().find(|channel| channel["model"] == MODEL && channel["channel"] == name).unwrap().clone()
+        channel_on(&self.gateway, name).await
     }
 
     async fn usage_rows(&self) -> Vec<Value> {
@@ -139,6 +138,8 @@ async fn routed_gateway(
             priority,
             weight: 1,
             concurrent_requests_max: None,
+            requests_per_minute_max: None,
+            tokens_per_minute_max: None,
             disabled: false,
         };
         config.models.push(ModelRoute {
@@ -313,6 +314,51 @@ async fn a_slow_channel_times_out_to_the_next_and_retry_after_keeps_a_channel_ou
     routed.stop().await;
 }
 
+/// Rate limits: a channel past its requests a minute is passed over for the next, a channel
+/// past its tokens a minute too; with both full the client is told when the first has room
+/// and pays nothing; from then on it serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_past_their_rate_limits_are_passed_over_until_the_minute_has_room() {
+    let now_ms = tollgate_store::clock::now_ms();
+    let clock = ManualClock::at(now_ms - now_ms.rem_euclid(60_000) + 10_000);
+    let routed = Routed::start_on_clock(Some(&clock), |config| {
+        let channels = &mut config.models.last_mut().unwrap().channels;
+        channels[0].requests_per_minute_max = Some(2);
+        channels[1].tokens_per_minute_max = Some(1);
+    })
+    .await;
+    for request in ["rate-1", "rate-2", "rate-3"] {
+        assert_eq!(routed.chat(json!({}), request).await.status(), 200, "{request}");
+    }
+    assert_eq!(routed.counts().await, (2, 1), "two a minute on the primary, the third to the backup");
+    let primary = routed.channel("primary").await;
+    assert_eq!((&primary["requests_per_minute_max"], &primary["requests_last_minute"]), (&json!(2), &json!(2)));
+    let served = routed.attempts("rate-3").await;
+    assert_eq!(served.len(), 1, "a channel at its limit is not tried: {served:?}");
+    let usage = &served[0]["upstream_usage"];
+    let tokens = usage["input_tokens"].as_u64().unwrap() + usage["output_tokens"].as_u64().unwrap();
+    let backup = routed.channel("backup").await;
+    assert_eq!((&backup["tokens_per_minute_max"], &backup["tokens_last_minute"], &backup["requests_last_minute"]), (&json!(1), &json!(tokens), &json!(1)));
+
+    // Both full: refused before any hold, with the time the primary has room again — the next
+    // minute's first millisecond, when its two weigh 2 × 59,999 / 60,000 → 1.
+    let before = routed.gateway.balance_of(&routed.key).await;
+    let response = routed.chat(json!({}), "rate-4").await;
+    assert_eq!(response.status(), 502);
+    assert_eq!(response.headers()["retry-after"], "51");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upstream_error", "{body}");
+    assert_eq!(routed.counts().await, (2, 1), "nothing sent");
+    assert_eq!(routed.gateway.balance_of(&routed.key).await, before, "nothing charged");
+    clock.advance_ms(50_000);
+    assert_eq!(routed.chat(json!({}), "rate-5").await.status(), 502, "a millisecond early");
+    clock.advance_ms(1);
+    assert_eq!(routed.chat(json!({}), "rate-6").await.status(), 200);
+    assert_eq!(routed.counts().await, (3, 1));
+    assert_eq!(routed.usage_rows().await.len(), 4, "every served request charged once");
+    routed.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_every_channel_fails_the_client_gets_the_error_and_pays_nothing() {
     let routed = Routed::start(|config| {
@@ -364,67 +410,79 @@ async fn an_operator_disables_and_enables_a_channel() {
     routed.stop().await;
 }
 
-/// Services mode: two gateways share their breakers through Redis and their channel states
-/// through the ledger — failures seen by one keep the other off the channel, an operator's
-/// word given to one reaches the other.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gateways_share_their_breakers_and_channel_states() {
+/// A chat request of `key` through `gateway`.
+async fn chat_on(gateway: &TestGateway, key: &str) -> reqwest::Response {
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "route me"}]});
+    gateway.http.post(format!("{}/v1/chat/completions", gateway.url)).bearer_auth(key).json(&body).send().await.unwrap()
+}
+
+/// `routed-gpt`'s channel `name` as `gateway` lists it.
+async fn channel_on(gateway: &TestGateway, name: &str) -> Value {
+    let listed = gateway.admin_ok(Method::GET, "/internal/channels", None).await;
+    listed["channels"].as_array().unwrap().iter().find(|entry| entry["model"] == MODEL && entry["channel"] == name).unwrap().clone()
+}
+
+/// Services mode: two gateways routing `routed-gpt` to these upstreams on one Redis (a prefix of
+/// their own) and one fresh PostgreSQL ledger, the first running the worker; `adjust` applies to
+/// both.
+async fn two_gateways(primary: &Upstream, backup: &Upstream, clock: Option<&ManualClock>, adjust: impl Fn(&mut tollgate_gateway::GatewayConfig)) -> (TestGateway, TestGateway) {
     let redis_url = std::env::var("TOLLGATE_TEST_REDIS_URL").expect("TOLLGATE_TEST_REDIS_URL is not set: run scripts/test, which starts Redis");
     let database_url = fresh_postgres_database().await;
-    let shutdown = CancellationToken::new();
-    let (primary, backup) = (Upstream::start(&shutdown).await, Upstream::start(&shutdown).await);
     let prefix = unique_name("t");
     let shared = |config: &mut tollgate_gateway::GatewayConfig, run_worker: bool| {
         config.redis_url = Some(redis_url.clone());
         config.redis_prefix = prefix.clone();
         config.run_worker = run_worker;
+        adjust(config);
+    };
+    let first = routed_gateway(primary, backup, TempDir::new(), database_url.clone(), clock, |config| shared(config, true)).await;
+    let second = routed_gateway(primary, backup, TempDir::new(), database_url, clock, |config| shared(config, false)).await;
+    (first, second)
+}
+
+/// Services mode: two gateways share their breakers through Redis and their channel states
+/// through the ledger — failures seen by one keep the other off the channel, an operator's
+/// word given to one reaches the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_share_their_breakers_and_channel_states() {
+    let shutdown = CancellationToken::new();
+    let (primary, backup) = (Upstream::start(&shutdown).await, Upstream::start(&shutdown).await);
+    let (first, second) = two_gateways(&primary, &backup, None, |config| {
         config.routing.breaker_failures = 2;
         config.routing.breaker_open_ms = 60_000;
         config.routing.breaker_sync_ms = 100;
-    };
-    let first = routed_gateway(&primary, &backup, TempDir::new(), database_url.clone(), None, |config| shared(config, true)).await;
-    let second = routed_gateway(&primary, &backup, TempDir::new(), database_url, None, |config| shared(config, false)).await;
+    })
+    .await;
     let account = first.account("1", json!({})).await;
     let key = first.key(&account, json!({})).await;
-    let chat = |gateway: &TestGateway| {
-        let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "route me"}]});
-        gateway.http.post(format!("{}/v1/chat/completions", gateway.url)).bearer_auth(&key).json(&body).send()
-    };
-    let breaker_on = |gateway: &TestGateway, channel: &'static str| {
-        let request = gateway.http.get(format!("{}/internal/channels", gateway.url)).bearer_auth(ADMIN_TOKEN).send();
-        async move {
-            let listed: Value = request.await.unwrap().json().await.unwrap();
-            listed["channels"].as_array().unwrap().iter().find(|entry| entry["channel"] == channel).unwrap().clone()
-        }
-    };
 
     // The primary fails twice through the first gateway: its breaker opens, in Redis too.
     primary.behave(json!({"fail_status": 500})).await;
     for _ in 0..2 {
-        assert_eq!(chat(&first).await.unwrap().status(), 200);
+        assert_eq!(chat_on(&first, &key).await.status(), 200);
     }
-    assert_eq!(breaker_on(&first, "primary").await["breaker"], "open");
+    assert_eq!(channel_on(&first, "primary").await["breaker"], "open");
     let started = std::time::Instant::now();
-    while breaker_on(&second, "primary").await["breaker"] != "open" {
+    while channel_on(&second, "primary").await["breaker"] != "open" {
         assert!(started.elapsed() < Duration::from_secs(5), "the second gateway never learned the breaker opened");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The second, which never saw a failure, leaves the primary alone.
     let primary_before = primary.requests().await;
-    assert_eq!(chat(&second).await.unwrap().status(), 200);
+    assert_eq!(chat_on(&second, &key).await.status(), 200);
     assert_eq!(primary.requests().await, primary_before);
 
     // An operator disables the backup through the first; the second hears of it.
     first.admin_ok(Method::POST, &format!("/internal/channels/{MODEL}/backup/disable"), None).await;
     let started = std::time::Instant::now();
-    while breaker_on(&second, "backup").await["enabled"] != false {
+    while channel_on(&second, "backup").await["enabled"] != false {
         assert!(started.elapsed() < Duration::from_secs(5), "the second gateway never learned the backup was disabled");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Nothing left to serve: refused before any hold, on either gateway.
     let backup_before = backup.requests().await;
     for gateway in [&first, &second] {
-        let response = chat(gateway).await.unwrap();
+        let response = chat_on(gateway, &key).await;
         assert_eq!(response.status(), 502);
         assert!(response.headers().contains_key("retry-after"));
     }
@@ -445,7 +503,7 @@ async fn gateways_share_their_breakers_and_channel_states() {
         assert!(started.elapsed() < Duration::from_secs(5), "the first gateway never learned of the added channel");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(chat(&first).await.unwrap().status(), 200);
+    assert_eq!(chat_on(&first, &key).await.status(), 200);
     assert_eq!(backup.requests().await, backup_before + 1, "served by the added channel");
     first.admin_ok(Method::DELETE, &format!("/internal/channels/{MODEL}/rescue"), None).await;
     let started = std::time::Instant::now();
@@ -453,7 +511,7 @@ async fn gateways_share_their_breakers_and_channel_states() {
         assert!(started.elapsed() < Duration::from_secs(5), "the second gateway never learned the channel was removed");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(chat(&second).await.unwrap().status(), 502);
+    assert_eq!(chat_on(&second, &key).await.status(), 502);
     first.assert_ledger_sound(&account).await;
     second.stop().await;
     first.stop().await;
@@ -474,6 +532,42 @@ impl Routed {
             counts => panic!("both or neither upstream moved: {before:?} → {counts:?}"),
         }
     }
+}
+
+/// Services mode: two gateways keep a channel's requests a minute together through Redis —
+/// each sends two of a limit of four, and after one sync period neither sends it more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_keep_a_channels_rate_limit_together() {
+    let shutdown = CancellationToken::new();
+    let (primary, backup) = (Upstream::start(&shutdown).await, Upstream::start(&shutdown).await);
+    // One clock for both, mid-minute: the shared counts are kept per minute of it.
+    let now_ms = tollgate_store::clock::now_ms();
+    let clock = ManualClock::at(now_ms - now_ms.rem_euclid(60_000) + 10_000);
+    let (first, second) = two_gateways(&primary, &backup, Some(&clock), |config| {
+        config.routing.breaker_sync_ms = 50;
+        config.models.last_mut().unwrap().channels[0].requests_per_minute_max = Some(4);
+    })
+    .await;
+    let account = first.account("1", json!({})).await;
+    let key = first.key(&account, json!({})).await;
+    for gateway in [&first, &second, &first, &second] {
+        assert_eq!(chat_on(gateway, &key).await.status(), 200);
+    }
+    assert_eq!((primary.requests().await, backup.requests().await), (4, 0), "each gateway alone is under the limit");
+    for gateway in [&first, &second] {
+        let started = std::time::Instant::now();
+        while channel_on(gateway, "primary").await["requests_last_minute"] != 4 {
+            assert!(started.elapsed() < Duration::from_secs(5), "a gateway never learned the other's requests");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    for gateway in [&first, &second] {
+        assert_eq!(chat_on(gateway, &key).await.status(), 200);
+    }
+    assert_eq!((primary.requests().await, backup.requests().await), (4, 2), "the fleet's four reached, both went to the backup");
+    first.assert_ledger_sound(&account).await;
+    second.stop().await;
+    first.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

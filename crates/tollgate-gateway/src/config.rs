@@ -445,6 +445,13 @@ pub struct ChannelConfig {
     /// Requests this gateway sends the channel at once; past it the channel is skipped (as if
     /// open) until one ends. Default: no limit.
     pub concurrent_requests_max: Option<u32>,
+    /// Requests a minute the upstream allows the channel's credentials: past it, over the last
+    /// 60 s and across the gateways of a deployment, the channel is skipped until the minute
+    /// has room ([`crate::routing::rate`]). Default: no limit.
+    pub requests_per_minute_max: Option<u32>,
+    /// Tokens a minute (input, cached, cache writes and output, counted when a request's usage
+    /// is known), kept as `requests_per_minute_max` is. Default: no limit.
+    pub tokens_per_minute_max: Option<u64>,
     /// Configured but not used until enabled through `/internal/channels`.
     #[serde(default)]
     pub disabled: bool,
@@ -700,7 +707,7 @@ impl GatewayConfig {
                 return Err(format!("model {model}: channel on provider {} speaks another protocol than the model's provider {}", channel.provider, route.provider));
             }
             let name = channel.name.as_deref().unwrap_or(&channel.provider);
-            check_channel(name, channel.upstream_model.as_deref(), channel.weight, channel.concurrent_requests_max)
+            check_channel(name, channel.upstream_model.as_deref(), channel.weight, channel.limits())
                 .map_err(|error| format!("model {model}: channel {name:?}: {error}"))?;
             if !names.insert(name) {
                 return Err(format!("model {model}: two channels are named {name}: name them (channels.name)"));
@@ -710,16 +717,44 @@ impl GatewayConfig {
     }
 }
 
+impl ChannelConfig {
+    pub fn limits(&self) -> ChannelLimits {
+        ChannelLimits {
+            concurrent_requests_max: self.concurrent_requests_max,
+            requests_per_minute_max: self.requests_per_minute_max,
+            tokens_per_minute_max: self.tokens_per_minute_max,
+        }
+    }
+}
+
+/// A channel's own limits (`None`: none), wherever the channel comes from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChannelLimits {
+    pub concurrent_requests_max: Option<u32>,
+    pub requests_per_minute_max: Option<u32>,
+    pub tokens_per_minute_max: Option<u64>,
+}
+
+impl ChannelLimits {
+    pub fn rates(&self) -> crate::routing::rate::RateLimits {
+        crate::routing::rate::RateLimits { requests_per_minute: self.requests_per_minute_max.map(u64::from), tokens_per_minute: self.tokens_per_minute_max }
+    }
+}
+
+/// Most tokens a minute a channel's limit may name (far past any upstream's; the ledger keeps
+/// it in a signed 64-bit column).
+pub const TOKENS_PER_MINUTE_MAX: u64 = 1_000_000_000_000;
+
 /// Longest upstream model name a channel may give.
 pub const UPSTREAM_MODEL_CHARS_MAX: usize = 256;
 
 /// The checks a channel's own fields pass wherever it comes from, the configuration or an
 /// operator's call: its name (1 to 64 of `A-Z a-z 0-9 - _ . :`, since it appears in URLs and
-/// metric labels), its upstream model name, its weight and its limit.
+/// metric labels), its upstream model name, its weight and its limits.
 ///
 /// # Errors
 /// What is wrong, for the operator.
-pub fn check_channel(name: &str, upstream_model: Option<&str>, weight: u32, concurrent_requests_max: Option<u32>) -> Result<(), String> {
+pub fn check_channel(name: &str, upstream_model: Option<&str>, weight: u32, limits: ChannelLimits) -> Result<(), String> {
     let name_valid = !name.is_empty() && name.len() <= 64 && name.bytes().all(|byte| byte.is_ascii_alphanumeric() || b"-_.:".contains(&byte));
     if !name_valid {
         return Err("name must be 1 to 64 of A-Z a-z 0-9 - _ . :".into());
@@ -730,8 +765,14 @@ pub fn check_channel(name: &str, upstream_model: Option<&str>, weight: u32, conc
     if weight == 0 {
         return Err("weight must be at least 1".into());
     }
-    if concurrent_requests_max == Some(0) {
+    if limits.concurrent_requests_max == Some(0) {
         return Err("concurrent_requests_max must be positive".into());
+    }
+    if limits.requests_per_minute_max == Some(0) {
+        return Err("requests_per_minute_max must be positive".into());
+    }
+    if limits.tokens_per_minute_max.is_some_and(|max| max == 0 || max > TOKENS_PER_MINUTE_MAX) {
+        return Err(format!("tokens_per_minute_max must be 1 to {TOKENS_PER_MINUTE_MAX}"));
     }
     Ok(())
 }

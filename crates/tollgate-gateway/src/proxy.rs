@@ -127,6 +127,14 @@ impl Billing {
         metrics::counter!("tollgate_affinity_prompt_tokens_total", "pinned" => pinned, "cache" => "none").increment(usage.input_tokens.saturating_add(usage.cache_write_tokens));
     }
 
+    /// Counts what the serving channel processed against its tokens-per-minute limit.
+    fn count_channel_tokens(&self, usage: &Usage, now_ms: i64) {
+        if let Some(lease) = &self.serving {
+            let tokens = [usage.cached_input_tokens, usage.cache_write_tokens, usage.output_tokens].into_iter().fold(usage.input_tokens, u64::saturating_add);
+            lease.channel.count_tokens(now_ms, tokens);
+        }
+    }
+
     /// Tells the serving channel's breaker how its answer went.
     async fn report_serving(&mut self, health: Health, now_ms: i64) {
         if let Some(lease) = self.serving.as_mut() {
@@ -793,6 +801,7 @@ async fn serve(state: &AppState, mut billing: Billing, protocol: Protocol, clien
     let reported = protocol.response_usage(&json);
     billing.note_served_usage(reported);
     let (usage, source) = billing.usage_to_charge(reported, &protocol.response_output_text(&json));
+    billing.count_channel_tokens(&usage, state.now_ms());
     let cost = match charge::price_usage(&billing.price.price, &usage) {
         Ok(cost) => cost,
         Err(error) => return void_with(state, &billing, error).await,
@@ -1018,6 +1027,7 @@ async fn pump(
     billing.report_serving(health, state.now_ms()).await;
     billing.note_served_usage(inspector.usage());
     let (usage, source) = billing.stream_usage_to_charge(&inspector);
+    billing.count_channel_tokens(&usage, state.now_ms());
     if end != StreamEnd::Completed && inspector.output_text().is_empty() && inspector.usage().is_none() {
         tracing::warn!(request_id = billing.request_id, ?end, forwarded_events, "stream ended before any output; voided");
         charge::void(state, billing.failed_event()).await;

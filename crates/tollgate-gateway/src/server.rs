@@ -16,7 +16,7 @@ use tollgate_store::memory::MemoryHotStore;
 use tollgate_store::unbilled::UnbilledHotStore;
 use tollgate_store::ledger_charging::LedgerCharging;
 use tollgate_store::queue::channel_log;
-use tollgate_store::redis_store::{RedisHotStore, RedisLog, RedisLogConfig, VersionedValues};
+use tollgate_store::redis_store::{CountsOfMinutes, RedisHotStore, RedisLog, RedisLogConfig, VersionedValues};
 use tollgate_store::postgres::PgLedger;
 use tollgate_store::sqlite::SqliteLedger;
 use tollgate_store::{HotStore, Ledger};
@@ -115,20 +115,23 @@ impl Gateway {
                 }
             }
         };
-        // Services mode: the gateways keep their circuit breakers together in Redis.
-        let shared_breakers = redis_parts
+        // Services mode: the gateways keep their channels' breakers and rate counts together in Redis.
+        let shared_channels = redis_parts
             .as_ref()
-            .map(|(connection, _)| crate::routing::SharedBreakers { values: VersionedValues::new(connection.clone(), &config.redis_prefix) });
+            .map(|(connection, _)| crate::routing::SharedChannels {
+                breakers: VersionedValues::new(connection.clone(), &config.redis_prefix),
+                counts: CountsOfMinutes::new(connection.clone(), &config.redis_prefix),
+            });
         if config.run_worker || config.redis_url.is_none() {
             let stores = JobStores { ledger: Arc::clone(&ledger), hot: Arc::clone(&hot), redis: redis_parts, clock: clock.clone().unwrap_or_else(system_clock) };
             crate::jobs::spawn(&worker_tasks, &stores, &config, &worker_shutdown);
         }
         let breaker_sync = Duration::from_millis(config.routing.breaker_sync_ms);
-        let state = AppState::new(config, hot, ledger, TaskTracker::new(), CancellationToken::new(), clock.unwrap_or_else(system_clock), shared_breakers)
+        let state = AppState::new(config, hot, ledger, TaskTracker::new(), CancellationToken::new(), clock.unwrap_or_else(system_clock), shared_channels)
             .await
             .map_err(ServerError::Config)?;
         let routed = state.clone();
-        worker_tasks.spawn(crate::routing::run_breaker_sync(move || routed.upstreams.channels(), breaker_sync, worker_shutdown.clone()));
+        worker_tasks.spawn(crate::routing::run_channel_sync(move || routed.upstreams.channels(), breaker_sync, worker_shutdown.clone()));
         worker_tasks.spawn(crate::charge::run_fund_retries(state.clone(), worker_shutdown.clone()));
         if let Some(pool) = postgres_pool {
             worker_tasks.spawn(crate::notifications::run_listener(state.clone(), pool, worker_shutdown.clone()));

@@ -70,12 +70,12 @@ impl AppState {
         tasks: TaskTracker,
         shutdown: CancellationToken,
         clock: Clock,
-        shared_breakers: Option<crate::routing::SharedBreakers>,
+        shared_channels: Option<crate::routing::SharedChannels>,
     ) -> Result<AppState, String> {
         config.validate()?;
         // The recorder first: channels register their counters as they are built.
         let metrics = crate::metrics::handle();
-        let upstreams = Upstreams::from_config(&config, shared_breakers)?;
+        let upstreams = Upstreams::from_config(&config, shared_channels)?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(config.limits.upstream_connect_timeout_ms))
             .pool_idle_timeout(Duration::from_secs(90))

@@ -7,7 +7,7 @@ use tollgate_protocol::Protocol;
 
 use crate::config::{ClientFileReferences, ClientUrls, GatewayConfig, ProviderKind};
 use crate::routing::breaker::BreakerPolicy;
-use crate::routing::{Channel, ChannelSpec, Route, SharedBreakers};
+use crate::routing::{Channel, ChannelSpec, Route, SharedChannels};
 use tollgate_store::model::{AddedChannel, ChannelState};
 
 /// A provider ready to call: its base URL and (resolved once from its env var) API key.
@@ -94,7 +94,7 @@ pub struct Upstreams {
     configured: Vec<ConfiguredModel>,
     routes: RwLock<Arc<HashMap<String, Arc<Route>>>>,
     policy: BreakerPolicy,
-    shared: Option<SharedBreakers>,
+    shared: Option<SharedChannels>,
     /// One reload at a time, from the ledger's read to the new table: two at once could let
     /// the older read land last.
     reloading: tokio::sync::Mutex<()>,
@@ -103,7 +103,7 @@ pub struct Upstreams {
 impl Upstreams {
     /// # Errors
     /// A provider whose `api_key_env` names a variable that is not set.
-    pub fn from_config(config: &GatewayConfig, shared: Option<SharedBreakers>) -> Result<Upstreams, String> {
+    pub fn from_config(config: &GatewayConfig, shared: Option<SharedChannels>) -> Result<Upstreams, String> {
         let mut providers = HashMap::new();
         for provider in &config.providers {
             let api_key = match &provider.api_key_env {
@@ -140,6 +140,7 @@ impl Upstreams {
                     priority: 0,
                     weight: 1,
                     concurrent_requests_max: None,
+                    rates: crate::routing::rate::RateLimits::default(),
                     enabled: true,
                     added: false,
                 }]
@@ -155,6 +156,7 @@ impl Upstreams {
                             priority: channel.priority,
                             weight: channel.weight,
                             concurrent_requests_max: channel.concurrent_requests_max,
+                            rates: channel.limits().rates(),
                             enabled: !channel.disabled,
                             added: false,
                         })
@@ -191,7 +193,12 @@ impl Upstreams {
     /// channel of the model.
     pub fn added_spec(&self, added: &AddedChannel) -> Result<ChannelSpec, AddedChannelError> {
         let model = self.configured.iter().find(|model| model.model == added.model).ok_or(AddedChannelError::ModelNotRouted)?;
-        crate::config::check_channel(&added.channel, added.upstream_model.as_deref(), added.weight, added.concurrent_requests_max)
+        let limits = crate::config::ChannelLimits {
+            concurrent_requests_max: added.concurrent_requests_max,
+            requests_per_minute_max: added.requests_per_minute_max,
+            tokens_per_minute_max: added.tokens_per_minute_max,
+        };
+        crate::config::check_channel(&added.channel, added.upstream_model.as_deref(), added.weight, limits)
             .map_err(AddedChannelError::Invalid)?;
         let provider = self.providers.get(&added.provider).ok_or_else(|| AddedChannelError::Invalid(format!("unknown provider {}", added.provider)))?;
         if provider.kind != model.provider.kind {
@@ -207,6 +214,7 @@ impl Upstreams {
             priority: added.priority,
             weight: added.weight,
             concurrent_requests_max: added.concurrent_requests_max,
+            rates: limits.rates(),
             enabled: true,
             added: true,
         })
@@ -247,7 +255,7 @@ impl Upstreams {
                     same.cloned().unwrap_or_else(|| {
                         let channel = Channel::new(&model.model, spec);
                         Arc::new(match &self.shared {
-                            Some(shared) => channel.with_shared_breaker(shared.clone()),
+                            Some(shared) => channel.with_shared_state(shared.clone()),
                             None => channel,
                         })
                     })

@@ -393,6 +393,8 @@ pub struct AddedChannel {
     pub priority: i32,
     pub weight: u32,
     pub concurrent_requests_max: Option<u32>,
+    pub requests_per_minute_max: Option<u32>,
+    pub tokens_per_minute_max: Option<u64>,
     pub created_at_ms: i64,
 }
 

@@ -342,8 +342,9 @@ pub(crate) const FINISH_RECONCILIATION: &str = "UPDATE reconciliation_log SET fi
 pub(crate) const RECONCILIATIONS: &str = "SELECT * FROM reconciliation_log ORDER BY id DESC LIMIT ?";
 
 /// An added channel, unless the model has one of that name (`?` placeholders; see [`pg`]).
-pub(crate) const ADD_CHANNEL: &str = "INSERT INTO added_channels (model, channel, provider, upstream_model, priority, weight, concurrent_requests_max, created_at)
-     VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (model, channel) DO NOTHING";
+pub(crate) const ADD_CHANNEL: &str = "INSERT INTO added_channels (model, channel, provider, upstream_model, priority, weight, concurrent_requests_max,
+         requests_per_minute_max, tokens_per_minute_max, created_at)
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (model, channel) DO NOTHING";
 
 /// [`ADD_CHANNEL`] with the channel's values bound, for either database (`sql`: it as the
 /// database spells it).
@@ -362,6 +363,9 @@ where
         .bind(i64::from(channel.priority))
         .bind(i64::from(channel.weight))
         .bind(channel.concurrent_requests_max.map(i64::from))
+        .bind(channel.requests_per_minute_max.map(i64::from))
+        // Beyond i64 is refused before it gets here (`check_channel`); saturating keeps it a limit.
+        .bind(channel.tokens_per_minute_max.map(|max| i64::try_from(max).unwrap_or(i64::MAX)))
         .bind(channel.created_at_ms)
 }
 pub(crate) const ENSURE_LEASE: &str = "INSERT INTO job_leases (job, holder, fence, expires_at) VALUES (?, '', 0, 0) ON CONFLICT (job) DO NOTHING";

@@ -95,7 +95,8 @@ where
 
     pub(crate) async fn added_channels(&self) -> StoreResult<Vec<crate::model::AddedChannel>> {
         let rows = sqlx::query(DB::sql(
-            "SELECT model, channel, provider, upstream_model, priority, weight, concurrent_requests_max, created_at
+            "SELECT model, channel, provider, upstream_model, priority, weight, concurrent_requests_max,
+                 requests_per_minute_max, tokens_per_minute_max, created_at
              FROM added_channels ORDER BY model, channel",
         ))
         .fetch_all(self.0)
@@ -110,6 +111,8 @@ where
                     priority: number(row.int("priority")?, "priority")?,
                     weight: number(row.int("weight")?, "weight")?,
                     concurrent_requests_max: row.optional_int("concurrent_requests_max")?.map(|max| number(max, "concurrent_requests_max")).transpose()?,
+                    requests_per_minute_max: row.optional_int("requests_per_minute_max")?.map(|max| number(max, "requests_per_minute_max")).transpose()?,
+                    tokens_per_minute_max: row.optional_int("tokens_per_minute_max")?.map(|max| number(max, "tokens_per_minute_max")).transpose()?,
                     created_at_ms: row.int("created_at")?,
                 })
             })

@@ -169,10 +169,13 @@ async fn added_channels_are_kept_once_and_removed_with_their_state(ledger: Arc<d
         priority: -1,
         weight: 3,
         concurrent_requests_max: Some(8),
+        requests_per_minute_max: Some(600),
+        // Past u32 and i32: kept whole.
+        tokens_per_minute_max: Some(40_000_000_000),
         created_at_ms: 1_700_000_000_000,
     };
     ledger.add_channel(added.clone()).await.unwrap();
-    let other = AddedChannel { channel: "other".into(), upstream_model: Some("m-2".into()), concurrent_requests_max: None, ..added.clone() };
+    let other = AddedChannel { channel: "other".into(), upstream_model: Some("m-2".into()), concurrent_requests_max: None, requests_per_minute_max: None, tokens_per_minute_max: None, ..added.clone() };
     ledger.add_channel(other.clone()).await.unwrap();
     assert!(matches!(ledger.add_channel(AddedChannel { weight: 9, ..added.clone() }).await, Err(StoreError::Conflict(_))), "one name per model");
     assert_eq!(ledger.added_channels().await.unwrap(), [added.clone(), other.clone()], "kept as given, the first not overwritten");

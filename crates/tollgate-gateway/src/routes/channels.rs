@@ -8,7 +8,7 @@ use utoipa_axum::routes;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tollgate_store::model::{AddedChannel, ChannelState};
 
@@ -74,10 +74,10 @@ async fn clear_pins(State(state): State<AppState>, Path(account_id): Path<String
     get,
     path = "/channels",
     tag = "routing",
-    responses((status = 200, description = "Every model's channels with their state", body = serde_json::Value), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "Every model's channels with their state", body = ChannelList), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
     security(("admin_token" = []))
 )]
-async fn list(State(state): State<AppState>) -> Json<Value> {
+async fn list(State(state): State<AppState>) -> Json<ChannelList> {
     let now_ms = state.now_ms();
     let mut channels = Vec::new();
     for route in state.upstreams.models() {
@@ -87,24 +87,66 @@ async fn list(State(state): State<AppState>) -> Json<Value> {
                 state => (state.label(), None),
             };
             let cooling_until = Some(channel.cooling_until_ms()).filter(|until_ms| *until_ms > now_ms);
-            channels.push(json!({
-                "model": route.model,
-                "channel": channel.spec.name,
-                "provider": channel.spec.provider.name,
-                "upstream_model": channel.spec.upstream_model,
-                "priority": channel.spec.priority,
-                "weight": channel.spec.weight,
-                "enabled": channel.enabled(),
-                "added": channel.spec.added,
-                "breaker": breaker,
-                "open_until": open_until_ms.map(rfc3339),
-                "retry_after_until": cooling_until.map(rfc3339),
-                "in_flight": channel.in_flight(),
-                "concurrent_requests_max": channel.spec.concurrent_requests_max,
-            }));
+            let [requests_last_minute, tokens_last_minute] = channel.rate_used(now_ms);
+            channels.push(ChannelView {
+                model: route.model.clone(),
+                channel: channel.spec.name.clone(),
+                provider: channel.spec.provider.name.clone(),
+                upstream_model: channel.spec.upstream_model.clone(),
+                priority: channel.spec.priority,
+                weight: channel.spec.weight,
+                enabled: channel.enabled(),
+                added: channel.spec.added,
+                breaker,
+                open_until: open_until_ms.map(rfc3339),
+                retry_after_until: cooling_until.map(rfc3339),
+                in_flight: channel.in_flight(),
+                concurrent_requests_max: channel.spec.concurrent_requests_max,
+                requests_per_minute_max: channel.spec.rates.requests_per_minute,
+                tokens_per_minute_max: channel.spec.rates.tokens_per_minute,
+                requests_last_minute,
+                tokens_last_minute,
+            });
         }
     }
-    Json(json!({"channels": channels}))
+    Json(ChannelList { channels })
+}
+
+/// Every channel of every model.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ChannelList {
+    pub channels: Vec<ChannelView>,
+}
+
+/// A channel as this gateway sees it now.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ChannelView {
+    pub model: String,
+    pub channel: String,
+    pub provider: String,
+    pub upstream_model: String,
+    pub priority: i32,
+    pub weight: u32,
+    /// As configured or added, unless an operator disabled or enabled it.
+    pub enabled: bool,
+    /// Added through this API (only those can be removed).
+    pub added: bool,
+    /// `closed`, `open` or `half_open`.
+    #[schema(value_type = String)]
+    pub breaker: &'static str,
+    /// While the breaker is open: when it lets a probe through.
+    pub open_until: Option<String>,
+    /// While an upstream's `Retry-After` keeps the channel out: until when.
+    pub retry_after_until: Option<String>,
+    /// Requests this gateway has on the channel now.
+    pub in_flight: u32,
+    pub concurrent_requests_max: Option<u32>,
+    pub requests_per_minute_max: Option<u64>,
+    pub tokens_per_minute_max: Option<u64>,
+    /// The last 60 s as the rate limits count them (this gateway's count, with the fleet's as
+    /// last shared in services mode); 0 for a channel without rate limits.
+    pub requests_last_minute: u64,
+    pub tokens_last_minute: u64,
 }
 
 /// A channel to add to a model.
@@ -119,6 +161,8 @@ struct NewChannel {
     #[serde(default = "one")]
     weight: u32,
     concurrent_requests_max: Option<u32>,
+    requests_per_minute_max: Option<u32>,
+    tokens_per_minute_max: Option<u64>,
 }
 
 fn one() -> u32 {
@@ -146,6 +190,8 @@ async fn add(State(state): State<AppState>, Path(model): Path<String>, LimitedBo
         priority: new.priority,
         weight: new.weight,
         concurrent_requests_max: new.concurrent_requests_max,
+        requests_per_minute_max: new.requests_per_minute_max,
+        tokens_per_minute_max: new.tokens_per_minute_max,
         created_at_ms: state.now_ms(),
     };
     let spec = state.upstreams.added_spec(&added).map_err(|error| match error {
@@ -163,6 +209,8 @@ async fn add(State(state): State<AppState>, Path(model): Path<String>, LimitedBo
         "priority": added.priority,
         "weight": added.weight,
         "concurrent_requests_max": added.concurrent_requests_max,
+        "requests_per_minute_max": added.requests_per_minute_max,
+        "tokens_per_minute_max": added.tokens_per_minute_max,
         "enabled": true,
         "added": true,
         "created_at": rfc3339(added.created_at_ms),

@@ -1,7 +1,7 @@
 //! Which upstream channel serves a request: a model routes to one or more channels; each
 //! attempt takes the highest-priority channel still available — enabled, not tried yet in this
-//! request, its breaker admitting it, no `Retry-After` pending, under its concurrency limit —
-//! by weighted chance among channels of that priority.
+//! request, its breaker admitting it, no `Retry-After` pending, under its concurrency limit and
+//! its rate limits ([`rate`]) — by weighted chance among channels of that priority.
 //!
 //! What an attempt's answer means for the request (retry or not) and for the channel (its
 //! breaker) is decided in one place, [`classify`].
@@ -10,16 +10,19 @@
 //! mirror that selection reads (no round trip per request) and every change — a failure, the
 //! success that resets a count, the claim of the one probe — lands in Redis by compare-and-set
 //! on the version it was decided from ([`SharedBreakers`]); a conflict is decided again from
-//! the stored state. The mirrors follow Redis every `routing.breaker_sync_ms`.
+//! the stored state. The mirrors follow Redis every `routing.breaker_sync_ms`, when the
+//! gateway also shares its rate counts ([`run_channel_sync`]).
 
 pub mod breaker;
+pub mod rate;
 pub mod session_lock;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use breaker::{Admission, Breaker, BreakerPolicy, BreakerState};
-use tollgate_store::redis_store::VersionedValues;
+use rate::{Measure, RateLimits, Window};
+use tollgate_store::redis_store::{CountsOfMinutes, VersionedValues};
 
 use crate::upstream::Provider;
 
@@ -33,8 +36,10 @@ pub struct Channel {
     /// Unix ms before which an upstream's `Retry-After` keeps the channel out.
     cooling_until_ms: AtomicI64,
     breaker: Mutex<Mirror>,
-    /// Services mode: where the breaker is shared, and its key there.
-    shared: Option<(SharedBreakers, String)>,
+    /// Requests and tokens of the last minute, when the channel has rate limits.
+    window: Mutex<Window>,
+    /// Services mode: where the breaker and the rate counts are shared, and their keys there.
+    shared: Option<Shared>,
     /// This channel's attempt counters, registered once: a labelled lookup per request is not
     /// free on the hot path.
     pub attempts_counted: metrics::Counter,
@@ -50,35 +55,48 @@ struct Mirror {
     version: u64,
 }
 
-/// Where the gateways of a deployment keep their breakers together (Redis).
+/// Where the gateways of a deployment keep their channels' breakers and rate counts together
+/// (Redis).
 #[derive(Clone)]
-pub struct SharedBreakers {
-    pub values: VersionedValues,
+pub struct SharedChannels {
+    pub breakers: VersionedValues,
+    pub counts: CountsOfMinutes,
 }
 
-/// Follows the shared breakers of every channel (services mode) until `shutdown`: each period,
-/// one read of those of the channels routed now (`channels`: they change as operators add and
-/// remove some); a mirror whose version differs takes the stored state.
-pub async fn run_breaker_sync(channels: impl Fn() -> Vec<Arc<Channel>> + Send, period: std::time::Duration, shutdown: tokio_util::sync::CancellationToken) {
+/// A channel's place in the shared state: its breaker's key, its rate counts' key.
+#[derive(Clone)]
+struct Shared {
+    channels: SharedChannels,
+    breaker_key: String,
+    counts_key: String,
+}
+
+/// Keeps every channel's shared state in step (services mode) until `shutdown`. Each period,
+/// for the channels routed now (`channels`: they change as operators add and remove some):
+/// one read of their breakers, a mirror whose version differs taking the stored state; and for
+/// those with rate limits, what this gateway counted since the last period added to the
+/// shared counts, the fleet's read back.
+pub async fn run_channel_sync(channels: impl Fn() -> Vec<Arc<Channel>> + Send, period: std::time::Duration, shutdown: tokio_util::sync::CancellationToken) {
     loop {
         tokio::select! {
             () = tokio::time::sleep(period) => {}
             () = shutdown.cancelled() => return,
         }
-        let shared: Vec<(Arc<Channel>, SharedBreakers, String)> =
-            channels().into_iter().filter_map(|channel| channel.shared.clone().map(|(values, key)| (Arc::clone(&channel), values, key))).collect();
-        let Some((_, breakers, _)) = shared.first() else {
+        let shared: Vec<(Arc<Channel>, Shared)> = channels().into_iter().filter_map(|channel| channel.shared.clone().map(|shared| (channel, shared))).collect();
+        let Some((_, first)) = shared.first() else {
             continue;
         };
-        let keys: Vec<String> = shared.iter().map(|(_, _, key)| key.clone()).collect();
-        match breakers.values.read(&keys).await {
+        let keys: Vec<String> = shared.iter().map(|(_, shared)| shared.breaker_key.clone()).collect();
+        match first.channels.breakers.read(&keys).await {
             Ok(stored) => {
-                for ((channel, _, _), (version, value)) in shared.iter().zip(stored) {
+                for ((channel, _), (version, value)) in shared.iter().zip(stored) {
                     channel.follow(version, &value);
                 }
             }
             Err(error) => tracing::debug!(%error, "reading the shared circuit breakers failed; retried next period"),
         }
+        let exchanges = shared.iter().filter(|(channel, _)| channel.spec.rates.any()).map(|(channel, shared)| channel.exchange_counts(shared));
+        futures_util::future::join_all(exchanges).await;
     }
 }
 
@@ -104,6 +122,7 @@ pub struct ChannelSpec {
     pub priority: i32,
     pub weight: u32,
     pub concurrent_requests_max: Option<u32>,
+    pub rates: RateLimits,
     /// Enabled unless an operator's word (`/internal/channels`) overrides.
     pub enabled: bool,
     /// Added through `/internal/channels` rather than configured (only those can be removed).
@@ -113,8 +132,10 @@ pub struct ChannelSpec {
 impl ChannelSpec {
     /// Whether `other` describes the same channel (a rebuilt route keeps its live state).
     pub fn same_as(&self, other: &ChannelSpec) -> bool {
-        (self.name.as_str(), self.provider.name.as_str(), self.upstream_model.as_str(), self.priority, self.weight, self.concurrent_requests_max, self.enabled, self.added)
-            == (other.name.as_str(), other.provider.name.as_str(), other.upstream_model.as_str(), other.priority, other.weight, other.concurrent_requests_max, other.enabled, other.added)
+        let facts = |spec: &ChannelSpec| {
+            (spec.name.clone(), spec.provider.name.clone(), spec.upstream_model.clone(), spec.priority, spec.weight, spec.concurrent_requests_max, spec.rates, spec.enabled, spec.added)
+        };
+        facts(self) == facts(other)
     }
 }
 
@@ -132,14 +153,16 @@ impl Channel {
             in_flight: AtomicU32::new(0),
             cooling_until_ms: AtomicI64::new(0),
             breaker: Mutex::new(Mirror::default()),
+            window: Mutex::new(Window::default()),
             shared: None,
         }
     }
 
-    /// Shares the breaker with the other gateways ([`SharedBreakers`]).
-    pub fn with_shared_breaker(mut self, shared: SharedBreakers) -> Channel {
-        let key = shared.values.key("breaker", &format!("{}/{}", self.model, self.spec.name));
-        self.shared = Some((shared, key));
+    /// Shares the breaker and the rate counts with the other gateways ([`SharedChannels`]).
+    pub fn with_shared_state(mut self, channels: SharedChannels) -> Channel {
+        let name = format!("{}/{}", self.model, self.spec.name);
+        let (breaker_key, counts_key) = (channels.breakers.key("breaker", &name), channels.counts.key(&name));
+        self.shared = Some(Shared { channels, breaker_key, counts_key });
         self
     }
 
@@ -171,15 +194,50 @@ impl Channel {
         self.breaker.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn lock_window(&self) -> std::sync::MutexGuard<'_, Window> {
+        // Counts only ever move by whole additions: a poisoned lock still holds usable counts.
+        self.window.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The requests and tokens of the last minute as counted now, for the channel listing.
+    pub fn rate_used(&self, now_ms: i64) -> [u64; 2] {
+        let mut window = self.lock_window();
+        [window.used(now_ms, Measure::Requests), window.used(now_ms, Measure::Tokens)]
+    }
+
+    /// Counts the tokens of a request the channel served against its tokens-per-minute limit.
+    pub fn count_tokens(&self, now_ms: i64, tokens: u64) {
+        if self.spec.rates.tokens_per_minute.is_some() {
+            self.lock_window().count(now_ms, Measure::Tokens, tokens);
+        }
+    }
+
+    /// Adds what this gateway counted since the last period to the shared counts and takes the
+    /// fleet's; a Redis that does not answer leaves the counts to be added next period.
+    async fn exchange_counts(&self, shared: &Shared) {
+        let (minute, taken) = self.lock_window().take_unshared();
+        match shared.channels.counts.add_and_read(&shared.counts_key, minute, taken).await {
+            Ok((current, previous)) => self.lock_window().adopt_shared(minute, current, previous),
+            Err(error) => {
+                self.lock_window().restore_unshared(taken);
+                tracing::debug!(model = self.model, channel = self.spec.name, %error, "sharing the channel's rate counts failed; retried next period");
+            }
+        }
+    }
+
     /// From when selection could take this channel as far as time decides — its breaker, an
-    /// upstream's `Retry-After` — or `None` while it is disabled.
-    fn available_from_ms(&self, policy: &BreakerPolicy) -> Option<i64> {
-        self.enabled().then(|| self.lock_breaker().breaker.admits_from_ms(policy).max(self.cooling_until_ms()))
+    /// upstream's `Retry-After`, its rate limits — or `None` while it is disabled.
+    fn available_from_ms(&self, now_ms: i64, policy: &BreakerPolicy) -> Option<i64> {
+        if !self.enabled() {
+            return None;
+        }
+        let from_ms = self.lock_breaker().breaker.admits_from_ms(policy).max(self.cooling_until_ms());
+        Some(if self.spec.rates.any() { from_ms.max(self.lock_window().room_from_ms(now_ms, &self.spec.rates)) } else { from_ms })
     }
 
     /// Whether selection could take this channel now (nothing changed).
     fn available(&self, now_ms: i64, policy: &BreakerPolicy) -> bool {
-        self.available_from_ms(policy).is_some_and(|from_ms| now_ms >= from_ms) && self.spec.concurrent_requests_max.is_none_or(|max| self.in_flight() < max)
+        self.available_from_ms(now_ms, policy).is_some_and(|from_ms| now_ms >= from_ms) && self.spec.concurrent_requests_max.is_none_or(|max| self.in_flight() < max)
     }
 
     /// Applies `change` to the breaker and returns what it said. Embedded: to the mirror.
@@ -187,7 +245,7 @@ impl Channel {
     /// read at; on a conflict `change` is decided again from the stored state. A Redis that
     /// does not answer leaves the change to this process alone.
     async fn change_breaker<R>(&self, change: impl Fn(&mut Breaker) -> R) -> R {
-        let Some((shared, key)) = &self.shared else {
+        let Some(Shared { channels, breaker_key: key, .. }) = &self.shared else {
             let mut next = self.lock_breaker().breaker;
             let said = change(&mut next);
             self.adopt(None, next.state(), Origin::Here);
@@ -200,7 +258,7 @@ impl Channel {
             if next.state() == breaker.state() {
                 return said;
             }
-            match shared.values.compare_and_set(key, version, &encode(next.state()), SHARED_BREAKER_TTL_MS).await {
+            match channels.breakers.compare_and_set(key, version, &encode(next.state()), SHARED_BREAKER_TTL_MS).await {
                 Ok((true, (stored_version, _))) => {
                     self.adopt(Some(stored_version), next.state(), Origin::Here);
                     return said;
@@ -247,7 +305,7 @@ impl Channel {
         }
     }
 
-    /// Takes a request slot and the breaker's admission, or nothing.
+    /// Takes a request slot, a request of the rate limit and the breaker's admission, or nothing.
     async fn lease(self: &Arc<Channel>, now_ms: i64, policy: BreakerPolicy) -> Option<Lease> {
         let slot = self.in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |in_flight| {
             self.spec.concurrent_requests_max.is_none_or(|max| in_flight < max).then(|| in_flight.saturating_add(1))
@@ -255,11 +313,32 @@ impl Channel {
         if slot.is_err() {
             return None;
         }
-        // The slot is the lease's from here: dropped with it if the breaker refuses.
+        // The slot is the lease's from here: dropped with it if a limit or the breaker refuses.
         let mut lease = Lease { channel: Arc::clone(self), admission: Admission::Normal, policy, reported: false };
-        let admitted = self.change_breaker(|breaker| breaker.admit(now_ms, &policy)).await;
-        lease.admission = admitted?;
-        Some(lease)
+        // Counted before the breaker is asked (a probe's admission is not to be wasted), taken
+        // back if it refuses.
+        let counted_in = if self.spec.rates.any() {
+            let mut window = self.lock_window();
+            if !window.has_room(now_ms, &self.spec.rates) {
+                return None;
+            }
+            window.count(now_ms, Measure::Requests, 1);
+            Some(window.minute())
+        } else {
+            None
+        };
+        match self.change_breaker(|breaker| breaker.admit(now_ms, &policy)).await {
+            Some(admission) => {
+                lease.admission = admission;
+                Some(lease)
+            }
+            None => {
+                if let Some(minute) = counted_in {
+                    self.lock_window().uncount(minute, Measure::Requests, 1);
+                }
+                None
+            }
+        }
     }
 
     fn announce(&self, from: BreakerState, to: BreakerState, origin: Origin) {
@@ -431,9 +510,10 @@ impl Route {
     }
 
     /// When the first of `candidates` that is enabled could be chosen again (its breaker's
-    /// open time or its `Retry-After` past), for a client told that none is available now.
+    /// open time, its `Retry-After` past, room under its rate limits), for a client told that
+    /// none is available now.
     pub fn next_available_ms(&self, candidates: &[usize], now_ms: i64, policy: BreakerPolicy) -> Option<i64> {
-        candidates.iter().filter_map(|index| self.channels.get(*index)).filter_map(|channel| channel.available_from_ms(&policy)).min().map(|from_ms| from_ms.max(now_ms))
+        candidates.iter().filter_map(|index| self.channels.get(*index)).filter_map(|channel| channel.available_from_ms(now_ms, &policy)).min().map(|from_ms| from_ms.max(now_ms))
     }
 }
 
@@ -462,6 +542,10 @@ mod tests {
     const POLICY: BreakerPolicy = BreakerPolicy { failures: 2, window_ms: 10_000, open_ms: 1_000 };
 
     fn route(channels: &[(&str, i32, u32, Option<u32>)]) -> Route {
+        route_limited(channels, RateLimits::default())
+    }
+
+    fn route_limited(channels: &[(&str, i32, u32, Option<u32>)], rates: RateLimits) -> Route {
         let provider = Provider::for_tests("p", ProviderKind::Mock, "http://127.0.0.1:1");
         let channels = channels
             .iter()
@@ -473,6 +557,7 @@ mod tests {
                     priority: *priority,
                     weight: *weight,
                     concurrent_requests_max: *max,
+                    rates,
                     enabled: true,
                     added: false,
                 }))
@@ -563,6 +648,38 @@ mod tests {
         // A pin that is not available is passed over for the usual order.
         route.channels[2].set_enabled(false);
         assert_eq!(route.select(&candidates, &[], Some(2), 0, POLICY).await.unwrap().channel.spec.name, "top");
+    }
+
+    /// A channel past its requests or tokens per minute is passed over like a full one, and
+    /// the time given to a client is when it has room again.
+    #[tokio::test]
+    async fn a_channel_past_its_rate_limits_is_skipped_until_the_minute_has_room() {
+        let rates = RateLimits { requests_per_minute: Some(2), tokens_per_minute: Some(1_000) };
+        let route = route_limited(&[("limited", 1, 1, None)], rates);
+        let candidates = all(&route);
+        let start = 60_000 * 1_000;
+        for _ in 0..2 {
+            drop(route.select(&candidates, &[], None, start, POLICY).await.unwrap());
+        }
+        assert!(route.select(&candidates, &[], None, start + 1, POLICY).await.is_none(), "two requests this minute");
+        assert!(!route.any_available(&candidates, start + 1, POLICY));
+        // Next minute the two weigh 2 × (60,000 − 1) / 60,000 → 1 from its first millisecond on.
+        assert_eq!(route.next_available_ms(&candidates, start + 1, POLICY), Some(start + 60_001));
+        assert!(route.select(&candidates, &[], None, start + 60_000, POLICY).await.is_none());
+        let lease = route.select(&candidates, &[], None, start + 60_001, POLICY).await.unwrap();
+        // Its tokens fill the other limit until the minute after.
+        lease.channel.count_tokens(start + 60_001, 1_000);
+        drop(lease);
+        assert_eq!(route.channels[0].rate_used(start + 60_001), [2, 1_000]);
+        assert!(!route.any_available(&candidates, start + 60_002, POLICY));
+        assert_eq!(route.next_available_ms(&candidates, start + 60_002, POLICY), Some(start + 120_001));
+        // A request the breaker refuses after the limit counted it is taken back.
+        let open = route_limited(&[("open", 1, 1, None)], RateLimits { requests_per_minute: Some(1), tokens_per_minute: None });
+        for _ in 0..2 {
+            open.channels[0].change_breaker(|breaker| breaker.failure(start, &POLICY)).await;
+        }
+        assert!(open.channels[0].lease(start, POLICY).await.is_none(), "open");
+        assert_eq!(open.channels[0].rate_used(start), [0, 0], "the refused request is not counted");
     }
 
     #[test]

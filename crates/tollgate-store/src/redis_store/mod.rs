@@ -11,10 +11,12 @@
 
 mod hot;
 mod log;
+mod minute_counts;
 mod versioned;
 
 pub use hot::{LOAD_IDS_PER_CALL, RedisHotStore};
 pub use log::{Backlog, RedisLog, RedisLogConfig, backlog};
+pub use minute_counts::{CountsOfMinutes, MinuteCounts};
 pub use versioned::{Versioned, VersionedValues};
 
 use std::time::Duration;

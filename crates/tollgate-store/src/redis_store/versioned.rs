@@ -37,12 +37,7 @@ impl VersionedValues {
     /// The key of a value: its own hash tag (an FNV-1a of the name), the name after it for
     /// people reading the keyspace.
     pub fn key(&self, scope: &str, name: &str) -> String {
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for byte in scope.bytes().chain([0]).chain(name.bytes()) {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-        format!("{}:{scope}:{{{hash:016x}}}:{name}", self.prefix)
+        tagged_key(&self.prefix, scope, name)
     }
 
     /// Sets `value` if the version is still `version`; the value kept `ttl_ms` after its last
@@ -72,4 +67,15 @@ impl VersionedValues {
         });
         futures_util::future::try_join_all(reads).await
     }
+}
+
+/// `prefix:scope:{tag}:name`, the tag an FNV-1a of scope and name: each named thing in a slot of
+/// its own, and anything keyed after it (`…:name:more`) in the same slot.
+pub(crate) fn tagged_key(prefix: &str, scope: &str, name: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in scope.bytes().chain([0]).chain(name.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{prefix}:{scope}:{{{hash:016x}}}:{name}")
 }
