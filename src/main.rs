@@ -272,7 +272,19 @@ fn print_reconciliation(run: &tollgate_store::operations::ReconciliationRun) {
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() -> std::process::ExitCode {
+    // `{:#}`: the error and its causes on one line, never a backtrace (which `Result` from
+    // `main` prints whenever RUST_BACKTRACE is set, burying the message).
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)

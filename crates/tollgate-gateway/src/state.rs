@@ -127,6 +127,11 @@ impl AppState {
         (self.clock)()
     }
 
+    /// Now on the gateway's calendar, as a time (the system's if the clock is out of range).
+    pub fn now(&self) -> time::OffsetDateTime {
+        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.now_ms()) * 1_000_000).unwrap_or_else(|_| time::OffsetDateTime::now_utc())
+    }
+
     /// Re-reads the price table after a change.
     ///
     /// # Errors

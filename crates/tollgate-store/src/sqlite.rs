@@ -777,8 +777,8 @@ impl Ledger for SqliteLedger {
     }
 
     async fn rebuilt_balance(&self, account_id: &str) -> StoreResult<Money> {
-        // Summed in Rust with checked arithmetic: SQLite's SUM would silently switch to floats
-        // on overflow.
+        // Summed in Rust with checked arithmetic, as PostgreSQL's NUMERIC sum is exact: SQLite's
+        // SUM fails on integer overflow ("integer overflow") but reports nothing finer.
         let mut balance = Money::ZERO;
         let amounts: Vec<i64> = sqlx::query_scalar("SELECT amount FROM fund_transactions WHERE account_id = ?").bind(account_id).fetch_all(&self.pool).await?;
         for amount in amounts {

@@ -68,8 +68,7 @@ pub async fn account_view(state: &AppState, account: &Account) -> Result<Account
 
 /// RFC 3339 text of `days` days before the gateway's clock.
 pub fn days_before(state: &AppState, days: i64) -> String {
-    let now = OffsetDateTime::from_unix_timestamp_nanos(i128::from(state.now_ms()) * 1_000_000).unwrap_or_else(|_| OffsetDateTime::now_utc());
-    rfc3339(now - time::Duration::days(days))
+    rfc3339(state.now() - time::Duration::days(days))
 }
 
 /// The query of a statement.

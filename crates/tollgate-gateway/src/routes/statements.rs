@@ -61,7 +61,7 @@ async fn monthly_statement(
         return Err(ApiError::NotFound(format!("account {account_id} not found")));
     }
     // On the gateway's calendar, as the usage rows' times are.
-    let as_of = OffsetDateTime::from_unix_timestamp_nanos(i128::from(state.now_ms()) * 1_000_000).unwrap_or_else(|_| OffsetDateTime::now_utc());
+    let as_of = state.now();
     let totals = state.ledger.period_totals(&account_id, ms_of(start), ms_of(end)).await?;
     let by_model = crate::routes::reports::totals_by_model(&state, &account_id, start, end).await?;
     // Rows of an archived month are in its file: their totals are kept (and in `totals.usage`).
