@@ -535,7 +535,9 @@ impl Routed {
 }
 
 /// Services mode: two gateways keep a channel's requests a minute together through Redis —
-/// each sends two of a limit of four, and after one sync period neither sends it more.
+/// the first sends three of a limit of four and the second one; after a sync period neither
+/// sends it more. Then a minute on, the first alone sends four: the second, which sent the
+/// channel nothing that minute, learns it all the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateways_keep_a_channels_rate_limit_together() {
     let shutdown = CancellationToken::new();
@@ -550,14 +552,14 @@ async fn gateways_keep_a_channels_rate_limit_together() {
     .await;
     let account = first.account("1", json!({})).await;
     let key = first.key(&account, json!({})).await;
-    for gateway in [&first, &second, &first, &second] {
+    for gateway in [&first, &first, &first, &second] {
         assert_eq!(chat_on(gateway, &key).await.status(), 200);
     }
     assert_eq!((primary.requests().await, backup.requests().await), (4, 0), "each gateway alone is under the limit");
     for gateway in [&first, &second] {
         let started = std::time::Instant::now();
         while channel_on(gateway, "primary").await["requests_last_minute"] != 4 {
-            assert!(started.elapsed() < Duration::from_secs(5), "a gateway never learned the other's requests");
+            assert!(started.elapsed() < Duration::from_secs(5), "a gateway never learned the fleet's four requests");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -565,6 +567,18 @@ async fn gateways_keep_a_channels_rate_limit_together() {
         assert_eq!(chat_on(gateway, &key).await.status(), 200);
     }
     assert_eq!((primary.requests().await, backup.requests().await), (4, 2), "the fleet's four reached, both went to the backup");
+
+    // Two minutes on (the last minute's four weigh nothing), four through the first alone.
+    clock.advance_ms(120_000);
+    for _ in 0..4 {
+        assert_eq!(chat_on(&first, &key).await.status(), 200);
+    }
+    assert_eq!((primary.requests().await, backup.requests().await), (8, 2));
+    // Not asked through the second's listing, which would move its window to this minute
+    // itself: twenty sync periods for the first to add its four and the second to read them.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(chat_on(&second, &key).await.status(), 200);
+    assert_eq!((primary.requests().await, backup.requests().await), (8, 3), "the second, idle on the channel, kept the fleet's limit");
     first.assert_ledger_sound(&account).await;
     second.stop().await;
     first.stop().await;

@@ -131,7 +131,8 @@ impl Gateway {
             .await
             .map_err(ServerError::Config)?;
         let routed = state.clone();
-        worker_tasks.spawn(crate::routing::run_channel_sync(move || routed.upstreams.channels(), breaker_sync, worker_shutdown.clone()));
+        let clocked = state.clone();
+        worker_tasks.spawn(crate::routing::run_channel_sync(move || routed.upstreams.channels(), move || clocked.now_ms(), breaker_sync, worker_shutdown.clone()));
         worker_tasks.spawn(crate::charge::run_fund_retries(state.clone(), worker_shutdown.clone()));
         if let Some(pool) = postgres_pool {
             worker_tasks.spawn(crate::notifications::run_listener(state.clone(), pool, worker_shutdown.clone()));

@@ -418,8 +418,11 @@ async fn reads_and_writes_during_an_archive(ledger: Arc<dyn Ledger>) {
     // The reader reads accounts b and c; the writer writes to a.
     let positions: BTreeMap<String, usize> = model.chains.iter().filter(|(account, _)| *account != "a").map(|(account, chain)| (account.clone(), chain.len())).collect();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // How far each has gone, so the archive starts only once both are under way (on a fast
+    // archive a slow starter would otherwise overlap nothing).
+    let (reads_so_far, written_so_far) = (Arc::new(std::sync::atomic::AtomicU64::new(0)), Arc::new(std::sync::atomic::AtomicU64::new(0)));
     let writer = {
-        let (ledger, done) = (Arc::clone(&ledger), Arc::clone(&done));
+        let (ledger, done, written_so_far) = (Arc::clone(&ledger), Arc::clone(&done), Arc::clone(&written_so_far));
         tokio::spawn(async move {
             let (mut written, mut cost) = (0_u64, 0_i64);
             let march_ms = month_bounds_ms("2026-03").unwrap().0;
@@ -428,12 +431,13 @@ async fn reads_and_writes_during_an_archive(ledger: Arc<dyn Ledger>) {
                 assert!(ledger.record_usage_batch(&batch).await.unwrap().iter().all(|outcome| *outcome == RecordOutcome::Inserted));
                 written += 3;
                 cost += 21;
+                written_so_far.store(written, std::sync::atomic::Ordering::SeqCst);
             }
             (written, cost)
         })
     };
     let reader = {
-        let (ledger, done) = (Arc::clone(&ledger), Arc::clone(&done));
+        let (ledger, done, reads_so_far) = (Arc::clone(&ledger), Arc::clone(&done), Arc::clone(&reads_so_far));
         tokio::spawn(async move {
             let mut reads = 0_u64;
             let mut saw_runs = false;
@@ -444,11 +448,15 @@ async fn reads_and_writes_during_an_archive(ledger: Arc<dyn Ledger>) {
                     assert_eq!(covered, (1..=*length as i64).collect::<Vec<_>>(), "{account}: a torn statement after {reads} reads");
                     saw_runs |= entries.iter().any(|entry| matches!(entry, LedgerEntry::Archived(_)));
                     reads += 1;
+                    reads_so_far.store(reads, std::sync::atomic::Ordering::SeqCst);
                 }
             }
             reads
         })
     };
+    while reads_so_far.load(std::sync::atomic::Ordering::SeqCst) < 2 || written_so_far.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
     let dir = out_dir();
     archive_before(&*ledger, "2026-03", &dir, NOW_MS, WINDOW_MS).await.unwrap();
     done.store(true, std::sync::atomic::Ordering::SeqCst);

@@ -76,7 +76,12 @@ struct Shared {
 /// one read of their breakers, a mirror whose version differs taking the stored state; and for
 /// those with rate limits, what this gateway counted since the last period added to the
 /// shared counts, the fleet's read back.
-pub async fn run_channel_sync(channels: impl Fn() -> Vec<Arc<Channel>> + Send, period: std::time::Duration, shutdown: tokio_util::sync::CancellationToken) {
+pub async fn run_channel_sync(
+    channels: impl Fn() -> Vec<Arc<Channel>> + Send,
+    now_ms: impl Fn() -> i64 + Send,
+    period: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
     loop {
         tokio::select! {
             () = tokio::time::sleep(period) => {}
@@ -95,7 +100,8 @@ pub async fn run_channel_sync(channels: impl Fn() -> Vec<Arc<Channel>> + Send, p
             }
             Err(error) => tracing::debug!(%error, "reading the shared circuit breakers failed; retried next period"),
         }
-        let exchanges = shared.iter().filter(|(channel, _)| channel.spec.rates.any()).map(|(channel, shared)| channel.exchange_counts(shared));
+        let now_ms = now_ms();
+        let exchanges = shared.iter().filter(|(channel, _)| channel.spec.rates.any()).map(|(channel, shared)| channel.exchange_counts(shared, now_ms));
         futures_util::future::join_all(exchanges).await;
     }
 }
@@ -214,8 +220,8 @@ impl Channel {
 
     /// Adds what this gateway counted since the last period to the shared counts and takes the
     /// fleet's; a Redis that does not answer leaves the counts to be added next period.
-    async fn exchange_counts(&self, shared: &Shared) {
-        let (minute, taken) = self.lock_window().take_unshared();
+    async fn exchange_counts(&self, shared: &Shared, now_ms: i64) {
+        let (minute, taken) = self.lock_window().take_unshared(now_ms);
         match shared.channels.counts.add_and_read(&shared.counts_key, minute, taken).await {
             Ok((current, previous)) => self.lock_window().adopt_shared(minute, current, previous),
             Err(error) => {

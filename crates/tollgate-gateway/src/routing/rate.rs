@@ -113,8 +113,11 @@ impl Window {
         limits.pairs().map(from).fold(now_ms, i64::max)
     }
 
-    /// Takes what was counted here since the last exchange, to add to the shared counts.
-    pub fn take_unshared(&mut self) -> (i64, [u64; 2]) {
+    /// Takes what was counted here since the last exchange, to add to the shared counts of
+    /// the minute of `now_ms` — the window moved there first: a gateway that has sent the
+    /// channel nothing this minute must still read the fleet's count of it.
+    pub fn take_unshared(&mut self, now_ms: i64) -> (i64, [u64; 2]) {
+        self.roll(now_ms);
         (self.minute, std::mem::take(&mut self.unshared))
     }
 
@@ -250,24 +253,30 @@ mod tests {
         assert!(first.has_room(now_ms, &LIMITS) && second.has_room(now_ms, &LIMITS));
         let mut shared = [0u64; 2];
         for window in [&mut first, &mut second] {
-            let (minute, taken) = window.take_unshared();
+            let (minute, taken) = window.take_unshared(now_ms);
             shared[0] += taken[0];
             window.adopt_shared(minute, shared, [0; 2]);
         }
         // The first exchanged before the second had added: it learns the rest next period.
         assert!(first.has_room(now_ms, &LIMITS));
         assert!(!second.has_room(now_ms, &LIMITS));
-        let (minute, taken) = first.take_unshared();
+        let (minute, taken) = first.take_unshared(now_ms);
         assert_eq!(taken, [0, 0], "nothing new here");
         first.count(now_ms, Measure::Requests, 1);
         first.adopt_shared(minute, shared, [0; 2]);
         assert_eq!(first.used(now_ms, Measure::Requests), 13, "the fleet's 12 and the one sent since");
         // A Redis that does not answer: the taken counts go back and are added next time.
-        let (_, taken) = first.take_unshared();
+        let (_, taken) = first.take_unshared(now_ms);
         first.restore_unshared(taken);
-        assert_eq!(first.take_unshared().1, [1, 0]);
+        assert_eq!(first.take_unshared(now_ms).1, [1, 0]);
         // A lower shared count (Redis lost it) never lowers what this process counted.
         first.adopt_shared(minute, [0; 2], [0; 2]);
         assert_eq!(first.used(now_ms, Measure::Requests), 13);
+        // A gateway that has sent the channel nothing yet exchanges for this minute all the same.
+        let mut idle = Window::default();
+        let (minute, taken) = idle.take_unshared(now_ms);
+        assert_eq!((minute, taken), (now_ms / MINUTE_MS, [0, 0]));
+        idle.adopt_shared(minute, shared, [0; 2]);
+        assert!(!idle.has_room(now_ms, &LIMITS), "it learned the fleet's 12");
     }
 }
