@@ -83,8 +83,11 @@ async fn the_served_description_is_the_committed_one_and_names_only_served_route
     // Live answers against their schemas.
     let account = gateway.account("10", json!({})).await;
     let key = gateway.key(&account, json!({"budget_daily": "2"})).await;
-    assert_eq!(gateway.chat(&key, chat_body("one"), None).await.status(), 200);
+    assert_eq!(gateway.chat(&key, chat_body("one"), Some("openapi-1")).await.status(), 200);
     gateway.assert_ledger_sound(&account).await;
+    let attempts_query = format!("?account_id={account}&request_id=openapi-1");
+    let listed = gateway.admin_ok(Method::GET, &format!("/internal/billing/attempts{attempts_query}"), None).await;
+    assert_eq!(listed["attempts"].as_array().map(Vec::len), Some(1), "the checked list is not empty: {listed}");
     let schema_of = |path: &str| {
         let schema = spec["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"].clone();
         assert!(schema["$ref"].is_string(), "{path} describes its answer by a named schema: {schema}");
@@ -112,6 +115,7 @@ async fn the_served_description_is_the_committed_one_and_names_only_served_route
         ("/internal/alerts", String::new()),
         ("/internal/topups", format!("?account_id={account}")),
         ("/internal/channels", String::new()),
+        ("/internal/billing/attempts", attempts_query.clone()),
     ] {
         let concrete = path.replace("{id}", &account);
         let answer = gateway.admin_ok(Method::GET, &format!("{concrete}{query}"), None).await;

@@ -310,35 +310,71 @@ struct AttemptsQuery {
     path = "/billing/attempts",
     tag = "routing",
     params(AttemptsQuery),
-    responses((status = 200, description = "A request's upstream attempts", body = serde_json::Value), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
+    responses((status = 200, description = "A request's upstream attempts", body = AttemptList), (status = "default", description = "An error: OpenAI-shaped, with the contract's code", body = crate::openapi::ErrorBody)),
     security(("admin_token" = []))
 )]
 async fn attempts(
     State(state): State<AppState>,
     query: Result<Query<AttemptsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AttemptList>, ApiError> {
     let query = parse_query(query)?;
     let recorded = state.ledger.upstream_attempts(&query.account_id, &query.request_id).await?;
-    let attempts: Vec<Value> = recorded
-        .iter()
+    let attempts = recorded
+        .into_iter()
         .map(|recorded| {
-            let attempt = &recorded.attempt_row;
-            json!({
-                "usage_id": recorded.usage_id,
-                "attempt": recorded.attempt,
-                "channel": attempt.channel,
-                "provider": attempt.provider,
-                "upstream_model": attempt.upstream_model,
-                "status_code": attempt.status_code,
-                "served": attempt.served,
-                "billed_to": if attempt.served { "customer" } else { "operator" },
-                "error": attempt.error,
-                "latency_ms": attempt.latency_ms,
-                "first_byte_ms": attempt.first_byte_ms,
-                "upstream_usage": attempt.upstream_usage,
-                "created_at": rfc3339(recorded.created_at_ms),
-            })
+            let attempt = recorded.attempt_row;
+            AttemptView {
+                usage_id: recorded.usage_id,
+                attempt: recorded.attempt,
+                billed_to: if attempt.served { "customer" } else { "operator" },
+                channel: attempt.channel,
+                provider: attempt.provider,
+                upstream_model: attempt.upstream_model,
+                status_code: attempt.status_code,
+                served: attempt.served,
+                error: attempt.error,
+                latency_ms: attempt.latency_ms,
+                first_byte_ms: attempt.first_byte_ms,
+                upstream_usage: attempt.upstream_usage,
+                created_at: rfc3339(recorded.created_at_ms),
+            }
         })
         .collect();
-    Ok(Json(json!({"account_id": query.account_id, "request_id": query.request_id, "attempts": attempts})))
+    Ok(Json(AttemptList { account_id: query.account_id, request_id: query.request_id, attempts }))
+}
+
+/// A request's upstream attempts: newest usage row first (a request id sent again after a
+/// failure has several), each in attempt order; at most 1,000.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct AttemptList {
+    pub account_id: String,
+    pub request_id: String,
+    pub attempts: Vec<AttemptView>,
+}
+
+/// One upstream attempt as recorded with its request's usage row.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct AttemptView {
+    /// The id of the request's usage row.
+    pub usage_id: i64,
+    /// 1 for the first.
+    pub attempt: u32,
+    pub channel: String,
+    pub provider: String,
+    pub upstream_model: String,
+    /// The upstream's HTTP status; null when it never answered (connection, timeout).
+    pub status_code: Option<u16>,
+    /// Its answer went to the client.
+    pub served: bool,
+    /// `customer` for the serving attempt (charged at the model's price), `operator` for a
+    /// failed one (what the upstream may bill for it is the operator's cost).
+    #[schema(value_type = String)]
+    pub billed_to: &'static str,
+    /// Why it failed, in a word (`status`, `timeout`, `connect`, …).
+    pub error: Option<String>,
+    pub latency_ms: u64,
+    pub first_byte_ms: Option<u64>,
+    /// What the upstream said it used, when it said.
+    pub upstream_usage: Option<tollgate_core::Usage>,
+    pub created_at: String,
 }
