@@ -10,6 +10,7 @@ use tollgate_protocol::Protocol;
 
 use crate::auth::{Caller, authenticate};
 use crate::error::{ApiError, ErrorShape};
+use crate::routes::admin::parse_query;
 use crate::openapi::{Balance, KeyBalance, SummaryPage};
 use crate::proxy;
 use crate::request_id::RequestId;
@@ -140,7 +141,7 @@ pub async fn usage(
     params: Result<Query<UsagePageParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let context = authenticate(&state, &caller).await?;
-    let Query(mut params) = params.map_err(|error| ApiError::InvalidRequest(error.body_text()))?;
+    let mut params = parse_query(params)?;
     // Only the caller's own account, whatever it asked for.
     params.account_id = Some(context.account.id.clone());
     Ok(Json(usage_page(&state, params).await?))
@@ -162,7 +163,7 @@ pub async fn usage_summary(
     params: Result<Query<SummaryParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<SummaryPage>, ApiError> {
     let context = authenticate(&state, &caller).await?;
-    let Query(mut params) = params.map_err(|error| ApiError::InvalidRequest(error.body_text()))?;
+    let mut params = parse_query(params)?;
     default_start(&state, &mut params.start);
     Ok(Json(reports::summary_page(&state, params, Some(context.account.id.clone())).await?))
 }
@@ -193,7 +194,7 @@ pub async fn statement(
     params: Result<Query<StatementParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let context = authenticate(&state, &caller).await?;
-    let Query(mut params) = params.map_err(|error| ApiError::InvalidRequest(error.body_text()))?;
+    let mut params = parse_query(params)?;
     default_start(&state, &mut params.start);
     reports::statement(&state, &context.account.id, params).await
 }

@@ -138,10 +138,11 @@ pub struct ChannelSpec {
 impl ChannelSpec {
     /// Whether `other` describes the same channel (a rebuilt route keeps its live state).
     pub fn same_as(&self, other: &ChannelSpec) -> bool {
-        let facts = |spec: &ChannelSpec| {
-            (spec.name.clone(), spec.provider.name.clone(), spec.upstream_model.clone(), spec.priority, spec.weight, spec.concurrent_requests_max, spec.rates, spec.enabled, spec.added)
-        };
-        facts(self) == facts(other)
+        self.name == other.name
+            && self.provider.name == other.provider.name
+            && self.upstream_model == other.upstream_model
+            && (self.priority, self.weight, self.concurrent_requests_max, self.rates, self.enabled, self.added)
+                == (other.priority, other.weight, other.concurrent_requests_max, other.rates, other.enabled, other.added)
     }
 }
 
